@@ -1,0 +1,68 @@
+"""`compression-studio`: no arguments opens the window; sub-commands run the headless core.
+
+Each sub-command lives in its own module under `studio/commands/` (NAME, HELP,
+add_arguments(parser), run(args) -> exit status) and is listed in COMMANDS below.
+Exit status: 0 success, 2 bad input (one line on stderr), 1 internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import traceback
+
+from studio import __version__
+from studio.core.errors import Cancelled, StudioError
+
+COMMANDS = ("open", "inspect", "analyze", "quantize", "plan", "eval", "bench", "export")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own exit code is 2 as well
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="compression-studio",
+                     description="Analyse, quantize, benchmark and export language models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"studio.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"studio.commands.{name}":
+                raise
+            continue  # a command not built yet
+        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(command)
+        command.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.command is None:
+        from studio.ui.app import main as gui_main  # Qt only when a window is wanted
+        return gui_main()
+    try:
+        return int(args.run(args) or 0)
+    except StudioError as exc:
+        print(f"compression-studio {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except (Cancelled, KeyboardInterrupt):
+        print(f"compression-studio {args.command}: cancelled", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""compression-studio inspect MODEL [--json]: the layer inventory."""
+from __future__ import annotations
+
+from studio.commands.common import add_model_argument, open_model, print_json
+
+NAME = "inspect"
+HELP = "print a model's quantizable layers (name, role, shape, parameters, bytes)"
+
+
+def add_arguments(parser) -> None:
+    add_model_argument(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args) -> int:
+    handle = open_model(args.model)
+    if args.json:
+        print_json({
+            "model": handle.source, "architecture": handle.architecture,
+            "model_type": handle.model_type, "params": handle.param_count,
+            "size_bytes": handle.size_bytes, "tokenizer": handle.text_ready,
+            "notes": handle.notes, "load_seconds": round(handle.load_seconds, 3),
+            "layers": [layer.to_dict() for layer in handle.layers],
+        })
+        return 0
+    print(f"{handle.name}: {handle.architecture}, {handle.param_count / 1e6:.1f}M parameters, "
+          f"{handle.size_bytes / 2**20:.1f} MiB")
+    for note in handle.notes:
+        print(f"note: {note}")
+    width = max(len(layer.name) for layer in handle.layers)
+    print(f"{'layer':<{width}}  {'block':>5}  {'role':<9} {'shape':>13}  {'params':>11}  quant")
+    for layer in handle.layers:
+        shape = "x".join(str(d) for d in layer.shape)
+        block = "" if layer.block is None else layer.block
+        mark = "yes" if layer.quantizable else f"no ({layer.kind})"
+        print(f"{layer.name:<{width}}  {block:>5}  {layer.role:<9} {shape:>13}  "
+              f"{layer.params:>11,}  {mark}")
+    return 0

@@ -1,0 +1,245 @@
+"""Bits per layer under a size budget: the plan that minimises total predicted loss.
+
+The problem is a multiple-choice knapsack: every layer picks one option (a bit-width, or full
+precision), each with a storage cost in bits (codes + scales + zero points, counted exactly as
+`grid.bits_per_weight` counts them) and a predicted loss (the layer's KL divergence or proxy
+error from the sensitivity sweep). Losses are assumed to add up across layers, the usual
+assumption of mixed-precision allocators (HAWQ, llama.cpp's imatrix-driven type choice).
+
+The solver is a dynamic programme over a discretised budget. When every cost is a multiple of
+the budget unit (small models, the tests) it is exact. Otherwise costs are rounded *up* to the
+unit, so the answer always fits the real budget; a second programme with costs rounded *down*
+gives a lower bound on the best possible loss, and the gap between the two is reported
+(`Allocation.gap`), so "near-exact" is a checked number, never a hope.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import reduce
+
+import numpy as np
+
+from studio.core.errors import StudioError
+from studio.core.plan import Plan, QuantSpec, Rule
+from studio.core.quant.grid import effective_group_size
+
+MB = 1_000_000            # sizes are reported in decimal megabytes, as file managers do
+FULL_PRECISION_BITS = 16  # a layer kept in full precision is stored as fp16/bf16
+DEFAULT_STATES = 100_000  # budget slots of the dynamic programme
+
+
+def spec_bits(shape: tuple[int, int], spec: QuantSpec | None) -> int:
+    """Exact storage bits of one [out, in] weight under `spec` (grid.bits_per_weight x count)."""
+    out, cols = shape
+    if spec is None:
+        return out * cols * FULL_PRECISION_BITS
+    groups = -(-cols // effective_group_size(spec.group_size, cols))
+    zero_bits = 0 if spec.symmetric else spec.bits
+    return out * (cols * spec.bits + groups * (16 + zero_bits))
+
+
+@dataclass
+class LossTable:
+    """What the allocator chooses from: layers (rows) x options (columns)."""
+    names: list[str]
+    shapes: list[tuple[int, int]]        # (out, in) of each layer's weight
+    options: list[QuantSpec | None]      # one per column; None = full precision
+    loss: np.ndarray                     # [layers, options], predicted loss of each choice
+    fixed_bytes: int = 0                 # everything the plan does not choose (embeddings, norms)
+    architecture: str | None = None
+
+    def __post_init__(self) -> None:
+        self.loss = np.asarray(self.loss, dtype=np.float64)
+        if self.loss.shape != (len(self.names), len(self.options)):
+            raise ValueError(f"loss table is {self.loss.shape}, expected "
+                             f"{(len(self.names), len(self.options))}")
+        if not np.all(np.isfinite(self.loss)):
+            raise StudioError("The sensitivity table has missing or infinite values; "
+                              "run the sensitivity sweep again.")
+
+    @property
+    def costs(self) -> np.ndarray:
+        """[layers, options] exact storage bits (Python ints in an object-free int64 array)."""
+        return np.array([[spec_bits(s, o) for o in self.options] for s in self.shapes],
+                        dtype=np.int64)
+
+    @property
+    def weights(self) -> int:
+        return sum(out * cols for out, cols in self.shapes)
+
+    def bits_to_bytes(self, bits: float) -> float:
+        return bits / 8 + self.fixed_bytes
+
+
+@dataclass
+class ParetoCurve:
+    """Optimal predicted loss against size: one point per step of the staircase."""
+    bits: np.ndarray   # total bits of the chosen layers
+    bpw: np.ndarray    # average bits per weight over the chosen layers
+    mb: np.ndarray     # whole-model size in MB (fixed bytes included)
+    loss: np.ndarray
+
+
+@dataclass
+class Allocation:
+    choices: dict[str, QuantSpec | None]
+    plan: Plan
+    bits: int                  # storage bits of the chosen layers
+    bpw: float
+    size_bytes: float          # whole model: chosen layers + fixed bytes
+    loss: float                # total predicted loss of the answer
+    lower_bound: float         # no plan within the budget can predict less than this
+    budget_bits: int
+    pareto: ParetoCurve = field(repr=False)
+
+    @property
+    def gap(self) -> float:
+        return max(0.0, self.loss - self.lower_bound)
+
+    @property
+    def exact(self) -> bool:
+        return self.gap <= 1e-12 * max(1.0, abs(self.loss))
+
+    @property
+    def size_mb(self) -> float:
+        return self.size_bytes / MB
+
+
+def budget_bits(table: LossTable, budget_bpw: float | None = None,
+                budget_mb: float | None = None) -> int:
+    """The budget in storage bits of the chosen layers, checked against what is reachable."""
+    if (budget_bpw is None) == (budget_mb is None):
+        raise StudioError("Give exactly one budget: bits per weight or megabytes.")
+    costs = table.costs
+    smallest, largest = int(costs.min(axis=1).sum()), int(costs.max(axis=1).sum())
+    full = sum(spec_bits(s, None) for s in table.shapes)
+    if budget_bpw is not None:
+        if not math.isfinite(budget_bpw) or budget_bpw <= 0:
+            raise StudioError(f"The budget must be a positive number of bits per weight, "
+                              f"not {budget_bpw}.")
+        bits = math.floor(budget_bpw * table.weights)
+        unit, fmt = "bits per weight", lambda b: f"{b / table.weights:.3f}"
+    else:
+        if not math.isfinite(budget_mb) or budget_mb <= 0:
+            raise StudioError(f"The budget must be a positive size in MB, not {budget_mb}.")
+        bits = math.floor((budget_mb * MB - table.fixed_bytes) * 8)
+        unit, fmt = "MB", lambda b: f"{table.bits_to_bytes(b) / MB:.2f}"
+    if bits < smallest:
+        raise StudioError(f"A budget of {budget_bpw if budget_mb is None else budget_mb} {unit} "
+                          f"is below the smallest possible plan with these options "
+                          f"({fmt(smallest)} {unit}, every layer at its smallest width).")
+    if bits > full:
+        raise StudioError(f"A budget of {budget_bpw if budget_mb is None else budget_mb} {unit} "
+                          f"is above the full-precision size ({fmt(full)} {unit}); "
+                          f"no quantization is needed.")
+    return min(bits, largest)
+
+
+def allocate(table: LossTable, budget_bpw: float | None = None, budget_mb: float | None = None,
+             states: int = DEFAULT_STATES) -> Allocation:
+    """The plan minimising total predicted loss within the budget (see the module notes)."""
+    budget = budget_bits(table, budget_bpw, budget_mb)
+    costs = table.costs
+    base = costs.min(axis=1)
+    extra = costs - base[:, None]                  # cost above each layer's cheapest option
+    span = int(extra.max(axis=1).sum())
+    unit = _unit(extra, span, states)
+    room = budget - int(base.sum())
+
+    up = -(-extra // unit)                         # rounded up: answers always fit
+    down = extra // unit                           # rounded down: a relaxation, for the bound
+    best, choice = _knapsack(up, table.loss, int(up.max(axis=1).sum()), keep_choices=True)
+    picks = _backtrack(choice, up, min(room // unit, len(best) - 1))
+    picks = _fill_leftover(picks, costs, table.loss, budget)
+    bound_curve, _ = _knapsack(down, table.loss, room // unit, keep_choices=False)
+
+    bits = int(costs[np.arange(len(picks)), picks].sum())
+    loss = float(table.loss[np.arange(len(picks)), picks].sum())
+    choices = {name: table.options[j] for name, j in zip(table.names, picks)}
+    return Allocation(choices=choices, plan=plan_from_choices(choices, table.architecture),
+                      bits=bits, bpw=bits / table.weights,
+                      size_bytes=table.bits_to_bytes(bits), loss=loss,
+                      lower_bound=float(bound_curve[room // unit]), budget_bits=budget,
+                      pareto=_pareto(table, best, choice, up, costs, unit))
+
+
+def plan_from_choices(choices: dict[str, QuantSpec | None], architecture: str | None) -> Plan:
+    """One exact-name rule per layer, so the plan reads the same whatever its default."""
+    specs = [s for s in choices.values() if s is not None]
+    default = specs[0] if specs else None
+    return Plan(default=default, rules=tuple(Rule(n, s) for n, s in choices.items()),
+                architecture=architecture)
+
+
+# --- the dynamic programme ---------------------------------------------------------------------
+
+def _unit(extra: np.ndarray, span: int, states: int) -> int:
+    """Budget slot size: the costs' common divisor when that fits `states` slots (exact)."""
+    nonzero = [int(v) for v in np.unique(extra) if v > 0]
+    g = reduce(math.gcd, nonzero, 0) or 1
+    return g * max(1, -(-span // (g * states)))
+
+
+def _knapsack(weights: np.ndarray, loss: np.ndarray, size: int,
+              keep_choices: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """best[s] = least total loss with total weight <= s (for s in 0..size)."""
+    best = np.zeros(size + 1)
+    choice = np.zeros((len(weights), size + 1), dtype=np.int8) if keep_choices else None
+    for i, (w_row, l_row) in enumerate(zip(weights, loss)):
+        new = np.full(size + 1, np.inf)
+        arg = np.zeros(size + 1, dtype=np.int8)
+        for j, (w, l) in enumerate(zip(w_row.tolist(), l_row.tolist())):
+            if w > size:
+                continue
+            cand = np.full(size + 1, np.inf)
+            cand[w:] = best[: size + 1 - w] + l
+            better = cand < new
+            new[better], arg[better] = cand[better], j
+        best = new
+        if choice is not None:
+            choice[i] = arg
+    return best, choice
+
+
+def _backtrack(choice: np.ndarray, weights: np.ndarray, slot: int) -> np.ndarray:
+    picks = np.zeros(len(choice), dtype=np.int64)
+    for i in range(len(choice) - 1, -1, -1):
+        j = int(choice[i, slot])
+        picks[i] = j
+        slot -= int(weights[i, j])
+    return picks
+
+
+def _fill_leftover(picks: np.ndarray, costs: np.ndarray, loss: np.ndarray,
+                   budget: int) -> np.ndarray:
+    """Spend what rounding left over: take the best single-layer change that still fits."""
+    picks = picks.copy()
+    rows = np.arange(len(picks))
+    while True:
+        spare = budget - int(costs[rows, picks].sum())
+        delta_cost = costs - costs[rows, picks][:, None]
+        gain = loss[rows, picks][:, None] - loss
+        gain[delta_cost > spare] = 0.0
+        i, j = np.unravel_index(int(np.argmax(gain)), gain.shape)
+        if gain[i, j] <= 1e-15 * max(1.0, abs(loss[i, j])):
+            return picks
+        picks[i] = j
+
+
+def _pareto(table: LossTable, best: np.ndarray, choice: np.ndarray, weights: np.ndarray,
+            costs: np.ndarray, unit: int, points: int = 400) -> ParetoCurve:
+    """Where the optimal loss steps down, thinned to `points`, each backtracked to its real size."""
+    steps = np.flatnonzero(np.diff(best, prepend=np.inf) < 0)
+    if len(steps) > points:
+        steps = steps[np.unique(np.linspace(0, len(steps) - 1, points).round().astype(int))]
+    rows = np.arange(len(costs))
+    bits, loss = [], []
+    for slot in steps:
+        picks = _backtrack(choice, weights, int(slot))
+        bits.append(int(costs[rows, picks].sum()))
+        loss.append(float(table.loss[rows, picks].sum()))
+    bits_arr = np.array(bits, dtype=np.float64)
+    return ParetoCurve(bits=bits_arr, bpw=bits_arr / table.weights,
+                       mb=(bits_arr / 8 + table.fixed_bytes) / MB,
+                       loss=np.array(loss, dtype=np.float64))

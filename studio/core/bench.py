@@ -1,0 +1,247 @@
+"""Local CPU benchmarks: prefill latency, decode tokens/s, memory and size, per configuration.
+
+Every configuration (a *target*) builds its own model copy: fp32 and bf16 dense copies of the
+baseline, int8 / int4 weight-only copies quantized on the fly with round-to-nearest, or a
+quantized variant on its own kernels (`studio.core.kernels`). Each is measured the same way:
+
+* prefill: one forward pass over `prompt_tokens` tokens (the next-token logits only, as an
+  inference engine computes them), milliseconds;
+* decode: `new_tokens` greedy steps at batch 1 with the KV cache, tokens per second;
+* repeated `repeat` times after one warm-up run: median, min and max are reported;
+* memory: the process's peak RSS while the target runs (psutil, sampled). It counts all the
+  process holds (the baseline the app keeps open too), so `model_mb`, the bytes of the target's
+  own tensors, is given beside it for comparing targets;
+* size: bytes on disk when the target is a saved folder, else the bytes its tensors hold.
+
+Results are returned only when every target has finished: a cancelled benchmark reports nothing.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import psutil
+import torch
+from torch import nn
+
+from studio.core.errors import StudioError
+from studio.core.jobs import Job, Progress
+from studio.core.kernels import KernelChoice, float_model, kernel_model, kernel_summary
+from studio.core.layers import model_bytes
+from studio.core.plan import QuantSpec
+from studio.core.quant.grid import quantize_rtn
+
+BASE_CONFIGS = ("fp32", "bf16", "int8", "int4")
+INT8_SPEC = QuantSpec(bits=8, group_size=-1, symmetric=True)
+
+
+@dataclass
+class BenchTarget:
+    name: str
+    build: Callable[[], tuple[nn.Module, list[KernelChoice]]]
+    size_bytes: int | None = None   # on disk, when the target is a saved folder
+    details: dict = field(default_factory=dict)  # shown next to the figures (plan, source...)
+
+
+@dataclass
+class BenchResult:
+    name: str
+    prefill_ms: float
+    prefill_ms_range: tuple[float, float]
+    decode_tok_s: float
+    decode_tok_s_range: tuple[float, float]
+    peak_rss_mb: float
+    model_mb: float
+    size_mb: float
+    size_source: str              # "disk" or "memory"
+    weights_read_mb: float        # weight bytes every decode step reads
+    threads: int
+    repeat: int
+    prompt_tokens: int
+    new_tokens: int
+    kernels: list[KernelChoice]
+    details: dict = field(default_factory=dict)
+
+    @property
+    def fallbacks(self) -> list[KernelChoice]:
+        return [k for k in self.kernels if k.fallback]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "prefill_ms": round(self.prefill_ms, 2),
+                "prefill_ms_range": [round(v, 2) for v in self.prefill_ms_range],
+                "decode_tok_s": round(self.decode_tok_s, 2),
+                "decode_tok_s_range": [round(v, 2) for v in self.decode_tok_s_range],
+                "peak_rss_mb": round(self.peak_rss_mb, 1), "model_mb": round(self.model_mb, 1),
+                "size_mb": round(self.size_mb, 2), "size_source": self.size_source,
+                "weights_read_mb": round(self.weights_read_mb, 2), "threads": self.threads,
+                "repeat": self.repeat, "prompt_tokens": self.prompt_tokens,
+                "new_tokens": self.new_tokens, "kernel_summary": kernel_summary(self.kernels),
+                "kernels": [k.to_dict() for k in self.kernels], **self.details}
+
+
+# --- what can be measured ------------------------------------------------------------------
+
+def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
+                 lm_head: bool = True, size_bytes: int | None = None,
+                 layer_names: list[str] | None = None) -> list[BenchTarget]:
+    """fp32 / bf16 / int8 / int4 targets built from a float model.
+
+    int8 is W8 per-channel symmetric, int4 is W4 asymmetric in groups of `group_size`, both
+    round-to-nearest on `layer_names` (the quantizable block layers) and, when `lm_head`, on
+    the output head too (the largest single matmul: in float it caps the speed-up).
+    """
+    unknown = [c for c in configs if c not in BASE_CONFIGS]
+    if unknown:
+        raise StudioError(f"Unknown benchmark configuration {', '.join(unknown)}; "
+                          f"choose from {', '.join(BASE_CONFIGS)}.")
+    names = list(layer_names if layer_names is not None else _block_linears(model))
+    head = _head_name(model) if lm_head else None
+    targets = []
+    for config in configs:
+        if config == "fp32":
+            targets.append(BenchTarget("fp32", lambda: float_model(model, torch.float32),
+                                       size_bytes))
+        elif config == "bf16":
+            targets.append(BenchTarget("bf16", lambda: float_model(model, torch.bfloat16)))
+        else:
+            spec = INT8_SPEC if config == "int8" else QuantSpec(bits=4, group_size=group_size)
+            label = "int8" if config == "int8" else f"int4 g{group_size}"
+            extra = " + lm_head" if head else ""
+            targets.append(BenchTarget(
+                f"{label}{extra}", _rtn_builder(model, names, head, spec),
+                details={"quantized": f"RTN W{spec.bits} "
+                         f"{'per-channel' if spec.group_size == -1 else f'g{spec.group_size}'}"
+                         f"{extra} (on the fly, for speed only)"}))
+    return targets
+
+
+def variant_target(name: str, model: nn.Module, qtensors: dict, size_bytes: int | None = None,
+                   details: dict | None = None) -> BenchTarget:
+    """A quantized variant on its kernels (its de-quantized `model` and its `qtensors`)."""
+    return BenchTarget(name, lambda: kernel_model(model, qtensors), size_bytes, details or {})
+
+
+def _rtn_builder(model, names, head, spec):
+    def build():
+        qtensors = {}
+        for name in names + ([head] if head else []):
+            w = model.get_submodule(name).weight.data
+            qtensors[name] = quantize_rtn(w, spec)
+        return kernel_model(model, qtensors)
+    return build
+
+
+def _block_linears(model: nn.Module) -> list[str]:
+    from studio.core.layers import inventory
+    return [info.name for info in inventory(model) if info.quantizable and info.kind == "linear"]
+
+
+def _head_name(model: nn.Module) -> str | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+# --- measuring -----------------------------------------------------------------------------
+
+class RssPeak:
+    """Samples this process's resident memory on a side thread (psutil has no portable peak)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.process = psutil.Process()
+        self.interval = interval
+        self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "RssPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 128,
+              new_tokens: int = 64, repeat: int = 3, threads: int | None = None,
+              seed: int = 0) -> Job[list[BenchResult]]:
+    """Measure every target; returns one BenchResult each (nothing if cancelled)."""
+    if not targets:
+        raise StudioError("There is nothing to benchmark.")
+    if prompt_tokens < 1 or new_tokens < 1 or repeat < 1:
+        raise StudioError("Prompt tokens, new tokens and repeats must all be at least 1.")
+    prompt = torch.randint(0, vocab_size, (1, prompt_tokens),
+                           generator=torch.Generator().manual_seed(seed))
+    old_threads = torch.get_num_threads()
+    steps = len(targets) * (repeat + 2)
+    results: list[BenchResult] = []
+    try:
+        if threads is not None:
+            torch.set_num_threads(max(1, int(threads)))
+        for index, target in enumerate(targets):
+            base = index * (repeat + 2)
+            yield Progress(base, steps, f"Building {target.name}")
+            gc.collect()
+            model, choices = target.build()
+            prefill, decode = [], []
+            with RssPeak() as rss:
+                for run_index in range(repeat + 1):  # run 0 warms up and is not counted
+                    what = "warm-up" if run_index == 0 else f"run {run_index}/{repeat}"
+                    progress = Progress(base + 1 + run_index, steps, f"{target.name}: {what}")
+                    yield progress
+                    seconds_prefill, seconds_decode = yield from timed_generation(
+                        model, prompt, new_tokens, progress)
+                    if run_index:
+                        prefill.append(1000 * seconds_prefill)
+                        decode.append(new_tokens / seconds_decode)
+            size = target.size_bytes
+            results.append(BenchResult(
+                name=target.name, prefill_ms=statistics.median(prefill),
+                prefill_ms_range=(min(prefill), max(prefill)),
+                decode_tok_s=statistics.median(decode), decode_tok_s_range=(min(decode), max(decode)),
+                peak_rss_mb=rss.peak / 2**20, model_mb=model_bytes(model) / 2**20,
+                size_mb=(size if size is not None else model_bytes(model)) / 2**20,
+                size_source="disk" if size is not None else "memory",
+                weights_read_mb=sum(c.weight_bytes for c in choices) / 2**20,
+                threads=torch.get_num_threads(), repeat=repeat, prompt_tokens=prompt_tokens,
+                new_tokens=new_tokens, kernels=choices, details=dict(target.details)))
+            del model
+        yield Progress(steps, steps, "Benchmark done")
+    finally:
+        torch.set_num_threads(old_threads)
+    return results
+
+
+def timed_generation(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
+                     progress: Progress):
+    """(prefill seconds, decode seconds) of greedy generation; yields between decode chunks.
+
+    The decode loop is the plain eager step an app runs: one forward per token with the cache.
+    """
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        prefill = time.perf_counter() - start
+        cache = out.past_key_values
+        token = out.logits[:, -1:].argmax(-1)
+        decode = 0.0
+        for step in range(new_tokens):
+            start = time.perf_counter()
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            decode += time.perf_counter() - start
+            if step % 16 == 15:
+                yield progress  # lets a cancel land mid-run; the timing excludes it
+    return prefill, decode

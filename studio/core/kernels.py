@@ -1,0 +1,243 @@
+"""Run quantized layers on real low-bit CPU kernels instead of de-quantized floats.
+
+Two kernels ship in this torch build, both taking bfloat16 activations (with float32 ones they
+are many times slower, so a kernel model runs wholly in bf16):
+
+* `aten._weight_int8pack_mm(x, w_int8 [out, in], scales [out])`: int8 weights, one scale per
+  output channel, symmetric.
+* `aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [in/group, out, 2])`:
+  int4 weights in groups of 32/64/128 that must divide the input width, de-quantized by the
+  kernel as `(q - 8) * scale + zero`.
+
+Our grid is `w = scale * (code - z)` with an integer zero point z per group, and it maps onto
+both kernels exactly:
+* int4: `scale * (q - z) = (q - 8) * scale + scale * (8 - z)`, so any code width up to 4 bits,
+  symmetric or not, packs as is. Groups the kernel cannot take are split into kernel groups that
+  share the same scale: per-channel rows, and the demo's ragged g128 over 576 columns
+  (4 x 128 + 64) run as g64 blocks.
+* int8 (per-channel only): codes of up to 7 bits become `code - z` exactly; 8-bit codes become
+  `code - 128` and a per-row term `scale * (z - 128) * sum(x)` restores asymmetric zero points.
+
+Everything else (5-8 bits in groups, widths no kernel group divides, a layer with no codes)
+falls back *visibly*: the layer runs as a de-quantized bf16 matmul and the report says why.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from studio.core.layers import weight_matrix
+from studio.core.quant.grid import QTensor
+
+log = logging.getLogger(__name__)
+
+KERNEL_GROUPS = (128, 64, 32)
+INT4_TILES = 2  # inner k tiles for the CPU packing; the CPU kernel accepts any of 1, 2, 4, 8
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """Which kernel runs one layer, and why when it is a fallback."""
+    layer: str
+    kernel: str           # "int4pack g32", "int8pack", "bf16 dense", "fp32 dense" ...
+    bits: int | None      # the layer's code width; None for a float layer
+    weight_bytes: int     # bytes the kernel reads per token for this layer's weights
+    note: str = ""        # why a fallback, or how the groups were mapped
+
+    @property
+    def fallback(self) -> bool:
+        return "dense" in self.kernel and self.bits is not None
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "kernel": self.kernel, "bits": self.bits,
+                "weight_bytes": self.weight_bytes, "note": self.note, "fallback": self.fallback}
+
+
+# --- the kernel modules --------------------------------------------------------------------
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T + b with W held as packed int4 groups (bf16 activations in and out)."""
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int,
+                 in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group = in_features, out_features, group
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros)
+        self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group,
+                                                       self.scales_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8Linear(nn.Module):
+    """y = x @ W.T + b with W as int8 rows and one scale per row (bf16 activations)."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor | None,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        # scale * (z - 128) per row, for 8-bit asymmetric codes; None when all zeros are 128.
+        self.register_buffer("offset", offset)
+        self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
+        if self.offset is not None:
+            y = y - flat.float().sum(-1, keepdim=True).to(torch.bfloat16) * self.offset
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+# --- building them from QTensors -----------------------------------------------------------
+
+def int4_group(q: QTensor) -> int | None:
+    """The kernel group size that reproduces q's groups exactly, or None when none does."""
+    cols = q.codes.shape[1]
+    for group in KERNEL_GROUPS:
+        if cols % group == 0 and q.group_size % group == 0:
+            return group
+    return None
+
+
+def make_int4(q: QTensor, bias: torch.Tensor | None) -> tuple[Int4Linear, str]:
+    out, cols = q.codes.shape
+    group = int4_group(q)
+    assert group is not None and q.bits <= 4
+    blocks = cols // group
+    # Each of q's groups covers group_size // group kernel groups (the ragged last one fewer).
+    scale = q.scale.float().repeat_interleave(q.group_size // group, dim=1)[:, :blocks]
+    zero = q.zero.float().repeat_interleave(q.group_size // group, dim=1)[:, :blocks]
+    kernel_zero = scale * (8.0 - zero)
+    scales_zeros = torch.stack([scale.t(), kernel_zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        q.codes.to(torch.int32).contiguous(), INT4_TILES)
+    notes = []
+    if q.bits < 4:
+        notes.append(f"{q.bits}-bit codes held in 4 bits")
+    if q.group_size != group:
+        what = "per-channel rows" if q.group_size >= cols else f"g{q.group_size} groups"
+        notes.append(f"{what} run as g{group} blocks")
+    return Int4Linear(packed, scales_zeros, group, cols, out, bias), "; ".join(notes)
+
+
+def make_int8(q: QTensor, bias: torch.Tensor | None) -> tuple[Int8Linear, str]:
+    assert q.group_size >= q.codes.shape[1] and q.scale.shape[1] == 1
+    codes = q.codes.to(torch.int16)
+    zero = q.zero[:, 0].float()
+    scales = q.scale[:, 0].to(torch.bfloat16)
+    offset = None
+    if q.bits <= 7:
+        weight = (codes - zero.to(torch.int16)[:, None]).to(torch.int8)
+    else:
+        weight = (codes - 128).to(torch.int8)
+        if bool((zero != 128).any()):
+            offset = (q.scale[:, 0].float() * (zero - 128.0)).to(torch.bfloat16)
+    note = "" if offset is None else "asymmetric 8-bit: zero points as a per-row term"
+    return Int8Linear(weight.contiguous(), scales, offset, bias), note
+
+
+def kernel_for(name: str, module: nn.Module, q: QTensor
+               ) -> tuple[nn.Module | None, KernelChoice]:
+    """The kernel module for one quantized layer, or (None, fallback choice with the reason)."""
+    out, cols = q.codes.shape
+    bias = getattr(module, "bias", None)
+    bias = None if bias is None else bias.data
+    per_channel = q.group_size >= cols
+    reason = ""
+    try:
+        if q.bits <= 4 and int4_group(q) is not None:
+            kernel, note = make_int4(q, bias)
+            return kernel, KernelChoice(name, f"int4pack g{kernel.group}", q.bits,
+                                        _buffer_bytes(kernel), note)
+        if per_channel:
+            kernel, note = make_int8(q, bias)
+            return kernel, KernelChoice(name, "int8pack", q.bits, _buffer_bytes(kernel), note)
+        if q.bits <= 4:
+            reason = (f"no int4 kernel group (32/64/128) fits g{q.group_size} over "
+                      f"{cols} columns")
+        else:
+            reason = (f"the int8 kernel takes one scale per output channel; this "
+                      f"{q.bits}-bit layer has groups of {q.group_size}")
+    except RuntimeError as exc:  # a shape the kernel refuses: say so rather than crash
+        reason = f"the kernel refused this layer ({str(exc).splitlines()[0]})"
+    return None, KernelChoice(name, "bf16 dense", q.bits, out * cols * 2,
+                              f"fallback: {reason}; runs de-quantized in bf16")
+
+
+def _buffer_bytes(module: nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in module.buffers() if b is not None)
+
+
+# --- whole models --------------------------------------------------------------------------
+
+def float_model(model: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, list[KernelChoice]]:
+    """A copy of `model` in `dtype`, with its layers reported as dense matmuls."""
+    copy_ = copy.deepcopy(model).to(dtype)
+    copy_.eval()
+    label = "fp32 dense" if dtype == torch.float32 else "bf16 dense"
+    return copy_, _dense_choices(copy_, label, set())
+
+
+def kernel_model(model: nn.Module, qtensors: dict[str, QTensor]
+                 ) -> tuple[nn.Module, list[KernelChoice]]:
+    """A bf16 copy of `model` whose quantized layers (`qtensors`) run on low-bit kernels.
+
+    `model` is the variant's de-quantized float model; layers without a kernel keep its
+    de-quantized weights in bf16, so the results match it either way.
+    """
+    result = copy.deepcopy(model)
+    result.eval()
+    # Convert layer by layer after the swap: quantized layers never need a bf16 dense copy.
+    choices: list[KernelChoice] = []
+    for name, q in qtensors.items():
+        module = result.get_submodule(name)
+        kernel, choice = kernel_for(name, module, q)
+        choices.append(choice)
+        if kernel is not None:
+            _replace(result, name, kernel)
+        elif choice.fallback:
+            log.info("%s: %s", name, choice.note)
+    result.to(torch.bfloat16)
+    done = {c.layer for c in choices}
+    return result, choices + _dense_choices(result, "bf16 dense", done)
+
+
+def _dense_choices(model: nn.Module, label: str, skip: set[str]) -> list[KernelChoice]:
+    """Float layers that read weights per token: every Linear/Conv1D and the output head."""
+    from studio.core.layers import is_linear
+
+    choices = []
+    for name, module in model.named_modules():
+        if name in skip or not is_linear(module):
+            continue
+        w = weight_matrix(module)
+        choices.append(KernelChoice(name, label, None, w.numel() * w.element_size()))
+    return choices
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def kernel_summary(choices: list[KernelChoice]) -> dict[str, int]:
+    """kernel name -> number of layers that ran on it (for tables)."""
+    summary: dict[str, int] = {}
+    for choice in choices:
+        summary[choice.kernel] = summary.get(choice.kernel, 0) + 1
+    return summary

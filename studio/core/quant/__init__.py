@@ -1,0 +1,1 @@
+"""Post-training quantization: the shared integer grid (grid.py) and one file per method."""

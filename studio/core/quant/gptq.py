@@ -1,0 +1,151 @@
+"""GPTQ (Frantar et al. 2022), following IST-DASLab/gptq's `GPTQ.fasterquant`.
+
+The layer's inputs X give the Hessian of its output error, H = 2/n X X^T. Columns are quantized
+one at a time; each column's rounding error is spread over the columns not yet quantized,
+weighted by the inverse Hessian (through the upper Cholesky factor of H^-1). Columns are
+processed in blocks of 128 with lazy batch updates of the rest, as in the reference.
+
+Faithful to the reference: dampening `damp` x mean(diag H); dead inputs (zero diagonal) get
+H_jj = 1 and zero weights; optional act-order (columns by decreasing H_jj); group parameters
+recomputed at each group's first column, or fixed up front from the original weights when
+act-order is on (the reference's `static_groups`, which keeps groups contiguous in the original
+column order so the result fits the shared grid). Where we differ: a group starting inside a
+128-column block takes its range from the block's *updated* columns (the reference reads the
+stale copy), and a Hessian that is not positive definite is damped further (x10 each try)
+instead of crashing; if even that fails the layer falls back to RTN and says so.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import torch
+
+from studio.core.plan import QuantSpec
+from studio.core.quant.grid import QTensor, compute_qparams, effective_group_size, quantize_rtn
+
+log = logging.getLogger(__name__)
+DAMP_RETRIES = 6
+
+
+class HessianAccumulator:
+    """Sum of x x^T over every input row a layer sees (shared by layers reading one input)."""
+
+    def __init__(self, columns: int) -> None:
+        self.sum = torch.zeros(columns, columns, dtype=torch.float32)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sum.addmm_(x.t(), x)
+        self.count += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """H = 2/n X X^T, the reference's scaling."""
+        return self.sum * (2.0 / max(self.count, 1))
+
+
+def relative_output_error(w: torch.Tensor, wq: torch.Tensor, hessian: torch.Tensor) -> float:
+    """||X Wq^T - X W^T||^2 / ||X W^T||^2 over the inputs that built `hessian` (= c X^T X).
+
+    Exact for those inputs and much cheaper than running them again: tr(dW H dW^T) / tr(W H W^T).
+    """
+    w = w.float()
+    diff = wq.float() - w
+    num = ((diff @ hessian) * diff).sum().item()
+    den = ((w @ hessian) * w).sum().item()
+    return max(num, 0.0) / max(den, 1e-30)
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> tuple[QTensor, str]:
+    """GPTQ-quantize `w` [out, in] with `hessian` [in, in]; returns the QTensor and a note
+    ("" when nothing unusual happened)."""
+    w = w.float().clone()
+    out, cols = w.shape
+    gs = effective_group_size(spec.group_size, cols)
+    H = hessian.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    act_order = bool(spec.option("act_order"))
+    static = act_order or gs == cols  # parameters fixed from the whole (original) matrix
+    scale = torch.zeros(out, -(-cols // gs))
+    zero = torch.zeros_like(scale)
+    if static:
+        scale, zero = compute_qparams(w, spec.bits, gs, spec.symmetric)
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    w = w[:, perm]
+    H = H[perm][:, perm]
+
+    hinv, note = _inverse_cholesky(H, float(spec.option("damp")))
+    if hinv is None:
+        log.warning("GPTQ: %s", note)
+        return quantize_rtn(w[:, torch.argsort(perm)], spec), note
+
+    codes = torch.zeros(out, cols, dtype=torch.uint8)
+    block = int(spec.option("block_size"))
+    with single_thread():
+        _quantize_columns(w, hinv, perm, codes, scale, zero, spec, gs, static, block)
+    return QTensor(codes, scale, zero, spec.bits, gs), note
+
+
+@contextmanager
+def single_thread():
+    """The column loop is thousands of small vector ops: spreading each over threads costs more
+    in synchronisation than it gains (10-40x slower when other work shares the CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _quantize_columns(w, hinv, perm, codes, scale, zero, spec, gs, static, block) -> None:
+    """The reference's inner loops, writing codes (and, for dynamic groups, scale/zero)."""
+    out, cols = w.shape
+    maxq = 2 ** spec.bits - 1
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = perm[i1 + i].item()   # the column's place in the original order
+            g = col // gs
+            if not static and col % gs == 0:
+                # A new group starts here: its range from the columns as updated so far.
+                span = torch.cat([w1[:, i: i + gs], w[:, i2: i1 + i + gs]], dim=1)
+                s, z = compute_qparams(span, spec.bits, gs, spec.symmetric)
+                scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
+            x = w1[:, i]
+            c = torch.clamp(torch.round(x / scale[:, g]) + zero[:, g], 0, maxq)
+            q = scale[:, g] * (c - zero[:, g])
+            codes[:, col] = c.to(torch.uint8)
+            e = (x - q) / h1[i, i]
+            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, str]:
+    """Upper Cholesky factor of (H + damp*mean(diag H) I)^-1 in float32, damping further
+    (x10 per try) when H is not positive definite."""
+    mean_diag = torch.mean(torch.diag(H)).item()
+    idx = torch.arange(H.shape[0])
+    for attempt in range(DAMP_RETRIES):
+        d = damp * 10 ** attempt
+        Hd = H.clone()
+        Hd[idx, idx] += d * mean_diag
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hi = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hi, upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                note = "" if attempt == 0 else (f"the Hessian was not positive definite; "
+                                                f"dampened with {d:g} x mean diagonal")
+                return U.float(), note
+    return None, (f"the Hessian stayed singular even dampened with {d:g} x mean diagonal; "
+                  f"this layer was rounded to nearest instead")

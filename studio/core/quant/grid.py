@@ -1,0 +1,129 @@
+"""The integer grid every method shares: group-wise scales and zero points, codes, de-quantization.
+
+Weights are matrices [out, in] (GPT-2's Conv1D is transposed before it gets here). Groups run
+along the input dimension; `group_size == -1` means one group per output row (per-channel).
+When the group size does not divide the input width, the last group is shorter, as in the GPTQ
+reference code (the demo model's 576 = 4.5 x 128).
+
+Codes are unsigned, 0 .. 2**bits - 1, with an integer zero point per group:
+    w ~= scale * (code - zero)
+Symmetric grids put the zero point in the middle (2**(bits-1)), as GPTQ's reference does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from studio.core.plan import QuantSpec
+
+
+@dataclass
+class QTensor:
+    """One quantized weight matrix: codes [out, in] uint8, scale and zero [out, groups] float32."""
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int  # the effective group size: the input width when per-channel
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scale, self.zero, self.group_size)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+
+def effective_group_size(group_size: int, in_features: int) -> int:
+    return in_features if group_size == -1 or group_size >= in_features else group_size
+
+
+def expand_groups(per_group: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
+    """[out, groups] -> [out, in], repeating each group's value over its columns."""
+    return per_group.repeat_interleave(group_size, dim=1)[:, :in_features]
+
+
+def group_minmax(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group min and max of `w` [out, in] -> two [out, groups] tensors (ragged last group)."""
+    out, cols = w.shape
+    groups = -(-cols // group_size)
+    pad = groups * group_size - cols
+    if pad:
+        # Pad with each row's first element so padding never widens a group's range.
+        w = torch.cat([w, w[:, :1].expand(out, pad)], dim=1)
+    w = w.reshape(out, groups, group_size)
+    return w.amin(dim=2), w.amax(dim=2)
+
+
+def qparams_from_range(wmin: torch.Tensor, wmax: torch.Tensor, bits: int,
+                       symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point for ranges [wmin, wmax] (any shape), GPTQ-reference style."""
+    maxq = 2 ** bits - 1
+    wmin = torch.minimum(wmin, torch.zeros_like(wmin)).float()
+    wmax = torch.maximum(wmax, torch.zeros_like(wmax)).float()
+    if symmetric:
+        wmax = torch.maximum(wmin.abs(), wmax)
+        wmin = -wmax
+    empty = (wmin == 0) & (wmax == 0)
+    wmin = torch.where(empty, -torch.ones_like(wmin), wmin)
+    wmax = torch.where(empty, torch.ones_like(wmax), wmax)
+    scale = (wmax - wmin) / maxq
+    if symmetric:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-wmin / scale)
+    return scale, zero
+
+
+def compute_qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                    clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and zero per group of `w` [out, in]; `clip` shrinks the range (MSE search)."""
+    gs = effective_group_size(group_size, w.shape[1])
+    wmin, wmax = group_minmax(w.float(), gs)
+    return qparams_from_range(wmin * clip, wmax * clip, bits, symmetric)
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                   group_size: int) -> torch.Tensor:
+    cols = w.shape[1]
+    gs = effective_group_size(group_size, cols)
+    s = expand_groups(scale, gs, cols)
+    z = expand_groups(zero, gs, cols)
+    return torch.clamp(torch.round(w.float() / s) + z, 0, 2 ** bits - 1).to(torch.uint8)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+               group_size: int) -> torch.Tensor:
+    cols = codes.shape[1]
+    gs = effective_group_size(group_size, cols)
+    return expand_groups(scale, gs, cols) * (codes.float() - expand_groups(zero, gs, cols))
+
+
+def quantize_rtn(w: torch.Tensor, spec: QuantSpec,
+                 clip: torch.Tensor | float = 1.0) -> QTensor:
+    """Round-to-nearest onto the min-max grid (optionally with a clipped range)."""
+    gs = effective_group_size(spec.group_size, w.shape[1])
+    scale, zero = compute_qparams(w, spec.bits, gs, spec.symmetric, clip)
+    codes = quantize_codes(w, scale, zero, spec.bits, gs)
+    return QTensor(codes, scale, zero, spec.bits, gs)
+
+
+def fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """RTN quantize and de-quantize in one step, in `w`'s dtype (for proxies and previews)."""
+    return quantize_rtn(w, spec).dequantize().to(w.dtype)
+
+
+def bits_per_weight(spec: QuantSpec | None, in_features: int, scale_bits: int = 16,
+                    zero_bits: int | None = None) -> float:
+    """Storage cost per weight: the code plus each group's scale and (asymmetric) zero point.
+
+    Counted as exporters store them: fp16 scales, and zero points packed at the code width.
+    `None` (full precision) costs 16 bits (bf16/fp16 storage).
+    """
+    if spec is None:
+        return 16.0
+    gs = effective_group_size(spec.group_size, in_features)
+    groups = -(-in_features // gs)
+    zbits = 0 if spec.symmetric else (spec.bits if zero_bits is None else zero_bits)
+    return spec.bits + groups * (scale_bits + zbits) / in_features

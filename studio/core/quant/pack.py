@@ -1,0 +1,74 @@
+"""Integer codes of 2..8 bits <-> packed words (int32 or uint8), exactly.
+
+Each row is packed on its own as a little-endian bit stream: code j of a row occupies bits
+[j*bits, (j+1)*bits) of that row's stream, so with 2, 4 or 8 bits an int32 word holds 32/bits
+codes, lowest first, the layout GPTQ / compressed-tensors "pack-quantized" checkpoints use.
+Other widths (3, 5, 6, 7) straddle word boundaries; the last word of a row is zero-padded.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from studio.core.errors import StudioError
+
+WORD_BITS = {torch.int32: 32, torch.uint8: 8}
+ROWS_PER_CHUNK = 2048  # bounds the temporary bit tensor (rows x in x bits bytes)
+
+
+def packed_width(in_features: int, bits: int, dtype: torch.dtype = torch.int32) -> int:
+    """Words per row."""
+    return -(-in_features * bits // WORD_BITS[dtype])
+
+
+def pack_codes(codes: torch.Tensor, bits: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """uint8 codes [out, in] with values < 2**bits -> words [out, packed_width]."""
+    _check(bits, dtype)
+    if codes.numel() and int(codes.max()) >= 2 ** bits:
+        raise StudioError(f"A code does not fit in {bits} bits.")
+    return torch.cat([_pack_rows(chunk, bits, dtype)
+                      for chunk in codes.split(ROWS_PER_CHUNK)]) if codes.shape[0] else \
+        torch.zeros(0, packed_width(codes.shape[1], bits, dtype), dtype=dtype)
+
+
+def unpack_codes(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """words [out, packed_width] -> uint8 codes [out, in_features]."""
+    _check(bits, words.dtype)
+    if words.shape[1] != packed_width(in_features, bits, words.dtype):
+        raise StudioError(f"Packed rows hold {words.shape[1]} words; {in_features} codes of "
+                          f"{bits} bits need {packed_width(in_features, bits, words.dtype)}.")
+    return torch.cat([_unpack_rows(chunk, bits, in_features)
+                      for chunk in words.split(ROWS_PER_CHUNK)]) if words.shape[0] else \
+        torch.zeros(0, in_features, dtype=torch.uint8)
+
+
+def _check(bits: int, dtype: torch.dtype) -> None:
+    if not 2 <= bits <= 8:
+        raise StudioError(f"Packing handles 2 to 8 bits, not {bits}.")
+    if dtype not in WORD_BITS:
+        raise StudioError(f"Codes pack into int32 or uint8 words, not {dtype}.")
+
+
+def _pack_rows(codes: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    # numpy's packbits/unpackbits do the bit shuffling in C, much faster than torch shifts.
+    rows, cols = codes.shape
+    bit_planes = np.unpackbits(codes.to(torch.uint8).numpy()[..., None], axis=2,
+                               bitorder="little")[..., :bits]
+    stream = np.packbits(bit_planes.reshape(rows, cols * bits), axis=1, bitorder="little")
+    if dtype == torch.uint8:
+        return torch.from_numpy(stream)
+    words = packed_width(cols, bits, dtype)
+    padded = np.zeros((rows, 4 * words), dtype=np.uint8)
+    padded[:, : stream.shape[1]] = stream
+    return torch.from_numpy(padded.view("<i4").astype(np.int32))
+
+
+def _unpack_rows(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    rows = words.shape[0]
+    raw = words.numpy()
+    stream = (raw.astype("<i4").view(np.uint8) if words.dtype == torch.int32 else raw)
+    bit_stream = np.unpackbits(stream.reshape(rows, -1), axis=1, bitorder="little")
+    planes = bit_stream[:, : in_features * bits].reshape(rows, in_features, bits)
+    if bits < 8:
+        planes = np.concatenate([planes, np.zeros((rows, in_features, 8 - bits), np.uint8)], 2)
+    return torch.from_numpy(np.packbits(planes, axis=2, bitorder="little")[..., 0].copy())

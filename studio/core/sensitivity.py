@@ -1,0 +1,376 @@
+"""How much each layer suffers at each bit-width, measured one layer at a time.
+
+For every quantizable layer and candidate width, only that layer is quantized and two things
+are measured:
+
+- the fast proxy: the relative error (and SQNR) of the layer's own output on captured
+  calibration inputs, ||X (Wq - W)^T||^2 / ||X W^T||^2;
+- the end-to-end effect: KL divergence of the next-token distribution against the baseline
+  and the perplexity on evaluation windows.
+
+The end-to-end sweep is made affordable by caching the baseline once: the input of every
+decoder block and the final log-probabilities. A layer in block i then only needs blocks
+i..end re-run (a copy of block i carrying the quantized weight, then the untouched blocks),
+so the user's model is never modified, not even for a moment.
+
+Results carry the identity of the model they were measured on (architecture, layer names and a
+weight fingerprint); using them with another model is refused.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from studio.core import metrics
+from studio.core.errors import StudioError
+from studio.core.files import write_text_atomic
+from studio.core.jobs import Job, Progress
+from studio.core.layers import set_weight_matrix, weight_matrix
+from studio.core.plan import QuantSpec
+from studio.core.quant.blocks import (BlockInputs, call_block, capture_block_inputs,
+                                      decoder_blocks)
+from studio.core.quant.rtn import quantize_weight
+
+DEFAULT_BITS = (2, 3, 4, 8)
+DEFAULT_SEQLEN = 64        # KL window length: keeps 210 layers x 3 widths x 8 windows < 10 min
+DEFAULT_KL_WINDOWS = 8
+DEFAULT_PROXY_TOKENS = 512
+DEFAULT_PROXY_WINDOWS = 8   # the proxy's forward passes; its rows are sampled from these
+RESULT_FORMAT = "compression-studio-sensitivity"
+RESULT_VERSION = 1
+# Where the final norm sits, for the architectures whose blocks we re-run (blocks.BLOCK_PATHS).
+FINAL_NORMS = ("model.norm", "model.decoder.final_layer_norm", "transformer.ln_f",
+               "gpt_neox.final_layer_norm", "transformer.norm_f", "model.language_model.norm")
+
+
+# --- which model a result belongs to ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    architecture: str
+    layers: tuple[str, ...]
+    fingerprint: str  # sha1 over shapes and a strided sample of every quantizable weight
+
+    @classmethod
+    def of(cls, handle) -> "ModelIdentity":
+        digest = hashlib.sha1()
+        for info in handle.quantizable:
+            w = handle.weight(info.name)
+            flat = w.reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 256)][:256]
+            digest.update(f"{info.name}{tuple(w.shape)}".encode())
+            digest.update(sample.float().numpy().tobytes())
+        return cls(handle.architecture, tuple(i.name for i in handle.quantizable),
+                   digest.hexdigest())
+
+    def check(self, handle) -> None:
+        other = ModelIdentity.of(handle)
+        if other.architecture != self.architecture:
+            raise StudioError(f"These sensitivity results were measured on a {self.architecture}, "
+                              f"but the open model is a {other.architecture}. Run the "
+                              f"sensitivity sweep on this model.")
+        if other.layers != self.layers:
+            raise StudioError(f"These sensitivity results were measured on a model with "
+                              f"{len(self.layers)} quantizable layers, this one has "
+                              f"{len(other.layers)} (or other names). Run the sweep on this model.")
+        if other.fingerprint != self.fingerprint:
+            raise StudioError("These sensitivity results were measured on a model with the same "
+                              "layers but different weights. Run the sweep on this model.")
+
+
+# --- the result ------------------------------------------------------------------------------
+
+@dataclass
+class SensitivityResult:
+    identity: ModelIdentity
+    layers: list[str]
+    shapes: list[tuple[int, int]]
+    bits: tuple[int, ...]
+    group_size: int
+    method: str
+    symmetric: bool
+    proxy_error: np.ndarray        # [layers, bits] relative output error (0 = exact)
+    sqnr_db: np.ndarray            # [layers, bits]
+    kl: np.ndarray | None          # [layers, bits] mean KL per predicted token, nats
+    ppl: np.ndarray | None         # [layers, bits] perplexity with only that layer quantized
+    base_ppl: float | None
+    text_label: str
+    seqlen: int
+    kl_windows: int
+    proxy_tokens: int
+    proxy_seconds: float
+    kl_seconds: float
+
+    def spec(self, bits: int) -> QuantSpec:
+        return QuantSpec(bits=bits, group_size=self.group_size, symmetric=self.symmetric,
+                         method=self.method)
+
+    @property
+    def has_kl(self) -> bool:
+        return self.kl is not None
+
+    def loss(self, kind: str = "auto") -> np.ndarray:
+        """[layers, bits] predicted loss: "kl" (end to end), "proxy", or "auto" (kl if measured)."""
+        if kind == "auto":
+            kind = "kl" if self.has_kl else "proxy"
+        if kind == "kl":
+            if self.kl is None:
+                raise StudioError("These results have no KL divergence (proxy-only sweep); "
+                                  "run the full sweep or allocate with the proxy.")
+            return self.kl
+        if kind == "proxy":
+            return self.proxy_error
+        raise StudioError(f"Unknown loss {kind!r}: use kl or proxy.")
+
+    def check_model(self, handle) -> None:
+        self.identity.check(handle)
+
+    def to_json(self) -> dict:
+        arr = lambda a: None if a is None else np.asarray(a, dtype=float).tolist()  # noqa: E731
+        return {"format": RESULT_FORMAT, "version": RESULT_VERSION,
+                "identity": {"architecture": self.identity.architecture,
+                             "layers": list(self.identity.layers),
+                             "fingerprint": self.identity.fingerprint},
+                "layers": self.layers, "shapes": [list(s) for s in self.shapes],
+                "bits": list(self.bits), "group_size": self.group_size, "method": self.method,
+                "symmetric": self.symmetric, "proxy_error": arr(self.proxy_error),
+                "sqnr_db": arr(self.sqnr_db), "kl": arr(self.kl), "ppl": arr(self.ppl),
+                "base_ppl": self.base_ppl, "text_label": self.text_label, "seqlen": self.seqlen,
+                "kl_windows": self.kl_windows, "proxy_tokens": self.proxy_tokens,
+                "proxy_seconds": self.proxy_seconds, "kl_seconds": self.kl_seconds}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SensitivityResult":
+        if not isinstance(data, dict) or data.get("format") != RESULT_FORMAT:
+            raise StudioError("This file does not hold sensitivity results.")
+        if data.get("version") != RESULT_VERSION:
+            raise StudioError(f"Sensitivity results version {data.get('version')!r} are not "
+                              f"supported (this studio reads version {RESULT_VERSION}).")
+        arr = lambda a: None if a is None else np.array(a, dtype=float)  # noqa: E731
+        ident = data["identity"]
+        return cls(identity=ModelIdentity(ident["architecture"], tuple(ident["layers"]),
+                                          ident["fingerprint"]),
+                   layers=list(data["layers"]), shapes=[tuple(s) for s in data["shapes"]],
+                   bits=tuple(data["bits"]), group_size=data["group_size"],
+                   method=data["method"], symmetric=data["symmetric"],
+                   proxy_error=arr(data["proxy_error"]), sqnr_db=arr(data["sqnr_db"]),
+                   kl=arr(data["kl"]), ppl=arr(data["ppl"]), base_ppl=data["base_ppl"],
+                   text_label=data["text_label"], seqlen=data["seqlen"],
+                   kl_windows=data["kl_windows"], proxy_tokens=data["proxy_tokens"],
+                   proxy_seconds=data["proxy_seconds"], kl_seconds=data["kl_seconds"])
+
+    def save(self, path: str | Path) -> None:
+        write_text_atomic(Path(path), json.dumps(self.to_json()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SensitivityResult":
+        try:
+            return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise StudioError(f"Sensitivity file {path} does not exist.") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StudioError(f"Sensitivity file {path} is not valid: {exc}.") from None
+
+
+# --- the job ---------------------------------------------------------------------------------
+
+def sensitivity_job(handle, windows: torch.Tensor, bits=DEFAULT_BITS, group_size: int = 128,
+                    method: str = "rtn", symmetric: bool = False,
+                    kl_windows: int = DEFAULT_KL_WINDOWS, proxy_windows: int = DEFAULT_PROXY_WINDOWS,
+                    proxy_tokens: int = DEFAULT_PROXY_TOKENS, text_label: str = "",
+                    seed: int = 0) -> Job[SensitivityResult]:
+    """Measure every quantizable layer at every width in `bits` (see the module notes).
+
+    `windows` [count, seqlen] feed both sweeps: the proxy captures layer inputs from (up to
+    `proxy_windows` of) them, the KL sweep scores the first `kl_windows` (0: proxy only).
+    """
+    bits = tuple(sorted(set(int(b) for b in bits)))
+    specs = [QuantSpec(bits=b, group_size=group_size, symmetric=symmetric, method=method)
+             for b in bits]  # validates bits, group size and method with a clear message
+    if method != "rtn":
+        raise StudioError(f"Sensitivity is measured with RTN (one layer at a time, no "
+                          f"calibration pass per layer); {method} plans use RTN's ranking.")
+    if windows.dim() != 2 or windows.shape[0] == 0:
+        raise StudioError("Sensitivity needs at least one window of text.")
+    if kl_windows > windows.shape[0]:
+        raise StudioError(f"The KL sweep wants {kl_windows} windows but only "
+                          f"{windows.shape[0]} were given.")
+    layers = handle.quantizable
+    if not layers:
+        raise StudioError("This model has no quantizable layers.")
+    identity = ModelIdentity.of(handle)
+
+    start = time.perf_counter()
+    proxy_ids = windows[: max(1, proxy_windows)]
+    yield Progress(0, len(layers), "Proxy: capturing layer inputs")
+    inputs = capture_layer_inputs(handle, [i.name for i in layers], proxy_ids, proxy_tokens, seed)
+    proxy = np.zeros((len(layers), len(bits)))
+    sqnr = np.zeros_like(proxy)
+    for row, info in enumerate(layers):
+        yield Progress(row, len(layers), f"Proxy: {info.name}")
+        w = handle.weight(info.name).float()
+        x = inputs.pop(info.name)
+        for col, spec in enumerate(specs):
+            proxy[row, col] = output_error(x, w, quantize_weight(w, spec).dequantize())
+            sqnr[row, col] = -10 * math.log10(proxy[row, col]) if proxy[row, col] > 0 else math.inf
+    proxy_seconds = time.perf_counter() - start
+
+    kl = ppl = base_ppl = None
+    start = time.perf_counter()
+    if kl_windows > 0:
+        kl, ppl, base_ppl = yield from kl_sweep(handle, layers, specs, windows[:kl_windows])
+    return SensitivityResult(
+        identity=identity, layers=[i.name for i in layers], shapes=[i.shape for i in layers],
+        bits=bits, group_size=group_size, method=method, symmetric=symmetric,
+        proxy_error=proxy, sqnr_db=sqnr, kl=kl, ppl=ppl, base_ppl=base_ppl,
+        text_label=text_label, seqlen=int(windows.shape[1]), kl_windows=kl_windows,
+        proxy_tokens=proxy_tokens, proxy_seconds=proxy_seconds,
+        kl_seconds=time.perf_counter() - start if kl_windows > 0 else 0.0)
+
+
+def output_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
+    """||X (Wq - W)^T||^2 / ||X W^T||^2: the layer's relative output error on inputs X."""
+    ref = x @ w.T
+    err = x @ (wq - w).T
+    return err.pow(2).sum().item() / max(ref.pow(2).sum().item(), 1e-30)
+
+
+def capture_layer_inputs(handle, names: list[str], windows: torch.Tensor, tokens: int,
+                         seed: int) -> dict[str, torch.Tensor]:
+    """Each layer's input rows [tokens, in], at the same token positions for every layer.
+
+    Positions are drawn once (seeded) over all windows and kept as the forward runs, so memory
+    stays at `tokens` rows per layer however much text goes through.
+    """
+    count, seqlen = windows.shape
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(count * seqlen, generator=generator)[: min(tokens, count * seqlen)]
+    keep = keep.sort().values
+    per_window = [keep[(keep // seqlen) == i] % seqlen for i in range(count)]
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    current: list[torch.Tensor] = []
+
+    def hook(name):
+        def grab(module, args):
+            x = args[0].detach()
+            seen[name].append(x.reshape(-1, x.shape[-1])[current[0]].float())
+        return grab
+
+    hooks = [handle.module(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for row, positions in zip(windows, per_window):
+                if len(positions):
+                    current[:] = [positions]
+                    handle.model(input_ids=row[None], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [n for n, chunks in seen.items() if not chunks]
+    if missing:
+        raise StudioError(f"Layer {missing[0]} saw no input on the calibration text, so its "
+                          f"sensitivity cannot be measured.")
+    return {name: torch.cat(chunks) for name, chunks in seen.items()}
+
+
+# --- the end-to-end sweep --------------------------------------------------------------------
+
+def final_head(model: nn.Module):
+    """hidden after the last block -> logits: the final norm, projection and lm_head."""
+    norm = None
+    for path in FINAL_NORMS:
+        try:
+            norm = model.get_submodule(path)
+            break
+        except AttributeError:
+            continue
+    head = model.get_output_embeddings()
+    project = getattr(getattr(getattr(model, "model", None), "decoder", None), "project_out", None)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if norm is None or head is None:
+        raise StudioError(f"{type(model).__name__}: the studio cannot find its final norm and "
+                          f"output layer, so it cannot re-run its last blocks in isolation.")
+
+    def apply(hidden: torch.Tensor) -> torch.Tensor:
+        h = norm(hidden)
+        if project is not None:
+            h = project(h)
+        logits = head(h).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+    return apply
+
+
+def kl_sweep(handle, layers, specs, ids: torch.Tensor):
+    """Job part: (kl [layers, bits], ppl [layers, bits], baseline ppl) on windows `ids`."""
+    model = handle.model
+    prefix, blocks = decoder_blocks(model)
+    head = final_head(model)
+    yield Progress(0, 1, "KL: caching the baseline")
+    with torch.no_grad():
+        inputs = capture_block_inputs(model, ids)
+        hidden = [inputs.hidden]
+        for block in blocks:
+            hidden.append(call_block(block, hidden[-1], inputs))
+        base_logits = head(hidden[-1])
+        reference = model(input_ids=ids[:1], use_cache=False).logits.float()
+    if not torch.allclose(base_logits[:1], reference, atol=1e-3, rtol=1e-3):
+        raise StudioError(f"{handle.architecture}: re-running its blocks one by one does not "
+                          f"reproduce the model's output, so the KL sweep cannot be measured "
+                          f"(use the proxy-only sweep).")
+    base_logp = F.log_softmax(base_logits, dim=-1)
+    base_p = base_logp.exp()
+    del base_logits, reference
+    base_nll = -base_logp[:, :-1].gather(-1, ids[:, 1:, None]).double().sum().item()
+    predicted = ids[:, 1:].numel()
+
+    block_index = {name: i for i, name in enumerate(_block_names(prefix, blocks))}
+    kl = np.zeros((len(layers), len(specs)))
+    ppl = np.zeros_like(kl)
+    total = len(layers) * len(specs)
+    current_block, scratch = None, None
+    for row, info in enumerate(layers):
+        b = _owning_block(info.name, block_index)
+        if b != current_block:  # one private copy of the block; the user's model is untouched
+            current_block, scratch = b, copy.deepcopy(blocks[b])
+        local = info.name[len(f"{prefix}.{b}."):]
+        module = scratch.get_submodule(local)
+        original = weight_matrix(module).clone()
+        for col, spec in enumerate(specs):
+            set_weight_matrix(module, quantize_weight(original, spec).dequantize())
+            with torch.no_grad():
+                h = call_block(scratch, hidden[b], inputs)
+                for block in blocks[b + 1:]:
+                    h = call_block(block, h, inputs)
+                logp = F.log_softmax(head(h), dim=-1)
+            # KL(base || quantized) per position, as metrics.kl_divergence, with base cached.
+            kl[row, col] = (base_p * (base_logp - logp)).sum(-1).clamp_min(0).mean().item()
+            nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).double().sum().item()
+            ppl[row, col] = metrics.perplexity(nll, predicted)
+            yield Progress(row * len(specs) + col + 1, total,
+                           f"KL: {info.name} at {spec.bits} bits", detail=(row, col, kl[row, col]))
+        set_weight_matrix(module, original)
+    return kl, ppl, metrics.perplexity(base_nll, predicted)
+
+
+def _block_names(prefix: str, blocks: nn.ModuleList) -> list[str]:
+    return [f"{prefix}.{i}" for i in range(len(blocks))]
+
+
+def _owning_block(name: str, block_index: dict[str, int]) -> int:
+    for block_name, i in block_index.items():
+        if name.startswith(block_name + "."):
+            return i
+    raise StudioError(f"Layer {name} is not inside a decoder block, so the KL sweep cannot "
+                      f"re-run it in isolation.")

@@ -1,0 +1,208 @@
+"""Weight statistics per layer: what makes a weight matrix hard to quantize.
+
+For every quantizable layer (and the embedding / lm_head, marked as not quantizable) we keep a
+few scalars that rank layers (abs-max, std, kurtosis, max/median ratios) and small float32
+arrays to draw: a histogram of the values, the abs-max of every output row and input column,
+and a block-max |W| heatmap downsampled to at most 256 x 256. The full matrix is never copied
+into the result, so the statistics of a whole model stay a few MB.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from studio.core.jobs import Job, Progress
+from studio.core.layers import LayerInfo
+
+HIST_BINS = 256
+HEATMAP_MAX = 256
+# Elements sampled (evenly strided) for the median of |W|: a ratio needs no more, and an exact
+# median of every matrix would cost more than all the other statistics together.
+MEDIAN_SAMPLE = 1 << 16
+
+# The scalar statistics a user can rank layers by: key -> (label, what it tells).
+SUMMARY_STATS: dict[str, tuple[str, str]] = {
+    "absmax": ("abs-max", "largest |w| in the layer"),
+    "std": ("std", "standard deviation of the weights"),
+    "kurtosis": ("kurtosis", "tail weight (3 for a Gaussian; higher = heavier tails)"),
+    "max_median": ("max/median", "largest |w| over the median |w|"),
+    "col_ratio": ("col max/median", "largest input-column abs-max over the median column"),
+    "row_ratio": ("row max/median", "largest output-row abs-max over the median row"),
+}
+
+
+@dataclass
+class LayerWeightStats:
+    name: str
+    block: int | None
+    role: str
+    kind: str
+    shape: tuple[int, int]
+    quantizable: bool
+    absmax: float
+    std: float
+    kurtosis: float
+    max_median: float
+    col_ratio: float
+    row_ratio: float
+    hist_edges: np.ndarray      # [HIST_BINS + 1] float32, symmetric around 0
+    hist_counts: np.ndarray     # [HIST_BINS] float32
+    row_absmax: np.ndarray      # [out] float32: abs-max of each output channel
+    col_absmax: np.ndarray      # [in] float32: abs-max of each input channel (weight column)
+    heatmap: np.ndarray         # [<=256, <=256] float32: block max of |W|, rows = outputs
+    heat_block: tuple[int, int]  # rows x columns of W that one heatmap cell covers
+    tied_to: str | None = None
+
+    def summary(self) -> dict:
+        """The scalars, JSON-ready."""
+        return {"name": self.name, "block": self.block, "role": self.role, "kind": self.kind,
+                "shape": list(self.shape), "quantizable": self.quantizable,
+                "tied_to": self.tied_to,
+                **{key: _finite(getattr(self, key)) for key in SUMMARY_STATS}}
+
+    def to_dict(self, channels: bool = False) -> dict:
+        out = self.summary()
+        out["histogram"] = {"edges": self.hist_edges.tolist(), "counts": self.hist_counts.tolist()}
+        if channels:
+            out["row_absmax"] = self.row_absmax.tolist()
+            out["col_absmax"] = self.col_absmax.tolist()
+        return out
+
+
+@dataclass
+class WeightStats:
+    """Statistics of every weight layer of one model, in the inventory's order."""
+    model: str
+    layers: dict[str, LayerWeightStats] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.layers)
+
+    @property
+    def quantizable(self) -> list[LayerWeightStats]:
+        return [s for s in self.layers.values() if s.quantizable]
+
+    def column(self, key: str, quantizable_only: bool = True) -> np.ndarray:
+        """One summary statistic for every (quantizable) layer, in order, as float32."""
+        rows = self.quantizable if quantizable_only else list(self.layers.values())
+        return np.array([getattr(s, key) for s in rows], dtype=np.float32)
+
+    def ranked(self, key: str, top: int | None = None) -> list[LayerWeightStats]:
+        """Quantizable layers from the highest value of `key` down."""
+        rows = sorted(self.quantizable, key=lambda s: -_finite(getattr(s, key), -np.inf))
+        return rows if top is None else rows[:top]
+
+    def to_dict(self, channels: bool = False) -> dict:
+        return {"model": self.model,
+                "layers": [s.to_dict(channels) for s in self.layers.values()]}
+
+
+def weight_stats_job(handle, layers: list[LayerInfo] | None = None) -> Job[WeightStats]:
+    """Statistics of `layers` (default: every quantizable layer plus embeddings and lm_head)."""
+    if layers is None:
+        layers = [info for info in handle.layers
+                  if info.quantizable or info.kind in ("embedding", "lm_head")]
+    result = WeightStats(model=handle.name)
+    done_by_weight: dict[int, LayerWeightStats] = {}
+    for i, info in enumerate(layers):
+        yield Progress(i, len(layers), f"Weight statistics: {info.name}")
+        w = handle.weight(info.name) if info.kind != "embedding" else \
+            handle.module(info.name).weight.data
+        # A tied lm_head is the embedding matrix itself: reuse its numbers, named as itself.
+        twin = done_by_weight.get(w.data_ptr())
+        if twin is not None and twin.shape == tuple(w.shape):
+            stats = replace(twin, name=info.name, role=info.role, kind=info.kind,
+                            quantizable=info.quantizable, block=info.block, tied_to=twin.name)
+        else:
+            stats = layer_weight_stats(w, info)
+            done_by_weight[w.data_ptr()] = stats
+        result.layers[info.name] = stats
+    yield Progress(len(layers), len(layers), "Weight statistics done")
+    return result
+
+
+def layer_weight_stats(w: torch.Tensor, info: LayerInfo) -> LayerWeightStats:
+    """All the statistics of one [out, in] weight matrix."""
+    # NumPy, not torch: these are memory-bound passes over small matrices, where torch's
+    # thread pool costs more than it gains (10-100x slower on a busy 2-core machine).
+    w = w.detach().float().numpy()
+    a = np.abs(w)
+    row_absmax = a.max(axis=1)
+    col_absmax = a.max(axis=0)
+    absmax = float(row_absmax.max())
+    centred = w - np.float32(w.mean(dtype=np.float64))
+    sq = np.square(centred, out=centred)
+    m2 = float(sq.mean(dtype=np.float64))
+    m4 = float(np.square(sq, out=sq).mean(dtype=np.float64))
+    kurt = m4 / (m2 * m2) if m2 > 0 else float("nan")
+    edges, counts = histogram(w, absmax)
+    heat, heat_block = block_max(a)
+    return LayerWeightStats(
+        name=info.name, block=info.block, role=info.role, kind=info.kind,
+        shape=(int(w.shape[0]), int(w.shape[1])), quantizable=info.quantizable,
+        absmax=absmax, std=m2 ** 0.5, kurtosis=kurt,
+        max_median=_ratio(absmax, _median(a)),
+        col_ratio=_ratio(float(col_absmax.max()), float(np.median(col_absmax))),
+        row_ratio=_ratio(float(row_absmax.max()), float(np.median(row_absmax))),
+        hist_edges=edges, hist_counts=counts,
+        row_absmax=row_absmax.astype(np.float32), col_absmax=col_absmax.astype(np.float32),
+        heatmap=heat, heat_block=heat_block, tied_to=info.tied_to)
+
+
+def histogram(values, absmax: float | None = None,
+              bins: int = HIST_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """(edges [bins+1], counts [bins]) over [-absmax, absmax], symmetric so 0 sits mid-axis.
+    `values`: a NumPy array or a tensor, any shape."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().float().numpy()
+    values = np.asarray(values, dtype=np.float32).reshape(-1)
+    if absmax is None:
+        absmax = float(np.abs(values).max()) if values.size else 0.0
+    absmax = absmax if absmax > 0 else 1.0
+    # Uniform bins: the bin index by arithmetic, then one bincount (np.histogram's general
+    # path is ~3x slower on the ~200 matrices of a model).
+    x = np.multiply(values, np.float32(bins / (2 * absmax)))
+    x += np.float32(bins / 2)
+    np.clip(x, 0, bins - 1, out=x)
+    counts = np.bincount(x.astype(np.intp), minlength=bins).astype(np.float32)
+    return np.linspace(-absmax, absmax, bins + 1, dtype=np.float32), counts
+
+
+def block_max(a: np.ndarray, size: int = HEATMAP_MAX) -> tuple[np.ndarray, tuple[int, int]]:
+    """Downsample a non-negative matrix to at most size x size by the max of each block (so a
+    single outlier weight stays visible however large the matrix is). Returns the map and the
+    block size (rows, columns) each cell covers; the last cell of an axis may be ragged."""
+    rows, row_block = _reduce_rows(a, size)
+    cols, col_block = _reduce_rows(np.ascontiguousarray(rows.T), size)
+    return np.ascontiguousarray(cols.T, dtype=np.float32), (row_block, col_block)
+
+
+def _reduce_rows(a: np.ndarray, size: int) -> tuple[np.ndarray, int]:
+    # Whole blocks by a reshape (contiguous, fast), then the ragged tail on its own.
+    n = a.shape[0]
+    block = -(-n // size)
+    whole = n // block
+    out = a[: whole * block].reshape(whole, block, a.shape[1]).max(axis=1)
+    if whole * block < n:
+        out = np.vstack([out, a[whole * block:].max(axis=0, keepdims=True)])
+    return out, block
+
+
+def _median(a: np.ndarray) -> float:
+    flat = a.reshape(-1)
+    if flat.size > MEDIAN_SAMPLE:
+        # An evenly spread sample: deterministic, and exact enough for a ratio.
+        flat = flat[:: flat.size // MEDIAN_SAMPLE]
+    return float(np.median(flat))
+
+
+def _ratio(top: float, median: float) -> float:
+    return top / median if median > 0 else float("inf") if top > 0 else float("nan")
+
+
+def _finite(value: float, default: float | None = None) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else default

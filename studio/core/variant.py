@@ -1,0 +1,220 @@
+"""A quantized variant of a base model: the de-quantized float copy plus its integer codes.
+
+`model` is what evaluation runs (a float copy whose quantized layers hold scale * (code - zero),
+with SmoothQuant's simulated activation quantization installed as hooks); `qtensors` are the
+codes, scales and zeros exporters and low-bit kernels use. The base model is never altered.
+
+A VARIANT folder (written by `save_variant`, read by `load_variant`):
+    recipe.json          the plan (a recipe any model of the same architecture can take)
+    variant.json         name, base source and architecture, calibration, timings, per-layer
+                         specs and errors, activation bits
+    quantized.safetensors  per layer: "<layer>.qweight" int32 packed codes, "<layer>.scale",
+                         "<layer>.zero" (float32 [out, groups])
+    floats.safetensors   float tensors the method changed besides quantized weights (norms and
+                         biases after AWQ / SmoothQuant folding)
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from studio.core.errors import StudioError
+from studio.core.files import atomic_dir
+from studio.core.layers import get_module, is_linear, set_weight_matrix
+from studio.core.plan import Plan, QuantSpec
+from studio.core.quant.grid import QTensor, bits_per_weight
+from studio.core.quant.pack import pack_codes, unpack_codes
+
+VARIANT_FORMAT = "compression-studio-variant"
+VARIANT_VERSION = 1
+
+
+@dataclass
+class Variant:
+    name: str
+    base_source: str
+    architecture: str
+    plan: Plan
+    model: nn.Module
+    qtensors: dict[str, QTensor]
+    specs: dict[str, QuantSpec]                   # layer -> the spec it was quantized with
+    act_bits: dict[str, int] = field(default_factory=dict)
+    calibration: str | None = None                # label of the calibration text (None: none)
+    seconds: float = 0.0
+    layer_errors: list[dict] = field(default_factory=list)
+    floats: dict[str, torch.Tensor] = field(default_factory=dict)  # changed float tensors
+    created: float = field(default_factory=time.time)
+
+    @property
+    def methods(self) -> list[str]:
+        return sorted({spec.method for spec in self.specs.values()})
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Average storage bits per weight over the quantizable layers and any quantized extra
+        layer (scales and zero points counted; layers left in full precision count 16)."""
+        total_bits = total = 0.0
+        for name, module in self.model.named_modules():
+            if name in self.qtensors:
+                qt = self.qtensors[name]
+                numel = qt.codes.numel()
+                total_bits += bits_per_weight(self.specs[name], qt.codes.shape[1]) * numel
+                total += numel
+            elif is_linear(module) and _in_block(name):
+                total_bits += 16.0 * module.weight.numel()
+                total += module.weight.numel()
+        return total_bits / total if total else 16.0
+
+    @property
+    def size_bytes(self) -> int:
+        """Storage as an exporter writes it: quantized layers at their bits per weight, every
+        other tensor (shared ones once) in 16-bit floats."""
+        quantized = {id(get_module(self.model, n).weight) for n in self.qtensors}
+        total = sum(bits_per_weight(self.specs[n], qt.codes.shape[1]) * qt.codes.numel() / 8
+                    for n, qt in self.qtensors.items())
+        seen: set[int] = set()
+        for tensor in list(self.model.parameters()) + list(self.model.buffers()):
+            if id(tensor) in seen or id(tensor) in quantized:
+                continue
+            seen.add(id(tensor))
+            total += 2 * tensor.numel()
+        return int(total)
+
+    def to_summary(self) -> dict[str, Any]:
+        errors = [e["error"] for e in self.layer_errors if e.get("error") is not None]
+        rtn = [e["rtn_error"] for e in self.layer_errors if e.get("rtn_error") is not None]
+        return {
+            "name": self.name, "base": self.base_source, "architecture": self.architecture,
+            "methods": self.methods, "calibration": self.calibration,
+            "seconds": round(self.seconds, 3), "bits_per_weight": round(self.bits_per_weight, 4),
+            "size_bytes": self.size_bytes, "size_mb": round(self.size_bytes / 2 ** 20, 3),
+            "layers": len(self.qtensors),
+            "act_bits": sorted(set(self.act_bits.values())),
+            "mean_layer_error": sum(errors) / len(errors) if errors else None,
+            "mean_rtn_error": sum(rtn) / len(rtn) if rtn else None,
+        }
+
+
+def _in_block(name: str) -> bool:
+    return any(part.isdigit() for part in name.split("."))
+
+
+# --- VARIANT folders -----------------------------------------------------------------------
+
+def save_variant(variant: Variant, folder: str | Path) -> Path:
+    """Write `variant` as a VARIANT folder, atomically (a half-written folder never appears)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, qt in variant.qtensors.items():
+        tensors[f"{name}.qweight"] = pack_codes(qt.codes, qt.bits)
+        tensors[f"{name}.scale"] = qt.scale.float().contiguous()
+        tensors[f"{name}.zero"] = qt.zero.float().contiguous()
+    meta = {
+        "format": VARIANT_FORMAT, "version": VARIANT_VERSION, "name": variant.name,
+        "base_source": variant.base_source, "architecture": variant.architecture,
+        "calibration": variant.calibration, "seconds": variant.seconds,
+        "created": variant.created, "act_bits": variant.act_bits,
+        "layers": {name: {"spec": variant.specs[name].to_dict(), "bits": qt.bits,
+                          "group_size": qt.group_size, "shape": list(qt.codes.shape)}
+                   for name, qt in variant.qtensors.items()},
+        "layer_errors": variant.layer_errors,
+        "summary": variant.to_summary(),
+    }
+    with atomic_dir(folder) as tmp:
+        (tmp / "recipe.json").write_text(json.dumps(variant.plan.to_json(), indent=2))
+        (tmp / "variant.json").write_text(json.dumps(meta, indent=2))
+        save_file(tensors, str(tmp / "quantized.safetensors"))
+        save_file({k: v.contiguous() for k, v in variant.floats.items()},
+                  str(tmp / "floats.safetensors"))
+    read_variant_meta(folder)  # re-open what was written
+    return folder
+
+
+def read_variant_meta(folder: str | Path) -> dict:
+    folder = Path(folder)
+    path = folder / "variant.json"
+    if not path.is_file():
+        raise StudioError(f"{folder} is not a variant folder (it has no variant.json).")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StudioError(f"{path} is not valid JSON: {exc}.") from None
+    if meta.get("format") != VARIANT_FORMAT:
+        raise StudioError(f"{folder} is not a Compression Studio variant.")
+    if meta.get("version") != VARIANT_VERSION:
+        raise StudioError(f"Variant version {meta.get('version')!r} is not supported "
+                          f"(this studio reads version {VARIANT_VERSION}).")
+    return meta
+
+
+def is_variant_folder(path: str | Path) -> bool:
+    return (Path(path) / "variant.json").is_file()
+
+
+def load_variant(folder: str | Path, base_handle=None) -> Variant:
+    """Rebuild a variant from its folder and the base model (re-opened from its recorded
+    source when no handle is given)."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = read_variant_meta(folder)
+    plan = Plan.load(folder / "recipe.json")
+    if base_handle is None:
+        from studio.core.jobs import run
+        from studio.core.models import open_model_job
+        base_handle = run(open_model_job(meta["base_source"]))
+    if base_handle.architecture != meta["architecture"]:
+        raise StudioError(f"This variant was made from a {meta['architecture']}, but the base "
+                          f"model given is a {base_handle.architecture}.")
+    model = copy.deepcopy(base_handle.model)
+    floats = load_file(str(folder / "floats.safetensors"))
+    packed = load_file(str(folder / "quantized.safetensors"))
+    untie_if_needed(model, meta["layers"])
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(dict(model.named_buffers(remove_duplicate=False)))
+    for key, value in floats.items():
+        if key not in params:
+            raise StudioError(f"The variant changes {key}, which the base model does not have.")
+        params[key].data.copy_(value)
+    qtensors, specs = {}, {}
+    for name, info in meta["layers"].items():
+        codes = unpack_codes(packed[f"{name}.qweight"], info["bits"], info["shape"][1])
+        qt = QTensor(codes, packed[f"{name}.scale"], packed[f"{name}.zero"], info["bits"],
+                     info["group_size"])
+        set_weight_matrix(get_module(model, name), qt.dequantize())
+        qtensors[name] = qt
+        specs[name] = QuantSpec.from_dict(info["spec"])
+    act_bits = {k: int(v) for k, v in meta.get("act_bits", {}).items()}
+    if act_bits:
+        from studio.core.quant.smoothquant import install_act_quant
+        install_act_quant(model, act_bits)
+    return Variant(name=meta["name"], base_source=meta["base_source"],
+                   architecture=meta["architecture"], plan=plan, model=model,
+                   qtensors=qtensors, specs=specs, act_bits=act_bits,
+                   calibration=meta.get("calibration"), seconds=float(meta.get("seconds", 0)),
+                   layer_errors=list(meta.get("layer_errors", [])), floats=floats,
+                   created=float(meta.get("created", time.time())))
+
+
+def untie_if_needed(model: nn.Module, quantized: dict | list) -> None:
+    """Give a tied lm_head its own weight when it or the embedding is quantized, so quantizing
+    one never silently changes the other."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if out is None or emb is None or out.weight is not emb.weight:
+        return
+    names = {id(m): n for n, m in model.named_modules()}
+    if names.get(id(out)) in quantized or names.get(id(emb)) in quantized:
+        out.weight = nn.Parameter(out.weight.detach().clone(), requires_grad=False)
+        if hasattr(model.config, "tie_word_embeddings"):
+            model.config.tie_word_embeddings = False

@@ -1,0 +1,1 @@
+"""The Qt layer: displays state and dispatches core jobs to worker threads."""

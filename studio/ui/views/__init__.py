@@ -1,0 +1,7 @@
+"""The window's views, one file each. The main window shows them as tabs, in this order.
+
+Each entry is (tab title, "module:Class"); the class takes the AppState: `View(state)`.
+"""
+VIEWS: list[tuple[str, str]] = [
+    ("Layers", "studio.ui.views.layers:LayersView"),
+]

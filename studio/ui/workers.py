@@ -1,0 +1,103 @@
+"""The only place that starts threads: runs a core Job on a worker, relays its progress.
+
+Jobs queue on one worker thread (torch already uses every core; two jobs at once would only
+fight). Worker threads never touch widgets: everything comes back through Qt signals, which
+Qt delivers on the UI thread.
+"""
+from __future__ import annotations
+
+import traceback
+from typing import Any, Callable
+
+from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
+
+from studio.core.errors import Cancelled, StudioError
+from studio.core.jobs import CancelToken, Job, Progress, run
+
+
+class JobHandle(QObject):
+    """One submitted job: its signals, and cancel()."""
+    started = Signal()
+    progress = Signal(object)          # Progress
+    finished = Signal(object)          # the job's result
+    failed = Signal(str, str)          # message, details (traceback; empty for a StudioError)
+    cancelled = Signal()
+    done = Signal()                    # after any of finished / failed / cancelled
+
+    def __init__(self, title: str) -> None:
+        super().__init__()
+        self.title = title
+        self.token = CancelToken()
+        self.running = False
+
+    def cancel(self) -> None:
+        self.token.cancel()
+
+
+class _Runnable(QRunnable):
+    def __init__(self, handle: JobHandle, factory: Callable[[], Job]) -> None:
+        super().__init__()
+        self.setAutoDelete(True)
+        self.handle, self.factory = handle, factory
+
+    def run(self) -> None:
+        handle = self.handle
+        handle.running = True
+        handle.started.emit()
+        try:
+            if handle.token.cancelled:
+                raise Cancelled("cancelled before it started")
+            result = run(self.factory(), handle.progress.emit, handle.token)
+        except Cancelled:
+            handle.cancelled.emit()
+        except StudioError as exc:
+            handle.failed.emit(str(exc), "")
+        except Exception as exc:  # a bug: show it with its traceback, keep the app alive
+            handle.failed.emit(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        else:
+            if handle.token.cancelled:
+                handle.cancelled.emit()
+            else:
+                handle.finished.emit(result)
+        finally:
+            handle.running = False
+            handle.done.emit()
+
+
+class JobRunner(QObject):
+    """Queues jobs on one worker thread and tells the window which one is current."""
+    jobStarted = Signal(object)        # JobHandle
+    jobDone = Signal(object)           # JobHandle
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = QThreadPool()
+        self.pool.setMaxThreadCount(1)
+        self.active: list[JobHandle] = []
+
+    def submit(self, title: str, factory: Callable[[], Job],
+               on_result: Callable[[Any], None] | None = None,
+               on_progress: Callable[[Progress], None] | None = None) -> JobHandle:
+        """Run `factory()` (a Job) on the worker; `on_result` runs on the UI thread."""
+        handle = JobHandle(title)
+        if on_result is not None:
+            handle.finished.connect(on_result)
+        if on_progress is not None:
+            handle.progress.connect(on_progress)
+        handle.started.connect(lambda: self.jobStarted.emit(handle))
+        handle.done.connect(lambda: self._done(handle))
+        self.active.append(handle)
+        self.pool.start(_Runnable(handle, factory))
+        return handle
+
+    def _done(self, handle: JobHandle) -> None:
+        if handle in self.active:
+            self.active.remove(handle)
+        self.jobDone.emit(handle)
+
+    def cancel_all(self) -> None:
+        for handle in list(self.active):
+            handle.cancel()
+
+    def wait(self, msecs: int = -1) -> bool:
+        return self.pool.waitForDone(msecs)

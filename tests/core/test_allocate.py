@@ -1,0 +1,117 @@
+"""The allocator meets its budget, says why when it cannot, and matches brute force."""
+import itertools
+
+import numpy as np
+import pytest
+
+from studio.core.allocate import LossTable, allocate, spec_bits
+from studio.core.errors import StudioError
+from studio.core.plan import QuantSpec
+from studio.core.quant.grid import bits_per_weight
+
+OPTIONS = [QuantSpec(bits=b, group_size=32) for b in (2, 3, 4, 8)] + [None]
+
+
+def random_table(seed: int, layers: int = 5) -> LossTable:
+    rng = np.random.default_rng(seed)
+    shapes = [(int(rng.choice([8, 16, 24])), int(rng.choice([32, 48, 64, 96])))
+              for _ in range(layers)]
+    # Loss falls with bits, at a different rate per layer (sensitivity), plus noise.
+    scale = rng.lognormal(0.0, 1.5, size=layers)
+    loss = np.array([[s * 4.0 ** -(o.bits if o else 16) * rng.uniform(0.5, 1.5) for o in OPTIONS]
+                     for s in scale])
+    loss[:, -1] = 0.0
+    return LossTable([f"l{i}" for i in range(layers)], shapes, OPTIONS, loss, fixed_bytes=100)
+
+
+def brute_force(table: LossTable, budget: int) -> float:
+    costs = table.costs
+    best = np.inf
+    for picks in itertools.product(range(len(table.options)), repeat=len(table.names)):
+        rows = np.arange(len(picks))
+        if costs[rows, picks].sum() <= budget:
+            best = min(best, table.loss[rows, picks].sum())
+    return best
+
+
+def test_spec_bits_agrees_with_grid_bits_per_weight():
+    for shape in [(4, 576), (7, 100), (3, 64)]:
+        for spec in [QuantSpec(bits=3, group_size=128), QuantSpec(bits=4, group_size=-1),
+                     QuantSpec(bits=2, group_size=32, symmetric=True), None]:
+            assert spec_bits(shape, spec) == pytest.approx(
+                shape[0] * shape[1] * bits_per_weight(spec, shape[1]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_equals_brute_force_on_small_tables(seed):
+    table = random_table(seed)
+    costs = table.costs
+    lo, hi = costs.min(axis=1).sum(), costs.max(axis=1).sum()
+    for budget_bpw in np.linspace(lo / table.weights, hi / table.weights, 9):
+        result = allocate(table, budget_bpw=float(budget_bpw))
+        assert result.bits <= result.budget_bits
+        assert result.exact
+        assert result.loss == pytest.approx(brute_force(table, result.budget_bits), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_coarse_budget_grid_still_fits_and_bounds_the_optimum(seed):
+    # Very few slots force rounding: the answer must still fit and the gap must be honest.
+    table = random_table(seed, layers=6)
+    costs = table.costs
+    mid = (costs.min(axis=1).sum() + costs.max(axis=1).sum()) / 2 / table.weights
+    result = allocate(table, budget_bpw=float(mid), states=7)
+    optimum = brute_force(table, result.budget_bits)
+    assert result.bits <= result.budget_bits
+    assert result.lower_bound <= optimum + 1e-12 <= result.loss + 2e-12
+
+
+def test_budget_in_megabytes_counts_fixed_bytes():
+    table = random_table(1)
+    costs = table.costs
+    target_bits = int((costs.min(axis=1).sum() + costs.max(axis=1).sum()) // 2)
+    budget_mb = (target_bits / 8 + table.fixed_bytes) / 1e6
+    result = allocate(table, budget_mb=budget_mb)
+    assert result.size_bytes <= budget_mb * 1e6
+    assert result.size_bytes == result.bits / 8 + table.fixed_bytes
+    assert result.loss == pytest.approx(brute_force(table, result.budget_bits))
+
+
+def test_plan_names_every_layer_exactly():
+    table = random_table(2)
+    result = allocate(table, budget_bpw=4.0)
+    assert [r.pattern for r in result.plan.rules] == table.names
+    assert all(not r.regex for r in result.plan.rules)
+    for name in table.names:
+        assert result.plan.spec_for(name) == result.choices[name]
+
+
+def test_pareto_curve_is_monotone_and_contains_the_answer():
+    table = random_table(3, layers=6)
+    result = allocate(table, budget_bpw=5.0)
+    curve = result.pareto
+    assert np.all(np.diff(curve.loss) < 0)
+    assert np.all(np.diff(curve.bits) > 0)
+    # The answer is on (or, after spending leftover bits, below) the curve at its size.
+    at_or_below = curve.loss[curve.bits <= result.bits]
+    assert result.loss <= at_or_below.min() + 1e-12
+
+
+def test_budgets_out_of_range_are_refused_with_the_reachable_range():
+    table = random_table(4)
+    with pytest.raises(StudioError, match="below the smallest possible plan"):
+        allocate(table, budget_bpw=1.0)
+    with pytest.raises(StudioError, match="above the full-precision size"):
+        allocate(table, budget_bpw=16.5)
+    with pytest.raises(StudioError, match="exactly one budget"):
+        allocate(table)
+    with pytest.raises(StudioError, match="positive"):
+        allocate(table, budget_mb=-1.0)
+
+
+def test_nan_in_table_is_refused():
+    table = random_table(5)
+    loss = table.loss.copy()
+    loss[0, 0] = np.nan
+    with pytest.raises(StudioError, match="missing"):
+        LossTable(table.names, table.shapes, table.options, loss)

@@ -1,0 +1,79 @@
+"""The window opens a tiny model in the background and shows its layers; errors reach the user."""
+import pytest
+
+from studio.ui.errors import get_reporter
+from studio.ui.main_window import MainWindow
+
+
+@pytest.fixture
+def window(qtbot):
+    reporter = get_reporter()
+    reporter.show_dialogs = False
+    reporter.history.clear()
+    win = MainWindow()
+    qtbot.addWidget(win)
+    win.show()
+    yield win
+    win.state.runner.cancel_all()
+    assert win.state.runner.wait(20000), "a job thread was left running"
+
+
+def open_and_wait(qtbot, window, source):
+    with qtbot.waitSignal(window.state.runner.jobDone, timeout=60000):
+        window.open_model(str(source))
+
+
+def test_opens_a_model_and_lists_its_layers(qtbot, window, tiny_dirs):
+    open_and_wait(qtbot, window, tiny_dirs["qwen2"])
+    handle = window.state.handle
+    assert handle is not None and handle.architecture == "Qwen2ForCausalLM"
+    view = window.views["Layers"]
+    assert view.proxy.rowCount() == len(handle.layers)
+    assert "Qwen2ForCausalLM" in window.model_label.text()
+    assert "Qwen2ForCausalLM" in window.windowTitle() or "qwen2" in window.windowTitle()
+
+    view.search.setText("mlp")
+    assert 0 < view.proxy.rowCount() < len(handle.layers)
+    for row in range(view.proxy.rowCount()):
+        assert "mlp" in view.proxy.index(row, 1).data()
+    view.search.setText("")
+
+    view.select("model.layers.1.mlp.down_proj")
+    assert window.state.selected_layer == "model.layers.1.mlp.down_proj"
+    assert "model.layers.1.mlp.down_proj" in view.details.toPlainText()
+    assert "std" in view.details.toPlainText()
+
+
+def test_sorting_by_parameters(qtbot, window, tiny_dirs):
+    open_and_wait(qtbot, window, tiny_dirs["llama"])
+    view = window.views["Layers"]
+    from PySide6.QtCore import Qt
+
+    view.table.sortByColumn(6, Qt.SortOrder.DescendingOrder)
+    column = [int(view.proxy.index(r, 6).data().replace(",", ""))
+              for r in range(view.proxy.rowCount())]
+    assert column == sorted(column, reverse=True) and column[0] > column[-1]
+
+
+def test_bad_path_reports_and_keeps_the_app(qtbot, window, tmp_path):
+    open_and_wait(qtbot, window, tmp_path / "nothing-here")
+    qtbot.waitUntil(lambda: len(get_reporter().history) > 0, timeout=5000)
+    title, message, details = get_reporter().history[-1]
+    assert "does not exist" in message and details == ""
+    assert window.state.handle is None and window.isVisible()
+
+
+def test_cancel_leaves_the_current_model(qtbot, window, tiny_dirs):
+    open_and_wait(qtbot, window, tiny_dirs["llama"])
+    before = window.state.handle
+    with qtbot.waitSignal(window.state.runner.jobDone, timeout=60000):
+        job = window.open_model(str(tiny_dirs["gpt2"]))
+        job.cancel()
+    assert window.state.handle is before
+
+
+def test_recent_models_are_remembered(qtbot, window, tiny_dirs):
+    from studio.ui import settings
+
+    open_and_wait(qtbot, window, tiny_dirs["opt"])
+    assert settings.recent_models()[0].endswith("opt")
