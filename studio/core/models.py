@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from studio.core.errors import ModelLoadError, NotEnoughMemory
-from studio.core.files import atomic_dir
+from studio.core.gguf_convert import convert_job
 from studio.core.jobs import Job, Progress
 from studio.core.layers import LayerInfo, get_module, inventory, model_bytes, weight_matrix
 
@@ -146,8 +146,7 @@ def open_model_job(source: str | Path) -> Job[ModelHandle]:
         folder = gguf_cache_folder(path)
         if not (folder / "config.json").is_file():
             check_memory(gguf_param_bytes(path), path.name)
-            yield Progress(1, 4, f"De-quantizing {path.name} (first open only; cached after)")
-            convert_gguf(path, folder)
+            yield from convert_job(path, folder)
         notes.append(f"Weights de-quantized from {path.name}; cached in {folder}.")
     else:
         folder = path
@@ -312,28 +311,6 @@ def gguf_cache_folder(path: Path) -> Path:
     stat = path.stat()
     key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
     return cache_root() / "gguf" / f"{path.stem}-{key[:12]}"
-
-
-def convert_gguf(path: Path, folder: Path) -> None:
-    """De-quantize `path` with transformers and save it as a plain safetensors model folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                     dtype=torch.float32)
-    except Exception as exc:
-        raise ModelLoadError(f"transformers could not load {path.name}: {exc}") from None
-    # The loaded model is plain float32; drop the GGUF marker so it saves as an ordinary model.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp)
-        try:
-            AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
-        except Exception as exc:  # a GGUF without a usable vocabulary still gives weights
-            log.warning("no tokenizer from %s: %s", path.name, exc)
 
 
 def grid_notes(model: nn.Module) -> list[str]:

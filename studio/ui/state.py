@@ -10,7 +10,7 @@ from typing import Any, Callable
 from PySide6.QtCore import QObject, Signal
 
 from studio.core.jobs import Job, Progress
-from studio.core.session import Session
+from studio.core.session import Session, Sessions
 from studio.ui.workers import JobHandle, JobRunner
 
 
@@ -23,6 +23,7 @@ class AppState(QObject):
     def __init__(self) -> None:
         super().__init__()
         self.session = Session()
+        self.sessions = Sessions()
         self.runner = JobRunner()
         self.selected_layer: str | None = None
 
@@ -31,7 +32,8 @@ class AppState(QObject):
         return self.session.handle
 
     def set_model(self, handle) -> None:
-        self.session.clear_for(handle)
+        """Show `handle`; a model opened before in this run comes back with its results."""
+        self.session = Session() if handle is None else self.sessions.for_model(handle)
         self.selected_layer = None
         self.modelChanged.emit(handle)
 

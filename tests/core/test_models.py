@@ -160,3 +160,24 @@ def test_truncated_gguf(tmp_path, demo_handle):
     bad.write_bytes(data[: len(data) // 3])
     with pytest.raises(ModelLoadError):
         open_(bad)
+
+
+def test_cancel_during_gguf_conversion_leaves_no_cache(tmp_path, monkeypatch, demo_handle):
+    from studio.core.errors import Cancelled
+    from studio.core.jobs import CancelToken
+
+    monkeypatch.setenv("COMPRESSION_STUDIO_CACHE", str(tmp_path / "cache"))
+    token = CancelToken()
+    seen = []
+
+    def on_progress(p):
+        seen.append(p.message)
+        if p.message.startswith("De-quantizing"):
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        run(open_model_job("demo"), on_progress, token)
+    assert any(m.startswith("De-quantizing") for m in seen)
+    cache = tmp_path / "cache" / "gguf"
+    leftovers = list(cache.iterdir()) if cache.exists() else []
+    assert leftovers == [], leftovers

@@ -77,3 +77,12 @@ def test_recent_models_are_remembered(qtbot, window, tiny_dirs):
 
     open_and_wait(qtbot, window, tiny_dirs["opt"])
     assert settings.recent_models()[0].endswith("opt")
+
+
+def test_reopening_a_model_brings_back_its_results(qtbot, window, tiny_dirs):
+    open_and_wait(qtbot, window, tiny_dirs["llama"])
+    window.state.publish("marker", {"computed": True})
+    open_and_wait(qtbot, window, tiny_dirs["gemma"])
+    assert "marker" not in window.state.session.results
+    open_and_wait(qtbot, window, tiny_dirs["llama"])
+    assert window.state.session.results["marker"] == {"computed": True}

@@ -4,4 +4,7 @@ Each entry is (tab title, "module:Class"); the class takes the AppState: `View(s
 """
 VIEWS: list[tuple[str, str]] = [
     ("Layers", "studio.ui.views.layers:LayersView"),
+    ("Evaluate", "studio.ui.views.evaluate:EvaluateView"),
+    ("Compare", "studio.ui.views.compare:CompareView"),
+    ("Benchmark", "studio.ui.views.benchmark:BenchmarkView"),
 ]

@@ -1,0 +1,86 @@
+"""De-quantize a GGUF file into a plain safetensors model folder, in a child process.
+
+transformers' GGUF loader is one long blocking call (~20 s for the demo, more for larger files)
+and needs about twice the model's memory while it runs. Running it in a child process lets the
+user cancel it at any moment (the process is killed, the half-written folder removed) and gives
+that memory back to the system when it ends.
+
+    python -m studio.core.gguf_convert FILE.gguf OUT_FOLDER
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from studio.core.errors import ModelLoadError
+from studio.core.jobs import Job, Progress
+
+log = logging.getLogger(__name__)
+
+
+def convert_job(path: Path, folder: Path) -> Job[None]:
+    """Run the conversion in a child process, yielding progress until it ends; cancel kills it."""
+    _remove_stale_temporaries(folder)
+    started = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "studio.core.gguf_convert", str(path),
+                              str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        while child.poll() is None:
+            yield Progress(1, 4, f"De-quantizing {path.name} ({time.perf_counter() - started:.0f} s; "
+                                 f"first open only, cached after)")
+            try:
+                child.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        if child.poll() is None:  # cancelled: stop the child and leave no half-written folder
+            child.kill()
+            child.wait()
+            _remove_stale_temporaries(folder)
+    errors = child.stderr.read() if child.stderr else ""
+    if child.returncode != 0 or not (folder / "config.json").is_file():
+        last = errors.strip().splitlines()[-1] if errors.strip() else f"exit status {child.returncode}"
+        raise ModelLoadError(f"transformers could not load {path.name}: {last}")
+
+
+def convert(path: Path, folder: Path) -> None:
+    """The conversion itself (runs in the child process)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from studio.core.files import atomic_dir
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                 dtype=torch.float32)
+    # The loaded model is plain float32; drop the GGUF marker so it saves as an ordinary model.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        try:
+            AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+        except Exception as exc:  # a GGUF without a usable vocabulary still gives weights
+            log.warning("no tokenizer from %s: %s", path.name, exc)
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    for stale in folder.parent.glob(f".{folder.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    try:
+        convert(Path(sys.argv[1]), Path(sys.argv[2]))
+    except Exception as exc:  # the parent shows the last line of stderr to the user
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,193 @@
+"""Benchmark the baseline and variants on this CPU: prefill, decode speed, memory, size, and
+the kernel that ran each layer (fallbacks listed with their reason)."""
+from __future__ import annotations
+
+import torch
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (QFormLayout, QHBoxLayout, QHeaderView, QLabel, QListWidget,
+                               QListWidgetItem, QPushButton, QSpinBox, QSplitter, QTableWidget,
+                               QTableWidgetItem, QVBoxLayout, QWidget)
+
+from studio.core.bench import BASE_CONFIGS, base_targets, bench_job, variant_target
+from studio.ui.views.compare import BASELINE, add_runs, describe_baseline, describe_variant
+
+RESULT_COLUMNS = ("Configuration", "Prefill ms (min-max)", "Decode tok/s (min-max)",
+                  "Weights/token MB", "Size MB", "Peak RSS MB", "Threads", "Kernels")
+KERNEL_COLUMNS = ("Layer", "Kernel", "Bits", "Weight KB", "Note")
+CONFIG_LABELS = {"fp32": "baseline fp32", "bf16": "baseline bf16",
+                 "int8": "baseline int8 (RTN, for speed)", "int4": "baseline int4 g32 (RTN, for speed)"}
+
+
+class BenchmarkView(QWidget):
+    def __init__(self, state) -> None:
+        super().__init__()
+        self.state = state
+        self.results: list = []
+
+        self.targets = QListWidget()
+        self.prompt_tokens = QSpinBox(minimum=1, maximum=4096, value=128)
+        self.new_tokens = QSpinBox(minimum=1, maximum=1024, value=64)
+        self.repeat = QSpinBox(minimum=1, maximum=20, value=3)
+        self.threads = QSpinBox(minimum=1, maximum=max(1, torch.get_num_threads() * 2),
+                                value=torch.get_num_threads())
+        self.run_button = QPushButton("Run benchmark")
+        self.run_button.clicked.connect(self.run_benchmark)
+        form = QFormLayout()
+        form.addRow("Measure", self.targets)
+        form.addRow("Prompt tokens (prefill)", self.prompt_tokens)
+        form.addRow("New tokens (decode, batch 1)", self.new_tokens)
+        form.addRow("Repeats (after a warm-up)", self.repeat)
+        form.addRow("Threads", self.threads)
+        form.addRow(self.run_button)
+        self.summary = QLabel("Tick what to measure. Quantized variants run on int8/int4 CPU "
+                              "kernels with bf16 activations.")
+        self.summary.setWordWrap(True)
+        form.addRow(self.summary)
+        left = QWidget()
+        left.setLayout(form)
+
+        self.table = self._table(RESULT_COLUMNS)
+        self.table.currentCellChanged.connect(lambda row, *_: self._show_kernels(row))
+        self.kernels = self._table(KERNEL_COLUMNS)
+        self.kernel_title = QLabel("Kernels per layer: select a row above.")
+        right = QWidget()
+        right_layout = QVBoxLayout(right)
+        right_layout.setContentsMargins(0, 0, 0, 0)
+        right_layout.addWidget(self.table, 2)
+        right_layout.addWidget(self.kernel_title)
+        right_layout.addWidget(self.kernels, 3)
+        split = QSplitter()
+        split.addWidget(left)
+        split.addWidget(right)
+        split.setSizes([360, 1040])
+        layout = QHBoxLayout(self)
+        layout.addWidget(split)
+
+        state.modelChanged.connect(lambda _h: self._fill_targets())
+        state.resultsChanged.connect(lambda key: key == "variants" and self._fill_targets())
+        self._fill_targets()
+
+    @staticmethod
+    def _table(columns) -> QTableWidget:
+        table = QTableWidget(0, len(columns))
+        table.setHorizontalHeaderLabels(columns)
+        table.verticalHeader().setVisible(False)
+        table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
+        table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        table.horizontalHeader().setStretchLastSection(True)
+        return table
+
+    # --- choices ---------------------------------------------------------------------------
+    def _fill_targets(self) -> None:
+        checked = set(self.checked_keys()) or {"fp32"}
+        self.targets.clear()
+        if self.state.handle is None:
+            self.run_button.setEnabled(False)
+            return
+        self.run_button.setEnabled(True)
+        entries = [(config, CONFIG_LABELS[config]) for config in BASE_CONFIGS]
+        entries += [(f"variant:{name}", f"variant {name}") for name in self.state.session.variants]
+        for key, label in entries:
+            item = QListWidgetItem(label)
+            item.setData(Qt.ItemDataRole.UserRole, key)
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+            item.setCheckState(Qt.CheckState.Checked if key in checked else Qt.CheckState.Unchecked)
+            self.targets.addItem(item)
+
+    def checked_keys(self) -> list[str]:
+        return [self.targets.item(i).data(Qt.ItemDataRole.UserRole)
+                for i in range(self.targets.count())
+                if self.targets.item(i).checkState() == Qt.CheckState.Checked]
+
+    def set_checked(self, keys: list[str]) -> None:
+        for i in range(self.targets.count()):
+            item = self.targets.item(i)
+            item.setCheckState(Qt.CheckState.Checked if item.data(Qt.ItemDataRole.UserRole) in keys
+                               else Qt.CheckState.Unchecked)
+
+    # --- running ---------------------------------------------------------------------------
+    def run_benchmark(self):
+        handle = self.state.handle
+        keys = self.checked_keys()
+        if handle is None or not keys:
+            self.summary.setText("Tick at least one configuration or variant.")
+            return None
+        configs = [k for k in BASE_CONFIGS if k in keys]
+        targets = base_targets(handle.model, configs,
+                               layer_names=[layer.name for layer in handle.quantizable])
+        owners = {t.name: None for t in targets}   # target name -> variant (None: baseline)
+        for key in keys:
+            if key.startswith("variant:"):
+                variant = self.state.session.variants[key.split(":", 1)[1]]
+                targets.append(variant_target(variant.name, variant.model, variant.qtensors,
+                                              variant.size_bytes))
+                owners[variant.name] = variant
+        vocab = handle.model.get_input_embeddings().weight.shape[0]
+        settings = (self.prompt_tokens.value(), self.new_tokens.value(), self.repeat.value(),
+                    self.threads.value())
+        self.summary.setText("Benchmarking... (other work on this machine skews the figures)")
+        return self.state.submit(
+            "Benchmark", lambda: bench_job(targets, vocab, *settings),
+            on_result=lambda results: self._measured(results, owners))
+
+    def _measured(self, results: list, owners: dict) -> None:
+        handle = self.state.handle
+        self.results = results
+        runs = []
+        for result in results:
+            variant = owners.get(result.name)
+            data = result.to_dict()
+            kernels = ", ".join(f"{k} x{n}" for k, n in data["kernel_summary"].items())
+            if variant is not None:
+                what = describe_variant(variant)
+            elif result.name == "fp32":
+                what = describe_baseline(handle)
+            else:  # bf16 / int8 / int4 speed configurations of the baseline
+                what = {"variant": f"{BASELINE} {result.name}",
+                        "plan": data.get("quantized", result.name),
+                        "size_mb": result.size_mb}
+            runs.append({**what, "kind": "bench", "prefill_ms": result.prefill_ms,
+                         "decode_tok_s": result.decode_tok_s, "peak_rss_mb": result.peak_rss_mb,
+                         "threads": result.threads, "kernels": kernels,
+                         "fallbacks": len(result.fallbacks)})
+        add_runs(self.state, runs)
+        self._fill_table()
+        fallbacks = sum(len(r.fallbacks) for r in results)
+        self.summary.setText(f"Measured {len(results)} configurations with "
+                             f"{results[0].threads} thread(s)."
+                             + (f" {fallbacks} layers fell back to bf16 dense (see the kernels "
+                                f"table)." if fallbacks else ""))
+
+    def _fill_table(self) -> None:
+        self.table.setRowCount(len(self.results))
+        for row, r in enumerate(self.results):
+            data = r.to_dict()
+            values = (r.name,
+                      f"{r.prefill_ms:.1f} ({r.prefill_ms_range[0]:.1f}-{r.prefill_ms_range[1]:.1f})",
+                      f"{r.decode_tok_s:.1f} ({r.decode_tok_s_range[0]:.1f}-"
+                      f"{r.decode_tok_s_range[1]:.1f})",
+                      f"{r.weights_read_mb:.1f}", f"{r.size_mb:.1f}", f"{r.peak_rss_mb:.0f}",
+                      str(r.threads),
+                      ", ".join(f"{k} x{n}" for k, n in data["kernel_summary"].items()))
+            for col, value in enumerate(values):
+                self.table.setItem(row, col, QTableWidgetItem(value))
+        if self.results:
+            self.table.selectRow(0)
+            self._show_kernels(0)
+
+    def _show_kernels(self, row: int) -> None:
+        if not 0 <= row < len(self.results):
+            return
+        result = self.results[row]
+        self.kernel_title.setText(f"Kernels per layer: {result.name} "
+                                  f"({len(result.fallbacks)} fallbacks)")
+        self.kernels.setRowCount(len(result.kernels))
+        for i, k in enumerate(result.kernels):
+            values = (k.layer, k.kernel, "" if k.bits is None else str(k.bits),
+                      f"{k.weight_bytes / 1024:.0f}", k.note)
+            for col, value in enumerate(values):
+                item = QTableWidgetItem(value)
+                if k.fallback:
+                    item.setBackground(Qt.GlobalColor.yellow)
+                self.kernels.setItem(i, col, item)

@@ -1,0 +1,309 @@
+"""Weights view: where the model's weights are hard to quantize.
+
+Top: a model overview (one statistic per layer, against layer order, coloured by role) and a
+table that sorts layers by any statistic. Bottom: the selected layer's histogram, the abs-max of
+every output and input channel, and a block-max |W| heatmap. Statistics are computed once per
+model as a job ("weight_stats" in the session); switching layers only redraws arrays.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QSortFilterProxyModel, Qt
+from PySide6.QtGui import QStandardItem, QStandardItemModel
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QHBoxLayout, QLabel, QPushButton,
+                               QSplitter, QTableView, QVBoxLayout, QWidget)
+
+from studio.core.stats import SUMMARY_STATS, weight_stats_job
+
+KEY = "weight_stats"
+SORT_KEY = Qt.ItemDataRole.UserRole + 1
+ROLE_COLORS = {"q": "#1f77b4", "k": "#17becf", "v": "#2ca02c", "o": "#9467bd", "qkv": "#1f77b4",
+               "gate": "#ff7f0e", "up": "#d62728", "gate_up": "#ff7f0e", "down": "#8c564b",
+               "other": "#7f7f7f", "embedding": "#e377c2", "lm_head": "#e377c2"}
+COLUMNS = ("#", "Layer", "Block", "Role", "Shape") + tuple(label for label, _ in
+                                                      SUMMARY_STATS.values()) + ("Quantized",)
+
+
+def role_color(role: str) -> str:
+    return ROLE_COLORS.get(role, "#7f7f7f")
+
+
+class SortItem(QStandardItem):
+    """A read-only cell that sorts by its number (when it has one), not its text."""
+
+    def __init__(self, text: str, number: float | None = None) -> None:
+        super().__init__(text)
+        self.setEditable(False)
+        self.setData(text if number is None else float(number), SORT_KEY)
+        if number is not None:
+            self.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+
+
+def make_table(columns) -> tuple[QTableView, QStandardItemModel, QSortFilterProxyModel]:
+    model = QStandardItemModel(0, len(columns))
+    model.setHorizontalHeaderLabels(list(columns))
+    proxy = QSortFilterProxyModel()
+    proxy.setSourceModel(model)
+    proxy.setSortRole(SORT_KEY)
+    table = QTableView()
+    table.setModel(proxy)
+    table.setSortingEnabled(True)
+    table.setSelectionBehavior(QTableView.SelectionBehavior.SelectRows)
+    table.setSelectionMode(QTableView.SelectionMode.SingleSelection)
+    table.verticalHeader().setVisible(False)
+    table.verticalHeader().setDefaultSectionSize(22)
+    table.horizontalHeader().setStretchLastSection(True)
+    return table, model, proxy
+
+
+def fmt(value: float) -> str:
+    if not np.isfinite(value):
+        return "inf" if value > 0 else "-"
+    return f"{value:.4g}"
+
+
+def plot(title: str, x: str, y: str) -> pg.PlotWidget:
+    widget = pg.PlotWidget(background="w")
+    widget.setTitle(title, color="k", size="10pt")
+    widget.setLabel("bottom", x)
+    widget.setLabel("left", y)
+    widget.showGrid(x=True, y=True, alpha=0.25)
+    widget.setMenuEnabled(False)
+    return widget
+
+
+class WeightsView(QWidget):
+    def __init__(self, state) -> None:
+        super().__init__()
+        self.state = state
+        self.stats = None
+        self.names: list[str] = []          # quantizable layers, overview order
+        self.job = None
+
+        self.status = QLabel("No model open.")
+        self.stat = QComboBox()
+        for key, (label, why) in SUMMARY_STATS.items():
+            self.stat.addItem(label, key)
+            self.stat.setItemData(self.stat.count() - 1, why, Qt.ItemDataRole.ToolTipRole)
+        self.stat.setCurrentIndex(list(SUMMARY_STATS).index("kurtosis"))
+        self.stat.currentIndexChanged.connect(self._draw_overview)
+        self.log_overview = QCheckBox("log scale")
+        self.log_overview.toggled.connect(self._draw_overview)
+        self.log_hist = QCheckBox("log counts")
+        self.log_hist.setChecked(True)
+        self.log_hist.toggled.connect(lambda: self.show_layer(self.state.selected_layer))
+        self.compute = QPushButton("Recompute")
+        self.compute.clicked.connect(self.start)
+
+        self.overview = plot("Model overview", "layer (in model order; ticks = block)", "kurtosis")
+        self.scatter = pg.ScatterPlotItem(size=7, pen=None, hoverable=True)
+        self.scatter.sigClicked.connect(self._point_clicked)
+        self.overview.addItem(self.scatter)
+        self.marker = pg.InfiniteLine(angle=90, pen=pg.mkPen("#444", width=1, style=Qt.PenStyle.DashLine))
+        self.marker.setVisible(False)
+        self.overview.addItem(self.marker)
+        self.legend = self.overview.addLegend(offset=(-10, 10), colCount=4)
+        self.table, self.table_model, self.proxy = make_table(COLUMNS)
+        self.table.selectionModel().currentRowChanged.connect(self._row_changed)
+        self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
+
+        self.hist = plot("Weight histogram", "weight value", "log10(1 + count)")
+        self.hist_curve = self.hist.plot([0, 1], [0], stepMode="center", fillLevel=0,
+                                         brush=(31, 119, 180, 90), pen=pg.mkPen("#1f77b4"))
+        self.rows = plot("Abs-max per output channel", "output channel (row)", "max |w|")
+        self.rows_curve = self.rows.plot(pen=pg.mkPen("#d62728"))
+        self.cols = plot("Abs-max per input channel", "input channel (column)", "max |w|")
+        self.cols_curve = self.cols.plot(pen=pg.mkPen("#1f77b4"))
+        for curve in (self.rows_curve, self.cols_curve):
+            curve.setClipToView(True)
+            curve.setDownsampling(auto=True, method="peak")
+        self.heat = plot("|W| heatmap (block max)", "input channel", "output channel")
+        self.heat.invertY(True)
+        self.image = pg.ImageItem(axisOrder="row-major")
+        self.image.setLookupTable(pg.colormap.get("viridis").getLookupTable(nPts=256))
+        self.heat.addItem(self.image)
+        self.heat_bar = pg.ColorBarItem(colorMap=pg.colormap.get("viridis"), interactive=False,
+                                        width=12)
+        self.heat_bar.setImageItem(self.image, insert_in=self.heat.getPlotItem())
+
+        bar = QHBoxLayout()
+        bar.addWidget(self.status, 1)
+        bar.addWidget(QLabel("Overview statistic:"))
+        bar.addWidget(self.stat)
+        bar.addWidget(self.log_overview)
+        bar.addWidget(self.log_hist)
+        bar.addWidget(self.compute)
+        top = QSplitter(Qt.Orientation.Horizontal)
+        top.addWidget(self.overview)
+        top.addWidget(self.table)
+        top.setSizes([600, 600])
+        details = QWidget()
+        grid = QHBoxLayout(details)
+        grid.setContentsMargins(0, 0, 0, 0)
+        for widget in (self.hist, self.rows, self.cols, self.heat):
+            grid.addWidget(widget)
+        split = QSplitter(Qt.Orientation.Vertical)
+        split.addWidget(top)
+        split.addWidget(details)
+        split.setSizes([500, 400])
+        layout = QVBoxLayout(self)
+        layout.addLayout(bar)
+        layout.addWidget(split)
+
+        state.modelChanged.connect(self.set_model)
+        state.layerSelected.connect(self.show_layer)
+        state.resultsChanged.connect(self._results_changed)
+        if state.session.results.get(KEY) is not None:
+            self.set_stats(state.session.results[KEY])
+        elif state.handle is not None:
+            self.set_model(state.handle)
+
+    # --- computing ------------------------------------------------------------------------
+    def set_model(self, handle) -> None:
+        self.set_stats(None)
+        if handle is not None:
+            self.start()
+
+    def start(self) -> None:
+        handle = self.state.handle
+        if handle is None:
+            return
+        self.status.setText("Computing weight statistics…")
+        self.compute.setEnabled(False)
+
+        def done(stats) -> None:
+            if self.state.handle is handle:  # the user may have opened another model since
+                self.state.publish(KEY, stats)
+        self.job = self.state.submit("Weight statistics", lambda: weight_stats_job(handle), done)
+        self.job.done.connect(lambda: self.compute.setEnabled(True))
+        self.job.cancelled.connect(lambda: self.status.setText(
+            "Weight statistics cancelled: nothing was kept. Press Recompute to run them again."))
+        self.job.failed.connect(lambda msg, _: self.status.setText(f"Weight statistics failed: {msg}"))
+
+    def _results_changed(self, key: str) -> None:
+        if key == KEY:
+            self.set_stats(self.state.session.results.get(KEY))
+
+    # --- drawing --------------------------------------------------------------------------
+    def set_stats(self, stats) -> None:
+        self.stats = stats
+        self.table_model.removeRows(0, self.table_model.rowCount())
+        if stats is None:
+            self.names = []
+            self.scatter.clear()
+            self.status.setText("No model open." if self.state.handle is None else "")
+            return
+        self.names = [s.name for s in stats.quantizable]
+        rows = list(stats.layers.values())
+        for order, s in enumerate(rows):
+            shape = " x ".join(str(d) for d in s.shape)
+            block = "" if s.block is None else str(s.block)
+            self.table_model.appendRow(
+                [SortItem(str(order), order), SortItem(s.name), SortItem(block, -1 if s.block is None else s.block),
+                 SortItem(s.role), SortItem(shape, s.shape[0] * s.shape[1])]
+                + [SortItem(fmt(getattr(s, key)), _sortable(getattr(s, key)))
+                   for key in SUMMARY_STATS]
+                + [SortItem("yes" if s.quantizable else
+                            f"no ({s.kind}{', tied' if s.tied_to else ''})")])
+        self.table.resizeColumnsToContents()
+        self.table.setColumnWidth(1, min(self.table.columnWidth(1), 260))
+        self.status.setText(f"{len(self.names)} quantizable layers of {stats.model} "
+                            f"(+{len(rows) - len(self.names)} embedding / lm_head rows in the table). "
+                            f"Click a point or a row to inspect a layer.")
+        self._draw_overview()
+        self.show_layer(self.state.selected_layer or (self.names[0] if self.names else None))
+
+    def _draw_overview(self) -> None:
+        if self.stats is None:
+            return
+        key = self.stat.currentData()
+        label, why = SUMMARY_STATS[key]
+        values = self.stats.column(key).astype(np.float64)
+        log = self.log_overview.isChecked()
+        if log:
+            values = np.log10(np.where(values > 0, values, np.nan))
+        values = np.where(np.isfinite(values), values, np.nan)
+        roles = [self.stats.layers[n].role for n in self.names]
+        self.scatter.setData(
+            [{"pos": (i, v), "data": name, "brush": pg.mkBrush(role_color(role))}
+             for i, (name, role, v) in enumerate(zip(self.names, roles, values))
+             if np.isfinite(v)])
+        self.overview.setTitle(f"{label} per layer: {why}", color="k", size="10pt")
+        self.overview.setLabel("left", f"log10 {label}" if log else label)
+        self.legend.clear()
+        for role in dict.fromkeys(roles):
+            self.legend.addItem(pg.ScatterPlotItem(brush=pg.mkBrush(role_color(role)), pen=None,
+                                                   size=8), role)
+        blocks = [self.stats.layers[n].block for n in self.names]
+        first = {}
+        for i, block in enumerate(blocks):
+            first.setdefault(block, i)
+        step = max(1, len(first) // 15)
+        ticks = [(i, str(b)) for j, (b, i) in enumerate(first.items()) if j % step == 0]
+        self.overview.getAxis("bottom").setTicks([ticks])
+        self.overview.enableAutoRange()
+        self._move_marker(self.state.selected_layer)
+
+    def show_layer(self, name: str | None) -> None:
+        """Redraw the selected layer's plots from the precomputed arrays (no torch work)."""
+        s = self.stats.layers.get(name) if self.stats is not None and name else None
+        self._move_marker(name)
+        if s is None:
+            return
+        counts = np.log10(1.0 + s.hist_counts) if self.log_hist.isChecked() else s.hist_counts
+        self.hist_curve.setData(s.hist_edges, counts)
+        self.hist.setLabel("left", "log10(1 + count)" if self.log_hist.isChecked() else "count")
+        self.hist.setTitle(f"{_short(name)}: kurtosis {s.kurtosis:.2f}, std {s.std:.3g}",
+                           color="k", size="10pt")
+        self.rows_curve.setData(s.row_absmax)
+        self.rows.setTitle(f"Output channels (max/median {s.row_ratio:.1f})",
+                           color="k", size="10pt")
+        self.cols_curve.setData(s.col_absmax)
+        self.cols.setTitle(f"Input channels (max/median {s.col_ratio:.1f})",
+                           color="k", size="10pt")
+        top = float(s.heatmap.max()) or 1.0
+        self.image.setImage(s.heatmap, levels=(0.0, top), autoLevels=False)
+        self.heat_bar.setLevels((0.0, top))
+        self.image.setRect(0, 0, s.shape[1], s.shape[0])
+        rb, cb = s.heat_block
+        self.heat.setTitle(f"|W| heatmap, cell = max of {rb} x {cb} weights", color="k",
+                           size="10pt")
+        self.heat.autoRange(padding=0)
+        for widget in (self.rows, self.cols, self.hist):
+            widget.enableAutoRange()
+        self._select_row(name)
+
+    def _move_marker(self, name: str | None) -> None:
+        if name in self.names:
+            self.marker.setPos(self.names.index(name))
+            self.marker.setVisible(True)
+        else:
+            self.marker.setVisible(False)
+
+    def _select_row(self, name: str) -> None:
+        current = self.table.currentIndex()
+        if current.isValid() and self.proxy.index(current.row(), 1).data() == name:
+            return
+        matches = self.table_model.findItems(name, Qt.MatchFlag.MatchExactly, 1)
+        if matches:
+            index = self.proxy.mapFromSource(matches[0].index())
+            self.table.setCurrentIndex(index)
+            self.table.scrollTo(index)
+
+    def _point_clicked(self, _item, points, *_) -> None:
+        if len(points):
+            self.state.select_layer(points[0].data())
+
+    def _row_changed(self, current, _previous) -> None:
+        if current.isValid():
+            self.state.select_layer(self.proxy.index(current.row(), 1).data())
+
+
+def _sortable(value: float) -> float:
+    return float(value) if np.isfinite(value) else (1e300 if value > 0 else -1e300)
+
+
+def _short(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(parts[-3:]) if len(parts) > 3 else name

@@ -1,0 +1,78 @@
+"""The comparison view renders runs, plots and exports them."""
+import csv
+import json
+
+import pytest
+
+from studio.core.jobs import run
+from studio.core.plan import Plan, QuantSpec
+from studio.core.quantize import quantize_job
+
+
+@pytest.fixture
+def state_with_runs(qtbot, tiny_llama):
+    from studio.ui.state import AppState
+    from studio.ui.views.compare import add_runs, describe_baseline, describe_variant
+
+    state = AppState()
+    state.set_model(tiny_llama)
+    variant = run(quantize_job(tiny_llama, Plan(default=QuantSpec(bits=3, group_size=32)),
+                               None, None, "rtn-w3"))
+    state.session.variants[variant.name] = variant
+    add_runs(state, [
+        {**describe_baseline(tiny_llama), "kind": "eval", "ppl": 300.0, "kl": 0.0, "top1": 1.0},
+        {**describe_variant(variant), "kind": "eval", "ppl": 340.5, "kl": 0.12, "top1": 0.8},
+        {**describe_baseline(tiny_llama), "kind": "bench", "prefill_ms": 5.0,
+         "decode_tok_s": 200.0, "peak_rss_mb": 500.0, "kernels": "fp32 dense x14"},
+        {**describe_variant(variant), "kind": "bench", "prefill_ms": 4.0,
+         "decode_tok_s": 260.0, "peak_rss_mb": 480.0, "kernels": "int4pack g32 x14"},
+    ])
+    yield state, variant
+    state.runner.wait()
+
+
+def test_compare_view_renders_two_runs(qtbot, state_with_runs, tmp_path):
+    from studio.ui.views.compare import CompareView, merged_rows
+
+    state, variant = state_with_runs
+    view = CompareView(state)
+    qtbot.addWidget(view)
+    view.resize(1400, 900)
+    view.show()
+    assert view.table.rowCount() == 2
+    headers = [view.table.horizontalHeaderItem(c).text() for c in range(view.table.columnCount())]
+    cells = {view.table.item(r, 0).text(): {h: view.table.item(r, c).text()
+                                            for c, h in enumerate(headers)}
+             for r in range(2)}
+    assert cells["rtn-w3"]["Perplexity"] == "340.500"
+    assert cells["rtn-w3"]["Tokens/s"] == "260.0"
+    assert cells["baseline"]["Top-1"] == "100.00%"
+    # Bars, scatters, the histogram of one quantized layer and the per-layer errors are drawn.
+    for plot in (view.ppl_bars, view.speed_bars, view.size_scatter, view.speed_scatter,
+                 view.histogram, view.errors):
+        assert plot.getPlotItem().listDataItems() or plot.getPlotItem().items, plot
+    assert view.hist_layer.count() == len(variant.qtensors)
+    assert len(view.errors.getPlotItem().listDataItems()) == 1
+
+    view.export_runs(tmp_path / "runs.csv")
+    rows = list(csv.DictReader(open(tmp_path / "runs.csv")))
+    assert [r["variant"] for r in rows] == ["baseline", "rtn-w3"]
+    assert float(rows[1]["decode_tok_s"]) == 260.0
+    view.export_runs(tmp_path / "runs.json")
+    data = json.loads((tmp_path / "runs.json").read_text())
+    assert len(data["runs"]) == 4 and data["rows"] == merged_rows(state.session.runs)
+    view.export_charts(tmp_path / "charts.png")
+    assert (tmp_path / "charts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    view.clear_runs()
+    assert view.table.rowCount() == 0
+
+
+def test_pareto_front():
+    import numpy as np
+
+    from studio.ui.views.compare import pareto_front
+
+    size = np.array([10.0, 20.0, 15.0, 30.0])
+    ppl = np.array([12.0, 10.0, 13.0, 9.0])
+    assert sorted(pareto_front(size, ppl, "lower").tolist()) == [0, 1, 3]
