@@ -25,6 +25,12 @@ def main(source: str | None = None, screenshot: str | None = None, tab: str | No
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("Compression Studio")
     app.setOrganizationName("compression-studio")
+    from pathlib import Path
+
+    from PySide6.QtGui import QIcon
+    icon = Path(__file__).resolve().parents[2] / "resources" / "icon.svg"  # source checkout
+    if icon.is_file():
+        app.setWindowIcon(QIcon(str(icon)))
     pg.setConfigOptions(antialias=True, background="w", foreground="k")
     reporter = get_reporter()
     reporter.install_hooks()

@@ -41,6 +41,7 @@ class MainWindow(QMainWindow):
         self.state.runner.jobStarted.connect(self._job_started)
         self.state.runner.jobDone.connect(self._job_done)
         self.current_job: JobHandle | None = None
+        self.setAcceptDrops(True)
         geometry = settings.settings().value("window/geometry")
         if isinstance(geometry, QByteArray):
             self.restoreGeometry(geometry)
@@ -172,6 +173,16 @@ class MainWindow(QMainWindow):
             self.current_job.cancel()
             self.cancel_button.setEnabled(False)
             self.job_label.setText(f"Cancelling {self.current_job.title}...")
+
+    def dragEnterEvent(self, event) -> None:  # noqa: N802 (Qt API)
+        if event.mimeData().hasUrls():
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:  # noqa: N802 (Qt API)
+        """A model folder or .gguf file dropped on the window opens it."""
+        urls = [u for u in event.mimeData().urls() if u.isLocalFile()]
+        if urls:
+            self.open_model(urls[0].toLocalFile())
 
     # --- misc -----------------------------------------------------------------------------------
     def _update_memory(self) -> None:
