@@ -22,9 +22,9 @@ import numpy as np
 
 from studio.core.errors import StudioError
 from studio.core.plan import Plan, QuantSpec, Rule
-from studio.core.quant.grid import effective_group_size
+from studio.core.quant.grid import bits_per_weight, effective_group_size
 
-MB = 1_000_000            # sizes are reported in decimal megabytes, as file managers do
+MB = 2 ** 20              # "MB" as Variant.to_summary reports size_mb
 FULL_PRECISION_BITS = 16  # a layer kept in full precision is stored as fp16/bf16
 DEFAULT_STATES = 100_000  # budget slots of the dynamic programme
 
@@ -167,9 +167,101 @@ def allocate(table: LossTable, budget_bpw: float | None = None, budget_mb: float
 def plan_from_choices(choices: dict[str, QuantSpec | None], architecture: str | None) -> Plan:
     """One exact-name rule per layer, so the plan reads the same whatever its default."""
     specs = [s for s in choices.values() if s is not None]
-    default = specs[0] if specs else None
+    default = max(specs, key=specs.count) if specs else None  # the most common choice
     return Plan(default=default, rules=tuple(Rule(n, s) for n, s in choices.items()),
                 architecture=architecture)
+
+
+# --- from a model and its sensitivity results ------------------------------------------------
+
+def loss_table(result, handle, kind: str = "auto", full_precision: bool = True,
+               method: str | None = None) -> LossTable:
+    """The allocator's table from sensitivity results (checked against `handle` first);
+    `method` overrides the method the plan's specs carry."""
+    result.check_model(handle)
+    loss = np.asarray(result.loss(kind), dtype=np.float64)
+    options: list[QuantSpec | None] = [result.spec(b) for b in result.bits]
+    if method is not None:
+        options = [o.with_(method=method) for o in options]
+    if full_precision:
+        options.append(None)
+        loss = np.concatenate([loss, np.zeros((len(loss), 1))], axis=1)
+    return table_for(handle, options, loss)
+
+
+def table_for(handle, options: list[QuantSpec | None], loss: np.ndarray | None = None
+              ) -> LossTable:
+    """A table over the handle's quantizable layers (zero loss when none is given: enough to
+    check a budget before any sweep runs)."""
+    layers = handle.quantizable
+    if loss is None:
+        loss = np.zeros((len(layers), len(options)))
+    covered = 2 * sum(i.shape[0] * i.shape[1] for i in layers)  # their 16-bit bytes in plan_size
+    return LossTable([i.name for i in layers], [tuple(i.shape) for i in layers], options, loss,
+                     fixed_bytes=plan_size(handle, Plan(default=None)).size_bytes - covered,
+                     architecture=handle.architecture)
+
+
+@dataclass(frozen=True)
+class PlanSize:
+    bits_per_weight: float   # over the block linears and any other quantized layer
+    size_bytes: int          # the whole model as an exporter stores it
+    quantized: int           # layers the plan quantizes
+
+    @property
+    def size_mb(self) -> float:
+        return self.size_bytes / MB
+
+
+def plan_size(handle, plan: Plan) -> PlanSize:
+    """What a variant made with `plan` will weigh: the same count as Variant.size_bytes and
+    Variant.bits_per_weight (quantized layers at grid.bits_per_weight, every other tensor,
+    shared ones once, in 16 bits), computed without quantizing anything."""
+    specs = plan.resolve(handle.layers)
+    model = handle.model
+    quantized = {n: s for n, s in specs.items() if s is not None}
+    weight_ids = {id(handle.module(n).weight) for n in quantized}
+    tied = [i for i in handle.layers if i.tied_to]
+    # Quantizing one side of a tied embedding / lm_head unties it: the other side is stored too.
+    untied = sum(i.params for i in tied if (i.name in quantized) != (i.tied_to in quantized))
+    total = 0.0
+    bits = weights = 0.0
+    for info in handle.layers:
+        spec = quantized.get(info.name)
+        numel = info.shape[0] * info.shape[1]
+        if spec is not None:
+            total += bits_per_weight(spec, info.shape[1]) * numel / 8
+        if spec is not None or info.quantizable:
+            bits += (16.0 if spec is None else bits_per_weight(spec, info.shape[1])) * numel
+            weights += numel
+    seen: set[int] = set()
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) in seen or id(tensor) in weight_ids:
+            continue
+        seen.add(id(tensor))
+        total += 2 * tensor.numel()
+    total += 2 * untied
+    return PlanSize(bits / weights if weights else 16.0, int(total), len(quantized))
+
+
+def predicted_loss(result, plan: Plan, kind: str = "auto") -> tuple[float | None, str]:
+    """Sum of the measured per-layer loss at each layer's planned width (0 for full precision).
+
+    None, with the reason, when the plan uses a width or grid the sweep did not measure.
+    """
+    loss = result.loss(kind)
+    total = 0.0
+    for row, name in enumerate(result.layers):
+        spec = plan.spec_for(name)
+        if spec is None:
+            continue
+        if spec.bits not in result.bits:
+            return None, f"{name} is planned at {spec.bits} bits, which the sweep did not measure"
+        if (spec.group_size, spec.symmetric) != (result.group_size, result.symmetric):
+            return None, (f"{name} is planned with {spec.label}; the sweep measured group size "
+                          f"{result.group_size}{' symmetric' if result.symmetric else ''}")
+        total += float(loss[row, result.bits.index(spec.bits)])
+    return total, ""
 
 
 # --- the dynamic programme ---------------------------------------------------------------------

@@ -56,3 +56,189 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> 
         total_nll += nll.double().sum().item()
         tokens += nll.numel()
     return metrics.perplexity(total_nll, tokens), tokens
+
+
+# --- evaluation against a baseline ---------------------------------------------------------
+
+@dataclass
+class TokenLosses:
+    """The first window, token by token: what the coloured text view shows."""
+    tokens: list[str]            # decoded text of every token of the window
+    loss: list[float]            # variant's NLL predicting token i (i >= 1; 0.0 for token 0)
+    base_loss: list[float] | None  # baseline's, when one was given
+
+    @property
+    def increase(self) -> list[float]:
+        if self.base_loss is None:
+            return [0.0] * len(self.loss)
+        return [a - b for a, b in zip(self.loss, self.base_loss)]
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "loss": self.loss, "base_loss": self.base_loss}
+
+
+@dataclass
+class EvalResult:
+    ppl: float
+    tokens: int
+    windows: int
+    seqlen: int
+    text: str                    # label of the text source
+    seconds: float
+    base_ppl: float | None = None
+    kl: float | None = None      # mean KL(baseline || variant) per predicted token, nats
+    kl_p99: float | None = None
+    top1: float | None = None    # fraction of positions where both pick the same next token
+    token_losses: TokenLosses | None = None
+    ppl_per_window: list[float] = field(default_factory=list)
+
+    def to_dict(self, token_view: bool = False) -> dict:
+        data = {"ppl": self.ppl, "tokens": self.tokens, "windows": self.windows,
+                "seqlen": self.seqlen, "text": self.text, "seconds": round(self.seconds, 2),
+                "ppl_per_window": self.ppl_per_window}
+        if self.kl is not None:
+            data.update(base_ppl=self.base_ppl, kl=self.kl, kl_p99=self.kl_p99, top1=self.top1)
+        if token_view and self.token_losses is not None:
+            data["token_losses"] = self.token_losses.to_dict()
+        return data
+
+
+def prepare_windows(tokenizer, text_path: str | Path | None, seqlen: int,
+                    windows: int | None) -> tuple[torch.Tensor, str]:
+    """Evaluation windows of a text file (None: the built-in text), standard protocol."""
+    if windows is not None and windows < 1:
+        raise StudioError(f"The number of windows must be at least 1, not {windows}.")
+    text, label = load_text(text_path)
+    return eval_windows(tokenize(tokenizer, text), seqlen, windows), label
+
+
+def evaluate_job(model: nn.Module, baseline_model: nn.Module | None, tokenizer,
+                 text_path: str | Path | None = None, seqlen: int = DEFAULT_SEQLEN,
+                 windows: int | None = DEFAULT_WINDOWS, batch_size: int = 1) -> Job[EvalResult]:
+    """Perplexity of `model` and, with a baseline, KL / top-1 / per-token loss against it."""
+    results = yield from evaluate_many_job({"model": model}, baseline_model, tokenizer,
+                                           text_path, seqlen, windows, batch_size)
+    return results["model"]
+
+
+def evaluate_many_job(models: dict[str, nn.Module], baseline_model: nn.Module | None, tokenizer,
+                      text_path: str | Path | None = None, seqlen: int = DEFAULT_SEQLEN,
+                      windows: int | None = DEFAULT_WINDOWS, batch_size: int = 1
+                      ) -> Job[dict[str, EvalResult]]:
+    """`evaluate_job` for several models on the same windows: the baseline runs once per batch
+    instead of once per model (the baseline itself may be one of `models`)."""
+    start = time.perf_counter()
+    yield Progress(0, 1, "Tokenizing the evaluation text")
+    ids, label = prepare_windows(tokenizer, text_path, seqlen, windows)
+    count = ids.shape[0]
+    tallies = {name: _Tally() for name in models}
+    steps = count * len(models)
+    batch_size = max(1, int(batch_size))
+    for first in range(0, count, batch_size):
+        batch = ids[first: first + batch_size]
+        base_logits = None
+        if baseline_model is not None:
+            yield Progress(first * len(models), steps, f"Baseline on window {first + 1} of {count}")
+            base_logits = _logits(baseline_model, batch)
+        for index, (name, model) in enumerate(models.items()):
+            yield Progress(first * len(models) + index, steps,
+                           f"{name}: window {first + 1} of {count}")
+            logits = base_logits if model is baseline_model else _logits(model, batch)
+            tallies[name].add(batch, logits, base_logits)
+    seconds = time.perf_counter() - start
+    results = {name: tally.result(tokenizer, ids[0], count, seqlen, label, seconds)
+               for name, tally in tallies.items()}
+    yield Progress(steps, steps, "Evaluation done")
+    return results
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids, use_cache=False).logits.float()
+
+
+class _Tally:
+    """Running sums of one model's figures over the windows (and against the baseline)."""
+
+    def __init__(self) -> None:
+        self.nll_sum = self.base_nll_sum = self.agree = 0.0
+        self.tokens = 0
+        self.kls: list[torch.Tensor] = []
+        self.per_window: list[float] = []
+        self.first: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def add(self, ids: torch.Tensor, logits: torch.Tensor, base_logits: torch.Tensor | None):
+        nll = metrics.token_nll(logits, ids)
+        self.nll_sum += nll.double().sum().item()
+        self.tokens += nll.numel()
+        self.per_window.extend(metrics.perplexity(row.double().sum().item(), row.numel())
+                               for row in nll)
+        base_nll = None
+        if base_logits is not None:
+            base_nll = metrics.token_nll(base_logits, ids)
+            self.base_nll_sum += base_nll.double().sum().item()
+            # Position t's logits predict token t + 1; the last position predicts nothing here.
+            self.kls.append(metrics.kl_divergence(base_logits[:, :-1], logits[:, :-1]).flatten())
+            self.agree += metrics.top1_agreement(base_logits[:, :-1], logits[:, :-1]).sum().item()
+        if self.first is None:
+            self.first = (nll[0], None if base_nll is None else base_nll[0])
+
+    def result(self, tokenizer, first_ids: torch.Tensor, windows: int, seqlen: int, label: str,
+               seconds: float) -> EvalResult:
+        result = EvalResult(ppl=metrics.perplexity(self.nll_sum, self.tokens), tokens=self.tokens,
+                            windows=windows, seqlen=seqlen, text=label, seconds=seconds,
+                            ppl_per_window=self.per_window)
+        if self.kls:
+            kl = torch.cat(self.kls).double()
+            result.base_ppl = metrics.perplexity(self.base_nll_sum, self.tokens)
+            result.kl = kl.mean().item()
+            result.kl_p99 = torch.quantile(kl, 0.99).item() if kl.numel() > 1 else kl.item()
+            result.top1 = self.agree / self.tokens
+        result.token_losses = token_losses(tokenizer, first_ids, *self.first)
+        return result
+
+
+def token_losses(tokenizer, ids: torch.Tensor, nll: torch.Tensor,
+                 base_nll: torch.Tensor | None) -> TokenLosses:
+    pieces = [tokenizer.decode([int(i)]) for i in ids]
+    loss = [0.0] + nll.tolist()
+    base = None if base_nll is None else [0.0] + base_nll.tolist()
+    return TokenLosses(pieces, loss, base)
+
+
+# --- generations side by side --------------------------------------------------------------
+
+def greedy_generate(model: nn.Module, tokenizer, prompt: str,
+                    max_new_tokens: int = GENERATE_TOKENS) -> Iterator[str]:
+    """Yield the text generated so far after each greedy token (KV cache, stops at EOS)."""
+    if not prompt.strip():
+        raise StudioError("The prompt is empty: type a few words to continue.")
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    eos = tokenizer.eos_token_id
+    new: list[int] = []
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        for _ in range(max_new_tokens):
+            token = int(out.logits[0, -1].argmax())
+            if token == eos:
+                break
+            new.append(token)
+            yield tokenizer.decode(new, skip_special_tokens=True)
+            out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values,
+                        use_cache=True)
+
+
+def generations_job(models: dict[str, nn.Module], tokenizer, prompt: str = DEFAULT_PROMPT,
+                    max_new_tokens: int = GENERATE_TOKENS) -> Job[dict[str, str]]:
+    """name -> greedy continuation of `prompt`, for each model in turn."""
+    if tokenizer is None:
+        raise StudioError("This model has no tokenizer, so it cannot generate text.")
+    texts: dict[str, str] = {}
+    total = len(models) * max_new_tokens
+    for index, (name, model) in enumerate(models.items()):
+        text = ""
+        for step, text in enumerate(greedy_generate(model, tokenizer, prompt, max_new_tokens)):
+            yield Progress(index * max_new_tokens + step, total, f"Generating with {name}")
+        texts[name] = text
+    yield Progress(total, total, "Generations done")
+    return texts

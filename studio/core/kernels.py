@@ -1,7 +1,7 @@
 """Run quantized layers on real low-bit CPU kernels instead of de-quantized floats.
 
 Two kernels ship in this torch build, both taking bfloat16 activations (with float32 ones they
-are many times slower, so a kernel model runs wholly in bf16):
+are many times slower):
 
 * `aten._weight_int8pack_mm(x, w_int8 [out, in], scales [out])`: int8 weights, one scale per
   output channel, symmetric.
@@ -12,26 +12,33 @@ are many times slower, so a kernel model runs wholly in bf16):
 Our grid is `w = scale * (code - z)` with an integer zero point z per group, and it maps onto
 both kernels exactly:
 * int4: `scale * (q - z) = (q - 8) * scale + scale * (8 - z)`, so any code width up to 4 bits,
-  symmetric or not, packs as is. Groups the kernel cannot take are split into kernel groups that
+  symmetric or not, packs as is (codes of 3 bits or fewer are re-centred on 8 so the zero term
+  vanishes: bf16 cannot hold scale * (8 - z) exactly). Groups the kernel cannot take are split into kernel groups that
   share the same scale: per-channel rows, and the demo's ragged g128 over 576 columns
   (4 x 128 + 64) run as g64 blocks.
 * int8 (per-channel only): codes of up to 7 bits become `code - z` exactly; 8-bit codes become
   `code - 128` and a per-row term `scale * (z - 128) * sum(x)` restores asymmetric zero points.
 
 Everything else (5-8 bits in groups, widths no kernel group divides, a layer with no codes)
-falls back *visibly*: the layer runs as a de-quantized bf16 matmul and the report says why.
+falls back *visibly*: the layer runs as a de-quantized float32 matmul and the report says why.
+
+Only the kernels see bf16: a kernel model keeps the rest of the network (embeddings, norms,
+attention, the residual stream) in float32 and each kernel module casts its input to bf16 and
+its output back. Measured here, bf16 attention on CPU is ~7x slower than float32 for one
+decode query (scaled_dot_product_attention: ~320 vs ~45 us per layer), and float32 also keeps
+the residual stream exact.
 """
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from studio.core.layers import weight_matrix
-from studio.core.quant.grid import QTensor
+from studio.core.quant.grid import QTensor, expand_groups
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +67,7 @@ class KernelChoice:
 # --- the kernel modules --------------------------------------------------------------------
 
 class Int4Linear(nn.Module):
-    """y = x @ W.T + b with W held as packed int4 groups (bf16 activations in and out)."""
+    """y = x @ W.T + b with W held as packed int4 groups (bf16 into the kernel, x's dtype out)."""
 
     def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int,
                  in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
@@ -68,19 +75,19 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.group = in_features, out_features, group
         self.register_buffer("packed", packed)
         self.register_buffer("scales_zeros", scales_zeros)
-        self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+        self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group,
-                                                       self.scales_zeros)
+                                                       self.scales_zeros).to(x.dtype)
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
 class Int8Linear(nn.Module):
-    """y = x @ W.T + b with W as int8 rows and one scale per row (bf16 activations)."""
+    """y = x @ W.T + b with W as int8 rows and one scale per row (bf16 into the kernel)."""
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor | None,
                  bias: torch.Tensor | None) -> None:
@@ -90,15 +97,15 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales)
         # scale * (z - 128) per row, for 8-bit asymmetric codes; None when all zeros are 128.
         self.register_buffer("offset", offset)
-        self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+        self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).to(x.dtype)
         if self.offset is not None:
-            y = y - flat.float().sum(-1, keepdim=True).to(torch.bfloat16) * self.offset
+            y = y - flat.to(x.dtype).sum(-1, keepdim=True) * self.offset.to(x.dtype)
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -121,10 +128,16 @@ def make_int4(q: QTensor, bias: torch.Tensor | None) -> tuple[Int4Linear, str]:
     # Each of q's groups covers group_size // group kernel groups (the ragged last one fewer).
     scale = q.scale.float().repeat_interleave(q.group_size // group, dim=1)[:, :blocks]
     zero = q.zero.float().repeat_interleave(q.group_size // group, dim=1)[:, :blocks]
+    codes = q.codes.to(torch.int32)
+    if q.bits <= 3:
+        # code - z + 8 still fits 0..15: the kernel's zero term becomes exactly 0 instead of a
+        # bf16-rounded scale * (8 - z), which costs precision when 8 - z is large.
+        offsets = expand_groups(q.zero, q.group_size, cols).to(torch.int32)
+        codes = codes - offsets + 8
+        zero = torch.full_like(zero, 8.0)
     kernel_zero = scale * (8.0 - zero)
     scales_zeros = torch.stack([scale.t(), kernel_zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-        q.codes.to(torch.int32).contiguous(), INT4_TILES)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), INT4_TILES)
     notes = []
     if q.bits < 4:
         notes.append(f"{q.bits}-bit codes held in 4 bits")
@@ -145,7 +158,7 @@ def make_int8(q: QTensor, bias: torch.Tensor | None) -> tuple[Int8Linear, str]:
     else:
         weight = (codes - 128).to(torch.int8)
         if bool((zero != 128).any()):
-            offset = (q.scale[:, 0].float() * (zero - 128.0)).to(torch.bfloat16)
+            offset = q.scale[:, 0].float() * (zero - 128.0)
     note = "" if offset is None else "asymmetric 8-bit: zero points as a per-row term"
     return Int8Linear(weight.contiguous(), scales, offset, bias), note
 
@@ -174,8 +187,8 @@ def kernel_for(name: str, module: nn.Module, q: QTensor
                       f"{q.bits}-bit layer has groups of {q.group_size}")
     except RuntimeError as exc:  # a shape the kernel refuses: say so rather than crash
         reason = f"the kernel refused this layer ({str(exc).splitlines()[0]})"
-    return None, KernelChoice(name, "bf16 dense", q.bits, out * cols * 2,
-                              f"fallback: {reason}; runs de-quantized in bf16")
+    return None, KernelChoice(name, "fp32 dense", q.bits, out * cols * 4,
+                              f"fallback: {reason}; runs de-quantized in float32")
 
 
 def _buffer_bytes(module: nn.Module) -> int:
@@ -194,26 +207,27 @@ def float_model(model: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, list[K
 
 def kernel_model(model: nn.Module, qtensors: dict[str, QTensor]
                  ) -> tuple[nn.Module, list[KernelChoice]]:
-    """A bf16 copy of `model` whose quantized layers (`qtensors`) run on low-bit kernels.
+    """A float32 copy of `model` whose quantized layers (`qtensors`) run on low-bit kernels.
 
     `model` is the variant's de-quantized float model; layers without a kernel keep its
-    de-quantized weights in bf16, so the results match it either way.
+    de-quantized weights, so the results match it either way.
     """
-    result = copy.deepcopy(model)
+    result = copy.deepcopy(model).float()
     result.eval()
-    # Convert layer by layer after the swap: quantized layers never need a bf16 dense copy.
     choices: list[KernelChoice] = []
     for name, q in qtensors.items():
         module = result.get_submodule(name)
         kernel, choice = kernel_for(name, module, q)
-        choices.append(choice)
         if kernel is not None:
+            hooks = _move_pre_hooks(module, kernel)
+            if hooks:
+                choice = replace(choice, note="; ".join(filter(None, [choice.note, hooks])))
             _replace(result, name, kernel)
         elif choice.fallback:
             log.info("%s: %s", name, choice.note)
-    result.to(torch.bfloat16)
+        choices.append(choice)
     done = {c.layer for c in choices}
-    return result, choices + _dense_choices(result, "bf16 dense", done)
+    return result, choices + _dense_choices(result, "fp32 dense", done)
 
 
 def _dense_choices(model: nn.Module, label: str, skip: set[str]) -> list[KernelChoice]:
@@ -227,6 +241,14 @@ def _dense_choices(model: nn.Module, label: str, skip: set[str]) -> list[KernelC
         w = weight_matrix(module)
         choices.append(KernelChoice(name, label, None, w.numel() * w.element_size()))
     return choices
+
+
+def _move_pre_hooks(old: nn.Module, new: nn.Module) -> str:
+    """Carry input hooks (SmoothQuant's simulated activation quantization) onto the kernel."""
+    for key, hook in old._forward_pre_hooks.items():
+        new.register_forward_pre_hook(hook, with_kwargs=key in old._forward_pre_hooks_with_kwargs)
+    bits = sorted({getattr(h, "bits", None) for h in old._forward_pre_hooks.values()} - {None})
+    return f"inputs fake-quantized to {'/'.join(map(str, bits))} bits first" if bits else ""
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

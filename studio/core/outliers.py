@@ -123,41 +123,49 @@ def _spread(values: np.ndarray) -> float:
 
 @dataclass
 class MassiveActivation:
-    stream: str          # "embeddings" or the block whose output it is
-    row: int             # index into capture.stream_*: 0 = first block input
+    """One token whose residual stream holds a massive entry, over the blocks where it does."""
     window: int
     position: int
     token: str
-    channel: int
-    value: float
-    ratio: float         # value / the median of that block's per-token max
+    channel: int         # the channel of its largest entry
+    value: float         # that entry's |h|, at the stream where the ratio peaks
+    ratio: float         # value / the median per-token max of that stream
+    stream: str          # where the ratio peaks: "embeddings" or a block name
+    row: int             # index of that stream in capture.stream_*: 0 = first block input
+    rows: list[int]      # every stream where the token is massive
 
     def to_dict(self) -> dict:
-        return {"stream": self.stream, "window": self.window, "position": self.position,
-                "token": self.token, "channel": self.channel, "value": self.value,
-                "ratio": self.ratio}
+        return {"window": self.window, "position": self.position, "token": self.token,
+                "channel": self.channel, "value": self.value, "ratio": self.ratio,
+                "stream": self.stream, "streams": len(self.rows),
+                "first_stream": self.rows[0], "last_stream": self.rows[-1]}
 
 
 def massive_activations(capture: ActivationCapture, factor: float = DEFAULT_MASSIVE_FACTOR,
                         limit: int = 200) -> list[MassiveActivation]:
-    """Tokens whose largest residual entry is `factor` x above their block's median token,
-    largest ratio first (at most `limit`)."""
-    if factor <= 0:
+    """Tokens whose largest residual entry exceeds `factor` x the median token's in some stream
+    (embeddings or a block output), one entry per token, largest ratio first (at most `limit`)."""
+    if not factor > 0:
         raise StudioError(f"The massive-activation factor must be positive, not {factor:g}.")
-    found: list[MassiveActivation] = []
+    found: dict[tuple[int, int], MassiveActivation] = {}
     for row in range(capture.stream_max.shape[0]):
         peaks = capture.stream_max[row]
         median = float(np.median(peaks))
         if median <= 0:
             continue
-        for window, pos in np.argwhere(peaks > factor * median):
-            found.append(MassiveActivation(
-                stream=capture.stream_names[row], row=row, window=int(window),
-                position=int(pos), token=capture.token(window, pos),
-                channel=int(capture.stream_dim[row, window, pos]),
-                value=float(peaks[window, pos]), ratio=float(peaks[window, pos]) / median))
-    found.sort(key=lambda m: -m.ratio)
-    return found[:limit]
+        for window, pos in np.argwhere(peaks > factor * median).tolist():
+            value = float(peaks[window, pos])
+            entry = found.get((window, pos))
+            if entry is None:
+                entry = found[(window, pos)] = MassiveActivation(
+                    window=window, position=pos, token=capture.token(window, pos), channel=0,
+                    value=0.0, ratio=0.0, stream="", row=row, rows=[])
+            entry.rows.append(row)
+            if value / median > entry.ratio:
+                entry.value, entry.ratio, entry.row = value, value / median, row
+                entry.stream = capture.stream_names[row]
+                entry.channel = int(capture.stream_dim[row, window, pos])
+    return sorted(found.values(), key=lambda m: -m.ratio)[:limit]
 
 
 def token_norm_profile(capture: ActivationCapture) -> dict[str, np.ndarray]:

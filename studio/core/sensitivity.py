@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from studio.core import metrics
@@ -42,7 +41,7 @@ from studio.core.quant.blocks import (BlockInputs, call_block, capture_block_inp
 from studio.core.quant.rtn import quantize_weight
 
 DEFAULT_BITS = (2, 3, 4, 8)
-DEFAULT_SEQLEN = 64        # KL window length: keeps 210 layers x 3 widths x 8 windows < 10 min
+DEFAULT_SEQLEN = 32        # KL window length: 210 layers x 3 widths x 8 windows in < 10 min
 DEFAULT_KL_WINDOWS = 8
 DEFAULT_PROXY_TOKENS = 512
 DEFAULT_PROXY_WINDOWS = 8   # the proxy's forward passes; its rows are sampled from these
@@ -191,15 +190,17 @@ def sensitivity_job(handle, windows: torch.Tensor, bits=DEFAULT_BITS, group_size
                     seed: int = 0) -> Job[SensitivityResult]:
     """Measure every quantizable layer at every width in `bits` (see the module notes).
 
+    Widths are measured with RTN whatever `method` says: GPTQ / AWQ lower every layer's error
+    but rarely reorder which layers suffer most, and `method` is recorded for the plans.
+
     `windows` [count, seqlen] feed both sweeps: the proxy captures layer inputs from (up to
     `proxy_windows` of) them, the KL sweep scores the first `kl_windows` (0: proxy only).
     """
     bits = tuple(sorted(set(int(b) for b in bits)))
-    specs = [QuantSpec(bits=b, group_size=group_size, symmetric=symmetric, method=method)
-             for b in bits]  # validates bits, group size and method with a clear message
-    if method != "rtn":
-        raise StudioError(f"Sensitivity is measured with RTN (one layer at a time, no "
-                          f"calibration pass per layer); {method} plans use RTN's ranking.")
+    QuantSpec(bits=4, group_size=group_size, symmetric=symmetric, method=method)  # validates
+    specs = [QuantSpec(bits=b, group_size=group_size, symmetric=symmetric) for b in bits]
+    # Layers are always rounded with RTN here (one layer at a time, no calibration pass per
+    # layer and width); `method` is what plans built from these results will use.
     if windows.dim() != 2 or windows.shape[0] == 0:
         raise StudioError("Sensitivity needs at least one window of text.")
     if kl_windows > windows.shape[0]:
@@ -220,8 +221,9 @@ def sensitivity_job(handle, windows: torch.Tensor, bits=DEFAULT_BITS, group_size
         yield Progress(row, len(layers), f"Proxy: {info.name}")
         w = handle.weight(info.name).float()
         x = inputs.pop(info.name)
+        energy = (x @ w.T).pow(2).sum().item()
         for col, spec in enumerate(specs):
-            proxy[row, col] = output_error(x, w, quantize_weight(w, spec).dequantize())
+            proxy[row, col] = output_error(x, w, quantize_weight(w, spec).dequantize(), energy)
             sqnr[row, col] = -10 * math.log10(proxy[row, col]) if proxy[row, col] > 0 else math.inf
     proxy_seconds = time.perf_counter() - start
 
@@ -238,49 +240,52 @@ def sensitivity_job(handle, windows: torch.Tensor, bits=DEFAULT_BITS, group_size
         kl_seconds=time.perf_counter() - start if kl_windows > 0 else 0.0)
 
 
-def output_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
+def output_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor,
+                 ref_energy: float | None = None) -> float:
     """||X (Wq - W)^T||^2 / ||X W^T||^2: the layer's relative output error on inputs X."""
-    ref = x @ w.T
-    err = x @ (wq - w).T
-    return err.pow(2).sum().item() / max(ref.pow(2).sum().item(), 1e-30)
+    if ref_energy is None:
+        ref_energy = (x @ w.T).pow(2).sum().item()
+    return (x @ (wq - w).T).pow(2).sum().item() / max(ref_energy, 1e-30)
+
+
+class _Captured(Exception):
+    """Every layer has its input: the rest of the forward (final norm, lm_head) is not needed."""
 
 
 def capture_layer_inputs(handle, names: list[str], windows: torch.Tensor, tokens: int,
                          seed: int) -> dict[str, torch.Tensor]:
     """Each layer's input rows [tokens, in], at the same token positions for every layer.
 
-    Positions are drawn once (seeded) over all windows and kept as the forward runs, so memory
+    Positions are drawn once (seeded) over all windows and only those rows are kept, so memory
     stays at `tokens` rows per layer however much text goes through.
     """
-    count, seqlen = windows.shape
     generator = torch.Generator().manual_seed(seed)
-    keep = torch.randperm(count * seqlen, generator=generator)[: min(tokens, count * seqlen)]
+    keep = torch.randperm(windows.numel(), generator=generator)[: min(tokens, windows.numel())]
     keep = keep.sort().values
-    per_window = [keep[(keep // seqlen) == i] % seqlen for i in range(count)]
-    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    current: list[torch.Tensor] = []
+    seen: dict[str, torch.Tensor] = {}
 
     def hook(name):
         def grab(module, args):
             x = args[0].detach()
-            seen[name].append(x.reshape(-1, x.shape[-1])[current[0]].float())
+            seen[name] = x.reshape(-1, x.shape[-1])[keep].float()
+            if len(seen) == len(names):
+                raise _Captured
         return grab
 
     hooks = [handle.module(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
         with torch.no_grad():
-            for row, positions in zip(windows, per_window):
-                if len(positions):
-                    current[:] = [positions]
-                    handle.model(input_ids=row[None], use_cache=False)
+            handle.model(input_ids=windows, use_cache=False)
+    except _Captured:
+        pass
     finally:
         for h in hooks:
             h.remove()
-    missing = [n for n, chunks in seen.items() if not chunks]
+    missing = [n for n in names if n not in seen]
     if missing:
         raise StudioError(f"Layer {missing[0]} saw no input on the calibration text, so its "
                           f"sensitivity cannot be measured.")
-    return {name: torch.cat(chunks) for name, chunks in seen.items()}
+    return seen
 
 
 # --- the end-to-end sweep --------------------------------------------------------------------
@@ -312,6 +317,39 @@ def final_head(model: nn.Module):
     return apply
 
 
+class BaselineScores:
+    """The baseline's final logits, kept once, against which every variant's logits are scored.
+
+    With d = z - b (variant minus baseline logits) and p the baseline's softmax,
+        KL(p || q) = log(sum p e^d) - sum p d = log1p(sum p expm1(d)) - sum p d,
+    which stays accurate in float32 down to the ~1e-7 nats an 8-bit layer causes (the direct
+    sum p (log p - log q) loses those digits to rounding), costs four passes over the
+    vocabulary instead of seven, and gives the variant's log-normaliser for free.
+    """
+
+    def __init__(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        self.logits = logits
+        self.lse = torch.logsumexp(logits, dim=-1)
+        self.p = torch.exp(logits - self.lse[..., None])
+        self.mass = self.p.double().sum(-1)           # 1 up to rounding; divided out below
+        self.ids = ids
+        self.predicted = ids[:, 1:].numel()
+
+    def nll(self, logits: torch.Tensor, lse: torch.Tensor) -> float:
+        """Summed negative log-likelihood of ids[:, 1:] given logits[:, :-1]."""
+        target = logits[:, :-1].gather(-1, self.ids[:, 1:, None]).squeeze(-1)
+        return (lse[:, :-1] - target).double().sum().item()
+
+    def score(self, logits: torch.Tensor) -> tuple[float, float]:
+        """(mean KL per position in nats, summed NLL) of a variant's logits [n, seq, vocab]."""
+        d = logits - self.logits
+        first = torch.linalg.vecdot(self.p, d).double() / self.mass
+        shift = torch.linalg.vecdot(self.p, torch.expm1(d)).double() / self.mass
+        log_ratio = torch.log1p(shift)                # lse(variant) - lse(baseline)
+        kl = (log_ratio - first).clamp_min(0.0).mean().item()
+        return kl, self.nll(logits, self.lse + log_ratio.float())
+
+
 def kl_sweep(handle, layers, specs, ids: torch.Tensor):
     """Job part: (kl [layers, bits], ppl [layers, bits], baseline ppl) on windows `ids`."""
     model = handle.model
@@ -323,17 +361,13 @@ def kl_sweep(handle, layers, specs, ids: torch.Tensor):
         hidden = [inputs.hidden]
         for block in blocks:
             hidden.append(call_block(block, hidden[-1], inputs))
-        base_logits = head(hidden[-1])
+        base = BaselineScores(head(hidden[-1]), ids)
         reference = model(input_ids=ids[:1], use_cache=False).logits.float()
-    if not torch.allclose(base_logits[:1], reference, atol=1e-3, rtol=1e-3):
+    if not torch.allclose(base.logits[:1], reference, atol=1e-3, rtol=1e-3):
         raise StudioError(f"{handle.architecture}: re-running its blocks one by one does not "
                           f"reproduce the model's output, so the KL sweep cannot be measured "
                           f"(use the proxy-only sweep).")
-    base_logp = F.log_softmax(base_logits, dim=-1)
-    base_p = base_logp.exp()
-    del base_logits, reference
-    base_nll = -base_logp[:, :-1].gather(-1, ids[:, 1:, None]).double().sum().item()
-    predicted = ids[:, 1:].numel()
+    del reference
 
     block_index = {name: i for i, name in enumerate(_block_names(prefix, blocks))}
     kl = np.zeros((len(layers), len(specs)))
@@ -344,8 +378,7 @@ def kl_sweep(handle, layers, specs, ids: torch.Tensor):
         b = _owning_block(info.name, block_index)
         if b != current_block:  # one private copy of the block; the user's model is untouched
             current_block, scratch = b, copy.deepcopy(blocks[b])
-        local = info.name[len(f"{prefix}.{b}."):]
-        module = scratch.get_submodule(local)
+        module = scratch.get_submodule(info.name[len(f"{prefix}.{b}."):])
         original = weight_matrix(module).clone()
         for col, spec in enumerate(specs):
             set_weight_matrix(module, quantize_weight(original, spec).dequantize())
@@ -353,15 +386,12 @@ def kl_sweep(handle, layers, specs, ids: torch.Tensor):
                 h = call_block(scratch, hidden[b], inputs)
                 for block in blocks[b + 1:]:
                     h = call_block(block, h, inputs)
-                logp = F.log_softmax(head(h), dim=-1)
-            # KL(base || quantized) per position, as metrics.kl_divergence, with base cached.
-            kl[row, col] = (base_p * (base_logp - logp)).sum(-1).clamp_min(0).mean().item()
-            nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).double().sum().item()
-            ppl[row, col] = metrics.perplexity(nll, predicted)
+                kl[row, col], nll = base.score(head(h))
+            ppl[row, col] = metrics.perplexity(nll, base.predicted)
             yield Progress(row * len(specs) + col + 1, total,
                            f"KL: {info.name} at {spec.bits} bits", detail=(row, col, kl[row, col]))
         set_weight_matrix(module, original)
-    return kl, ppl, metrics.perplexity(base_nll, predicted)
+    return kl, ppl, metrics.perplexity(base.nll(base.logits, base.lse), base.predicted)
 
 
 def _block_names(prefix: str, blocks: nn.ModuleList) -> list[str]:

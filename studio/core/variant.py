@@ -134,6 +134,8 @@ def save_variant(variant: Variant, folder: str | Path) -> Path:
         save_file(tensors, str(tmp / "quantized.safetensors"))
         save_file({k: v.contiguous() for k, v in variant.floats.items()},
                   str(tmp / "floats.safetensors"))
+        for path in [tmp, *tmp.iterdir()]:  # temporary files are private; the result is not
+            path.chmod(0o755 if path.is_dir() else 0o644)
     read_variant_meta(folder)  # re-open what was written
     return folder
 

@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from studio.core.allocate import LossTable, allocate, spec_bits
+from studio.core.allocate import MB, LossTable, allocate, spec_bits
 from studio.core.errors import StudioError
 from studio.core.plan import QuantSpec
 from studio.core.quant.grid import bits_per_weight
@@ -70,9 +70,9 @@ def test_budget_in_megabytes_counts_fixed_bytes():
     table = random_table(1)
     costs = table.costs
     target_bits = int((costs.min(axis=1).sum() + costs.max(axis=1).sum()) // 2)
-    budget_mb = (target_bits / 8 + table.fixed_bytes) / 1e6
+    budget_mb = (target_bits / 8 + table.fixed_bytes) / MB
     result = allocate(table, budget_mb=budget_mb)
-    assert result.size_bytes <= budget_mb * 1e6
+    assert result.size_bytes <= budget_mb * MB
     assert result.size_bytes == result.bits / 8 + table.fixed_bytes
     assert result.loss == pytest.approx(brute_force(table, result.budget_bits))
 
@@ -115,3 +115,39 @@ def test_nan_in_table_is_refused():
     loss[0, 0] = np.nan
     with pytest.raises(StudioError, match="missing"):
         LossTable(table.names, table.shapes, table.options, loss)
+
+
+def test_plan_size_equals_the_variant_size(tiny_llama):
+    """The meter's bytes and bits per weight are what quantizing with the plan really gives."""
+    from studio.core.allocate import plan_size
+    from studio.core.jobs import run
+    from studio.core.plan import Plan, Rule
+    from studio.core.quantize import quantize_job
+
+    names = [i.name for i in tiny_llama.quantizable]
+    plan = Plan(default=QuantSpec(bits=4, group_size=32), architecture=tiny_llama.architecture)
+    plan = plan.with_rule(Rule(names[0], QuantSpec(bits=2, group_size=-1)))
+    plan = plan.with_rule(Rule(names[1], None))
+    plan = plan.with_rule(Rule(r".*mlp\.down_proj", QuantSpec(bits=8, group_size=64), regex=True))
+    for candidate in (plan, plan.with_rule(Rule("lm_head", QuantSpec(bits=8, group_size=32)))):
+        variant = run(quantize_job(tiny_llama, candidate, None, None, "meter"))
+        size = plan_size(tiny_llama, candidate)
+        assert size.size_bytes == variant.size_bytes
+        assert size.bits_per_weight == pytest.approx(variant.bits_per_weight, rel=1e-12)
+
+
+def test_allocation_from_sensitivity_sizes_like_the_meter(tiny_llama):
+    from studio.core.allocate import loss_table, plan_size
+    from studio.core.jobs import run
+    from studio.core.sensitivity import sensitivity_job
+    from studio.core.text import text_windows
+
+    windows = text_windows(tiny_llama.tokenizer, None, 16, 2, seed=0)[0]
+    result = run(sensitivity_job(tiny_llama, windows, bits=(2, 4, 8), group_size=32,
+                                 kl_windows=0))
+    table = loss_table(result, tiny_llama, kind="proxy")
+    answer = allocate(table, budget_bpw=4.5)
+    size = plan_size(tiny_llama, answer.plan)
+    assert size.size_bytes == int(answer.size_bytes)
+    assert size.bits_per_weight == pytest.approx(answer.bpw)
+    assert answer.bpw <= 4.5

@@ -62,3 +62,24 @@ def test_unknown_block_names_what_is_supported():
 
     with pytest.raises(StudioError, match="Llama.*GPT-2"):
         scaling_groups(StrangeBlock())
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen3"])
+def test_folding_on_other_llama_like_blocks(kind):
+    import transformers as tf
+
+    config_class = {"mistral": tf.MistralConfig, "qwen3": tf.Qwen3Config}[kind]
+    config = config_class(vocab_size=128, hidden_size=64, intermediate_size=96,
+                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                          head_dim=16, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 128, (2, 16))
+    expected = logits(model, ids)
+    block = model.model.layers[0]
+    groups = scaling_groups(block)
+    assert len(groups) == 4  # no GQA here, so v -> o is a group too
+    for group in groups:
+        width = block.get_submodule(group.linears[0]).in_features
+        fold_scales(block, group, torch.exp(torch.randn(width)))
+    torch.testing.assert_close(logits(model, ids), expected, rtol=1e-4, atol=1e-4)

@@ -76,3 +76,50 @@ def test_pareto_front():
     size = np.array([10.0, 20.0, 15.0, 30.0])
     ppl = np.array([12.0, 10.0, 13.0, 9.0])
     assert sorted(pareto_front(size, ppl, "lower").tolist()) == [0, 1, 3]
+
+
+def test_evaluate_and_benchmark_views_feed_the_comparison(qtbot, tiny_llama):
+    from studio.ui.state import AppState
+    from studio.ui.views.benchmark import BenchmarkView
+    from studio.ui.views.compare import CompareView
+    from studio.ui.views.evaluate import EvaluateView
+
+    state = AppState()
+    failures = []
+    state.jobFailed.connect(lambda *args: failures.append(args))
+    state.set_model(tiny_llama)
+    variant = run(quantize_job(tiny_llama, Plan(default=QuantSpec(bits=4, group_size=32)),
+                               None, None, "w4"))
+    state.session.variants["w4"] = variant
+    state.publish("variants")
+    evaluate, bench, compare = EvaluateView(state), BenchmarkView(state), CompareView(state)
+    for view in (evaluate, bench, compare):
+        qtbot.addWidget(view)
+
+    evaluate.set_checked(["baseline", "w4"])
+    evaluate.seqlen.setValue(32)
+    evaluate.windows.setValue(2)
+    with qtbot.waitSignal(evaluate.run_evaluation().done, timeout=60_000):
+        pass
+    evaluate.new_tokens.setValue(4)
+    with qtbot.waitSignal(evaluate.run_generations().done, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: evaluate.generations_layout.count() == 2)
+    assert "background-color:" in evaluate.tokens.toHtml()
+
+    bench.set_checked(["fp32", "variant:w4"])
+    bench.prompt_tokens.setValue(8)
+    bench.new_tokens.setValue(3)
+    bench.repeat.setValue(1)
+    with qtbot.waitSignal(bench.run_benchmark().done, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: bench.table.rowCount() == 2)
+    assert "int4pack g32" in bench.table.item(1, 7).text()
+    assert bench.kernels.rowCount() > 0
+    state.runner.wait()
+    assert not failures
+
+    qtbot.waitUntil(lambda: compare.table.rowCount() == 2)
+    row = {compare.table.horizontalHeaderItem(c).text(): compare.table.item(1, c).text()
+           for c in range(compare.table.columnCount())}
+    assert row["Variant"] == "w4" and row["Perplexity"] and row["Tokens/s"] and row["KL"]

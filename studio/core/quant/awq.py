@@ -12,13 +12,14 @@ For one decoder block at a time:
 3. Quantize the clipped weights onto the studio's integer grid (`grid.quantize_rtn`).
 
 Subsampling (the reference runs everything on all calibration tokens, on a GPU): on a 2-core
-CPU the search would take half an hour for the demo model, so
-- x_mean comes from the first STATS_TOKENS tokens' windows (8192 = 16 windows of 512);
-- the search loss from the first SEARCH_TOKENS tokens' windows (2048 = 4 windows of 512);
-  whole windows, because attention needs its full sequence;
-- the clip search from CLIP_TOKENS tokens evenly strided over the stats windows (512, as the
+CPU that takes about half an hour for the demo model (20 runs of each attention / MLP per block),
+so per block
+- x_mean comes from the first windows holding STATS_TOKENS tokens (4096 = 8 windows of 512);
+- the search loss from the first windows holding SEARCH_TOKENS tokens (1024 = 2 windows of
+  512): whole windows, because attention needs its full sequence;
+- the clip search from CLIP_TOKENS tokens evenly strided over the stats windows (512, the
   reference's `n_sample_token`).
-The search picks one of 20 exponents per group, which these samples pin down well.
+The scale search picks one of `grid` exponents per group, which such a sample pins down.
 """
 from __future__ import annotations
 
@@ -31,12 +32,12 @@ from studio.core.jobs import Job, Progress, run
 from studio.core.layers import is_linear, role_of, set_weight_matrix, weight_matrix
 from studio.core.plan import QuantSpec
 from studio.core.quant.blocks import BlockInputs, run_block
-from studio.core.quant.grid import (QTensor, effective_group_size, expand_groups, fake_quant,
+from studio.core.quant.grid import (QTensor, effective_group_size, expand_groups,
                                     qparams_from_range, quantize_rtn)
 from studio.core.quant.scaling import ScaleGroup, fold_scales, scaling_groups
 
-STATS_TOKENS = 8192
-SEARCH_TOKENS = 2048
+STATS_TOKENS = 4096
+SEARCH_TOKENS = 1024
 CLIP_TOKENS = 512
 CLIP_GRID = 20
 MAX_SHRINK = 0.5
@@ -187,7 +188,7 @@ def search_scale(block: nn.Module, group: ScaleGroup, call: tuple, x_mean: torch
             s = s / (s.max() * s.min()).sqrt()
             for (lin, spec), w in zip(linears, originals):
                 if spec is not None:  # layers outside AWQ keep their float weights here
-                    set_weight_matrix(lin, fake_quant(w * s, spec) / s)
+                    set_weight_matrix(lin, fake_quant_matrix(w * s, spec) / s)
             loss = (reference - _call(inspect, call)).float().pow(2).mean().item()
             if loss < best_loss:
                 best_loss, best = loss, s
@@ -208,11 +209,8 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tens
     out, cols = w.shape
     gs = effective_group_size(spec.group_size, cols)
     groups = -(-cols // gs)
-    pad = groups * gs - cols
-    # Zero padding of the ragged last group changes nothing: the grid always spans 0, and zero
-    # columns add nothing to a product.
-    wg = nn.functional.pad(w.float(), (0, pad)).reshape(out, groups, gs)
-    xg = nn.functional.pad(x.float(), (0, pad)).reshape(-1, groups, gs).transpose(0, 1)  # [G, t, gs]
+    wg = _pad_groups(w, groups, gs)                    # [out, G, gs]
+    xg = _pad_groups(x, groups, gs).transpose(0, 1)    # [G, tokens, gs]
     org_max = wg.abs().amax(dim=-1)  # [out, G]
     best_max = org_max.clone()
     chunk = max(1, CLIP_CHUNK // (groups * xg.shape[1]))
@@ -229,6 +227,21 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tens
             min_err[better] = err[better]
             best_rows[better] = max_val[better]
     return best_max
+
+
+def fake_quant_matrix(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """`grid.fake_quant` in fewer passes (no codes, no repeated scales): the search calls it
+    20 times per group."""
+    out, cols = w.shape
+    gs = effective_group_size(spec.group_size, cols)
+    groups = -(-cols // gs)
+    return _fake_quant_groups(_pad_groups(w, groups, gs), spec).reshape(out, groups * gs)[:, :cols]
+
+
+def _pad_groups(w: torch.Tensor, groups: int, gs: int) -> torch.Tensor:
+    """[rows, cols] -> [rows, groups, gs], the ragged last group padded with zeros. Zeros change
+    nothing: the grid always spans 0, and zero columns add nothing to a product."""
+    return nn.functional.pad(w.float(), (0, groups * gs - w.shape[1])).reshape(-1, groups, gs)
 
 
 def _fake_quant_groups(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -50,8 +50,9 @@ def group_minmax(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.
     groups = -(-cols // group_size)
     pad = groups * group_size - cols
     if pad:
-        # Pad with each row's first element so padding never widens a group's range.
-        w = torch.cat([w, w[:, :1].expand(out, pad)], dim=1)
+        # Pad with the last group's own first element so padding never widens its range.
+        first = (groups - 1) * group_size
+        w = torch.cat([w, w[:, first:first + 1].expand(out, pad)], dim=1)
     w = w.reshape(out, groups, group_size)
     return w.amin(dim=2), w.amax(dim=2)
 

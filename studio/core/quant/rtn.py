@@ -7,11 +7,13 @@ a few outliers buys a finer step for all the other weights.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from studio.core.plan import QuantSpec
-from studio.core.quant.grid import (QTensor, compute_qparams, dequantize, effective_group_size,
-                                    quantize_codes, quantize_rtn)
+from studio.core.quant.grid import (QTensor, effective_group_size, group_minmax,
+                                    qparams_from_range, quantize_rtn)
 
 MSE_GRID = 100
 MSE_MAX_SHRINK = 0.8
@@ -32,27 +34,37 @@ def mse_clip_factors(w: torch.Tensor, spec: QuantSpec, grid: int = MSE_GRID,
                      max_shrink: float = MSE_MAX_SHRINK) -> torch.Tensor:
     """The best range-shrink factor per group [out, groups] (1.0 = plain min-max)."""
     gs = effective_group_size(spec.group_size, w.shape[1])
-    best_err = None
-    best = None
-    for step in range(int(max_shrink * grid)):
-        factor = 1.0 - step / grid
-        scale, zero = compute_qparams(w, spec.bits, gs, spec.symmetric, factor)
-        codes = quantize_codes(w, scale, zero, spec.bits, gs)
-        err = group_sums((dequantize(codes, scale, zero, gs) - w).abs().pow(MSE_NORM), gs)
-        if best_err is None:
-            best_err, best = err, torch.ones_like(err)
-        else:
+    wmin, wmax = group_minmax(w, gs)
+    groups = wmin.shape[1]
+    # Zero padding of a ragged last group costs nothing: every grid holds 0 exactly.
+    padded = torch.zeros(w.shape[0], groups * gs)
+    padded[:, : w.shape[1]] = w
+    wg = padded.reshape(w.shape[0], groups, gs)
+    maxq = 2 ** spec.bits - 1
+    best_err = torch.full_like(wmin, float("inf"))
+    best = torch.ones_like(wmin)
+    with single_thread():
+        for step in range(int(max_shrink * grid)):
+            factor = 1.0 - step / grid
+            scale, zero = qparams_from_range(wmin * factor, wmax * factor, spec.bits,
+                                             spec.symmetric)
+            scale, zero = scale[..., None], zero[..., None]
+            q = (torch.clamp(torch.round(wg / scale) + zero, 0, maxq) - zero) * scale
+            err = (q - wg).abs_().pow_(MSE_NORM).sum(dim=2)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, torch.full_like(best, factor), best)
     return best
 
 
-def group_sums(values: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Sum [out, in] over each group of columns -> [out, groups] (ragged last group)."""
-    out, cols = values.shape
-    groups = -(-cols // group_size)
-    pad = groups * group_size - cols
-    if pad:
-        values = torch.cat([values, values.new_zeros(out, pad)], dim=1)
-    return values.reshape(out, groups, group_size).sum(dim=2)
+@contextmanager
+def single_thread():
+    """For loops of many small tensor ops (GPTQ's columns, this grid search): spreading each op
+    over threads costs more in synchronisation than it gains, 10x and more when other work
+    shares the CPU. Restores the caller's thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -35,11 +35,16 @@ class ScaleGroup:
     prev: str                 # op whose output is divided by s
     linears: tuple[str, ...]  # linears whose input columns are multiplied by s
     inspect: str              # module whose output error measures the group
+    norm_preceded: bool       # prev is a norm: the groups SmoothQuant smooths
 
-    @property
-    def norm_preceded(self) -> bool:
-        """True for the groups SmoothQuant smooths (the norm's output feeds the linears)."""
-        return "norm" in self.prev.rsplit(".", 1)[-1] or self.prev.rsplit(".", 1)[-1].startswith("ln_")
+
+def _norm(prev: str, linears: tuple[str, ...], inspect: str) -> ScaleGroup:
+    return ScaleGroup(prev, linears, inspect, True)
+
+
+def _linear(prev: str, linear: str) -> ScaleGroup:
+    """A linear feeding a linear: measured on the second one alone, as the reference does."""
+    return ScaleGroup(prev, (linear,), linear, False)
 
 
 def scaling_groups(block: nn.Module) -> list[ScaleGroup]:
@@ -50,25 +55,23 @@ def scaling_groups(block: nn.Module) -> list[ScaleGroup]:
     if kind in OPT_LIKE:
         return _opt_groups(block)
     if kind in GPT2_LIKE:
-        return [ScaleGroup("ln_1", ("attn.c_attn",), "attn"),
-                ScaleGroup("ln_2", ("mlp.c_fc",), "mlp")]
+        return [_norm("ln_1", ("attn.c_attn",), "attn"), _norm("ln_2", ("mlp.c_fc",), "mlp")]
     raise StudioError(f"AWQ and SmoothQuant do not know the layout of {kind} blocks; they "
                       f"support {SUPPORTED} models. Use RTN or GPTQ for this model.")
 
 
 def _llama_groups(block: nn.Module) -> list[ScaleGroup]:
-    groups = [ScaleGroup("input_layernorm",
-                         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                         "self_attn")]
+    groups = [_norm("input_layernorm",
+                    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn")]
     # v -> o only when every o input channel is exactly one v output channel: with grouped-query
     # attention each v head feeds several o heads, so v's rows cannot carry o's column scales
     # (llm-awq PR #67).
     v, o = block.self_attn.v_proj, block.self_attn.o_proj
     if weight_matrix(v).shape[0] == weight_matrix(o).shape[1]:
-        groups.append(ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
-    groups.append(ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"))
+        groups.append(_linear("self_attn.v_proj", "self_attn.o_proj"))
+    groups.append(_norm("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"))
     # down(act(gate) * up): the product is linear in up's output, so up's rows can take 1/s.
-    groups.append(ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"))
+    groups.append(_linear("mlp.up_proj", "mlp.down_proj"))
     return groups
 
 
@@ -78,13 +81,13 @@ def _opt_groups(block: nn.Module) -> list[ScaleGroup]:
         raise StudioError("This OPT model applies its layer norms after attention (like "
                           "OPT-350m), so AWQ/SmoothQuant have no norm to fold scales into. "
                           "Use RTN or GPTQ for it.")
-    groups = [ScaleGroup("self_attn_layer_norm",
-                         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
-              ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
-              ScaleGroup("final_layer_norm", ("fc1",), "fc1")]
+    groups = [_norm("self_attn_layer_norm",
+                    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+              _linear("self_attn.v_proj", "self_attn.out_proj"),
+              _norm("final_layer_norm", ("fc1",), "fc1")]  # the reference inspects fc1 alone
     # relu(x / s) * s == relu(x) for s > 0; other activations are not positively homogeneous.
     if isinstance(getattr(block, "activation_fn", None), nn.ReLU):
-        groups.append(ScaleGroup("fc1", ("fc2",), "fc2"))
+        groups.append(_linear("fc1", "fc2"))
     return groups
 
 

@@ -22,7 +22,7 @@ from studio.core.outliers import (DEFAULT_K, DEFAULT_MASSIVE_FACTOR, find_outlie
 from studio.ui.views.weights import SortItem, fmt, make_table, plot
 
 KEY = "activations"
-OUTLIER_COLUMNS = ("#", "Input", "Layers", "Channels", "Median", "Peak", "Peak/median",
+OUTLIER_COLUMNS = ("#", "Input (layers reading it)", "Width", "Median", "Peak", "Peak/median",
                    "Outliers", "Outlier channels (largest first)")
 MASSIVE_COLUMNS = ("Token", "Window", "Position", "Channel", "Peak |h|", "x median", "Peak at",
                    "Massive in")
@@ -56,8 +56,6 @@ class ActivationsView(QWidget):
         state.layerSelected.connect(self._layer_selected)
         state.resultsChanged.connect(self._results_changed)
         self.set_model(state.handle)
-        if state.session.results.get(KEY) is not None:
-            self.set_capture(state.session.results[KEY])
 
     # --- construction ---------------------------------------------------------------------
     def _build_settings(self) -> None:
@@ -99,6 +97,13 @@ class ActivationsView(QWidget):
         # Bars as a filled step curve (one item, fast for thousands of channels); outlier
         # channels get their own wider red bars on top so none vanishes below a pixel.
         self.act_bars, self.act_hot = _bars(self.act_plot)
+        self.act_plot.addLegend(offset=(-10, 10))
+        self.act_mean = self.act_plot.plot(pen=pg.mkPen("#ff7f0e", width=1), name="mean |x|")
+        self.act_hot.setZValue(10)  # outliers drawn over the mean curve
+        self.act_hist = plot("Sampled activation values", "x", "log10(1 + count)")
+        self.act_hist_curve = self.act_hist.plot([0, 1], [0], stepMode="center", fillLevel=0,
+                                                 brush=(31, 119, 180, 90), pen=pg.mkPen("#1f77b4"))
+        self.act_hist.setMaximumHeight(260)
         self.w_bars, self.w_hot = _bars(self.w_plot)
         self.w_plot.setXLink(self.act_plot)
         self.alpha = QSlider(Qt.Orientation.Horizontal, minimum=0, maximum=100, value=50)
@@ -123,6 +128,7 @@ class ActivationsView(QWidget):
         column.setContentsMargins(0, 0, 0, 0)
         column.addLayout(controls)
         column.addWidget(self.table)
+        column.addWidget(self.act_hist)
         right = QWidget()
         inspector = QVBoxLayout(right)
         inspector.setContentsMargins(0, 0, 0, 0)
@@ -138,10 +144,11 @@ class ActivationsView(QWidget):
         self.outlier_page = QSplitter(Qt.Orientation.Horizontal)
         self.outlier_page.addWidget(left)
         self.outlier_page.addWidget(right)
-        self.outlier_page.setSizes([560, 840])
+        self.outlier_page.setSizes([640, 760])
 
     def _build_massive(self) -> None:
-        self.profile = plot("Token norms along the residual stream", "stream position",
+        self.profile = plot("Token norms along the residual stream",
+                            "stream position (emb = embeddings, n = output of block n)",
                             "log10 ||h||")
         self.profile.addLegend(offset=(10, 10))
         self.profile_max = self.profile.plot(pen=pg.mkPen("#d62728"), symbol="o", symbolSize=5,
@@ -183,6 +190,8 @@ class ActivationsView(QWidget):
                                 "activation capture is off.")
         else:
             self.status.setText("No capture yet: choose a text and press Run capture.")
+            # A model opened before in this run brings its capture back from its session.
+            self.set_capture(self.state.session.results.get(KEY))
 
     def _pick_file(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Calibration text", "",
@@ -249,12 +258,11 @@ class ActivationsView(QWidget):
         count = sum(1 for g in self.groups if len(g.channels))
         self.k_note.setText(f"{count} of {len(self.groups)} inputs have outlier channels")
         for order, g in enumerate(self.groups):
-            roles = g.label.rsplit(" ", 1)[-1]
             channels = ", ".join(str(c) for c in g.channels[:12])
             if len(g.channels) > 12:
                 channels += f", … (+{len(g.channels) - 12})"
             self.table_model.appendRow([
-                SortItem(str(order), order), SortItem(g.label), SortItem(roles),
+                SortItem(str(order), order), SortItem(g.label),
                 SortItem(str(g.width), g.width), SortItem(fmt(g.median), g.median),
                 SortItem(fmt(g.peak), g.peak), SortItem(fmt(g.ratio), min(g.ratio, 1e300)),
                 SortItem(str(len(g.channels)), len(g.channels)), SortItem(channels)])
@@ -299,6 +307,11 @@ class ActivationsView(QWidget):
                                   (self.w_bars, self.w_hot, self.weight_cols)):
             bars.setData(edges, values)
             hot.setOpts(x=g.channels, height=values[g.channels], width=width)
+        self.act_mean.setData(stats.mean_abs)
+        self.act_hist_curve.setData(stats.hist_edges, np.log10(1.0 + stats.hist_counts))
+        self.act_hist.setTitle(f"{g.label}: {int(stats.hist_counts.sum()):,} sampled values of "
+                               f"{stats.tokens:,} tokens", color="k", size="10pt")
+        self.act_hist.enableAutoRange()
         self.act_plot.setTitle(f"{g.label}: activation abs-max per input channel "
                                f"({len(g.channels)} above k x median, in red)", color="k",
                                size="10pt")
@@ -342,6 +355,8 @@ class ActivationsView(QWidget):
             hot.setOpts(x=[], height=[])
         self.smooth_act.setData([])
         self.smooth_w.setData([])
+        self.act_mean.setData([])
+        self.act_hist_curve.setData([0, 1], [0])
         self.ranges.setText("")
 
     # --- massive activations --------------------------------------------------------------

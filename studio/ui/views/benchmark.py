@@ -9,7 +9,7 @@ from PySide6.QtWidgets import (QFormLayout, QHBoxLayout, QHeaderView, QLabel, QL
                                QTableWidgetItem, QVBoxLayout, QWidget)
 
 from studio.core.bench import BASE_CONFIGS, base_targets, bench_job, variant_target
-from studio.ui.views.compare import BASELINE, add_runs, describe_baseline, describe_variant
+from studio.ui.views.compare import add_runs, describe_baseline, describe_variant
 
 RESULT_COLUMNS = ("Configuration", "Prefill ms (min-max)", "Decode tok/s (min-max)",
                   "Weights/token MB", "Size MB", "Peak RSS MB", "Threads", "Kernels")
@@ -32,8 +32,10 @@ class BenchmarkView(QWidget):
                                 value=torch.get_num_threads())
         self.run_button = QPushButton("Run benchmark")
         self.run_button.clicked.connect(self.run_benchmark)
+        self.targets.setMaximumHeight(170)
         form = QFormLayout()
-        form.addRow("Measure", self.targets)
+        form.addRow(QLabel("Measure"))
+        form.addRow(self.targets)
         form.addRow("Prompt tokens (prefill)", self.prompt_tokens)
         form.addRow("New tokens (decode, batch 1)", self.new_tokens)
         form.addRow("Repeats (after a warm-up)", self.repeat)
@@ -44,7 +46,9 @@ class BenchmarkView(QWidget):
         self.summary.setWordWrap(True)
         form.addRow(self.summary)
         left = QWidget()
-        left.setLayout(form)
+        left_layout = QVBoxLayout(left)
+        left_layout.addLayout(form)
+        left_layout.addStretch(1)
 
         self.table = self._table(RESULT_COLUMNS)
         self.table.currentCellChanged.connect(lambda row, *_: self._show_kernels(row))
@@ -59,7 +63,7 @@ class BenchmarkView(QWidget):
         split = QSplitter()
         split.addWidget(left)
         split.addWidget(right)
-        split.setSizes([360, 1040])
+        split.setSizes([400, 1000])
         layout = QHBoxLayout(self)
         layout.addWidget(split)
 
@@ -74,6 +78,7 @@ class BenchmarkView(QWidget):
         table.verticalHeader().setVisible(False)
         table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
+        table.verticalHeader().setDefaultSectionSize(22)
         table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         table.horizontalHeader().setStretchLastSection(True)
         return table
@@ -144,7 +149,7 @@ class BenchmarkView(QWidget):
             elif result.name == "fp32":
                 what = describe_baseline(handle)
             else:  # bf16 / int8 / int4 speed configurations of the baseline
-                what = {"variant": f"{BASELINE} {result.name}",
+                what = {"variant": result.name.replace(" + lm_head", "+head"),
                         "plan": data.get("quantized", result.name),
                         "size_mb": result.size_mb}
             runs.append({**what, "kind": "bench", "prefill_ms": result.prefill_ms,
@@ -156,7 +161,7 @@ class BenchmarkView(QWidget):
         fallbacks = sum(len(r.fallbacks) for r in results)
         self.summary.setText(f"Measured {len(results)} configurations with "
                              f"{results[0].threads} thread(s)."
-                             + (f" {fallbacks} layers fell back to bf16 dense (see the kernels "
+                             + (f" {fallbacks} layers fell back to fp32 dense (see the kernels "
                                 f"table)." if fallbacks else ""))
 
     def _fill_table(self) -> None:

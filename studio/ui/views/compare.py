@@ -112,7 +112,7 @@ class CompareView(QWidget):
         self.table.setHorizontalHeaderLabels([header for _, header, _ in COLUMNS])
         self.table.verticalHeader().setVisible(False)
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
-        self.table.setSortingEnabled(True)
+        self.table.verticalHeader().setDefaultSectionSize(22)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.table.horizontalHeader().setStretchLastSection(True)
 
@@ -121,10 +121,9 @@ class CompareView(QWidget):
         self.size_scatter = self._plot("Size vs perplexity", "size (MB)", "perplexity")
         self.speed_scatter = self._plot("Speed vs perplexity", "tokens/s", "perplexity")
         self.histogram = self._plot("Weights before / after", "weight", "count")
-        self.histogram.addLegend(offset=(-10, 10))
+        self.histogram.addLegend(offset=(-10, 10), brush=(255, 255, 255, 200))
         self.errors = self._plot("Per-layer error", "layer (model order)", "error")
-        self.errors.setLogMode(y=True)
-        self.errors.addLegend(offset=(-10, 10))
+        self.errors.addLegend(offset=(-10, 10), brush=(255, 255, 255, 200))
         self.charts = QWidget()
         grid = QGridLayout(self.charts)
         for i, plot in enumerate((self.ppl_bars, self.speed_bars, self.size_scatter,
@@ -173,6 +172,9 @@ class CompareView(QWidget):
         plot.setLabel("bottom", x)
         plot.setLabel("left", y)
         plot.setMinimumHeight(220)
+        plot.getViewBox().setDefaultPadding(0.08)
+        plot.getAxis("left").enableAutoSIPrefix(False)
+        plot.getAxis("bottom").enableAutoSIPrefix(False)
         return plot
 
     # --- refresh ---------------------------------------------------------------------------
@@ -192,7 +194,6 @@ class CompareView(QWidget):
                             if rows else "No runs yet: evaluate or benchmark a variant first.")
 
     def _fill_table(self, rows: list[dict]) -> None:
-        self.table.setSortingEnabled(False)
         self.table.setRowCount(len(rows))
         for r, row in enumerate(rows):
             for c, (key, _, fmt) in enumerate(COLUMNS):
@@ -202,7 +203,6 @@ class CompareView(QWidget):
                     item.setData(Qt.ItemDataRole.UserRole, value)
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 self.table.setItem(r, c, item)
-        self.table.setSortingEnabled(True)
 
     def _draw_bars(self, rows: list[dict]) -> None:
         for plot, key in ((self.ppl_bars, "ppl"), (self.speed_bars, "decode_tok_s")):
@@ -212,7 +212,7 @@ class CompareView(QWidget):
             if not len(values):
                 continue
             x = np.arange(len(values), dtype=np.float32)
-            brushes = [COLORS[i % len(COLORS)] for i in range(len(values))]
+            brushes = [self._colour(rows, row) for row in have]
             plot.addItem(pg.BarGraphItem(x=x, height=values, width=0.6, brushes=brushes))
             plot.getAxis("bottom").setTicks([[(i, row["variant"]) for i, row in enumerate(have)]])
             low = 0.0 if key == "decode_tok_s" else float(values.min()) * 0.95
@@ -229,11 +229,18 @@ class CompareView(QWidget):
         if len(front) > 1:
             plot.plot(xs[front], ys[front], pen=pg.mkPen("#888", width=1, style=Qt.PenStyle.DashLine))
         for i, row in enumerate(have):
-            color = COLORS[i % len(COLORS)]
+            color = self._colour(rows, row)
             plot.plot([xs[i]], [ys[i]], pen=None, symbol="o", symbolSize=10, symbolBrush=color)
-            label = pg.TextItem(row["variant"], color=color, anchor=(0, 1))
+            # Labels point away from the right edge so they stay inside the plot.
+            right_half = xs[i] > (xs.min() + xs.max()) / 2
+            label = pg.TextItem(row["variant"], color=color, anchor=(1 if right_half else 0, 1))
             label.setPos(float(xs[i]), float(ys[i]))
             plot.addItem(label)
+
+    @staticmethod
+    def _colour(rows: list[dict], row: dict) -> str:
+        """One colour per variant, the same in every chart."""
+        return COLORS[rows.index(row) % len(COLORS)]
 
     # --- histogram and per-layer errors -----------------------------------------------------
     def _fill_variants(self) -> None:
@@ -272,12 +279,14 @@ class CompareView(QWidget):
             return
         before = handle.weight(name).float().flatten().numpy()
         after = variant.qtensors[name].dequantize().flatten().numpy()
-        edges = np.linspace(float(before.min()), float(before.max()), 257, dtype=np.float32)
+        # The central 99.8% of the baseline's weights: a few outliers would squash the rest.
+        low, high = np.percentile(before, [0.1, 99.9])
+        edges = np.linspace(float(low), float(high), 201, dtype=np.float32)
         for values, label, color in ((before, "baseline", "#1f77b4"), (after, variant.name, "#d62728")):
             counts, _ = np.histogram(values, bins=edges)
             self.histogram.plot(edges, counts.astype(np.float32), stepMode="center",
                                 pen=pg.mkPen(color, width=1.5), name=label)
-        self.histogram.setTitle(f"Weights before / after: {name}")
+        self.histogram.setTitle(f"Weights before / after: {name.removeprefix('model.')}")
 
     def _draw_errors(self) -> None:
         self.errors.clear()
@@ -291,10 +300,10 @@ class CompareView(QWidget):
                 self._errors[key] = layer_errors(variant, handle)
             layers, errors, what = self._errors[key]
             if len(errors):
-                shown = np.maximum(errors, 1e-12)
-                self.errors.plot(np.arange(len(shown), dtype=np.float32), shown,
-                                 pen=pg.mkPen(COLORS[i % len(COLORS)], width=1.5),
-                                 symbol="o", symbolSize=4, name=name)
+                self.errors.plot(np.arange(len(errors), dtype=np.float32), errors,
+                                 pen=pg.mkPen(COLORS[i % len(COLORS)], width=1.5), symbol="o",
+                                 symbolSize=4, symbolPen=None,
+                                 symbolBrush=COLORS[i % len(COLORS)], name=name)
         self.errors.setLabel("left", what)
 
     # --- export ----------------------------------------------------------------------------

@@ -11,8 +11,7 @@ from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout,
                                QWidget)
 
 from studio.core.evaluate import (DEFAULT_PROMPT, DEFAULT_SEQLEN, DEFAULT_WINDOWS,
-                                  GENERATE_TOKENS, evaluate_job, generations_job)
-from studio.core.jobs import Progress
+                                  GENERATE_TOKENS, evaluate_many_job, generations_job)
 from studio.ui.views.compare import BASELINE, add_runs, describe_baseline, describe_variant
 
 BUILTIN = "Built-in text (Python help topics)"
@@ -100,7 +99,9 @@ class EvaluateView(QWidget):
         gen_layout.addWidget(self.generations, 1)
 
         left = QWidget()
-        left.setLayout(form)
+        left_layout = QVBoxLayout(left)
+        left_layout.addLayout(form)
+        left_layout.addStretch(1)
         right = QSplitter(Qt.Orientation.Vertical)
         right.addWidget(token_box)
         right.addWidget(gen_box)
@@ -180,15 +181,11 @@ class EvaluateView(QWidget):
         handle = self.state.handle
         path, seqlen, windows = self.text_path, self.seqlen.value(), self.windows.value()
 
-        def job():
-            results = {}
-            for index, (name, model) in enumerate(models.items()):
-                yield Progress(index, len(models), f"Evaluating {name}")
-                results[name] = yield from evaluate_job(model, handle.model, handle.tokenizer,
-                                                        path, seqlen, windows)
-            return results
         self.summary.setText("Evaluating...")
-        return self.state.submit("Evaluate", job, on_result=self._evaluated)
+        return self.state.submit(
+            "Evaluate", lambda: evaluate_many_job(models, handle.model, handle.tokenizer, path,
+                                                  seqlen, windows),
+            on_result=self._evaluated)
 
     def _evaluated(self, results: dict) -> None:
         handle = self.state.handle

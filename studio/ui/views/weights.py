@@ -80,6 +80,7 @@ class WeightsView(QWidget):
         self.stats = None
         self.names: list[str] = []          # quantizable layers, overview order
         self.job = None
+        self.pending = False                # a model is open but its statistics are not
 
         self.status = QLabel("No model open.")
         self.stat = QComboBox()
@@ -154,19 +155,30 @@ class WeightsView(QWidget):
         state.modelChanged.connect(self.set_model)
         state.layerSelected.connect(self.show_layer)
         state.resultsChanged.connect(self._results_changed)
-        if state.session.results.get(KEY) is not None:
-            self.set_stats(state.session.results[KEY])
-        elif state.handle is not None:
+        if state.handle is not None:
             self.set_model(state.handle)
 
     # --- computing ------------------------------------------------------------------------
     def set_model(self, handle) -> None:
-        self.set_stats(None)
-        if handle is not None:
+        """Show the model's statistics: from the session when this model was opened before in
+        this run (no recompute), else computed as a job as soon as this view is shown, so a
+        user who never looks at weights never waits behind their computation."""
+        existing = self.state.session.results.get(KEY) if handle is not None else None
+        self.set_stats(existing)
+        self.pending = handle is not None and existing is None
+        if self.pending:
+            self.status.setText("Weight statistics are computed when this tab is shown.")
+            if self.isVisible():
+                self.start()
+
+    def showEvent(self, event) -> None:  # noqa: N802 (Qt API)
+        super().showEvent(event)
+        if self.pending:
             self.start()
 
     def start(self) -> None:
         handle = self.state.handle
+        self.pending = False
         if handle is None:
             return
         self.status.setText("Computing weight statistics…")

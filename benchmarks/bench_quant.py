@@ -1,0 +1,99 @@
+"""Quality and time of each quantization method on the demo model (issue 4's table).
+
+Perplexity: WikiText-2 test, standard protocol (consecutive windows, stride = seqlen) at
+seqlen 512 over the first 40 windows. Calibration, 64 windows x 512 tokens, seed 0, from
+  in-domain:     the second half of the WikiText-2 test rows (disjoint from those 40 windows)
+  out-of-domain: tinyshakespeare
+Methods: RTN, GPTQ, AWQ at W4 g128 and W3 g128 (asymmetric), SmoothQuant W8A8 (per-channel
+symmetric weights, per-token activations). RTN uses no calibration, so it is run once.
+
+    python benchmarks/bench_quant.py [--data ../shared/data] [--calib-windows 64]
+        [--methods rtn,gptq,awq,smoothquant] [--bits 4,3] [--sources wikitext,shakespeare]
+
+Prints one row per run as it finishes (and a JSON line per row with --json); the time column
+is the quantization job's wall time on this machine (say in the note if other work shared it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+from studio.core.evaluate import perplexity
+from studio.core.jobs import run
+from studio.core.models import open_model_job
+from studio.core.plan import Plan, QuantSpec
+from studio.core.quantize import quantize_job
+from studio.core.text import calibration_windows, eval_windows, tokenize
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def in_domain_text(data: Path) -> str:
+    """The second half of the WikiText-2 test rows: the 40 evaluation windows read only the
+    first ~20k tokens, so this half never overlaps them."""
+    rows = (data / "wikitext2_test.txt").read_text(encoding="utf-8").split("\n\n")
+    return "\n\n".join(rows[len(rows) // 2:])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--calib-windows", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--methods", default="rtn,gptq,awq,smoothquant")
+    parser.add_argument("--bits", default="4,3")
+    parser.add_argument("--sources", default="wikitext,shakespeare")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    handle = run(open_model_job(args.model))
+    wiki_ids = tokenize(handle.tokenizer, (args.data / "wikitext2_test.txt").read_text("utf-8"))
+    evaluation = eval_windows(wiki_ids, args.seqlen, args.eval_windows)
+    sources = {
+        "wikitext": ("WikiText-2 test, 2nd half", in_domain_text(args.data)),
+        "shakespeare": ("tinyshakespeare", (args.data / "tinyshakespeare.txt").read_text("utf-8")),
+    }
+    calib = {key: (label, calibration_windows(tokenize(handle.tokenizer, text), args.seqlen,
+                                              args.calib_windows, seed=0))
+             for key, (label, text) in sources.items() if key in args.sources.split(",")}
+    print(f"model {handle.name}; perplexity on WikiText-2 test, {evaluation.shape[0]} windows x "
+          f"{args.seqlen} tokens; calibration {args.calib_windows} x {args.seqlen} tokens, seed 0",
+          flush=True)
+    print(f"{'method':<22} {'calibration':<26} {'ppl':>8} {'quant s':>8} {'bpw':>6}", flush=True)
+
+    def report(method: str, calibration: str, ppl: float, seconds: float | None, bpw: float):
+        secs = "" if seconds is None else f"{seconds:8.1f}"
+        print(f"{method:<22} {calibration:<26} {ppl:8.3f} {secs:>8} {bpw:6.3f}", flush=True)
+        if args.json:
+            print(json.dumps({"method": method, "calibration": calibration, "ppl": ppl,
+                              "seconds": seconds, "bits_per_weight": bpw}), flush=True)
+
+    report("FP32", "-", perplexity(handle.model, evaluation)[0], None, 32.0)
+    methods = args.methods.split(",")
+    specs = [QuantSpec(int(b), 128, False, m) for m in methods if m != "smoothquant"
+             for b in args.bits.split(",")]
+    if "smoothquant" in methods:
+        specs.append(QuantSpec(8, -1, True, "smoothquant"))
+    for spec in specs:
+        runs = [(None, None)] if spec.method == "rtn" else list(calib.values())
+        for label, windows in runs:
+            start = time.perf_counter()
+            variant = run(quantize_job(handle, Plan(spec), windows, label, spec.label))
+            seconds = time.perf_counter() - start
+            name = spec.label + (" A8" if variant.act_bits else "")
+            report(name, label or "none", perplexity(variant.model, evaluation)[0], seconds,
+                   variant.bits_per_weight)
+            del variant
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {peak:.0f} MiB (fp32 model {handle.size_bytes / 2**20:.0f} MiB)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

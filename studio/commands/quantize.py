@@ -1,0 +1,84 @@
+"""compression-studio quantize MODEL (--recipe plan.json | --method M --bits B --group-size G)
+[--calib FILE] [--windows N] [--seqlen L] [--seed S] --out VARIANT [--json]"""
+from __future__ import annotations
+
+from studio.commands.common import add_model_argument, open_model, print_json, run_with_progress
+from studio.core.errors import StudioError
+from studio.core.plan import GROUP_SIZES, METHODS, Plan, QuantSpec
+
+NAME = "quantize"
+HELP = "quantize a model with RTN, GPTQ, AWQ or SmoothQuant and write a VARIANT folder"
+
+
+def add_arguments(parser) -> None:
+    add_model_argument(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--recipe", metavar="PLAN.json", help="a recipe (per-layer plan)")
+    source.add_argument("--method", choices=METHODS, help="one method for every block linear")
+    parser.add_argument("--bits", type=int, default=4, help="2..8 (default 4)")
+    parser.add_argument("--group-size", type=int, default=128, choices=GROUP_SIZES,
+                        help="32, 64, 128 or -1 for per-channel (default 128)")
+    parser.add_argument("--symmetric", action="store_true", help="symmetric grid")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="a method option, e.g. damp=0.01, act_order=true, mse_clip=true, "
+                             "alpha=0.5 (repeatable)")
+    parser.add_argument("--calib", metavar="FILE", help="calibration text (default: built-in)")
+    parser.add_argument("--windows", type=int, default=64, help="calibration windows (64)")
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per window (512)")
+    parser.add_argument("--seed", type=int, default=0, help="window sampling seed (0)")
+    parser.add_argument("--name", help="the variant's name (default: from the plan)")
+    parser.add_argument("--out", required=True, metavar="VARIANT", help="folder to write")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args) -> int:
+    from studio.core.quantize import quantize_text_job
+    from studio.core.variant import save_variant
+
+    plan = Plan.load(args.recipe) if args.recipe else Plan(QuantSpec(
+        bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
+        method=args.method, options=parse_options(args.option)))
+    handle = open_model(args.model)
+    name = args.name or (plan.default.label if plan.default else "variant")
+    variant = run_with_progress(quantize_text_job(handle, plan, args.calib, args.windows,
+                                                  args.seqlen, args.seed, name))
+    save_variant(variant, args.out)
+    summary = variant.to_summary()
+    if args.json:
+        print_json({**summary, "out": str(args.out),
+                    "calibration": {"source": summary["calibration"], "windows": args.windows,
+                                    "seqlen": args.seqlen, "seed": args.seed}
+                    if summary["calibration"] else None,
+                    "layer_errors": variant.layer_errors})
+        return 0
+    print(f"{name}: {summary['layers']} layers in {summary['seconds']:.1f} s, "
+          f"{summary['bits_per_weight']:.2f} bits/weight, {summary['size_mb']:.1f} MiB "
+          f"-> {args.out}")
+    if summary["calibration"]:
+        print(f"calibration: {summary['calibration']} ({args.windows} x {args.seqlen} tokens, "
+              f"seed {args.seed})")
+    if summary["mean_layer_error"] is not None:
+        print(f"mean layer output error {summary['mean_layer_error']:.3g} "
+              f"(RTN on the same inputs: {summary['mean_rtn_error']:.3g})")
+    return 0
+
+
+def parse_options(items: list[str]) -> dict:
+    """["damp=0.01", "act_order=true"] -> {"damp": 0.01, "act_order": True}."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise StudioError(f"Options are NAME=VALUE, not {item!r}.")
+        low = value.strip().lower()
+        if low in ("true", "yes", "on"):
+            options[key] = True
+        elif low in ("false", "no", "off"):
+            options[key] = False
+        else:
+            try:
+                options[key] = int(value) if low.lstrip("-").isdigit() else float(value)
+            except ValueError:
+                raise StudioError(f"Option {key} needs a number or true/false, "
+                                  f"not {value!r}.") from None
+    return options

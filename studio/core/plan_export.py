@@ -1,0 +1,193 @@
+"""A plan in the words of other tools: llama.cpp `--tensor-type` overrides and an
+llm-compressor recipe, so users of those tools can apply the studio's bit allocation.
+
+llama.cpp (`llama-quantize --tensor-type PATTERN=TYPE`, or one PATTERN=TYPE per line for
+`--tensor-type-file`): PATTERN is a regex searched in GGUF tensor names (blk.N.attn_q.weight,
+...). The studio's widths map to k-quants (q2_K ... q6_K) and q8_0; they keep the widths, not
+the studio's exact grid (k-quants use 256-weight super-blocks with their own scales). Rows whose
+length is not a multiple of 256 cannot hold k-quants: llama-quantize then falls back to another
+type, and the export says which, so nobody is surprised by the file size.
+
+llm-compressor: a recipe stage with one modifier per method (QuantizationModifier for RTN,
+GPTQModifier, AWQModifier, SmoothQuantModifier + QuantizationModifier), each with
+`config_groups` whose `targets` name the layers exactly ("re:^name$") and whose `weights` give
+num_bits / symmetric / strategy group|channel / group_size, as compressed-tensors defines them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from studio.core.errors import StudioError
+from studio.core.files import write_text_atomic
+from studio.core.plan import Plan, QuantSpec
+
+QK_K = 256  # llama.cpp k-quant super-block
+
+# Role of a layer -> its GGUF tensor name inside block N (llama.cpp's tensor map).
+GGUF_ROLES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
+              "qkv": "attn_qkv", "gate": "ffn_gate", "up": "ffn_up", "gate_up": "ffn_up",
+              "down": "ffn_down"}
+GGUF_GLOBAL = {"embedding": "token_embd", "lm_head": "output"}
+# Bits -> ggml type; 7 bits has no ggml type and takes q8_0.
+GGML_TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 5: "q5_K", 6: "q6_K", 7: "q8_0", 8: "q8_0"}
+# What llama-quantize uses instead when a row is not a multiple of 256 (llama-quant.cpp).
+KQUANT_FALLBACK = {"q2_K": "iq4_nl", "q3_K": "iq4_nl", "q4_K": "q5_0", "q5_K": "q5_1",
+                   "q6_K": "q8_0"}
+
+MODIFIERS = {"rtn": "QuantizationModifier", "gptq": "GPTQModifier", "awq": "AWQModifier",
+             "smoothquant": "QuantizationModifier"}
+
+
+@dataclass
+class Export:
+    text: str
+    notes: list[str] = field(default_factory=list)
+
+    def save(self, path: str | Path) -> None:
+        write_text_atomic(Path(path), self.text)
+
+
+def _resolved(handle, plan: Plan) -> dict[str, QuantSpec | None]:
+    plan.check_architecture(handle.architecture)
+    return plan.resolve(handle.layers)
+
+
+# --- llama.cpp -------------------------------------------------------------------------------
+
+def gguf_name(info) -> str:
+    """The GGUF tensor name (without ".weight") of a layer, or a StudioError saying why not."""
+    if info.role in GGUF_GLOBAL:
+        return GGUF_GLOBAL[info.role]
+    if info.block is None or info.role not in GGUF_ROLES:
+        raise StudioError(f"{info.name} has no llama.cpp tensor name this studio knows "
+                          f"(role {info.role}); the llama.cpp export covers attention and MLP "
+                          f"projections, embeddings and the output layer.")
+    return f"blk.{info.block}.{GGUF_ROLES[info.role]}"
+
+
+def ggml_type(spec: QuantSpec | None) -> str:
+    return "f16" if spec is None else GGML_TYPES[spec.bits]
+
+
+def llama_cpp_overrides(handle, plan: Plan) -> list[tuple[str, str]]:
+    """[(regex, ggml type)] for every layer the plan decides, in model order."""
+    specs = _resolved(handle, plan)
+    pairs = []
+    for info in handle.layers:
+        if info.name not in specs or (specs[info.name] is None and not info.quantizable):
+            continue  # an embedding / lm_head the plan leaves alone: llama.cpp's default applies
+        pattern = re.escape(gguf_name(info)) + r"\.weight"
+        pairs.append((pattern, ggml_type(specs[info.name])))
+    return pairs
+
+
+def llama_cpp_export(handle, plan: Plan) -> Export:
+    """One PATTERN=TYPE line per tensor (a --tensor-type-file), with notes on fallbacks."""
+    specs = _resolved(handle, plan)
+    pairs = llama_cpp_overrides(handle, plan)
+    notes = []
+    fallback: dict[tuple[str, str], int] = {}
+    for info in handle.layers:
+        spec = specs.get(info.name)
+        if spec is None:
+            continue
+        kind = GGML_TYPES[spec.bits]
+        if kind in KQUANT_FALLBACK and info.shape[1] % QK_K:
+            key = (kind, KQUANT_FALLBACK[kind])
+            fallback[key] = fallback.get(key, 0) + 1
+        if spec.bits == 7:
+            notes.append(f"{info.name}: 7 bits has no ggml type; q8_0 is used.")
+    for (kind, other), count in sorted(fallback.items()):
+        notes.append(f"{count} tensor(s) planned as {kind} have rows that are not a multiple of "
+                     f"{QK_K}; llama-quantize will store them as {other} instead.")
+    notes.append("ggml types keep the planned widths, not the studio's exact grid (k-quants use "
+                 "256-weight super-blocks with 6-bit sub-block scales).")
+    text = "".join(f"{pattern}={kind}\n" for pattern, kind in pairs)
+    return Export(text, notes)
+
+
+def llama_cpp_args(handle, plan: Plan) -> list[str]:
+    """The same overrides as llama-quantize arguments: ["--tensor-type", "PATTERN=TYPE", ...]."""
+    args: list[str] = []
+    for pattern, kind in llama_cpp_overrides(handle, plan):
+        args += ["--tensor-type", f"{pattern}={kind}"]
+    return args
+
+
+# --- llm-compressor --------------------------------------------------------------------------
+
+def weights_scheme(spec: QuantSpec) -> dict:
+    """compressed-tensors QuantizationArgs for the weights of `spec`."""
+    scheme = {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric}
+    if spec.group_size == -1:
+        scheme["strategy"] = "channel"
+    else:
+        scheme.update(strategy="group", group_size=spec.group_size)
+    if spec.method == "gptq" and spec.option("act_order"):
+        scheme["actorder"] = "weight"
+    return scheme
+
+
+def _modifier_options(method: str, specs: list[QuantSpec]) -> dict:
+    options = {tuple(sorted(s.options.items())) for s in specs}
+    if len(options) > 1:
+        raise StudioError(f"An llm-compressor recipe takes one set of {method} options, but the "
+                          f"plan uses {len(options)} different ones; make them equal first.")
+    spec = specs[0]
+    if method == "gptq":
+        return {"dampening_frac": spec.option("damp"), "block_size": spec.option("block_size")}
+    return {}
+
+
+def llm_compressor_recipe(handle, plan: Plan) -> dict:
+    """The recipe as a dict (one stage, one modifier per method)."""
+    specs = _resolved(handle, plan)
+    quantized = {n: s for n, s in specs.items() if s is not None}
+    if not quantized:
+        raise StudioError("The plan quantizes no layer, so there is no recipe to write.")
+    kept = [n for n, s in specs.items() if s is None]
+    ignore = kept if "lm_head" in kept or "lm_head" in quantized else ["lm_head", *kept]
+    modifiers: dict[str, dict] = {}
+    sq = [s for s in quantized.values() if s.method == "smoothquant"]
+    if sq:
+        alphas = {s.option("alpha") for s in sq}
+        if len(alphas) > 1:
+            raise StudioError("An llm-compressor recipe takes one SmoothQuant alpha; the plan "
+                              "uses several.")
+        modifiers["SmoothQuantModifier"] = {"smoothing_strength": alphas.pop()}
+    by_method: dict[str, dict[tuple, list[str]]] = {}
+    for name, spec in quantized.items():
+        key = (spec.bits, spec.group_size, spec.symmetric)  # options go on the modifier
+        by_method.setdefault(spec.method, {}).setdefault(key, []).append(name)
+    for method, groups in by_method.items():
+        modifier = MODIFIERS[method]
+        if modifier in modifiers:
+            raise StudioError(f"llm-compressor runs RTN and SmoothQuant layers through the same "
+                              f"{modifier}; a plan mixing them cannot be written as one recipe.")
+        specs_of = [s for s in quantized.values() if s.method == method]
+        config_groups = {}
+        for index, ((bits, group_size, symmetric), names) in enumerate(groups.items()):
+            spec = specs_of[0].with_(bits=bits, group_size=group_size, symmetric=symmetric)
+            group = {"targets": [f"re:^{re.escape(n)}$" for n in names],
+                     "weights": weights_scheme(spec)}
+            if method == "smoothquant":
+                bits = specs_of[0].option("act_bits")
+                group["input_activations"] = {"num_bits": bits, "type": "int", "symmetric": True,
+                                               "strategy": "token", "dynamic": True}
+            config_groups[f"group_{index}"] = group
+        modifiers[modifier] = {**_modifier_options(method, specs_of), "ignore": ignore,
+                               "config_groups": config_groups}
+    return {"quant_stage": {"quant_modifiers": modifiers}}
+
+
+def llm_compressor_export(handle, plan: Plan) -> Export:
+    import yaml
+
+    recipe = llm_compressor_recipe(handle, plan)
+    header = (f"# llm-compressor recipe written by Compression Studio for {handle.architecture}.\n"
+              f"# Apply with: oneshot(model=..., recipe=\"this file\", dataset=...)\n")
+    notes = ["Targets name every layer exactly, so the recipe applies to this architecture "
+             "and layer count only."]
+    return Export(header + yaml.safe_dump(recipe, sort_keys=False, width=100), notes)

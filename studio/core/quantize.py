@@ -1,0 +1,373 @@
+"""The quantization driver: a Plan applied to a copy of the model, block by block.
+
+    variant = run(quantize_job(handle, plan, windows, calib_label, name))
+
+Order of work, as the GPTQ reference does it: capture block 0's inputs, then for every decoder
+block quantize its layers with the block's inputs taken from the already-quantized previous
+blocks, and run the quantized block to get the next block's inputs. Inside a block:
+  1. inputs of the RTN / AWQ / SmoothQuant layers are measured (for their error figures);
+  2. AWQ searches and folds its scales (Q2's `awq.awq_block`), RTN and SmoothQuant weights are
+     rounded;
+  3. GPTQ layers go in "true sequential" order: layers reading the same input form a group
+     (q/k/v, then o, then gate/up, then down); each group's Hessian comes from running the block
+     only as far as that group, with everything before it already quantized.
+SmoothQuant smooths the whole model first (`smoothquant.prepare`). Layers outside the blocks
+(embeddings, lm_head) are quantized only when a rule names them, with RTN (GPTQ / AWQ need the
+block structure; the message says so).
+
+For every layer the job reports its relative output error on its calibration inputs and the
+error plain RTN of the original weight would give on the same inputs (Progress.detail).
+The baseline is never touched: all work happens on a deep copy, published only at the end.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+import torch
+from torch import nn
+
+from studio.core.errors import StudioError
+from studio.core.jobs import Job, Progress
+from studio.core.layers import get_module, is_linear, set_weight_matrix, weight_matrix
+from studio.core.plan import Plan, QuantSpec
+from studio.core.quant.blocks import (BlockInputs, capture_block_inputs, decoder_blocks,
+                                      run_block, run_block_until)
+from studio.core.quant.gptq import (HessianAccumulator, gptq_quantize, output_energy,
+                                     relative_output_error)
+from studio.core.quant.grid import QTensor
+from studio.core.quant.rtn import quantize_weight
+from studio.core.variant import Variant, untie_if_needed
+
+log = logging.getLogger(__name__)
+
+CALIBRATED = ("gptq", "awq", "smoothquant")
+MIN_CALIB_TOKENS = 512    # below this a Hessian or an activation statistic means little
+MIN_CALIB_SEQLEN = 16
+ERROR_WINDOWS = 8         # windows used to measure errors of layers that need no calibration
+BATCH = 8                 # windows per block run
+
+
+def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: str | None,
+                 name: str) -> Job[Variant]:
+    start = time.perf_counter()
+    specs = validate(handle, plan, windows)
+    methods = {spec.method for spec in specs.values()}
+    if not methods & set(CALIBRATED) and windows is not None:
+        windows = windows[:ERROR_WINDOWS]  # RTN needs no data: measure errors on a few windows
+        calib_label = None
+    prefix, _ = decoder_blocks(handle.model)
+    outside = [n for n in specs if not n.startswith(prefix + ".")]
+    total = len(specs) + 2
+    yield Progress(0, total, "Copying the model")
+    model = copy.deepcopy(handle.model)
+    untie_if_needed(model, specs)
+    _, blocks = decoder_blocks(model)
+    state = _State(specs, handle.model, total)
+
+    act_bits: dict[str, int] = {}
+    sq = {n: s for n, s in specs.items() if s.method == "smoothquant"}
+    if sq:
+        from studio.core.quant import smoothquant
+        act_bits = yield from relay(smoothquant.prepare_job(model, windows, sq), 0, total)
+
+    inputs = None
+    if windows is not None:
+        yield Progress(0, total, "Capturing the inputs of block 0")
+        inputs = capture_block_inputs(model, windows)
+    for index, block in enumerate(blocks):
+        block_name = f"{prefix}.{index}"
+        mine = {n: s for n, s in specs.items() if n.startswith(block_name + ".")}
+        if not mine and inputs is None:
+            continue
+        yield from quantize_block(block, block_name, index, len(blocks), inputs, mine, state)
+        if inputs is not None and index + 1 < len(blocks):
+            inputs = inputs.with_hidden(run_block(block, inputs, BATCH))
+    for layer in outside:
+        yield from quantize_outside(model, layer, specs[layer], state)
+
+    floats = changed_floats(model, handle.model, state.qtensors)
+    yield Progress(total, total, f"Quantized {len(state.qtensors)} layers")
+    return Variant(name=name, base_source=handle.source, architecture=handle.architecture,
+                   plan=plan, model=model, qtensors=state.qtensors,
+                   specs={n: specs[n] for n in state.qtensors}, act_bits=act_bits,
+                   calibration=calib_label if windows is not None else None,
+                   seconds=time.perf_counter() - start, layer_errors=state.errors,
+                   floats=floats)
+
+
+def quantize_text_job(handle, plan: Plan, calib_path, count: int, seqlen: int, seed: int,
+                      name: str) -> Job[Variant]:
+    """`quantize_job` with calibration windows cut from a text file (None: the built-in text)
+    first. The plan is checked before the text is read; RTN runs even without usable text."""
+    from studio.core.text import text_windows
+
+    needs_text = _needs_windows(handle, plan)  # checks the architecture and the rules too
+    if not needs_text:
+        validate(handle, plan, None)
+    yield Progress(0, 1, "Reading the calibration text")
+    try:
+        windows, label = text_windows(handle.tokenizer, calib_path, seqlen, count, seed)
+    except StudioError:
+        if needs_text:
+            raise
+        windows, label = None, None  # RTN needs no data; only the error figures are skipped
+    return (yield from quantize_job(handle, plan, windows, label, name))
+
+
+def _needs_windows(handle, plan: Plan) -> bool:
+    plan.check_architecture(handle.architecture)
+    specs = plan.resolve(handle.layers).values()
+    return any(s is not None and s.method in CALIBRATED for s in specs)
+
+
+def relay(job: Job, done: float, total: float):
+    """Run a sub-job, passing its messages on within this job's own progress count."""
+    try:
+        while True:
+            p = next(job)
+            yield Progress(done, total, p.message)
+    except StopIteration as stop:
+        return stop.value
+
+
+def validate(handle, plan: Plan, windows: torch.Tensor | None) -> dict[str, QuantSpec]:
+    """Everything checked before any work: {layer: spec} of the layers to quantize."""
+    plan.check_architecture(handle.architecture)
+    specs = {n: s for n, s in plan.resolve(handle.layers).items() if s is not None}
+    if not specs:
+        raise StudioError("The plan quantizes no layer: give a default spec or a rule.")
+    needs = sorted({s.method for s in specs.values()} & set(CALIBRATED))
+    if needs:
+        if windows is None:
+            raise StudioError(f"{', '.join(m.upper() for m in needs)} needs calibration text.")
+        if windows.dim() != 2 or windows.shape[1] < MIN_CALIB_SEQLEN:
+            raise StudioError(f"Calibration windows must hold at least {MIN_CALIB_SEQLEN} "
+                              f"tokens each.")
+        if windows.numel() < MIN_CALIB_TOKENS:
+            raise StudioError(f"The calibration text gives only {windows.numel()} tokens; "
+                              f"{', '.join(m.upper() for m in needs)} needs at least "
+                              f"{MIN_CALIB_TOKENS}. Use a longer text or more windows.")
+    return specs
+
+
+class _State:
+    """What the job builds on the side: QTensors, per-layer errors, progress count."""
+
+    def __init__(self, specs: dict[str, QuantSpec], base: nn.Module, total: int) -> None:
+        self.specs, self.base, self.total = specs, base, total
+        self.qtensors: dict[str, QTensor] = {}
+        self.errors: list[dict] = []
+
+    def record(self, name: str, block: int | None, spec: QuantSpec, qt: QTensor,
+               model_module: nn.Module, w_pre: torch.Tensor | None,
+               hessian: torch.Tensor | None, note: str = "") -> Progress:
+        """Install the de-quantized weight, note the errors; the Progress to yield."""
+        w_now = weight_matrix(model_module).float()
+        error = rtn_error = None
+        if hessian is not None and w_pre is not None:
+            error, rtn_error = layer_errors(w_pre, w_now, qt, spec,
+                                            weight_matrix(get_module(self.base, name)), hessian)
+        set_weight_matrix(model_module, qt.dequantize())
+        self.qtensors[name] = qt
+        entry = {"layer": name, "block": block, "method": spec.method, "bits": spec.bits,
+                 "error": error, "rtn_error": rtn_error, "note": note}
+        self.errors.append(entry)
+        where = f"block {block}: " if block is not None else ""
+        return Progress(len(self.qtensors) + 1, self.total,
+                        f"{where}{spec.method.upper()} {name}" + (f" ({note})" if note else ""),
+                        detail=dict(entry))
+
+
+def layer_errors(w_pre: torch.Tensor, w_now: torch.Tensor, qt: QTensor, spec: QuantSpec,
+                 w_base: torch.Tensor, hessian: torch.Tensor) -> tuple[float, float]:
+    """(error, RTN error) of one layer's output on the inputs that built `hessian`.
+
+    `w_pre` is the weight when the inputs were measured, `w_now` the float weight just before
+    rounding, `w_base` the baseline's. A fold between measuring and rounding (AWQ's scales) or
+    before measuring (SmoothQuant's) scales the weight's rows and columns: it is recovered by
+    least squares, so both errors are taken in the measured inputs' coordinates:
+    error = |X W_eff - X W_pre| with W_eff the rounded weight with the fold undone, and the RTN
+    error = |X RTN(W_base)' - X W_pre| with RTN(W_base)' carrying the fold already in W_pre.
+    """
+    q = unfold(qt.dequantize(), two_sided_scale(w_now, w_pre))
+    energy = output_energy(w_pre, hessian)
+    error = relative_output_error(w_pre, q, hessian, energy)
+    rtn_spec = QuantSpec(spec.bits, spec.group_size, spec.symmetric, "rtn")
+    rtn = quantize_weight(w_base.float(), rtn_spec).dequantize()
+    prior = two_sided_scale(w_pre, w_base)
+    if prior is not None:
+        rtn = prior[0][:, None] * rtn * prior[1][None, :]
+    return error, relative_output_error(w_pre, rtn, hessian, energy)
+
+
+def two_sided_scale(new: torch.Tensor, old: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Row and column factors (r, c) with new ~= diag(r) old diag(c), or None if unchanged.
+
+    Folding scales into a weight multiplies its columns (scales from the preceding norm) and
+    its rows (scales moved into the next linear); a few alternating least-squares steps find
+    both."""
+    new, old = new.float(), old.float()
+    if new.shape != old.shape or torch.equal(new, old):
+        return None
+    r = torch.ones(old.shape[0])
+    c = torch.ones(old.shape[1])
+    for _ in range(4):
+        a = old * r[:, None]
+        c = _ls_factor(new, a, dim=0)
+        a = old * c[None, :]
+        r = _ls_factor(new, a, dim=1)
+    return r, c
+
+
+def _ls_factor(new: torch.Tensor, old: torch.Tensor, dim: int) -> torch.Tensor:
+    den = (old * old).sum(dim=dim)
+    s = (new * old).sum(dim=dim) / den.clamp_min(1e-30)
+    return torch.where(den > 0, s, torch.ones_like(s))
+
+
+def unfold(q: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    if scales is None:
+        return q
+    r, c = (torch.where(f != 0, f, torch.ones_like(f)) for f in scales)
+    return q / r[:, None] / c[None, :]
+
+
+def quantize_block(block: nn.Module, block_name: str, index: int, count: int,
+                   inputs: BlockInputs | None, specs: dict[str, QuantSpec],
+                   state: _State) -> Job[None]:
+    label = f"block {index} of {count}"
+    yield Progress(len(state.qtensors) + 1, state.total, f"{label}: measuring inputs")
+    rel = {n[len(block_name) + 1:]: s for n, s in specs.items()}
+    groups = input_groups(block, inputs) if inputs is not None else [[r] for r in rel]
+    later = {r: s for r, s in rel.items() if s.method != "gptq"}
+    hessians = gather_hessians(block, inputs, list(later), ERROR_WINDOWS) if later and inputs \
+        is not None else {}
+    w_pre = {r: weight_matrix(block.get_submodule(r)).float().clone() for r in later}
+
+    awq = {f"{block_name}.{r}": s for r, s in later.items() if s.method == "awq"}
+    awq_q = {}
+    if awq:
+        from studio.core.quant import awq as awq_module
+        awq_q = yield from relay(awq_module.awq_block_job(block, block_name, inputs, awq),
+                                 len(state.qtensors) + 1, state.total)
+    for r, spec in later.items():
+        full = f"{block_name}.{r}"
+        module = block.get_submodule(r)
+        qt = awq_q[full] if full in awq_q else quantize_weight(weight_matrix(module), spec)
+        yield state.record(full, index, spec, qt, module, w_pre[r], hessians.get(r))
+    del hessians, w_pre
+
+    for group in groups:
+        todo = [r for r in group if r in rel and rel[r].method == "gptq"]
+        if not todo:
+            continue
+        yield Progress(len(state.qtensors) + 1, state.total,
+                       f"{label}: Hessian for {', '.join(todo)}")
+        # The group's linears read one input: its first linear's Hessian serves them all, and
+        # the block need run no further than that linear.
+        h = gather_hessians(block, inputs, [group[0]], None, stop_at=group[0])[group[0]]
+        shared: dict = {}  # the Hessian's inverse, computed once for the group
+        for r in todo:
+            full = f"{block_name}.{r}"
+            module = block.get_submodule(r)
+            w = weight_matrix(module).float().clone()
+            qt, note = gptq_quantize(w, h, rel[r], shared)
+            yield state.record(full, index, rel[r], qt, module, w, h, note)
+        del h
+
+
+def input_groups(block: nn.Module, inputs: BlockInputs) -> list[list[str]]:
+    """The block's linears grouped by the input they read, in the order the block runs them
+    (found by running one window): [[q, k, v], [o], [gate, up], [down]] for Llama."""
+    order: list[tuple[str, torch.Tensor]] = []
+
+    def hook(rel):
+        def seen(module, args):
+            order.append((rel, args[0]))
+        return seen
+
+    handles = [m.register_forward_pre_hook(hook(r)) for r, m in block.named_modules()
+               if is_linear(m)]
+    try:
+        run_block(block, BlockInputs(inputs.hidden[:1], inputs.kwargs, inputs.args), 1)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for rel, x in order:
+        for tensor, names in groups:
+            if tensor is x:
+                names.append(rel)
+                break
+        else:
+            groups.append((x, [rel]))
+    return [names for _, names in groups]
+
+
+def gather_hessians(block: nn.Module, inputs: BlockInputs, names: list[str],
+                    max_windows: int | None, stop_at: str | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """H = 2/n X X^T of each named linear's inputs while the block runs on `inputs` (the first
+    `max_windows` of them), stopping at `stop_at`'s input when given. Linears reading the same
+    input tensor share one accumulator."""
+    if max_windows is not None:
+        inputs = BlockInputs(inputs.hidden[:max_windows], inputs.kwargs, inputs.args)
+    owner: dict[str, HessianAccumulator] = {}
+    batch_seen: list[tuple[torch.Tensor, HessianAccumulator]] = []
+
+    def hook(rel):
+        def add(module, args):
+            x = args[0]
+            for tensor, acc in batch_seen:
+                if tensor is x:  # another linear already added this very input
+                    owner.setdefault(rel, acc)
+                    return
+            acc = owner.setdefault(rel, HessianAccumulator(x.shape[-1]))
+            acc.add(x)
+            batch_seen.append((x, acc))
+        return add
+
+    def new_batch(module, args, kwargs):
+        batch_seen.clear()
+
+    handles = [block.register_forward_pre_hook(new_batch, with_kwargs=True)]
+    handles += [block.get_submodule(r).register_forward_pre_hook(hook(r)) for r in names]
+    try:
+        if stop_at is None:
+            run_block(block, inputs, BATCH)
+        else:
+            run_block_until(block, inputs, block.get_submodule(stop_at), BATCH)
+    finally:
+        for h in handles:
+            h.remove()
+        batch_seen.clear()
+    return {r: owner[r].hessian() for r in names if r in owner}
+
+
+def quantize_outside(model: nn.Module, name: str, spec: QuantSpec, state: _State) -> Job[None]:
+    """A layer outside the blocks (embedding, lm_head): RTN on its weight matrix."""
+    module = get_module(model, name)
+    note = "" if spec.method == "rtn" else f"outside the blocks, so RTN instead of {spec.method}"
+    qt = quantize_weight(weight_matrix(module), spec, mse_clip=spec.method == "rtn"
+                         and bool(spec.option("mse_clip")))
+    yield state.record(name, None, spec, qt, module, None, None, note)
+
+
+def changed_floats(model: nn.Module, base: nn.Module,
+                   qtensors: dict[str, QTensor]) -> dict[str, torch.Tensor]:
+    """Float tensors of `model` that differ from the baseline, other than quantized weights."""
+    quantized = {f"{n}.weight" for n in qtensors}
+    base_tensors = dict(base.named_parameters(remove_duplicate=False))
+    base_tensors.update(dict(base.named_buffers(remove_duplicate=False)))
+    changed = {}
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+    for key, value in tensors.items():
+        if key in quantized or key not in base_tensors:
+            continue
+        if value.shape != base_tensors[key].shape or not torch.equal(value, base_tensors[key]):
+            changed[key] = value.detach().clone()
+    return changed

@@ -1,0 +1,528 @@
+"""The precision plan: every layer's bits, group size, method and skip flag, edited by hand, by
+regex rule, or allocated automatically under a budget, with a live meter of what it will weigh
+and the predicted loss; the Pareto curve of size against loss; recipes and exports.
+
+Every edit builds a new Plan first; only a valid one replaces the session's plan, so a refused
+edit (bits out of range, a regex matching nothing) leaves the plan exactly as it was.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDoubleSpinBox,
+                               QFileDialog, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
+                               QPushButton, QSpinBox, QSplitter, QTableWidget, QTableWidgetItem,
+                               QVBoxLayout, QWidget)
+
+from studio.core.errors import StudioError
+from studio.core.jobs import Progress
+from studio.core.plan import GROUP_SIZES, METHODS, Plan, QuantSpec, Rule
+
+COLUMNS = ("Layer", "Block", "Role", "Shape", "Bits", "Group", "Method", "Sym", "Skip", "From")
+RULE_HELP = ("regex -> bits [g32|g64|g128|ch] [method] [sym] | fp16, "
+             "e.g.  model.layers.*.mlp.down_proj -> 8")
+
+
+def parse_rule(text: str, default: QuantSpec | None) -> Rule:
+    """"PATTERN -> 8 [g64] [gptq] [sym]" or "PATTERN -> fp16" into a regex Rule."""
+    pattern, sep, target = text.partition("->")
+    pattern, words = pattern.strip(), target.lower().replace(",", " ").split()
+    if not sep or not pattern or not words:
+        raise StudioError(f"A rule reads: {RULE_HELP}.")
+    if words[0] in ("fp16", "skip", "none", "full"):
+        return Rule(pattern, None, regex=True)
+    base = default or QuantSpec()
+    changes: dict = {"options": {}}
+    for word in words:
+        if word in ("bit", "bits"):
+            continue
+        if re.fullmatch(r"\d+(bits?)?", word):
+            changes["bits"] = int(re.match(r"\d+", word).group())
+        elif re.fullmatch(r"g\d+", word):
+            changes["group_size"] = int(word[1:])
+        elif word in ("ch", "per-channel", "channel"):
+            changes["group_size"] = -1
+        elif word in METHODS:
+            changes["method"] = word
+        elif word in ("sym", "symmetric"):
+            changes["symmetric"] = True
+        elif word in ("asym", "asymmetric"):
+            changes["symmetric"] = False
+        else:
+            raise StudioError(f"{word!r} is not understood in a rule. {RULE_HELP}.")
+    return Rule(pattern, base.with_(**changes), regex=True)
+
+
+class _Refused(str):
+    """A job's StudioError, returned as its result so the view hears of it without a race."""
+
+
+def guarded(factory):
+    """The job `factory()` with a StudioError turned into a _Refused result: a job that fails
+    at once could otherwise finish before the view connects to its `failed` signal."""
+    def job():
+        try:
+            return (yield from factory())
+        except StudioError as exc:
+            return _Refused(str(exc))
+    return job
+
+
+def _item(text: str, align_right: bool = False) -> QTableWidgetItem:
+    item = QTableWidgetItem(text)
+    item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsEditable)
+    if align_right:
+        item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+    return item
+
+
+class PlanView(QWidget):
+    def __init__(self, state) -> None:
+        super().__init__()
+        self.state = state
+        self.names: list[str] = []
+        self.size = None             # PlanSize of the current plan (the meter)
+        self.loss: float | None = None
+        self.allocation = None       # the last auto-allocation (for the Pareto plot)
+        self.measured: list[dict] = []
+        self.job = None
+
+        self.meter = QLabel()
+        self.meter.setTextFormat(Qt.TextFormat.RichText)
+        self.message = QLabel()
+        self.message.setWordWrap(True)
+
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.table.verticalHeader().setVisible(False)
+        self.table.verticalHeader().setDefaultSectionSize(20)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+
+        # Edit the selected layers.
+        self.bits = QSpinBox(minimum=1, maximum=16, value=4)  # out-of-range values are refused
+        self.group = QComboBox()
+        for size in GROUP_SIZES:
+            self.group.addItem("per-channel" if size == -1 else f"g{size}", size)
+        self.group.setCurrentIndex(GROUP_SIZES.index(128))
+        self.method = QComboBox()
+        self.method.addItems(METHODS)
+        self.symmetric = QCheckBox("symmetric")
+        self.skip = QCheckBox("skip (keep 16-bit)")
+        apply_selected = QPushButton("Apply to selected")
+        apply_selected.clicked.connect(self.apply_to_selected)
+        set_default = QPushButton("Set as default")
+        set_default.clicked.connect(self.set_default)
+        clear = QPushButton("Clear rules")
+        clear.clicked.connect(lambda: self._set_plan(Plan(self.state.session.plan.default, (),
+                                                          self._architecture()), "Rules cleared."))
+
+        self.rule = QLineEdit(placeholderText=RULE_HELP)
+        self.rule.returnPressed.connect(self.apply_rule_text)
+        apply_rule = QPushButton("Apply rule")
+        apply_rule.clicked.connect(self.apply_rule_text)
+
+        # Auto-allocation.
+        self.target_kind = QComboBox()
+        self.target_kind.addItems(["bits/weight", "MB"])
+        self.target = QDoubleSpinBox(decimals=3, minimum=0.0, maximum=1e6, value=3.5)
+        self.loss_kind = QComboBox()
+        self.loss_kind.addItem("KL (end to end)", "kl")
+        self.loss_kind.addItem("proxy (layer output)", "proxy")
+        allocate = QPushButton("Auto-allocate")
+        allocate.clicked.connect(self.auto_allocate)
+        self.measure_button = QPushButton("Measure points")
+        self.measure_button.setToolTip("quantize the chosen plan and three more points of the "
+                                       "curve, and measure their KL and perplexity")
+        self.measure_button.clicked.connect(self.measure_points)
+
+        files = QHBoxLayout()
+        for label, slot in (("Save recipe…", self._save), ("Load recipe…", self._load),
+                            ("Export llama.cpp…", lambda: self._export("llama")),
+                            ("Export llm-compressor…", lambda: self._export("llmc"))):
+            button = QPushButton(label)
+            button.clicked.connect(slot)
+            files.addWidget(button)
+        files.addStretch(1)
+
+        self.pareto = pg.PlotWidget()
+        self.pareto.setBackground("w")
+        self.pareto.setLabel("bottom", "average bits per weight (scales counted)")
+        self.pareto.setLabel("left", "total KL (nats/token)")
+        self.pareto.setLogMode(y=True)
+        self.pareto.getAxis("left").enableAutoSIPrefix(False)
+        self.pareto.showGrid(x=True, y=True, alpha=0.2)
+        self.pareto.addLegend(offset=(-10, 10))
+        self.curve = self.pareto.plot(pen=pg.mkPen("#1f77b4", width=2), name="predicted optimum")
+        self.chosen = pg.ScatterPlotItem(size=16, symbol="star", brush="#d62728", pen=None,
+                                         name="chosen plan")
+        self.points = pg.ScatterPlotItem(size=9, symbol="o", brush="#2ca02c", pen="k",
+                                         name="measured")
+        self.pareto.addItem(self.points)
+        self.pareto.addItem(self.chosen)  # on top of a measured point at the same place
+        self.pareto_note = QLabel("Auto-allocate to see the curve.")
+        self.pareto_note.setWordWrap(True)
+
+        edit = QHBoxLayout()
+        for widget in (QLabel("Bits"), self.bits, self.group, self.method, self.symmetric,
+                       self.skip, apply_selected, set_default, clear):
+            edit.addWidget(widget)
+        edit.addStretch(1)
+        rules = QHBoxLayout()
+        rules.addWidget(QLabel("Rule"))
+        rules.addWidget(self.rule, 1)
+        rules.addWidget(apply_rule)
+        auto = QHBoxLayout()
+        for widget in (QLabel("Target"), self.target, self.target_kind, QLabel("minimising"),
+                       self.loss_kind, allocate, self.measure_button):
+            auto.addWidget(widget)
+        auto.addStretch(1)
+        left = QWidget()
+        column = QVBoxLayout(left)
+        column.setContentsMargins(0, 0, 0, 0)
+        column.addLayout(edit)
+        column.addLayout(rules)
+        column.addWidget(self.table, 1)
+        right = QWidget()
+        column = QVBoxLayout(right)
+        column.setContentsMargins(0, 0, 0, 0)
+        column.addLayout(auto)
+        column.addWidget(self.pareto, 1)
+        column.addWidget(self.pareto_note)
+        split = QSplitter()
+        split.addWidget(left)
+        split.addWidget(right)
+        split.setSizes([800, 600])
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.meter)
+        layout.addWidget(self.message)
+        layout.addLayout(files)
+        layout.addWidget(split, 1)
+
+        state.modelChanged.connect(self._model_changed)
+        state.resultsChanged.connect(self._results_changed)
+        self._model_changed(state.handle)
+
+    # --- the plan -------------------------------------------------------------------------
+    def _architecture(self) -> str | None:
+        return self.state.handle.architecture if self.state.handle is not None else None
+
+    def _set_plan(self, plan: Plan, message: str) -> bool:
+        """Replace the session plan when `plan` is valid for this model; else say why."""
+        handle = self.state.handle
+        if handle is None:
+            return False
+        try:
+            plan.check_architecture(handle.architecture)
+            plan.resolve(handle.layers)  # every rule must match a layer
+        except StudioError as exc:
+            self.say(f"Refused: {exc} The plan is unchanged.", error=True)
+            return False
+        self.state.session.plan = plan
+        self.state.publish("plan")
+        self.say(message)
+        return True
+
+    def say(self, text: str, error: bool = False) -> None:
+        self.message.setStyleSheet("color: #b00020;" if error else "")
+        self.message.setText(text)
+
+    def edited_spec(self) -> QuantSpec | None:
+        if self.skip.isChecked():
+            return None
+        return QuantSpec(bits=self.bits.value(), group_size=self.group.currentData(),
+                         symmetric=self.symmetric.isChecked(), method=self.method.currentText())
+
+    def selected_names(self) -> list[str]:
+        rows = sorted({index.row() for index in self.table.selectionModel().selectedRows()})
+        return [self.names[r] for r in rows]
+
+    def apply_to_selected(self) -> None:
+        names = self.selected_names()
+        if not names:
+            self.say("Select one or more layers first (Ctrl/Shift-click for several).", error=True)
+            return
+        try:
+            spec = self.edited_spec()
+        except StudioError as exc:
+            self.say(f"Refused: {exc} The plan is unchanged.", error=True)
+            return
+        plan = self.state.session.plan
+        for name in names:
+            plan = plan.with_rule(Rule(name, spec))
+        label = "16-bit (skipped)" if spec is None else spec.label
+        self._set_plan(plan, f"{len(names)} layer(s) -> {label}.")
+
+    def set_default(self) -> None:
+        try:
+            spec = self.edited_spec()
+        except StudioError as exc:
+            self.say(f"Refused: {exc} The plan is unchanged.", error=True)
+            return
+        plan = self.state.session.plan
+        self._set_plan(Plan(spec, plan.rules, self._architecture()),
+                       f"Default -> {'16-bit' if spec is None else spec.label}.")
+
+    def apply_rule_text(self) -> None:
+        try:
+            rule = parse_rule(self.rule.text(), self.state.session.plan.default)
+        except StudioError as exc:
+            self.say(f"Refused: {exc} The plan is unchanged.", error=True)
+            return
+        if self._set_plan(self.state.session.plan.with_rule(rule),
+                          f"Rule {rule.pattern} -> "
+                          f"{'16-bit' if rule.spec is None else rule.spec.label} applied."):
+            self.rule.clear()
+
+    # --- auto-allocation -----------------------------------------------------------------
+    def _table(self):
+        from studio.core.allocate import loss_table
+
+        result = self.state.session.results.get("sensitivity")
+        if result is None:
+            raise StudioError("Measure sensitivity first (Sensitivity tab): the allocator needs "
+                              "each layer's measured loss.")
+        kind = self.loss_kind.currentData()
+        if kind == "kl" and not result.has_kl:
+            raise StudioError("The sensitivity sweep was proxy-only: choose the proxy, or run "
+                              "the sweep with KL windows.")
+        plan = self.state.session.plan
+        method = plan.default.method if plan.default is not None else None
+        return loss_table(result, self.state.handle, kind=kind, method=method), result
+
+    def auto_allocate(self):
+        from studio.core.allocate import allocate
+
+        if self.state.handle is None or self.job is not None:
+            return None
+        try:
+            table, _ = self._table()
+        except StudioError as exc:
+            self.say(str(exc), error=True)
+            return None
+        value, in_mb = self.target.value(), self.target_kind.currentIndex() == 1
+        architecture = self._architecture()
+
+        def job():
+            yield Progress(0, 1, "Allocating bits")
+            answer = allocate(table, budget_mb=value if in_mb else None,
+                              budget_bpw=None if in_mb else value)
+            return answer, architecture
+
+        return self._submit("Auto-allocate", job, self._allocated)
+
+    def _submit(self, title: str, factory, on_ok):
+        def finished(value) -> None:
+            self.job = None
+            if isinstance(value, _Refused):
+                self.say(f"Refused: {value} The plan is unchanged.", error=True)
+            else:
+                on_ok(value)
+        self.job = self.state.submit(title, guarded(factory), on_result=finished)
+        self.job.cancelled.connect(self._job_done)
+        self.job.failed.connect(self._job_done)
+        return self.job
+
+    def _allocated(self, outcome) -> None:
+        answer, architecture = outcome
+        if architecture != self._architecture():
+            return  # another model was opened meanwhile
+        self.allocation = answer
+        self.measured = []
+        solver = "exact optimum" if answer.exact else f"within {answer.gap:.3g} of the optimum"
+        # Every layer gets an exact rule; the user's default stays for anything else.
+        plan = Plan(self.state.session.plan.default, answer.plan.rules, architecture)
+        self._set_plan(plan, f"Auto-allocated: {answer.bpw:.3f} bits/weight, "
+                                    f"{answer.size_mb:.2f} MB, predicted loss {answer.loss:.4g} "
+                                    f"({solver}).")
+        self._draw_pareto()
+
+    def measure_points(self):
+        """Quantize the chosen plan and three more optimal points, measure KL and perplexity."""
+        from studio.core.allocate import allocate, plan_size
+        from studio.core.evaluate import window_logits
+        from studio.core.quantize import quantize_job
+        from studio.core.text import text_windows
+        from studio.core import metrics
+
+        handle = self.state.handle
+        if handle is None or self.job is not None:
+            return None
+        if self.allocation is None:
+            self.say("Auto-allocate first: the points measured lie on its curve.", error=True)
+            return None
+        try:
+            table, _ = self._table()
+            windows, label = text_windows(handle.tokenizer, None, 128, 8, seed=1)
+        except StudioError as exc:
+            self.say(str(exc), error=True)
+            return None
+        curve = self.allocation.pareto
+        targets = [self.allocation.bpw] + [float(np.quantile(curve.bpw, q))
+                                           for q in (0.2, 0.5, 0.8)]
+
+        def job():
+            base = [logits for _, _, logits in window_logits(handle.model, windows)]
+            out = []
+            for i, bpw in enumerate(targets):
+                yield Progress(i, len(targets), f"Measuring the plan at {bpw:.2f} bits/weight")
+                answer = allocate(table, budget_bpw=max(bpw, curve.bpw.min()))
+                variant = yield from quantize_job(handle, answer.plan, None, None, "measure")
+                kl = nll = 0.0
+                tokens = 0
+                for (_, ids, logits), ref in zip(window_logits(variant.model, windows), base):
+                    kl += metrics.kl_divergence(ref, logits).sum().item()
+                    nll += metrics.token_nll(logits, ids).sum().item()
+                    tokens += ids.numel()
+                out.append({"bpw": plan_size(handle, answer.plan).bits_per_weight,
+                            "predicted": answer.loss, "kl": kl / tokens,
+                            "ppl": metrics.perplexity(nll, tokens - len(windows))})
+            return out
+
+        self.say(f"Measuring {len(targets)} points on {label} (8 x 128 tokens)…")
+        return self._submit("Measure plan points", job, self._measured)
+
+    def _measured(self, points: list[dict]) -> None:
+        self.measured = points
+        text = "; ".join(f"{p['bpw']:.2f} bpw: KL {p['kl']:.4f} (predicted {p['predicted']:.4f}), "
+                         f"ppl {p['ppl']:.2f}" for p in points)
+        self.say(f"Measured: {text}.")
+        self._draw_pareto()
+
+    def _job_done(self, *_) -> None:
+        self.job = None
+
+    # --- state and drawing ----------------------------------------------------------------
+    def _model_changed(self, handle) -> None:
+        self.allocation = None
+        self.measured = []
+        self.names = []
+        self.table.setRowCount(0)
+        if handle is not None:
+            self.names = [i.name for i in handle.layers]
+        self.refresh()
+        self._draw_pareto()
+
+    def _results_changed(self, key: str) -> None:
+        if key in ("plan", "sensitivity"):
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the session plan: the table and the meter."""
+        from studio.core.allocate import plan_size, predicted_loss
+
+        handle = self.state.handle
+        if handle is None:
+            self.meter.setText("No model open.")
+            return
+        plan = self.state.session.plan
+        specs = plan.resolve(handle.layers)
+        self.table.setRowCount(len(handle.layers))
+        for row, info in enumerate(handle.layers):
+            spec = specs[info.name]
+            origin = _origin(plan, info)
+            cells = [info.name, "" if info.block is None else str(info.block), info.role,
+                     "x".join(map(str, info.shape)),
+                     "16" if spec is None else str(spec.bits),
+                     "" if spec is None else ("ch" if spec.group_size == -1
+                                              else str(spec.group_size)),
+                     "" if spec is None else spec.method,
+                     "" if spec is None or not spec.symmetric else "yes",
+                     "yes" if spec is None else "", origin]
+            for col, text in enumerate(cells):
+                self.table.setItem(row, col, _item(text, align_right=col in (1, 4, 5)))
+        self.size = plan_size(handle, plan)
+        result = self.state.session.results.get("sensitivity")
+        self.loss, why = (None, "measure sensitivity to predict it")
+        if result is not None:
+            kind = self.loss_kind.currentData()
+            kind = kind if (kind != "kl" or result.has_kl) else "proxy"
+            self.loss, why = predicted_loss(result, plan, kind)
+        loss = f"{self.loss:.4g}" if self.loss is not None else f"— ({why})"
+        default = "16-bit" if plan.default is None else plan.default.label
+        self.meter.setText(
+            f"<b>{self.size.bits_per_weight:.3f}</b> bits/weight (scales and zeros counted) · "
+            f"<b>{self.size.size_mb:.2f}</b> MB ({self.size.size_bytes:,} bytes) · "
+            f"predicted loss <b>{loss}</b> · default {default} · {len(plan.rules)} rule(s) · "
+            f"{self.size.quantized} layers quantized")
+        self._draw_pareto()
+
+    def _draw_pareto(self) -> None:
+        answer = self.allocation
+        if answer is None:
+            self.curve.setData([], [])
+            self.chosen.setData([], [])
+            self.points.setData([], [])
+            return
+        curve = answer.pareto
+        kind = self.loss_kind.currentData()
+        self.pareto.setLabel("left", "total KL (nats/token)" if kind == "kl"
+                             else "sum of layer output errors (proxy)")
+        keep = curve.loss > 0  # log axis: the all-16-bit end has zero loss
+        self.curve.setData(curve.bpw[keep], curve.loss[keep])
+        if answer.loss > 0:
+            self.chosen.setData([answer.bpw], [np.log10(answer.loss)])
+        self.points.setData([p["bpw"] for p in self.measured],
+                            [np.log10(max(p["kl"], 1e-12)) for p in self.measured])
+        self.pareto_note.setText(
+            f"Blue: least predicted loss at each size (sum of per-layer KL, assumed additive). "
+            f"Red star: the chosen plan ({answer.bpw:.3f} bpw). Green: measured KL of real "
+            f"quantized models.")
+
+    # --- files ----------------------------------------------------------------------------
+    def _save(self, path: str | None = None) -> None:
+        if not path:
+            path, _ = QFileDialog.getSaveFileName(self, "Save recipe", "plan.json",
+                                                  "Recipe (*.json)")
+        if path:
+            self.state.session.plan.save(path)
+            self.say(f"Recipe saved to {path}.")
+
+    def _load(self, path: str | None = None) -> None:
+        if not path:
+            path, _ = QFileDialog.getOpenFileName(self, "Load recipe", "", "Recipe (*.json)")
+        if not path:
+            return
+        try:
+            plan = Plan.load(path)
+        except StudioError as exc:
+            self.say(f"Refused: {exc} The plan is unchanged.", error=True)
+            return
+        self._set_plan(plan, f"Recipe {Path(path).name} loaded.")
+
+    def _export(self, kind: str, path: str | None = None) -> None:
+        from studio.core.plan_export import llama_cpp_export, llm_compressor_export
+
+        handle = self.state.handle
+        if handle is None:
+            return
+        export, name, filt = ((llama_cpp_export, "tensor-types.txt", "Text (*.txt)")
+                              if kind == "llama" else
+                              (llm_compressor_export, "recipe.yaml", "YAML (*.yaml)"))
+        if not path:
+            path, _ = QFileDialog.getSaveFileName(self, "Export", name, filt)
+        if not path:
+            return
+        try:
+            written = export(handle, self.state.session.plan)
+        except StudioError as exc:
+            self.say(f"Not exported: {exc}", error=True)
+            return
+        written.save(path)
+        self.say(f"Exported to {path}. " + " ".join(written.notes))
+
+
+def _origin(plan: Plan, info) -> str:
+    """Which part of the plan decides this layer: an exact rule, a regex, or the default."""
+    for rule in plan.rules:
+        if not rule.regex and rule.pattern == info.name:
+            return "layer rule"
+    for rule in reversed(plan.rules):
+        if rule.regex and rule.matches(info.name):
+            return f"regex {rule.pattern}"
+    return "default" if info.quantizable else "not quantized"

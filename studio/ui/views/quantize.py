@@ -1,0 +1,408 @@
+"""The Quantize panel: settings and calibration on the left, a live per-layer error plot on the
+right (each layer's output error as it is quantized, next to plain RTN's error on the same
+inputs), and the list of finished variants below it (switch, delete, save, open)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
+                               QGroupBox, QHBoxLayout, QLabel, QLineEdit, QListWidget,
+                               QListWidgetItem, QPushButton, QSpinBox, QSplitter, QVBoxLayout,
+                               QWidget)
+
+from studio.core.jobs import Progress
+from studio.core.plan import GROUP_SIZES, METHOD_OPTIONS, METHODS, Plan, QuantSpec
+
+METHOD_TITLES = {"rtn": "RTN (round to nearest)", "gptq": "GPTQ", "awq": "AWQ",
+                 "smoothquant": "SmoothQuant (W8A8)"}
+OPTION_TITLES = {"mse_clip": "MSE clipping search", "damp": "Dampening", "block_size":
+                 "Block size", "act_order": "Act-order", "grid": "Scale grid points",
+                 "clip": "Clip search", "alpha": "Migration alpha", "act_bits": "Activation bits"}
+METHOD_COLOR, RTN_COLOR = (31, 119, 180), (214, 39, 40)
+
+
+class QuantizeView(QWidget):
+    def __init__(self, state) -> None:
+        super().__init__()
+        self.state = state
+        self.job = None
+        self.names: list[str] = []
+        self.blocks: list[int | None] = []
+        self.errors: list[float] = []
+        self.rtn_errors: list[float] = []
+
+        settings = QGroupBox("Quantization")
+        form = QFormLayout(settings)
+        self.method = QComboBox()
+        for method in METHODS:
+            self.method.addItem(METHOD_TITLES[method], method)
+        self.method.currentIndexChanged.connect(self._method_changed)
+        self.bits = QSpinBox(minimum=2, maximum=8, value=4)
+        self.group = QComboBox()
+        for size in GROUP_SIZES:
+            self.group.addItem("per-channel" if size == -1 else str(size), size)
+        self.group.setCurrentIndex(self.group.findData(128))
+        self.symmetric = QCheckBox("symmetric grid")
+        self.use_plan = QCheckBox("apply the session plan's per-layer rules")
+        form.addRow("Method", self.method)
+        form.addRow("Bits", self.bits)
+        form.addRow("Group size", self.group)
+        form.addRow("", self.symmetric)
+        form.addRow("", self.use_plan)
+        self.options_box = QGroupBox("Method options")
+        self.options_form = QFormLayout(self.options_box)
+        self.option_widgets: dict[str, QWidget] = {}
+
+        calib = QGroupBox("Calibration")
+        cform = QFormLayout(calib)
+        self.source = QComboBox()
+        self.source.addItem("Built-in text (Python help topics)", None)
+        self.source.addItem("Text file…", "file")
+        self.source.activated.connect(self._source_chosen)
+        self.windows = QSpinBox(minimum=1, maximum=4096, value=64)
+        self.seqlen = QSpinBox(minimum=16, maximum=8192, value=512, singleStep=64)
+        self.seed = QSpinBox(minimum=0, maximum=2 ** 31 - 1, value=0)
+        cform.addRow("Source", self.source)
+        cform.addRow("Windows", self.windows)
+        cform.addRow("Tokens per window", self.seqlen)
+        cform.addRow("Seed", self.seed)
+
+        self.name = QLineEdit(placeholderText="variant name (default: from the settings)")
+        self.run_button = QPushButton("Run")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        self.status = QLabel("Open a model to quantize it.")
+        self.status.setWordWrap(True)
+
+        left = QWidget()
+        lv = QVBoxLayout(left)
+        for widget in (settings, self.options_box, calib, self.name):
+            lv.addWidget(widget)
+        lv.addLayout(buttons)
+        lv.addWidget(self.status)
+        lv.addStretch(1)
+        left.setMaximumWidth(380)
+
+        self.plot = pg.PlotWidget()
+        self.plot.setBackground("w")
+        self.plot.showGrid(x=True, y=True, alpha=0.3)
+        self.plot.setLogMode(y=True)
+        self.plot.setLabel("left", "relative output error  ‖XŴ−XW‖² / ‖XW‖²")
+        self.plot.setLabel("bottom", "layers in quantization order (ticks: first layer of block bN)")
+        self.plot.getAxis("left").enableAutoSIPrefix(False)
+        self.plot.addLegend(offset=(-10, -10), labelTextColor=(30, 30, 30),
+                            brush=pg.mkBrush(255, 255, 255, 220))
+        self.curve = self.plot.plot([], [], pen=pg.mkPen(METHOD_COLOR, width=2), symbol="o",
+                                    symbolSize=5, symbolBrush=METHOD_COLOR, name="this method")
+        self.rtn_curve = self.plot.plot([], [], pen=pg.mkPen(RTN_COLOR, width=1,
+                                                             style=Qt.PenStyle.DashLine),
+                                        name="RTN, same layer and inputs")
+        self.plot_title = QLabel()
+        self.plot_title.setWordWrap(True)
+
+        self.variant_list = QListWidget()
+        self.variant_list.currentItemChanged.connect(self._variant_selected)
+        self.save_button = QPushButton("Save to folder…")
+        self.save_button.clicked.connect(self.save_selected)
+        self.delete_button = QPushButton("Delete")
+        self.delete_button.clicked.connect(self.delete_selected)
+        self.open_button = QPushButton("Open variant folder…")
+        self.open_button.clicked.connect(self.open_folder)
+        vbuttons = QHBoxLayout()
+        for b in (self.save_button, self.delete_button, self.open_button):
+            vbuttons.addWidget(b)
+        vbuttons.addStretch(1)
+        self.variant_info = QLabel()
+        self.variant_info.setWordWrap(True)
+        bottom = QWidget()
+        bv = QVBoxLayout(bottom)
+        bv.setContentsMargins(0, 0, 0, 0)
+        bv.addWidget(QLabel("Variants"))
+        bv.addWidget(self.variant_list)
+        bv.addLayout(vbuttons)
+        bv.addWidget(self.variant_info)
+
+        right = QSplitter(Qt.Orientation.Vertical)
+        top = QWidget()
+        tv = QVBoxLayout(top)
+        tv.setContentsMargins(0, 0, 0, 0)
+        tv.addWidget(self.plot_title)
+        tv.addWidget(self.plot)
+        right.addWidget(top)
+        right.addWidget(bottom)
+        right.setSizes([680, 170])
+
+        layout = QHBoxLayout(self)
+        layout.addWidget(left)
+        layout.addWidget(right, 1)
+
+        self.calib_path: str | None = None
+        self._method_changed()
+        state.modelChanged.connect(self._model_changed)
+        state.resultsChanged.connect(lambda key: key == "variants" and self._fill_variants())
+        self._model_changed(state.handle)
+
+    # --- settings ------------------------------------------------------------------------
+    def _method_changed(self) -> None:
+        method = self.method.currentData()
+        while self.options_form.rowCount():
+            self.options_form.removeRow(0)
+        self.option_widgets = {}
+        for key, default in METHOD_OPTIONS[method].items():
+            if isinstance(default, bool):
+                widget = QCheckBox()
+                widget.setChecked(default)
+            elif isinstance(default, int):
+                widget = QSpinBox(minimum=1, maximum=4096, value=default)
+            else:
+                widget = QDoubleSpinBox(decimals=3, minimum=0.0, maximum=1.0 if key == "alpha"
+                                        else 10.0, singleStep=0.01, value=default)
+            self.option_widgets[key] = widget
+            self.options_form.addRow(OPTION_TITLES.get(key, key), widget)
+        if method == "smoothquant":  # the paper's W8A8: per-channel symmetric 8-bit weights
+            self.bits.setValue(8)
+            self.group.setCurrentIndex(self.group.findData(-1))
+            self.symmetric.setChecked(True)
+
+    def _source_chosen(self) -> None:
+        if self.source.currentData() != "file":
+            self.calib_path = None
+            return
+        path, _ = QFileDialog.getOpenFileName(self, "Calibration text", "",
+                                              "Text (*.txt *.md *.raw);;All files (*)")
+        if not path:
+            self.source.setCurrentIndex(0)
+            self.calib_path = None
+            return
+        self.calib_path = path
+        label = f"File: {Path(path).name}"
+        if self.source.count() > 2:
+            self.source.removeItem(2)
+        self.source.addItem(label, path)
+        self.source.setCurrentIndex(2)
+
+    def set_calibration_file(self, path: str | None) -> None:
+        """Use `path` as calibration text (None: the built-in text); for scripts and tests."""
+        self.calib_path = path
+        if self.source.count() > 2:
+            self.source.removeItem(2)
+        if path is None:
+            self.source.setCurrentIndex(0)
+        else:
+            self.source.addItem(f"File: {Path(path).name}", path)
+            self.source.setCurrentIndex(2)
+
+    def spec(self) -> QuantSpec:
+        options = {}
+        for key, widget in self.option_widgets.items():
+            if isinstance(widget, QCheckBox):
+                options[key] = widget.isChecked()
+            else:
+                options[key] = widget.value()
+        return QuantSpec(self.bits.value(), self.group.currentData(), self.symmetric.isChecked(),
+                         self.method.currentData(), options)
+
+    def plan(self) -> Plan:
+        session_plan = self.state.session.plan
+        rules = session_plan.rules if self.use_plan.isChecked() else ()
+        return Plan(self.spec(), rules, self.state.handle.architecture)
+
+    # --- running -------------------------------------------------------------------------
+    def _model_changed(self, handle) -> None:
+        self.run_button.setEnabled(handle is not None and self.job is None)
+        self.status.setText("Ready." if handle is not None else "Open a model to quantize it.")
+        self._clear_plot("")
+        self._fill_variants()
+
+    def run(self) -> None:
+        from studio.core.quantize import quantize_text_job
+
+        handle = self.state.handle
+        if handle is None or self.job is not None:
+            return
+        plan = self.plan()  # a bad setting raises here, before any job starts
+        name = self._unique(self.name.text().strip() or plan.default.label)
+        source = self.calib_path or "built-in text"
+        calib = (f"calibration: {Path(source).name}, {self.windows.value()} x "
+                 f"{self.seqlen.value()} tokens, seed {self.seed.value()}")
+        self._clear_plot(f"<b>{name}</b> on {handle.name} — "
+                         f"{calib if plan.default.method != 'rtn' else 'RTN needs no calibration; errors measured on a few windows of it'}")
+        args = (handle, plan, self.calib_path, self.windows.value(), self.seqlen.value(),
+                self.seed.value(), name)
+        self.job = self.state.submit(f"Quantize {name}", lambda: quantize_text_job(*args),
+                                     on_result=self._finished, on_progress=self._progress)
+        self.job.done.connect(self._job_done)
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.status.setText("Starting…")
+
+    def cancel(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
+            self.status.setText("Cancelling at the next layer…")
+
+    def _progress(self, p: Progress) -> None:
+        self.status.setText(f"{100 * p.fraction:.0f}%  {p.message}")
+        detail = p.detail
+        if isinstance(detail, dict) and detail.get("error") is not None:
+            self.names.append(detail["layer"])
+            self.blocks.append(detail.get("block"))
+            self.errors.append(detail["error"])
+            self.rtn_errors.append(detail["rtn_error"])
+            self._draw()
+
+    def _finished(self, variant) -> None:
+        self.state.session.variants[variant.name] = variant
+        self.state.publish("variants")
+        summary = variant.to_summary()
+        self.status.setText(f"Done: {variant.name}, {summary['layers']} layers in "
+                            f"{summary['seconds']:.1f} s, {summary['bits_per_weight']:.2f} "
+                            f"bits/weight.")
+        self._select(variant.name)
+
+    def _job_done(self) -> None:
+        if self.job is not None and self.job.token.cancelled:
+            self.status.setText("Cancelled: the model and the existing variants are unchanged.")
+        self.job = None
+        self.run_button.setEnabled(self.state.handle is not None)
+        self.cancel_button.setEnabled(False)
+
+    def _unique(self, name: str) -> str:
+        taken = self.state.session.variants
+        candidate, n = name, 2
+        while candidate in taken:
+            candidate, n = f"{name} ({n})", n + 1
+        return candidate
+
+    # --- the plot --------------------------------------------------------------------------
+    def _clear_plot(self, title: str) -> None:
+        self.names, self.blocks, self.errors, self.rtn_errors = [], [], [], []
+        self.plot_title.setText(title)
+        self._draw()
+
+    def _draw(self) -> None:
+        x = np.arange(len(self.errors), dtype=np.float32)
+        self.curve.setData(x, _positive(self.errors))
+        self.rtn_curve.setData(x, _positive(self.rtn_errors))
+        # One tick per block, at its first layer; at most ~16 labels so they stay readable.
+        starts = [(i, b) for i, b in enumerate(self.blocks)
+                  if b is not None and (i == 0 or self.blocks[i - 1] != b)]
+        step = max(1, -(-len(starts) // 16))
+        self.plot.getAxis("bottom").setTicks([[(float(i), f"b{b}") for i, b in starts[::step]],
+                                              [(float(i), "") for i, _ in starts]])
+
+    def _show_variant(self, variant) -> None:
+        entries = [e for e in variant.layer_errors if e.get("error") is not None]
+        self.names = [e["layer"] for e in entries]
+        self.blocks = [e.get("block") for e in entries]
+        self.errors = [e["error"] for e in entries]
+        self.rtn_errors = [e["rtn_error"] for e in entries]
+        calib = variant.calibration or "no calibration"
+        self.plot_title.setText(f"<b>{variant.name}</b> — {calib}" +
+                                ("" if entries else " (no per-layer errors recorded)"))
+        self._draw()
+
+    # --- variants --------------------------------------------------------------------------
+    def _fill_variants(self) -> None:
+        current = self.variant_list.currentItem()
+        keep = current.text() if current else None
+        self.variant_list.blockSignals(True)
+        self.variant_list.clear()
+        for name in self.state.session.variants:
+            self.variant_list.addItem(QListWidgetItem(name))
+        self.variant_list.blockSignals(False)
+        if keep in self.state.session.variants:
+            self._select(keep)
+        has = self.variant_list.count() > 0
+        self.save_button.setEnabled(has)
+        self.delete_button.setEnabled(has)
+        self.open_button.setEnabled(self.state.handle is not None)
+
+    def _select(self, name: str) -> None:
+        for row in range(self.variant_list.count()):
+            if self.variant_list.item(row).text() == name:
+                self.variant_list.setCurrentRow(row)
+                return
+
+    def _selected(self):
+        item = self.variant_list.currentItem()
+        return self.state.session.variants.get(item.text()) if item else None
+
+    def _variant_selected(self, *_) -> None:
+        variant = self._selected()
+        if variant is None:
+            self.variant_info.setText("")
+            return
+        s = variant.to_summary()
+        self.variant_info.setText(
+            f"{', '.join(sorted({spec.label for spec in variant.specs.values()}))} · "
+            f"{s['layers']} layers · {s['bits_per_weight']:.3f} bits/weight · "
+            f"{s['size_mb']:.1f} MiB · calibration: {s['calibration'] or 'none'} · "
+            f"{s['seconds']:.1f} s")
+        if self.job is None:
+            self._show_variant(variant)
+        self.state.publish("current_variant", variant.name)
+
+    def delete_selected(self) -> None:
+        variant = self._selected()
+        if variant is not None:
+            del self.state.session.variants[variant.name]
+            self.state.publish("variants")
+
+    def save_selected(self, folder: str | None = None) -> None:
+        from studio.core.variant import save_variant
+
+        variant = self._selected()
+        if variant is None:
+            return
+        if not folder:
+            folder = QFileDialog.getExistingDirectory(self, "Save the variant inside a folder")
+            if not folder:
+                return
+            folder = str(Path(folder) / _folder_name(variant.name))
+        self.state.submit(f"Save {variant.name}", lambda: _one_step(
+            f"Writing {folder}", save_variant, variant, folder),
+            on_result=lambda path: self.status.setText(f"Saved {variant.name} to {path}."))
+
+    def open_folder(self, folder: str | None = None) -> None:
+        from studio.core.variant import load_variant
+
+        handle = self.state.handle
+        if handle is None:
+            return
+        if not folder:
+            folder = QFileDialog.getExistingDirectory(self, "Open a variant folder")
+            if not folder:
+                return
+        self.state.submit(f"Open {Path(folder).name}", lambda: _one_step(
+            f"Rebuilding {Path(folder).name}", load_variant, folder, handle),
+            on_result=self._opened)
+
+    def _opened(self, variant) -> None:
+        variant.name = self._unique(variant.name)
+        self._finished(variant)
+
+
+def _positive(values: list[float]) -> np.ndarray:
+    """Log axes cannot show 0: clamp to a floor far below any real error."""
+    return np.array([max(v, 1e-12) if v is not None and math.isfinite(v) else np.nan
+                     for v in values], dtype=np.float32)
+
+
+def _folder_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_") or "variant"
+
+
+def _one_step(message: str, function, *args):
+    """A job of one step (for quick file work that should still not block the window)."""
+    yield Progress(0, 1, message)
+    return function(*args)

@@ -1,0 +1,113 @@
+"""Low-bit CPU kernels give the de-quantized float result; misfits fall back visibly."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from studio.core.kernels import Int4Linear, Int8Linear, kernel_for, kernel_model
+from studio.core.plan import QuantSpec
+from studio.core.quant.grid import quantize_rtn
+
+
+def layer(out, cols, bias=False, seed=0):
+    torch.manual_seed(seed)
+    linear = nn.Linear(cols, out, bias=bias)
+    linear.weight.data.normal_(0, 0.05)
+    if bias:
+        linear.bias.data.normal_(0, 0.1)
+    return linear
+
+
+def check_kernel_matches_float(linear, spec, kind, group=None):
+    q = quantize_rtn(linear.weight.data, spec)
+    kernel, choice = kernel_for("x", linear, q)
+    assert isinstance(kernel, kind), choice
+    if group is not None:
+        assert choice.kernel == f"int4pack g{group}"
+    x = torch.randn(5, 3, linear.in_features)
+    expected = x.to(torch.bfloat16).float() @ q.dequantize().t()
+    if linear.bias is not None:
+        expected = expected + linear.bias
+    got = kernel(x).float()
+    assert got.shape == expected.shape
+    rel = (got - expected).norm() / expected.norm()
+    assert rel < 1e-2, (spec, rel.item())
+    return choice
+
+
+@pytest.mark.parametrize("spec, cols, group", [
+    (QuantSpec(bits=4, group_size=32), 128, 32),
+    (QuantSpec(bits=4, group_size=64, symmetric=True), 128, 64),
+    (QuantSpec(bits=4, group_size=128), 192, 64),     # ragged g128 over 192 runs as g64
+    (QuantSpec(bits=4, group_size=-1), 96, 32),       # per-channel rows as g32 blocks
+    (QuantSpec(bits=3, group_size=32), 128, 32),      # 3-bit codes held in 4 bits
+    (QuantSpec(bits=2, group_size=64), 128, 64),
+])
+def test_int4_kernel_matches_dequantized(spec, cols, group):
+    choice = check_kernel_matches_float(layer(48, cols, bias=True), spec, Int4Linear, group)
+    assert not choice.fallback
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8, group_size=-1, symmetric=True),
+                                  QuantSpec(bits=8, group_size=-1),      # asymmetric zeros
+                                  QuantSpec(bits=6, group_size=-1)])
+def test_int8_kernel_matches_dequantized(spec):
+    choice = check_kernel_matches_float(layer(40, 96), spec, Int8Linear)
+    assert choice.kernel == "int8pack" and not choice.fallback
+
+
+@pytest.mark.parametrize("spec, cols, why", [
+    (QuantSpec(bits=8, group_size=32), 128, "one scale per output channel"),
+    (QuantSpec(bits=4, group_size=32), 48, "no int4 kernel group"),
+])
+def test_misfits_fall_back_with_a_reason(spec, cols, why):
+    linear = layer(16, cols)
+    kernel, choice = kernel_for("x", linear, quantize_rtn(linear.weight.data, spec))
+    assert kernel is None
+    assert choice.fallback and choice.kernel == "fp32 dense" and why in choice.note
+
+
+def test_kernel_model_logits_match_dequantized_float_path(tiny_llama):
+    base = tiny_llama.model
+    names = [info.name for info in tiny_llama.quantizable] + ["lm_head"]
+    for spec in (QuantSpec(bits=4, group_size=32), QuantSpec(bits=8, group_size=-1)):
+        qtensors = {n: quantize_rtn(base.get_submodule(n).weight.data, spec) for n in names}
+        dequantized = copy.deepcopy(base)
+        dequantized.lm_head.weight = nn.Parameter(base.lm_head.weight.clone(),
+                                                  requires_grad=False)  # untie before writing
+        for n, q in qtensors.items():
+            dequantized.get_submodule(n).weight.data.copy_(q.dequantize())
+        fast, choices = kernel_model(dequantized, qtensors)
+        kernels = {c.kernel for c in choices if c.layer in qtensors}
+        assert kernels == ({"int4pack g32"} if spec.bits == 4 else {"int8pack"})
+        assert not any(c.fallback for c in choices)
+        ids = torch.randint(0, 384, (2, 40), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected = dequantized(ids).logits
+            got = fast(ids).logits.float()
+        rel = ((got - expected).norm() / expected.norm()).item()
+        agree = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
+        assert rel < 0.03, (spec, rel)
+        assert agree > 0.9, (spec, agree)
+        assert isinstance(fast.lm_head, (Int4Linear, Int8Linear))
+        # The embedding the head was tied to still looks tokens up in float32.
+        assert fast.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_demo_int4_g32_kernels_reproduce_the_demo(demo_handle):
+    """The demo's weights sit on a Q4_1 grid, so W4 g32 asymmetric codes are exact: the int4
+    kernel model differs from the float model only by bf16 activation rounding."""
+    from studio.core.bench import base_targets
+
+    [target] = base_targets(demo_handle.model, ("int4",), group_size=32, lm_head=False,
+                            layer_names=[i.name for i in demo_handle.quantizable])
+    fast, choices = target.build()
+    assert sum(c.kernel == "int4pack g32" for c in choices) == len(demo_handle.quantizable)
+    ids = torch.randint(0, 49152, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = demo_handle.model(ids).logits
+        got = fast(ids).logits
+    agree = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    assert ((got - expected).norm() / expected.norm()).item() < 0.03
+    assert agree > 0.9

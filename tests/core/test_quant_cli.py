@@ -1,0 +1,47 @@
+"""`compression-studio quantize` per the CLI contract: one JSON object, exit 2 on bad input."""
+import json
+
+from studio.cli import main
+from studio.core.plan import Plan, QuantSpec, Rule
+from studio.core.variant import load_variant
+
+
+def test_quantize_writes_a_variant_and_prints_json(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "variant"
+    code = main(["quantize", str(tiny_dirs["llama"]), "--method", "gptq", "--bits", "3",
+                 "--group-size", "32", "--option", "damp=0.02", "--windows", "8",
+                 "--seqlen", "64", "--out", str(out), "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("seconds", "bits_per_weight", "size_mb", "calibration", "layers"):
+        assert key in result
+    assert result["calibration"] == {"source": "built-in (Python help topics)", "windows": 8,
+                                     "seqlen": 64, "seed": 0}
+    assert result["layers"] == 14 and 3 < result["bits_per_weight"] < 4
+    variant = load_variant(out)   # re-opens the base model from the recorded source
+    assert variant.specs["model.layers.0.mlp.up_proj"].option("damp") == 0.02
+
+
+def test_quantize_from_a_recipe(tiny_dirs, tmp_path, capsys):
+    recipe = tmp_path / "plan.json"
+    Plan(QuantSpec(4, 32, True, "rtn"), rules=(Rule(r".*down_proj", None, True),)).save(recipe)
+    assert main(["quantize", str(tiny_dirs["llama"]), "--recipe", str(recipe),
+                 "--out", str(tmp_path / "v"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layers"] == 12
+
+
+def test_bad_input_exits_2_with_one_line(tiny_dirs, tmp_path, capsys):
+    model = str(tiny_dirs["llama"])
+    recipe = tmp_path / "other.json"
+    Plan(QuantSpec(4, 128), architecture="OPTForCausalLM").save(recipe)
+    cases = [
+        ["--method", "rtn", "--bits", "12"],
+        ["--method", "gptq", "--option", "nonsense=1"],
+        ["--recipe", str(recipe)],
+        ["--method", "awq", "--windows", "1", "--seqlen", "64"],
+    ]
+    for extra in cases:
+        assert main(["quantize", model, *extra, "--out", str(tmp_path / "x")]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("compression-studio quantize: ")
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,158 @@
+"""The quantization driver on tiny random models: plans, errors, cancel, bad input, folders."""
+import json
+
+import pytest
+import torch
+
+from studio.core.errors import Cancelled, StudioError
+from studio.core.jobs import CancelToken, run
+from studio.core.models import open_model_job
+from studio.core.plan import Plan, QuantSpec, Rule
+from studio.core.quantize import quantize_job
+from studio.core.text import text_windows
+from studio.core.variant import load_variant, save_variant
+
+
+@pytest.fixture(scope="module")
+def windows(tiny_llama):
+    return text_windows(tiny_llama.tokenizer, None, 64, 12, 0)
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, snapshot):
+    state = model.state_dict()
+    return all(torch.equal(state[k], v) for k, v in snapshot.items())
+
+
+def test_gptq_layer_error_below_rtn_on_the_same_inputs(tiny_llama, windows):
+    ids, label = windows
+    before = _snapshot(tiny_llama.model)
+    variant = run(quantize_job(tiny_llama, Plan(QuantSpec(3, 32, False, "gptq")), ids, label,
+                               "gptq"))
+    assert _same(tiny_llama.model, before)
+    quantizable = [layer.name for layer in tiny_llama.quantizable]
+    assert sorted(variant.qtensors) == sorted(quantizable)
+    assert variant.calibration == label
+    for entry in variant.layer_errors:
+        assert 0 < entry["error"] < entry["rtn_error"], entry
+    # The variant's model holds exactly the de-quantized codes.
+    for name, qt in variant.qtensors.items():
+        assert torch.equal(variant.model.get_submodule(name).weight, qt.dequantize())
+    assert 3 < variant.bits_per_weight < 4.5
+
+
+def test_mixed_plan_quantizes_each_layer_as_specified(tiny_llama, windows):
+    ids, label = windows
+    plan = Plan(QuantSpec(4, 32, False, "rtn"), rules=(
+        Rule(r".*\.mlp\..*", QuantSpec(3, 64, True, "gptq"), regex=True),
+        Rule("model.layers.1.self_attn.o_proj", None),
+        Rule("model.layers.0.self_attn.q_proj", QuantSpec(8, -1, False, "rtn")),
+        Rule("lm_head", QuantSpec(8, -1, True, "rtn")),
+    ), architecture=tiny_llama.architecture)
+    before = _snapshot(tiny_llama.model)
+    variant = run(quantize_job(tiny_llama, plan, ids, label, "mixed"))
+    assert _same(tiny_llama.model, before)
+    expected = {n: s for n, s in plan.resolve(tiny_llama.layers).items() if s is not None}
+    assert set(variant.qtensors) == set(expected)
+    assert "model.layers.1.self_attn.o_proj" not in variant.qtensors
+    assert "model.embed_tokens" not in variant.qtensors
+    for name, spec in expected.items():
+        qt = variant.qtensors[name]
+        assert variant.specs[name] == spec
+        assert qt.bits == spec.bits
+        width = qt.codes.shape[1]
+        assert qt.group_size == (width if spec.group_size == -1 else min(spec.group_size, width))
+    skipped = "model.layers.1.self_attn.o_proj.weight"
+    assert torch.equal(variant.model.state_dict()[skipped], before[skipped])
+    # lm_head was tied to the embedding: quantizing it must leave the embedding alone.
+    assert torch.equal(variant.model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
+    assert not torch.equal(variant.model.lm_head.weight, before["model.embed_tokens.weight"])
+
+
+def test_cancel_leaves_the_baseline_bit_identical(tiny_llama, windows):
+    ids, label = windows
+    before = _snapshot(tiny_llama.model)
+    token = CancelToken()
+    seen = []
+
+    def progress(p):
+        seen.append(p)
+        if len(seen) == 6:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        run(quantize_job(tiny_llama, Plan(QuantSpec(3, 32, False, "gptq")), ids, label, "c"),
+            progress, token)
+    assert len(seen) == 6
+    assert _same(tiny_llama.model, before)
+
+
+@pytest.mark.parametrize("make", [
+    lambda h: Plan(QuantSpec(4, 128, False, "rtn"), rules=(Rule(r".*nothing.*", None, True),)),
+    lambda h: Plan(QuantSpec(4, 128, False, "rtn"), rules=(Rule("model.layers.9.mlp", None),)),
+    lambda h: Plan(QuantSpec(4, 128), architecture="GPT2LMHeadModel"),
+    lambda h: Plan(None),
+])
+def test_bad_plans_fail_before_any_work(tiny_llama, windows, make):
+    job = quantize_job(tiny_llama, make(tiny_llama), windows[0], windows[1], "bad")
+    with pytest.raises(StudioError):
+        next(job)  # the first step already refuses: nothing was copied or run
+
+
+def test_bad_specs_and_short_calibration_are_refused(tiny_llama, windows):
+    for kwargs in ({"bits": 1}, {"bits": 9}, {"group_size": 48}, {"group_size": 256},
+                   {"method": "gptq", "options": {"dampening": 0.1}}):
+        with pytest.raises(StudioError):
+            QuantSpec(**kwargs)
+    with pytest.raises(StudioError, match="calibration"):
+        next(quantize_job(tiny_llama, Plan(QuantSpec(4, 32, False, "gptq")), None, None, "x"))
+    with pytest.raises(StudioError, match="tokens"):
+        next(quantize_job(tiny_llama, Plan(QuantSpec(4, 32, False, "awq")),
+                          windows[0][:2, :64], "short", "x"))
+
+
+def test_recipe_file_for_another_architecture_is_refused(tiny_llama, tmp_path):
+    path = tmp_path / "plan.json"
+    Plan(QuantSpec(4, 128), architecture="OPTForCausalLM").save(path)
+    with pytest.raises(StudioError, match="OPTForCausalLM"):
+        next(quantize_job(tiny_llama, Plan.load(path), None, None, "x"))
+
+
+def test_rtn_needs_no_calibration(tiny_llama):
+    variant = run(quantize_job(tiny_llama, Plan(QuantSpec(4, 32, True, "rtn")), None, None, "r"))
+    assert variant.calibration is None and len(variant.qtensors) == len(tiny_llama.quantizable)
+    assert all(e["error"] is None for e in variant.layer_errors)
+
+
+def test_variant_folder_round_trip(tiny_llama, windows, tmp_path):
+    ids, label = windows
+    plan = Plan(QuantSpec(3, 32, False, "gptq"), rules=(
+        Rule(r".*\.mlp\..*", QuantSpec(8, -1, True, "smoothquant"), regex=True),))
+    variant = run(quantize_job(tiny_llama, plan, ids, label, "round trip"))
+    assert variant.act_bits and variant.floats   # SmoothQuant folded scales into the norms
+    folder = save_variant(variant, tmp_path / "v")
+    meta = json.loads((folder / "variant.json").read_text())
+    assert meta["name"] == "round trip" and meta["calibration"] == label
+    assert Plan.load(folder / "recipe.json") == plan
+    loaded = load_variant(folder, tiny_llama)
+    assert loaded.act_bits == variant.act_bits
+    with torch.no_grad():
+        a = variant.model(ids[:2]).logits
+        b = loaded.model(ids[:2]).logits
+    assert torch.equal(a, b)
+    for name, qt in variant.qtensors.items():
+        assert torch.equal(loaded.qtensors[name].codes, qt.codes)
+    assert loaded.to_summary()["size_bytes"] == variant.to_summary()["size_bytes"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])  # Conv1D weights; OPT's decoder layout
+def test_other_architectures(tiny_dirs, arch):
+    handle = run(open_model_job(tiny_dirs[arch]))
+    ids, label = text_windows(handle.tokenizer, None, 32, 16, 0)
+    variant = run(quantize_job(handle, Plan(QuantSpec(3, 32, False, "gptq")), ids, label, arch))
+    assert len(variant.qtensors) == len(handle.quantizable)
+    worse = [e for e in variant.layer_errors if not e["error"] < e["rtn_error"]]
+    assert len(worse) <= 1, worse   # random tiny models: GPTQ wins essentially everywhere

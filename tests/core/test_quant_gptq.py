@@ -1,0 +1,58 @@
+import torch
+
+from studio.core.plan import QuantSpec
+from studio.core.quant.gptq import HessianAccumulator, gptq_quantize, relative_output_error
+from studio.core.quant.rtn import quantize_weight
+
+
+def _data(seed=0, cols=96, rows=48, tokens=1024):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=gen) * 0.3
+    x = torch.randn(tokens, cols, generator=gen) @ mix + torch.randn(tokens, cols, generator=gen)
+    x[:, :3] *= 8  # a few loud input channels, as in real activations
+    w = torch.randn(rows, cols, generator=gen)
+    acc = HessianAccumulator(cols)
+    for chunk in x.split(100):
+        acc.add(chunk[None])
+    return x, w, acc.hessian()
+
+
+def test_hessian_is_two_over_n_xtx_and_error_matches_direct():
+    x, w, h = _data()
+    assert torch.allclose(h, 2 / x.shape[0] * x.T @ x, rtol=1e-4, atol=1e-3)
+    q = quantize_weight(w, QuantSpec(3, 32, False, "rtn")).dequantize()
+    direct = ((x @ q.T - x @ w.T).pow(2).sum() / (x @ w.T).pow(2).sum()).item()
+    assert abs(relative_output_error(w, q, h) - direct) < 1e-3 * direct
+
+
+def test_gptq_beats_rtn_on_the_same_data():
+    x, w, h = _data()
+    for spec in (QuantSpec(3, 32, False, "gptq"), QuantSpec(4, -1, True, "gptq"),
+                 QuantSpec(3, 32, False, "gptq", {"act_order": True}),
+                 QuantSpec(3, 64, False, "gptq", {"block_size": 32})):
+        qt, note = gptq_quantize(w, h, spec)
+        rtn = quantize_weight(w, spec.with_(method="rtn", options={}))
+        assert note == ""
+        assert qt.codes.shape == w.shape and int(qt.codes.max()) < 2 ** spec.bits
+        assert relative_output_error(w, qt.dequantize(), h) < \
+            0.9 * relative_output_error(w, rtn.dequantize(), h)
+
+
+def test_ragged_groups_and_dead_columns():
+    x, w, h = _data(cols=80)           # 80 = 1.25 x 64
+    h[5, :] = 0
+    h[:, 5] = 0                          # an input that never fires
+    qt, _ = gptq_quantize(w, h, QuantSpec(4, 64, False, "gptq"))
+    assert qt.scale.shape == (48, 2)
+    assert torch.all(qt.dequantize()[:, 5] == 0)
+
+
+def test_indefinite_hessian_is_damped_never_a_crash():
+    _, w, _ = _data()
+    bad = -torch.eye(96)                  # not positive definite at any small damping
+    qt, note = gptq_quantize(w, bad, QuantSpec(4, 32, False, "gptq"))
+    assert note and qt.codes.shape == w.shape
+    rank_deficient = torch.zeros(96, 96)
+    rank_deficient[:4, :4] = 1.0          # singular, but damping makes it positive definite
+    qt, note = gptq_quantize(w, rank_deficient, QuantSpec(4, 32, False, "gptq"))
+    assert qt.codes.shape == w.shape

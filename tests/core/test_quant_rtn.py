@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from studio.core.plan import QuantSpec
+from studio.core.quant.grid import effective_group_size, expand_groups
+from studio.core.quant.rtn import quantize_weight
+
+
+def _weights(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(24, 200, generator=gen)
+    w[3, 17] = 9.0          # an outlier
+    w[5, :] = 0.0           # an empty row
+    return w
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [-1, 32, 64, 128])   # 200 = 1.5625 x 128: ragged last group
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rtn_error_within_half_a_step(bits, group, symmetric):
+    w = _weights()
+    qt = quantize_weight(w, QuantSpec(bits, group, symmetric, "rtn"))
+    gs = effective_group_size(group, w.shape[1])
+    step = expand_groups(qt.scale, gs, w.shape[1])
+    err = (qt.dequantize() - w).abs()
+    assert torch.all(err <= step / 2 * (1 + 1e-5) + 1e-7)
+    assert qt.codes.dtype == torch.uint8 and int(qt.codes.max()) <= 2 ** bits - 1
+    assert qt.scale.shape == (24, -(-200 // gs))
+
+
+def test_mse_clip_never_worse_than_min_max():
+    w = _weights(1)
+    for spec in (QuantSpec(3, 64, False, "rtn"), QuantSpec(4, -1, True, "rtn")):
+        plain = quantize_weight(w, spec).dequantize()
+        clipped = quantize_weight(w, spec.with_(options={"mse_clip": True})).dequantize()
+        # The search minimises |err|^2.4 per group, with 1.0 among the candidates.
+        per = lambda q: (q - w).abs().pow(2.4).sum()  # noqa: E731
+        assert per(clipped) <= per(plain) + 1e-6
+        assert per(clipped) < per(plain)   # the outlier makes clipping worth it somewhere

@@ -1,0 +1,135 @@
+"""The Weights and Activations views render a tiny model's statistics and react to the user."""
+import numpy as np
+import pytest
+
+from studio.ui.state import AppState
+from studio.ui.views.activations import ActivationsView
+from studio.ui.views.weights import WeightsView
+
+
+@pytest.fixture
+def state(qtbot):
+    state = AppState()
+    failures = []
+    state.jobFailed.connect(lambda title, msg, details: failures.append(msg))
+    state.failures = failures
+    yield state
+    state.runner.cancel_all()
+    assert state.runner.wait(20000), "a job thread was left running"
+
+
+def _open(qtbot, state, view, handle, key):
+    view.show()
+    with qtbot.waitSignal(state.resultsChanged, timeout=60000,
+                          check_params_cb=lambda k: k == key):
+        state.set_model(handle)
+
+
+def test_weights_view_computes_when_shown_and_shows_a_layer(qtbot, state, tiny_llama):
+    view = WeightsView(state)
+    qtbot.addWidget(view)
+    state.set_model(tiny_llama)
+    assert not state.runner.active  # hidden (another tab): nothing computed yet
+    with qtbot.waitSignal(state.resultsChanged, timeout=60000,
+                          check_params_cb=lambda k: k == "weight_stats"):
+        view.show()
+    stats = state.session.results["weight_stats"]
+    assert view.table_model.rowCount() == len(stats.layers)
+    assert len(view.scatter.points()) == len(tiny_llama.quantizable)
+
+    name = tiny_llama.quantizable[3].name
+    state.select_layer(name)
+    s = stats.layers[name]
+    x, y = view.cols_curve.getData()
+    np.testing.assert_allclose(y, s.col_absmax)
+    assert view.image.image.shape == s.heatmap.shape
+    assert view.proxy.index(view.table.currentIndex().row(), 1).data() == name
+    _, counts = view.hist_curve.getData()
+    np.testing.assert_allclose(counts, np.log10(1 + s.hist_counts), rtol=1e-6)
+    view.log_hist.setChecked(False)
+    np.testing.assert_allclose(view.hist_curve.getData()[1], s.hist_counts)
+
+    view.stat.setCurrentIndex(view.stat.findData("absmax"))
+    ys = sorted(p.pos().y() for p in view.scatter.points())
+    np.testing.assert_allclose(ys, sorted(stats.column("absmax")), rtol=1e-6)
+    view.table.selectRow(0)  # a table row selects its layer everywhere
+    assert state.selected_layer == view.proxy.index(0, 1).data()
+    assert not state.failures
+
+
+def test_weights_view_reuses_session_results(qtbot, state, tiny_llama):
+    first = WeightsView(state)
+    qtbot.addWidget(first)
+    _open(qtbot, state, first, tiny_llama, "weight_stats")
+    second = WeightsView(state)  # e.g. the tab re-created: no recompute
+    qtbot.addWidget(second)
+    second.show()
+    assert not state.runner.active
+    assert second.table_model.rowCount() == first.table_model.rowCount()
+    state.set_model(None)
+    assert first.table_model.rowCount() == 0
+    state.set_model(tiny_llama)  # re-opened: its statistics come back without a job
+    assert not state.runner.active
+    assert first.table_model.rowCount() == second.table_model.rowCount() > 0
+
+
+def _capture(qtbot, state, view, windows=2, seqlen=32):
+    view.windows.setValue(windows)
+    view.seqlen.setValue(seqlen)
+    with qtbot.waitSignal(state.runner.jobDone, timeout=60000):
+        view.start()
+
+
+def test_activations_view_capture_outliers_and_preview(qtbot, state, tiny_llama):
+    view = ActivationsView(state)
+    qtbot.addWidget(view)
+    state.set_model(tiny_llama)
+    _capture(qtbot, state, view)
+    capture = state.session.results["activations"]
+    assert capture.windows == 2 and capture.seqlen == 32
+    assert view.table_model.rowCount() == len(capture.inputs)
+
+    name = "model.layers.1.mlp.up_proj"
+    state.select_layer(name)
+    assert name in view.group.layers and view.group.layers[0].endswith("gate_proj")
+    heights = view.act_bars.getData()[1]
+    np.testing.assert_allclose(heights, capture.input_of(name).absmax)
+
+    view.alpha.setValue(100)  # alpha 1: all the difficulty goes to the weights
+    np.testing.assert_allclose(view.smooth_act.getData()[1], 1.0, rtol=1e-4)
+    assert "activations" in view.ranges.text()
+
+    view.k.setValue(1.5)
+    assert sum(len(g.channels) for g in view.groups) > 0
+    view.k.setValue(0.0)  # refused with a sentence, not a crash
+    assert "positive" in view.k_note.text() and view.table_model.rowCount() == 0
+    view.k.setValue(20.0)
+    assert view.table_model.rowCount() == len(capture.inputs)
+    assert view.profile_max.getData()[1].shape == (capture.stream_norm.shape[0],)
+    assert not state.failures
+
+
+def test_activations_view_reports_bad_text_and_keeps_nothing(qtbot, state, tiny_llama, tmp_path):
+    view = ActivationsView(state)
+    qtbot.addWidget(view)
+    state.set_model(tiny_llama)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    view._set_path(str(empty))
+    _capture(qtbot, state, view)
+    assert state.failures and "empty" in state.failures[0]
+    assert "Capture failed" in view.status.text()
+    assert "activations" not in state.session.results
+
+
+def test_activations_view_cancel_keeps_nothing(qtbot, state, tiny_llama):
+    view = ActivationsView(state)
+    qtbot.addWidget(view)
+    state.set_model(tiny_llama)
+    view.windows.setValue(64)
+    view.seqlen.setValue(128)
+    with qtbot.waitSignal(state.runner.jobDone, timeout=60000):
+        view.start()
+        view.job.cancel()
+    assert "cancelled" in view.status.text()
+    assert "activations" not in state.session.results

@@ -1,0 +1,145 @@
+"""The Sensitivity and Plan views: measure, click to assign, edit, allocate, refuse bad edits."""
+import numpy as np
+import pytest
+
+from studio.core.jobs import run
+from studio.core.models import open_model_job
+from studio.core.plan import Plan, QuantSpec, Rule
+from studio.core.sensitivity import sensitivity_job
+from studio.core.text import text_windows
+from studio.ui.state import AppState
+from studio.ui.views.plan_editor import PlanView
+from studio.ui.views.sensitivity import SensitivityView
+
+
+@pytest.fixture
+def state(qtbot):
+    state = AppState()
+    failures = []
+    state.jobFailed.connect(lambda title, msg, details: failures.append(msg))
+    state.failures = failures
+    yield state
+    state.runner.cancel_all()
+    assert state.runner.wait(20000), "a job thread was left running"
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tiny_llama):
+    windows = text_windows(tiny_llama.tokenizer, None, 16, 8, seed=0)[0]
+    return run(sensitivity_job(tiny_llama, windows, bits=(2, 4, 8), group_size=32,
+                               kl_windows=2))
+
+
+def _wait_job(qtbot, view):
+    """Wait until the view's job is over (the view clears `job` when its result arrives)."""
+    qtbot.waitUntil(lambda: view.job is None, timeout=120000)
+
+
+def test_sensitivity_view_measures_and_a_click_assigns_a_width(qtbot, state, tiny_llama):
+    view = SensitivityView(state)
+    qtbot.addWidget(view)
+    state.set_model(tiny_llama)
+    view.widths.setText("2,4")
+    view.group.setCurrentIndex(view.group.findData(32))
+    view.kl_windows.setValue(2)
+    view.seqlen.setValue(16)
+    view.resize(900, 500)
+    view.show()
+    assert view.start() is not None
+    _wait_job(qtbot, view)
+    result = state.session.results["sensitivity"]
+    assert result.bits == (2, 4) and result.has_kl
+    assert view.image.image.shape == (2, len(tiny_llama.quantizable))
+    assert not state.failures
+
+    # A click in the cell of layer 5 at 2 bits gives that layer 2 bits in the session plan.
+    vb = view.plot.getPlotItem().vb
+    from PySide6.QtCore import QPointF
+    scene = vb.mapViewToScene(QPointF(5.5, 0.5))
+    assert view.cell_at(scene) == (5, 0)
+    with qtbot.waitSignal(state.resultsChanged, check_params_cb=lambda k: k == "plan"):
+        view.assign(result.layers[5], 2)
+    spec = state.session.plan.spec_for(result.layers[5])
+    assert (spec.bits, spec.group_size) == (2, 32)
+    assert len(view.marks.data) == len(tiny_llama.quantizable)  # every layer marked
+
+
+def test_sensitivity_from_another_model_is_refused(qtbot, state, tiny_dirs, tiny_result,
+                                                   tmp_path):
+    path = tmp_path / "sens.json"
+    tiny_result.save(path)
+    view = SensitivityView(state)
+    qtbot.addWidget(view)
+    state.set_model(run(open_model_job(tiny_dirs["qwen2"])))
+    view._load(str(path))
+    assert "measured on a LlamaForCausalLM" in view.status.text()
+    assert "sensitivity" not in state.session.results
+
+
+def test_plan_meter_matches_the_quantized_variant(qtbot, state, tiny_llama):
+    from studio.core.quantize import quantize_job
+
+    view = PlanView(state)
+    qtbot.addWidget(view)
+    state.set_model(tiny_llama)
+    view.rule.setText(r"model.layers.*.mlp.down_proj -> 8 g64")
+    view.apply_rule_text()
+    view.table.selectRow(1)  # the first block linear (row 0 is the embedding)
+    view.bits.setValue(2)
+    view.group.setCurrentIndex(view.group.findData(-1))
+    view.apply_to_selected()
+    plan = state.session.plan
+    assert plan.spec_for(tiny_llama.layers[1].name).bits == 2
+    variant = run(quantize_job(tiny_llama, plan, None, None, "meter"))
+    assert view.size.size_bytes == variant.size_bytes
+    assert view.size.bits_per_weight == pytest.approx(variant.bits_per_weight)
+    assert f"{variant.size_bytes:,} bytes" in view.meter.text()
+
+
+def test_invalid_edits_are_refused_and_the_plan_is_unchanged(qtbot, state, tiny_llama):
+    view = PlanView(state)
+    qtbot.addWidget(view)
+    state.set_model(tiny_llama)
+    before = state.session.plan
+    view.table.selectRow(2)
+    view.bits.setValue(12)
+    view.apply_to_selected()
+    assert state.session.plan is before
+    assert "Refused" in view.message.text() and "2 to 8" in view.message.text()
+    for text in ("model.attention.* -> 4", "model.layers.*.mlp.down_proj -> 9",
+                 "model.layers.*.mlp.down_proj -> 4 g100", "no arrow here", "(( -> 4"):
+        view.rule.setText(text)
+        view.apply_rule_text()
+        assert state.session.plan is before, text
+        assert "Refused" in view.message.text(), text
+    view._load(__file__)  # not a recipe
+    assert state.session.plan is before
+
+
+def test_auto_allocation_meets_the_target_and_draws_the_curve(qtbot, state, tiny_llama,
+                                                              tiny_result, tmp_path):
+    view = PlanView(state)
+    qtbot.addWidget(view)
+    state.set_model(tiny_llama)
+    view.auto_allocate()
+    assert "Measure sensitivity first" in view.message.text()
+    state.publish("sensitivity", tiny_result)
+    view.target.setValue(3.5)
+    assert view.auto_allocate() is not None
+    _wait_job(qtbot, view)
+    assert view.size.bits_per_weight <= 3.5
+    assert view.loss == pytest.approx(view.allocation.loss)
+    x, y = view.curve.getData()
+    assert len(x) > 3 and np.all(np.diff(x) > 0)
+    # An impossible target is refused and the plan stays as it was.
+    plan = state.session.plan
+    view.target.setValue(1.0)
+    assert view.auto_allocate() is not None
+    _wait_job(qtbot, view)
+    assert state.session.plan is plan and "below the smallest" in view.message.text()
+
+    view._export("llama", str(tmp_path / "types.txt"))
+    lines = (tmp_path / "types.txt").read_text().splitlines()
+    assert len(lines) == len(tiny_llama.quantizable)
+    view._save(str(tmp_path / "plan.json"))
+    assert Plan.load(tmp_path / "plan.json") == plan

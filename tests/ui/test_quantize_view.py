@@ -1,0 +1,88 @@
+"""The Quantize panel runs a job, plots each layer's error live, and manages variants."""
+import numpy as np
+import pytest
+
+from studio.ui.state import AppState
+from studio.ui.views.quantize import QuantizeView
+
+
+@pytest.fixture
+def state(qtbot):
+    state = AppState()
+    failures = []
+    state.jobFailed.connect(lambda title, msg, details: failures.append(msg))
+    state.failures = failures
+    yield state
+    state.runner.cancel_all()
+    assert state.runner.wait(20000), "a job thread was left running"
+
+
+def _view(qtbot, state, handle):
+    state.set_model(handle)
+    view = QuantizeView(state)
+    qtbot.addWidget(view)
+    view.windows.setValue(8)
+    view.seqlen.setValue(64)
+    return view
+
+
+def test_run_plots_errors_and_publishes_a_variant(qtbot, state, tiny_llama, tmp_path):
+    view = _view(qtbot, state, tiny_llama)
+    view.method.setCurrentIndex(view.method.findData("gptq"))
+    view.bits.setValue(3)
+    view.group.setCurrentIndex(view.group.findData(32))
+    seen = []
+    with qtbot.waitSignal(state.resultsChanged, timeout=120000,
+                          check_params_cb=lambda key: key == "variants"):
+        view.run()
+        view.job.progress.connect(seen.append)
+    qtbot.waitUntil(lambda: view.job is None, timeout=10000)
+    assert not state.failures
+    assert list(state.session.variants) == ["GPTQ W3 g32"]
+    variant = state.session.variants["GPTQ W3 g32"]
+    assert any("block 0" in p.message for p in seen)
+    # The plot holds one point per layer for the method and for RTN, as recorded.
+    x, y = view.curve.getData()
+    _, y_rtn = view.rtn_curve.getData()
+    errors = [e["error"] for e in variant.layer_errors]
+    assert len(x) == len(tiny_llama.quantizable)
+    np.testing.assert_allclose(10.0 ** y, errors, rtol=1e-4)   # a log axis holds log10
+    assert np.all(y < y_rtn)
+    assert view.variant_list.count() == 1 and "3." in view.variant_info.text()
+
+    # Save, delete, open again.
+    with qtbot.waitSignal(state.runner.jobDone, timeout=30000):
+        view.save_selected(str(tmp_path / "v"))
+    assert (tmp_path / "v" / "variant.json").is_file()
+    view.delete_selected()
+    assert not state.session.variants and view.variant_list.count() == 0
+    with qtbot.waitSignal(state.resultsChanged, timeout=30000,
+                          check_params_cb=lambda key: key == "variants"):
+        view.open_folder(str(tmp_path / "v"))
+    assert list(state.session.variants) == ["GPTQ W3 g32"]
+
+
+def test_cancel_keeps_everything_unchanged(qtbot, state, tiny_llama):
+    import torch
+
+    view = _view(qtbot, state, tiny_llama)
+    view.method.setCurrentIndex(view.method.findData("gptq"))
+    before = {k: v.clone() for k, v in tiny_llama.model.state_dict().items()}
+    view.run()
+    job = view.job
+    job.progress.connect(lambda p: job.cancel())   # cancel at the first progress report
+    with qtbot.waitSignal(job.cancelled, timeout=60000):
+        pass
+    qtbot.waitUntil(lambda: view.job is None, timeout=10000)
+    assert "Cancelled" in view.status.text()
+    assert not state.session.variants
+    assert all(torch.equal(v, tiny_llama.model.state_dict()[k]) for k, v in before.items())
+    assert view.run_button.isEnabled()
+
+
+def test_smoothquant_defaults_to_w8_per_channel(qtbot, state, tiny_llama):
+    view = _view(qtbot, state, tiny_llama)
+    view.method.setCurrentIndex(view.method.findData("smoothquant"))
+    spec = view.spec()
+    assert (spec.bits, spec.group_size, spec.symmetric) == (8, -1, True)
+    assert set(spec.options) == {"alpha", "act_bits"}
