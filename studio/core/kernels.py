@@ -261,5 +261,6 @@ def kernel_summary(choices: list[KernelChoice]) -> dict[str, int]:
     """kernel name -> number of layers that ran on it (for tables)."""
     summary: dict[str, int] = {}
     for choice in choices:
-        summary[choice.kernel] = summary.get(choice.kernel, 0) + 1
+        key = f"{choice.kernel} (fallback)" if choice.fallback else choice.kernel
+        summary[key] = summary.get(key, 0) + 1
     return summary

@@ -36,8 +36,7 @@ from studio.core.files import write_text_atomic
 from studio.core.jobs import Job, Progress
 from studio.core.layers import set_weight_matrix, weight_matrix
 from studio.core.plan import QuantSpec
-from studio.core.quant.blocks import (BlockInputs, call_block, capture_block_inputs,
-                                      decoder_blocks)
+from studio.core.quant.blocks import call_block, capture_block_inputs, decoder_blocks
 from studio.core.quant.rtn import quantize_weight
 
 DEFAULT_BITS = (2, 3, 4, 8)

@@ -64,7 +64,7 @@ def _relative_error(x, w_q, w):
 
 
 # g64 makes the MLP's 160-wide down_proj input ragged (2.5 groups).
-@pytest.mark.parametrize("bits,group_size", [(3, 64), (4, 32), (4, -1)])
+@pytest.mark.parametrize("bits,group_size", [(3, 64), (4, -1)])
 def test_awq_beats_rtn_on_salient_channels(tiny_llama, bits, group_size):
     model = copy.deepcopy(tiny_llama.model)
     block = model.model.layers[0]

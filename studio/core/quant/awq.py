@@ -62,7 +62,8 @@ def awq_block_job(block: nn.Module, block_prefix: str, inputs: BlockInputs,
 
     first_inputs = sorted({g.linears[0] for g in groups})
     stats = _window_sample(inputs, STATS_TOKENS)
-    x_mean, clip_x = capture_linear_stats(block, stats, first_inputs, list(local))
+    clipped = [rel for rel, spec in local.items() if spec.option("clip") and not _skips_clip(rel)]
+    x_mean, clip_x = capture_linear_stats(block, stats, first_inputs, clipped)
     calls = capture_calls(block, _window_sample(inputs, SEARCH_TOKENS),
                           sorted({g.inspect for g in groups}))
 
@@ -81,7 +82,7 @@ def awq_block_job(block: nn.Module, block_prefix: str, inputs: BlockInputs,
     qtensors: dict[str, QTensor] = {}
     for j, (rel, spec) in enumerate(local.items()):
         w = weight_matrix(block.get_submodule(rel)).float()
-        if spec.option("clip") and not _skips_clip(rel):
+        if rel in clipped:
             max_val = search_clip(w, clip_x[rel], spec)
             gs = effective_group_size(spec.group_size, w.shape[1])
             bound = expand_groups(max_val, gs, w.shape[1])
