@@ -324,5 +324,6 @@ def grid_notes(model: nn.Module) -> list[str]:
     if distinct > 16:
         return []
     return [f"The weights already sit on a grid of at most {distinct} values per 32-element "
-            f"block (they were stored 4-bit, e.g. GGUF Q4_1): a W4 g32 asymmetric quantizer "
-            f"reproduces them exactly. Compare methods at g128, per-channel or 3 bits."]
+            f"block (they were stored at 4 bits, e.g. GGUF Q4_1): a 4-bit, 32-element-group "
+            f"quantizer with a float offset gets them back exactly, which flatters any method "
+            f"compared there. Compare methods at g128, per-channel or 3 bits."]

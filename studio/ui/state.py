@@ -52,6 +52,6 @@ class AppState(QObject):
                on_result: Callable[[Any], None] | None = None,
                on_progress: Callable[[Progress], None] | None = None) -> JobHandle:
         """Run a core job on the worker thread; its errors reach the user through the window."""
-        handle = self.runner.submit(title, factory, on_result, on_progress)
-        handle.failed.connect(lambda msg, details: self.jobFailed.emit(title, msg, details))
-        return handle
+        return self.runner.submit(title, factory, on_result, on_progress,
+                                  on_failed=lambda msg, details:
+                                  self.jobFailed.emit(title, msg, details))

@@ -29,6 +29,7 @@ class JobHandle(QObject):
         self.title = title
         self.token = CancelToken()
         self.running = False
+        self.is_done = False  # set on the worker before `done` is emitted: safe to poll
 
     def cancel(self) -> None:
         self.token.cancel()
@@ -61,6 +62,7 @@ class _Runnable(QRunnable):
                 handle.finished.emit(result)
         finally:
             handle.running = False
+            handle.is_done = True
             handle.done.emit()
 
 
@@ -77,13 +79,20 @@ class JobRunner(QObject):
 
     def submit(self, title: str, factory: Callable[[], Job],
                on_result: Callable[[Any], None] | None = None,
-               on_progress: Callable[[Progress], None] | None = None) -> JobHandle:
-        """Run `factory()` (a Job) on the worker; `on_result` runs on the UI thread."""
+               on_progress: Callable[[Progress], None] | None = None,
+               on_failed: Callable[[str, str], None] | None = None) -> JobHandle:
+        """Run `factory()` (a Job) on the worker; the callbacks run on the UI thread.
+
+        Everything is connected before the job starts: a signal emitted by the worker before a
+        connection exists would be lost.
+        """
         handle = JobHandle(title)
         if on_result is not None:
             handle.finished.connect(on_result)
         if on_progress is not None:
             handle.progress.connect(on_progress)
+        if on_failed is not None:
+            handle.failed.connect(on_failed)
         handle.started.connect(lambda: self.jobStarted.emit(handle))
         handle.done.connect(lambda: self._done(handle))
         self.active.append(handle)

@@ -19,8 +19,9 @@ def window(qtbot):
 
 
 def open_and_wait(qtbot, window, source):
-    job = window.open_model(str(source))  # its signals arrive through the event loop, so
-    qtbot.waitSignal(job.done, timeout=60000).wait()  # connecting after submit misses none
+    job = window.open_model(str(source))
+    qtbot.waitUntil(lambda: job.is_done, timeout=60000)
+    qtbot.wait(50)  # let the queued result reach the window
 
 
 def test_opens_a_model_and_lists_its_layers(qtbot, window, tiny_dirs):
@@ -68,7 +69,8 @@ def test_cancel_leaves_the_current_model(qtbot, window, tiny_dirs):
     before = window.state.handle
     job = window.open_model(str(tiny_dirs["gpt2"]))
     job.cancel()
-    qtbot.waitSignal(job.done, timeout=60000).wait()
+    qtbot.waitUntil(lambda: job.is_done, timeout=60000)
+    qtbot.wait(50)
     assert window.state.handle is before
 
 
