@@ -1,7 +1,8 @@
 """`compression-studio`: no arguments opens the window; sub-commands run the headless core.
 
 Each sub-command lives in its own module under `studio/commands/` (NAME, HELP,
-add_arguments(parser), run(args) -> exit status) and is listed in COMMANDS below.
+add_arguments(parser), run(args) -> exit status) and is listed in COMMANDS below; plugins add
+theirs through `studio.core.plugins`.
 Exit status: 0 success, 2 bad input (one line on stderr), 1 internal error.
 """
 from __future__ import annotations
@@ -14,8 +15,9 @@ import traceback
 
 from studio import __version__
 from studio.core.errors import Cancelled, StudioError
+from studio.core.plugins import discover
 
-COMMANDS = ("open", "inspect", "analyze", "quantize", "plan", "eval", "bench", "export")
+COMMANDS = ("open", "inspect", "analyze", "quantize", "plan", "eval", "bench")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,16 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
+        _add_command(sub, importlib.import_module(f"studio.commands.{name}"))
+    plugins = discover()
+    for module_name in plugins.commands:
         try:
-            module = importlib.import_module(f"studio.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"studio.commands.{name}":
-                raise
-            continue  # a command not built yet
-        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(command)
-        command.set_defaults(run=module.run)
+            _add_command(sub, importlib.import_module(module_name))
+        except Exception as exc:  # a broken plugin command must not take the CLI down
+            logging.getLogger(__name__).warning("plugin command %s skipped: %s", module_name, exc)
     return parser
+
+
+def _add_command(sub, module) -> None:
+    command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+    module.add_arguments(command)
+    command.set_defaults(run=module.run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from studio.commands.common import add_model_argument, open_model, print_json, run_with_progress
+from studio.commands.common import (add_calibration_arguments, add_model_argument, open_model,
+                                     print_json, run_with_progress)
 from studio.core.activations import DEFAULT_SEQLEN, DEFAULT_WINDOWS, activation_capture_job
 from studio.core.errors import StudioError
 from studio.core.files import write_text_atomic
@@ -22,12 +23,7 @@ FORMAT_VERSION = 1
 
 def add_arguments(parser) -> None:
     add_model_argument(parser)
-    parser.add_argument("--calib", metavar="FILE", help="calibration text (default: built-in)")
-    parser.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
-                        help=f"calibration windows (default {DEFAULT_WINDOWS})")
-    parser.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN,
-                        help=f"tokens per window (default {DEFAULT_SEQLEN})")
-    parser.add_argument("--seed", type=int, default=0, help="window sampling seed (default 0)")
+    add_calibration_arguments(parser, DEFAULT_WINDOWS, DEFAULT_SEQLEN)
     parser.add_argument("--k", type=float, default=DEFAULT_K,
                         help=f"outlier channel: abs-max > K x the median channel (default {DEFAULT_K:g})")
     parser.add_argument("--weights-only", action="store_true",

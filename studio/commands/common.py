@@ -62,3 +62,14 @@ def _jsonable(value: Any) -> Any:
 
 def add_model_argument(parser, help_text: str = "a model folder, a .gguf file, or 'demo'") -> None:
     parser.add_argument("model", metavar="MODEL", help=help_text)
+
+
+def add_calibration_arguments(parser, windows: int, seqlen: int = 512,
+                              what: str = "calibration") -> None:
+    """--calib, --windows, --seqlen, --seed: the same four options on every command that reads text."""
+    parser.add_argument("--calib", metavar="FILE", help=f"{what} text (default: built-in)")
+    parser.add_argument("--windows", type=int, default=windows,
+                        help=f"{what} windows (default {windows})")
+    parser.add_argument("--seqlen", type=int, default=seqlen,
+                        help=f"tokens per window (default {seqlen})")
+    parser.add_argument("--seed", type=int, default=0, help="window sampling seed (default 0)")

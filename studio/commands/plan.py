@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from studio.commands.common import add_model_argument, open_model, print_json, run_with_progress
+from studio.commands.common import (add_calibration_arguments, add_model_argument, open_model,
+                                     print_json, run_with_progress)
 from studio.core.errors import StudioError
 from studio.core.plan import GROUP_SIZES, METHODS
 
@@ -35,12 +36,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--symmetric", action="store_true", help="symmetric grid")
     parser.add_argument("--no-full-precision", action="store_true",
                         help="never keep a layer in 16 bits")
-    parser.add_argument("--calib", metavar="FILE", help="text for the sweep (default: built-in)")
-    parser.add_argument("--windows", type=int, default=DEFAULT_KL_WINDOWS,
-                        help=f"windows for the KL sweep ({DEFAULT_KL_WINDOWS})")
-    parser.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN,
-                        help=f"tokens per window ({DEFAULT_SEQLEN})")
-    parser.add_argument("--seed", type=int, default=0, help="window sampling seed (0)")
+    add_calibration_arguments(parser, DEFAULT_KL_WINDOWS, DEFAULT_SEQLEN, what="sensitivity sweep")
     parser.add_argument("--proxy-only", action="store_true",
                         help="allocate with the layer-output proxy only (fast, no KL sweep)")
     parser.add_argument("--sensitivity", metavar="FILE",

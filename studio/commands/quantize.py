@@ -2,7 +2,8 @@
 [--calib FILE] [--windows N] [--seqlen L] [--seed S] --out VARIANT [--json]"""
 from __future__ import annotations
 
-from studio.commands.common import add_model_argument, open_model, print_json, run_with_progress
+from studio.commands.common import (add_calibration_arguments, add_model_argument, open_model,
+                                     print_json, run_with_progress)
 from studio.core.errors import StudioError
 from studio.core.plan import GROUP_SIZES, METHODS, Plan, QuantSpec
 
@@ -22,10 +23,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="a method option, e.g. damp=0.01, act_order=true, mse_clip=true, "
                              "alpha=0.5 (repeatable)")
-    parser.add_argument("--calib", metavar="FILE", help="calibration text (default: built-in)")
-    parser.add_argument("--windows", type=int, default=64, help="calibration windows (64)")
-    parser.add_argument("--seqlen", type=int, default=512, help="tokens per window (512)")
-    parser.add_argument("--seed", type=int, default=0, help="window sampling seed (0)")
+    add_calibration_arguments(parser, windows=64)
     parser.add_argument("--name", help="the variant's name (default: from the plan)")
     parser.add_argument("--out", required=True, metavar="VARIANT", help="folder to write")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -14,6 +14,7 @@ from PySide6.QtWidgets import (QFileDialog, QLabel, QMainWindow, QProgressBar, Q
 
 from studio import __version__
 from studio.core.models import demo_available, open_model_job
+from studio.core.plugins import discover
 from studio.ui import settings
 from studio.ui.errors import get_reporter
 from studio.ui.state import AppState
@@ -30,8 +31,11 @@ class MainWindow(QMainWindow):
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
         self.views: dict[str, object] = {}
-        for title, target in VIEWS:
+        plugins = discover()
+        for title, target in VIEWS + plugins.views:
             self.tabs.addTab(self._make_view(title, target), title)
+        for message in plugins.errors:
+            get_reporter().report("A plugin could not be loaded", message)
         self.setCentralWidget(self.tabs)
         self._build_menus()
         self._build_status_bar()

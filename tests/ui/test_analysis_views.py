@@ -2,20 +2,8 @@
 import numpy as np
 import pytest
 
-from studio.ui.state import AppState
 from studio.ui.views.activations import ActivationsView
 from studio.ui.views.weights import WeightsView
-
-
-@pytest.fixture
-def state(qtbot):
-    state = AppState()
-    failures = []
-    state.jobFailed.connect(lambda title, msg, details: failures.append(msg))
-    state.failures = failures
-    yield state
-    state.runner.cancel_all()
-    assert state.runner.wait(20000), "a job thread was left running"
 
 
 def _open(qtbot, state, view, handle, key):

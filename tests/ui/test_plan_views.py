@@ -7,20 +7,8 @@ from studio.core.models import open_model_job
 from studio.core.plan import Plan, QuantSpec, Rule
 from studio.core.sensitivity import sensitivity_job
 from studio.core.text import text_windows
-from studio.ui.state import AppState
 from studio.ui.views.plan_editor import PlanView
 from studio.ui.views.sensitivity import SensitivityView
-
-
-@pytest.fixture
-def state(qtbot):
-    state = AppState()
-    failures = []
-    state.jobFailed.connect(lambda title, msg, details: failures.append(msg))
-    state.failures = failures
-    yield state
-    state.runner.cancel_all()
-    assert state.runner.wait(20000), "a job thread was left running"
 
 
 @pytest.fixture(scope="module")
