@@ -14,10 +14,9 @@ def main(source: str | None = None, screenshot: str | None = None, tab: str | No
     With `screenshot`, the window is saved to that PNG once the model has opened (or at once
     without a model) and the app quits: for documentation, smoke tests and timing.
     """
+    import pyqtgraph as pg
     from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QApplication
-
-    import pyqtgraph as pg
 
     from studio.ui.errors import get_reporter
     from studio.ui.main_window import MainWindow

@@ -9,8 +9,15 @@ from pathlib import Path
 import psutil
 from PySide6.QtCore import QByteArray, QTimer
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import (QFileDialog, QLabel, QMainWindow, QProgressBar, QPushButton,
-                               QTabWidget, QTextBrowser)
+from PySide6.QtWidgets import (
+    QFileDialog,
+    QLabel,
+    QMainWindow,
+    QProgressBar,
+    QPushButton,
+    QTabWidget,
+    QTextBrowser,
+)
 
 from studio import __version__
 from studio.core.models import demo_available, open_model_job

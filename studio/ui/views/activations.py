@@ -11,14 +11,36 @@ from pathlib import Path
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QDoubleSpinBox, QFileDialog, QHBoxLayout, QLabel, QPushButton,
-                               QSlider, QSpinBox, QSplitter, QTabWidget, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QDoubleSpinBox,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSlider,
+    QSpinBox,
+    QSplitter,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
 
-from studio.core.activations import DEFAULT_SEQLEN, DEFAULT_WINDOWS, activation_capture_job
+from studio.core.activations import (
+    DEFAULT_SEQLEN,
+    DEFAULT_WINDOWS,
+    activation_capture_job,
+)
 from studio.core.errors import StudioError
-from studio.core.outliers import (DEFAULT_K, DEFAULT_MASSIVE_FACTOR, find_outliers,
-                                  massive_activations, smoothing_preview, token_norm_profile,
-                                  weight_columns)
+from studio.core.outliers import (
+    DEFAULT_K,
+    DEFAULT_MASSIVE_FACTOR,
+    find_outliers,
+    massive_activations,
+    smoothing_preview,
+    token_norm_profile,
+    weight_columns,
+)
+from studio.ui.layout import column
 from studio.ui.views.weights import SortItem, fmt, make_table, plot
 
 KEY = "activations"
@@ -123,24 +145,12 @@ class ActivationsView(QWidget):
         controls.addWidget(QLabel("k ="))
         controls.addWidget(self.k)
         controls.addWidget(self.k_note, 1)
-        left = QWidget()
-        column = QVBoxLayout(left)
-        column.setContentsMargins(0, 0, 0, 0)
-        column.addLayout(controls)
-        column.addWidget(self.table)
-        column.addWidget(self.act_hist)
-        right = QWidget()
-        inspector = QVBoxLayout(right)
-        inspector.setContentsMargins(0, 0, 0, 0)
-        inspector.addWidget(self.act_plot)
-        inspector.addWidget(self.w_plot)
+        left = column(controls, self.table, self.act_hist)
         slider = QHBoxLayout()
         slider.addWidget(QLabel("SmoothQuant alpha"))
         slider.addWidget(self.alpha, 1)
         slider.addWidget(self.alpha_label)
-        inspector.addLayout(slider)
-        inspector.addWidget(self.smooth_plot)
-        inspector.addWidget(self.ranges)
+        right = column(self.act_plot, self.w_plot, slider, self.smooth_plot, self.ranges)
         self.outlier_page = QSplitter(Qt.Orientation.Horizontal)
         self.outlier_page.addWidget(left)
         self.outlier_page.addWidget(right)
@@ -163,16 +173,8 @@ class ActivationsView(QWidget):
         self.massive_note.setWordWrap(True)
         self.massive_table, self.massive_model, self.massive_proxy = make_table(MASSIVE_COLUMNS)
         self.massive_table.selectionModel().currentRowChanged.connect(self._massive_row_changed)
-        plots = QWidget()
-        column = QVBoxLayout(plots)
-        column.setContentsMargins(0, 0, 0, 0)
-        column.addWidget(self.profile)
-        column.addWidget(self.tokens_plot)
-        right = QWidget()
-        column = QVBoxLayout(right)
-        column.setContentsMargins(0, 0, 0, 0)
-        column.addWidget(self.massive_note)
-        column.addWidget(self.massive_table)
+        plots = column(self.profile, self.tokens_plot)
+        right = column(self.massive_note, self.massive_table)
         self.massive_page = QSplitter(Qt.Orientation.Horizontal)
         self.massive_page.addWidget(plots)
         self.massive_page.addWidget(right)

@@ -16,12 +16,24 @@ from pathlib import Path
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QBuffer, QIODevice, Qt
-from PySide6.QtWidgets import (QComboBox, QFileDialog, QGridLayout, QHBoxLayout, QHeaderView,
-                               QLabel, QPushButton, QSplitter, QTableWidget, QTableWidgetItem,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QGridLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QPushButton,
+    QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
 
 from studio.core import metrics
 from studio.core.files import write_bytes_atomic, write_text_atomic
+from studio.ui.layout import column
 
 BASELINE = "baseline"
 # (key, header, format) of the runs table and the CSV export, in order.
@@ -147,11 +159,7 @@ class CompareView(QWidget):
         buttons.addWidget(self.hist_variant)
         buttons.addWidget(self.hist_layer)
 
-        top = QWidget()
-        top_layout = QVBoxLayout(top)
-        top_layout.setContentsMargins(0, 0, 0, 0)
-        top_layout.addWidget(self.table)
-        top_layout.addWidget(self.status)
+        top = column(self.table, self.status)
         split = QSplitter(Qt.Orientation.Vertical)
         split.addWidget(top)
         split.addWidget(self.charts)

@@ -5,14 +5,38 @@ from __future__ import annotations
 import html
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
-                               QLineEdit, QListWidget, QListWidgetItem, QPlainTextEdit,
-                               QPushButton, QSpinBox, QSplitter, QTextBrowser, QVBoxLayout,
-                               QWidget)
+from PySide6.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QPlainTextEdit,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QTextBrowser,
+    QVBoxLayout,
+    QWidget,
+)
 
-from studio.core.evaluate import (DEFAULT_PROMPT, DEFAULT_SEQLEN, DEFAULT_WINDOWS,
-                                  GENERATE_TOKENS, evaluate_many_job, generations_job)
-from studio.ui.views.compare import BASELINE, add_runs, describe_baseline, describe_variant
+from studio.core.evaluate import (
+    DEFAULT_PROMPT,
+    DEFAULT_SEQLEN,
+    DEFAULT_WINDOWS,
+    GENERATE_TOKENS,
+    evaluate_many_job,
+    generations_job,
+)
+from studio.ui.views.compare import (
+    BASELINE,
+    add_runs,
+    describe_baseline,
+    describe_variant,
+)
 
 BUILTIN = "Built-in text (Python help topics)"
 # Loss change (nats) at which a token's colour saturates.

@@ -3,10 +3,20 @@ from __future__ import annotations
 
 from PySide6.QtCore import QSortFilterProxyModel, Qt
 from PySide6.QtGui import QStandardItem, QStandardItemModel
-from PySide6.QtWidgets import (QComboBox, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
-                               QSplitter, QTableView, QTextBrowser, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QComboBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QSplitter,
+    QTableView,
+    QTextBrowser,
+    QVBoxLayout,
+    QWidget,
+)
 
 from studio.core.layers import ROLES
+from studio.ui.layout import column
 
 COLUMNS = ("#", "Layer", "Block", "Role", "Kind", "Shape", "Parameters", "dtype", "Size (KiB)",
            "Quantized by default")
@@ -90,11 +100,7 @@ class LayersView(QWidget):
         bar.addWidget(self.search, 1)
         bar.addWidget(self.roles)
         bar.addWidget(self.count)
-        left = QWidget()
-        column = QVBoxLayout(left)
-        column.setContentsMargins(0, 0, 0, 0)
-        column.addLayout(bar)
-        column.addWidget(self.table)
+        left = column(bar, self.table)
         split = QSplitter()
         split.addWidget(left)
         split.addWidget(self.details)

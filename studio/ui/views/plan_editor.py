@@ -13,14 +13,29 @@ from pathlib import Path
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDoubleSpinBox,
-                               QFileDialog, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
-                               QPushButton, QSpinBox, QSplitter, QTableWidget, QTableWidgetItem,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
 
 from studio.core.errors import StudioError
 from studio.core.jobs import Progress
 from studio.core.plan import GROUP_SIZES, METHODS, Plan, QuantSpec, Rule
+from studio.ui.layout import column
 
 COLUMNS = ("Layer", "Block", "Role", "Shape", "Bits", "Group", "Method", "Sym", "Skip", "From")
 RULE_HELP = ("regex -> bits [g32|g64|g128|ch] [method] [sym] | fp16, "
@@ -182,18 +197,8 @@ class PlanView(QWidget):
                        self.loss_kind, allocate, self.measure_button):
             auto.addWidget(widget)
         auto.addStretch(1)
-        left = QWidget()
-        column = QVBoxLayout(left)
-        column.setContentsMargins(0, 0, 0, 0)
-        column.addLayout(edit)
-        column.addLayout(rules)
-        column.addWidget(self.table, 1)
-        right = QWidget()
-        column = QVBoxLayout(right)
-        column.setContentsMargins(0, 0, 0, 0)
-        column.addLayout(auto)
-        column.addWidget(self.pareto, 1)
-        column.addWidget(self.pareto_note)
+        left = column(edit, rules, (self.table, 1))
+        right = column(auto, (self.pareto, 1), self.pareto_note)
         split = QSplitter()
         split.addWidget(left)
         split.addWidget(right)
@@ -344,11 +349,11 @@ class PlanView(QWidget):
 
     def measure_points(self):
         """Quantize the chosen plan and three more optimal points, measure KL and perplexity."""
+        from studio.core import metrics
         from studio.core.allocate import allocate, plan_size
         from studio.core.evaluate import window_logits
         from studio.core.quantize import quantize_job
         from studio.core.text import text_windows
-        from studio.core import metrics
 
         handle = self.state.handle
         if handle is None or self.job is not None:

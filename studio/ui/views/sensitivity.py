@@ -8,12 +8,24 @@ from pathlib import Path
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QHBoxLayout, QLabel,
-                               QLineEdit, QPushButton, QSpinBox, QSplitter, QTextBrowser,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QTextBrowser,
+    QVBoxLayout,
+    QWidget,
+)
 
 from studio.core.errors import StudioError
 from studio.core.plan import QuantSpec, Rule
+from studio.ui.layout import column
 from studio.ui.views.plan_editor import guarded
 
 KEY = "sensitivity"
@@ -92,11 +104,7 @@ class SensitivityView(QWidget):
         show.addWidget(self.metric_box)
         show.addWidget(self.show_plan)
         show.addWidget(self.hover, 1)
-        left = QWidget()
-        column = QVBoxLayout(left)
-        column.setContentsMargins(0, 0, 0, 0)
-        column.addLayout(show)
-        column.addWidget(self.plot, 1)
+        left = column(show, (self.plot, 1))
         split = QSplitter()
         split.addWidget(left)
         split.addWidget(self.ranking)
