@@ -2,12 +2,15 @@
 
     python benchmarks/bench_allocation.py [--method rtn] [--sensitivity /tmp/sens.json]
 
-1. Sensitivity sweep (RTN, group 128): the proxy over all layers x 4 widths (2,3,4,8), timed;
-   the KL sweep over all layers x 3 widths (3,4,8) on 8 windows of 32 tokens, timed. The sweep
-   reads windows sampled from the second half of WikiText-2 (the evaluation reads the first
-   ~20k tokens), so the allocation never sees the text it is scored on.
+1. Sensitivity sweep with the studio's defaults: the proxy over all layers x every option
+   (widths 2,3,4,5,6,8 at group sizes 32,64,128), the KL sweep over all layers at W4 g128 only
+   on 8 windows of 32 tokens, each timed; every other option's KL is predicted from the proxy
+   (KL ~ c_l x proxy, c_l measured at W4 g128). The sweep reads windows sampled from the second
+   half of WikiText-2 (the evaluation reads the first ~20k tokens), so the allocation never
+   sees the text it is scored on.
 2. Uniform W4 g128 vs the auto plan at the same bytes (scales and zeros counted);
-   uniform W3 g128 vs the auto plan at 3.5 bits per weight. Same method for every plan.
+   uniform W3 g128 vs the auto plan at 3.5 bits per weight. Same method (RTN by default) for
+   every plan; each auto plan's option mix is printed.
 3. WikiText-2 perplexity, standard protocol, seqlen 512, 40 windows.
 
 Every figure printed is measured in this run (or read from the saved sweep, which says so).
@@ -30,7 +33,17 @@ from studio.core.jobs import run  # noqa: E402
 from studio.core.models import open_model_job  # noqa: E402
 from studio.core.plan import Plan, QuantSpec  # noqa: E402
 from studio.core.quantize import quantize_job  # noqa: E402
-from studio.core.sensitivity import SensitivityResult, sensitivity_job  # noqa: E402
+from studio.core.sensitivity import (  # noqa: E402
+    DEFAULT_BITS,
+    DEFAULT_GROUPS,
+    DEFAULT_KL_BITS,
+    DEFAULT_KL_GROUP,
+    SensitivityResult,
+    kl_columns,
+    option_label,
+    sensitivity_job,
+    sweep_options,
+)
 from studio.core.text import calibration_windows, eval_windows, tokenize  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext2_test.txt"
@@ -69,28 +82,32 @@ def main() -> int:
           f"{test.shape[0]} x {test.shape[1]} tokens; {torch.get_num_threads()} torch threads")
 
     sweep_windows = calibration_windows(calib_ids, args.seqlen, 8, seed=0)
-    start = time.perf_counter()
-    proxy = run(sensitivity_job(handle, sweep_windows, bits=(2, 3, 4, 8), group_size=GROUP,
-                                kl_windows=0, text_label="WikiText-2 second half"))
-    print(f"proxy sweep: {len(proxy.layers)} layers x 4 widths in "
-          f"{time.perf_counter() - start:.1f} s (job-reported {proxy.proxy_seconds:.1f} s)")
-
+    options = sweep_options(DEFAULT_BITS, DEFAULT_GROUPS)
+    kl_specs = [options[j] for j in kl_columns(options, DEFAULT_KL_BITS, DEFAULT_KL_GROUP)]
     saved = Path(args.sensitivity) if args.sensitivity else None
+    sens = None
     if saved and saved.is_file():
         sens = SensitivityResult.load(saved)
         sens.check_model(handle)
-        print(f"KL sweep: read from {saved} (measured {sens.kl_seconds:.1f} s for "
-              f"{len(sens.layers)} layers x {len(sens.bits)} widths x {sens.kl_windows} windows "
-              f"of {sens.seqlen} tokens)")
-    else:
-        sens = run(sensitivity_job(handle, sweep_windows, bits=(3, 4, 8), group_size=GROUP,
-                                   method=args.method, kl_windows=8,
+        if (any(sens.column(o) is None for o in options)
+                or any(sens.column(o) not in sens.kl_options for o in kl_specs)):
+            print(f"{saved} does not cover the default options: measuring again")
+            sens = None
+        else:
+            sens = sens.subset(options)
+            print(f"sweep: read from {saved}, measured earlier:")
+    if sens is None:
+        sens = run(sensitivity_job(handle, sweep_windows, method=args.method, kl_windows=8,
                                    text_label="WikiText-2 second half"), progress())
-        print(f"KL sweep: {len(sens.layers)} layers x {len(sens.bits)} widths x "
-              f"{sens.kl_windows} windows of {sens.seqlen} tokens in {sens.kl_seconds:.1f} s "
-              f"(baseline ppl on those windows {sens.base_ppl:.2f})")
+        print("sweep, measured now:")
         if saved:
             sens.save(saved)
+    measured = ", ".join(sens.labels[j] for j in sens.kl_options)
+    print(f"  proxy: {len(sens.layers)} layers x {len(sens.options)} options "
+          f"({', '.join(sens.labels)}) in {sens.proxy_seconds:.1f} s")
+    print(f"  KL: {len(sens.layers)} layers x {len(sens.kl_options)} option(s) ({measured}) x "
+          f"{sens.kl_windows} windows of {sens.seqlen} tokens in {sens.kl_seconds:.1f} s "
+          f"(baseline ppl on those windows {sens.base_ppl:.2f})")
 
     table = loss_table(sens, handle, kind="kl", method=args.method)
     base_ppl, tokens = perplexity(handle.model, test)
@@ -125,9 +142,11 @@ def main() -> int:
     for label, answer in (("auto @ W4 bytes", auto4), ("auto @ 3.5 bpw", auto35)):
         mix: dict[str, int] = {}
         for spec in answer.choices.values():
-            key = "fp16" if spec is None else f"W{spec.bits}"
+            key = "fp16" if spec is None else option_label(spec)
             mix[key] = mix.get(key, 0) + 1
-        print(f"{label}: {mix}; solver {'exact' if answer.exact else f'gap {answer.gap:.3g}'}")
+        order = sens.labels + ["fp16"]
+        counts = ", ".join(f"{mix[k]} x {k}" for k in order if k in mix)
+        print(f"{label}: {counts}; solver {'exact' if answer.exact else f'gap {answer.gap:.3g}'}")
     print(f"\nauto vs uniform W4 at equal bytes: ppl {auto4_ppl:.3f} vs {w4_ppl:.3f}")
     print(f"auto 3.5 bpw vs uniform W3: ppl {auto35_ppl:.3f} vs {w3_ppl:.3f}")
     return 0

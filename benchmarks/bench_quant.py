@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
+import threading
 import time
 from pathlib import Path
+
+import psutil
 
 from studio.core.evaluate import perplexity
 from studio.core.jobs import run
@@ -37,6 +39,27 @@ def in_domain_text(data: Path) -> str:
     first ~20k tokens, so this half never overlaps them."""
     rows = (data / "wikitext2_test.txt").read_text(encoding="utf-8").split("\n\n")
     return "\n\n".join(rows[len(rows) // 2:])
+
+
+class PeakRSS:
+    """The process's peak resident memory while a `with` block runs (sampled every 20 ms)."""
+
+    def __enter__(self):
+        self.process = psutil.Process()
+        self.before = self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _watch(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
 
 
 def main(argv=None) -> int:
@@ -65,14 +88,26 @@ def main(argv=None) -> int:
     print(f"model {handle.name}; perplexity on WikiText-2 test, {evaluation.shape[0]} windows x "
           f"{args.seqlen} tokens; calibration {args.calib_windows} x {args.seqlen} tokens, seed 0",
           flush=True)
-    print(f"{'method':<22} {'calibration':<26} {'ppl':>8} {'quant s':>8} {'bpw':>6}", flush=True)
+    model_mib = handle.size_bytes / 2 ** 20
+    print(f"fp32 model {model_mib:.0f} MiB; peak = the process's peak RSS during the job, "
+          f"+ = its rise over the RSS with the baseline open", flush=True)
+    print(f"{'method':<22} {'calibration':<26} {'ppl':>8} {'quant s':>8} {'bpw':>6} "
+          f"{'peak MiB':>9} {'+ MiB':>6}", flush=True)
 
-    def report(method: str, calibration: str, ppl: float, seconds: float | None, bpw: float):
+    def report(method: str, calibration: str, ppl: float, seconds: float | None, bpw: float,
+               memory: PeakRSS | None = None):
         secs = "" if seconds is None else f"{seconds:8.1f}"
-        print(f"{method:<22} {calibration:<26} {ppl:8.3f} {secs:>8} {bpw:6.3f}", flush=True)
+        peak = rise = ""
+        if memory is not None:
+            peak, rise = f"{memory.peak / 2**20:9.0f}", f"{(memory.peak - memory.before) / 2**20:6.0f}"
+        print(f"{method:<22} {calibration:<26} {ppl:8.3f} {secs:>8} {bpw:6.3f} {peak:>9} "
+              f"{rise:>6}", flush=True)
         if args.json:
             print(json.dumps({"method": method, "calibration": calibration, "ppl": ppl,
-                              "seconds": seconds, "bits_per_weight": bpw}), flush=True)
+                              "seconds": seconds, "bits_per_weight": bpw,
+                              "peak_rss_mib": memory and memory.peak / 2**20,
+                              "rss_rise_mib": memory and (memory.peak - memory.before) / 2**20}),
+                  flush=True)
 
     report("FP32", "-", perplexity(handle.model, evaluation)[0], None, 32.0)
     methods = args.methods.split(",")
@@ -83,15 +118,14 @@ def main(argv=None) -> int:
     for spec in specs:
         runs = [(None, None)] if spec.method == "rtn" else list(calib.values())
         for label, windows in runs:
-            start = time.perf_counter()
-            variant = run(quantize_job(handle, Plan(spec), windows, label, spec.label))
-            seconds = time.perf_counter() - start
+            with PeakRSS() as memory:
+                start = time.perf_counter()
+                variant = run(quantize_job(handle, Plan(spec), windows, label, spec.label))
+                seconds = time.perf_counter() - start
             name = spec.label + (" A8" if variant.act_bits else "")
             report(name, label or "none", perplexity(variant.model, evaluation)[0], seconds,
-                   variant.bits_per_weight)
+                   variant.bits_per_weight, memory)
             del variant
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS {peak:.0f} MiB (fp32 model {handle.size_bytes / 2**20:.0f} MiB)", flush=True)
     return 0
 
 

@@ -1,9 +1,12 @@
-"""compression-studio plan MODEL (--budget-bpw X | --budget-mb M) [--method M] [--bits 2,3,4,8]
-[--group-size G] [--calib FILE] [--windows N] [--seqlen L] [--proxy-only] --out plan.json [--json]
-[--llama-cpp FILE] [--llm-compressor FILE] [--sensitivity FILE]
+"""compression-studio plan MODEL (--budget-bpw X | --budget-mb M) [--method M]
+[--bits 2,3,4,5,6,8] [--group-sizes 32,64,128] [--kl-bits 4] [--kl-group 128] [--calib FILE]
+[--windows N] [--seqlen L] [--proxy-only] --out plan.json [--json] [--llama-cpp FILE]
+[--llm-compressor FILE] [--sensitivity FILE]
 
-Measures every layer's sensitivity (or re-uses a saved sweep), then writes the plan that
-minimises the total predicted loss within the budget.
+Measures every layer's sensitivity at every option (each width at each group size; KL end to
+end at the --kl-bits widths only, the rest predicted from the proxy), or re-uses a saved sweep
+that covers those options, then writes the plan that minimises the total predicted loss within
+the budget.
 """
 from __future__ import annotations
 
@@ -13,14 +16,17 @@ from pathlib import Path
 from studio.commands.common import (add_calibration_arguments, add_model_argument, open_model,
                                      print_json, run_with_progress)
 from studio.core.errors import StudioError
-from studio.core.plan import GROUP_SIZES, METHODS
+from studio.core.plan import METHODS
 
 NAME = "plan"
 HELP = "choose bits per layer under a size budget from measured sensitivity"
 
 
 def add_arguments(parser) -> None:
-    from studio.core.sensitivity import DEFAULT_KL_WINDOWS, DEFAULT_SEQLEN
+    from studio.core.sensitivity import (DEFAULT_BITS, DEFAULT_GROUPS, DEFAULT_KL_BITS,
+                                         DEFAULT_KL_GROUP, DEFAULT_KL_WINDOWS, DEFAULT_SEQLEN)
+
+    join = lambda values: ",".join(map(str, values))  # noqa: E731
 
     add_model_argument(parser)
     budget = parser.add_mutually_exclusive_group(required=True)
@@ -30,9 +36,18 @@ def add_arguments(parser) -> None:
                         help="size of the whole model in MB (2^20 bytes)")
     parser.add_argument("--method", choices=METHODS, default="rtn",
                         help="the method the plan uses (sensitivity is measured with RTN)")
-    parser.add_argument("--bits", default="2,3,4,8", help="candidate widths (default 2,3,4,8)")
-    parser.add_argument("--group-size", type=int, default=128, choices=GROUP_SIZES,
-                        help="32, 64, 128 or -1 for per-channel (default 128)")
+    parser.add_argument("--bits", default=join(DEFAULT_BITS),
+                        help=f"candidate widths (default {join(DEFAULT_BITS)})")
+    parser.add_argument("--group-sizes", "--group-size", dest="group_sizes",
+                        default=join(DEFAULT_GROUPS),
+                        help=f"candidate group sizes, each with every width: 32, 64, 128, ch "
+                             f"(per-channel) (default {join(DEFAULT_GROUPS)})")
+    parser.add_argument("--kl-bits", default=join(DEFAULT_KL_BITS),
+                        help=f"widths measured end to end, at --kl-group; the other options' KL "
+                             f"is predicted from the proxy (default {join(DEFAULT_KL_BITS)})")
+    parser.add_argument("--kl-group", default=str(DEFAULT_KL_GROUP),
+                        help=f"group size of the end-to-end measurements "
+                             f"(default {DEFAULT_KL_GROUP})")
     parser.add_argument("--symmetric", action="store_true", help="symmetric grid")
     parser.add_argument("--no-full-precision", action="store_true",
                         help="never keep a layer in 16 bits")
@@ -47,30 +62,29 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def parse_bits(text: str) -> tuple[int, ...]:
-    try:
-        bits = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
-    except ValueError:
-        raise StudioError(f"--bits takes widths like 2,3,4,8, not {text!r}.") from None
-    if not bits:
-        raise StudioError("--bits needs at least one width.")
-    return bits
-
-
 def run(args) -> int:
     from studio.core.allocate import allocate, budget_bits, loss_table, plan_size, table_for
-    from studio.core.plan import QuantSpec
     from studio.core.plan_export import llama_cpp_export, llm_compressor_export
+    from studio.core.sensitivity import (kl_columns, option_label, parse_group_sizes,
+                                         parse_widths, sweep_options)
 
-    bits = parse_bits(args.bits)
-    options = [QuantSpec(bits=b, group_size=args.group_size, symmetric=args.symmetric,
-                         method=args.method) for b in bits]
+    # Every bad option is refused here, before the model is opened or anything is measured.
+    kl_group = parse_group_sizes(args.kl_group, "--kl-group")
+    if len(kl_group) != 1:
+        raise StudioError(f"--kl-group takes one group size, not {args.kl_group!r}.")
+    menu = {"bits": parse_widths(args.bits, "--bits"),
+            "group_sizes": parse_group_sizes(args.group_sizes, "--group-sizes"),
+            "kl_bits": parse_widths(args.kl_bits, "--kl-bits"), "kl_group": kl_group[0]}
+    options = sweep_options(menu["bits"], menu["group_sizes"], args.symmetric)
+    kl_options = [] if args.proxy_only else [
+        options[j] for j in kl_columns(options, menu["kl_bits"], menu["kl_group"])]
     quiet = args.json and not sys.stderr.isatty()
     handle = open_model(args.model, quiet)
     # A budget nothing can meet is refused before minutes of measuring.
-    budget_bits(table_for(handle, options + ([] if args.no_full_precision else [None])),
+    planned = [o.with_(method=args.method) for o in options]
+    budget_bits(table_for(handle, planned + ([] if args.no_full_precision else [None])),
                 args.budget_bpw, args.budget_mb)
-    result = sweep(handle, args, bits, quiet)
+    result = sweep(handle, args, menu, options, kl_options, quiet)
     kind = "proxy" if args.proxy_only else "kl"
     table = loss_table(result, handle, kind=kind, full_precision=not args.no_full_precision,
                        method=args.method)
@@ -84,18 +98,21 @@ def run(args) -> int:
             written = export(handle, answer.plan)
             written.save(path)
             exports[flag] = {"path": str(path), "notes": written.notes}
+    label = lambda spec: "fp16" if spec is None else option_label(spec)  # noqa: E731
+    order = result.labels + ["fp16"]   # the mix reads in the options' order
     counts: dict[str, int] = {}
     for spec in answer.choices.values():
-        key = "fp16" if spec is None else f"{spec.bits}"
-        counts[key] = counts.get(key, 0) + 1
+        counts[label(spec)] = counts.get(label(spec), 0) + 1
+    counts = {k: counts[k] for k in order if k in counts}
     report = {
         "out": str(args.out), "method": args.method, "loss": kind,
         "budget": {"bpw": args.budget_bpw, "mb": args.budget_mb},
         "bits_per_weight": round(size.bits_per_weight, 4), "size_bytes": size.size_bytes,
         "size_mb": round(size.size_mb, 3), "predicted_loss": answer.loss,
-        "lower_bound": answer.lower_bound, "exact": answer.exact, "layers_by_bits": counts,
-        "layers": {n: None if s is None else s.bits for n, s in answer.choices.items()},
-        "sensitivity": {"bits": list(result.bits), "group_size": result.group_size,
+        "lower_bound": answer.lower_bound, "exact": answer.exact, "layers_by_option": counts,
+        "layers": {n: None if s is None else option_label(s) for n, s in answer.choices.items()},
+        "sensitivity": {"options": result.labels,
+                        "kl_options": [result.labels[j] for j in result.kl_options],
                         "text": result.text_label, "seqlen": result.seqlen,
                         "kl_windows": result.kl_windows, "base_ppl": result.base_ppl,
                         "proxy_seconds": round(result.proxy_seconds, 2),
@@ -107,15 +124,16 @@ def run(args) -> int:
     if args.json:
         print_json(report)
         return 0
-    mix = ", ".join(f"{n} x {k}{'' if k == 'fp16' else '-bit'}" for k, n in
-                    sorted(counts.items(), key=lambda item: (item[0] == "fp16", item[0])))
+    mix = ", ".join(f"{n} x {k}" for k, n in counts.items())
     print(f"plan: {size.bits_per_weight:.3f} bits/weight, {size.size_mb:.2f} MB; {mix} "
           f"-> {args.out}")
     gap = "exact optimum" if answer.exact else f"within {answer.gap:.3g} of the optimum"
     print(f"predicted {kind} loss {answer.loss:.4g} ({gap})")
-    print(f"sensitivity: {len(result.layers)} layers x {len(result.bits)} widths on "
+    measured = ", ".join(result.labels[j] for j in result.kl_options)
+    print(f"sensitivity: {len(result.layers)} layers x {len(result.options)} options on "
           f"{result.text_label}; proxy {result.proxy_seconds:.1f} s"
-          + (f", KL {result.kl_windows} x {result.seqlen} tokens {result.kl_seconds:.1f} s"
+          + (f", KL at {measured} on {result.kl_windows} x {result.seqlen} tokens "
+             f"{result.kl_seconds:.1f} s (other options predicted from the proxy)"
              if result.has_kl else ""))
     for flag, info in exports.items():
         print(f"{flag.replace('_', '-')}: {info['path']}")
@@ -124,34 +142,27 @@ def run(args) -> int:
     return 0
 
 
-def sweep(handle, args, bits, quiet):
-    """The sensitivity results: a matching saved sweep, else a new one (saved when asked)."""
-    from studio.core.sensitivity import DEFAULT_PROXY_WINDOWS, SensitivityResult, sensitivity_job
+def sweep(handle, args, menu, options, kl_options, quiet):
+    """The sensitivity results: a saved sweep covering `options` (and measuring `kl_options`
+    end to end unless proxy-only), else a new one over `menu` (saved when asked)."""
+    from studio.core.sensitivity import (DEFAULT_PROXY_WINDOWS, SensitivityResult, same_grid,
+                                         sensitivity_job)
     from studio.core.text import text_windows
 
     if args.sensitivity and Path(args.sensitivity).is_file():
         saved = SensitivityResult.load(args.sensitivity)
         saved.check_model(handle)
-        if (set(bits) <= set(saved.bits) and saved.group_size == args.group_size
-                and saved.symmetric == args.symmetric and (args.proxy_only or saved.has_kl)):
-            return _narrow(saved, bits)
+        measured = [saved.options[j] for j in saved.kl_options]
+        covered = all(saved.column(o) is not None for o in options)
+        kl_covered = all(any(same_grid(o, m) for m in measured) for o in kl_options)
+        if covered and kl_covered:
+            return saved.subset(options)
     kl_windows = 0 if args.proxy_only else args.windows
     windows, label = text_windows(handle.tokenizer, args.calib, args.seqlen,
                                   max(kl_windows, DEFAULT_PROXY_WINDOWS), args.seed)
     result = run_with_progress(sensitivity_job(
-        handle, windows, bits=bits, group_size=args.group_size, method=args.method,
-        symmetric=args.symmetric, kl_windows=kl_windows, text_label=label, seed=args.seed), quiet)
+        handle, windows, **menu, method=args.method, symmetric=args.symmetric,
+        kl_windows=kl_windows, text_label=label, seed=args.seed), quiet)
     if args.sensitivity:
         result.save(args.sensitivity)
     return result
-
-
-def _narrow(result, bits):
-    """A saved sweep restricted to the widths asked for."""
-    import dataclasses
-
-    cols = [result.bits.index(b) for b in bits]
-    pick = lambda a: None if a is None else a[:, cols]  # noqa: E731
-    return dataclasses.replace(result, bits=tuple(bits), proxy_error=pick(result.proxy_error),
-                               sqnr_db=pick(result.sqnr_db), kl=pick(result.kl),
-                               ppl=pick(result.ppl))

@@ -1,9 +1,10 @@
 """Bits per layer under a size budget: the plan that minimises total predicted loss.
 
-The problem is a multiple-choice knapsack: every layer picks one option (a bit-width, or full
-precision), each with a storage cost in bits (codes + scales + zero points, counted exactly as
-`grid.bits_per_weight` counts them) and a predicted loss (the layer's KL divergence or proxy
-error from the sensitivity sweep). Losses are assumed to add up across layers, the usual
+The problem is a multiple-choice knapsack: every layer picks one option (a grid such as W4 g128
+or W3 g64, or full precision), each with a storage cost in bits (codes + scales + zero points,
+counted exactly as `grid.bits_per_weight` counts them) and a predicted loss (the layer's
+end-to-end KL, measured or predicted from the proxy, or the proxy error itself; see
+`sensitivity`). Losses are assumed to add up across layers, the usual
 assumption of mixed-precision allocators (HAWQ, llama.cpp's imatrix-driven type choice).
 
 The solver is a dynamic programme over a discretised budget. When every cost is a multiple of
@@ -23,6 +24,7 @@ import numpy as np
 from studio.core.errors import StudioError
 from studio.core.plan import Plan, QuantSpec, Rule
 from studio.core.quant.grid import bits_per_weight, effective_group_size
+from studio.core.sensitivity import option_label
 
 MB = 2 ** 20              # "MB" as Variant.to_summary reports size_mb
 FULL_PRECISION_BITS = 16  # a layer kept in full precision is stored as fp16/bf16
@@ -54,6 +56,9 @@ class LossTable:
         if self.loss.shape != (len(self.names), len(self.options)):
             raise ValueError(f"loss table is {self.loss.shape}, expected "
                              f"{(len(self.names), len(self.options))}")
+        if len(self.options) > 127:  # the programme stores each choice in an int8
+            raise StudioError(f"{len(self.options)} options per layer are too many for the "
+                              f"allocator (at most 127).")
         if not np.all(np.isfinite(self.loss)):
             raise StudioError("The sensitivity table has missing or infinite values; "
                               "run the sensitivity sweep again.")
@@ -176,11 +181,12 @@ def plan_from_choices(choices: dict[str, QuantSpec | None], architecture: str | 
 
 def loss_table(result, handle, kind: str = "auto", full_precision: bool = True,
                method: str | None = None) -> LossTable:
-    """The allocator's table from sensitivity results (checked against `handle` first);
-    `method` overrides the method the plan's specs carry."""
+    """The allocator's table from sensitivity results (checked against `handle` first): one
+    column per measured option (plus full precision); `method` overrides the method the plan's
+    specs carry."""
     result.check_model(handle)
     loss = np.asarray(result.loss(kind), dtype=np.float64)
-    options: list[QuantSpec | None] = [result.spec(b) for b in result.bits]
+    options: list[QuantSpec | None] = [result.spec(j) for j in range(len(result.options))]
     if method is not None:
         options = [o.with_(method=method) for o in options]
     if full_precision:
@@ -245,9 +251,10 @@ def plan_size(handle, plan: Plan) -> PlanSize:
 
 
 def predicted_loss(result, plan: Plan, kind: str = "auto") -> tuple[float | None, str]:
-    """Sum of the measured per-layer loss at each layer's planned width (0 for full precision).
+    """Sum of the per-layer loss of each layer's planned option (0 for full precision).
 
-    None, with the reason, when the plan uses a width or grid the sweep did not measure.
+    Options are matched on their grid (bits, group size, symmetric), whatever the method.
+    None, with the reason, when the plan uses a grid the sweep did not measure.
     """
     loss = result.loss(kind)
     total = 0.0
@@ -255,12 +262,11 @@ def predicted_loss(result, plan: Plan, kind: str = "auto") -> tuple[float | None
         spec = plan.spec_for(name)
         if spec is None:
             continue
-        if spec.bits not in result.bits:
-            return None, f"{name} is planned at {spec.bits} bits, which the sweep did not measure"
-        if (spec.group_size, spec.symmetric) != (result.group_size, result.symmetric):
-            return None, (f"{name} is planned with {spec.label}; the sweep measured group size "
-                          f"{result.group_size}{' symmetric' if result.symmetric else ''}")
-        total += float(loss[row, result.bits.index(spec.bits)])
+        col = result.column(spec)
+        if col is None:
+            return None, (f"{name} is planned at {option_label(spec)}, which the sweep did not "
+                          f"measure")
+        total += float(loss[row, col])
     return total, ""
 
 

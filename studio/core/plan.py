@@ -24,7 +24,10 @@ RECIPE_VERSION = 1
 # Options each method understands, with their defaults. Anything else is a user error.
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "rtn": {"mse_clip": False},
-    "gptq": {"damp": 0.01, "block_size": 128, "act_order": False},
+    # act_order on by default: columns by decreasing Hessian diagonal with groups fixed from the
+    # original weights ("static" order, llm-compressor's default: no runtime cost). On the demo
+    # at W4 g128 it took WikiText-2 ppl from 38.24 to 36.27 (RTN 39.14).
+    "gptq": {"damp": 0.01, "block_size": 128, "act_order": True},
     "awq": {"grid": 20, "clip": True},
     "smoothquant": {"alpha": 0.5, "act_bits": 8},
 }

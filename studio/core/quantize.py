@@ -32,9 +32,9 @@ from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress
 from studio.core.layers import get_module, is_linear, set_weight_matrix, weight_matrix
 from studio.core.plan import Plan, QuantSpec
-from studio.core.quant.blocks import (BlockInputs, capture_block_inputs, decoder_blocks,
-                                      run_block, run_block_until)
-from studio.core.quant.gptq import (HessianAccumulator, gptq_quantize, output_energy,
+from studio.core.quant.blocks import (FAST_DTYPE, BlockInputs, Replay, capture_block_inputs,
+                                      decoder_blocks, run_block, run_block_until)
+from studio.core.quant.gptq import (HessianAccumulator, gptq_quantize_layers, output_energy,
                                      relative_output_error)
 from studio.core.quant.grid import QTensor
 from studio.core.quant.rtn import quantize_weight
@@ -81,9 +81,10 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
         mine = {n: s for n, s in specs.items() if n.startswith(block_name + ".")}
         if not mine and inputs is None:
             continue
-        yield from quantize_block(block, block_name, index, len(blocks), inputs, mine, state)
-        if inputs is not None and index + 1 < len(blocks):
-            inputs = inputs.with_hidden(run_block(block, inputs, BATCH))
+        outputs = yield from quantize_block(block, block_name, index, len(blocks), inputs, mine,
+                                            state, want_outputs=index + 1 < len(blocks))
+        if outputs is not None:
+            inputs = inputs.with_hidden(outputs)
     for layer in outside:
         yield from quantize_outside(model, layer, specs[layer], state)
 
@@ -236,8 +237,10 @@ def unfold(q: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None) ->
 
 
 def quantize_block(block: nn.Module, block_name: str, index: int, count: int,
-                   inputs: BlockInputs | None, specs: dict[str, QuantSpec],
-                   state: _State) -> Job[None]:
+                   inputs: BlockInputs | None, specs: dict[str, QuantSpec], state: _State,
+                   want_outputs: bool = False) -> Job[torch.Tensor | None]:
+    """Quantize the block's layers in `specs`; the block's outputs (the next block's inputs)
+    when `want_outputs` and there are inputs."""
     label = f"block {index} of {count}"
     yield Progress(len(state.qtensors) + 1, state.total, f"{label}: measuring inputs")
     rel = {n[len(block_name) + 1:]: s for n, s in specs.items()}
@@ -260,23 +263,34 @@ def quantize_block(block: nn.Module, block_name: str, index: int, count: int,
         yield state.record(full, index, spec, qt, module, w_pre[r], hessians.get(r))
     del hessians, w_pre
 
+    # GPTQ, true-sequential: each group's Hessian from the block run as far as that group,
+    # everything before it already quantized; parts of the block that can no longer change
+    # are served from memory (Replay) instead of being computed again.
+    pending = {r for r, s in rel.items() if s.method == "gptq"}
+    replay = Replay(block, [r for group in groups for r in group], pending)
+    batches = -(-len(inputs) // BATCH) if inputs is not None else 0
     for group in groups:
-        todo = [r for r in group if r in rel and rel[r].method == "gptq"]
+        todo = [r for r in group if r in pending]
         if not todo:
             continue
         yield Progress(len(state.qtensors) + 1, state.total,
                        f"{label}: Hessian for {', '.join(todo)}")
         # The group's linears read one input: its first linear's Hessian serves them all, and
         # the block need run no further than that linear.
-        h = gather_hessians(block, inputs, [group[0]], None, stop_at=group[0])[group[0]]
-        shared: dict = {}  # the Hessian's inverse, computed once for the group
-        for r in todo:
-            full = f"{block_name}.{r}"
-            module = block.get_submodule(r)
-            w = weight_matrix(module).float().clone()
-            qt, note = gptq_quantize(w, h, rel[r], shared)
-            yield state.record(full, index, rel[r], qt, module, w, h, note)
-        del h
+        with replay.active(batches, stop_at=group[0]):
+            h = gather_hessians(block, inputs, [group[0]], None, stop_at=group[0],
+                                dtype=FAST_DTYPE)[group[0]]
+        weights = [weight_matrix(block.get_submodule(r)).float().clone() for r in todo]
+        results = gptq_quantize_layers(weights, h, [rel[r] for r in todo])
+        for r, w, (qt, note) in zip(todo, weights, results):
+            yield state.record(f"{block_name}.{r}", index, rel[r], qt, block.get_submodule(r),
+                               w, h, note)
+        replay.settle(todo)
+        del h, weights, results
+    if not want_outputs or inputs is None:
+        return None
+    with replay.active(batches):
+        return run_block(block, inputs, BATCH, FAST_DTYPE)
 
 
 def input_groups(block: nn.Module, inputs: BlockInputs) -> list[list[str]]:
@@ -308,8 +322,8 @@ def input_groups(block: nn.Module, inputs: BlockInputs) -> list[list[str]]:
 
 
 def gather_hessians(block: nn.Module, inputs: BlockInputs, names: list[str],
-                    max_windows: int | None, stop_at: str | None = None
-                    ) -> dict[str, torch.Tensor]:
+                    max_windows: int | None, stop_at: str | None = None,
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """H = 2/n X X^T of each named linear's inputs while the block runs on `inputs` (the first
     `max_windows` of them), stopping at `stop_at`'s input when given. Linears reading the same
     input tensor share one accumulator."""
@@ -337,9 +351,9 @@ def gather_hessians(block: nn.Module, inputs: BlockInputs, names: list[str],
     handles += [block.get_submodule(r).register_forward_pre_hook(hook(r)) for r in names]
     try:
         if stop_at is None:
-            run_block(block, inputs, BATCH)
+            run_block(block, inputs, BATCH, dtype)
         else:
-            run_block_until(block, inputs, block.get_submodule(stop_at), BATCH)
+            run_block_until(block, inputs, block.get_submodule(stop_at), BATCH, dtype)
     finally:
         for h in handles:
             h.remove()

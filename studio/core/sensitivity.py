@@ -1,12 +1,20 @@
-"""How much each layer suffers at each bit-width, measured one layer at a time.
+"""How much each layer suffers under each quantization option, one layer at a time.
 
-For every quantizable layer and candidate width, only that layer is quantized and two things
-are measured:
+The options are a menu of RTN grids: every width in `bits` at every group size in
+`group_sizes` (W4 g128, W3 g64, ...). For every quantizable layer, only that layer is quantized
+and two things are measured:
 
-- the fast proxy: the relative error (and SQNR) of the layer's own output on captured
-  calibration inputs, ||X (Wq - W)^T||^2 / ||X W^T||^2;
-- the end-to-end effect: KL divergence of the next-token distribution against the baseline
-  and the perplexity on evaluation windows.
+- the fast proxy, at every option: the relative error (and SQNR) of the layer's own output on
+  captured calibration inputs, ||X (Wq - W)^T||^2 / ||X W^T||^2;
+- the end-to-end effect, at a few reference options only (default W4 g128): KL divergence of the
+  next-token distribution against the baseline and the perplexity on evaluation windows.
+
+Every other option's end-to-end loss is predicted from the proxy. For a small perturbation the
+KL divergence is second order in the change of the layer's output, and the proxy is that change
+squared (relative), so KL_l(option) ~ c_l x proxy_l(option) with c_l, the layer's KL per unit of
+output error, read off the measured option: c_l = KL_l(ref) / proxy_l(ref). In issue 5's
+experiment on the demo model this beat both the proxy alone and measured KL over g128 widths
+only (docs/ARCHITECTURE.md), and it needs one end-to-end run per layer instead of three.
 
 The end-to-end sweep is made affordable by caching the baseline once: the input of every
 decoder block and the final log-probabilities. A layer in block i then only needs blocks
@@ -22,8 +30,10 @@ import copy
 import hashlib
 import json
 import math
+import operator
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,20 +45,102 @@ from studio.core.errors import StudioError
 from studio.core.files import write_text_atomic
 from studio.core.jobs import Job, Progress
 from studio.core.layers import set_weight_matrix, weight_matrix
-from studio.core.plan import QuantSpec
+from studio.core.plan import GROUP_SIZES, QuantSpec
 from studio.core.quant.blocks import call_block, capture_block_inputs, decoder_blocks
 from studio.core.quant.rtn import quantize_weight
 
-DEFAULT_BITS = (2, 3, 4, 8)
-DEFAULT_SEQLEN = 32        # KL window length: 210 layers x 3 widths x 8 windows in < 10 min
+DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
+DEFAULT_GROUPS = (32, 64, 128)
+DEFAULT_KL_BITS = (4,)      # measured end to end; every other option is predicted from these
+DEFAULT_KL_GROUP = 128
+DEFAULT_SEQLEN = 32        # KL window length: kept the demo's old 3-width sweep under 10 min
 DEFAULT_KL_WINDOWS = 8
 DEFAULT_PROXY_TOKENS = 512
 DEFAULT_PROXY_WINDOWS = 8   # the proxy's forward passes; its rows are sampled from these
 RESULT_FORMAT = "compression-studio-sensitivity"
-RESULT_VERSION = 1
+RESULT_VERSION = 2          # 2: a menu of options (bits x group sizes), KL at a few of them
+TINY_PROXY = 1e-30          # below this a proxy error is "exact": no ratio is taken against it
 # Where the final norm sits, for the architectures whose blocks we re-run (blocks.BLOCK_PATHS).
 FINAL_NORMS = ("model.norm", "model.decoder.final_layer_norm", "transformer.ln_f",
                "gpt_neox.final_layer_norm", "transformer.norm_f", "model.language_model.norm")
+
+
+# --- the options -----------------------------------------------------------------------------
+
+def option_label(spec: QuantSpec) -> str:
+    """"W4 g128", "W3 ch", "W4 g64 sym": an option without its method (it is always RTN here)."""
+    group = "ch" if spec.group_size == -1 else f"g{spec.group_size}"
+    return f"W{spec.bits} {group}{' sym' if spec.symmetric else ''}"
+
+
+def same_grid(a: QuantSpec, b: QuantSpec) -> bool:
+    """Same integer grid (what the sweep measured), whatever method rounds onto it."""
+    return (a.bits, a.group_size, a.symmetric) == (b.bits, b.group_size, b.symmetric)
+
+
+def _whole_numbers(values, what: str) -> list[int]:
+    try:
+        numbers = sorted({operator.index(v) for v in values})
+    except TypeError:
+        raise StudioError(f"{what} must be whole numbers, not {values!r}.") from None
+    if not numbers:
+        raise StudioError(f"Give at least one value for {what}.")
+    return numbers
+
+
+def parse_widths(text: str, what: str = "Widths") -> tuple[int, ...]:
+    """"2,3,4,8" into widths (checked by the options built from them)."""
+    try:
+        bits = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
+    except ValueError:
+        raise StudioError(f"{what} takes whole numbers like 2,3,4,8, not {text!r}.") from None
+    if not bits:
+        raise StudioError(f"{what} needs at least one width.")
+    return bits
+
+
+def parse_group_sizes(text: str, what: str = "Group sizes") -> tuple[int, ...]:
+    """"32,64,128" or "ch" (per-channel, also -1; a leading g is allowed) into group sizes."""
+    groups = []
+    for word in (w.strip().lower() for w in text.split(",")):
+        number = re.fullmatch(r"g?(\d+)", word)
+        if not word:
+            continue
+        if word in ("ch", "per-channel", "-1"):
+            groups.append(-1)
+        elif number and int(number.group(1)) in GROUP_SIZES:
+            groups.append(int(number.group(1)))
+        else:
+            raise StudioError(f"{what} takes group sizes among 32, 64, 128 and ch "
+                              f"(per-channel), not {word!r}.")
+    if not groups:
+        raise StudioError(f"{what} needs at least one group size.")
+    return tuple(groups)
+
+
+def sweep_options(bits=DEFAULT_BITS, group_sizes=DEFAULT_GROUPS,
+                  symmetric: bool = False) -> list[QuantSpec]:
+    """Every width at every group size (RTN), cheapest grid of each width first; duplicates
+    are dropped. Bad widths or group sizes raise the StudioError QuantSpec gives."""
+    widths = _whole_numbers(bits, "Bits")
+    groups = _whole_numbers(group_sizes, "Group sizes")
+    groups.sort(key=lambda g: -(g if g > 0 else math.inf))  # per-channel, 128, 64, 32
+    return [QuantSpec(bits=b, group_size=g, symmetric=symmetric) for b in widths for g in groups]
+
+
+def kl_columns(options: list[QuantSpec], kl_bits=DEFAULT_KL_BITS,
+               kl_group: int = DEFAULT_KL_GROUP) -> list[int]:
+    """Indices into `options` of the options measured end to end (each must be offered)."""
+    columns = []
+    for b in _whole_numbers(kl_bits, "KL widths"):
+        wanted = QuantSpec(bits=b, group_size=kl_group, symmetric=options[0].symmetric)
+        found = [j for j, o in enumerate(options) if same_grid(o, wanted)]
+        if not found:
+            raise StudioError(f"The KL sweep measures {option_label(wanted)}, which is not among "
+                              f"the options ({', '.join(option_label(o) for o in options)}). "
+                              f"Add its width and group size, or choose other KL widths.")
+        columns.append(found[0])
+    return columns
 
 
 # --- which model a result belongs to ---------------------------------------------------------
@@ -93,14 +185,13 @@ class SensitivityResult:
     identity: ModelIdentity
     layers: list[str]
     shapes: list[tuple[int, int]]
-    bits: tuple[int, ...]
-    group_size: int
-    method: str
-    symmetric: bool
-    proxy_error: np.ndarray        # [layers, bits] relative output error (0 = exact)
-    sqnr_db: np.ndarray            # [layers, bits]
-    kl: np.ndarray | None          # [layers, bits] mean KL per predicted token, nats
-    ppl: np.ndarray | None         # [layers, bits] perplexity with only that layer quantized
+    options: list[QuantSpec]       # RTN grids, one per column of proxy_error / sqnr_db
+    method: str                    # the method plans built from these results use
+    proxy_error: np.ndarray        # [layers, options] relative output error (0 = exact)
+    sqnr_db: np.ndarray            # [layers, options]
+    kl_options: list[int]          # columns (indices into options) measured end to end
+    kl: np.ndarray | None          # [layers, kl_options] mean KL per predicted token, nats
+    ppl: np.ndarray | None         # [layers, kl_options] perplexity with only that layer quantized
     base_ppl: float | None
     text_label: str
     seqlen: int
@@ -109,26 +200,93 @@ class SensitivityResult:
     proxy_seconds: float
     kl_seconds: float
 
-    def spec(self, bits: int) -> QuantSpec:
-        return QuantSpec(bits=bits, group_size=self.group_size, symmetric=self.symmetric,
-                         method=self.method)
+    def __post_init__(self) -> None:
+        """Shapes that disagree (a damaged file) are refused here, before anything reads them."""
+        self.options = list(self.options)
+        self.kl_options = [int(j) for j in self.kl_options]
+        table = (len(self.layers), len(self.options))
+        if np.shape(self.proxy_error) != table or np.shape(self.sqnr_db) != table:
+            raise StudioError(f"The proxy table is {np.shape(self.proxy_error)}, but there are "
+                              f"{table[0]} layers x {table[1]} options.")
+        if any(not 0 <= j < len(self.options) for j in self.kl_options):
+            raise StudioError("The KL columns name options the result does not have.")
+        measured = (len(self.layers), len(self.kl_options))
+        for name, array in (("kl", self.kl), ("ppl", self.ppl)):
+            if array is not None and np.shape(array) != measured:
+                raise StudioError(f"The {name} table is {np.shape(array)}, but there are "
+                                  f"{measured[0]} layers x {measured[1]} measured options.")
+        if (self.kl is None) != (not self.kl_options):
+            raise StudioError("KL columns are named without KL values, or the other way round.")
 
     @property
     def has_kl(self) -> bool:
         return self.kl is not None
 
+    @property
+    def labels(self) -> list[str]:
+        return [option_label(o) for o in self.options]
+
+    def column(self, spec: QuantSpec) -> int | None:
+        """The option with `spec`'s grid (bits, group size, symmetric), or None."""
+        for j, option in enumerate(self.options):
+            if same_grid(option, spec):
+                return j
+        return None
+
+    def spec(self, column: int) -> QuantSpec:
+        """Option `column` carrying the method plans use."""
+        return self.options[column].with_(method=self.method)
+
     def loss(self, kind: str = "auto") -> np.ndarray:
-        """[layers, bits] predicted loss: "kl" (end to end), "proxy", or "auto" (kl if measured)."""
+        """[layers, options] predicted loss: "kl" (end to end), "proxy", or "auto" (kl if measured).
+
+        "kl" is the measured KL at the measured options and, elsewhere, KL_m x proxy / proxy_m
+        with m the layer's measured option nearest in log proxy error (the module notes say why).
+        """
         if kind == "auto":
             kind = "kl" if self.has_kl else "proxy"
         if kind == "kl":
             if self.kl is None:
                 raise StudioError("These results have no KL divergence (proxy-only sweep); "
                                   "run the full sweep or allocate with the proxy.")
-            return self.kl
+            return self.predicted_kl()
         if kind == "proxy":
             return self.proxy_error
         raise StudioError(f"Unknown loss {kind!r}: use kl or proxy.")
+
+    def predicted_kl(self) -> np.ndarray:
+        proxy = np.asarray(self.proxy_error, dtype=np.float64)
+        kl = np.asarray(self.kl, dtype=np.float64)
+        logs = np.log(np.maximum(proxy, TINY_PROXY))
+        # Per layer and option: the measured option nearest in log proxy error (first on a tie).
+        distance = np.abs(logs[:, :, None] - logs[:, None, self.kl_options])
+        nearest = distance.argmin(axis=2)                                 # [layers, options]
+        rows = np.arange(len(proxy))[:, None]
+        anchor_kl = kl[rows, nearest]
+        anchor_proxy = proxy[:, self.kl_options][rows, nearest]
+        usable = anchor_proxy > TINY_PROXY  # an exact anchor gives no ratio: keep its KL as is
+        ratio = np.divide(proxy, anchor_proxy, out=np.ones_like(proxy), where=usable)
+        predicted = anchor_kl * ratio
+        predicted[:, self.kl_options] = kl    # measured options: the measurement itself
+        return predicted
+
+    def subset(self, options: list[QuantSpec]) -> "SensitivityResult":
+        """These results restricted to `options` (each must have been measured), keeping the
+        end-to-end measurements of the options that remain."""
+        cols = []
+        for spec in options:
+            j = self.column(spec)
+            if j is None:
+                raise StudioError(f"These results did not measure {option_label(spec)}.")
+            cols.append(j)
+        kept = [k for k, j in enumerate(self.kl_options) if j in cols]
+        pick = lambda a, c: None if a is None or not kept else np.asarray(a)[:, c]  # noqa: E731
+        return replace(
+            self, options=[self.options[j] for j in cols],
+            proxy_error=np.asarray(self.proxy_error)[:, cols],
+            sqnr_db=np.asarray(self.sqnr_db)[:, cols],
+            kl_options=[cols.index(self.kl_options[k]) for k in kept],
+            kl=pick(self.kl, kept), ppl=pick(self.ppl, kept))
 
     def check_model(self, handle) -> None:
         self.identity.check(handle)
@@ -140,9 +298,11 @@ class SensitivityResult:
                              "layers": list(self.identity.layers),
                              "fingerprint": self.identity.fingerprint},
                 "layers": self.layers, "shapes": [list(s) for s in self.shapes],
-                "bits": list(self.bits), "group_size": self.group_size, "method": self.method,
-                "symmetric": self.symmetric, "proxy_error": arr(self.proxy_error),
-                "sqnr_db": arr(self.sqnr_db), "kl": arr(self.kl), "ppl": arr(self.ppl),
+                "options": [{"bits": o.bits, "group_size": o.group_size,
+                             "symmetric": o.symmetric} for o in self.options],
+                "method": self.method, "proxy_error": arr(self.proxy_error),
+                "sqnr_db": arr(self.sqnr_db), "kl_options": list(self.kl_options),
+                "kl": arr(self.kl), "ppl": arr(self.ppl),
                 "base_ppl": self.base_ppl, "text_label": self.text_label, "seqlen": self.seqlen,
                 "kl_windows": self.kl_windows, "proxy_tokens": self.proxy_tokens,
                 "proxy_seconds": self.proxy_seconds, "kl_seconds": self.kl_seconds}
@@ -151,6 +311,10 @@ class SensitivityResult:
     def from_json(cls, data: dict) -> "SensitivityResult":
         if not isinstance(data, dict) or data.get("format") != RESULT_FORMAT:
             raise StudioError("This file does not hold sensitivity results.")
+        if data.get("version") == 1:
+            raise StudioError("These sensitivity results are version 1 (one group size per "
+                              "sweep), which this studio no longer reads: run the sensitivity "
+                              "sweep again.")
         if data.get("version") != RESULT_VERSION:
             raise StudioError(f"Sensitivity results version {data.get('version')!r} are not "
                               f"supported (this studio reads version {RESULT_VERSION}).")
@@ -159,9 +323,10 @@ class SensitivityResult:
         return cls(identity=ModelIdentity(ident["architecture"], tuple(ident["layers"]),
                                           ident["fingerprint"]),
                    layers=list(data["layers"]), shapes=[tuple(s) for s in data["shapes"]],
-                   bits=tuple(data["bits"]), group_size=data["group_size"],
-                   method=data["method"], symmetric=data["symmetric"],
-                   proxy_error=arr(data["proxy_error"]), sqnr_db=arr(data["sqnr_db"]),
+                   options=[QuantSpec(bits=o["bits"], group_size=o["group_size"],
+                                      symmetric=o["symmetric"]) for o in data["options"]],
+                   method=data["method"], proxy_error=arr(data["proxy_error"]),
+                   sqnr_db=arr(data["sqnr_db"]), kl_options=list(data["kl_options"]),
                    kl=arr(data["kl"]), ppl=arr(data["ppl"]), base_ppl=data["base_ppl"],
                    text_label=data["text_label"], seqlen=data["seqlen"],
                    kl_windows=data["kl_windows"], proxy_tokens=data["proxy_tokens"],
@@ -176,32 +341,40 @@ class SensitivityResult:
             return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
         except FileNotFoundError:
             raise StudioError(f"Sensitivity file {path} does not exist.") from None
+        except StudioError as exc:
+            raise StudioError(f"Sensitivity file {path}: {exc}") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise StudioError(f"Sensitivity file {path} is not valid: {exc}.") from None
 
 
 # --- the job ---------------------------------------------------------------------------------
 
-def sensitivity_job(handle, windows: torch.Tensor, bits=DEFAULT_BITS, group_size: int = 128,
+def sensitivity_job(handle, windows: torch.Tensor, bits=DEFAULT_BITS, group_sizes=DEFAULT_GROUPS,
+                    kl_bits=DEFAULT_KL_BITS, kl_group: int = DEFAULT_KL_GROUP,
                     method: str = "rtn", symmetric: bool = False,
-                    kl_windows: int = DEFAULT_KL_WINDOWS, proxy_windows: int = DEFAULT_PROXY_WINDOWS,
+                    kl_windows: int = DEFAULT_KL_WINDOWS,
+                    proxy_windows: int = DEFAULT_PROXY_WINDOWS,
                     proxy_tokens: int = DEFAULT_PROXY_TOKENS, text_label: str = "",
                     seed: int = 0) -> Job[SensitivityResult]:
-    """Measure every quantizable layer at every width in `bits` (see the module notes).
+    """Measure every quantizable layer at every option (see the module notes).
 
-    Widths are measured with RTN whatever `method` says: GPTQ / AWQ lower every layer's error
+    Options are every width in `bits` at every size in `group_sizes` (-1: per-channel). The
+    proxy measures all of them; the KL sweep (when `kl_windows` > 0) only the widths `kl_bits`
+    at group `kl_group`, which must be among the options: len(layers) x len(kl_bits) runs.
+
+    Options are measured with RTN whatever `method` says: GPTQ / AWQ lower every layer's error
     but rarely reorder which layers suffer most, and `method` is recorded for the plans.
 
     `windows` [count, seqlen] feed both sweeps: the proxy captures layer inputs from (up to
     `proxy_windows` of) them, the KL sweep scores the first `kl_windows` (0: proxy only).
     """
-    bits = tuple(sorted(set(int(b) for b in bits)))
-    QuantSpec(bits=4, group_size=group_size, symmetric=symmetric, method=method)  # validates
-    specs = [QuantSpec(bits=b, group_size=group_size, symmetric=symmetric) for b in bits]
-    # Layers are always rounded with RTN here (one layer at a time, no calibration pass per
-    # layer and width); `method` is what plans built from these results will use.
+    QuantSpec(method=method)  # validates the method before any work
+    options = sweep_options(bits, group_sizes, symmetric)
+    kl_cols = kl_columns(options, kl_bits, kl_group) if kl_windows > 0 else []
     if windows.dim() != 2 or windows.shape[0] == 0:
         raise StudioError("Sensitivity needs at least one window of text.")
+    if kl_windows < 0:
+        raise StudioError(f"KL windows must be 0 (proxy only) or more, not {kl_windows}.")
     if kl_windows > windows.shape[0]:
         raise StudioError(f"The KL sweep wants {kl_windows} windows but only "
                           f"{windows.shape[0]} were given.")
@@ -214,29 +387,30 @@ def sensitivity_job(handle, windows: torch.Tensor, bits=DEFAULT_BITS, group_size
     proxy_ids = windows[: max(1, proxy_windows)]
     yield Progress(0, len(layers), "Proxy: capturing layer inputs")
     inputs = capture_layer_inputs(handle, [i.name for i in layers], proxy_ids, proxy_tokens, seed)
-    proxy = np.zeros((len(layers), len(bits)))
+    proxy = np.zeros((len(layers), len(options)))
     sqnr = np.zeros_like(proxy)
     for row, info in enumerate(layers):
         yield Progress(row, len(layers), f"Proxy: {info.name}")
         w = handle.weight(info.name).float()
         x = inputs.pop(info.name)
         energy = (x @ w.T).pow(2).sum().item()
-        for col, spec in enumerate(specs):
+        for col, spec in enumerate(options):
             proxy[row, col] = output_error(x, w, quantize_weight(w, spec).dequantize(), energy)
             sqnr[row, col] = -10 * math.log10(proxy[row, col]) if proxy[row, col] > 0 else math.inf
     proxy_seconds = time.perf_counter() - start
 
     kl = ppl = base_ppl = None
     start = time.perf_counter()
-    if kl_windows > 0:
-        kl, ppl, base_ppl = yield from kl_sweep(handle, layers, specs, windows[:kl_windows])
+    if kl_cols:
+        kl, ppl, base_ppl = yield from kl_sweep(handle, layers, [options[j] for j in kl_cols],
+                                                windows[:kl_windows], kl_cols)
     return SensitivityResult(
         identity=identity, layers=[i.name for i in layers], shapes=[i.shape for i in layers],
-        bits=bits, group_size=group_size, method=method, symmetric=symmetric,
-        proxy_error=proxy, sqnr_db=sqnr, kl=kl, ppl=ppl, base_ppl=base_ppl,
-        text_label=text_label, seqlen=int(windows.shape[1]), kl_windows=kl_windows,
+        options=options, method=method, proxy_error=proxy, sqnr_db=sqnr, kl_options=kl_cols,
+        kl=kl, ppl=ppl, base_ppl=base_ppl, text_label=text_label,
+        seqlen=int(windows.shape[1]), kl_windows=kl_windows if kl_cols else 0,
         proxy_tokens=proxy_tokens, proxy_seconds=proxy_seconds,
-        kl_seconds=time.perf_counter() - start if kl_windows > 0 else 0.0)
+        kl_seconds=time.perf_counter() - start if kl_cols else 0.0)
 
 
 def output_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor,
@@ -349,8 +523,12 @@ class BaselineScores:
         return kl, self.nll(logits, self.lse + log_ratio.float())
 
 
-def kl_sweep(handle, layers, specs, ids: torch.Tensor):
-    """Job part: (kl [layers, bits], ppl [layers, bits], baseline ppl) on windows `ids`."""
+def kl_sweep(handle, layers, specs, ids: torch.Tensor, columns: list[int] | None = None):
+    """Job part: (kl [layers, specs], ppl [layers, specs], baseline ppl) on windows `ids`.
+
+    Each measurement's Progress.detail is (layer row, column, KL), the column being
+    `columns[spec index]` (the option's column in the result) when given."""
+    columns = list(range(len(specs))) if columns is None else columns
     model = handle.model
     prefix, blocks = decoder_blocks(model)
     head = final_head(model)
@@ -388,7 +566,8 @@ def kl_sweep(handle, layers, specs, ids: torch.Tensor):
                 kl[row, col], nll = base.score(head(h))
             ppl[row, col] = metrics.perplexity(nll, base.predicted)
             yield Progress(row * len(specs) + col + 1, total,
-                           f"KL: {info.name} at {spec.bits} bits", detail=(row, col, kl[row, col]))
+                           f"KL: {info.name} at {option_label(spec)}",
+                           detail=(row, columns[col], kl[row, col]))
         set_weight_matrix(module, original)
     return kl, ppl, metrics.perplexity(base.nll(base.logits, base.lse), base.predicted)
 

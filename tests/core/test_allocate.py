@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from studio.core.allocate import MB, LossTable, allocate, spec_bits
+from studio.core.allocate import MB, LossTable, allocate, predicted_loss, spec_bits
 from studio.core.errors import StudioError
 from studio.core.plan import QuantSpec
 from studio.core.quant.grid import bits_per_weight
@@ -109,6 +109,44 @@ def test_budgets_out_of_range_are_refused_with_the_reachable_range():
         allocate(table, budget_mb=-1.0)
 
 
+GROUPED = ([QuantSpec(bits=b, group_size=128) for b in (2, 3, 4, 8)]
+           + [QuantSpec(bits=b, group_size=g) for b in (3, 4) for g in (32, 64)] + [None])
+
+
+def grouped_table(seed: int, layers: int = 4) -> LossTable:
+    """Options that differ by group size as well as width: smaller groups cost more (one scale
+    and zero per group) and lose less, by a layer-dependent amount."""
+    rng = np.random.default_rng(seed)
+    shapes = [(int(rng.choice([4, 8])), int(rng.choice([128, 256, 384]))) for _ in range(layers)]
+    scale = rng.lognormal(0.0, 1.5, size=layers)
+    benefit = {128: 1.0, 64: 0.7, 32: 0.5}
+    loss = np.array([[0.0 if o is None else
+                      s * 4.0 ** -o.bits * benefit[o.group_size] ** rng.uniform(0.2, 2.0)
+                      for o in GROUPED] for s in scale])
+    return LossTable([f"l{i}" for i in range(layers)], shapes, GROUPED, loss, fixed_bytes=10)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_group_size_options_meet_the_budget_and_equal_brute_force(seed):
+    table = grouped_table(seed)
+    costs = table.costs
+    lo, hi = costs.min(axis=1).sum(), costs.max(axis=1).sum()
+    # Every plan at once (11 options ^ 4 layers): its total cost and loss.
+    picks = np.array(list(itertools.product(range(len(GROUPED)), repeat=len(table.names))))
+    rows = np.arange(len(table.names))
+    all_costs, all_loss = costs[rows, picks].sum(axis=1), table.loss[rows, picks].sum(axis=1)
+    used_small_groups = False
+    for budget_bpw in np.linspace(lo / table.weights, hi / table.weights, 9):
+        result = allocate(table, budget_bpw=float(budget_bpw))
+        assert result.bits <= result.budget_bits <= budget_bpw * table.weights
+        assert result.exact
+        optimum = all_loss[all_costs <= result.budget_bits].min()
+        assert result.loss == pytest.approx(optimum, rel=1e-12)
+        used_small_groups |= any(s is not None and s.group_size < 128
+                                 for s in result.choices.values())
+    assert used_small_groups  # the menu's group sizes really are chosen somewhere
+
+
 def test_nan_in_table_is_refused():
     table = random_table(5)
     loss = table.loss.copy()
@@ -143,11 +181,35 @@ def test_allocation_from_sensitivity_sizes_like_the_meter(tiny_llama):
     from studio.core.text import text_windows
 
     windows = text_windows(tiny_llama.tokenizer, None, 16, 2, seed=0)[0]
-    result = run(sensitivity_job(tiny_llama, windows, bits=(2, 4, 8), group_size=32,
+    result = run(sensitivity_job(tiny_llama, windows, bits=(2, 4, 8), group_sizes=(32, 64),
                                  kl_windows=0))
-    table = loss_table(result, tiny_llama, kind="proxy")
+    table = loss_table(result, tiny_llama, kind="proxy", method="gptq")
+    assert table.options[:-1] == [o.with_(method="gptq") for o in result.options]
+    assert table.options[-1] is None  # full precision
     answer = allocate(table, budget_bpw=4.5)
     size = plan_size(tiny_llama, answer.plan)
     assert size.size_bytes == int(answer.size_bytes)
     assert size.bits_per_weight == pytest.approx(answer.bpw)
     assert answer.bpw <= 4.5
+    # The plan's predicted loss is the allocation's, looked up by grid (bits, group).
+    total, why = predicted_loss(result, answer.plan, "proxy")
+    assert why == "" and total == pytest.approx(answer.loss)
+
+
+def test_predicted_loss_names_the_layer_and_option_not_measured(tiny_llama):
+    from studio.core.jobs import run
+    from studio.core.plan import Plan, Rule
+    from studio.core.sensitivity import sensitivity_job
+    from studio.core.text import text_windows
+
+    windows = text_windows(tiny_llama.tokenizer, None, 16, 1, seed=0)[0]
+    result = run(sensitivity_job(tiny_llama, windows, bits=(3, 4), group_sizes=(32, 128),
+                                 kl_windows=0))
+    name = result.layers[2]
+    plan = Plan(default=QuantSpec(bits=4, group_size=32, method="awq"))
+    total, why = predicted_loss(result, plan, "proxy")
+    column = result.labels.index("W4 g32")
+    assert why == "" and total == pytest.approx(result.proxy_error[:, column].sum())
+    unmeasured = plan.with_rule(Rule(name, QuantSpec(bits=4, group_size=64)))
+    total, why = predicted_loss(result, unmeasured, "proxy")
+    assert total is None and why == f"{name} is planned at W4 g64, which the sweep did not measure"

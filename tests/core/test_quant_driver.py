@@ -156,3 +156,32 @@ def test_other_architectures(tiny_dirs, arch):
     assert len(variant.qtensors) == len(handle.quantizable)
     worse = [e for e in variant.layer_errors if not e["error"] < e["rtn_error"]]
     assert len(worse) <= 1, worse   # random tiny models: GPTQ wins essentially everywhere
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_replayed_block_parts_change_nothing(tiny_dirs, arch, monkeypatch):
+    """Serving settled attention outputs from memory gives the very same variant as
+    computing them again (float32 block runs, so both runs are deterministic)."""
+    import contextlib
+
+    from studio.core import quantize as driver
+    from studio.core.quant.blocks import Replay
+
+    handle = run(open_model_job(tiny_dirs[arch]))
+    ids, label = text_windows(handle.tokenizer, None, 32, 16, 0)
+    monkeypatch.setattr(driver, "FAST_DTYPE", None)
+    served = []
+    original = Replay.active
+
+    def counting(self, batches, stop_at=None):
+        served.append(len(self.recorded) + len(self.inputs))
+        return original(self, batches, stop_at)
+
+    monkeypatch.setattr(Replay, "active", counting)
+    plan = Plan(QuantSpec(3, 32, False, "gptq"))
+    fast = run(quantize_job(handle, plan, ids, label, "replay"))
+    assert max(served) >= 1  # the attention part was served at least once
+    monkeypatch.setattr(Replay, "active", lambda *args, **kwargs: contextlib.nullcontext())
+    slow = run(quantize_job(handle, plan, ids, label, "recompute"))
+    for name, qt in slow.qtensors.items():
+        assert torch.equal(fast.qtensors[name].codes, qt.codes), name

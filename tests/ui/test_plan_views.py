@@ -14,8 +14,8 @@ from studio.ui.views.sensitivity import SensitivityView
 @pytest.fixture(scope="module")
 def tiny_result(tiny_llama):
     windows = text_windows(tiny_llama.tokenizer, None, 16, 8, seed=0)[0]
-    return run(sensitivity_job(tiny_llama, windows, bits=(2, 4, 8), group_size=32,
-                               kl_windows=2))
+    return run(sensitivity_job(tiny_llama, windows, bits=(2, 4, 8), group_sizes=(32, 64),
+                               kl_bits=(4,), kl_group=32, kl_windows=2))
 
 
 def _wait_job(qtbot, view):
@@ -23,12 +23,28 @@ def _wait_job(qtbot, view):
     qtbot.waitUntil(lambda: view.job is None, timeout=120000)
 
 
-def test_sensitivity_view_measures_and_a_click_assigns_a_width(qtbot, state, tiny_llama):
+class _Click:
+    """What the view reads of a pyqtgraph mouse click."""
+
+    def __init__(self, scene_pos) -> None:
+        self._pos = scene_pos
+
+    def button(self):
+        from PySide6.QtCore import Qt
+        return Qt.MouseButton.LeftButton
+
+    def scenePos(self):
+        return self._pos
+
+
+def test_sensitivity_view_measures_and_a_click_assigns_an_option(qtbot, state, tiny_llama):
     view = SensitivityView(state)
     qtbot.addWidget(view)
     state.set_model(tiny_llama)
-    view.widths.setText("2,4")
-    view.group.setCurrentIndex(view.group.findData(32))
+    view.widths.setText("2,3")
+    view.groups.setText("32,64")
+    view.kl_widths.setText("3")
+    view.kl_group.setCurrentIndex(view.kl_group.findData(32))
     view.kl_windows.setValue(2)
     view.seqlen.setValue(16)
     view.resize(900, 500)
@@ -36,20 +52,43 @@ def test_sensitivity_view_measures_and_a_click_assigns_a_width(qtbot, state, tin
     assert view.start() is not None
     _wait_job(qtbot, view)
     result = state.session.results["sensitivity"]
-    assert result.bits == (2, 4) and result.has_kl
-    assert view.image.image.shape == (2, len(tiny_llama.quantizable))
+    assert result.labels == ["W2 g64", "W2 g32", "W3 g64", "W3 g32"] and result.has_kl
+    assert view.image.image.shape == (4, len(tiny_llama.quantizable))
     assert not state.failures
+    # One row per option; the one measured end to end is starred, and the legend says so.
+    ticks = [label for _, label in view.plot.getAxis("left")._tickLevels[0]]
+    assert ticks == ["W2 g64", "W2 g32", "W3 g64", "W3 g32 *"]
+    assert "* = measured end to end" in view.legend.text() and view.legend.isVisibleTo(view)
+    # The KL heatmap shows the predicted loss: measured KL in the starred row.
+    np.testing.assert_allclose(view.values(), result.loss("kl"))
 
-    # A click in the cell of layer 5 at 2 bits gives that layer 2 bits in the session plan.
+    # A click in layer 5's cell of the W3 g64 row gives that layer 3 bits at group 64.
     vb = view.plot.getPlotItem().vb
     from PySide6.QtCore import QPointF
-    scene = vb.mapViewToScene(QPointF(5.5, 0.5))
-    assert view.cell_at(scene) == (5, 0)
+    row = result.labels.index("W3 g64")
+    scene = vb.mapViewToScene(QPointF(5.5, row + 0.5))
+    assert view.cell_at(scene) == (5, row)
     with qtbot.waitSignal(state.resultsChanged, check_params_cb=lambda k: k == "plan"):
-        view.assign(result.layers[5], 2)
+        view._clicked(_Click(scene))
     spec = state.session.plan.spec_for(result.layers[5])
-    assert (spec.bits, spec.group_size) == (2, 32)
-    assert len(view.marks.data) == len(tiny_llama.quantizable)  # every layer marked
+    assert (spec.bits, spec.group_size) == (3, 64)
+    # The plan's W4 g128 default was not measured: only layer 5 carries a mark.
+    assert len(view.marks.data) == 1 and view.marks.data[0]["y"] == row + 0.5
+
+
+def test_sensitivity_view_refuses_bad_fields_before_any_work(qtbot, state, tiny_llama):
+    view = SensitivityView(state)
+    qtbot.addWidget(view)
+    state.set_model(tiny_llama)
+    for field, text, message in ((view.widths, "2,x", "whole numbers"),
+                                 (view.groups, "32,100", "group sizes among"),
+                                 (view.kl_widths, "7", "W7 g128, which is not among")):
+        before = field.text()
+        field.setText(text)
+        assert view.start() is None, text
+        assert message in view.status.text(), text
+        field.setText(before)
+    assert view.job is None and "sensitivity" not in state.session.results
 
 
 def test_sensitivity_from_another_model_is_refused(qtbot, state, tiny_dirs, tiny_result,

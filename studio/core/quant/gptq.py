@@ -19,7 +19,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy.linalg import blas
 
 from studio.core.plan import QuantSpec
 from studio.core.quant.grid import QTensor, compute_qparams, effective_group_size, quantize_rtn
@@ -27,23 +29,31 @@ from studio.core.quant.rtn import single_thread
 
 log = logging.getLogger(__name__)
 DAMP_RETRIES = 6
+INNER = 16  # columns updated eagerly inside a block (see _quantize_columns)
 
 
 class HessianAccumulator:
-    """Sum of x x^T over every input row a layer sees (shared by layers reading one input)."""
+    """Sum of x x^T over every input row a layer sees (shared by layers reading one input).
+
+    The sum is symmetric, so BLAS's syrk builds only its upper triangle: half the arithmetic
+    of a full product, in float32 (a bfloat16 product, though faster still, rounds the sum
+    enough to make GPTQ measurably worse on attention-output layers)."""
 
     def __init__(self, columns: int) -> None:
-        self.sum = torch.zeros(columns, columns, dtype=torch.float32)
+        self.upper = np.zeros((columns, columns), dtype=np.float32, order="F")
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.sum.addmm_(x.t(), x)
+        x = x.reshape(-1, x.shape[-1]).float().contiguous()
+        # x.T is a Fortran-ordered view of x: syrk reads it without a copy.
+        blas.ssyrk(1.0, x.numpy().T, beta=1.0, c=self.upper, trans=0, lower=0, overwrite_c=1)
         self.count += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
         """H = 2/n X X^T, the reference's scaling."""
-        return self.sum * (2.0 / max(self.count, 1))
+        upper = torch.from_numpy(np.triu(self.upper))
+        full = upper + torch.triu(upper, diagonal=1).T
+        return full * (2.0 / max(self.count, 1))
 
 
 def relative_output_error(w: torch.Tensor, wq: torch.Tensor, hessian: torch.Tensor,
@@ -86,6 +96,35 @@ def prepare_hessian(hessian: torch.Tensor, damp: float, act_order: bool) -> Prep
     return PreparedHessian(perm, dead, hinv, note)
 
 
+def gptq_quantize_layers(weights: list[torch.Tensor], hessian: torch.Tensor,
+                         specs: list[QuantSpec]) -> list[tuple[QTensor, str]]:
+    """GPTQ for layers reading one input (one Hessian): [(QTensor, note)] in their order.
+
+    GPTQ treats every output row on its own, so layers with the same spec and input width are
+    stacked into one matrix and quantized in one pass of the column loop (q/k/v, gate/up):
+    the same result as one at a time, for a fraction of the loop's overhead."""
+    cache: dict = {}
+    results: list[tuple[QTensor, str] | None] = [None] * len(weights)
+    stacks: list[tuple[QuantSpec, int, list[int]]] = []  # (spec, input width, members)
+    for i, (w, spec) in enumerate(zip(weights, specs)):
+        for same, cols, members in stacks:
+            if same == spec and cols == w.shape[1]:
+                members.append(i)
+                break
+        else:
+            stacks.append((spec, w.shape[1], [i]))
+    for spec, _, members in stacks:
+        stacked = torch.cat([weights[i].float() for i in members])
+        qt, note = gptq_quantize(stacked, hessian, spec, cache)
+        start = 0
+        for i in members:
+            rows = slice(start, start + weights[i].shape[0])
+            results[i] = (QTensor(qt.codes[rows].clone(), qt.scale[rows].clone(),
+                                  qt.zero[rows].clone(), qt.bits, qt.group_size), note)
+            start = rows.stop
+    return results
+
+
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
                   cache: dict | None = None) -> tuple[QTensor, str]:
     """GPTQ-quantize `w` [out, in] with `hessian` [in, in]; returns the QTensor and a note
@@ -120,29 +159,40 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
 
 
 def _quantize_columns(w, hinv, perm, codes, scale, zero, spec, gs, static, block) -> None:
-    """The reference's inner loops, writing codes (and, for dynamic groups, scale/zero)."""
+    """The reference's inner loops, writing codes (and, for dynamic groups, scale/zero).
+
+    One more level of lazy batching than the reference: inside each block of `block` columns,
+    a column's error updates only the rest of its sub-block of INNER columns at once; the
+    sub-block's errors reach the block's later columns in one matrix product. Same arithmetic
+    (up to summation order), a fraction of the memory traffic. Sub-blocks start on group
+    boundaries, so a group's range is always taken from fully updated columns."""
     out, cols = w.shape
     maxq = 2 ** spec.bits - 1
+    inner = INNER if block % INNER == 0 and (static or gs % INNER == 0) else 1
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = perm[i1 + i].item()   # the column's place in the original order
-            g = col // gs
-            if not static and col % gs == 0:
-                # A new group starts here: its range from the columns as updated so far.
-                span = torch.cat([w1[:, i: i + gs], w[:, i2: i1 + i + gs]], dim=1)
-                s, z = compute_qparams(span, spec.bits, gs, spec.symmetric)
-                scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
-            x = w1[:, i]
-            c = torch.clamp(torch.round(x / scale[:, g]) + zero[:, g], 0, maxq)
-            q = scale[:, g] * (c - zero[:, g])
-            codes[:, col] = c.to(torch.uint8)
-            e = (x - q) / h1[i, i]
-            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
-            err1[:, i] = e
+        for j1 in range(0, i2 - i1, inner):
+            j2 = min(j1 + inner, i2 - i1)
+            for i in range(j1, j2):
+                col = perm[i1 + i].item()   # the column's place in the original order
+                g = col // gs
+                if not static and col % gs == 0:
+                    # A new group starts here: its range from the columns as updated so far.
+                    span = torch.cat([w1[:, i: i + gs], w[:, i2: i1 + i + gs]], dim=1)
+                    s, z = compute_qparams(span, spec.bits, gs, spec.symmetric)
+                    scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
+                x = w1[:, i]
+                c = torch.clamp(torch.round(x / scale[:, g]) + zero[:, g], 0, maxq)
+                q = scale[:, g] * (c - zero[:, g])
+                codes[:, col] = c.to(torch.uint8)
+                e = (x - q) / h1[i, i]
+                w1[:, i:j2] -= e[:, None] * h1[i, i:j2][None, :]
+                err1[:, i] = e
+            if j2 < i2 - i1:
+                w1[:, j2:] -= err1[:, j1:j2] @ h1[j1:j2, j2:]
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
 

@@ -475,7 +475,9 @@ class PlanView(QWidget):
         self.points.setData([p["bpw"] for p in self.measured],
                             [np.log10(max(p["kl"], 1e-12)) for p in self.measured])
         self.pareto_note.setText(
-            f"Blue: least predicted loss at each size (sum of per-layer KL, assumed additive). "
+            f"Blue: least predicted loss at each size (sum of per-layer losses, assumed "
+            f"additive; a layer's KL is measured at the sweep's * options and predicted from "
+            f"its output error at the others). "
             f"Red star: the chosen plan ({answer.bpw:.3f} bpw). Green: measured KL of real "
             f"quantized models.")
 

@@ -1,5 +1,7 @@
-"""Sensitivity: which layers can take fewer bits. A heatmap of layers x bit-widths coloured by
-the measured damage on a log scale; clicking a cell gives that layer that width in the plan."""
+"""Sensitivity: which layers can take fewer bits. A heatmap of layers x options (each width at
+each group size, e.g. W4 g128, W3 g64) coloured by the damage on a log scale: the KL measured end
+to end at the marked options (*), predicted from the layer-output proxy at the others. Clicking a
+cell gives that layer that option (bits and group size) in the plan."""
 from __future__ import annotations
 
 import math
@@ -24,16 +26,25 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core.errors import StudioError
-from studio.core.plan import QuantSpec, Rule
+from studio.core.plan import GROUP_SIZES, Rule
+from studio.core.sensitivity import (DEFAULT_BITS, DEFAULT_GROUPS, DEFAULT_KL_BITS,
+                                     DEFAULT_KL_GROUP, DEFAULT_PROXY_WINDOWS,
+                                     SensitivityResult, kl_columns,
+                                     option_label, parse_group_sizes, parse_widths,
+                                     same_grid, sensitivity_job, sweep_options)
+from studio.core.text import text_windows
 from studio.ui.layout import column
 from studio.ui.views.plan_editor import guarded
 
 KEY = "sensitivity"
-METRICS = {  # combo label -> (result attribute, colour-bar label)
+METRICS = {  # combo label -> (what is drawn, colour-bar label)
     "KL divergence (end to end)": ("kl", "log10 KL (nats/token)"),
-    "Layer output error (proxy)": ("proxy_error", "log10 relative output error"),
-    "Perplexity increase": ("ppl", "log10 ppl increase"),
+    "Layer output error (proxy)": ("proxy", "log10 relative output error"),
+    "Perplexity increase (measured * only)": ("ppl", "log10 ppl increase"),
 }
+LEGEND = ("* = measured end to end; the other columns' KL is predicted from the proxy "
+          "(KL ≈ c × output error, c = the layer's KL per unit of error at the measured option). "
+          "White: not measured.")
 
 
 class SensitivityView(QWidget):
@@ -42,14 +53,26 @@ class SensitivityView(QWidget):
         self.state = state
         self.result = None
         self.live: np.ndarray | None = None   # KL filled in while the sweep runs
+        self.live_options: list = []          # the options of the sweep running
+        self.live_kl: list[int] = []
         self.job = None
         self.text_path: str | None = None
 
-        self.widths = QLineEdit("2,3,4,8")
+        self.widths = QLineEdit(",".join(map(str, DEFAULT_BITS)))
         self.widths.setMaximumWidth(90)
-        self.group = QComboBox()
-        for size in (128, 64, 32, -1):
-            self.group.addItem("per-channel" if size == -1 else f"g{size}", size)
+        self.widths.setToolTip("bit-widths, each tried at every group size")
+        self.groups = QLineEdit(",".join(map(str, DEFAULT_GROUPS)))
+        self.groups.setMaximumWidth(80)
+        self.groups.setToolTip("group sizes: 32, 64, 128, ch (per-channel)")
+        self.kl_widths = QLineEdit(",".join(map(str, DEFAULT_KL_BITS)))
+        self.kl_widths.setMaximumWidth(50)
+        self.kl_widths.setToolTip("widths measured end to end (KL); the other options' KL is "
+                                  "predicted from the proxy")
+        self.kl_group = QComboBox()
+        for size in sorted(GROUP_SIZES, key=lambda g: -(g if g > 0 else 10 ** 9)):
+            self.kl_group.addItem("per-channel" if size == -1 else f"g{size}", size)
+        self.kl_group.setCurrentIndex(self.kl_group.findData(DEFAULT_KL_GROUP))
+        self.kl_group.setToolTip("group size of the end-to-end measurements")
         self.kl_windows = QSpinBox(minimum=0, maximum=256, value=8)
         self.kl_windows.setToolTip("windows for the end-to-end KL sweep (0: proxy only)")
         self.seqlen = QSpinBox(minimum=8, maximum=4096, value=32)
@@ -69,15 +92,17 @@ class SensitivityView(QWidget):
         save.clicked.connect(self._save)
         load = QPushButton("Load…")
         load.clicked.connect(self._load)
-        self.status = QLabel("Measure to see how each layer reacts to each width.")
+        self.status = QLabel("Measure to see how each layer reacts to each option.")
         self.status.setWordWrap(True)
         self.hover = QLabel(" ")
+        self.legend = QLabel(LEGEND)
+        self.legend.setWordWrap(True)
 
         self.plot = pg.PlotWidget()
         self.plot.setBackground("w")
         self.plot.setMouseEnabled(x=True, y=False)
         self.plot.setLabel("bottom", "layer (block)")
-        self.plot.setLabel("left", "bit-width")
+        self.plot.setLabel("left", "option")
         self.plot.invertY(True)
         self.image = pg.ImageItem(axisOrder="row-major")
         cmap = pg.colormap.get("inferno")
@@ -94,7 +119,8 @@ class SensitivityView(QWidget):
         self.ranking.setMinimumWidth(300)
 
         bar = QHBoxLayout()
-        for widget in (QLabel("Widths"), self.widths, self.group, QLabel("KL windows"),
+        for widget in (QLabel("Widths"), self.widths, QLabel("groups"), self.groups,
+                       QLabel("KL at widths"), self.kl_widths, self.kl_group, QLabel("windows"),
                        self.kl_windows, QLabel("tokens"), self.seqlen, self.text_button,
                        self.run_button, self.cancel_button, save, load):
             bar.addWidget(widget)
@@ -104,7 +130,7 @@ class SensitivityView(QWidget):
         show.addWidget(self.metric_box)
         show.addWidget(self.show_plan)
         show.addWidget(self.hover, 1)
-        left = column(show, (self.plot, 1))
+        left = column(show, (self.plot, 1), self.legend)
         split = QSplitter()
         split.addWidget(left)
         split.addWidget(self.ranking)
@@ -121,36 +147,32 @@ class SensitivityView(QWidget):
 
     # --- running --------------------------------------------------------------------------
     def start(self):
-        from studio.core.sensitivity import sensitivity_job
-        from studio.core.text import text_windows
-
         handle = self.state.handle
         if handle is None or self.job is not None:
             return None
-        try:
-            bits = tuple(sorted({int(b) for b in self.widths.text().split(",") if b.strip()}))
-            for b in bits:
-                QuantSpec(bits=b)
-            if not bits:
-                raise StudioError("Give at least one width, e.g. 2,3,4,8.")
-            from studio.core.sensitivity import DEFAULT_PROXY_WINDOWS
-            count = max(self.kl_windows.value(), DEFAULT_PROXY_WINDOWS)
+        kl_windows = self.kl_windows.value()
+        try:  # every bad field is refused here, before any work
+            bits = parse_widths(self.widths.text(), "Widths")
+            groups = parse_group_sizes(self.groups.text(), "Group sizes")
+            kl_bits = parse_widths(self.kl_widths.text(), "KL widths")
+            kl_group = self.kl_group.currentData()
+            options = sweep_options(bits, groups)
+            kl_cols = kl_columns(options, kl_bits, kl_group) if kl_windows > 0 else []
+            count = max(kl_windows, DEFAULT_PROXY_WINDOWS)
             windows, label = text_windows(handle.tokenizer, self.text_path, self.seqlen.value(),
                                           count, seed=0)
-        except ValueError:
-            self.status.setText("Widths are whole numbers separated by commas, e.g. 2,3,4,8.")
-            return None
         except StudioError as exc:
             self.status.setText(str(exc))
             return None
-        group, kl_windows = self.group.currentData(), self.kl_windows.value()
         self.result = None
         self.live = None
-        self.live_bits = bits
-        self.status.setText(f"Measuring {len(handle.quantizable)} layers x {len(bits)} widths "
-                            f"on {label}…")
-        factory = guarded(lambda: sensitivity_job(handle, windows, bits=bits, group_size=group,
-                                                  kl_windows=kl_windows, text_label=label))
+        self.live_options, self.live_kl = options, kl_cols
+        measured = ", ".join(option_label(options[j]) for j in kl_cols) or "none (proxy only)"
+        self.status.setText(f"Measuring {len(handle.quantizable)} layers x {len(options)} options "
+                            f"on {label}; end to end at {measured}…")
+        factory = guarded(lambda: sensitivity_job(
+            handle, windows, bits=bits, group_sizes=groups, kl_bits=kl_bits, kl_group=kl_group,
+            kl_windows=kl_windows, text_label=label))
         self.job = self.state.submit("Sensitivity", factory, on_result=self._finished,
                                      on_progress=self._progress)
         self.job.done.connect(self._job_done)
@@ -164,8 +186,8 @@ class SensitivityView(QWidget):
         self.status.setText(f"{100 * p.fraction:.0f}%  {p.message}")
         if isinstance(p.detail, tuple) and len(p.detail) == 3 and self.state.handle is not None:
             row, col, value = p.detail
-            if self.live is None:
-                self.live = np.full((len(self.state.handle.quantizable), len(self.live_bits)),
+            if self.live is None:  # col is the option's column (kl_sweep's detail)
+                self.live = np.full((len(self.state.handle.quantizable), len(self.live_options)),
                                     np.nan)
             self.live[row, col] = value
             if row % 7 == 0 or row == self.live.shape[0] - 1:
@@ -180,11 +202,12 @@ class SensitivityView(QWidget):
             self.state.publish(KEY, result)
         seconds = f"proxy {result.proxy_seconds:.1f} s"
         if result.has_kl:
-            seconds += (f", KL {result.kl_windows} x {result.seqlen} tokens "
+            measured = ", ".join(result.labels[j] for j in result.kl_options)
+            seconds += (f", KL at {measured} on {result.kl_windows} x {result.seqlen} tokens "
                         f"{result.kl_seconds:.0f} s (baseline ppl {result.base_ppl:.2f})")
-        self.status.setText(f"Measured {len(result.layers)} layers x {len(result.bits)} widths "
-                            f"on {result.text_label}: {seconds}. Click a cell to give that layer "
-                            f"that width in the plan.")
+        self.status.setText(f"Measured {len(result.layers)} layers x {len(result.options)} "
+                            f"options on {result.text_label}: {seconds}. Click a cell to give "
+                            f"that layer that option in the plan.")
 
     def _job_done(self, *_) -> None:
         self.job = None
@@ -209,8 +232,6 @@ class SensitivityView(QWidget):
             self.status.setText(f"Saved to {path}.")
 
     def _load(self, path: str | None = None) -> None:
-        from studio.core.sensitivity import SensitivityResult
-
         if not path:
             path, _ = QFileDialog.getOpenFileName(self, "Load sensitivity", "", "JSON (*.json)")
         if not path or self.state.handle is None:
@@ -245,25 +266,36 @@ class SensitivityView(QWidget):
 
     # --- drawing --------------------------------------------------------------------------
     def values(self) -> np.ndarray | None:
-        """[layers, widths] of the chosen metric (NaN where not measured yet)."""
+        """[layers, options] of the chosen metric (NaN where not measured)."""
         if self.result is None:
             return self.live
-        attr, _ = METRICS[self.metric_box.currentText()]
-        data = getattr(self.result, attr)
-        if data is None:
-            data = self.result.proxy_error
-        if attr == "ppl" and self.result.base_ppl:
-            data = np.maximum(data - self.result.base_ppl, 0.0)
-        return np.asarray(data, dtype=float)
+        kind, _ = METRICS[self.metric_box.currentText()]
+        r = self.result
+        if kind == "kl" and r.has_kl:
+            return np.asarray(r.loss("kl"), dtype=float)
+        if kind == "ppl" and r.has_kl:  # measured only: the proxy predicts KL, not perplexity
+            data = np.full(np.shape(r.proxy_error), np.nan)
+            data[:, r.kl_options] = np.maximum(np.asarray(r.ppl) - (r.base_ppl or 0.0), 0.0)
+            return data
+        return np.asarray(r.proxy_error, dtype=float)
 
-    def _bits(self) -> tuple[int, ...]:
-        return self.result.bits if self.result is not None else getattr(self, "live_bits", ())
+    def _options(self) -> list:
+        return self.result.options if self.result is not None else self.live_options
+
+    def _measured(self) -> list[int]:
+        return self.result.kl_options if self.result is not None else self.live_kl
 
     def _names(self) -> list[str]:
         if self.result is not None:
             return self.result.layers
         handle = self.state.handle
         return [i.name for i in handle.quantizable] if handle is not None else []
+
+    def column_labels(self) -> list[str]:
+        """"W4 g128 *" for the options measured end to end, "W3 g64" for predicted ones."""
+        measured = set(self._measured())
+        return [option_label(o) + (" *" if j in measured else "")
+                for j, o in enumerate(self._options())]
 
     def _draw(self) -> None:
         values = self.values()
@@ -272,25 +304,28 @@ class SensitivityView(QWidget):
             self.marks.clear()
             self.ranking.setHtml("<p>No sensitivity measured yet.</p>")
             return
-        bits, names = self._bits(), self._names()
-        logs = np.log10(np.clip(values, 1e-12, None)).astype(np.float32).T  # [widths, layers]
-        logs[~np.isfinite(values.T)] = np.nan
+        options, names = self._options(), self._names()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logs = np.log10(np.clip(values, 1e-12, None)).astype(np.float32).T  # [options, layers]
+        logs[~np.isfinite(values.T)] = np.nan  # drawn transparent: not measured (yet)
         finite = logs[np.isfinite(logs)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         hi = hi if hi > lo else lo + 1.0
-        self.image.setImage(np.nan_to_num(logs, nan=lo - 0.05 * (hi - lo)), levels=(lo, hi))
-        self.image.setRect(0, 0, len(names), len(bits))
+        self.image.setImage(logs, levels=(lo, hi))
+        self.image.setRect(0, 0, len(names), len(options))
         self.bar.setLevels((lo, hi))
         self.bar.axis.setLabel(METRICS[self.metric_box.currentText()][1] if self.result is not None
                                else METRICS["KL divergence (end to end)"][1])
-        self.plot.getAxis("left").setTicks([[(i + 0.5, f"{b}-bit") for i, b in enumerate(bits)]])
+        self.plot.getAxis("left").setTicks([[(i + 0.5, label) for i, label
+                                             in enumerate(self.column_labels())]])
         self.plot.getAxis("bottom").setTicks([_block_ticks(names)])
         self.plot.setXRange(0, len(names), padding=0)
-        self.plot.setYRange(0, len(bits), padding=0)
-        self._draw_plan(bits, names)
-        self._draw_ranking(values, bits, names)
+        self.plot.setYRange(0, len(options), padding=0)
+        self.legend.setVisible(bool(self._measured()))
+        self._draw_plan(options, names)
+        self._draw_ranking(values, options, names)
 
-    def _draw_plan(self, bits, names) -> None:
+    def _draw_plan(self, options, names) -> None:
         self.marks.clear()
         if not self.show_plan.isChecked() or not names:
             return
@@ -298,28 +333,34 @@ class SensitivityView(QWidget):
         xs, ys = [], []
         for i, name in enumerate(names):
             spec = plan.spec_for(name)
-            if spec is not None and spec.bits in bits:
+            col = None if spec is None else _column(options, spec)
+            if col is not None:
                 xs.append(i + 0.5)
-                ys.append(bits.index(spec.bits) + 0.5)
+                ys.append(col + 0.5)
         self.marks.setData(xs, ys)
 
-    def _draw_ranking(self, values, bits, names) -> None:
-        col = min(range(len(bits)), key=lambda j: abs(bits[j] - 4))  # rank at the width nearest 4
+    def _draw_ranking(self, values, options, names) -> None:
+        # Rank at a measured option (the end-to-end truth), else at the option nearest W4 g128.
+        measured = self._measured()
+        col = measured[0] if measured else min(
+            range(len(options)),
+            key=lambda j: (abs(options[j].bits - 4), abs(options[j].group_size - 128)))
         order = [i for i in np.argsort(-np.nan_to_num(values[:, col], nan=-1.0))[:15]]
         metric = self.metric_box.currentText() if self.result is not None else "KL (so far)"
         rows = "".join(f"<tr><td>{n + 1}</td><td>{names[i]}</td><td align='right'>"
                        f"{values[i, col]:.3g}</td></tr>" for n, i in enumerate(order)
                        if math.isfinite(values[i, col]))
-        self.ranking.setHtml(f"<h4>Most sensitive at {bits[col]} bits</h4><p>{metric}</p>"
-                             f"<table cellspacing='3'>{rows}</table><p>Cyan rings: the widths "
-                             f"the plan gives each layer.</p>")
+        self.ranking.setHtml(f"<h4>Most sensitive at {option_label(options[col])}</h4>"
+                             f"<p>{metric}</p><table cellspacing='3'>{rows}</table><p>Cyan "
+                             f"rings: the option the plan gives each layer.</p>")
 
     # --- mouse ----------------------------------------------------------------------------
     def cell_at(self, scene_pos) -> tuple[int, int] | None:
+        """(layer index, option column) under a scene position, or None."""
         point = self.plot.getPlotItem().vb.mapSceneToView(scene_pos)
-        names, bits = self._names(), self._bits()
+        names, options = self._names(), self._options()
         col, row = int(math.floor(point.x())), int(math.floor(point.y()))
-        if 0 <= col < len(names) and 0 <= row < len(bits):
+        if 0 <= col < len(names) and 0 <= row < len(options):
             return col, row
         return None
 
@@ -329,26 +370,37 @@ class SensitivityView(QWidget):
         if cell is None or values is None:
             self.hover.setText(" ")
             return
-        col, row = cell
-        self.hover.setText(f"{self._names()[col]} at {self._bits()[row]} bits: "
-                           f"{values[col, row]:.4g}")
+        layer, col = cell
+        how = ("measured" if col in self._measured() else "predicted") if (
+            self.result is not None and self.result.has_kl
+            and METRICS[self.metric_box.currentText()][0] == "kl") else ""
+        self.hover.setText(f"{self._names()[layer]} at {self.column_labels()[col].rstrip(' *')}: "
+                           f"{values[layer, col]:.4g} {how}".rstrip())
 
     def _clicked(self, event) -> None:
         if event.button() != Qt.MouseButton.LeftButton:
             return
         cell = self.cell_at(event.scenePos())
         if cell is not None and self.result is not None:
-            self.assign(self._names()[cell[0]], self._bits()[cell[1]])
+            self.assign(self._names()[cell[0]], cell[1])
 
-    def assign(self, name: str, bits: int) -> None:
-        """Give layer `name` `bits` bits in the session plan (the sweep's grid, the plan's method)."""
+    def assign(self, name: str, column: int) -> None:
+        """Give layer `name` option `column` (its bits and group size) in the session plan,
+        with the plan's method."""
         plan = self.state.session.plan
         method = plan.default.method if plan.default is not None else "rtn"
-        spec = QuantSpec(bits=bits, group_size=self.result.group_size,
-                         symmetric=self.result.symmetric, method=method)
+        spec = self.result.options[column].with_(method=method)
         self.state.session.plan = plan.with_rule(Rule(name, spec))
         self.state.publish("plan")
         self.status.setText(f"Plan: {name} -> {spec.label}.")
+
+
+def _column(options, spec) -> int | None:
+    """The option with `spec`'s grid (bits, group size, symmetric), whatever the method."""
+    for j, option in enumerate(options):
+        if same_grid(option, spec):
+            return j
+    return None
 
 
 def _block_ticks(names: list[str]) -> list[tuple[float, str]]:
