@@ -5,7 +5,8 @@ seqlen 512 over the first 40 windows. Calibration, 64 windows x 512 tokens, seed
   in-domain:     the second half of the WikiText-2 test rows (disjoint from those 40 windows)
   out-of-domain: tinyshakespeare
 Methods: RTN, GPTQ, AWQ at W4 g128 and W3 g128 (asymmetric), SmoothQuant W8A8 (per-channel
-symmetric weights, per-token activations). RTN uses no calibration, so it is run once.
+symmetric weights, per-token activations) next to the same W8A8 without smoothing. RTN uses no
+calibration, so it is run once.
 
     python benchmarks/bench_quant.py [--data ../shared/data] [--calib-windows 64]
         [--methods rtn,gptq,awq,smoothquant] [--bits 4,3] [--sources wikitext,shakespeare]
@@ -126,6 +127,16 @@ def main(argv=None) -> int:
             report(name, label or "none", perplexity(variant.model, evaluation)[0], seconds,
                    variant.bits_per_weight, memory)
             del variant
+    if "smoothquant" in methods:
+        # The row SmoothQuant is judged against: the same W8A8 (per-channel symmetric weights,
+        # per-token activations) without moving any range from activations into weights.
+        from studio.core.quant.smoothquant import install_act_quant
+
+        spec = QuantSpec(8, -1, True, "rtn")
+        variant = run(quantize_job(handle, Plan(spec), None, None, "naive W8A8"))
+        install_act_quant(variant.model, {name: 8 for name in variant.qtensors})
+        report("RTN W8 ch sym A8 (naive)", "none", perplexity(variant.model, evaluation)[0],
+               variant.seconds, variant.bits_per_weight)
     return 0
 
 

@@ -61,7 +61,7 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
     outside = [n for n in specs if not n.startswith(prefix + ".")]
     total = len(specs) + 2
     yield Progress(0, total, "Copying the model")
-    model = copy.deepcopy(handle.model)
+    model = copy_to_quantize(handle.model, prefix, outside)
     untie_if_needed(model, specs)
     _, blocks = decoder_blocks(model)
     state = _State(specs, handle.model, total)
@@ -96,6 +96,18 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
                    calibration=calib_label if windows is not None else None,
                    seconds=time.perf_counter() - start, layer_errors=state.errors,
                    floats=floats)
+
+
+def copy_to_quantize(base: nn.Module, prefix: str, outside: list[str]) -> nn.Module:
+    """The copy the job works on. When the plan quantizes nothing outside the decoder blocks, no
+    method writes to the tensors there (embeddings, final norm, lm_head: a fifth of a small
+    model), so the copy shares them with the baseline instead of duplicating them."""
+    if outside:
+        return copy.deepcopy(base)
+    blocks = base.get_submodule(prefix)
+    inside = {id(t) for t in (*blocks.parameters(), *blocks.buffers())}
+    shared = {id(t): t for t in (*base.parameters(), *base.buffers()) if id(t) not in inside}
+    return copy.deepcopy(base, shared)
 
 
 def quantize_text_job(handle, plan: Plan, calib_path, count: int, seqlen: int, seed: int,

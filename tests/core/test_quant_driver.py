@@ -158,7 +158,7 @@ def test_other_architectures(tiny_dirs, arch):
     assert len(worse) <= 1, worse   # random tiny models: GPTQ wins essentially everywhere
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "gpt2", "opt"])
 def test_replayed_block_parts_change_nothing(tiny_dirs, arch, monkeypatch):
     """Serving settled attention outputs from memory gives the very same variant as
     computing them again (float32 block runs, so both runs are deterministic)."""
@@ -185,3 +185,19 @@ def test_replayed_block_parts_change_nothing(tiny_dirs, arch, monkeypatch):
     slow = run(quantize_job(handle, plan, ids, label, "recompute"))
     for name, qt in slow.qtensors.items():
         assert torch.equal(fast.qtensors[name].codes, qt.codes), name
+
+
+def test_tensors_outside_the_blocks_are_shared_only_when_untouched(tiny_llama, windows):
+    ids, label = windows
+    base = tiny_llama.model
+    inside = run(quantize_job(tiny_llama, Plan(QuantSpec(4, 32, False, "awq")), ids, label, "a"))
+    embed = base.get_input_embeddings().weight
+    assert inside.model.get_input_embeddings().weight is embed          # shared, not copied
+    assert inside.model.model.layers[0].input_layernorm.weight is not \
+        base.model.layers[0].input_layernorm.weight                     # AWQ folds into these
+    before = embed.clone()
+    plan = Plan(QuantSpec(4, 32, False, "rtn"), rules=(Rule("model.embed_tokens",
+                                                            QuantSpec(8, 32, False, "rtn")),))
+    outside = run(quantize_job(tiny_llama, plan, None, None, "e"))
+    assert outside.model.get_input_embeddings().weight is not embed
+    assert torch.equal(embed, before)

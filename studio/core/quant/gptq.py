@@ -17,11 +17,16 @@ instead of crashing; if even that fails the layer falls back to RTN and says so.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.linalg import blas
+
+# OpenBLAS's threads (scipy's syrk) otherwise spin for ~0.1 s after each call, fighting torch's
+# threads for the same two cores; read when scipy's OpenBLAS loads, i.e. on the import below.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+from scipy.linalg import blas  # noqa: E402
 
 from studio.core.plan import QuantSpec
 from studio.core.quant.grid import QTensor, compute_qparams, effective_group_size, quantize_rtn
