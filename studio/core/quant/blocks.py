@@ -106,8 +106,10 @@ def _is_cache(value) -> bool:
 
 
 def _native_bf16() -> bool:
+    """bf16 products beat float32 only where the CPU multiplies bf16 natively (AVX512-BF16,
+    AMX); elsewhere oneDNN emulates them, slower than float32."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         return False
 
