@@ -247,15 +247,21 @@ class PlanView(QWidget):
         rows = sorted({index.row() for index in self.table.selectionModel().selectedRows()})
         return [self.names[r] for r in rows]
 
+    def _checked_spec(self) -> tuple[bool, QuantSpec | None]:
+        """(True, the edited spec, None = keep 16-bit), or (False, None) after saying why not."""
+        try:
+            return True, self.edited_spec()
+        except StudioError as exc:
+            self.say(f"Refused: {exc} The plan is unchanged.", error=True)
+            return False, None
+
     def apply_to_selected(self) -> None:
         names = self.selected_names()
         if not names:
             self.say("Select one or more layers first (Ctrl/Shift-click for several).", error=True)
             return
-        try:
-            spec = self.edited_spec()
-        except StudioError as exc:
-            self.say(f"Refused: {exc} The plan is unchanged.", error=True)
+        ok, spec = self._checked_spec()
+        if not ok:
             return
         plan = self.state.session.plan
         for name in names:
@@ -264,10 +270,8 @@ class PlanView(QWidget):
         self._set_plan(plan, f"{len(names)} layer(s) -> {label}.")
 
     def set_default(self) -> None:
-        try:
-            spec = self.edited_spec()
-        except StudioError as exc:
-            self.say(f"Refused: {exc} The plan is unchanged.", error=True)
+        ok, spec = self._checked_spec()
+        if not ok:
             return
         plan = self.state.session.plan
         self._set_plan(Plan(spec, plan.rules, self._architecture()),
