@@ -70,6 +70,15 @@ def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     target.copy_(w.t() if bool(Conv1D) and isinstance(module, Conv1D) else w)
 
 
+def replace_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
+    """Give the layer a new weight tensor holding the [out, in] matrix `w` (in its own layout
+    and dtype); unlike `set_weight_matrix`, the old tensor is left as it was."""
+    old = module.weight
+    w = w.to(old.dtype)
+    w = w.t() if bool(Conv1D) and isinstance(module, Conv1D) else w
+    module.weight = nn.Parameter(w.contiguous(), requires_grad=old.requires_grad)
+
+
 def role_of(name: str, in_attention: bool) -> str:
     leaf = name.rsplit(".", 1)[-1]
     if leaf == "c_proj":  # GPT-2 uses the same name for the attention output and MLP down

@@ -30,7 +30,9 @@ from torch import nn
 
 from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress
-from studio.core.layers import get_module, is_linear, set_weight_matrix, weight_matrix
+from studio.core.layers import (get_module, is_linear, replace_weight_matrix,
+                                 set_weight_matrix, weight_matrix)
+from studio.core.memory import release_freed_memory
 from studio.core.plan import Plan, QuantSpec
 from studio.core.quant.blocks import (FAST_DTYPE, BlockInputs, Replay, capture_block_inputs,
                                       decoder_blocks, run_block, run_block_until)
@@ -57,17 +59,20 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
     if not methods & set(CALIBRATED) and windows is not None:
         windows = windows[:ERROR_WINDOWS]  # RTN needs no data: measure errors on a few windows
         calib_label = None
-    prefix, _ = decoder_blocks(handle.model)
+    prefix, base_blocks = decoder_blocks(handle.model)
     outside = [n for n in specs if not n.startswith(prefix + ".")]
     total = len(specs) + 2
+    sq = {n: s for n, s in specs.items() if s.method == "smoothquant"}
     yield Progress(0, total, "Copying the model")
-    model = copy_to_quantize(handle.model, prefix, outside)
+    # SmoothQuant smooths every block before any is quantized, and layers outside the blocks
+    # make a whole copy anyway; otherwise each block is copied when its turn comes.
+    lazy = not sq and not outside
+    model = copy_to_quantize(handle.model, prefix, outside, lazy)
     untie_if_needed(model, specs)
     _, blocks = decoder_blocks(model)
     state = _State(specs, handle.model, total)
 
     act_bits: dict[str, int] = {}
-    sq = {n: s for n, s in specs.items() if s.method == "smoothquant"}
     if sq:
         from studio.core.quant import smoothquant
         act_bits = yield from relay(smoothquant.prepare_job(model, windows, sq), 0, total)
@@ -76,17 +81,27 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
     if windows is not None:
         yield Progress(0, total, "Capturing the inputs of block 0")
         inputs = capture_block_inputs(model, windows)
-    for index, block in enumerate(blocks):
+    for index in range(len(blocks)):
         block_name = f"{prefix}.{index}"
         mine = {n: s for n, s in specs.items() if n.startswith(block_name + ".")}
         if not mine and inputs is None:
             continue
-        outputs = yield from quantize_block(block, block_name, index, len(blocks), inputs, mine,
-                                            state, want_outputs=index + 1 < len(blocks))
+        if mine and lazy:
+            blocks[index] = copy.deepcopy(blocks[index])   # shared until now: private from here
+        outputs = yield from quantize_block(blocks[index], block_name, index, len(blocks),
+                                            inputs, mine, state,
+                                            want_outputs=index + 1 < len(blocks))
+        if mine and lazy:
+            share_settled(blocks[index], base_blocks[index], block_name, state.qtensors)
         if outputs is not None:
             inputs = inputs.with_hidden(outputs)
+        release_freed_memory()
+    del inputs
+    release_freed_memory()
     for layer in outside:
         yield from quantize_outside(model, layer, specs[layer], state)
+    if lazy:
+        materialize(model, handle.model, state.qtensors)
 
     floats = changed_floats(model, handle.model, state.qtensors)
     yield Progress(total, total, f"Quantized {len(state.qtensors)} layers")
@@ -98,16 +113,50 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
                    floats=floats)
 
 
-def copy_to_quantize(base: nn.Module, prefix: str, outside: list[str]) -> nn.Module:
+def copy_to_quantize(base: nn.Module, prefix: str, outside: list[str],
+                     lazy: bool = False) -> nn.Module:
     """The copy the job works on. When the plan quantizes nothing outside the decoder blocks, no
     method writes to the tensors there (embeddings, final norm, lm_head: a fifth of a small
-    model), so the copy shares them with the baseline instead of duplicating them."""
+    model), so the copy shares them with the baseline instead of duplicating them.
+
+    `lazy`: the blocks' tensors are shared too; the job gives each block its own copy when its
+    turn comes and, once it is done, keeps only the tensors that changed (`share_settled`);
+    the quantized weights exist as codes until `materialize` de-quantizes them at the end,
+    when the calibration activations are gone. The job's peak then holds the baseline, the
+    codes, one block and the activations, not a second float model as well. Nothing is ever
+    written into a shared tensor: blocks are copied before any change."""
     if outside:
         return copy.deepcopy(base)
     blocks = base.get_submodule(prefix)
     inside = {id(t) for t in (*blocks.parameters(), *blocks.buffers())}
-    shared = {id(t): t for t in (*base.parameters(), *base.buffers()) if id(t) not in inside}
+    shared = {id(t): t for t in (*base.parameters(), *base.buffers())
+              if lazy or id(t) not in inside}
     return copy.deepcopy(base, shared)
+
+
+def share_settled(block: nn.Module, base_block: nn.Module, block_name: str,
+                  qtensors: dict[str, QTensor]) -> None:
+    """After a block is done: its tensors equal to the baseline's share the baseline's again,
+    and its quantized weights are held as codes only (the baseline's weight stands in until
+    `materialize`; no one runs a finished block before then)."""
+    quantized = {n[len(block_name) + 1:] for n in qtensors if n.startswith(block_name + ".")}
+    for rel, module in block.named_modules():
+        base_module = base_block.get_submodule(rel)
+        for key, param in list(module._parameters.items()):
+            base_param = base_module._parameters.get(key)
+            if param is None or base_param is None or param.shape != base_param.shape:
+                continue
+            if (key == "weight" and rel in quantized) or torch.equal(param, base_param):
+                module._parameters[key] = base_param
+
+
+def materialize(model: nn.Module, base: nn.Module, qtensors: dict[str, QTensor]) -> None:
+    """Give every quantized layer still standing on the baseline's weight its de-quantized
+    weight (a new tensor: the baseline's is never written)."""
+    for name, qt in qtensors.items():
+        module = get_module(model, name)
+        if module.weight is get_module(base, name).weight:
+            replace_weight_matrix(module, qt.dequantize())
 
 
 def quantize_text_job(handle, plan: Plan, calib_path, count: int, seqlen: int, seed: int,
@@ -279,7 +328,8 @@ def quantize_block(block: nn.Module, block_name: str, index: int, count: int,
     # everything before it already quantized; parts of the block that can no longer change
     # are served from memory (Replay) instead of being computed again.
     pending = {r for r, s in rel.items() if s.method == "gptq"}
-    replay = Replay(block, [r for group in groups for r in group], pending)
+    replay = Replay(block, [r for group in groups for r in group], pending,
+                    len(inputs) if inputs is not None else 0)
     batches = -(-len(inputs) // BATCH) if inputs is not None else 0
     for group in groups:
         todo = [r for r in group if r in pending]
@@ -301,8 +351,8 @@ def quantize_block(block: nn.Module, block_name: str, index: int, count: int,
         del h, weights, results
     if not want_outputs or inputs is None:
         return None
-    with replay.active(batches):
-        return run_block(block, inputs, BATCH, FAST_DTYPE)
+    with replay.active(batches, record=False):
+        return run_block(block, inputs, BATCH, FAST_DTYPE, out=inputs.hidden)
 
 
 def input_groups(block: nn.Module, inputs: BlockInputs) -> list[list[str]]:

@@ -72,7 +72,8 @@ def test_mixed_plan_quantizes_each_layer_as_specified(tiny_llama, windows):
     assert not torch.equal(variant.model.lm_head.weight, before["model.embed_tokens.weight"])
 
 
-def test_cancel_leaves_the_baseline_bit_identical(tiny_llama, windows):
+@pytest.mark.parametrize("at", [6, 20])  # inside block 0; inside block 1, after block 0 is
+def test_cancel_leaves_the_baseline_bit_identical(tiny_llama, windows, at):  # done
     ids, label = windows
     before = _snapshot(tiny_llama.model)
     token = CancelToken()
@@ -80,14 +81,38 @@ def test_cancel_leaves_the_baseline_bit_identical(tiny_llama, windows):
 
     def progress(p):
         seen.append(p)
-        if len(seen) == 6:
+        if len(seen) == at:
             token.cancel()
 
     with pytest.raises(Cancelled):
         run(quantize_job(tiny_llama, Plan(QuantSpec(3, 32, False, "gptq")), ids, label, "c"),
             progress, token)
-    assert len(seen) == 6
+    assert len(seen) == at
     assert _same(tiny_llama.model, before)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_finished_variant_owns_its_quantized_weights_and_shares_the_rest(tiny_dirs, arch):
+    """Blocks are copied one at a time and hold codes until the end: the variant must still
+    come out with every quantized layer de-quantized into a tensor of its own, everything
+    unchanged (a skipped block, GPTQ's untouched norms) shared, and the baseline untouched."""
+    from studio.core.layers import get_module, weight_matrix
+
+    handle = run(open_model_job(tiny_dirs[arch]))
+    ids, label = text_windows(handle.tokenizer, None, 32, 16, 0)
+    before = _snapshot(handle.model)
+    plan = Plan(QuantSpec(3, 32, False, "gptq"), rules=(Rule(r".*\.1\..*", None, True),))
+    variant = run(quantize_job(handle, plan, ids, label, "v"))
+    assert _same(handle.model, before)
+    assert variant.qtensors and not any(".1." in n for n in variant.qtensors)
+    for name, qt in variant.qtensors.items():
+        mine, base = get_module(variant.model, name), get_module(handle.model, name)
+        assert mine.weight is not base.weight, name
+        assert torch.equal(weight_matrix(mine), qt.dequantize()), name
+    base_params = dict(handle.model.named_parameters())
+    shared = [n for n, p in variant.model.named_parameters() if p is base_params.get(n)]
+    quantized = {f"{n}.weight" for n in variant.qtensors}
+    assert set(shared) == set(base_params) - quantized  # GPTQ changes nothing else
 
 
 @pytest.mark.parametrize("make", [
@@ -173,9 +198,9 @@ def test_replayed_block_parts_change_nothing(tiny_dirs, arch, monkeypatch):
     served = []
     original = Replay.active
 
-    def counting(self, batches, stop_at=None):
+    def counting(self, batches, stop_at=None, record=True):
         served.append(len(self.recorded) + len(self.inputs))
-        return original(self, batches, stop_at)
+        return original(self, batches, stop_at, record)
 
     monkeypatch.setattr(Replay, "active", counting)
     plan = Plan(QuantSpec(3, 32, False, "gptq"))

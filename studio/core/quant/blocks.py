@@ -136,14 +136,19 @@ def call_block(block: nn.Module, hidden: torch.Tensor, inputs: BlockInputs,
 
 
 def run_block(block: nn.Module, inputs: BlockInputs, batch_size: int = 8,
-              dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The block's outputs [n, seq, d] for every captured window, computed in batches."""
-    outs = []
+              dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The block's outputs [n, seq, d] for every captured window, computed in batches and
+    written into `out` (allocated once when None). `out` may be `inputs.hidden` itself: each
+    batch is read before its outputs are written, and the calibration set's activations are
+    then held once instead of twice (no concatenation of a list of batches either)."""
     with torch.no_grad():
         for start in range(0, len(inputs), batch_size):
-            outs.append(call_block(block, inputs.hidden[start: start + batch_size], inputs,
-                                   dtype))
-    return torch.cat(outs)
+            y = call_block(block, inputs.hidden[start: start + batch_size], inputs, dtype)
+            if out is None:
+                out = torch.empty((len(inputs), *y.shape[1:]), dtype=y.dtype)
+            out[start: start + y.shape[0]].copy_(y)
+            del y
+    return out
 
 
 def run_block_until(block: nn.Module, inputs: BlockInputs, stop_at: nn.Module,
@@ -181,8 +186,9 @@ class Replay:
     `settle` is told which linears are final; `active()` wraps each run.
     """
 
-    def __init__(self, block: nn.Module, order: list[str], pending: set[str]) -> None:
+    def __init__(self, block: nn.Module, order: list[str], pending: set[str], rows: int) -> None:
         self.block = block
+        self.rows = rows                     # calibration windows, summed over the batches
         self.order = order                   # the block's linears in the order they run
         self.pending = set(pending)          # linears (names relative to the block) not final
         self.children = {}                   # child -> index of its last linear in `order`
@@ -205,10 +211,11 @@ class Replay:
         return self.order[self.children[child]]
 
     @contextlib.contextmanager
-    def active(self, batches: int, stop_at: str | None = None):
+    def active(self, batches: int, stop_at: str | None = None, record: bool = True):
         """Within: settled children are served (recorded outputs, or the shortcut), others that
         just settled are recorded; `stop_at`'s inputs are kept when it ends a child.
-        Recordings are kept only when complete for every one of the `batches`."""
+        Recordings are kept only when complete for every one of the `batches`; the block's last
+        run passes `record=False`, since nothing would read them."""
         swapped, hooks, fresh = {}, [], {}
         for child in self.children:
             if not self._settled(child):
@@ -218,18 +225,21 @@ class Replay:
             if child in self.recorded:
                 stand_in = _Served(self.recorded[child])
             elif last in self.inputs and child not in self.failed:
-                stand_in = _Shortcut(module, self.block.get_submodule(last), self.inputs[last])
+                stand_in = _Shortcut(module, self.block.get_submodule(last), self.inputs[last],
+                                     keep=record)
+            elif not record:
+                continue
             else:
-                fresh[child] = []
+                fresh[child] = Stash(self.rows)
                 hooks.append(module.register_forward_hook(
                     lambda m, a, out, bucket=fresh[child]: bucket.append(out)))
                 continue
             swapped[child] = (module, stand_in)
             setattr(self.block, child, stand_in)
-        seen: list = []
+        seen = Stash(self.rows)
         if stop_at is not None and any(self._last_linear(c) == stop_at for c in self.children):
             hooks.append(self.block.get_submodule(stop_at).register_forward_pre_hook(
-                lambda m, args: seen.append(args[0].detach())))
+                lambda m, args: seen.append(args[0])))
         try:
             yield
         finally:
@@ -242,13 +252,60 @@ class Replay:
                 self.inputs.pop(self._last_linear(child), None)
                 if stand_in.failed:
                     self.failed.add(child)
-                elif len(stand_in.outputs) == batches:
+                elif record and len(stand_in.outputs) == batches:
                     self.recorded[child] = stand_in.outputs
         for child, outputs in fresh.items():
             if len(outputs) == batches:
                 self.recorded[child] = outputs
         if len(seen) == batches:
             self.inputs[stop_at] = seen
+
+
+class Stash:
+    """A list of per-batch tensors (or (tensor, None, ...) tuples) kept for a later run,
+    copied into one buffer allocated for all `rows` at the first append.
+
+    Why not keep the tensors themselves: each is a few MB from the allocator's heap, held
+    between the short-lived temporaries of every batch; the heap then cannot shrink and the
+    process grew by hundreds of MB more than the data. One large buffer lives outside it."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows, self.filled = rows, 0
+        self.buffer: torch.Tensor | None = None
+        self.items: list = []
+
+    def append(self, value) -> None:
+        tensor, rest = (value, None) if isinstance(value, torch.Tensor) else \
+            (value[0], value[1:]) if _tensor_then_nothing(value) else (None, None)
+        if tensor is None or tensor.dim() == 0 or self.filled + len(tensor) > self.rows:
+            self.items.append(value)         # an unexpected shape: kept as it came
+            return
+        if self.buffer is None:
+            self.buffer = torch.empty((self.rows, *tensor.shape[1:]), dtype=tensor.dtype)
+        if self.buffer.shape[1:] != tensor.shape[1:] or self.buffer.dtype != tensor.dtype:
+            self.items.append(value)
+            return
+        view = self.buffer[self.filled: self.filled + len(tensor)]
+        view.copy_(tensor.detach())
+        self.filled += len(tensor)
+        self.items.append(view if rest is None else (view, *rest))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        return self.items[index]
+
+    def __setitem__(self, index: int, value) -> None:
+        self.items[index] = value
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+def _tensor_then_nothing(value) -> bool:
+    return isinstance(value, tuple) and bool(value) and isinstance(value[0], torch.Tensor) \
+        and all(v is None for v in value[1:])
 
 
 class _Served(nn.Module):
@@ -268,30 +325,38 @@ class _Shortcut(nn.Module):
     """Stands in for a settled child whose output is its last linear applied to a known input.
 
     The first call runs the real child too and compares; any difference (another structure,
-    extra outputs) turns the shortcut off and the real child runs from then on."""
+    extra outputs) turns the shortcut off and the real child runs from then on. Each input is
+    let go once used; outputs are kept (for later runs of the block) only when `keep`."""
 
-    def __init__(self, child: nn.Module, last: nn.Module, inputs: list) -> None:
+    def __init__(self, child: nn.Module, last: nn.Module, inputs: list, keep: bool = True) -> None:
         super().__init__()
         self.child, self.last, self.inputs = [child], [last], inputs  # lists: not submodules
-        self.outputs: list = []
+        self.keep = keep
+        self.outputs = Stash(sum(len(x) for x in inputs if x is not None))
+        self.first = None
+        self.calls = 0
         self.failed = False
 
     def forward(self, *args, **kwargs):
-        index = len(self.outputs)
+        index = self.calls
+        self.calls += 1
         if self.failed:
             out = self.child[0](*args, **kwargs)
         else:
             short = self.last[0](self.inputs[index])
+            self.inputs[index] = None
             if index == 0:
                 real = self.child[0](*args, **kwargs)
                 out = _with_first(real, short)
                 if out is None:
                     self.failed = True
                     out = real
+                self.first = out
             else:
-                first = self.outputs[0]
+                first = self.first
                 out = short if isinstance(first, torch.Tensor) else (short,) + first[1:]
-        self.outputs.append(out)
+        if self.keep:
+            self.outputs.append(out)
         return out
 
 

@@ -17,16 +17,10 @@ instead of crashing; if even that fails the layer falls back to RTN and says so.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-# OpenBLAS's threads (scipy's syrk) otherwise spin for ~0.1 s after each call, fighting torch's
-# threads for the same two cores; read when scipy's OpenBLAS loads, i.e. on the import below.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-from scipy.linalg import blas  # noqa: E402
 
 from studio.core.plan import QuantSpec
 from studio.core.quant.grid import QTensor, compute_qparams, effective_group_size, quantize_rtn
@@ -35,28 +29,32 @@ from studio.core.quant.rtn import single_thread
 log = logging.getLogger(__name__)
 DAMP_RETRIES = 6
 INNER = 16  # columns updated eagerly inside a block (see _quantize_columns)
+STRIP = 384  # rows per strip of a Hessian's upper triangle (measured best at 576 and 1536)
 
 
 class HessianAccumulator:
     """Sum of x x^T over every input row a layer sees (shared by layers reading one input).
 
-    The sum is symmetric, so BLAS's syrk builds only its upper triangle: half the arithmetic
-    of a full product, in float32 (a bfloat16 product, though faster still, rounds the sum
-    enough to make GPTQ measurably worse on attention-output layers)."""
+    The sum is symmetric, so only its upper triangle is built, in strips of rows: about 60%
+    of the arithmetic of a full product, through the same BLAS as the rest of torch (a separate
+    BLAS's threads fought torch's for the two cores). float32 throughout: a bfloat16 product
+    rounds the sum enough to make GPTQ measurably worse on attention-output layers."""
 
     def __init__(self, columns: int) -> None:
-        self.upper = np.zeros((columns, columns), dtype=np.float32, order="F")
+        self.upper = torch.zeros(columns, columns)
         self.count = 0
+        self.strip = -(-columns // max(1, round(columns / STRIP)))
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float().contiguous()
-        # x.T is a Fortran-ordered view of x: syrk reads it without a copy.
-        blas.ssyrk(1.0, x.numpy().T, beta=1.0, c=self.upper, trans=0, lower=0, overwrite_c=1)
+        x = x.reshape(-1, x.shape[-1]).float()
+        xt = x.T
+        for i in range(0, x.shape[1], self.strip):
+            self.upper[i: i + self.strip, i:].addmm_(xt[i: i + self.strip], x[:, i:])
         self.count += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
         """H = 2/n X X^T, the reference's scaling."""
-        upper = torch.from_numpy(np.triu(self.upper))
+        upper = torch.triu(self.upper)
         full = upper + torch.triu(upper, diagonal=1).T
         return full * (2.0 / max(self.count, 1))
 
@@ -166,58 +164,84 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
 def _quantize_columns(w, hinv, perm, codes, scale, zero, spec, gs, static, block) -> None:
     """The reference's inner loops, writing codes (and, for dynamic groups, scale/zero).
 
+    Works on the transpose (one row per input column, so a column is contiguous) and does the
+    per-column arithmetic through NumPy views of the same memory: the loop runs once per input
+    column, and torch's per-call overhead was most of its time. Same element-wise float32
+    arithmetic as the reference (division by the scale, round half to even).
+
     One more level of lazy batching than the reference: inside each block of `block` columns,
     a column's error updates only the rest of its sub-block of INNER columns at once; the
     sub-block's errors reach the block's later columns in one matrix product. Same arithmetic
     (up to summation order), a fraction of the memory traffic. Sub-blocks start on group
     boundaries, so a group's range is always taken from fully updated columns."""
     out, cols = w.shape
-    maxq = 2 ** spec.bits - 1
+    maxq = float(2 ** spec.bits - 1)
     inner = INNER if block % INNER == 0 and (static or gs % INNER == 0) else 1
+    wt = w.T.contiguous()                      # [cols, out]: row i = column i of w
+    wn = wt.numpy()
+    hn = hinv.numpy()
+    order = perm.tolist()
+    codes_t = np.zeros((cols, out), dtype=np.uint8)
+    scale_t = scale.T.contiguous().numpy()     # [groups, out]
+    zero_t = zero.T.contiguous().numpy()
+    err_t = torch.zeros(block, out)
+    en = err_t.numpy()
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        h1 = hinv[i1:i2, i1:i2]
-        for j1 in range(0, i2 - i1, inner):
-            j2 = min(j1 + inner, i2 - i1)
+        for j1 in range(i1, i2, inner):
+            j2 = min(j1 + inner, i2)
             for i in range(j1, j2):
-                col = perm[i1 + i].item()   # the column's place in the original order
+                col = order[i]                 # the column's place in the original order
                 g = col // gs
                 if not static and col % gs == 0:
                     # A new group starts here: its range from the columns as updated so far.
-                    span = torch.cat([w1[:, i: i + gs], w[:, i2: i1 + i + gs]], dim=1)
+                    span = wt[i: i + gs].T
                     s, z = compute_qparams(span, spec.bits, gs, spec.symmetric)
-                    scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
-                x = w1[:, i]
-                c = torch.clamp(torch.round(x / scale[:, g]) + zero[:, g], 0, maxq)
-                q = scale[:, g] * (c - zero[:, g])
-                codes[:, col] = c.to(torch.uint8)
-                e = (x - q) / h1[i, i]
-                w1[:, i:j2] -= e[:, None] * h1[i, i:j2][None, :]
-                err1[:, i] = e
-            if j2 < i2 - i1:
-                w1[:, j2:] -= err1[:, j1:j2] @ h1[j1:j2, j2:]
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+                    scale_t[g], zero_t[g] = s[:, 0].numpy(), z[:, 0].numpy()
+                x = wn[i]
+                c = np.rint(x / scale_t[g])
+                c += zero_t[g]
+                np.maximum(c, 0.0, out=c)
+                np.minimum(c, maxq, out=c)
+                codes_t[col] = c
+                e = x - scale_t[g] * (c - zero_t[g])
+                e /= hn[i, i]
+                en[i - i1] = e
+                if i + 1 < j2:
+                    wn[i + 1: j2] -= hn[i, i + 1: j2, None] * e
+            if j2 < i2:
+                wt[j2:i2].addmm_(hinv[j1:j2, j2:i2].T, err_t[j1 - i1: j2 - i1], alpha=-1)
+        if i2 < cols:
+            wt[i2:].addmm_(hinv[i1:i2, i2:].T, err_t[: i2 - i1], alpha=-1)
+    codes.copy_(torch.from_numpy(codes_t).T)
+    if not static:
+        scale.copy_(torch.from_numpy(scale_t).T)
+        zero.copy_(torch.from_numpy(zero_t).T)
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, str]:
-    """Upper Cholesky factor of (H + damp*mean(diag H) I)^-1 (float32, as the reference), damping further
-    (x10 per try) when H is not positive definite."""
+    """Upper Cholesky factor of (H + damp*mean(diag H) I)^-1 (float32, as the reference), damping
+    further (x10 per try) when H is not positive definite.
+
+    The reference inverts H through its Cholesky factor and factors the inverse again. One
+    factorisation does it: with J the exchange matrix (reversed order), J H J = L L^T gives
+    H = R R^T with R = J L J upper triangular, so H^-1 = (R^-1)^T R^-1 and the upper factor
+    wanted is R^-1 = J L^-1 J (positive diagonal, hence the unique factor): one Cholesky and one
+    triangular inverse instead of two Cholesky factorisations and a solve."""
     mean_diag = abs(torch.mean(torch.diag(H)).item()) or 1.0
     idx = torch.arange(H.shape[0])
+    flipped = H.flip(0, 1)
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
     for attempt in range(DAMP_RETRIES):
         d = damp * 10 ** attempt
-        Hd = H.clone()
+        Hd = flipped.clone()
         Hd[idx, idx] += d * mean_diag
         L, info = torch.linalg.cholesky_ex(Hd)
         if info == 0:
-            # cholesky_solve against I: the same inverse as cholesky_inverse, ~9x faster here.
-            Hi = torch.cholesky_solve(torch.eye(H.shape[0], dtype=H.dtype), L)
-            U, info = torch.linalg.cholesky_ex(Hi, upper=True)
-            if info == 0 and torch.isfinite(U).all():
+            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            if torch.isfinite(U).all():
                 note = "" if attempt == 0 else (f"the Hessian was not positive definite; "
                                                 f"dampened with {d:g} x mean diagonal")
-                return U, note
+                return U.contiguous(), note
     return None, (f"the Hessian stayed singular even dampened with {d:g} x mean diagonal; "
                   f"this layer was rounded to nearest instead")
