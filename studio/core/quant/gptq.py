@@ -29,7 +29,7 @@ from studio.core.quant.rtn import single_thread
 log = logging.getLogger(__name__)
 DAMP_RETRIES = 6
 INNER = 16  # columns updated eagerly inside a block (see _quantize_columns)
-STRIP = 384  # rows per strip of a Hessian's upper triangle (measured best at 576 and 1536)
+STRIP = 384  # rows per strip of a Hessian's upper triangle (4 strips measured fastest at 1536)
 
 
 class HessianAccumulator:
