@@ -296,12 +296,6 @@ class Stash:
     def __getitem__(self, index: int):
         return self.items[index]
 
-    def __setitem__(self, index: int, value) -> None:
-        self.items[index] = value
-
-    def __iter__(self):
-        return iter(self.items)
-
 
 def _tensor_then_nothing(value) -> bool:
     return isinstance(value, tuple) and bool(value) and isinstance(value[0], torch.Tensor) \
@@ -325,14 +319,14 @@ class _Shortcut(nn.Module):
     """Stands in for a settled child whose output is its last linear applied to a known input.
 
     The first call runs the real child too and compares; any difference (another structure,
-    extra outputs) turns the shortcut off and the real child runs from then on. Each input is
-    let go once used; outputs are kept (for later runs of the block) only when `keep`."""
+    extra outputs) turns the shortcut off and the real child runs from then on. Outputs are
+    kept (for later runs of the block) only when `keep`."""
 
     def __init__(self, child: nn.Module, last: nn.Module, inputs: list, keep: bool = True) -> None:
         super().__init__()
         self.child, self.last, self.inputs = [child], [last], inputs  # lists: not submodules
         self.keep = keep
-        self.outputs = Stash(sum(len(x) for x in inputs if x is not None))
+        self.outputs = Stash(sum(len(x) for x in inputs))
         self.first = None
         self.calls = 0
         self.failed = False
@@ -344,7 +338,6 @@ class _Shortcut(nn.Module):
             out = self.child[0](*args, **kwargs)
         else:
             short = self.last[0](self.inputs[index])
-            self.inputs[index] = None
             if index == 0:
                 real = self.child[0](*args, **kwargs)
                 out = _with_first(real, short)
