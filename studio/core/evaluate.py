@@ -11,6 +11,7 @@ the per-token loss increase of the first window feeds the coloured text view.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from torch import nn
 from studio.core import metrics
 from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress
+from studio.core.quant.coded import expanded
 from studio.core.text import eval_windows, load_text, tokenize
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ def window_logits(model: nn.Module, windows: torch.Tensor, batch_size: int = 1
     if windows.dim() != 2 or windows.shape[0] == 0:
         raise StudioError("There are no evaluation windows: the text is too short.")
     batch_size = max(1, int(batch_size))
-    with torch.inference_mode():
+    with expanded(model), torch.inference_mode():
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start: start + batch_size]
             logits = model(input_ids=ids, use_cache=False).logits
@@ -134,17 +136,21 @@ def evaluate_many_job(models: dict[str, nn.Module], baseline_model: nn.Module | 
     tallies = {name: _Tally() for name in models}
     steps = count * len(models)
     batch_size = max(1, int(batch_size))
-    for first in range(0, count, batch_size):
-        batch = ids[first: first + batch_size]
-        base_logits = None
-        if baseline_model is not None:
-            yield Progress(first * len(models), steps, f"Baseline on window {first + 1} of {count}")
-            base_logits = _logits(baseline_model, batch)
-        for index, (name, model) in enumerate(models.items()):
-            yield Progress(first * len(models) + index, steps,
-                           f"{name}: window {first + 1} of {count}")
-            logits = base_logits if model is baseline_model else _logits(model, batch)
-            tallies[name].add(batch, logits, base_logits)
+    with contextlib.ExitStack() as stack:
+        for model in models.values():
+            stack.enter_context(expanded(model))
+        for first in range(0, count, batch_size):
+            batch = ids[first: first + batch_size]
+            base_logits = None
+            if baseline_model is not None:
+                yield Progress(first * len(models), steps,
+                               f"Baseline on window {first + 1} of {count}")
+                base_logits = _logits(baseline_model, batch)
+            for index, (name, model) in enumerate(models.items()):
+                yield Progress(first * len(models) + index, steps,
+                               f"{name}: window {first + 1} of {count}")
+                logits = base_logits if model is baseline_model else _logits(model, batch)
+                tallies[name].add(batch, logits, base_logits)
     seconds = time.perf_counter() - start
     results = {name: tally.result(tokenizer, ids[0], count, seqlen, label, seconds)
                for name, tally in tallies.items()}
@@ -216,7 +222,7 @@ def greedy_generate(model: nn.Module, tokenizer, prompt: str,
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     eos = tokenizer.eos_token_id
     new: list[int] = []
-    with torch.inference_mode():
+    with expanded(model), torch.inference_mode():
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         for _ in range(max_new_tokens):
             token = int(out.logits[0, -1].argmax())

@@ -37,7 +37,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from studio.core.layers import weight_matrix
+from studio.core.layers import move_pre_hooks, replace_module, weight_matrix
+from studio.core.quant.coded import CodedLinear
 from studio.core.quant.grid import QTensor, expand_groups
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class Int8Linear(nn.Module):
 
 def int4_group(q: QTensor) -> int | None:
     """The kernel group size that reproduces q's groups exactly, or None when none does."""
-    cols = q.codes.shape[1]
+    cols = q.shape[1]
     for group in KERNEL_GROUPS:
         if cols % group == 0 and q.group_size % group == 0:
             return group
@@ -121,7 +122,7 @@ def int4_group(q: QTensor) -> int | None:
 
 
 def make_int4(q: QTensor, bias: torch.Tensor | None) -> tuple[Int4Linear, str]:
-    out, cols = q.codes.shape
+    out, cols = q.shape
     group = int4_group(q)
     assert group is not None and q.bits <= 4
     blocks = cols // group
@@ -148,7 +149,7 @@ def make_int4(q: QTensor, bias: torch.Tensor | None) -> tuple[Int4Linear, str]:
 
 
 def make_int8(q: QTensor, bias: torch.Tensor | None) -> tuple[Int8Linear, str]:
-    assert q.group_size >= q.codes.shape[1] and q.scale.shape[1] == 1
+    assert q.group_size >= q.shape[1] and q.scale.shape[1] == 1
     codes = q.codes.to(torch.int16)
     zero = q.zero[:, 0].float()
     scales = q.scale[:, 0].to(torch.bfloat16)
@@ -166,7 +167,7 @@ def make_int8(q: QTensor, bias: torch.Tensor | None) -> tuple[Int8Linear, str]:
 def kernel_for(name: str, module: nn.Module, q: QTensor
                ) -> tuple[nn.Module | None, KernelChoice]:
     """The kernel module for one quantized layer, or (None, fallback choice with the reason)."""
-    out, cols = q.codes.shape
+    out, cols = q.shape
     bias = getattr(module, "bias", None)
     bias = None if bias is None else bias.data
     per_channel = q.group_size >= cols
@@ -199,7 +200,9 @@ def _buffer_bytes(module: nn.Module) -> int:
 
 def float_model(model: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, list[KernelChoice]]:
     """A copy of `model` in `dtype`, with its layers reported as dense matmuls."""
-    copy_ = copy.deepcopy(model).to(dtype)
+    copy_ = copy.deepcopy(model)
+    dense_layers(copy_)
+    copy_ = copy_.to(dtype)
     copy_.eval()
     label = "fp32 dense" if dtype == torch.float32 else "bf16 dense"
     return copy_, _dense_choices(copy_, label, set())
@@ -219,15 +222,29 @@ def kernel_model(model: nn.Module, qtensors: dict[str, QTensor]
         module = result.get_submodule(name)
         kernel, choice = kernel_for(name, module, q)
         if kernel is not None:
-            hooks = _move_pre_hooks(module, kernel)
+            hooks = move_pre_hooks(module, kernel)
             if hooks:
                 choice = replace(choice, note="; ".join(filter(None, [choice.note, hooks])))
-            _replace(result, name, kernel)
+            replace_module(result, name, kernel)
         elif choice.fallback:
             log.info("%s: %s", name, choice.note)
         choices.append(choice)
+    dense_layers(result)  # the fallbacks: timed as plain float matmuls
     done = {c.layer for c in choices}
     return result, choices + _dense_choices(result, "fp32 dense", done)
+
+
+def dense_layers(model: nn.Module) -> None:
+    """Replace every CodedLinear of `model` (in place) by an nn.Linear holding its de-quantized
+    weight, so a benchmark times a float matmul, not the de-quantization as well."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, CodedLinear):
+            dense = nn.Linear(module.in_features, module.out_features,
+                              bias=module.bias is not None, device="meta")
+            dense.weight = nn.Parameter(module.weight, requires_grad=False)
+            dense.bias = module.bias
+            move_pre_hooks(module, dense)
+            replace_module(model, name, dense)
 
 
 def _dense_choices(model: nn.Module, label: str, skip: set[str]) -> list[KernelChoice]:
@@ -241,20 +258,6 @@ def _dense_choices(model: nn.Module, label: str, skip: set[str]) -> list[KernelC
         w = weight_matrix(module)
         choices.append(KernelChoice(name, label, None, w.numel() * w.element_size()))
     return choices
-
-
-def _move_pre_hooks(old: nn.Module, new: nn.Module) -> str:
-    """Carry input hooks (SmoothQuant's simulated activation quantization) onto the kernel."""
-    for key, hook in old._forward_pre_hooks.items():
-        new.register_forward_pre_hook(hook, with_kwargs=key in old._forward_pre_hooks_with_kwargs)
-    bits = sorted({getattr(h, "bits", None) for h in old._forward_pre_hooks.values()} - {None})
-    return f"inputs fake-quantized to {'/'.join(map(str, bits))} bits first" if bits else ""
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def kernel_summary(choices: list[KernelChoice]) -> dict[str, int]:

@@ -17,6 +17,8 @@ try:  # GPT-2 style "linear" layers with a transposed weight
 except ImportError:  # pragma: no cover - transformers always has it today
     Conv1D = ()
 
+from studio.core.quant.coded import CodedLinear
+
 # Last name component -> role. Checked in order; the first that matches wins.
 _ROLE_NAMES: list[tuple[str, tuple[str, ...]]] = [
     ("qkv", ("qkv_proj", "c_attn", "query_key_value", "Wqkv", "qkv")),
@@ -53,18 +55,23 @@ class LayerInfo:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+    return isinstance(module, (nn.Linear, CodedLinear)) or (bool(Conv1D)
+                                                             and isinstance(module, Conv1D))
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The weight as [out, in] (a transposed view for Conv1D; no copy)."""
+    """The weight as [out, in] (a transposed view for Conv1D; no copy; de-quantized afresh for
+    a variant's CodedLinear)."""
     if bool(Conv1D) and isinstance(module, Conv1D):
         return module.weight.data.t()
+    if isinstance(module, CodedLinear):
+        return module.weight
     return module.weight.data
 
 
 def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     """Write an [out, in] matrix back into the layer, in the layer's own layout and dtype."""
+    _check_float(module)
     target = module.weight.data
     w = w.to(target.dtype)
     target.copy_(w.t() if bool(Conv1D) and isinstance(module, Conv1D) else w)
@@ -73,10 +80,31 @@ def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
 def replace_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     """Give the layer a new weight tensor holding the [out, in] matrix `w` (in its own layout
     and dtype); unlike `set_weight_matrix`, the old tensor is left as it was."""
+    _check_float(module)
     old = module.weight
     w = w.to(old.dtype)
     w = w.t() if bool(Conv1D) and isinstance(module, Conv1D) else w
     module.weight = nn.Parameter(w.contiguous(), requires_grad=old.requires_grad)
+
+
+def _check_float(module: nn.Module) -> None:
+    if isinstance(module, CodedLinear):
+        raise TypeError("A quantized variant's layer holds codes, not a float weight to write.")
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def move_pre_hooks(old: nn.Module, new: nn.Module) -> str:
+    """Carry input hooks (SmoothQuant's simulated activation quantization) onto the module
+    replacing `old`; a note naming the activation bits they quantize to ("" if none)."""
+    for key, hook in old._forward_pre_hooks.items():
+        new.register_forward_pre_hook(hook, with_kwargs=key in old._forward_pre_hooks_with_kwargs)
+    bits = sorted({getattr(h, "bits", None) for h in old._forward_pre_hooks.values()} - {None})
+    return f"inputs fake-quantized to {'/'.join(map(str, bits))} bits first" if bits else ""
 
 
 def role_of(name: str, in_attention: bool) -> str:

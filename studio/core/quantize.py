@@ -30,10 +30,11 @@ from torch import nn
 
 from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress
-from studio.core.layers import (get_module, is_linear, replace_weight_matrix,
+from studio.core.layers import (get_module, is_linear, move_pre_hooks, replace_module,
                                  set_weight_matrix, weight_matrix)
 from studio.core.memory import release_freed_memory
 from studio.core.plan import Plan, QuantSpec
+from studio.core.quant.coded import coded_layer
 from studio.core.quant.blocks import (FAST_DTYPE, BlockInputs, Replay, capture_block_inputs,
                                       decoder_blocks, run_block, run_block_until)
 from studio.core.quant.gptq import (HessianAccumulator, gptq_quantize_layers, output_energy,
@@ -100,8 +101,8 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
     release_freed_memory()
     for layer in outside:
         yield from quantize_outside(model, layer, specs[layer], state)
-    if lazy:
-        materialize(model, handle.model, state.qtensors)
+    compact(model, state.qtensors)
+    release_freed_memory()
 
     floats = changed_floats(model, handle.model, state.qtensors)
     yield Progress(total, total, f"Quantized {len(state.qtensors)} layers")
@@ -121,9 +122,9 @@ def copy_to_quantize(base: nn.Module, prefix: str, outside: list[str],
 
     `lazy`: the blocks' tensors are shared too; the job gives each block its own copy when its
     turn comes and, once it is done, keeps only the tensors that changed (`share_settled`);
-    the quantized weights exist as codes until `materialize` de-quantizes them at the end,
-    when the calibration activations are gone. The job's peak then holds the baseline, the
-    codes, one block and the activations, not a second float model as well. Nothing is ever
+    the quantized weights exist only as codes (`compact` makes them the variant's layers at
+    the end). The job's peak then holds the baseline, the codes, one block and the
+    activations, not a second float model as well. Nothing is ever
     written into a shared tensor: blocks are copied before any change."""
     if outside:
         return copy.deepcopy(base)
@@ -138,7 +139,7 @@ def share_settled(block: nn.Module, base_block: nn.Module, block_name: str,
                   qtensors: dict[str, QTensor]) -> None:
     """After a block is done: its tensors equal to the baseline's share the baseline's again,
     and its quantized weights are held as codes only (the baseline's weight stands in until
-    `materialize`; no one runs a finished block before then)."""
+    `compact`; no one runs a finished block before then)."""
     quantized = {n[len(block_name) + 1:] for n in qtensors if n.startswith(block_name + ".")}
     for rel, module in block.named_modules():
         base_module = base_block.get_submodule(rel)
@@ -150,13 +151,14 @@ def share_settled(block: nn.Module, base_block: nn.Module, block_name: str,
                 module._parameters[key] = base_param
 
 
-def materialize(model: nn.Module, base: nn.Module, qtensors: dict[str, QTensor]) -> None:
-    """Give every quantized layer still standing on the baseline's weight its de-quantized
-    weight (a new tensor: the baseline's is never written)."""
+def compact(model: nn.Module, qtensors: dict[str, QTensor]) -> None:
+    """Hold every quantized layer as its codes (`CodedLinear`), sharing its bias: the variant
+    keeps no float copy of a quantized weight (the job's, or the baseline's standing in)."""
     for name, qt in qtensors.items():
         module = get_module(model, name)
-        if module.weight is get_module(base, name).weight:
-            replace_weight_matrix(module, qt.dequantize())
+        coded = coded_layer(module, qt)
+        move_pre_hooks(module, coded)
+        replace_module(model, name, coded)
 
 
 def quantize_text_job(handle, plan: Plan, calib_path, count: int, seqlen: int, seed: int,

@@ -1,8 +1,10 @@
-"""A quantized variant of a base model: the de-quantized float copy plus its integer codes.
+"""A quantized variant of a base model: its integer codes, and a model that runs on them.
 
-`model` is what evaluation runs (a float copy whose quantized layers hold scale * (code - zero),
-with SmoothQuant's simulated activation quantization installed as hooks); `qtensors` are the
-codes, scales and zeros exporters and low-bit kernels use. The base model is never altered.
+`model` is what evaluation runs: it shares every unchanged tensor with the base model, and its
+quantized layers are `CodedLinear`s computing with scale * (code - zero) (SmoothQuant's
+simulated activation quantization installed as hooks). `qtensors` are the codes, scales and
+zeros those layers, exporters and low-bit kernels use. A variant thus costs its codes and the
+float tensors its method changed, not another float model. The base model is never altered.
 
 A VARIANT folder (written by `save_variant`, read by `load_variant`):
     recipe.json          the plan (a recipe any model of the same architecture can take)
@@ -26,8 +28,9 @@ from torch import nn
 
 from studio.core.errors import StudioError
 from studio.core.files import atomic_dir
-from studio.core.layers import get_module, is_linear, set_weight_matrix
+from studio.core.layers import get_module, is_linear, replace_module
 from studio.core.plan import Plan, QuantSpec
+from studio.core.quant.coded import coded_layer
 from studio.core.quant.grid import QTensor, bits_per_weight
 from studio.core.quant.pack import pack_codes, unpack_codes
 
@@ -63,8 +66,8 @@ class Variant:
         for name, module in self.model.named_modules():
             if name in self.qtensors:
                 qt = self.qtensors[name]
-                numel = qt.codes.numel()
-                total_bits += bits_per_weight(self.specs[name], qt.codes.shape[1]) * numel
+                numel = qt.numel()
+                total_bits += bits_per_weight(self.specs[name], qt.shape[1]) * numel
                 total += numel
             elif is_linear(module) and _in_block(name):
                 total_bits += 16.0 * module.weight.numel()
@@ -75,12 +78,11 @@ class Variant:
     def size_bytes(self) -> int:
         """Storage as an exporter writes it: quantized layers at their bits per weight, every
         other tensor (shared ones once) in 16-bit floats."""
-        quantized = {id(get_module(self.model, n).weight) for n in self.qtensors}
-        total = sum(bits_per_weight(self.specs[n], qt.codes.shape[1]) * qt.codes.numel() / 8
+        total = sum(bits_per_weight(self.specs[n], qt.shape[1]) * qt.numel() / 8
                     for n, qt in self.qtensors.items())
         seen: set[int] = set()
         for tensor in list(self.model.parameters()) + list(self.model.buffers()):
-            if id(tensor) in seen or id(tensor) in quantized:
+            if id(tensor) in seen:
                 continue
             seen.add(id(tensor))
             total += 2 * tensor.numel()
@@ -123,7 +125,7 @@ def save_variant(variant: Variant, folder: str | Path) -> Path:
         "calibration": variant.calibration, "seconds": variant.seconds,
         "created": variant.created, "act_bits": variant.act_bits,
         "layers": {name: {"spec": variant.specs[name].to_dict(), "bits": qt.bits,
-                          "group_size": qt.group_size, "shape": list(qt.codes.shape)}
+                          "group_size": qt.group_size, "shape": list(qt.shape)}
                    for name, qt in variant.qtensors.items()},
         "layer_errors": variant.layer_errors,
         "summary": variant.to_summary(),
@@ -178,22 +180,35 @@ def load_variant(folder: str | Path, base_handle=None) -> Variant:
     if base_handle.architecture != meta["architecture"]:
         raise StudioError(f"This variant was made from a {meta['architecture']}, but the base "
                           f"model given is a {base_handle.architecture}.")
-    model = copy.deepcopy(base_handle.model)
+    # Shares the base model's tensors; the changed floats and the quantized layers replace
+    # them (nothing is written into a shared tensor).
+    base_tensors = (*base_handle.model.parameters(), *base_handle.model.buffers())
+    model = copy.deepcopy(base_handle.model, {id(t): t for t in base_tensors})
     floats = load_file(str(folder / "floats.safetensors"))
     packed = load_file(str(folder / "quantized.safetensors"))
     untie_if_needed(model, meta["layers"])
-    params = dict(model.named_parameters(remove_duplicate=False))
-    params.update(dict(model.named_buffers(remove_duplicate=False)))
+    owners = {f"{prefix}.{key}" if prefix else key: (module, key)
+              for prefix, module in model.named_modules()
+              for key in (*module._parameters, *module._buffers)}
     for key, value in floats.items():
-        if key not in params:
+        if key not in owners:
             raise StudioError(f"The variant changes {key}, which the base model does not have.")
-        params[key].data.copy_(value)
+        module, attr = owners[key]
+        old = getattr(module, attr)
+        if old.shape != value.shape:
+            raise StudioError(f"The variant's {key} is {list(value.shape)}; the base model's "
+                              f"is {list(old.shape)}.")
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(value.to(old.dtype), requires_grad=False)
+        else:
+            module._buffers[attr] = value.to(old.dtype)
     qtensors, specs = {}, {}
     for name, info in meta["layers"].items():
         codes = unpack_codes(packed[f"{name}.qweight"], info["bits"], info["shape"][1])
         qt = QTensor(codes, packed[f"{name}.scale"], packed[f"{name}.zero"], info["bits"],
                      info["group_size"])
-        set_weight_matrix(get_module(model, name), qt.dequantize())
+        module = get_module(model, name)
+        replace_module(model, name, coded_layer(module, qt))
         qtensors[name] = qt
         specs[name] = QuantSpec.from_dict(info["spec"])
     act_bits = {k: int(v) for k, v in meta.get("act_bits", {}).items()}

@@ -119,10 +119,10 @@ def gptq_quantize_layers(weights: list[torch.Tensor], hessian: torch.Tensor,
     for spec, _, members in stacks:
         stacked = torch.cat([weights[i].float() for i in members])
         qt, note = gptq_quantize(stacked, hessian, spec, cache)
-        start = 0
+        start, codes = 0, qt.codes
         for i in members:
             rows = slice(start, start + weights[i].shape[0])
-            results[i] = (QTensor(qt.codes[rows].clone(), qt.scale[rows].clone(),
+            results[i] = (QTensor(codes[rows], qt.scale[rows].clone(),
                                   qt.zero[rows].clone(), qt.bits, qt.group_size), note)
             start = rows.stop
     return results

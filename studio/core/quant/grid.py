@@ -11,28 +11,39 @@ Symmetric grids put the zero point in the middle (2**(bits-1)), as GPTQ's refere
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from studio.core.plan import QuantSpec
+from studio.core.quant.pack import pack_codes, unpack_codes
 
 
-@dataclass
 class QTensor:
-    """One quantized weight matrix: codes [out, in] uint8, scale and zero [out, groups] float32."""
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    bits: int
-    group_size: int  # the effective group size: the input width when per-channel
+    """One quantized weight matrix: codes [out, in] (0 .. 2**bits - 1), scale and zero
+    [out, groups] float32.
+
+    The codes are held packed, `bits` per code (`pack.pack_codes` with byte words): a variant
+    keeps every quantized layer's codes for as long as it lives, and at 4 bits a byte per code
+    would be twice what they need. `codes` unpacks a fresh uint8 copy."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 bits: int, group_size: int) -> None:
+        self.packed = pack_codes(codes, bits, torch.uint8)
+        self.shape = codes.shape
+        self.scale, self.zero = scale, zero
+        self.bits, self.group_size = bits, group_size  # effective: the input width if per-channel
+
+    @property
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self.packed, self.bits, self.shape[1])
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.codes, self.scale, self.zero, self.group_size)
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.codes.shape
+    def __repr__(self) -> str:
+        return f"QTensor({list(self.shape)}, bits={self.bits}, group_size={self.group_size})"
 
 
 def effective_group_size(group_size: int, in_features: int) -> int:
@@ -96,9 +107,21 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                group_size: int) -> torch.Tensor:
-    cols = codes.shape[1]
+    """scale * (code - zero) as float32 [out, in], written group-wise into one tensor (no
+    [out, in] copies of the scales and zeros: this runs whenever a compact variant's layer
+    does)."""
+    out, cols = codes.shape
     gs = effective_group_size(group_size, cols)
-    return expand_groups(scale, gs, cols) * (codes.float() - expand_groups(zero, gs, cols))
+    whole = cols // gs
+    w = torch.empty(out, cols)
+    if whole:
+        grouped = w[:, : whole * gs].view(out, whole, gs)
+        grouped.copy_(codes[:, : whole * gs].reshape(out, whole, gs))
+        grouped.sub_(zero[:, :whole, None]).mul_(scale[:, :whole, None])
+    if whole * gs < cols:  # the ragged last group
+        tail = w[:, whole * gs:]
+        tail.copy_(codes[:, whole * gs:]).sub_(zero[:, -1:]).mul_(scale[:, -1:])
+    return w
 
 
 def quantize_rtn(w: torch.Tensor, spec: QuantSpec,

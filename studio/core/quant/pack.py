@@ -50,11 +50,8 @@ def _check(bits: int, dtype: torch.dtype) -> None:
 
 
 def _pack_rows(codes: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    # numpy's packbits/unpackbits do the bit shuffling in C, much faster than torch shifts.
     rows, cols = codes.shape
-    bit_planes = np.unpackbits(codes.to(torch.uint8).numpy()[..., None], axis=2,
-                               bitorder="little")[..., :bits]
-    stream = np.packbits(bit_planes.reshape(rows, cols * bits), axis=1, bitorder="little")
+    stream = _byte_stream(codes.to(torch.uint8).numpy(), bits)
     if dtype == torch.uint8:
         return torch.from_numpy(stream)
     words = packed_width(cols, bits, dtype)
@@ -63,11 +60,36 @@ def _pack_rows(codes: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tens
     return torch.from_numpy(padded.view("<i4").astype(np.int32))
 
 
+def _byte_stream(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes [rows, cols] -> each row's little-endian bit stream in bytes."""
+    rows, cols = codes.shape
+    if 8 % bits == 0:
+        # 2, 4, 8 bits: whole codes per byte, shifted into place.
+        per = 8 // bits
+        padded = np.zeros((rows, -(-cols // per) * per), dtype=np.uint8)
+        padded[:, :cols] = codes
+        lanes = padded.reshape(rows, -1, per)
+        stream = lanes[..., 0].copy()
+        for k in range(1, per):
+            stream |= lanes[..., k] << (bits * k)
+        return stream
+    # numpy's packbits/unpackbits do the bit shuffling in C, much faster than torch shifts.
+    bit_planes = np.unpackbits(codes[..., None], axis=2, bitorder="little")[..., :bits]
+    return np.packbits(bit_planes.reshape(rows, cols * bits), axis=1, bitorder="little")
+
+
 def _unpack_rows(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     rows = words.shape[0]
     raw = words.numpy()
     stream = (raw.astype("<i4").view(np.uint8) if words.dtype == torch.int32 else raw)
-    bit_stream = np.unpackbits(stream.reshape(rows, -1), axis=1, bitorder="little")
+    stream = stream.reshape(rows, -1)
+    if 8 % bits == 0:
+        per, mask = 8 // bits, (1 << bits) - 1
+        lanes = np.empty((rows, stream.shape[1], per), dtype=np.uint8)
+        for k in range(per):
+            np.bitwise_and(stream >> (bits * k), mask, out=lanes[..., k])
+        return torch.from_numpy(np.ascontiguousarray(lanes.reshape(rows, -1)[:, :in_features]))
+    bit_stream = np.unpackbits(stream, axis=1, bitorder="little")
     planes = bit_stream[:, : in_features * bits].reshape(rows, in_features, bits)
     if bits < 8:
         planes = np.concatenate([planes, np.zeros((rows, in_features, 8 - bits), np.uint8)], 2)

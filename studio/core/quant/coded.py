@@ -1,0 +1,85 @@
+"""Quantized layers held as codes: what a variant's model runs.
+
+A variant used to keep a float32 copy of every quantized weight next to its codes: four fifths
+of the model again, per variant. `CodedLinear` keeps only the QTensor (packed codes, scales,
+zeros) and the layer's bias; its float weight, scale * (code - zero), is made when the layer
+runs and dropped after, the same float32 matrix the copy held, so results are unchanged.
+
+Making it costs about a quarter of a 512-token forward on the demo, so evaluation holds the
+float weights for its whole run instead (`expanded`), and lets them go when it ends.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from studio.core.quant.grid import QTensor
+
+
+class CodedLinear(nn.Module):
+    """y = x W^T + b with W de-quantized from `qt` ([out, in], float32 unless `dtype`).
+
+    Stands in for nn.Linear and GPT-2's Conv1D alike (both compute x W^T + b)."""
+
+    def __init__(self, qt: QTensor, bias: torch.Tensor | None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.qt = qt
+        self.out_features, self.in_features = qt.shape
+        self.weight_dtype = dtype
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else \
+            nn.Parameter(bias, requires_grad=False)
+        self._held: torch.Tensor | None = None
+        self._holders = 0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The de-quantized weight [out, in] (made afresh unless `expanded` holds it)."""
+        held = self._held
+        return held if held is not None else self.qt.dequantize().to(self.weight_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w.to(x.dtype), bias)
+
+    def hold(self) -> None:
+        self._holders += 1
+        if self._held is None:
+            with torch.inference_mode(False), torch.no_grad():  # usable in and out of it
+                self._held = self.qt.dequantize().to(self.weight_dtype)
+
+    def release(self) -> None:
+        self._holders = max(0, self._holders - 1)
+        if self._holders == 0:
+            self._held = None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.qt.bits}, group_size={self.qt.group_size}, "
+                f"bias={self.bias is not None}")
+
+
+@contextlib.contextmanager
+def expanded(model: nn.Module):
+    """Within: every CodedLinear of `model` keeps its float weight (for a run of many
+    forwards: evaluation, generation). Nested and concurrent uses count; the last one out
+    drops them."""
+    coded = [m for m in model.modules() if isinstance(m, CodedLinear)]
+    for module in coded:
+        module.hold()
+    try:
+        yield model
+    finally:
+        for module in coded:
+            module.release()
+
+
+def coded_layer(module: nn.Module, qt: QTensor) -> CodedLinear:
+    """The CodedLinear for a Linear / Conv1D `module` quantized as `qt` (its bias is shared)."""
+    weight = getattr(module, "weight", None)
+    dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
+    return CodedLinear(qt, getattr(module, "bias", None), dtype)
