@@ -92,11 +92,13 @@ def test_cancel_leaves_the_baseline_bit_identical(tiny_llama, windows, at):  # d
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_finished_variant_owns_its_quantized_weights_and_shares_the_rest(tiny_dirs, arch):
-    """Blocks are copied one at a time and hold codes until the end: the variant must still
-    come out with every quantized layer de-quantized into a tensor of its own, everything
-    unchanged (a skipped block, GPTQ's untouched norms) shared, and the baseline untouched."""
+def test_finished_variant_holds_codes_and_shares_the_rest(tiny_dirs, arch):
+    """Blocks are copied one at a time and hold codes until the end: the variant must come
+    out with every quantized layer a CodedLinear (its weight exists only as codes), everything
+    unchanged (a skipped block, GPTQ's untouched norms, biases) shared, and the baseline
+    untouched."""
     from studio.core.layers import get_module, weight_matrix
+    from studio.core.quant.coded import CodedLinear
 
     handle = run(open_model_job(tiny_dirs[arch]))
     ids, label = text_windows(handle.tokenizer, None, 32, 16, 0)
@@ -106,12 +108,14 @@ def test_finished_variant_owns_its_quantized_weights_and_shares_the_rest(tiny_di
     assert _same(handle.model, before)
     assert variant.qtensors and not any(".1." in n for n in variant.qtensors)
     for name, qt in variant.qtensors.items():
-        mine, base = get_module(variant.model, name), get_module(handle.model, name)
-        assert mine.weight is not base.weight, name
+        mine = get_module(variant.model, name)
+        assert isinstance(mine, CodedLinear) and mine.qt is qt, name
         assert torch.equal(weight_matrix(mine), qt.dequantize()), name
     base_params = dict(handle.model.named_parameters())
-    shared = [n for n, p in variant.model.named_parameters() if p is base_params.get(n)]
     quantized = {f"{n}.weight" for n in variant.qtensors}
+    params = dict(variant.model.named_parameters())
+    assert not quantized & set(params)          # no float copy of a quantized weight
+    shared = [n for n, p in params.items() if p is base_params.get(n)]
     assert set(shared) == set(base_params) - quantized  # GPTQ changes nothing else
 
 
@@ -206,10 +210,24 @@ def test_replayed_block_parts_change_nothing(tiny_dirs, arch, monkeypatch):
     plan = Plan(QuantSpec(3, 32, False, "gptq"))
     fast = run(quantize_job(handle, plan, ids, label, "replay"))
     assert max(served) >= 1  # the attention part was served at least once
+    # A budget too small for any recording: every stash declines, the parts are recomputed.
+    declined = []
+    stash = Replay.stash
+
+    def watched(self):
+        made = stash(self)
+        declined.append(made)
+        return made
+
+    monkeypatch.setattr(Replay, "stash", watched)
+    monkeypatch.setattr(driver, "REPLAY_SHARE", 1e-12)
+    bounded = run(quantize_job(handle, plan, ids, label, "bounded"))
+    assert any(s.declined for s in declined) and not any(s.buffer is not None for s in declined)
     monkeypatch.setattr(Replay, "active", lambda *args, **kwargs: contextlib.nullcontext())
     slow = run(quantize_job(handle, plan, ids, label, "recompute"))
     for name, qt in slow.qtensors.items():
         assert torch.equal(fast.qtensors[name].codes, qt.codes), name
+        assert torch.equal(bounded.qtensors[name].codes, qt.codes), name
 
 
 def test_tensors_outside_the_blocks_are_shared_only_when_untouched(tiny_llama, windows):

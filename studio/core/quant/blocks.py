@@ -11,6 +11,8 @@ and broadcasts over any batch `run_block` later uses.
 from __future__ import annotations
 
 import contextlib
+import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -184,10 +186,16 @@ class Replay:
         one product instead of the whole child (attention included). This shortcut is checked
         against the real child on the first batch and dropped if the two differ.
     `settle` is told which linears are final; `active()` wraps each run.
+
+    What it keeps is bounded by `budget` bytes (None: unbounded): a recording that would not fit
+    beside the ones alive is not taken, and that part is computed again instead.
     """
 
-    def __init__(self, block: nn.Module, order: list[str], pending: set[str], rows: int) -> None:
+    def __init__(self, block: nn.Module, order: list[str], pending: set[str], rows: int,
+                 budget: int | None = None) -> None:
         self.block = block
+        self.budget = budget
+        self.live: weakref.WeakSet[Stash] = weakref.WeakSet()  # what is kept, while it is
         self.rows = rows                     # calibration windows, summed over the batches
         self.order = order                   # the block's linears in the order they run
         self.pending = set(pending)          # linears (names relative to the block) not final
@@ -210,6 +218,17 @@ class Replay:
     def _last_linear(self, child: str) -> str:
         return self.order[self.children[child]]
 
+    def stash(self) -> "Stash":
+        """A Stash for all rows, admitted only while the kept ones leave room for it."""
+        stash = Stash(self.rows, self._room)
+        self.live.add(stash)
+        return stash
+
+    def _room(self, nbytes: int) -> bool:
+        if self.budget is None:
+            return True
+        return sum(s.nbytes for s in list(self.live)) + nbytes <= self.budget
+
     @contextlib.contextmanager
     def active(self, batches: int, stop_at: str | None = None, record: bool = True):
         """Within: settled children are served (recorded outputs, or the shortcut), others that
@@ -226,17 +245,17 @@ class Replay:
                 stand_in = _Served(self.recorded[child])
             elif last in self.inputs and child not in self.failed:
                 stand_in = _Shortcut(module, self.block.get_submodule(last), self.inputs[last],
-                                     keep=record)
+                                     self.stash() if record else None)
             elif not record:
                 continue
             else:
-                fresh[child] = Stash(self.rows)
+                fresh[child] = self.stash()
                 hooks.append(module.register_forward_hook(
                     lambda m, a, out, bucket=fresh[child]: bucket.append(out)))
                 continue
             swapped[child] = (module, stand_in)
             setattr(self.block, child, stand_in)
-        seen = Stash(self.rows)
+        seen = self.stash()
         if stop_at is not None and any(self._last_linear(c) == stop_at for c in self.children):
             hooks.append(self.block.get_submodule(stop_at).register_forward_pre_hook(
                 lambda m, args: seen.append(args[0])))
@@ -252,7 +271,7 @@ class Replay:
                 self.inputs.pop(self._last_linear(child), None)
                 if stand_in.failed:
                     self.failed.add(child)
-                elif record and len(stand_in.outputs) == batches:
+                elif record and len(stand_in.outputs or ()) == batches:
                     self.recorded[child] = stand_in.outputs
         for child, outputs in fresh.items():
             if len(outputs) == batches:
@@ -267,21 +286,38 @@ class Stash:
 
     Why not keep the tensors themselves: each is a few MB from the allocator's heap, held
     between the short-lived temporaries of every batch; the heap then cannot shrink and the
-    process grew by hundreds of MB more than the data. One large buffer lives outside it."""
+    process grew by hundreds of MB more than the data. One large buffer lives outside it.
 
-    def __init__(self, rows: int) -> None:
+    `room(nbytes)`, when given, is asked before the buffer is made; if it says no, the stash
+    declines: it keeps nothing, and its length never reaches the number of batches."""
+
+    def __init__(self, rows: int, room=None) -> None:
         self.rows, self.filled = rows, 0
+        self.room = room
+        self.declined = False
         self.buffer: torch.Tensor | None = None
         self.items: list = []
 
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.buffer is None else self.buffer.numel() * self.buffer.element_size()
+
     def append(self, value) -> None:
+        if self.declined:
+            return
         tensor, rest = (value, None) if isinstance(value, torch.Tensor) else \
             (value[0], value[1:]) if _tensor_then_nothing(value) else (None, None)
         if tensor is None or tensor.dim() == 0 or self.filled + len(tensor) > self.rows:
             self.items.append(value)         # an unexpected shape: kept as it came
             return
         if self.buffer is None:
-            self.buffer = torch.empty((self.rows, *tensor.shape[1:]), dtype=tensor.dtype)
+            shape = (self.rows, *tensor.shape[1:])
+            room, self.room = self.room, None  # asked once (and no cycle kept with the asker)
+            if room is not None and not room(math.prod(shape) * tensor.element_size()):
+                self.declined = True
+                self.items.clear()
+                return
+            self.buffer = torch.empty(shape, dtype=tensor.dtype)
         if self.buffer.shape[1:] != tensor.shape[1:] or self.buffer.dtype != tensor.dtype:
             self.items.append(value)
             return
@@ -320,13 +356,13 @@ class _Shortcut(nn.Module):
 
     The first call runs the real child too and compares; any difference (another structure,
     extra outputs) turns the shortcut off and the real child runs from then on. Outputs are
-    kept (for later runs of the block) only when `keep`."""
+    kept (for later runs of the block) in `outputs` when one is given."""
 
-    def __init__(self, child: nn.Module, last: nn.Module, inputs: list, keep: bool = True) -> None:
+    def __init__(self, child: nn.Module, last: nn.Module, inputs: list,
+                 outputs: "Stash | None" = None) -> None:
         super().__init__()
         self.child, self.last, self.inputs = [child], [last], inputs  # lists: not submodules
-        self.keep = keep
-        self.outputs = Stash(sum(len(x) for x in inputs))
+        self.outputs = outputs
         self.first = None
         self.calls = 0
         self.failed = False
@@ -348,7 +384,7 @@ class _Shortcut(nn.Module):
             else:
                 first = self.first
                 out = short if isinstance(first, torch.Tensor) else (short,) + first[1:]
-        if self.keep:
+        if self.outputs is not None:
             self.outputs.append(out)
         return out
 
