@@ -144,7 +144,7 @@ def inventory(model: nn.Module) -> list[LayerInfo]:
         elif isinstance(module, nn.Embedding):
             layers.append(_info(name, module, "embedding", "embedding", None, None))
         elif is_linear(module):
-            kind = "linear" if isinstance(module, nn.Linear) else "conv1d"
+            kind = "conv1d" if bool(Conv1D) and isinstance(module, Conv1D) else "linear"
             block = _block_of(name)
             role = role_of(name, _in_attention(name))
             layers.append(_info(name, module, kind, role, block, None))
