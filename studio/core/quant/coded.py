@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from studio.core.memory import release_freed_memory
 from studio.core.quant.grid import QTensor
 
 
@@ -76,6 +77,7 @@ def expanded(model: nn.Module):
     finally:
         for module in coded:
             module.release()
+        release_freed_memory()  # the float weights were many heap blocks between temporaries
 
 
 def coded_layer(module: nn.Module, qt: QTensor) -> CodedLinear:
