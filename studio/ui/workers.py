@@ -9,7 +9,7 @@ from __future__ import annotations
 import traceback
 from typing import Any, Callable
 
-from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
+from PySide6.QtCore import QObject, QRunnable, QThreadPool, QTimer, Signal
 
 from studio.core.errors import Cancelled, StudioError
 from studio.core.jobs import CancelToken, Job, Progress, run
@@ -84,7 +84,9 @@ class JobRunner(QObject):
         """Run `factory()` (a Job) on the worker; the callbacks run on the UI thread.
 
         Everything is connected before the job starts: a signal emitted by the worker before a
-        connection exists would be lost.
+        connection exists would be lost. The job starts on the event loop's next turn, so
+        the caller's own connections to the returned handle, made right after this returns,
+        are in place too (a job failing at once, on an empty file, used to beat them).
         """
         handle = JobHandle(title)
         if on_result is not None:
@@ -96,7 +98,7 @@ class JobRunner(QObject):
         handle.started.connect(lambda: self.jobStarted.emit(handle))
         handle.done.connect(lambda: self._done(handle))
         self.active.append(handle)
-        self.pool.start(_Runnable(handle, factory))
+        QTimer.singleShot(0, self, lambda: self.pool.start(_Runnable(handle, factory)))
         return handle
 
     def _done(self, handle: JobHandle) -> None:
