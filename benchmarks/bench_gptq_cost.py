@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,30 +29,9 @@ from studio.core.quantize import quantize_job
 from studio.core.text import calibration_windows, tokenize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quant import DEFAULT_DATA, in_domain_text  # noqa: E402
+from bench_quant import DEFAULT_DATA, PeakRSS, in_domain_text  # noqa: E402
 
 MIB = 2 ** 20
-
-
-class PeakSampler:
-    def __init__(self, process: psutil.Process, every: float = 0.01) -> None:
-        self.process, self.every = process, every
-
-    def __enter__(self):
-        self.peak = self.process.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-        return self
-
-    def _watch(self):
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(self.every)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
 
 
 def main(argv=None) -> int:
@@ -77,7 +55,7 @@ def main(argv=None) -> int:
           f"{model / MIB:.0f} MiB; runtime {runtime / MIB:.0f} MiB; open {opened / MIB:.0f} MiB")
     spec = QuantSpec(args.bits, 128, False, "gptq")
     for index in range(args.runs):
-        with PeakSampler(process) as memory:
+        with PeakRSS(every=0.01) as memory:
             start = time.perf_counter()
             variant = run(quantize_job(handle, Plan(spec), windows, "WikiText-2 2nd half", "v"))
             seconds = time.perf_counter() - start

@@ -43,7 +43,10 @@ def in_domain_text(data: Path) -> str:
 
 
 class PeakRSS:
-    """The process's peak resident memory while a `with` block runs (sampled every 20 ms)."""
+    """The process's peak resident memory while a `with` block runs (sampled every `every` s)."""
+
+    def __init__(self, every: float = 0.02) -> None:
+        self.every = every
 
     def __enter__(self):
         self.process = psutil.Process()
@@ -56,7 +59,7 @@ class PeakRSS:
     def _watch(self):
         while self.running:
             self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.02)
+            time.sleep(self.every)
 
     def __exit__(self, *exc):
         self.running = False

@@ -236,11 +236,12 @@ class _State:
                hessian: torch.Tensor | None, note: str = "") -> Progress:
         """Install the de-quantized weight, note the errors; the Progress to yield."""
         w_now = weight_matrix(model_module).float()
+        w_q = qt.dequantize()
         error = rtn_error = None
         if hessian is not None and w_pre is not None:
-            error, rtn_error = layer_errors(w_pre, w_now, qt, spec,
+            error, rtn_error = layer_errors(w_pre, w_now, w_q, spec,
                                             weight_matrix(get_module(self.base, name)), hessian)
-        set_weight_matrix(model_module, qt.dequantize())
+        set_weight_matrix(model_module, w_q)
         self.qtensors[name] = qt
         entry = {"layer": name, "block": block, "method": spec.method, "bits": spec.bits,
                  "error": error, "rtn_error": rtn_error, "note": note}
@@ -251,18 +252,18 @@ class _State:
                         detail=dict(entry))
 
 
-def layer_errors(w_pre: torch.Tensor, w_now: torch.Tensor, qt: QTensor, spec: QuantSpec,
+def layer_errors(w_pre: torch.Tensor, w_now: torch.Tensor, w_q: torch.Tensor, spec: QuantSpec,
                  w_base: torch.Tensor, hessian: torch.Tensor) -> tuple[float, float]:
     """(error, RTN error) of one layer's output on the inputs that built `hessian`.
 
     `w_pre` is the weight when the inputs were measured, `w_now` the float weight just before
-    rounding, `w_base` the baseline's. A fold between measuring and rounding (AWQ's scales) or
+    rounding, `w_q` its de-quantized rounding, `w_base` the baseline's. A fold between measuring and rounding (AWQ's scales) or
     before measuring (SmoothQuant's) scales the weight's rows and columns: it is recovered by
     least squares, so both errors are taken in the measured inputs' coordinates:
     error = |X W_eff - X W_pre| with W_eff the rounded weight with the fold undone, and the RTN
     error = |X RTN(W_base)' - X W_pre| with RTN(W_base)' carrying the fold already in W_pre.
     """
-    q = unfold(qt.dequantize(), two_sided_scale(w_now, w_pre))
+    q = unfold(w_q, two_sided_scale(w_now, w_pre))
     energy = output_energy(w_pre, hessian)
     error = relative_output_error(w_pre, q, hessian, energy)
     rtn_spec = QuantSpec(spec.bits, spec.group_size, spec.symmetric, "rtn")

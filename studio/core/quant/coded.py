@@ -39,8 +39,10 @@ class CodedLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The de-quantized weight [out, in] (made afresh unless `expanded` holds it)."""
-        held = self._held
-        return held if held is not None else self.qt.dequantize().to(self.weight_dtype)
+        return self._held if self._held is not None else self._dense()
+
+    def _dense(self) -> torch.Tensor:
+        return self.qt.dequantize().to(self.weight_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -51,7 +53,7 @@ class CodedLinear(nn.Module):
         self._holders += 1
         if self._held is None:
             with torch.inference_mode(False), torch.no_grad():  # usable in and out of it
-                self._held = self.qt.dequantize().to(self.weight_dtype)
+                self._held = self._dense()
 
     def release(self) -> None:
         self._holders = max(0, self._holders - 1)
