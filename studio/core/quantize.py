@@ -360,6 +360,7 @@ def quantize_block(block: nn.Module, block_name: str, index: int, count: int,
                                w, h, note)
         replay.settle(todo)
         del h, weights, results
+        release_freed_memory()  # GPTQ's n x n temporaries, before the next run keeps more
     if not want_outputs or inputs is None:
         return None
     with replay.active(batches, record=False):

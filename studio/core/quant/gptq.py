@@ -53,10 +53,12 @@ class HessianAccumulator:
         self.count += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        """H = 2/n X X^T, the reference's scaling."""
-        upper = torch.triu(self.upper)
-        full = upper + torch.triu(upper, diagonal=1).T
-        return full * (2.0 / max(self.count, 1))
+        """H = 2/n X X^T, the reference's scaling. Built with one d x d temporary beside the
+        sum (the inputs of a 1536-wide layer make each such copy 9 MiB)."""
+        upper = self.upper.triu_()             # the strips also wrote part of the lower half
+        full = upper + upper.T                 # the diagonal twice: exact, as is taking it off
+        full.diagonal().sub_(upper.diagonal())
+        return full.mul_(2.0 / max(self.count, 1))
 
 
 def relative_output_error(w: torch.Tensor, wq: torch.Tensor, hessian: torch.Tensor,
@@ -89,12 +91,15 @@ class PreparedHessian:
 
 
 def prepare_hessian(hessian: torch.Tensor, damp: float, act_order: bool) -> PreparedHessian:
-    H = hessian.float().clone()
+    H = hessian.float()
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    if dead.any():               # a copy (and a masked write) only when needed
+        H = H.clone()
+        H.diagonal()[dead] = 1.0
     cols = H.shape[0]
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
-    H = H[perm][:, perm]
+    if act_order:
+        H = H[perm][:, perm]
     hinv, note = _inverse_cholesky(H, damp)
     return PreparedHessian(perm, dead, hinv, note)
 
@@ -142,7 +147,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     if key not in cache:
         cache[key] = prepare_hessian(hessian, *key)
     prep = cache[key]
-    w[:, prep.dead] = 0.0
+    if prep.dead.any():
+        w[:, prep.dead] = 0.0
 
     static = act_order or gs == cols  # parameters fixed from the whole (original) matrix
     scale = torch.zeros(out, -(-cols // gs))
@@ -153,7 +159,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
         log.warning("GPTQ: %s", prep.note)
         return quantize_rtn(w, spec), prep.note
 
-    w = w[:, prep.perm]
+    if act_order:
+        w = w[:, prep.perm]
     codes = torch.zeros(out, cols, dtype=torch.uint8)
     block = int(spec.option("block_size"))
     with single_thread():
@@ -229,19 +236,20 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor | None
     wanted is R^-1 = J L^-1 J (positive diagonal, hence the unique factor): one Cholesky and one
     triangular inverse instead of two Cholesky factorisations and a solve."""
     mean_diag = abs(torch.mean(torch.diag(H)).item()) or 1.0
-    idx = torch.arange(H.shape[0])
-    flipped = H.flip(0, 1)
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
     for attempt in range(DAMP_RETRIES):
         d = damp * 10 ** attempt
-        Hd = flipped.clone()
-        Hd[idx, idx] += d * mean_diag
+        # Few n x n copies alive at once: GPTQ runs while a block's kept activations are.
+        Hd = H.flip(0, 1)
+        Hd.diagonal().add_(d * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if info == 0:
-            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
-            if torch.isfinite(U).all():
+            U = torch.linalg.solve_triangular(L, torch.eye(H.shape[0], dtype=H.dtype),
+                                              upper=False)
+            del L
+            if torch.isfinite(U.sum()):  # (NaN and inf carry into the sum; no n x n mask)
                 note = "" if attempt == 0 else (f"the Hessian was not positive definite; "
                                                 f"dampened with {d:g} x mean diagonal")
-                return U.contiguous(), note
+                return U.flip(0, 1).contiguous(), note  # (LAPACK leaves it column-major)
     return None, (f"the Hessian stayed singular even dampened with {d:g} x mean diagonal; "
                   f"this layer was rounded to nearest instead")
