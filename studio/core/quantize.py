@@ -17,7 +17,8 @@ block structure; the message says so).
 
 For every layer the job reports its relative output error on its calibration inputs and the
 error plain RTN of the original weight would give on the same inputs (Progress.detail).
-The baseline is never touched: all work happens on a deep copy, published only at the end.
+The baseline is never touched: all work happens on a copy (sharing only tensors no step writes
+into), published only at the end.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from torch import nn
 from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress
 from studio.core.layers import (get_module, is_linear, move_pre_hooks, replace_module,
-                                 set_weight_matrix, weight_matrix)
+                                 replace_weight_matrix, weight_matrix)
 from studio.core.memory import release_freed_memory
 from studio.core.plan import Plan, QuantSpec
 from studio.core.quant.coded import coded_layer
@@ -70,10 +71,10 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
     total = len(specs) + 2
     sq = {n: s for n, s in specs.items() if s.method == "smoothquant"}
     yield Progress(0, total, "Copying the model")
-    # SmoothQuant smooths every block before any is quantized, and layers outside the blocks
-    # make a whole copy anyway; otherwise each block is copied when its turn comes.
-    lazy = not sq and not outside
-    model = copy_to_quantize(handle.model, prefix, outside, lazy)
+    # SmoothQuant smooths every block before any is quantized; otherwise each block is copied
+    # when its turn comes.
+    lazy = not sq
+    model = copy_to_quantize(handle.model, prefix, lazy)
     untie_if_needed(model, specs)
     _, blocks = decoder_blocks(model)
     state = _State(specs, handle.model, total)
@@ -120,11 +121,10 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
                    floats=floats)
 
 
-def copy_to_quantize(base: nn.Module, prefix: str, outside: list[str],
-                     lazy: bool = False) -> nn.Module:
-    """The copy the job works on. When the plan quantizes nothing outside the decoder blocks, no
-    method writes to the tensors there (embeddings, final norm, lm_head: a fifth of a small
-    model), so the copy shares them with the baseline instead of duplicating them.
+def copy_to_quantize(base: nn.Module, prefix: str, lazy: bool = False) -> nn.Module:
+    """The copy the job works on. No method writes into the tensors outside the decoder blocks
+    (embeddings, final norm, lm_head: a fifth of a small model): a quantized lm_head is given a
+    new tensor (`_State.record`), so the copy shares them with the baseline.
 
     `lazy`: the blocks' tensors are shared too; the job gives each block its own copy when its
     turn comes and, once it is done, keeps only the tensors that changed (`share_settled`);
@@ -132,8 +132,6 @@ def copy_to_quantize(base: nn.Module, prefix: str, outside: list[str],
     the end). The job's peak then holds the baseline, the codes, one block and the
     activations, not a second float model as well. Nothing is ever
     written into a shared tensor: blocks are copied before any change."""
-    if outside:
-        return copy.deepcopy(base)
     blocks = base.get_submodule(prefix)
     inside = {id(t) for t in (*blocks.parameters(), *blocks.buffers())}
     shared = {id(t): t for t in (*base.parameters(), *base.buffers())
@@ -234,14 +232,15 @@ class _State:
     def record(self, name: str, block: int | None, spec: QuantSpec, qt: QTensor,
                model_module: nn.Module, w_pre: torch.Tensor | None,
                hessian: torch.Tensor | None, note: str = "") -> Progress:
-        """Install the de-quantized weight, note the errors; the Progress to yield."""
+        """Install the de-quantized weight (a new tensor: the old one may be the baseline's),
+        note the errors; the Progress to yield."""
         w_now = weight_matrix(model_module).float()
         w_q = qt.dequantize()
         error = rtn_error = None
         if hessian is not None and w_pre is not None:
             error, rtn_error = layer_errors(w_pre, w_now, w_q, spec,
                                             weight_matrix(get_module(self.base, name)), hessian)
-        set_weight_matrix(model_module, w_q)
+        replace_weight_matrix(model_module, w_q)
         self.qtensors[name] = qt
         entry = {"layer": name, "block": block, "method": spec.method, "bits": spec.bits,
                  "error": error, "rtn_error": rtn_error, "note": note}

@@ -224,14 +224,15 @@ def load_variant(folder: str | Path, base_handle=None) -> Variant:
 
 
 def untie_if_needed(model: nn.Module, quantized: dict | list) -> None:
-    """Give a tied lm_head its own weight when it or the embedding is quantized, so quantizing
-    one never silently changes the other."""
+    """Give a tied lm_head its own Parameter when it or the embedding is quantized, so quantizing
+    one never silently changes the other. It shares the embedding's storage until it is
+    replaced (callers give a quantized layer a new tensor; nothing writes into this one)."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if out is None or emb is None or out.weight is not emb.weight:
         return
     names = {id(m): n for n, m in model.named_modules()}
     if names.get(id(out)) in quantized or names.get(id(emb)) in quantized:
-        out.weight = nn.Parameter(out.weight.detach().clone(), requires_grad=False)
+        out.weight = nn.Parameter(out.weight.detach(), requires_grad=False)
         if hasattr(model.config, "tie_word_embeddings"):
             model.config.tie_word_embeddings = False

@@ -67,8 +67,10 @@ def test_mixed_plan_quantizes_each_layer_as_specified(tiny_llama, windows):
         assert qt.group_size == (width if spec.group_size == -1 else min(spec.group_size, width))
     skipped = "model.layers.1.self_attn.o_proj.weight"
     assert torch.equal(variant.model.state_dict()[skipped], before[skipped])
-    # lm_head was tied to the embedding: quantizing it must leave the embedding alone.
+    # lm_head was tied to the embedding: quantizing it must leave the embedding alone, and
+    # shared with the baseline rather than copied.
     assert torch.equal(variant.model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
+    assert variant.model.model.embed_tokens.weight is tiny_llama.model.model.embed_tokens.weight
     assert not torch.equal(variant.model.lm_head.weight, before["model.embed_tokens.weight"])
 
 

@@ -37,3 +37,18 @@ def test_mse_clip_never_worse_than_min_max():
         per = lambda q: (q - w).abs().pow(2.4).sum()  # noqa: E731
         assert per(clipped) <= per(plain) + 1e-6
         assert per(clipped) < per(plain)   # the outlier makes clipping worth it somewhere
+
+
+@pytest.mark.parametrize("group", [-1, 64, 128])   # 200 columns: ragged at 64 and 128
+def test_rows_taken_in_chunks_give_the_same_grid_and_codes(group, monkeypatch):
+    """Large matrices (an lm_head) are rounded a few thousand rows at a time to bound the
+    temporaries: the result must be the one of a single pass."""
+    from studio.core.quant import grid
+
+    w = _weights()
+    spec = QuantSpec(3, group, False, "rtn")
+    whole = quantize_weight(w, spec)
+    monkeypatch.setattr(grid, "ROW_CHUNK", 5)         # 24 rows: chunks of 5 and a last of 4
+    chunked = quantize_weight(w, spec)
+    assert torch.equal(chunked.codes, whole.codes)
+    assert torch.equal(chunked.scale, whole.scale) and torch.equal(chunked.zero, whole.zero)

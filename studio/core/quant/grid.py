@@ -55,17 +55,33 @@ def expand_groups(per_group: torch.Tensor, group_size: int, in_features: int) ->
     return per_group.repeat_interleave(group_size, dim=1)[:, :in_features]
 
 
+# Rows per pass of the element-wise steps below: their float temporaries stay a few MB even for
+# an lm_head (49152 x 576 on the demo: each full-size temporary would be 113 MiB).
+ROW_CHUNK = 4096
+
+
+def _row_chunks(rows: int):
+    return (slice(r, min(r + ROW_CHUNK, rows)) for r in range(0, rows, ROW_CHUNK))
+
+
 def group_minmax(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group min and max of `w` [out, in] -> two [out, groups] tensors (ragged last group)."""
     out, cols = w.shape
     groups = -(-cols // group_size)
     pad = groups * group_size - cols
-    if pad:
-        # Pad with the last group's own first element so padding never widens its range.
-        first = (groups - 1) * group_size
-        w = torch.cat([w, w[:, first:first + 1].expand(out, pad)], dim=1)
-    w = w.reshape(out, groups, group_size)
-    return w.amin(dim=2), w.amax(dim=2)
+    if not pad:
+        grouped = w.reshape(out, groups, group_size)
+        return grouped.amin(dim=2), grouped.amax(dim=2)
+    # Pad with the last group's own first element so padding never widens its range.
+    first = (groups - 1) * group_size
+    wmin = torch.empty(out, groups, dtype=w.dtype)
+    wmax = torch.empty(out, groups, dtype=w.dtype)
+    for rows in _row_chunks(out):
+        part = w[rows]
+        part = torch.cat([part, part[:, first:first + 1].expand(len(part), pad)], dim=1)
+        part = part.reshape(-1, groups, group_size)
+        wmin[rows], wmax[rows] = part.amin(dim=2), part.amax(dim=2)
+    return wmin, wmax
 
 
 def qparams_from_range(wmin: torch.Tensor, wmax: torch.Tensor, bits: int,
@@ -98,11 +114,14 @@ def compute_qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                    group_size: int) -> torch.Tensor:
-    cols = w.shape[1]
+    out, cols = w.shape
     gs = effective_group_size(group_size, cols)
-    s = expand_groups(scale, gs, cols)
-    z = expand_groups(zero, gs, cols)
-    return torch.clamp(torch.round(w.float() / s) + z, 0, 2 ** bits - 1).to(torch.uint8)
+    codes = torch.empty(out, cols, dtype=torch.uint8)
+    for rows in _row_chunks(out):
+        s = expand_groups(scale[rows], gs, cols)
+        z = expand_groups(zero[rows], gs, cols)
+        codes[rows] = torch.round(w[rows].float() / s).add_(z).clamp_(0, 2 ** bits - 1)
+    return codes
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
