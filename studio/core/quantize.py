@@ -11,7 +11,9 @@ blocks, and run the quantized block to get the next block's inputs. Inside a blo
   3. GPTQ layers go in "true sequential" order: layers reading the same input form a group
      (q/k/v, then o, then gate/up, then down); each group's Hessian comes from running the block
      only as far as that group, with everything before it already quantized.
-SmoothQuant smooths the whole model first (`smoothquant.prepare`). Layers outside the blocks
+SmoothQuant smooths each block just before it is quantized, from the float model's activations
+(carried through the blocks as they were, so the scales are the ones `smoothquant.prepare`
+finds smoothing the whole model first, as the reference does). Layers outside the blocks
 (embeddings, lm_head) are quantized only when a rule names them, with RTN (GPTQ / AWQ need the
 block structure; the message says so).
 
@@ -35,6 +37,7 @@ from studio.core.layers import (get_module, is_linear, move_pre_hooks, replace_m
                                  replace_weight_matrix, weight_matrix)
 from studio.core.memory import release_freed_memory
 from studio.core.plan import Plan, QuantSpec
+from studio.core.quant import smoothquant
 from studio.core.quant.coded import coded_layer
 from studio.core.quant.blocks import (FAST_DTYPE, BlockInputs, Replay, capture_block_inputs,
                                       decoder_blocks, run_block, run_block_until)
@@ -71,35 +74,38 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
     total = len(specs) + 2
     sq = {n: s for n, s in specs.items() if s.method == "smoothquant"}
     yield Progress(0, total, "Copying the model")
-    # SmoothQuant smooths every block before any is quantized; otherwise each block is copied
-    # when its turn comes.
-    lazy = not sq
-    model = copy_to_quantize(handle.model, prefix, lazy)
+    model = copy_to_quantize(handle.model)
     untie_if_needed(model, specs)
     _, blocks = decoder_blocks(model)
     state = _State(specs, handle.model, total)
     state.replay_budget = int(REPLAY_SHARE * 4 * handle.param_count)
 
-    act_bits: dict[str, int] = {}
-    if sq:
-        from studio.core.quant import smoothquant
-        act_bits = yield from relay(smoothquant.prepare_job(model, windows, sq), 0, total)
-
-    inputs = None
+    act_bits = {n: int(s.option("act_bits")) for n, s in sq.items()}
+    last_smoothed = smoothquant.last_smoothed_block(model, sq) if sq else -1
+    inputs = smooth_inputs = None
     if windows is not None:
         yield Progress(0, total, "Capturing the inputs of block 0")
-        inputs = capture_block_inputs(model, windows)
+        # GPTQ and AWQ learn from every window; the other methods' errors are measured on the
+        # first ERROR_WINDOWS (SmoothQuant's statistics come from all of them, on their own).
+        few = not methods & {"gptq", "awq"}
+        inputs = capture_block_inputs(model, windows[:ERROR_WINDOWS] if few else windows)
+        if sq:
+            smooth_inputs = capture_block_inputs(model, windows)
     for index in range(len(blocks)):
         block_name = f"{prefix}.{index}"
         mine = {n: s for n, s in specs.items() if n.startswith(block_name + ".")}
         if not mine and inputs is None:
             continue
-        if mine and lazy:
+        if mine:
             blocks[index] = copy.deepcopy(blocks[index])   # shared until now: private from here
+        if index <= last_smoothed:
+            yield Progress(len(state.qtensors) + 1, total, f"block {index}: SmoothQuant smoothing")
+            smooth_inputs = smooth_block_inputs(blocks[index], block_name, smooth_inputs, sq,
+                                                act_bits, model, last=index == last_smoothed)
         outputs = yield from quantize_block(blocks[index], block_name, index, len(blocks),
                                             inputs, mine, state,
                                             want_outputs=index + 1 < len(blocks))
-        if mine and lazy:
+        if mine:
             share_settled(blocks[index], base_blocks[index], block_name, state.qtensors)
         if outputs is not None:
             inputs = inputs.with_hidden(outputs)
@@ -121,22 +127,30 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
                    floats=floats)
 
 
-def copy_to_quantize(base: nn.Module, prefix: str, lazy: bool = False) -> nn.Module:
-    """The copy the job works on. No method writes into the tensors outside the decoder blocks
-    (embeddings, final norm, lm_head: a fifth of a small model): a quantized lm_head is given a
-    new tensor (`_State.record`), so the copy shares them with the baseline.
+def copy_to_quantize(base: nn.Module) -> nn.Module:
+    """The copy the job works on: new modules, every tensor shared with the baseline.
 
-    `lazy`: the blocks' tensors are shared too; the job gives each block its own copy when its
+    Nothing is ever written into a shared tensor. Outside the blocks a quantized layer (an
+    lm_head) is given a new tensor (`_State.record`); each block gets its own copy when its
     turn comes and, once it is done, keeps only the tensors that changed (`share_settled`);
     the quantized weights exist only as codes (`compact` makes them the variant's layers at
     the end). The job's peak then holds the baseline, the codes, one block and the
-    activations, not a second float model as well. Nothing is ever
-    written into a shared tensor: blocks are copied before any change."""
-    blocks = base.get_submodule(prefix)
-    inside = {id(t) for t in (*blocks.parameters(), *blocks.buffers())}
-    shared = {id(t): t for t in (*base.parameters(), *base.buffers())
-              if lazy or id(t) not in inside}
-    return copy.deepcopy(base, shared)
+    activations, not a second float model as well."""
+    return copy.deepcopy(base, {id(t): t for t in (*base.parameters(), *base.buffers())})
+
+
+def smooth_block_inputs(block: nn.Module, block_name: str, inputs: BlockInputs,
+                        sq: dict[str, QuantSpec], act_bits: dict[str, int], model: nn.Module,
+                        last: bool) -> BlockInputs | None:
+    """SmoothQuant for one block, just before it is quantized: the scales come from the float
+    model's activations (`inputs`, carried through the blocks as they were before smoothing,
+    as the reference measures them all first), then the block's SmoothQuant layers get their
+    activation quantization. The float model's inputs of the next block (None after the last
+    smoothed block: nobody needs them)."""
+    outputs = smoothquant.smooth_block(block, block_name, inputs, sq)
+    smoothquant.install_act_quant(model, {n: b for n, b in act_bits.items()
+                                          if n.startswith(block_name + ".")})
+    return None if last else inputs.with_hidden(outputs)
 
 
 def share_settled(block: nn.Module, base_block: nn.Module, block_name: str,

@@ -246,3 +246,32 @@ def test_tensors_outside_the_blocks_are_shared_only_when_untouched(tiny_llama, w
     outside = run(quantize_job(tiny_llama, plan, None, None, "e"))
     assert outside.model.get_input_embeddings().weight is not embed
     assert torch.equal(embed, before)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_smoothquant_block_by_block_is_smoothing_the_whole_model_first(tiny_dirs, arch):
+    """The job smooths each block just before quantizing it (so it copies one block at a
+    time): the variant must be the reference's order of work, every block smoothed from the
+    float model's activations first, then the weights rounded."""
+    import copy
+
+    from studio.core.layers import set_weight_matrix, weight_matrix
+    from studio.core.quant.grid import fake_quant
+    from studio.core.quant.smoothquant import prepare
+
+    handle = run(open_model_job(tiny_dirs[arch]))
+    ids, label = text_windows(handle.tokenizer, None, 32, 16, 0)
+    before = _snapshot(handle.model)
+    plan = Plan(QuantSpec(8, -1, True, "smoothquant"))
+    variant = run(quantize_job(handle, plan, ids, label, "sq"))
+    assert _same(handle.model, before)
+    specs = {n: s for n, s in plan.resolve(handle.layers).items() if s is not None}
+    reference = copy.deepcopy(handle.model)
+    assert prepare(reference, ids, specs) == variant.act_bits
+    for name, spec in specs.items():
+        module = reference.get_submodule(name)
+        set_weight_matrix(module, fake_quant(weight_matrix(module), spec))
+    with torch.no_grad():
+        assert torch.equal(variant.model(ids[:2]).logits, reference(ids[:2]).logits)
+    embed = handle.model.get_input_embeddings().weight
+    assert variant.model.get_input_embeddings().weight is embed      # shared, not copied

@@ -24,7 +24,7 @@ from studio.core.quant.blocks import capture_block_inputs, decoder_blocks, run_b
 from studio.core.quant.scales import smoothing_scales
 from studio.core.quant.scaling import ScaleGroup, fold_scales, scaling_groups
 
-BATCH = 8  # windows per block run while recording activation maxima
+BATCH = 4  # windows per block run while recording activation maxima (as the driver's runs)
 
 
 def prepare(model: nn.Module, windows: torch.Tensor,
@@ -37,22 +37,37 @@ def prepare_job(model: nn.Module, windows: torch.Tensor,
                 specs_by_name: dict[str, QuantSpec]) -> Job[dict[str, int]]:
     """`prepare` as a Job, yielding once per block. Changes `model`: pass the variant's copy."""
     prefix, blocks = decoder_blocks(model)
-    plans = [(i, block, _groups_to_smooth(block, f"{prefix}.{i}", specs_by_name))
-             for i, block in enumerate(blocks)]
-    last = max((i for i, _, groups in plans if groups), default=-1)
+    last = last_smoothed_block(model, specs_by_name)
     yield Progress(0, last + 2, "SmoothQuant: capturing calibration inputs")
     inputs = capture_block_inputs(model, windows) if last >= 0 else None
-    for i, block, groups in plans[: last + 1]:
-        absmax, outputs = record_input_absmax(block, inputs, [g.linears[0] for g in groups])
-        inputs = inputs.with_hidden(outputs)
-        for group, alpha in groups.items():
-            weights = torch.stack([weight_matrix(block.get_submodule(rel)).abs().amax(dim=0)
-                                   for rel in group.linears]).amax(dim=0)
-            fold_scales(block, group, smoothing_scales(absmax[group.linears[0]], weights, alpha))
+    for i, block in enumerate(blocks[: last + 1]):
+        inputs = inputs.with_hidden(smooth_block(block, f"{prefix}.{i}", inputs, specs_by_name))
         yield Progress(i + 1, last + 2, f"SmoothQuant: smoothed block {i}")
     act_bits = {name: int(spec.option("act_bits")) for name, spec in specs_by_name.items()}
     install_act_quant(model, act_bits)
     return act_bits
+
+
+def last_smoothed_block(model: nn.Module, specs_by_name: dict[str, QuantSpec]) -> int:
+    """Index of the last block with a group to smooth (-1: none)."""
+    prefix, blocks = decoder_blocks(model)
+    return max((i for i, block in enumerate(blocks)
+                if _groups_to_smooth(block, f"{prefix}.{i}", specs_by_name)), default=-1)
+
+
+def smooth_block(block: nn.Module, block_name: str, inputs,
+                 specs_by_name: dict[str, QuantSpec]) -> torch.Tensor:
+    """Fold smoothing scales into the block's groups holding SmoothQuant layers, from their
+    inputs' per-channel maxima over `inputs` (the float model's); the block's outputs, taken
+    before the fold (the float model's next inputs). Only a block with such a group is
+    written to."""
+    groups = _groups_to_smooth(block, block_name, specs_by_name)
+    absmax, outputs = record_input_absmax(block, inputs, [g.linears[0] for g in groups])
+    for group, alpha in groups.items():
+        weights = torch.stack([weight_matrix(block.get_submodule(rel)).abs().amax(dim=0)
+                               for rel in group.linears]).amax(dim=0)
+        fold_scales(block, group, smoothing_scales(absmax[group.linears[0]], weights, alpha))
+    return outputs
 
 
 def _groups_to_smooth(block: nn.Module, block_name: str,
@@ -77,7 +92,8 @@ def _groups_to_smooth(block: nn.Module, block_name: str,
 def record_input_absmax(block: nn.Module, inputs,
                         names: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-input-channel max |x| of the named linears while the block runs on `inputs`, and
-    the block's outputs (the next block's inputs)."""
+    the block's outputs (the next block's inputs), written over `inputs.hidden`: the float
+    model's activations are held once."""
     absmax: dict[str, torch.Tensor] = {}
 
     def hook(rel):
@@ -90,7 +106,7 @@ def record_input_absmax(block: nn.Module, inputs,
     handles = [block.get_submodule(rel).register_forward_pre_hook(hook(rel), with_kwargs=True)
                for rel in names]
     try:
-        outputs = run_block(block, inputs, batch_size=BATCH)
+        outputs = run_block(block, inputs, batch_size=BATCH, out=inputs.hidden)
     finally:
         for handle in handles:
             handle.remove()
