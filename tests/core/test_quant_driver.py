@@ -75,7 +75,9 @@ def test_mixed_plan_quantizes_each_layer_as_specified(tiny_llama, windows):
 
 
 @pytest.mark.parametrize("at", [6, 20])  # inside block 0; inside block 1, after block 0 is
-def test_cancel_leaves_the_baseline_bit_identical(tiny_llama, windows, at):  # done
+@pytest.mark.parametrize("spec", [QuantSpec(3, 32, False, "gptq"),
+                                  QuantSpec(8, -1, True, "smoothquant")])  # folds into norms
+def test_cancel_leaves_the_baseline_bit_identical(tiny_llama, windows, at, spec):  # done
     ids, label = windows
     before = _snapshot(tiny_llama.model)
     token = CancelToken()
@@ -87,8 +89,7 @@ def test_cancel_leaves_the_baseline_bit_identical(tiny_llama, windows, at):  # d
             token.cancel()
 
     with pytest.raises(Cancelled):
-        run(quantize_job(tiny_llama, Plan(QuantSpec(3, 32, False, "gptq")), ids, label, "c"),
-            progress, token)
+        run(quantize_job(tiny_llama, Plan(spec), ids, label, "c"), progress, token)
     assert len(seen) == at
     assert _same(tiny_llama.model, before)
 
