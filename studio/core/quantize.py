@@ -85,10 +85,7 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
     inputs = smooth_inputs = None
     if windows is not None:
         yield Progress(0, total, "Capturing the inputs of block 0")
-        # GPTQ and AWQ learn from every window; the other methods' errors are measured on the
-        # first ERROR_WINDOWS (SmoothQuant's statistics come from all of them, on their own).
-        few = not methods & {"gptq", "awq"}
-        inputs = capture_block_inputs(model, windows[:ERROR_WINDOWS] if few else windows)
+        inputs = capture_block_inputs(model, windows[:windows_carried(methods, windows)])
         if sq:
             smooth_inputs = capture_block_inputs(model, windows)
     for index in range(len(blocks)):
@@ -125,6 +122,18 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
                    calibration=calib_label if windows is not None else None,
                    seconds=time.perf_counter() - start, layer_errors=state.errors,
                    floats=floats)
+
+
+def windows_carried(methods: set[str], windows: torch.Tensor) -> int:
+    """How many calibration windows (the first ones) go through the blocks: GPTQ learns from
+    all of them; AWQ reads its first few (`awq.windows_used`); every method's errors come from
+    the first ERROR_WINDOWS. SmoothQuant's statistics come from all of them, carried apart."""
+    if "gptq" in methods:
+        return len(windows)
+    if "awq" in methods:
+        from studio.core.quant import awq
+        return max(ERROR_WINDOWS, awq.windows_used(windows.shape[1]))
+    return ERROR_WINDOWS
 
 
 def copy_to_quantize(base: nn.Module) -> nn.Module:

@@ -276,3 +276,32 @@ def test_smoothquant_block_by_block_is_smoothing_the_whole_model_first(tiny_dirs
         assert torch.equal(variant.model(ids[:2]).logits, reference(ids[:2]).logits)
     embed = handle.model.get_input_embeddings().weight
     assert variant.model.get_input_embeddings().weight is embed      # shared, not copied
+
+
+def test_awq_carries_only_the_windows_it_reads(tiny_dirs, monkeypatch):
+    """AWQ reads the first few windows of each block's inputs: carrying only those through
+    the blocks (8 of 16 here) gives the variant that carrying every window gives."""
+    from studio.core import quantize as driver
+    from studio.core.quant import awq
+
+    handle = run(open_model_job(tiny_dirs["llama"]))
+    ids, label = text_windows(handle.tokenizer, None, 32, 16, 0)
+    monkeypatch.setattr(awq, "STATS_TOKENS", 96)      # 3 windows of 32 tokens
+    monkeypatch.setattr(awq, "SEARCH_TOKENS", 64)
+    assert driver.windows_carried({"awq"}, ids) == driver.ERROR_WINDOWS < len(ids)
+    plan = Plan(QuantSpec(4, 32, False, "awq"))
+    carried = []
+    capture = driver.capture_block_inputs
+
+    def counted(model, windows):
+        carried.append(len(windows))
+        return capture(model, windows)
+
+    monkeypatch.setattr(driver, "capture_block_inputs", counted)
+    few = run(quantize_job(handle, plan, ids, label, "few"))
+    monkeypatch.setattr(driver, "windows_carried", lambda methods, windows: len(windows))
+    every = run(quantize_job(handle, plan, ids, label, "every"))
+    assert carried == [driver.ERROR_WINDOWS, len(ids)]
+    for name, qt in every.qtensors.items():
+        assert torch.equal(few.qtensors[name].codes, qt.codes), name
+    assert [e["error"] for e in few.layer_errors] == [e["error"] for e in every.layer_errors]

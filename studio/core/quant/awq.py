@@ -101,6 +101,11 @@ def _skips_clip(rel: str) -> bool:
     return role_of(rel, "attn" in rel or "attention" in rel) in ("q", "k")
 
 
+def windows_used(seqlen: int) -> int:
+    """How many calibration windows (the first ones) the block job reads at this length."""
+    return max(1, math.ceil(max(STATS_TOKENS, SEARCH_TOKENS) / seqlen))
+
+
 def _window_sample(inputs: BlockInputs, tokens: int) -> BlockInputs:
     """The first windows holding about `tokens` tokens (calibration windows are already random)."""
     count = max(1, min(len(inputs), math.ceil(tokens / inputs.hidden.shape[1])))
