@@ -74,3 +74,15 @@ def test_smoothquant_defaults_to_w8_per_channel(qtbot, state, tiny_llama):
     spec = view.spec()
     assert (spec.bits, spec.group_size, spec.symmetric) == (8, -1, True)
     assert set(spec.options) == {"alpha", "act_bits"}
+
+
+def test_awq_says_how_many_calibration_windows_it_reads(qtbot, state, tiny_llama):
+    from studio.core.quant.awq import windows_used
+
+    view = _view(qtbot, state, tiny_llama)
+    view.windows.setValue(200)                      # more than AWQ reads at 64 tokens
+    view.method.setCurrentIndex(view.method.findData("awq"))
+    with qtbot.waitSignal(state.runner.jobDone, timeout=120000):
+        view.run()
+        view.job.cancel()
+    assert f"AWQ reads the first {windows_used(64)} of these windows" in view.plot_title.text()

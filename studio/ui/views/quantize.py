@@ -254,6 +254,10 @@ class QuantizeView(QWidget):
         source = self.calib_path or "built-in text"
         calib = (f"calibration: {Path(source).name}, {self.windows.value()} x "
                  f"{self.seqlen.value()} tokens, seed {self.seed.value()}")
+        if plan.default.method == "awq":  # it subsamples (see quant/awq.py): say how much
+            from studio.core.quant.awq import windows_used
+            read = min(self.windows.value(), windows_used(self.seqlen.value()))
+            calib += f" (AWQ reads the first {read} of these windows)"
         self._clear_plot(f"<b>{name}</b> on {handle.name} — "
                          f"{calib if plan.default.method != 'rtn' else 'RTN needs no calibration; errors measured on a few windows of it'}")
         args = (handle, plan, self.calib_path, self.windows.value(), self.seqlen.value(),
