@@ -28,13 +28,14 @@ import psutil
 import torch
 import transformers.models.llama.modeling_llama  # noqa: F401  (library code: part of runtime)
 
+from studio.core import quantize
 from studio.core.jobs import run
+from studio.core.layers import is_linear
 from studio.core.memory import release_freed_memory
 from studio.core.models import open_model_job
+from studio.core.plan import Plan, QuantSpec
 from studio.core.quant.blocks import capture_block_inputs, decoder_blocks, run_block
 from studio.core.quant.gptq import HessianAccumulator
-from studio.core.plan import Plan, QuantSpec
-from studio.core import quantize
 from studio.core.quantize import quantize_job
 from studio.core.text import calibration_windows, tokenize
 
@@ -91,7 +92,10 @@ def main(argv=None) -> int:
 
 
 def floor_seconds(model, windows) -> tuple[float, float]:
-    """(seconds of one pass of the float blocks with Hessian hooks, seconds in the hooks)."""
+    """(seconds of one pass of the float blocks with Hessian hooks, seconds in the hooks).
+
+    Its own hooks rather than `quantize.gather_hessians`: that one runs a block without
+    keeping its outputs, and this pass carries them to the next block as GPTQ does."""
     start = time.perf_counter()
     inputs = capture_block_inputs(model, windows)
     in_hooks = 0.0
@@ -111,8 +115,7 @@ def floor_seconds(model, windows) -> tuple[float, float]:
             in_hooks += time.perf_counter() - begin
 
         hooks = [block.register_forward_pre_hook(lambda m, a: seen.clear())]
-        hooks += [m.register_forward_pre_hook(add) for m in block.modules()
-                  if isinstance(m, torch.nn.Linear)]
+        hooks += [m.register_forward_pre_hook(add) for m in block.modules() if is_linear(m)]
         try:
             run_block(block, inputs, quantize.BATCH, out=inputs.hidden)
         finally:

@@ -103,12 +103,16 @@ def _skips_clip(rel: str) -> bool:
 
 def windows_used(seqlen: int) -> int:
     """How many calibration windows (the first ones) the block job reads at this length."""
-    return max(1, math.ceil(max(STATS_TOKENS, SEARCH_TOKENS) / seqlen))
+    return _windows_holding(max(STATS_TOKENS, SEARCH_TOKENS), seqlen)
+
+
+def _windows_holding(tokens: int, seqlen: int) -> int:
+    return max(1, math.ceil(tokens / seqlen))
 
 
 def _window_sample(inputs: BlockInputs, tokens: int) -> BlockInputs:
     """The first windows holding about `tokens` tokens (calibration windows are already random)."""
-    count = max(1, min(len(inputs), math.ceil(tokens / inputs.hidden.shape[1])))
+    count = min(len(inputs), _windows_holding(tokens, inputs.hidden.shape[1]))
     return inputs.with_hidden(inputs.hidden[:count])
 
 
