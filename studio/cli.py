@@ -17,7 +17,7 @@ from studio import __version__
 from studio.core.errors import Cancelled, StudioError
 from studio.core.plugins import discover
 
-COMMANDS = ("open", "inspect", "analyze", "quantize", "plan", "eval", "bench")
+COMMANDS = ("open", "inspect", "analyze", "quantize", "plan", "eval", "bench", "export")
 
 
 class _Parser(argparse.ArgumentParser):

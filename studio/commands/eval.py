@@ -13,7 +13,8 @@ HELP = "perplexity of a model or variant on a text, and KL / top-1 agreement aga
 
 
 def add_arguments(parser) -> None:
-    add_model_argument(parser, "a model folder, a .gguf file, 'demo', or a VARIANT folder")
+    add_model_argument(parser, "a model folder, a .gguf file, 'demo', a VARIANT folder or an "
+                                "export folder")
     parser.add_argument("--text", metavar="FILE", help="evaluation text (default: built-in text)")
     parser.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN, help="window length")
     parser.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
@@ -38,8 +39,14 @@ class Opened:
 
 
 def open_target(source: str, baseline: str | None = None) -> Opened:
+    from studio.core.export.reopen import is_export_folder, open_export_job
     from studio.core.variant import is_variant_folder, load_variant
 
+    if is_export_folder(source):  # read back through its consumer library, like any user's
+        handle, report = run_with_progress(open_export_job(source))
+        base = open_model(baseline or (report.get("variant") or {}).get("base"))
+        return Opened(f"{Path(report['path']).name} [{report['format']}]", handle.model,
+                      base.tokenizer, base, handle, folder=Path(report["path"]))
     if Path(source).is_dir() and is_variant_folder(source):
         from studio.core.variant import read_variant_meta
         meta = read_variant_meta(source)

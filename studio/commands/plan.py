@@ -1,12 +1,14 @@
 """compression-studio plan MODEL (--budget-bpw X | --budget-mb M) [--method M]
-[--bits 2,3,4,5,6,8] [--group-sizes 32,64,128] [--kl-bits 4] [--kl-group 128] [--calib FILE]
-[--windows N] [--seqlen L] [--proxy-only] --out plan.json [--json] [--llama-cpp FILE]
-[--llm-compressor FILE] [--sensitivity FILE]
+[--bits 2,3,4,5,6,8] [--group-sizes 32,64,128] [--kl-bits 4] [--kl-group 128] [--gguf-native]
+[--calib FILE] [--windows N] [--seqlen L] [--proxy-only] --out plan.json [--json]
+[--llama-cpp FILE] [--llm-compressor FILE] [--sensitivity FILE]
 
 Measures every layer's sensitivity at every option (each width at each group size; KL end to
 end at the --kl-bits widths only, the rest predicted from the proxy), or re-uses a saved sweep
 that covers those options, then writes the plan that minimises the total predicted loss within
-the budget.
+the budget. --gguf-native makes the options the GGUF types a studio grid is exactly (Q4_0,
+Q5_0, Q8_0: 4, 5, 8 bits symmetric at group 32 with fp16 scales) and fp16, priced at their
+GGUF bytes, so a variant of the plan exports to GGUF with no rounding.
 """
 from __future__ import annotations
 
@@ -36,19 +38,25 @@ def add_arguments(parser) -> None:
                         help="size of the whole model in MB (2^20 bytes)")
     parser.add_argument("--method", choices=METHODS, default="rtn",
                         help="the method the plan uses (sensitivity is measured with RTN)")
-    parser.add_argument("--bits", default=join(DEFAULT_BITS),
+    # --bits and --group-sizes default to None so that --gguf-native can tell they were given.
+    parser.add_argument("--bits",
                         help=f"candidate widths (default {join(DEFAULT_BITS)})")
     parser.add_argument("--group-sizes", "--group-size", dest="group_sizes",
-                        default=join(DEFAULT_GROUPS),
                         help=f"candidate group sizes, each with every width: 32, 64, 128, ch "
                              f"(per-channel) (default {join(DEFAULT_GROUPS)})")
     parser.add_argument("--kl-bits", default=join(DEFAULT_KL_BITS),
                         help=f"widths measured end to end, at --kl-group; the other options' KL "
                              f"is predicted from the proxy (default {join(DEFAULT_KL_BITS)})")
-    parser.add_argument("--kl-group", default=str(DEFAULT_KL_GROUP),
+    parser.add_argument("--kl-group",
                         help=f"group size of the end-to-end measurements "
-                             f"(default {DEFAULT_KL_GROUP})")
+                             f"(default {DEFAULT_KL_GROUP}; 32 with --gguf-native)")
     parser.add_argument("--symmetric", action="store_true", help="symmetric grid")
+    parser.add_argument("--gguf-native", action="store_true",
+                        help="choose among the GGUF types a studio grid is exactly (Q4_0, Q5_0, "
+                             "Q8_0: 4/5/8 bits symmetric, group 32, fp16 scales) and fp16, "
+                             "priced at their real GGUF bytes, so a variant of the plan "
+                             "exports to GGUF with no rounding; layers whose rows are not "
+                             "multiples of 32 stay fp16 (replaces --bits and --group-sizes)")
     parser.add_argument("--no-full-precision", action="store_true",
                         help="never keep a layer in 16 bits")
     add_calibration_arguments(parser, DEFAULT_KL_WINDOWS, DEFAULT_SEQLEN, what="sensitivity sweep")
@@ -64,18 +72,26 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from studio.core.allocate import allocate, budget_bits, loss_table, plan_size, table_for
+    from studio.core.export.gguf_types import BLOCK
     from studio.core.plan_export import llama_cpp_export, llm_compressor_export
-    from studio.core.sensitivity import (kl_columns, option_label, parse_group_sizes,
-                                         parse_widths, sweep_options)
+    from studio.core.sensitivity import (DEFAULT_BITS, DEFAULT_GROUPS, DEFAULT_KL_GROUP,
+                                         gguf_native_options, kl_columns, option_label,
+                                         parse_group_sizes, parse_widths, sweep_options)
 
     # Every bad option is refused here, before the model is opened or anything is measured.
-    kl_group = parse_group_sizes(args.kl_group, "--kl-group")
+    if args.gguf_native and (args.bits is not None or args.group_sizes is not None):
+        raise StudioError("--gguf-native chooses the options itself (Q4_0, Q5_0, Q8_0 and fp16); "
+                          "leave out --bits and --group-sizes.")
+    kl_group = (parse_group_sizes(args.kl_group, "--kl-group") if args.kl_group is not None
+                else (BLOCK if args.gguf_native else DEFAULT_KL_GROUP,))
     if len(kl_group) != 1:
         raise StudioError(f"--kl-group takes one group size, not {args.kl_group!r}.")
-    menu = {"bits": parse_widths(args.bits, "--bits"),
-            "group_sizes": parse_group_sizes(args.group_sizes, "--group-sizes"),
+    menu = {"bits": parse_widths(args.bits, "--bits") if args.bits is not None else DEFAULT_BITS,
+            "group_sizes": (parse_group_sizes(args.group_sizes, "--group-sizes")
+                            if args.group_sizes is not None else DEFAULT_GROUPS),
             "kl_bits": parse_widths(args.kl_bits, "--kl-bits"), "kl_group": kl_group[0]}
-    options = sweep_options(menu["bits"], menu["group_sizes"], args.symmetric)
+    options = (gguf_native_options() if args.gguf_native
+               else sweep_options(menu["bits"], menu["group_sizes"], args.symmetric))
     kl_options = [] if args.proxy_only else [
         options[j] for j in kl_columns(options, menu["kl_bits"], menu["kl_group"])]
     quiet = args.json and not sys.stderr.isatty()
@@ -87,7 +103,7 @@ def run(args) -> int:
     result = sweep(handle, args, menu, options, kl_options, quiet)
     kind = "proxy" if args.proxy_only else "kl"
     table = loss_table(result, handle, kind=kind, full_precision=not args.no_full_precision,
-                       method=args.method)
+                       method=args.method, gguf_native=args.gguf_native)
     answer = allocate(table, budget_bpw=args.budget_bpw, budget_mb=args.budget_mb)
     answer.plan.save(args.out)
     size = plan_size(handle, answer.plan)
@@ -106,6 +122,7 @@ def run(args) -> int:
     counts = {k: counts[k] for k in order if k in counts}
     report = {
         "out": str(args.out), "method": args.method, "loss": kind,
+        "gguf_native": args.gguf_native,
         "budget": {"bpw": args.budget_bpw, "mb": args.budget_mb},
         "bits_per_weight": round(size.bits_per_weight, 4), "size_bytes": size.size_bytes,
         "size_mb": round(size.size_mb, 3), "predicted_loss": answer.loss,
@@ -125,7 +142,8 @@ def run(args) -> int:
         print_json(report)
         return 0
     mix = ", ".join(f"{n} x {k}" for k, n in counts.items())
-    print(f"plan: {size.bits_per_weight:.3f} bits/weight, {size.size_mb:.2f} MB; {mix} "
+    native = " (GGUF-native: exports to GGUF with no rounding)" if args.gguf_native else ""
+    print(f"plan{native}: {size.bits_per_weight:.3f} bits/weight, {size.size_mb:.2f} MB; {mix} "
           f"-> {args.out}")
     gap = "exact optimum" if answer.exact else f"within {answer.gap:.3g} of the optimum"
     print(f"predicted {kind} loss {answer.loss:.4g} ({gap})")
@@ -162,7 +180,8 @@ def sweep(handle, args, menu, options, kl_options, quiet):
                                   max(kl_windows, DEFAULT_PROXY_WINDOWS), args.seed)
     result = run_with_progress(sensitivity_job(
         handle, windows, **menu, method=args.method, symmetric=args.symmetric,
-        kl_windows=kl_windows, text_label=label, seed=args.seed), quiet)
+        gguf_native=args.gguf_native, kl_windows=kl_windows, text_label=label, seed=args.seed),
+        quiet)
     if args.sensitivity:
         result.save(args.sensitivity)
     return result

@@ -1,11 +1,12 @@
-"""compression-studio quantize MODEL (--recipe plan.json | --method M --bits B --group-size G)
-[--calib FILE] [--windows N] [--seqlen L] [--seed S] --out VARIANT [--json]"""
+"""compression-studio quantize MODEL (--recipe plan.json | --method M --bits B --group-size G
+[--symmetric] [--scale-dtype fp16 | --gguf-native]) [--calib FILE] [--windows N] [--seqlen L]
+[--seed S] --out VARIANT [--json]"""
 from __future__ import annotations
 
 from studio.commands.common import (add_calibration_arguments, add_model_argument, open_model,
                                      print_json, run_with_progress)
 from studio.core.errors import StudioError
-from studio.core.plan import GROUP_SIZES, METHODS, Plan, QuantSpec
+from studio.core.plan import GROUP_SIZES, METHODS, SCALE_DTYPES, Plan, QuantSpec
 
 NAME = "quantize"
 HELP = "quantize a model with RTN, GPTQ, AWQ or SmoothQuant and write a VARIANT folder"
@@ -20,6 +21,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--group-size", type=int, default=128, choices=GROUP_SIZES,
                         help="32, 64, 128 or -1 for per-channel (default 128)")
     parser.add_argument("--symmetric", action="store_true", help="symmetric grid")
+    scales = parser.add_mutually_exclusive_group()
+    scales.add_argument("--scale-dtype", choices=SCALE_DTYPES,
+                        help="how scales are stored (default fp32); fp16 computes every code "
+                             "against an fp16 scale, so formats storing fp16 scales hold the "
+                             "variant exactly")
+    scales.add_argument("--gguf-native", action="store_true",
+                        help="quantize onto a GGUF type exactly: fp16 scales, and the grid must "
+                             "be one (--bits 4, 5 or 8 --group-size 32 --symmetric: Q4_0, Q5_0, "
+                             "Q8_0); the variant exports to GGUF with no rounding and is sized "
+                             "at those types' bytes")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="a method option, e.g. damp=0.01, act_order=true, mse_clip=true, "
                              "alpha=0.5 (repeatable)")
@@ -33,9 +44,10 @@ def run(args) -> int:
     from studio.core.quantize import quantize_text_job
     from studio.core.variant import save_variant
 
-    plan = Plan.load(args.recipe) if args.recipe else Plan(QuantSpec(
-        bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
-        method=args.method, options=parse_options(args.option)))
+    if args.recipe and (args.scale_dtype or args.gguf_native):
+        raise StudioError("--scale-dtype and --gguf-native go with --method; a recipe carries "
+                          "its own scale type per layer (make one with plan --gguf-native).")
+    plan = Plan.load(args.recipe) if args.recipe else Plan(command_spec(args))
     handle = open_model(args.model)
     name = args.name or (plan.default.label if plan.default else "variant")
     variant = run_with_progress(quantize_text_job(handle, plan, args.calib, args.windows,
@@ -59,6 +71,21 @@ def run(args) -> int:
         print(f"mean layer output error {summary['mean_layer_error']:.3g} "
               f"(RTN on the same inputs: {summary['mean_rtn_error']:.3g})")
     return 0
+
+
+def command_spec(args) -> QuantSpec:
+    """The one spec of a --method run (a recipe carries its own scale type per layer)."""
+    from studio.core.quant.grid import native_gguf_type
+
+    spec = QuantSpec(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
+                     method=args.method, options=parse_options(args.option),
+                     scale_dtype="fp16" if args.gguf_native else (args.scale_dtype or "fp32"))
+    if args.gguf_native and native_gguf_type(spec) is None:
+        raise StudioError(f"--gguf-native needs a grid a GGUF type holds exactly: --bits 4, 5 or "
+                          f"8 with --group-size 32 --symmetric (Q4_0, Q5_0, Q8_0), not "
+                          f"{spec.grid_label}; use --scale-dtype fp16 for fp16 scales on "
+                          f"another grid.")
+    return spec
 
 
 def parse_options(items: list[str]) -> dict:

@@ -2,10 +2,13 @@
 
 The problem is a multiple-choice knapsack: every layer picks one option (a grid such as W4 g128
 or W3 g64, or full precision), each with a storage cost in bits (codes + scales + zero points,
-counted exactly as `grid.bits_per_weight` counts them) and a predicted loss (the layer's
-end-to-end KL, measured or predicted from the proxy, or the proxy error itself; see
-`sensitivity`). Losses are assumed to add up across layers, the usual
-assumption of mixed-precision allocators (HAWQ, llama.cpp's imatrix-driven type choice).
+counted exactly as `grid.storage_bits_per_weight` counts them: a GGUF-native option at its GGUF
+type's bytes) and a predicted loss (the layer's end-to-end KL, measured or predicted from the
+proxy, or the proxy error itself; see `sensitivity`). Losses are assumed to add up across
+layers, the usual assumption of mixed-precision allocators (HAWQ, llama.cpp's imatrix-driven
+type choice).
+An option a layer cannot take (a GGUF-native one on rows that are not whole 32-weight GGUF
+blocks) is never chosen for it (`LossTable.allowed`).
 
 The solver is a dynamic programme over a discretised budget. When every cost is a multiple of
 the budget unit (small models, the tests) it is exact. Otherwise costs are rounded *up* to the
@@ -22,9 +25,10 @@ from functools import reduce
 import numpy as np
 
 from studio.core.errors import StudioError
+from studio.core.export.gguf_types import BLOCK, fits_rows
 from studio.core.plan import Plan, QuantSpec, Rule
-from studio.core.quant.grid import bits_per_weight, effective_group_size
-from studio.core.sensitivity import option_label
+from studio.core.quant.grid import native_gguf_type, storage_bits_per_weight
+from studio.core.sensitivity import gguf_native_options, option_label
 
 MB = 2 ** 20              # "MB" as Variant.to_summary reports size_mb
 FULL_PRECISION_BITS = 16  # a layer kept in full precision is stored as fp16/bf16
@@ -32,13 +36,19 @@ DEFAULT_STATES = 100_000  # budget slots of the dynamic programme
 
 
 def spec_bits(shape: tuple[int, int], spec: QuantSpec | None) -> int:
-    """Exact storage bits of one [out, in] weight under `spec` (grid.bits_per_weight x count)."""
+    """Exact storage bits of one [out, in] weight under `spec` (grid.storage_bits_per_weight x
+    count). Every price is a whole number of bits per row (codes plus whole groups' scales and
+    zeros, or whole GGUF blocks), so the rounding only removes float noise."""
     out, cols = shape
     if spec is None:
         return out * cols * FULL_PRECISION_BITS
-    groups = -(-cols // effective_group_size(spec.group_size, cols))
-    zero_bits = 0 if spec.symmetric else spec.bits
-    return out * (cols * spec.bits + groups * (16 + zero_bits))
+    return out * round(cols * storage_bits_per_weight(spec, cols))
+
+
+def option_fits(spec: QuantSpec | None, in_features: int) -> bool:
+    """Whether a layer with rows of `in_features` weights can take `spec`: a GGUF-native option
+    needs whole GGUF blocks (no ragged block in GGUF), every other option fits any layer."""
+    return native_gguf_type(spec) is None or fits_rows(in_features)
 
 
 @dataclass
@@ -50,12 +60,21 @@ class LossTable:
     loss: np.ndarray                     # [layers, options], predicted loss of each choice
     fixed_bytes: int = 0                 # everything the plan does not choose (embeddings, norms)
     architecture: str | None = None
+    allowed: np.ndarray | None = None    # [layers, options] False: that layer cannot take it
+                                         # (None: every option fits every layer)
 
     def __post_init__(self) -> None:
         self.loss = np.asarray(self.loss, dtype=np.float64)
         if self.loss.shape != (len(self.names), len(self.options)):
             raise ValueError(f"loss table is {self.loss.shape}, expected "
                              f"{(len(self.names), len(self.options))}")
+        self.allowed = (np.ones(self.loss.shape, dtype=bool) if self.allowed is None
+                        else np.asarray(self.allowed, dtype=bool))
+        if self.allowed.shape != self.loss.shape:
+            raise ValueError(f"allowed is {self.allowed.shape}, expected {self.loss.shape}")
+        stuck = [n for n, row in zip(self.names, self.allowed) if not row.any()]
+        if stuck:
+            raise StudioError(f"Layer {stuck[0]} can take none of the options offered.")
         if len(self.options) > 127:  # the programme stores each choice in an int8
             raise StudioError(f"{len(self.options)} options per layer are too many for the "
                               f"allocator (at most 127).")
@@ -65,9 +84,18 @@ class LossTable:
 
     @property
     def costs(self) -> np.ndarray:
-        """[layers, options] exact storage bits (Python ints in an object-free int64 array)."""
-        return np.array([[spec_bits(s, o) for o in self.options] for s in self.shapes],
-                        dtype=np.int64)
+        """[layers, options] exact storage bits (Python ints in an object-free int64 array).
+        An option a layer cannot take is priced as that layer's cheapest allowed one, so it
+        moves no bound; `choice_loss` keeps it from ever being chosen."""
+        costs = np.array([[spec_bits(s, o) for o in self.options] for s in self.shapes],
+                         dtype=np.int64)
+        cheapest = np.where(self.allowed, costs, np.iinfo(np.int64).max).min(axis=1)
+        return np.where(self.allowed, costs, cheapest[:, None])
+
+    @property
+    def choice_loss(self) -> np.ndarray:
+        """The loss the solver minimises: `loss`, infinite where a layer cannot take an option."""
+        return np.where(self.allowed, self.loss, np.inf)
 
     @property
     def weights(self) -> int:
@@ -154,10 +182,11 @@ def allocate(table: LossTable, budget_bpw: float | None = None, budget_mb: float
 
     up = -(-extra // unit)                         # rounded up: answers always fit
     down = extra // unit                           # rounded down: a relaxation, for the bound
-    best, choice = _knapsack(up, table.loss, int(up.max(axis=1).sum()), keep_choices=True)
+    loss_of = table.choice_loss
+    best, choice = _knapsack(up, loss_of, int(up.max(axis=1).sum()), keep_choices=True)
     picks = _backtrack(choice, up, min(room // unit, len(best) - 1))
-    picks = _fill_leftover(picks, costs, table.loss, budget)
-    bound_curve, _ = _knapsack(down, table.loss, room // unit, keep_choices=False)
+    picks = _fill_leftover(picks, costs, loss_of, budget)
+    bound_curve, _ = _knapsack(down, loss_of, room // unit, keep_choices=False)
 
     bits = int(costs[np.arange(len(picks)), picks].sum())
     loss = float(table.loss[np.arange(len(picks)), picks].sum())
@@ -180,11 +209,19 @@ def plan_from_choices(choices: dict[str, QuantSpec | None], architecture: str | 
 # --- from a model and its sensitivity results ------------------------------------------------
 
 def loss_table(result, handle, kind: str = "auto", full_precision: bool = True,
-               method: str | None = None) -> LossTable:
+               method: str | None = None, gguf_native: bool = False) -> LossTable:
     """The allocator's table from sensitivity results (checked against `handle` first): one
     column per measured option (plus full precision); `method` overrides the method the plan's
-    specs carry."""
+    specs carry. `gguf_native` restricts the options to the GGUF-native menu (Q4_0, Q5_0, Q8_0,
+    priced at their GGUF bytes), which the results must have measured."""
     result.check_model(handle)
+    if gguf_native:
+        native = gguf_native_options()
+        if any(result.column(o) is None for o in native):
+            raise StudioError("The sensitivity sweep did not measure the GGUF-native options "
+                              "(Q4_0, Q5_0, Q8_0); measure them first (GGUF-native in the "
+                              "Sensitivity tab, or plan --gguf-native).")
+        result = result.subset(native)
     loss = np.asarray(result.loss(kind), dtype=np.float64)
     options: list[QuantSpec | None] = [result.spec(j) for j in range(len(result.options))]
     if method is not None:
@@ -202,10 +239,17 @@ def table_for(handle, options: list[QuantSpec | None], loss: np.ndarray | None =
     layers = handle.quantizable
     if loss is None:
         loss = np.zeros((len(layers), len(options)))
+    allowed = np.array([[option_fits(o, i.shape[1]) for o in options] for i in layers],
+                       dtype=bool).reshape(len(layers), len(options))
+    for info, row in zip(layers, allowed):
+        if not row.any():
+            raise StudioError(f"{info.name} has rows of {info.shape[1]} weights, not whole "
+                              f"{BLOCK}-weight GGUF blocks, so a GGUF-native plan can only keep "
+                              f"it in 16 bits: allow full precision.")
     covered = 2 * sum(i.shape[0] * i.shape[1] for i in layers)  # their 16-bit bytes in plan_size
     return LossTable([i.name for i in layers], [tuple(i.shape) for i in layers], options, loss,
                      fixed_bytes=plan_size(handle, Plan(default=None)).size_bytes - covered,
-                     architecture=handle.architecture)
+                     architecture=handle.architecture, allowed=allowed)
 
 
 @dataclass(frozen=True)
@@ -221,7 +265,7 @@ class PlanSize:
 
 def plan_size(handle, plan: Plan) -> PlanSize:
     """What a variant made with `plan` will weigh: the same count as Variant.size_bytes and
-    Variant.bits_per_weight (quantized layers at grid.bits_per_weight, every other tensor,
+    Variant.bits_per_weight (quantized layers at grid.storage_bits_per_weight, every other tensor,
     shared ones once, in 16 bits), computed without quantizing anything."""
     specs = plan.resolve(handle.layers)
     model = handle.model
@@ -236,9 +280,9 @@ def plan_size(handle, plan: Plan) -> PlanSize:
         spec = quantized.get(info.name)
         numel = info.shape[0] * info.shape[1]
         if spec is not None:
-            total += bits_per_weight(spec, info.shape[1]) * numel / 8
+            total += storage_bits_per_weight(spec, info.shape[1]) * numel / 8
         if spec is not None or info.quantizable:
-            bits += (16.0 if spec is None else bits_per_weight(spec, info.shape[1])) * numel
+            bits += storage_bits_per_weight(spec, info.shape[1]) * numel
             weights += numel
     seen: set[int] = set()
     for tensor in list(model.parameters()) + list(model.buffers()):
@@ -253,7 +297,8 @@ def plan_size(handle, plan: Plan) -> PlanSize:
 def predicted_loss(result, plan: Plan, kind: str = "auto") -> tuple[float | None, str]:
     """Sum of the per-layer loss of each layer's planned option (0 for full precision).
 
-    Options are matched on their grid (bits, group size, symmetric), whatever the method.
+    Options are matched on their grid (bits, group size, symmetric, scale dtype), whatever the
+    method.
     None, with the reason, when the plan uses a grid the sweep did not measure.
     """
     loss = result.loss(kind)

@@ -13,6 +13,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +27,10 @@ def convert_job(path: Path, folder: Path) -> Job[None]:
     """Run the conversion in a child process, yielding progress until it ends; cancel kills it."""
     _remove_stale_temporaries(folder)
     started = time.perf_counter()
+    # stderr goes to a file, not a pipe: a chatty child would block on a full pipe.
+    errors_file = tempfile.TemporaryFile("w+")
     child = subprocess.Popen([sys.executable, "-m", "studio.core.gguf_convert", str(path),
-                              str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              str(folder)], stdout=subprocess.DEVNULL, stderr=errors_file,
                              text=True)
     try:
         while child.poll() is None:
@@ -42,7 +45,9 @@ def convert_job(path: Path, folder: Path) -> Job[None]:
             child.kill()
             child.wait()
             _remove_stale_temporaries(folder)
-    errors = child.stderr.read() if child.stderr else ""
+    errors_file.seek(0)
+    errors = errors_file.read()
+    errors_file.close()
     if child.returncode != 0 or not (folder / "config.json").is_file():
         last = errors.strip().splitlines()[-1] if errors.strip() else f"exit status {child.returncode}"
         raise ModelLoadError(f"transformers could not load {path.name}: {last}")

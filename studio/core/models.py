@@ -137,7 +137,7 @@ def resolve_source(source: str | Path) -> tuple[str, Path]:
 def open_model_job(source: str | Path) -> Job[ModelHandle]:
     """Open `source` (folder, .gguf, or "demo"); yields progress, returns a ModelHandle."""
     start = time.perf_counter()
-    _quiet_transformers()
+    quiet_transformers()
     kind, path = resolve_source(source)
     notes: list[str] = []
     if kind == "gguf":
@@ -169,7 +169,7 @@ def open_model_job(source: str | Path) -> Job[ModelHandle]:
     return handle
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """transformers' own progress bars would go to stderr behind our Progress reports."""
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()

@@ -18,8 +18,11 @@ from studio.core.errors import StudioError
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant")
 GROUP_SIZES = (-1, 32, 64, 128)  # -1: one group per output channel (per-channel)
+# How a quantizer stores its scales. "fp16": every scale is an fp16 value and the codes are
+# computed against it, so a format storing fp16 scales (GGUF's blocks) holds the variant exactly.
+SCALE_DTYPES = ("fp32", "fp16")
 RECIPE_FORMAT = "compression-studio-recipe"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 1  # scale_dtype was added without a new version: fp32 specs are written as before
 
 # Options each method understands, with their defaults. Anything else is a user error.
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
@@ -40,6 +43,7 @@ class QuantSpec:
     symmetric: bool = False
     method: str = "rtn"
     options: dict = field(default_factory=dict)
+    scale_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -47,6 +51,8 @@ class QuantSpec:
         if self.group_size not in GROUP_SIZES:
             raise StudioError(f"Group size must be one of 32, 64, 128 or -1 (per-channel), "
                               f"not {self.group_size!r}.")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise StudioError(f"Scales are stored as fp32 or fp16, not {self.scale_dtype!r}.")
         if self.method not in METHODS:
             raise StudioError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
         known = METHOD_OPTIONS[self.method]
@@ -62,16 +68,27 @@ class QuantSpec:
         return replace(self, **changes)
 
     @property
-    def label(self) -> str:
+    def grid_label(self) -> str:
+        """"W4 g128", "W3 ch", "W4 g32 sym f16s" (f16s: fp16 scales): the grid, no method."""
         group = "ch" if self.group_size == -1 else f"g{self.group_size}"
-        return f"{self.method.upper()} W{self.bits} {group}{' sym' if self.symmetric else ''}"
+        return (f"W{self.bits} {group}{' sym' if self.symmetric else ''}"
+                f"{' f16s' if self.scale_dtype == 'fp16' else ''}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.method.upper()} {self.grid_label}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.scale_dtype == "fp32":
+            # Left out when it is the default: recipes and variants of fp32 specs stay readable
+            # by studios that predate the field (which refuse an fp16 spec, rather than ignore it).
+            del data["scale_dtype"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantSpec":
-        allowed = {"bits", "group_size", "symmetric", "method", "options"}
+        allowed = {"bits", "group_size", "symmetric", "method", "options", "scale_dtype"}
         extra = sorted(set(data) - allowed)
         if extra:
             raise StudioError(f"Unknown field(s) in a layer spec: {', '.join(extra)}.")

@@ -6,7 +6,8 @@ llama.cpp (`llama-quantize --tensor-type PATTERN=TYPE`, or one PATTERN=TYPE per 
 ...). The studio's widths map to k-quants (q2_K ... q6_K) and q8_0; they keep the widths, not
 the studio's exact grid (k-quants use 256-weight super-blocks with their own scales). Rows whose
 length is not a multiple of 256 cannot hold k-quants: llama-quantize then falls back to another
-type, and the export says which, so nobody is surprised by the file size.
+type, and the export says which, so nobody is surprised by the file size. A GGUF-native spec
+(`grid.native_gguf_type`) names its own legacy type (q4_0, q5_0, q8_0), which it is exactly.
 
 llm-compressor: a recipe stage with one modifier per method (QuantizationModifier for RTN,
 GPTQModifier, AWQModifier, SmoothQuantModifier + QuantizationModifier), each with
@@ -22,6 +23,7 @@ from pathlib import Path
 from studio.core.errors import StudioError
 from studio.core.files import write_text_atomic
 from studio.core.plan import Plan, QuantSpec
+from studio.core.quant.grid import native_gguf_type
 
 QK_K = 256  # llama.cpp k-quant super-block
 
@@ -68,7 +70,10 @@ def gguf_name(info) -> str:
 
 
 def ggml_type(spec: QuantSpec | None) -> str:
-    return "f16" if spec is None else GGML_TYPES[spec.bits]
+    if spec is None:
+        return "f16"
+    native = native_gguf_type(spec)
+    return native.name.lower() if native is not None else GGML_TYPES[spec.bits]
 
 
 def llama_cpp_overrides(handle, plan: Plan) -> list[tuple[str, str]]:
@@ -93,7 +98,7 @@ def llama_cpp_export(handle, plan: Plan) -> Export:
         spec = specs.get(info.name)
         if spec is None:
             continue
-        kind = GGML_TYPES[spec.bits]
+        kind = ggml_type(spec)
         if kind in KQUANT_FALLBACK and info.shape[1] % QK_K:
             key = (kind, KQUANT_FALLBACK[kind])
             fallback[key] = fallback.get(key, 0) + 1
@@ -102,8 +107,9 @@ def llama_cpp_export(handle, plan: Plan) -> Export:
     for (kind, other), count in sorted(fallback.items()):
         notes.append(f"{count} tensor(s) planned as {kind} have rows that are not a multiple of "
                      f"{QK_K}; llama-quantize will store them as {other} instead.")
-    notes.append("ggml types keep the planned widths, not the studio's exact grid (k-quants use "
-                 "256-weight super-blocks with 6-bit sub-block scales).")
+    if any(s is not None and native_gguf_type(s) is None for s in specs.values()):
+        notes.append("ggml types keep the planned widths, not the studio's exact grid (k-quants "
+                     "use 256-weight super-blocks with 6-bit sub-block scales).")
     text = "".join(f"{pattern}={kind}\n" for pattern, kind in pairs)
     return Export(text, notes)
 

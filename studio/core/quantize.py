@@ -288,7 +288,8 @@ def layer_errors(w_pre: torch.Tensor, w_now: torch.Tensor, w_q: torch.Tensor, sp
     q = unfold(w_q, two_sided_scale(w_now, w_pre))
     energy = output_energy(w_pre, hessian)
     error = relative_output_error(w_pre, q, hessian, energy)
-    rtn_spec = QuantSpec(spec.bits, spec.group_size, spec.symmetric, "rtn")
+    rtn_spec = QuantSpec(spec.bits, spec.group_size, spec.symmetric, "rtn",
+                         scale_dtype=spec.scale_dtype)
     rtn = quantize_weight(w_base.float(), rtn_spec).dequantize()
     prior = two_sided_scale(w_pre, w_base)
     if prior is not None:

@@ -1,8 +1,9 @@
 """How much each layer suffers under each quantization option, one layer at a time.
 
 The options are a menu of RTN grids: every width in `bits` at every group size in
-`group_sizes` (W4 g128, W3 g64, ...). For every quantizable layer, only that layer is quantized
-and two things are measured:
+`group_sizes` (W4 g128, W3 g64, ...), or the GGUF-native menu (`gguf_native_options`: Q4_0,
+Q5_0, Q8_0 as the studio grids they are, with fp16 scales). For every quantizable layer, only
+that layer is quantized and two things are measured:
 
 - the fast proxy, at every option: the relative error (and SQNR) of the layer's own output on
   captured calibration inputs, ||X (Wq - W)^T||^2 / ||X W^T||^2;
@@ -42,11 +43,13 @@ from torch import nn
 
 from studio.core import metrics
 from studio.core.errors import StudioError
+from studio.core.export.gguf_types import BLOCK, NATIVE_MENU
 from studio.core.files import write_text_atomic
 from studio.core.jobs import Job, Progress
 from studio.core.layers import set_weight_matrix, weight_matrix
 from studio.core.plan import GROUP_SIZES, QuantSpec
 from studio.core.quant.blocks import call_block, capture_block_inputs, decoder_blocks
+from studio.core.quant.grid import native_gguf_type
 from studio.core.quant.rtn import quantize_weight
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
@@ -68,14 +71,23 @@ FINAL_NORMS = ("model.norm", "model.decoder.final_layer_norm", "transformer.ln_f
 # --- the options -----------------------------------------------------------------------------
 
 def option_label(spec: QuantSpec) -> str:
-    """"W4 g128", "W3 ch", "W4 g64 sym": an option without its method (it is always RTN here)."""
-    group = "ch" if spec.group_size == -1 else f"g{spec.group_size}"
-    return f"W{spec.bits} {group}{' sym' if spec.symmetric else ''}"
+    """"W4 g128", "W3 ch", "W4 g64 sym": an option without its method (it is always RTN here);
+    a GGUF-native option by its GGUF type ("Q4_0")."""
+    native = native_gguf_type(spec)
+    return native.name if native is not None else spec.grid_label
 
 
 def same_grid(a: QuantSpec, b: QuantSpec) -> bool:
     """Same integer grid (what the sweep measured), whatever method rounds onto it."""
-    return (a.bits, a.group_size, a.symmetric) == (b.bits, b.group_size, b.symmetric)
+    return ((a.bits, a.group_size, a.symmetric, a.scale_dtype)
+            == (b.bits, b.group_size, b.symmetric, b.scale_dtype))
+
+
+def gguf_native_options() -> list[QuantSpec]:
+    """The GGUF-native menu: each type of `gguf_types.NATIVE_MENU` as the studio grid it holds
+    exactly (32-element groups, fp16 scales), smallest first."""
+    return [QuantSpec(bits=bits, group_size=BLOCK, symmetric=symmetric, scale_dtype="fp16")
+            for bits, symmetric in NATIVE_MENU]
 
 
 def _whole_numbers(values, what: str) -> list[int]:
@@ -133,7 +145,8 @@ def kl_columns(options: list[QuantSpec], kl_bits=DEFAULT_KL_BITS,
     """Indices into `options` of the options measured end to end (each must be offered)."""
     columns = []
     for b in _whole_numbers(kl_bits, "KL widths"):
-        wanted = QuantSpec(bits=b, group_size=kl_group, symmetric=options[0].symmetric)
+        wanted = QuantSpec(bits=b, group_size=kl_group, symmetric=options[0].symmetric,
+                           scale_dtype=options[0].scale_dtype)
         found = [j for j, o in enumerate(options) if same_grid(o, wanted)]
         if not found:
             raise StudioError(f"The KL sweep measures {option_label(wanted)}, which is not among "
@@ -227,7 +240,7 @@ class SensitivityResult:
         return [option_label(o) for o in self.options]
 
     def column(self, spec: QuantSpec) -> int | None:
-        """The option with `spec`'s grid (bits, group size, symmetric), or None."""
+        """The option with `spec`'s grid (bits, group size, symmetric, scale dtype), or None."""
         for j, option in enumerate(self.options):
             if same_grid(option, spec):
                 return j
@@ -299,7 +312,8 @@ class SensitivityResult:
                              "fingerprint": self.identity.fingerprint},
                 "layers": self.layers, "shapes": [list(s) for s in self.shapes],
                 "options": [{"bits": o.bits, "group_size": o.group_size,
-                             "symmetric": o.symmetric} for o in self.options],
+                             "symmetric": o.symmetric, "scale_dtype": o.scale_dtype}
+                            for o in self.options],
                 "method": self.method, "proxy_error": arr(self.proxy_error),
                 "sqnr_db": arr(self.sqnr_db), "kl_options": list(self.kl_options),
                 "kl": arr(self.kl), "ppl": arr(self.ppl),
@@ -324,7 +338,9 @@ class SensitivityResult:
                                           ident["fingerprint"]),
                    layers=list(data["layers"]), shapes=[tuple(s) for s in data["shapes"]],
                    options=[QuantSpec(bits=o["bits"], group_size=o["group_size"],
-                                      symmetric=o["symmetric"]) for o in data["options"]],
+                                      symmetric=o["symmetric"],
+                                      scale_dtype=o.get("scale_dtype", "fp32"))
+                            for o in data["options"]],
                    method=data["method"], proxy_error=arr(data["proxy_error"]),
                    sqnr_db=arr(data["sqnr_db"]), kl_options=list(data["kl_options"]),
                    kl=arr(data["kl"]), ppl=arr(data["ppl"]), base_ppl=data["base_ppl"],
@@ -350,8 +366,8 @@ class SensitivityResult:
 # --- the job ---------------------------------------------------------------------------------
 
 def sensitivity_job(handle, windows: torch.Tensor, bits=DEFAULT_BITS, group_sizes=DEFAULT_GROUPS,
-                    kl_bits=DEFAULT_KL_BITS, kl_group: int = DEFAULT_KL_GROUP,
-                    method: str = "rtn", symmetric: bool = False,
+                    kl_bits=DEFAULT_KL_BITS, kl_group: int | None = None,
+                    method: str = "rtn", symmetric: bool = False, gguf_native: bool = False,
                     kl_windows: int = DEFAULT_KL_WINDOWS,
                     proxy_windows: int = DEFAULT_PROXY_WINDOWS,
                     proxy_tokens: int = DEFAULT_PROXY_TOKENS, text_label: str = "",
@@ -360,7 +376,10 @@ def sensitivity_job(handle, windows: torch.Tensor, bits=DEFAULT_BITS, group_size
 
     Options are every width in `bits` at every size in `group_sizes` (-1: per-channel). The
     proxy measures all of them; the KL sweep (when `kl_windows` > 0) only the widths `kl_bits`
-    at group `kl_group`, which must be among the options: len(layers) x len(kl_bits) runs.
+    at group `kl_group` (default 128), which must be among the options: len(layers) x
+    len(kl_bits) runs. `gguf_native` measures the GGUF-native menu instead
+    (`gguf_native_options`; `bits`, `group_sizes` and `symmetric` are then not read, and
+    `kl_group` is 32).
 
     Options are measured with RTN whatever `method` says: GPTQ / AWQ lower every layer's error
     but rarely reorder which layers suffer most, and `method` is recorded for the plans.
@@ -369,7 +388,9 @@ def sensitivity_job(handle, windows: torch.Tensor, bits=DEFAULT_BITS, group_size
     `proxy_windows` of) them, the KL sweep scores the first `kl_windows` (0: proxy only).
     """
     QuantSpec(method=method)  # validates the method before any work
-    options = sweep_options(bits, group_sizes, symmetric)
+    options = gguf_native_options() if gguf_native else sweep_options(bits, group_sizes, symmetric)
+    if kl_group is None:
+        kl_group = BLOCK if gguf_native else DEFAULT_KL_GROUP
     kl_cols = kl_columns(options, kl_bits, kl_group) if kl_windows > 0 else []
     if windows.dim() != 2 or windows.shape[0] == 0:
         raise StudioError("Sensitivity needs at least one window of text.")

@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from studio.core.errors import StudioError
-from studio.core.files import atomic_dir
+from studio.core.files import atomic_dir, read_json
 from studio.core.layers import get_module, is_linear, replace_module
 from studio.core.plan import Plan, QuantSpec
 from studio.core.quant.coded import coded_layer
-from studio.core.quant.grid import QTensor, bits_per_weight
+from studio.core.quant.grid import QTensor, storage_bits_per_weight
 from studio.core.quant.pack import pack_codes, unpack_codes
 
 VARIANT_FORMAT = "compression-studio-variant"
@@ -61,13 +61,14 @@ class Variant:
     @property
     def bits_per_weight(self) -> float:
         """Average storage bits per weight over the quantizable layers and any quantized extra
-        layer (scales and zero points counted; layers left in full precision count 16)."""
+        layer (scales and zero points counted, GGUF-native layers at their GGUF type's bytes:
+        `grid.storage_bits_per_weight`; layers left in full precision count 16)."""
         total_bits = total = 0.0
         for name, module in self.model.named_modules():
             if name in self.qtensors:
                 qt = self.qtensors[name]
                 numel = qt.numel()
-                total_bits += bits_per_weight(self.specs[name], qt.shape[1]) * numel
+                total_bits += storage_bits_per_weight(self.specs[name], qt.shape[1]) * numel
                 total += numel
             elif is_linear(module) and _in_block(name):
                 total_bits += 16.0 * module.weight.numel()
@@ -76,9 +77,9 @@ class Variant:
 
     @property
     def size_bytes(self) -> int:
-        """Storage as an exporter writes it: quantized layers at their bits per weight, every
-        other tensor (shared ones once) in 16-bit floats."""
-        total = sum(bits_per_weight(self.specs[n], qt.shape[1]) * qt.numel() / 8
+        """Storage as an exporter writes it: quantized layers at their storage price
+        (`grid.storage_bits_per_weight`), every other tensor (shared ones once) in 16-bit floats."""
+        total = sum(storage_bits_per_weight(self.specs[n], qt.shape[1]) * qt.numel() / 8
                     for n, qt in self.qtensors.items())
         seen: set[int] = set()
         for tensor in list(self.model.parameters()) + list(self.model.buffers()):
@@ -144,14 +145,9 @@ def save_variant(variant: Variant, folder: str | Path) -> Path:
 
 def read_variant_meta(folder: str | Path) -> dict:
     folder = Path(folder)
-    path = folder / "variant.json"
-    if not path.is_file():
-        raise StudioError(f"{folder} is not a variant folder (it has no variant.json).")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StudioError(f"{path} is not valid JSON: {exc}.") from None
-    if meta.get("format") != VARIANT_FORMAT:
+    meta = read_json(folder / "variant.json",
+                     f"{folder} is not a variant folder (it has no variant.json).")
+    if not isinstance(meta, dict) or meta.get("format") != VARIANT_FORMAT:
         raise StudioError(f"{folder} is not a Compression Studio variant.")
     if meta.get("version") != VARIANT_VERSION:
         raise StudioError(f"Variant version {meta.get('version')!r} is not supported "

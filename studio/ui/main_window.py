@@ -81,6 +81,8 @@ class MainWindow(QMainWindow):
         self.recent_menu = file_menu.addMenu("&Recent models")
         self.recent_menu.aboutToShow.connect(self._fill_recent)
         file_menu.addSeparator()
+        self._action(file_menu, "&Export variant...", self.export_variant, QKeySequence("Ctrl+E"))
+        file_menu.addSeparator()
         self._action(file_menu, "&Quit", self.close, QKeySequence.StandardKey.Quit)
         help_menu = self.menuBar().addMenu("&Help")
         self._action(help_menu, "&About", self._about)
@@ -135,6 +137,23 @@ class MainWindow(QMainWindow):
     def _opened(self, source: str, handle) -> None:
         settings.add_recent_model(source if source == "demo" else str(Path(source).resolve()))
         self.state.set_model(handle)
+
+    def export_variant(self, name: str | None = None):
+        """The Export dialog for the variant chosen in the Quantize view (or the latest one)."""
+        from studio.ui.views.export_dialog import ExportDialog
+
+        variants = self.state.session.variants
+        name = name or self.state.session.results.get("current_variant")
+        variant = variants.get(name) if name else None
+        if variant is None and variants:
+            variant = list(variants.values())[-1]
+        if variant is None:
+            self.statusBar().showMessage("Nothing to export yet: quantize the model first "
+                                         "(Quantize tab), or open a variant folder there.", 8000)
+            return None
+        dialog = ExportDialog(self.state, variant, self)
+        dialog.show()
+        return dialog
 
     def _fill_recent(self) -> None:
         self.recent_menu.clear()

@@ -51,3 +51,30 @@ def test_bad_options_exit_2_before_the_model_is_opened(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("compression-studio plan: ") and message in err, (extra, err)
     assert not (tmp_path / "p.json").exists()
+
+
+def test_gguf_native_plan_chooses_among_gguf_types_at_their_bytes(tiny_dirs, tmp_path, capsys):
+    model, out, types = str(tiny_dirs["llama"]), tmp_path / "plan.json", tmp_path / "types.txt"
+    assert main(["plan", model, "--budget-bpw", "5.0", "--gguf-native", "--windows", "2",
+                 "--seqlen", "16", "--out", str(out), "--llama-cpp", str(types), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["gguf_native"] is True
+    assert report["sensitivity"]["options"] == ["Q4_0", "Q5_0", "Q8_0"]
+    assert report["sensitivity"]["kl_options"] == ["Q4_0"]       # KL at group 32 by default
+    assert set(report["layers"].values()) <= {"Q4_0", "Q5_0", "Q8_0", None}
+    assert 4.5 < report["bits_per_weight"] <= 5.0                 # the spare half bit is spent
+    plan = Plan.load(out)
+    for name, label in report["layers"].items():
+        spec = plan.spec_for(name)
+        if spec is not None:
+            assert (spec.group_size, spec.symmetric, spec.scale_dtype) == (32, True, "fp16")
+            assert label == {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}[spec.bits]
+    kinds = {line.rsplit("=", 1)[1] for line in types.read_text().splitlines()}
+    assert kinds <= {"q4_0", "q5_0", "q8_0", "f16"} and "q4_0" in kinds
+
+
+def test_gguf_native_refuses_its_own_menu_being_changed(tmp_path, capsys):
+    for extra in (["--bits", "4"], ["--group-sizes", "32"]):
+        assert main(["plan", str(tmp_path / "no-model"), "--budget-bpw", "5", "--gguf-native",
+                     *extra, "--out", str(tmp_path / "p.json")]) == 2
+        assert "--gguf-native chooses the options itself" in capsys.readouterr().err

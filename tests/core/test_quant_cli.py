@@ -45,3 +45,28 @@ def test_bad_input_exits_2_with_one_line(tiny_dirs, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("compression-studio quantize: ")
     assert not (tmp_path / "x").exists()
+
+
+def test_gguf_native_and_fp16_scales(tiny_dirs, tmp_path, capsys):
+    import torch
+
+    model, out = str(tiny_dirs["llama"]), tmp_path / "q4_0"
+    assert main(["quantize", model, "--method", "gptq", "--bits", "4", "--group-size", "32",
+                 "--symmetric", "--gguf-native", "--windows", "8", "--seqlen", "64",
+                 "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["name"] == "GPTQ W4 g32 sym f16s" and result["bits_per_weight"] == 4.5  # Q4_0
+    variant = load_variant(out)
+    assert all(s.scale_dtype == "fp16" for s in variant.specs.values())
+    assert all(torch.equal(qt.scale, qt.scale.half().float()) for qt in variant.qtensors.values())
+    assert main(["quantize", model, "--method", "rtn", "--scale-dtype", "fp16",
+                 "--out", str(tmp_path / "g128"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "RTN W4 g128 f16s"
+    recipe = tmp_path / "plan.json"
+    Plan(QuantSpec(4, 32, True)).save(recipe)
+    for extra, message in ((["--method", "rtn", "--bits", "3", "--group-size", "32",
+                             "--symmetric", "--gguf-native"], "not W3 g32 sym f16s"),
+                           (["--recipe", str(recipe), "--gguf-native"], "go with --method")):
+        assert main(["quantize", model, *extra, "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -170,3 +170,68 @@ def test_auto_allocation_meets_the_target_and_draws_the_curve(qtbot, state, tiny
     assert len(lines) == len(tiny_llama.quantizable)
     view._save(str(tmp_path / "plan.json"))
     assert Plan.load(tmp_path / "plan.json") == plan
+
+
+@pytest.fixture(scope="module")
+def native_result(tiny_llama):
+    windows = text_windows(tiny_llama.tokenizer, None, 16, 8, seed=0)[0]
+    return run(sensitivity_job(tiny_llama, windows, gguf_native=True, kl_group=32,
+                               kl_windows=2))
+
+
+def test_sensitivity_view_measures_the_gguf_native_menu(qtbot, state, tiny_llama):
+    view = SensitivityView(state)
+    qtbot.addWidget(view)
+    state.set_model(tiny_llama)
+    view.gguf_native.setChecked(True)
+    assert not view.widths.isEnabled() and view.kl_group.currentData() == 32
+    view.kl_windows.setValue(0)
+    view.seqlen.setValue(16)
+    assert view.start() is not None
+    _wait_job(qtbot, view)
+    assert state.session.results["sensitivity"].labels == ["Q4_0", "Q5_0", "Q8_0"]
+
+
+def test_gguf_native_checkbox_restricts_edits_and_allocation(qtbot, state, tiny_llama,
+                                                             tiny_result, native_result):
+    from studio.core.quant.grid import native_gguf_type
+
+    view = PlanView(state)
+    qtbot.addWidget(view)
+    state.set_model(tiny_llama)
+    view.gguf_native.setChecked(True)
+    assert not view.group.isEnabled() and view.group.currentData() == 32
+    assert view.symmetric.isChecked() and not view.symmetric.isEnabled()
+    # The default W4 g128 is no GGUF type: the meter says how many layers would round.
+    assert f"{len(tiny_llama.quantizable)} layer(s) not GGUF-native" in view.meter.text()
+    before = state.session.plan
+    view.table.selectRow(1)
+    view.bits.setValue(3)
+    view.apply_to_selected()
+    assert state.session.plan is before and "4, 5 or 8 bits" in view.message.text()
+    view.bits.setValue(5)
+    view.apply_to_selected()
+    name = tiny_llama.layers[1].name
+    assert native_gguf_type(state.session.plan.spec_for(name)).name == "Q5_0"
+    assert view.table.item(1, 8).text() == "fp16 (Q5_0)"
+    view.rule.setText(r"model.layers.*.mlp.down_proj -> 8")
+    view.apply_rule_text()
+    assert native_gguf_type(state.session.plan.spec_for("model.layers.0.mlp.down_proj")).name \
+        == "Q8_0"
+
+    # Allocation needs the GGUF-native options measured; then it chooses only among them.
+    state.publish("sensitivity", tiny_result)
+    view.target.setValue(5.0)
+    assert view.auto_allocate() is None
+    assert "did not measure the GGUF-native options" in view.message.text()
+    state.publish("sensitivity", native_result)
+    assert view.auto_allocate() is not None
+    _wait_job(qtbot, view)
+    specs = state.session.plan.resolve(tiny_llama.layers)
+    chosen = [specs[i.name] for i in tiny_llama.quantizable]
+    assert all(s is None or native_gguf_type(s) is not None for s in chosen)
+    assert 4.5 < view.size.bits_per_weight <= 5.0
+    assert "GGUF: " in view.meter.text() and "not GGUF-native" not in view.meter.text()
+    # Unticked, edits take any grid again.
+    view.gguf_native.setChecked(False)
+    assert view.group.isEnabled() and "GGUF:" not in view.meter.text()

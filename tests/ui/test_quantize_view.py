@@ -86,3 +86,16 @@ def test_awq_says_how_many_calibration_windows_it_reads(qtbot, state, tiny_llama
         view.run()
         view.job.cancel()
     assert f"AWQ reads the first {windows_used(64)} of these windows" in view.plot_title.text()
+
+
+def test_fp16_scales_say_which_gguf_type_the_grid_is(qtbot, state, tiny_llama):
+    view = _view(qtbot, state, tiny_llama)
+    assert view.spec().scale_dtype == "fp32" and not view.scales_note.isVisibleTo(view)
+    view.fp16_scales.setChecked(True)
+    assert view.spec().scale_dtype == "fp16" and view.scales_note.isVisibleTo(view)
+    assert "at 4, 5 or 8 bits, group 32, symmetric" in view.scales_note.text()  # W4 g128
+    view.group.setCurrentIndex(view.group.findData(32))
+    view.symmetric.setChecked(True)
+    view.bits.setValue(5)
+    assert "GGUF Q5_0 (5.5 bits/weight)" in view.scales_note.text()
+    assert view.spec().label == "RTN W5 g32 sym f16s"

@@ -256,7 +256,8 @@ def _pad_groups(w: torch.Tensor, groups: int, gs: int) -> torch.Tensor:
 
 def _fake_quant_groups(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Fake-quantize w [out, G, gs] group by group on the studio's grid (`grid.py`)."""
-    scale, zero = qparams_from_range(w.amin(dim=-1), w.amax(dim=-1), spec.bits, spec.symmetric)
+    scale, zero = qparams_from_range(w.amin(dim=-1), w.amax(dim=-1), spec.bits, spec.symmetric,
+                                     spec.scale_dtype)
     scale, zero = scale[..., None], zero[..., None]
     codes = torch.clamp(torch.round(w / scale) + zero, 0, 2 ** spec.bits - 1)
     return scale * (codes - zero)

@@ -154,7 +154,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     scale = torch.zeros(out, -(-cols // gs))
     zero = torch.zeros_like(scale)
     if static:
-        scale, zero = compute_qparams(w, spec.bits, gs, spec.symmetric)
+        scale, zero = compute_qparams(w, spec.bits, gs, spec.symmetric,
+                                      scale_dtype=spec.scale_dtype)
     if prep.hinv is None:
         log.warning("GPTQ: %s", prep.note)
         return quantize_rtn(w, spec), prep.note
@@ -203,7 +204,8 @@ def _quantize_columns(w, hinv, perm, codes, scale, zero, spec, gs, static, block
                 if not static and col % gs == 0:
                     # A new group starts here: its range from the columns as updated so far.
                     span = wt[i: i + gs].T
-                    s, z = compute_qparams(span, spec.bits, gs, spec.symmetric)
+                    s, z = compute_qparams(span, spec.bits, gs, spec.symmetric,
+                                           scale_dtype=spec.scale_dtype)
                     scale_t[g], zero_t[g] = s[:, 0].numpy(), z[:, 0].numpy()
                 x = wn[i]
                 c = np.rint(x / scale_t[g])

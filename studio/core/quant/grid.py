@@ -8,11 +8,16 @@ reference code (the demo model's 576 = 4.5 x 128).
 Codes are unsigned, 0 .. 2**bits - 1, with an integer zero point per group:
     w ~= scale * (code - zero)
 Symmetric grids put the zero point in the middle (2**(bits-1)), as GPTQ's reference does.
+
+Scales are float32, or fp16 values when the spec says `scale_dtype="fp16"`: every scale any
+method produces comes out of `qparams_from_range`, which rounds it (`round_scale`) before a zero
+point or code is computed against it, so a format storing fp16 scales holds the codes exactly.
 """
 from __future__ import annotations
 
 import torch
 
+from studio.core.export.gguf_types import GgufType, fits_rows, native_type
 from studio.core.plan import QuantSpec
 from studio.core.quant.pack import pack_codes, unpack_codes
 
@@ -84,9 +89,26 @@ def group_minmax(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.
     return wmin, wmax
 
 
-def qparams_from_range(wmin: torch.Tensor, wmax: torch.Tensor, bits: int,
-                       symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point for ranges [wmin, wmax] (any shape), GPTQ-reference style."""
+# fp16's positive range: its smallest subnormal and its largest finite value.
+FP16_SMALLEST = 2.0 ** -24
+FP16_MAX = 65504.0
+
+
+def round_scale(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """Scales as the spec stores them (float32 tensors either way): unchanged for "fp32", the
+    nearest fp16 value for "fp16", kept inside fp16's range so that a tiny scale never becomes
+    0 (inf / nan codes) nor a huge one inf."""
+    if scale_dtype == "fp32":
+        return scale
+    if scale_dtype != "fp16":
+        raise ValueError(f"unknown scale dtype {scale_dtype!r}")
+    return scale.clamp(FP16_SMALLEST, FP16_MAX).half().float()
+
+
+def qparams_from_range(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool,
+                       scale_dtype: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point for ranges [wmin, wmax] (any shape), GPTQ-reference style.
+    The one place scales are made: every method's scales (and searches) come from here."""
     maxq = 2 ** bits - 1
     wmin = torch.minimum(wmin, torch.zeros_like(wmin)).float()
     wmax = torch.maximum(wmax, torch.zeros_like(wmax)).float()
@@ -96,20 +118,22 @@ def qparams_from_range(wmin: torch.Tensor, wmax: torch.Tensor, bits: int,
     empty = (wmin == 0) & (wmax == 0)
     wmin = torch.where(empty, -torch.ones_like(wmin), wmin)
     wmax = torch.where(empty, torch.ones_like(wmax), wmax)
-    scale = (wmax - wmin) / maxq
+    scale = round_scale((wmax - wmin) / maxq, scale_dtype)
     if symmetric:
         zero = torch.full_like(scale, (maxq + 1) / 2)
     else:
-        zero = torch.round(-wmin / scale)
+        # From the rounded scale; the clamp only acts when fp16's range bounded the scale.
+        zero = torch.round(-wmin / scale).clamp_(0, maxq)
     return scale, zero
 
 
 def compute_qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                    clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    clip: torch.Tensor | float = 1.0,
+                    scale_dtype: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max scale and zero per group of `w` [out, in]; `clip` shrinks the range (MSE search)."""
     gs = effective_group_size(group_size, w.shape[1])
     wmin, wmax = group_minmax(w.float(), gs)
-    return qparams_from_range(wmin * clip, wmax * clip, bits, symmetric)
+    return qparams_from_range(wmin * clip, wmax * clip, bits, symmetric, scale_dtype)
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
@@ -147,7 +171,7 @@ def quantize_rtn(w: torch.Tensor, spec: QuantSpec,
                  clip: torch.Tensor | float = 1.0) -> QTensor:
     """Round-to-nearest onto the min-max grid (optionally with a clipped range)."""
     gs = effective_group_size(spec.group_size, w.shape[1])
-    scale, zero = compute_qparams(w, spec.bits, gs, spec.symmetric, clip)
+    scale, zero = compute_qparams(w, spec.bits, gs, spec.symmetric, clip, spec.scale_dtype)
     codes = quantize_codes(w, scale, zero, spec.bits, gs)
     return QTensor(codes, scale, zero, spec.bits, gs)
 
@@ -170,3 +194,22 @@ def bits_per_weight(spec: QuantSpec | None, in_features: int, scale_bits: int = 
     groups = -(-in_features // gs)
     zbits = 0 if spec.symmetric else (spec.bits if zero_bits is None else zero_bits)
     return spec.bits + groups * (scale_bits + zbits) / in_features
+
+
+def native_gguf_type(spec: QuantSpec | None) -> GgufType | None:
+    """The GGUF type `spec` is when it is GGUF-native (`gguf_types.native_type`), else None."""
+    if spec is None:
+        return None
+    return native_type(spec.bits, spec.group_size, spec.symmetric, spec.scale_dtype)
+
+
+def storage_bits_per_weight(spec: QuantSpec | None, in_features: int) -> float:
+    """What a weight of a layer under `spec` costs wherever the studio counts size (the plan
+    meter, the allocator, a Variant): one function so they always agree. A GGUF-native spec
+    costs its GGUF type's bytes (Q4_0 4.5, Q5_0 5.5, Q8_0 8.5 bits: what that plan is for),
+    every other spec the studio's estimate, `bits_per_weight`. A native spec on rows that are
+    not whole GGUF blocks is no GGUF tensor, so it takes the estimate too."""
+    gtype = native_gguf_type(spec)
+    if gtype is not None and fits_rows(in_features):
+        return gtype.bits_per_weight
+    return bits_per_weight(spec, in_features)

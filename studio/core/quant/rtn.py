@@ -47,7 +47,7 @@ def mse_clip_factors(w: torch.Tensor, spec: QuantSpec, grid: int = MSE_GRID,
         for step in range(int(max_shrink * grid)):
             factor = 1.0 - step / grid
             scale, zero = qparams_from_range(wmin * factor, wmax * factor, spec.bits,
-                                             spec.symmetric)
+                                             spec.symmetric, spec.scale_dtype)
             scale, zero = scale[..., None], zero[..., None]
             q = (torch.clamp(torch.round(wg / scale) + zero, 0, maxq) - zero) * scale
             err = (q - wg).abs_().pow_(MSE_NORM).sum(dim=2)

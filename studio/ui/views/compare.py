@@ -71,6 +71,31 @@ def add_runs(state, runs: list[dict]) -> None:
     state.publish("runs")
 
 
+def latest_protocol(runs: list[dict]) -> dict:
+    """The text, window length and count of the latest evaluation (the defaults when none)."""
+    from studio.core.evaluate import DEFAULT_SEQLEN, DEFAULT_WINDOWS
+
+    for run in reversed(runs):
+        if run.get("kind") == "eval":
+            return {"text_path": run.get("text_path"), "seqlen": run["seqlen"],
+                    "windows": run["windows"]}
+    return {"text_path": None, "seqlen": DEFAULT_SEQLEN, "windows": DEFAULT_WINDOWS}
+
+
+def export_run_job(folder: str, base_handle, text_path, seqlen: int, windows: int):
+    """A run dict for an export folder, measured by the core's `export_eval_job`."""
+    from studio.core.export.reopen import export_eval_job
+
+    result, report = yield from export_eval_job(folder, base_handle, text_path, seqlen, windows)
+    variant = report.get("variant") or {}
+    name = Path(report["path"]).name
+    return {"variant": f"{name} [{report['format']}]",
+            "plan": f"export of {variant.get('name', name)}",
+            "bits_per_weight": report["bits_per_weight_on_disk"],
+            "size_mb": report["bytes"] / 2**20, "calibration": variant.get("calibration") or "none",
+            "kind": "eval", **result.to_dict(), "text_path": text_path}
+
+
 def merged_rows(runs: list[dict]) -> list[dict]:
     """One row per variant (in first-seen order): each field's latest value wins."""
     rows: dict[str, dict] = {}
@@ -148,7 +173,8 @@ class CompareView(QWidget):
         self.hist_layer.currentIndexChanged.connect(self._draw_histogram)
         self.status = QLabel()
         buttons = QHBoxLayout()
-        for text, slot in (("Export runs (CSV/JSON)...", self.choose_export_runs),
+        for text, slot in (("Add exported model...", self.add_export),
+                           ("Export runs (CSV/JSON)...", self.choose_export_runs),
                            ("Save charts (PNG)...", self.choose_export_charts),
                            ("Clear runs", self.clear_runs)):
             button = QPushButton(text)
@@ -184,6 +210,23 @@ class CompareView(QWidget):
         plot.getAxis("left").enableAutoSIPrefix(False)
         plot.getAxis("bottom").enableAutoSIPrefix(False)
         return plot
+
+    # --- an exported file as a run ----------------------------------------------------------
+    def add_export(self, folder: str | None = None):
+        """Re-open an export folder through its consumer library and measure its perplexity,
+        KL and top-1 against the baseline, on the text of the latest evaluation run."""
+        handle = self.state.handle
+        if handle is None:
+            self.status.setText("Open the base model first.")
+            return None
+        if not folder:
+            folder = QFileDialog.getExistingDirectory(self, "Add an exported model (its folder)")
+            if not folder:
+                return None
+        protocol = latest_protocol(self.state.session.runs)
+        return self.state.submit(f"Evaluate export {Path(folder).name}",
+                                 lambda: export_run_job(folder, handle, **protocol),
+                                 on_result=lambda run: add_runs(self.state, [run]))
 
     # --- refresh ---------------------------------------------------------------------------
     def _results_changed(self, key: str) -> None:

@@ -209,15 +209,16 @@ class EvaluateView(QWidget):
         return self.state.submit(
             "Evaluate", lambda: evaluate_many_job(models, handle.model, handle.tokenizer, path,
                                                   seqlen, windows),
-            on_result=self._evaluated)
+            on_result=lambda results: self._evaluated(results, path))
 
-    def _evaluated(self, results: dict) -> None:
+    def _evaluated(self, results: dict, text_path: str | None = None) -> None:
         handle = self.state.handle
         runs = []
         for name, result in results.items():
             what = (describe_baseline(handle) if name == BASELINE
                     else describe_variant(self.state.session.variants[name]))
-            runs.append({**what, "kind": "eval", **result.to_dict()})
+            # text_path: so a later run (an exported file in Compare) can use the same text
+            runs.append({**what, "kind": "eval", **result.to_dict(), "text_path": text_path})
             self.results[name] = result
         add_runs(self.state, runs)
         lines = [f"<b>{name}</b>: perplexity {r.ppl:.3f}, KL {r.kl:.4f}, top-1 {r.top1:.1%}"

@@ -4,6 +4,10 @@ and the predicted loss; the Pareto curve of size against loss; recipes and expor
 
 Every edit builds a new Plan first; only a valid one replaces the session's plan, so a refused
 edit (bits out of range, a regex matching nothing) leaves the plan exactly as it was.
+
+"GGUF-native" restricts edits and auto-allocation to the GGUF types a studio grid is exactly
+(Q4_0, Q5_0, Q8_0: 4/5/8 bits, symmetric, group 32, fp16 scales) and 16 bits, priced at their
+GGUF bytes, so a variant of the plan exports to GGUF with no rounding.
 """
 from __future__ import annotations
 
@@ -33,17 +37,27 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core.errors import StudioError
+from studio.core.export.gguf_types import BLOCK, NATIVE_MENU, exact_type, fits_rows
 from studio.core.jobs import Progress
 from studio.core.plan import GROUP_SIZES, METHODS, Plan, QuantSpec, Rule
+from studio.core.quant.grid import native_gguf_type
 from studio.ui.layout import column
 
-COLUMNS = ("Layer", "Block", "Role", "Shape", "Bits", "Group", "Method", "Sym", "Skip", "From")
-RULE_HELP = ("regex -> bits [g32|g64|g128|ch] [method] [sym] | fp16, "
+COLUMNS = ("Layer", "Block", "Role", "Shape", "Bits", "Group", "Method", "Sym", "Scales", "Skip",
+           "From")
+RULE_HELP = ("regex -> bits [g32|g64|g128|ch] [method] [sym] [f16s] | q4_0|q5_0|q8_0 | fp16, "
              "e.g.  model.layers.*.mlp.down_proj -> 8")
+# The GGUF-native grid: what every spec of a GGUF-native plan has besides its width.
+NATIVE_GRID = {"group_size": BLOCK, "symmetric": True, "scale_dtype": "fp16"}
+# Rule words naming a GGUF type: the width it is, on the native grid.
+NATIVE_WORDS = {exact_type(bits, sym).name.lower(): bits for bits, sym in NATIVE_MENU}
+NOT_NATIVE = ("GGUF-native plans take 4, 5 or 8 bits (Q4_0, Q5_0, Q8_0) or 16-bit; untick "
+              "GGUF-native for other grids.")
 
 
-def parse_rule(text: str, default: QuantSpec | None) -> Rule:
-    """"PATTERN -> 8 [g64] [gptq] [sym]" or "PATTERN -> fp16" into a regex Rule."""
+def parse_rule(text: str, default: QuantSpec | None, gguf_native: bool = False) -> Rule:
+    """"PATTERN -> 8 [g64] [gptq] [sym]", "PATTERN -> q5_0" or "PATTERN -> fp16" into a regex
+    Rule; with `gguf_native` the spec must be a GGUF type (the grid is the native one)."""
     pattern, sep, target = text.partition("->")
     pattern, words = pattern.strip(), target.lower().replace(",", " ").split()
     if not sep or not pattern or not words:
@@ -51,11 +65,15 @@ def parse_rule(text: str, default: QuantSpec | None) -> Rule:
     if words[0] in ("fp16", "skip", "none", "full"):
         return Rule(pattern, None, regex=True)
     base = default or QuantSpec()
-    changes: dict = {"options": {}}
+    changes: dict = {"options": {}, **(NATIVE_GRID if gguf_native else {})}
     for word in words:
         if word in ("bit", "bits"):
             continue
-        if re.fullmatch(r"\d+(bits?)?", word):
+        if word in NATIVE_WORDS:
+            changes.update(NATIVE_GRID, bits=NATIVE_WORDS[word])
+        elif word == "f16s":
+            changes["scale_dtype"] = "fp16"
+        elif re.fullmatch(r"\d+(bits?)?", word):
             changes["bits"] = int(re.match(r"\d+", word).group())
         elif re.fullmatch(r"g\d+", word):
             changes["group_size"] = int(word[1:])
@@ -69,7 +87,10 @@ def parse_rule(text: str, default: QuantSpec | None) -> Rule:
             changes["symmetric"] = False
         else:
             raise StudioError(f"{word!r} is not understood in a rule. {RULE_HELP}.")
-    return Rule(pattern, base.with_(**changes), regex=True)
+    spec = base.with_(**changes)
+    if gguf_native and native_gguf_type(spec) is None:
+        raise StudioError(NOT_NATIVE)
+    return Rule(pattern, spec, regex=True)
 
 
 class _Refused(str):
@@ -129,6 +150,14 @@ class PlanView(QWidget):
         self.method.addItems(METHODS)
         self.symmetric = QCheckBox("symmetric")
         self.skip = QCheckBox("skip (keep 16-bit)")
+        self.gguf_native = QCheckBox("GGUF-native (llama.cpp types, exact export)")
+        self.gguf_native.setToolTip(
+            "Plan only what a GGUF type holds exactly: Q4_0, Q5_0, Q8_0 (4, 5, 8 bits, "
+            "symmetric, group 32, fp16 scales) or 16-bit. Auto-allocation chooses among them at "
+            "their real GGUF bytes (layers whose rows are not multiples of 32 stay 16-bit; it "
+            "needs a GGUF-native sensitivity sweep), and a variant of the plan exports to GGUF "
+            "with no rounding.")
+        self.gguf_native.toggled.connect(self._native_toggled)
         apply_selected = QPushButton("Apply to selected")
         apply_selected.clicked.connect(self.apply_to_selected)
         set_default = QPushButton("Set as default")
@@ -157,6 +186,8 @@ class PlanView(QWidget):
         self.measure_button.clicked.connect(self.measure_points)
 
         files = QHBoxLayout()
+        files.addWidget(self.gguf_native)
+        files.addSpacing(12)
         for label, slot in (("Save recipe…", self._save), ("Load recipe…", self._load),
                             ("Export llama.cpp…", lambda: self._export("llama")),
                             ("Export llm-compressor…", lambda: self._export("llmc"))):
@@ -237,11 +268,26 @@ class PlanView(QWidget):
         self.message.setStyleSheet("color: #b00020;" if error else "")
         self.message.setText(text)
 
+    def _native_toggled(self, native: bool) -> None:
+        """GGUF-native fixes the grid (group 32, symmetric, fp16 scales): only the width is
+        chosen by hand. The session plan itself changes only by an edit or an allocation."""
+        if native:
+            self.group.setCurrentIndex(self.group.findData(BLOCK))
+            self.symmetric.setChecked(True)
+        self.group.setEnabled(not native)
+        self.symmetric.setEnabled(not native)
+        self.refresh()
+
     def edited_spec(self) -> QuantSpec | None:
         if self.skip.isChecked():
             return None
-        return QuantSpec(bits=self.bits.value(), group_size=self.group.currentData(),
-                         symmetric=self.symmetric.isChecked(), method=self.method.currentText())
+        native = self.gguf_native.isChecked()
+        spec = QuantSpec(bits=self.bits.value(), group_size=self.group.currentData(),
+                         symmetric=self.symmetric.isChecked(), method=self.method.currentText(),
+                         scale_dtype="fp16" if native else "fp32")
+        if native and native_gguf_type(spec) is None:
+            raise StudioError(NOT_NATIVE)
+        return spec
 
     def selected_names(self) -> list[str]:
         rows = sorted({index.row() for index in self.table.selectionModel().selectedRows()})
@@ -279,7 +325,8 @@ class PlanView(QWidget):
 
     def apply_rule_text(self) -> None:
         try:
-            rule = parse_rule(self.rule.text(), self.state.session.plan.default)
+            rule = parse_rule(self.rule.text(), self.state.session.plan.default,
+                              self.gguf_native.isChecked())
         except StudioError as exc:
             self.say(f"Refused: {exc} The plan is unchanged.", error=True)
             return
@@ -302,7 +349,8 @@ class PlanView(QWidget):
                               "the sweep with KL windows.")
         plan = self.state.session.plan
         method = plan.default.method if plan.default is not None else None
-        return loss_table(result, self.state.handle, kind=kind, method=method), result
+        return loss_table(result, self.state.handle, kind=kind, method=method,
+                          gguf_native=self.gguf_native.isChecked()), result
 
     def auto_allocate(self):
         from studio.core.allocate import allocate
@@ -442,7 +490,7 @@ class PlanView(QWidget):
                                               else str(spec.group_size)),
                      "" if spec is None else spec.method,
                      "" if spec is None or not spec.symmetric else "yes",
-                     "yes" if spec is None else "", origin]
+                     _scales(spec), "yes" if spec is None else "", origin]
             for col, text in enumerate(cells):
                 self.table.setItem(row, col, _item(text, align_right=col in (1, 4, 5)))
         self.size = plan_size(handle, plan)
@@ -454,11 +502,12 @@ class PlanView(QWidget):
             self.loss, why = predicted_loss(result, plan, kind)
         loss = f"{self.loss:.4g}" if self.loss is not None else f"— ({why})"
         default = "16-bit" if plan.default is None else plan.default.label
+        native = (f" · {_gguf_mix(handle, specs)}" if self.gguf_native.isChecked() else "")
         self.meter.setText(
             f"<b>{self.size.bits_per_weight:.3f}</b> bits/weight (scales and zeros counted) · "
             f"<b>{self.size.size_mb:.2f}</b> MB ({self.size.size_bytes:,} bytes) · "
             f"predicted loss <b>{loss}</b> · default {default} · {len(plan.rules)} rule(s) · "
-            f"{self.size.quantized} layers quantized")
+            f"{self.size.quantized} layers quantized{native}")
         self._draw_pareto()
 
     def _draw_pareto(self) -> None:
@@ -526,6 +575,30 @@ class PlanView(QWidget):
             return
         written.save(path)
         self.say(f"Exported to {path}. " + " ".join(written.notes))
+
+
+def _scales(spec: QuantSpec | None) -> str:
+    """The Scales cell: "fp16 (Q4_0)" for a GGUF-native spec, "fp16" or "" (fp32) otherwise."""
+    if spec is None or spec.scale_dtype == "fp32":
+        return ""
+    native = native_gguf_type(spec)
+    return f"fp16 ({native.name})" if native is not None else "fp16"
+
+
+def _gguf_mix(handle, specs: dict) -> str:
+    """"GGUF: Q4_0 x 9, F16 x 5" over the block linears, and how many layers are no GGUF type
+    yet, so a plan that would round on export shows it."""
+    counts: dict[str, int] = {}
+    for info in handle.quantizable:
+        spec = specs.get(info.name)
+        native = native_gguf_type(spec) if fits_rows(info.shape[1]) else None
+        kind = "F16" if spec is None else (native.name if native is not None else "not GGUF-native")
+        counts[kind] = counts.get(kind, 0) + 1
+    mix = ", ".join(f"{k} x {n}" for k, n in sorted(counts.items()) if k != "not GGUF-native")
+    stray = counts.get("not GGUF-native", 0)
+    return (f"GGUF: {mix or 'none yet'}"
+            + (f" · <span style='color:#b00020'>{stray} layer(s) not GGUF-native</span>"
+               if stray else ""))
 
 
 def _origin(plan: Plan, info) -> str:

@@ -28,6 +28,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from studio.core.files import safe_name
 from studio.core.jobs import Progress
 from studio.core.plan import GROUP_SIZES, METHOD_OPTIONS, METHODS, Plan, QuantSpec
 
@@ -62,12 +63,25 @@ class QuantizeView(QWidget):
             self.group.addItem("per-channel" if size == -1 else str(size), size)
         self.group.setCurrentIndex(self.group.findData(128))
         self.symmetric = QCheckBox("symmetric grid")
+        self.fp16_scales = QCheckBox("fp16 scales (GGUF-native)")
+        self.fp16_scales.setToolTip(
+            "Compute every code against an fp16 scale, so a format storing fp16 scales holds "
+            "the variant exactly. At 4, 5 or 8 bits, group 32, symmetric the grid is a GGUF "
+            "type (Q4_0, Q5_0, Q8_0): the variant exports to GGUF with no rounding.")
+        self.scales_note = QLabel()
+        self.scales_note.setWordWrap(True)
         self.use_plan = QCheckBox("apply the session plan's per-layer rules")
         form.addRow("Method", self.method)
         form.addRow("Bits", self.bits)
         form.addRow("Group size", self.group)
         form.addRow("", self.symmetric)
+        form.addRow("", self.fp16_scales)
+        form.addRow("", self.scales_note)
         form.addRow("", self.use_plan)
+        for signal in (self.bits.valueChanged, self.group.currentIndexChanged,
+                       self.symmetric.toggled, self.fp16_scales.toggled):
+            signal.connect(self._scales_changed)
+        self._scales_changed()
         self.options_box = QGroupBox("Method options")
         self.options_form = QFormLayout(self.options_box)
         self.option_widgets: dict[str, QWidget] = {}
@@ -137,8 +151,12 @@ class QuantizeView(QWidget):
         self.delete_button.clicked.connect(self.delete_selected)
         self.open_button = QPushButton("Open variant folder…")
         self.open_button.clicked.connect(self.open_folder)
+        self.export_button = QPushButton("Export…")
+        self.export_button.setToolTip("GGUF, compressed-tensors or a plain checkpoint, "
+                                      "verified by re-opening it")
+        self.export_button.clicked.connect(self.export_selected)
         vbuttons = QHBoxLayout()
-        for b in (self.save_button, self.delete_button, self.open_button):
+        for b in (self.export_button, self.save_button, self.delete_button, self.open_button):
             vbuttons.addWidget(b)
         vbuttons.addStretch(1)
         self.variant_info = QLabel()
@@ -193,6 +211,23 @@ class QuantizeView(QWidget):
             self.group.setCurrentIndex(self.group.findData(-1))
             self.symmetric.setChecked(True)
 
+    def _scales_changed(self, *_) -> None:
+        """Say what fp16 scales make of the chosen grid: a GGUF type, or fp16 scales only."""
+        from studio.core.quant.grid import native_gguf_type
+
+        if not self.fp16_scales.isChecked():
+            self.scales_note.setText("")
+            self.scales_note.setVisible(False)
+            return
+        native = native_gguf_type(QuantSpec(self.bits.value(), self.group.currentData(),
+                                            self.symmetric.isChecked(), scale_dtype="fp16"))
+        self.scales_note.setText(
+            f"This grid is GGUF {native.name} ({native.bits_per_weight:g} bits/weight): it "
+            f"exports to GGUF with no rounding." if native is not None else
+            "fp16 scales on this grid; it is a GGUF type (Q4_0, Q5_0, Q8_0) at 4, 5 or 8 bits, "
+            "group 32, symmetric.")
+        self.scales_note.setVisible(True)
+
     def _source_chosen(self) -> None:
         if self.source.currentData() != "file":
             self.calib_path = None
@@ -229,7 +264,8 @@ class QuantizeView(QWidget):
             else:
                 options[key] = widget.value()
         return QuantSpec(self.bits.value(), self.group.currentData(), self.symmetric.isChecked(),
-                         self.method.currentData(), options)
+                         self.method.currentData(), options,
+                         scale_dtype="fp16" if self.fp16_scales.isChecked() else "fp32")
 
     def plan(self) -> Plan:
         session_plan = self.state.session.plan
@@ -354,6 +390,7 @@ class QuantizeView(QWidget):
             self._select(keep)
         has = self.variant_list.count() > 0
         self.save_button.setEnabled(has)
+        self.export_button.setEnabled(has)
         self.delete_button.setEnabled(has)
         self.open_button.setEnabled(self.state.handle is not None)
 
@@ -388,6 +425,17 @@ class QuantizeView(QWidget):
             del self.state.session.variants[variant.name]
             self.state.publish("variants")
 
+    def export_selected(self):
+        """The Export dialog for the selected variant."""
+        from studio.ui.views.export_dialog import ExportDialog
+
+        variant = self._selected()
+        if variant is None:
+            return None
+        dialog = ExportDialog(self.state, variant, self)
+        dialog.show()
+        return dialog
+
     def save_selected(self, folder: str | None = None) -> None:
         from studio.core.variant import save_variant
 
@@ -398,7 +446,7 @@ class QuantizeView(QWidget):
             folder = QFileDialog.getExistingDirectory(self, "Save the variant inside a folder")
             if not folder:
                 return
-            folder = str(Path(folder) / _folder_name(variant.name))
+            folder = str(Path(folder) / safe_name(variant.name))
         self.state.submit(f"Save {variant.name}", lambda: _one_step(
             f"Writing {folder}", save_variant, variant, folder),
             on_result=lambda path: self.status.setText(f"Saved {variant.name} to {path}."))
@@ -426,10 +474,6 @@ def _positive(values: list[float]) -> np.ndarray:
     """Log axes cannot show 0: clamp to a floor far below any real error."""
     return np.array([max(v, 1e-12) if v is not None and math.isfinite(v) else np.nan
                      for v in values], dtype=np.float32)
-
-
-def _folder_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_") or "variant"
 
 
 def _one_step(message: str, function, *args):

@@ -26,10 +26,11 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core.errors import StudioError
+from studio.core.export.gguf_types import BLOCK
 from studio.core.plan import GROUP_SIZES, Rule
 from studio.core.sensitivity import (DEFAULT_BITS, DEFAULT_GROUPS, DEFAULT_KL_BITS,
                                      DEFAULT_KL_GROUP, DEFAULT_PROXY_WINDOWS,
-                                     SensitivityResult, kl_columns,
+                                     SensitivityResult, gguf_native_options, kl_columns,
                                      option_label, parse_group_sizes, parse_widths,
                                      same_grid, sensitivity_job, sweep_options)
 from studio.core.text import text_windows
@@ -73,6 +74,12 @@ class SensitivityView(QWidget):
             self.kl_group.addItem("per-channel" if size == -1 else f"g{size}", size)
         self.kl_group.setCurrentIndex(self.kl_group.findData(DEFAULT_KL_GROUP))
         self.kl_group.setToolTip("group size of the end-to-end measurements")
+        self.gguf_native = QCheckBox("GGUF-native")
+        self.gguf_native.setToolTip("measure the GGUF types a studio grid is exactly (Q4_0, Q5_0, "
+                                    "Q8_0: 4/5/8 bits, symmetric, group 32, fp16 scales) "
+                                    "instead of the widths and groups: what the Plan tab's "
+                                    "GGUF-native allocation chooses from")
+        self.gguf_native.toggled.connect(self._native_toggled)
         self.kl_windows = QSpinBox(minimum=0, maximum=256, value=8)
         self.kl_windows.setToolTip("windows for the end-to-end KL sweep (0: proxy only)")
         self.seqlen = QSpinBox(minimum=8, maximum=4096, value=32)
@@ -120,6 +127,7 @@ class SensitivityView(QWidget):
 
         bar = QHBoxLayout()
         for widget in (QLabel("Widths"), self.widths, QLabel("groups"), self.groups,
+                       self.gguf_native,
                        QLabel("KL at widths"), self.kl_widths, self.kl_group, QLabel("windows"),
                        self.kl_windows, QLabel("tokens"), self.seqlen, self.text_button,
                        self.run_button, self.cancel_button, save, load):
@@ -152,11 +160,12 @@ class SensitivityView(QWidget):
             return None
         kl_windows = self.kl_windows.value()
         try:  # every bad field is refused here, before any work
+            native = self.gguf_native.isChecked()
             bits = parse_widths(self.widths.text(), "Widths")
             groups = parse_group_sizes(self.groups.text(), "Group sizes")
             kl_bits = parse_widths(self.kl_widths.text(), "KL widths")
             kl_group = self.kl_group.currentData()
-            options = sweep_options(bits, groups)
+            options = gguf_native_options() if native else sweep_options(bits, groups)
             kl_cols = kl_columns(options, kl_bits, kl_group) if kl_windows > 0 else []
             count = max(kl_windows, DEFAULT_PROXY_WINDOWS)
             windows, label = text_windows(handle.tokenizer, self.text_path, self.seqlen.value(),
@@ -172,7 +181,7 @@ class SensitivityView(QWidget):
                             f"on {label}; end to end at {measured}…")
         factory = guarded(lambda: sensitivity_job(
             handle, windows, bits=bits, group_sizes=groups, kl_bits=kl_bits, kl_group=kl_group,
-            kl_windows=kl_windows, text_label=label))
+            gguf_native=native, kl_windows=kl_windows, text_label=label))
         self.job = self.state.submit("Sensitivity", factory, on_result=self._finished,
                                      on_progress=self._progress)
         self.job.done.connect(self._job_done)
@@ -181,6 +190,13 @@ class SensitivityView(QWidget):
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         return self.job
+
+    def _native_toggled(self, native: bool) -> None:
+        """The GGUF-native menu fixes the widths and the group (32, also for the KL sweep)."""
+        for field in (self.widths, self.groups, self.kl_group):
+            field.setEnabled(not native)
+        if native:
+            self.kl_group.setCurrentIndex(self.kl_group.findData(BLOCK))
 
     def _progress(self, p) -> None:
         self.status.setText(f"{100 * p.fraction:.0f}%  {p.message}")

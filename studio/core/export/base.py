@@ -1,0 +1,108 @@
+"""What every export format provides, and the records they pass to the export job.
+
+A format writes a variant's own codes (never re-rounded from de-quantized floats where the format
+can hold them exactly), says before writing how each layer will be stored (`preflight`), and
+re-opens what it wrote with the consumer's library (`reload_job`) so the job can compare it with
+the variant. Subclass `ExportFormat` and register it in `studio/core/export/__init__.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from studio.core.errors import StudioError
+from studio.core.jobs import Job
+
+FLOAT_DTYPES = ("f16", "bf16", "f32")
+INEXACT_POLICIES = ("refuse", "nearest")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    dtype: str = "f16"          # tensors that are not quantized: f16 | bf16 | f32
+    inexact: str = "refuse"     # a layer no exact type holds: refuse the export, or take the nearest
+    gguf_asym4: str = "q5_0"    # GGUF, 4-bit asymmetric layers: q5_0 (exact) or q4_1 (smaller)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in FLOAT_DTYPES:
+            raise StudioError(f"The float type must be one of {', '.join(FLOAT_DTYPES)}, "
+                              f"not {self.dtype!r}.")
+        if self.inexact not in INEXACT_POLICIES:
+            raise StudioError(f"Layers without an exact type are either 'refuse'd or take the "
+                              f"'nearest' type, not {self.inexact!r}.")
+        if self.gguf_asym4 not in ("q5_0", "q4_1"):
+            raise StudioError(f"4-bit asymmetric layers go to GGUF as q5_0 or q4_1, "
+                              f"not {self.gguf_asym4!r}.")
+
+    def to_dict(self) -> dict:
+        return {"dtype": self.dtype, "inexact": self.inexact, "gguf_asym4": self.gguf_asym4}
+
+
+@dataclass
+class LayerTarget:
+    """How one layer of the variant is stored in the export."""
+    name: str                   # the studio's layer name
+    stored_as: str              # e.g. "Q4_0", "int4 asym g64 (pack-quantized)", "F16"
+    exact: bool                 # the file holds the variant's weights exactly
+    error: float | None = None  # when not exact: metrics.relative_error of the weights
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "stored_as": self.stored_as, "exact": self.exact,
+                "error": self.error, "note": self.note}
+
+
+@dataclass
+class Preflight:
+    targets: list[LayerTarget]
+    problems: list[str] = field(default_factory=list)  # why the export cannot go ahead as asked
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def inexact(self) -> list[LayerTarget]:
+        return [t for t in self.targets if not t.exact]
+
+
+@dataclass
+class Written:
+    file: Path                  # what a consumer opens: the .gguf file, or the model folder
+    layer_bytes: dict[str, int]  # bytes on disk of each quantized layer's tensors
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Reloaded:
+    """An export opened by its consumer's library: a float32 model with the base model's
+    module names, and what the tokenizer check found."""
+    model: nn.Module
+    tokenizer_equal: bool | None   # None: the source had no tokenizer to compare
+    tokenizer_detail: str = ""
+    # Quantized layers' weights [out, in] as the consumer library de-quantizes them, where the
+    # model does not expose them as plain weights (None: read them from the model).
+    weights: dict[str, torch.Tensor] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ExportFormat:
+    name: str = ""
+    title: str = ""
+    description: str = ""
+    consumer: str = ""          # the library the verification reloads with
+
+    def preflight(self, variant, handle, options: ExportOptions) -> Preflight:
+        raise NotImplementedError
+
+    def write_job(self, variant, handle, options: ExportOptions, preflight: Preflight,
+                  folder: Path) -> Job[Written]:
+        raise NotImplementedError
+
+    def reload_job(self, written: Written, handle) -> Job[Reloaded]:
+        raise NotImplementedError
+
+    def usage(self, file: str) -> str:
+        """A line or two showing how to load the export (for its README)."""
+        raise NotImplementedError

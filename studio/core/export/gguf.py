@@ -1,0 +1,362 @@
+"""GGUF for llama.cpp, Ollama and LM Studio, written with the gguf package.
+
+Each quantized layer goes into the GGUF type that holds its codes exactly (4-bit symmetric ->
+Q4_0; 4-bit asymmetric -> Q5_0, or Q4_1 if the user prefers it smaller; 2/3-bit -> Q4_0; 5-bit
+symmetric -> Q5_0; other widths up to 8-bit symmetric -> Q8_0), the codes packed by hand
+(gguf_pack), never re-rounded from de-quantized floats. Layers no type holds (8-bit
+asymmetric, rows that are not whole 32-weight blocks) are refused or take the nearest type, as
+the user chooses, with its measured error. Everything else is F32 (1-D) or the chosen float type.
+
+The source decides the metadata. A GGUF source (the demo) is copied: every key, the tokenizer
+byte for byte, its tensor names and order; only general.file_type changes. A Hugging Face
+folder (Llama, Qwen2, Gemma 2) gets the architecture keys from its config and the tokenizer
+keys from its byte-level BPE tokenizer, with llama.cpp's pre-tokenizer name (gguf_meta).
+
+The export is re-opened with transformers' GGUF loader (in a child process, cancellable) and
+with gguf's reader for the tokenizer check.
+"""
+from __future__ import annotations
+
+import functools
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from studio.core.export import gguf_meta, gguf_pack
+from studio.core.export.base import ExportFormat, ExportOptions, Preflight, Reloaded, Written
+from studio.core.export.gguf_tensors import (Entry, choose, float_bytes, float_type,
+                                             layer_target, map_names, ordered_entries,
+                                             refusals)
+from studio.core.export.gguf_types import TYPES
+from studio.core.export.tensors import float_tensors
+from studio.core.files import safe_name
+from studio.core.jobs import Job, Progress
+
+FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0",
+              "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "F32": "ALL_F32"}
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str               # "gguf" (its metadata is copied) or "folder"
+    path: Path
+    arch: str | None        # GGUF architecture; None when there is none the studio can write
+    problem: str | None = None
+
+
+def source_of(handle) -> Source:
+    from studio.core.models import resolve_source
+
+    kind, path = resolve_source(handle.source)
+    if kind == "gguf":
+        field = source_reader(path).get_field("general.architecture")
+        arch = field.contents() if field is not None else None
+        if arch not in gguf_meta.GGUF_ARCHS:
+            return Source(kind, path, None, f"{path.name} is a '{arch}' GGUF; the studio "
+                          f"re-writes GGUF files of {', '.join(gguf_meta.GGUF_ARCHS)} only.")
+        return Source(kind, path, arch)
+    arch = gguf_meta.HF_ARCHS.get(handle.model_type)
+    if arch is None:
+        return Source(kind, path, None, (
+            f"A {handle.model_type} model has no GGUF form the studio can write and verify: "
+            f"GGUF export covers {', '.join(gguf_meta.HF_ARCHS)} folders (transformers' GGUF "
+            f"loader and llama.cpp both read them) and GGUF files of "
+            f"{', '.join(gguf_meta.GGUF_ARCHS)}."))
+    return Source(kind, path, arch)
+
+
+@functools.lru_cache(maxsize=1)
+def _reader(path: str, mtime_ns: int):
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
+def source_reader(path: Path):
+    """The source GGUF's reader, parsed once per file version: gguf's reader turns every key
+    into numpy views, the whole vocabulary included (~5 s for the demo)."""
+    return _reader(str(path), path.stat().st_mtime_ns)
+
+
+def file_name(variant_name: str) -> str:
+    return f"{safe_name(variant_name, default='model')}.gguf"
+
+
+class GgufFormat(ExportFormat):
+    name = "gguf"
+    title = "GGUF for llama.cpp, Ollama and LM Studio"
+    description = ("One .gguf file: each quantized layer in the GGUF type that holds its codes "
+                   "exactly (Q4_0, Q4_1, Q5_0, Q8_0), other tensors in F16/BF16/F32, the "
+                   "tokenizer and metadata carried over. Runs in llama.cpp, Ollama, LM Studio.")
+    consumer = "transformers' GGUF loader (gguf-py)"
+
+    # --- before any work ---------------------------------------------------------------------
+
+    def preflight(self, variant, handle, options: ExportOptions) -> Preflight:
+        source = source_of(handle)
+        if source.problem:
+            return Preflight([], problems=[source.problem])
+        problems, notes = [], []
+        if source.kind == "folder":
+            problems += gguf_meta.config_problems(variant.model.config, source.arch)
+            why = gguf_meta.tokenizer_problem(handle.tokenizer, source.path)
+            if why:
+                problems.append(why)
+            else:
+                notes.append(pre_tokenizer_note(handle.tokenizer))
+                rows = variant.model.get_input_embeddings().weight.shape[0]
+                extra = gguf_meta.beyond_vocab(handle.tokenizer, rows)
+                if extra:
+                    notes.append(f"The tokenizer has {len(extra)} token(s) beyond the model's "
+                                 f"{rows} embedding rows ({', '.join(extra[:4])}); the model "
+                                 f"cannot take them, so the GGUF's vocabulary leaves them out.")
+        mapped, unmapped = map_names(variant, handle, source.arch)
+        if unmapped:
+            problems.append(f"These tensors have no name of their own in a {source.arch} "
+                            f"GGUF: {', '.join(unmapped[:6])}.")
+        if source.kind == "gguf":   # only an untied output layer may be new
+            known = {t.name for t in source_reader(source.path).tensors}
+            new = sorted(set(mapped) - known - {"output.weight"})
+            if new:
+                problems.append(f"The variant's tensors map to names {source.path.name} does "
+                                f"not have ({', '.join(new[:6])}); the studio cannot tell "
+                                f"which of its tensors they replace.")
+        if problems:
+            return Preflight([], problems=problems, notes=notes)
+        choices = {name: choose(qt, options) for name, qt in variant.qtensors.items()}
+        targets = [layer_target(name, qt, choices[name])
+                   for name, qt in variant.qtensors.items()]
+        for name, qt in variant.qtensors.items():
+            if choices[name].how != "float" and not gguf_pack.scales_in_fp16_range(qt):
+                problems.append(f"{name} has scales beyond fp16's range (65504), which GGUF "
+                                f"blocks store in fp16.")
+        if options.inexact == "refuse":
+            problems += refusals(targets, choices)
+        if any(c.how == "codes" and not gguf_pack.scales_are_fp16(variant.qtensors[n])
+               for n, c in choices.items()):
+            notes.append("Some layers' scales are not fp16 values, and GGUF stores each "
+                         "block's scale in fp16: their measured error is listed. The "
+                         "GGUF-native plan option quantizes with fp16 scales and avoids it.")
+        if variant.act_bits:
+            notes.append("SmoothQuant's activation quantization is not part of a GGUF: the file "
+                         "holds the smoothed, quantized weights; llama.cpp quantizes "
+                         "activations its own way.")
+        if source.kind == "gguf":
+            notes.append(f"Metadata and tokenizer copied from {source.path.name}; tensors the "
+                         f"variant did not quantize are re-written in {options.dtype.upper()} "
+                         f"(1-D ones in F32).")
+        return Preflight(targets, problems=problems, notes=notes)
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def write_job(self, variant, handle, options: ExportOptions, preflight: Preflight,
+                  folder: Path) -> Job[Written]:
+        import gguf
+
+        source = source_of(handle)
+        path = folder / file_name(variant.name)
+        reader = source_reader(source.path) if source.kind == "gguf" else None
+        mapped, _ = map_names(variant, handle, source.arch)
+        entries = ordered_entries(mapped, reader)
+        choices = {name: choose(qt, options) for name, qt in variant.qtensors.items()}
+        floats = float_tensors(variant)
+        file_type = getattr(gguf.LlamaFileType, FILE_TYPES[dominant_type(variant, choices)])
+
+        yield Progress(0, len(entries) + 1, "Writing the metadata")
+        writer = gguf.GGUFWriter(path, arch=source.arch)
+        if reader is not None:
+            raw = copy_metadata(reader, writer, file_type)
+        else:
+            raw = {}
+            write_folder_metadata(writer, variant, handle, source, file_type)
+        layer_bytes = {}
+        for entry in entries:
+            shape, dtype, nbytes, kind = tensor_info(entry, variant, choices, floats,
+                                                     raw, options)
+            writer.add_tensor_info(entry.name, shape, dtype, nbytes, raw_dtype=kind)
+            if entry.layer is not None:
+                layer_bytes[entry.layer] = nbytes
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for i, entry in enumerate(entries):
+                if i % 8 == 0:
+                    yield Progress(i + 1, len(entries) + 1, f"Writing {entry.name}")
+                if entry.key is None:
+                    writer.write_tensor_data(raw[entry.name].data,
+                                             tensor_endianess=raw[entry.name].endianess)
+                else:
+                    writer.write_tensor_data(tensor_data(entry, variant, choices, floats,
+                                                         options))
+        finally:
+            writer.close()
+        yield Progress(len(entries) + 1, len(entries) + 1, f"Wrote {path.name}")
+        return Written(file=path, layer_bytes=layer_bytes)
+
+    # --- re-opening --------------------------------------------------------------------------
+
+    def reload_job(self, written: Written, handle) -> Job[Reloaded]:
+        from gguf import GGUFReader
+
+        from studio.core.gguf_convert import convert_job
+        from studio.core.models import load_model, read_config
+
+        yield Progress(0, 3, "Re-opening the GGUF with transformers' GGUF loader")
+        # (a loaded model may still map its files: where that blocks deleting them, the
+        # temporary folder is left for the system to clean rather than failing the export)
+        with tempfile.TemporaryDirectory(prefix="studio-gguf-reload-",
+                                         ignore_cleanup_errors=True) as tmp:
+            folder = Path(tmp) / "model"
+            yield from convert_job(written.file, folder)
+            yield Progress(2, 3, "Loading the de-quantized model")
+            model = load_model(folder, read_config(folder))
+        yield Progress(3, 3, "Comparing the tokenizer")
+        source = source_of(handle)
+        reader = GGUFReader(written.file)
+        if source.kind == "gguf":
+            equal, detail = tokenizer_keys_equal(source_reader(source.path), reader)
+        else:
+            equal, detail = gguf_meta.tokenizer_equal(reader, handle.tokenizer)
+        return Reloaded(model=model, tokenizer_equal=equal, tokenizer_detail=detail)
+
+    def usage(self, file: str) -> str:
+        return (f"llama.cpp:  llama-cli -m {file}\n"
+                f"Ollama:     put the line  FROM ./{file}  in a file named Modelfile, then\n"
+                f"            ollama create my-model -f Modelfile && ollama run my-model\n"
+                f"LM Studio:  lms import {file}")
+
+
+GGUF = GgufFormat()
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def pre_tokenizer_note(tokenizer) -> str:
+    name, how = gguf_meta.pre_tokenizer(tokenizer)
+    if name is None:
+        return ("The tokenizer's pre-tokenizer is not one llama.cpp names (no known checksum, "
+                "no known split): tokenizer.ggml.pre will be 'default', so llama.cpp may split "
+                "text differently from transformers.")
+    return f"tokenizer.ggml.pre will be '{name}' ({how})."
+
+
+def dominant_type(variant, choices) -> str:
+    """The type holding most quantized weights: the file's general.file_type."""
+    weights: dict[str, int] = {}
+    for name, choice in choices.items():
+        count = variant.qtensors[name].numel()
+        weights[choice.stored_as] = weights.get(choice.stored_as, 0) + count
+    return max(weights, key=weights.get) if weights else "F16"
+
+
+def copy_metadata(reader, writer, file_type) -> dict:
+    """Every key of the source GGUF but general.file_type (gguf-py's gguf_new_metadata.py
+    pattern); returns the source's tensors by name, for those copied as they are."""
+    from gguf import GGUFValueType
+
+    alignment = reader.get_field("general.alignment")
+    if alignment is not None:
+        writer.data_alignment = int(alignment.contents())
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue   # written by the writer itself
+        if field.name == "general.file_type":
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+    writer.add_file_type(file_type)
+    if reader.get_field("general.quantization_version") is None:
+        import gguf
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    return {t.name: _RawTensor(t.data, t.tensor_type, reader.endianess) for t in reader.tensors}
+
+
+@dataclass
+class _RawTensor:
+    data: np.ndarray
+    tensor_type: object
+    endianess: object
+
+
+def write_folder_metadata(writer, variant, handle, source: Source, file_type) -> None:
+    import gguf
+
+    config = variant.model.config
+    vocab_size = variant.model.get_input_embeddings().weight.shape[0]
+    writer.add_type("model")
+    writer.add_name(variant.name)
+    gguf_meta.write_arch_keys(writer, config, source.arch, vocab_size)
+    gguf_meta.tokenizer_keys(handle.tokenizer, source.path, vocab_size).write(writer)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def tensor_info(entry: Entry, variant, choices, floats, raw, options: ExportOptions):
+    """(shape, numpy dtype, bytes, GGML type or None) for GGUFWriter.add_tensor_info, known
+    before any tensor is made (they are made one at a time while writing)."""
+    from gguf import GGMLQuantizationType
+
+    if entry.key is None:
+        t = raw[entry.name]
+        return t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type
+    if entry.layer is not None:
+        qt, choice = variant.qtensors[entry.layer], choices[entry.layer]
+        out, cols = qt.shape
+        if choice.how != "float":
+            row = cols // 32 * TYPES[choice.stored_as].block_bytes
+            return ((out, row), np.dtype(np.uint8), out * row,
+                    GGMLQuantizationType[choice.stored_as])
+        kind, shape = choice.stored_as, (out, cols)
+    else:
+        value = floats[entry.key]
+        kind, shape = float_type(value, options), tuple(value.shape)
+    count = int(np.prod(shape))
+    if kind == "BF16":
+        return ((*shape[:-1], shape[-1] * 2), np.dtype(np.uint8), count * 2,
+                GGMLQuantizationType.BF16)
+    dtype = np.dtype(np.float16 if kind == "F16" else np.float32)
+    return shape, dtype, count * dtype.itemsize, None
+
+
+def tensor_data(entry: Entry, variant, choices, floats, options: ExportOptions) -> np.ndarray:
+    """The bytes of one tensor, as `tensor_info` described them."""
+    order = None
+    if entry.layer is not None:
+        qt, choice = variant.qtensors[entry.layer], choices[entry.layer]
+        if entry.heads:
+            order = gguf_pack.llama_row_order(qt.shape[0], entry.heads)
+        if choice.how == "codes":
+            return gguf_pack.pack(qt, TYPES[choice.stored_as], order)
+        w = qt.dequantize()
+        w = w if order is None else w[torch.from_numpy(order)]
+        if choice.how == "q8_0":
+            return gguf_pack.requantize_q8_0(w)
+        return float_bytes(w, choice.stored_as)
+    value = floats[entry.key].detach().float()
+    if entry.heads:
+        value = value[torch.from_numpy(gguf_pack.llama_row_order(value.shape[0], entry.heads))]
+    if entry.plus_one:
+        value = value + 1.0
+    return float_bytes(value, float_type(value, options))
+
+
+def tokenizer_keys_equal(source, written) -> tuple[bool, str]:
+    """Every tokenizer.* key of the source GGUF, byte for byte, in the written file."""
+    def raw(field) -> bytes:
+        return b"".join(part.tobytes() for part in field.parts)
+
+    keys = [name for name in source.fields if name.startswith("tokenizer.")]
+    if not keys:
+        return None, "the source GGUF has no tokenizer keys"
+    differ = [name for name in keys if name not in written.fields
+              or raw(written.fields[name]) != raw(source.fields[name])]
+    added = [name for name in written.fields
+             if name.startswith("tokenizer.") and name not in source.fields]
+    if differ or added:
+        return False, f"keys differ from the source GGUF's: {', '.join((differ + added)[:6])}"
+    return True, f"{len(keys)} tokenizer keys byte-identical to the source GGUF's"
