@@ -72,8 +72,8 @@ def main() -> int:
     if "formats" in parts:
         print("\n## One variant, every format")
         print(f"{'variant':26} {'format':19} {'seconds':>8} {'MiB':>8} {'bpw disk':>9} "
-              f"{'estimate':>9} {'ppl file':>9} {'ppl studio':>10} {'ratio':>7} {'max dW':>9} "
-              f"{'max dlogit':>10}")
+              f"{'estimate':>9} {'ppl file':>9} {'ppl studio':>10} {'ratio':>7} {'max dW q':>9} "
+              f"{'max dW fp':>9} {'max dlogit':>10}")
         for spec, formats in ((QuantSpec(method="gptq", **Q4_0), ("gguf", "compressed-tensors", "hf")),
                               (QuantSpec(4, 128, False, "gptq"), ("compressed-tensors", "hf"))):
             variant = _quantize(handle, spec, calib)
@@ -87,11 +87,13 @@ def main() -> int:
                        "bpw_estimate": result.bits_per_weight_estimate,
                        "ppl_file": e["ppl_export"], "ppl_studio": e["ppl_variant"],
                        "ratio": e["ppl_ratio"], "max_weight_diff": result.max_weight_diff,
+                       "max_float_diff": result.max_float_diff,
                        "max_logit_diff": result.max_logit_diff}
                 print(f"{row['variant']:26} {fmt:19} {row['seconds']:8.1f} {row['mib']:8.2f} "
                       f"{row['bpw_disk']:9.3f} {row['bpw_estimate']:9.3f} {row['ppl_file']:9.3f} "
                       f"{row['ppl_studio']:10.3f} {row['ratio']:7.4f} "
-                      f"{row['max_weight_diff']:9.2g} {row['max_logit_diff']:10.3g}", flush=True)
+                      f"{row['max_weight_diff']:9.2g} {row['max_float_diff']:9.2g} "
+                      f"{row['max_logit_diff']:10.3g}", flush=True)
                 if args.json:
                     print(json.dumps(row))
             del variant

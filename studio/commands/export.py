@@ -17,7 +17,7 @@ HELP = "export a VARIANT as GGUF, compressed-tensors or a plain Hugging Face che
 
 JSON_KEYS = ("path", "file", "format", "bytes", "bits_per_weight_on_disk",
              "bits_per_weight_estimate", "seconds", "verified", "max_weight_diff",
-             "max_logit_diff", "tokenizer_equal", "evaluation", "notes", "layers")
+             "max_float_diff", "max_logit_diff", "tokenizer_equal", "evaluation", "notes", "layers")
 
 
 def add_arguments(parser) -> None:
@@ -69,7 +69,8 @@ def run(args) -> int:
     print(f"{variant.name} -> {result.file} ({result.format}): {result.bytes / 2**20:.2f} MiB, "
           f"{result.bits_per_weight_on_disk:.3f} bits/weight on disk "
           f"(estimate {result.bits_per_weight_estimate:.3f}), {result.seconds:.1f} s")
-    print(f"verified: max weight difference {result.max_weight_diff:.3g}, "
+    print(f"verified: max weight difference {result.max_weight_diff:.3g} (quantized layers), "
+          f"{result.max_float_diff:.3g} (other tensors), "
           f"max logit difference {result.max_logit_diff:.3g}, "
           f"tokenizer {'equal' if result.tokenizer_equal else result.tokenizer_equal}")
     inexact = [layer["name"] for layer in result.layers if not layer["exact"]]

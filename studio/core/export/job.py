@@ -42,7 +42,8 @@ LOGIT_TOLERANCE = 0.1    # max |logit difference| / max |logit|
 @dataclass
 class Verification:
     ok: bool
-    max_weight_diff: float          # max |reloaded - variant| over every weight compared
+    max_weight_diff: float          # max |reloaded - variant| over the quantized layers
+    max_float_diff: float           # the same over every other float tensor
     max_logit_diff: float
     top1_agreement: float
     tokenizer_equal: bool | None
@@ -61,7 +62,8 @@ class ExportResult:
     bits_per_weight_estimate: float  # the variant's own estimate (the plan editor's figure)
     seconds: float
     verified: bool
-    max_weight_diff: float
+    max_weight_diff: float          # quantized layers
+    max_float_diff: float           # every other float tensor (one rounding to the float type)
     max_logit_diff: float
     tokenizer_equal: bool | None
     options: dict
@@ -102,6 +104,10 @@ def export_job(variant, handle, format_name: str, out: str | Path,
             (tmp / "recipe.json").write_text(json.dumps(recipe(variant), indent=2))
             reloaded: Reloaded = yield from fmt.reload_job(written, handle)
             verification = yield from verify_job(variant, handle, reloaded, preflight, options)
+            if not verification.ok:
+                raise StudioError("The export did not verify, so nothing was written: "
+                                  + " ".join(verification.failures[:3]))
+            seconds = time.perf_counter() - started  # the export itself, not the evaluation
             evaluation = None
             if eval_windows is not None:
                 evaluation = yield from compare_perplexity_job(variant, reloaded.model,
@@ -113,16 +119,13 @@ def export_job(variant, handle, format_name: str, out: str | Path,
                 format=fmt.name, bytes=model_bytes_on_disk(tmp),
                 bits_per_weight_on_disk=round(bits_on_disk(variant, written, options), 4),
                 bits_per_weight_estimate=round(variant.bits_per_weight, 4),
-                seconds=0.0, verified=verification.ok,
+                seconds=round(seconds, 2), verified=verification.ok,
                 max_weight_diff=verification.max_weight_diff,
+                max_float_diff=verification.max_float_diff,
                 max_logit_diff=verification.max_logit_diff,
                 tokenizer_equal=verification.tokenizer_equal, options=options.to_dict(),
                 layers=verification.layers, notes=preflight.notes + written.notes,
                 evaluation=evaluation)
-            if not verification.ok:
-                raise StudioError("The export did not verify, so nothing was written: "
-                                  + " ".join(verification.failures[:3]))
-            result.seconds = round(time.perf_counter() - started, 2)
             report = {**result.to_dict(), "studio_version": __version__,
                       "variant": variant.to_summary(), "metrics": metrics_known,
                       "tokenizer_detail": verification.tokenizer_detail,
@@ -206,7 +209,7 @@ def verify_job(variant, handle, reloaded: Reloaded, preflight, options: ExportOp
         layers.append({"name": name, "stored_as": target.stored_as if target else "",
                        "exact": exact, "max_weight_diff": diff, "relative_error": rel})
     yield Progress(len(names), len(names) + 2, "Comparing the other tensors")
-    max_diff = max(max_diff, _compare_floats(variant, model, options.dtype, failures))
+    float_diff = _compare_floats(variant, model, options.dtype, failures)
     yield Progress(len(names) + 1, len(names) + 2, "Comparing logits")
     logit_diff, top1, scale = logits_agreement(variant.model, model, verify_windows(handle))
     if not math.isfinite(logit_diff):
@@ -219,7 +222,8 @@ def verify_job(variant, handle, reloaded: Reloaded, preflight, options: ExportOp
                         f"not compute what the variant does.")
     if reloaded.tokenizer_equal is False:
         failures.append(f"The tokenizer {reloaded.tokenizer_detail}.")
-    return Verification(ok=not failures, max_weight_diff=max_diff, max_logit_diff=logit_diff,
+    return Verification(ok=not failures, max_weight_diff=max_diff, max_float_diff=float_diff,
+                        max_logit_diff=logit_diff,
                         top1_agreement=top1, tokenizer_equal=reloaded.tokenizer_equal,
                         tokenizer_detail=reloaded.tokenizer_detail, layers=layers,
                         failures=failures)
@@ -289,6 +293,7 @@ def compare_perplexity_job(variant, model, windows: torch.Tensor, protocol: str 
     """Perplexity of the reloaded export and of the variant on the same windows."""
     from studio.core.evaluate import perplexity
 
+    started = time.perf_counter()
     yield Progress(0, 2, f"Perplexity of the reloaded export ({windows.shape[0]} windows)")
     exported, tokens = perplexity(model, windows)
     yield Progress(1, 2, f"Perplexity of the variant ({windows.shape[0]} windows)")
@@ -296,7 +301,7 @@ def compare_perplexity_job(variant, model, windows: torch.Tensor, protocol: str 
     return {"protocol": protocol, "windows": int(windows.shape[0]),
             "seqlen": int(windows.shape[1]), "tokens": tokens,
             "ppl_export": exported, "ppl_variant": studio,
-            "ppl_ratio": exported / studio}
+            "ppl_ratio": exported / studio, "seconds": round(time.perf_counter() - started, 2)}
 
 
 # --- sizes -----------------------------------------------------------------------------------

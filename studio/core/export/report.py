@@ -22,7 +22,8 @@ def readme_text(fmt, variant, report: dict) -> str:
         f"- bits per weight on disk: {report['bits_per_weight_on_disk']:.3f} "
         f"(the studio's estimate for the variant: {report['bits_per_weight_estimate']:.3f})",
         f"- verified by re-opening with {fmt.consumer}: "
-        f"max weight difference {report['max_weight_diff']:.3g}, "
+        f"max weight difference {report['max_weight_diff']:.3g} in the quantized layers "
+        f"({report['max_float_diff']:.3g} in the other tensors), "
         f"max logit difference {report['max_logit_diff']:.3g}, "
         f"top-1 agreement {report['top1_agreement']:.2%}, "
         f"tokenizer {report['tokenizer_detail']}",
@@ -32,6 +33,7 @@ def readme_text(fmt, variant, report: dict) -> str:
         lines.append(f"- perplexity of this file {evaluation['ppl_export']:.4f}, of the variant in "
                      f"the studio {evaluation['ppl_variant']:.4f} ({evaluation['protocol']}, "
                      f"{evaluation['windows']} x {evaluation['seqlen']} tokens)")
+    lines.append(f"- export time {report['seconds']:.1f} s (writing, re-opening, verifying)")
     for key, value in (report.get("metrics") or {}).items():
         lines.append(f"- {key}: {value}")
     inexact = [layer for layer in report["layers"] if not layer["exact"]]

@@ -208,7 +208,8 @@ class ExportDialog(QDialog):
             f"{result.file}<br>{result.bytes / 2**20:.2f} MiB, "
             f"{result.bits_per_weight_on_disk:.3f} bits/weight on disk (estimate "
             f"{result.bits_per_weight_estimate:.3f}), {result.seconds:.1f} s<br>"
-            f"max weight difference {result.max_weight_diff:.3g}, max logit difference "
+            f"max weight difference {result.max_weight_diff:.3g} (quantized layers; "
+            f"{result.max_float_diff:.3g} other tensors), max logit difference "
             f"{result.max_logit_diff:.3g}, tokenizer {tokenizer[result.tokenizer_equal]}")
 
     def _job_done(self) -> None:
