@@ -54,15 +54,19 @@ class LayerInfo:
                 "bytes": self.bytes, "quantizable": self.quantizable, "tied_to": self.tied_to}
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's transposed "linear" layer (its weight stored [in, out])."""
+    return bool(Conv1D) and isinstance(module, Conv1D)
+
+
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, CodedLinear)) or (bool(Conv1D)
-                                                             and isinstance(module, Conv1D))
+    return isinstance(module, (nn.Linear, CodedLinear)) or is_conv1d(module)
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The weight as [out, in] (a transposed view for Conv1D; no copy; de-quantized afresh for
     a variant's CodedLinear)."""
-    if bool(Conv1D) and isinstance(module, Conv1D):
+    if is_conv1d(module):
         return module.weight.data.t()
     if isinstance(module, CodedLinear):
         return module.weight
@@ -74,7 +78,7 @@ def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     _check_float(module)
     target = module.weight.data
     w = w.to(target.dtype)
-    target.copy_(w.t() if bool(Conv1D) and isinstance(module, Conv1D) else w)
+    target.copy_(w.t() if is_conv1d(module) else w)
 
 
 def replace_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
@@ -83,7 +87,7 @@ def replace_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     _check_float(module)
     old = module.weight
     w = w.to(old.dtype)
-    w = w.t() if bool(Conv1D) and isinstance(module, Conv1D) else w
+    w = w.t() if is_conv1d(module) else w
     module.weight = nn.Parameter(w.contiguous(), requires_grad=old.requires_grad)
 
 
@@ -144,7 +148,7 @@ def inventory(model: nn.Module) -> list[LayerInfo]:
         elif isinstance(module, nn.Embedding):
             layers.append(_info(name, module, "embedding", "embedding", None, None))
         elif is_linear(module):
-            kind = "conv1d" if bool(Conv1D) and isinstance(module, Conv1D) else "linear"
+            kind = "conv1d" if is_conv1d(module) else "linear"
             block = _block_of(name)
             role = role_of(name, _in_attention(name))
             layers.append(_info(name, module, kind, role, block, None))

@@ -140,7 +140,7 @@ class MainWindow(QMainWindow):
 
     def export_variant(self, name: str | None = None):
         """The Export dialog for the variant chosen in the Quantize view (or the latest one)."""
-        from studio.ui.views.export_dialog import ExportDialog
+        from studio.ui.export_dialog import ExportDialog
 
         variants = self.state.session.variants
         name = name or self.state.session.results.get("current_variant")

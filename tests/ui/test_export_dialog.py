@@ -7,7 +7,7 @@ from PySide6.QtWidgets import QMessageBox
 from studio.core.jobs import run
 from studio.core.plan import Plan, QuantSpec
 from studio.core.quantize import quantize_job
-from studio.ui.views.export_dialog import ExportDialog
+from studio.ui.export_dialog import ExportDialog
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,9 @@ from studio.core.export.ct_layout import (PACKED, Scheme, layer_tensors, quantiz
                                           scheme_for, zeros_are_codes)
 from studio.core.export.hf_folder import (copy_tokenizer_files, export_config, reload_folder_job,
                                           tokenizer_files_equal)
-from studio.core.export.tensors import TORCH_DTYPES, float_tensors, is_conv1d
+from studio.core.export.tensors import TORCH_DTYPES, float_tensors
 from studio.core.jobs import Job, Progress
-from studio.core.layers import get_module, is_linear
+from studio.core.layers import get_module, is_conv1d, is_linear
 
 PROGRESS_EVERY = 8         # layers between progress reports while packing
 VLLM_PACKED_BITS = (4, 8)  # vLLM's weight-only (WNA16) kernels

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from studio.core.export.gguf_types import BLOCK, GgufType
+from studio.core.quant.grid import FP16_MAX
 
 ROW_CHUNK = 4096   # rows per pass: int16 temporaries stay a few MB even for an lm_head
-FP16_MAX = 65504.0
 
 
 def blocks_fit(qt) -> bool:

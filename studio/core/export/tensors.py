@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from studio.core.layers import get_module
+from studio.core.layers import get_module, is_conv1d
 
 TORCH_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
 
@@ -26,14 +26,6 @@ def dense_weight(variant, handle, name: str) -> torch.Tensor:
     """The de-quantized weight of quantized layer `name`, in the layout the base checkpoint uses."""
     w = variant.qtensors[name].dequantize()
     return w.t().contiguous() if is_conv1d(get_module(handle.model, name)) else w
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(module, Conv1D)
 
 
 def dense_state_dict(variant, handle, dtype: str) -> dict[str, torch.Tensor]:

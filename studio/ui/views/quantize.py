@@ -427,7 +427,7 @@ class QuantizeView(QWidget):
 
     def export_selected(self):
         """The Export dialog for the selected variant."""
-        from studio.ui.views.export_dialog import ExportDialog
+        from studio.ui.export_dialog import ExportDialog
 
         variant = self._selected()
         if variant is None:
