@@ -61,6 +61,12 @@ def _open(path: Path, threads: int, n_ctx: int):
     return cy, model, cy.LlamaContext(model, context_params)
 
 
+def tokenize(path: str | Path, text: str, add_special: bool = True) -> list[int]:
+    """llama.cpp's token ids for `text` with the GGUF's vocabulary (BOS/EOS as the file says)."""
+    _, model, _ = _open(Path(path), 1, 64)
+    return list(model.get_vocab().tokenize(text, add_special, False))
+
+
 def each_window_job(path: str | Path, windows: torch.Tensor,
                     use: Callable[[int, torch.Tensor], None], threads: int = 1) -> Job[None]:
     """Run each window of token ids [count, seqlen] through llama.cpp (one model load) and
