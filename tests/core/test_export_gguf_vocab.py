@@ -25,6 +25,7 @@ TEXTS = ["Hello world, two  spaces and\ttabs\n\nnew lines", " leading space 1234
 # (transformers class, special pieces in SentencePiece id order, leading-space prefix)
 STYLES = {
     "llama": ("LlamaTokenizer", dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1), True),
+    "mistral": ("LlamaTokenizer", dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1), True),
     "gemma2": ("GemmaTokenizer", dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3), False),
 }
 SPECIAL_NAMES = {"unk_id": "<unk>", "bos_id": "<s>", "eos_id": "</s>", "pad_id": "<pad>"}
@@ -60,6 +61,8 @@ def sentencepiece_folder(folder, arch: str):
                   **{k.replace("_id", "_token_id"): v for k, v in ids.items() if v >= 0})
     if arch == "llama":
         config = tf.LlamaConfig(intermediate_size=160, tie_word_embeddings=False, **common)
+    elif arch == "mistral":   # written as a llama GGUF, as llama.cpp's converter does
+        config = tf.MistralConfig(intermediate_size=160, sliding_window=None, **common)
     else:
         config = tf.Gemma2Config(intermediate_size=128, head_dim=256,   # = query_pre_attn_scalar
                                  **common)

@@ -102,6 +102,7 @@ class GgufFormat(ExportFormat):
         problems, notes = [], []
         if source.kind == "folder":
             problems += gguf_meta.config_problems(variant.model.config, source.arch)
+            notes += gguf_meta.config_notes(variant.model.config, source.arch)
             if gguf_meta.rope_freqs_needed(variant.model.config, source.arch):
                 problems += rope_freqs_problems(notes)
             why = gguf_vocab.tokenizer_problem(handle.tokenizer, source.path)

@@ -13,7 +13,9 @@ import torch
 
 
 # Hugging Face model_type -> GGUF architecture, for Hugging Face folders.
-HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "gemma2": "gemma2"}
+HF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma2": "gemma2"}
+# The config class transformers' GGUF loader builds for each GGUF architecture.
+LOADER_CONFIGS = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "gemma2": "Gemma2Config"}
 # GGUF architectures a GGUF source may have: the studio knows how transformers' loader changes
 # their tensors (llama: q/k row permutation; gemma2/3: norms stored as w + 1; others: none).
 GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
@@ -69,13 +71,15 @@ def head_dim(config) -> int:
 def config_problems(config, arch: str) -> list[str]:
     """Settings of this config that transformers' GGUF loader would not rebuild: the reloaded
     model (and so the verification) would compute something else."""
+    import transformers
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
     carried = {name for name in GGUF_CONFIG_MAPPING[arch].values() if name}
     kwargs = {name: rope_theta(config) if name == "rope_theta" else getattr(config, name)
               for name in carried if name == "rope_theta" or hasattr(config, name)}
-    rebuilt = type(config)(**kwargs).to_dict()
-    source = config.to_dict()
+    rebuilt = getattr(transformers, LOADER_CONFIGS[arch])(**kwargs).to_dict()
+    # A feature the source's class does not have at all (Mistral: no attention_bias) is off.
+    source = {**{k: v for k, v in rebuilt.items() if not v}, **config.to_dict()}
     ignored = set(BENIGN_CONFIG)
     if rope_freqs_needed(config, arch):
         ignored.add("rope_parameters")     # written as rope_freqs (+ rope.freq_base)
@@ -97,6 +101,16 @@ def config_problems(config, arch: str) -> list[str]:
                         f"{head_dim(config)}), this model by 1/sqrt({scalar}): it would compute "
                         f"another attention.")
     return problems
+
+
+def config_notes(config, arch: str) -> list[str]:
+    """What the file cannot carry but only changes long contexts (llama.cpp's converter writes
+    these files the same way)."""
+    if arch == "llama" and getattr(config, "sliding_window", None):
+        return [f"This {config.model_type} attends through a sliding window of "
+                f"{config.sliding_window} tokens, which a llama GGUF cannot carry: llama.cpp "
+                f"attends to the whole context, the same up to {config.sliding_window} tokens."]
+    return []
 
 
 def write_arch_keys(writer, config, arch: str, vocab_size: int) -> None:
