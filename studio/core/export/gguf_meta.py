@@ -13,9 +13,11 @@ import torch
 
 
 # Hugging Face model_type -> GGUF architecture, for Hugging Face folders.
-HF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma2": "gemma2"}
+HF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma2": "gemma2",
+            "gemma3_text": "gemma3"}
 # The config class transformers' GGUF loader builds for each GGUF architecture.
-LOADER_CONFIGS = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "gemma2": "Gemma2Config"}
+LOADER_CONFIGS = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "gemma2": "Gemma2Config",
+                  "gemma3": "Gemma3TextConfig"}
 # GGUF architectures a GGUF source may have: the studio knows how transformers' loader changes
 # their tensors (llama: q/k row permutation; gemma2/3: norms stored as w + 1; others: none).
 GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
@@ -41,7 +43,9 @@ SLIDING_WINDOW_CONFIG = {"sliding_window", "max_window_layers", "use_sliding_win
 
 
 def rope_theta(config) -> float | None:
+    """The rotary base (of the full-attention layers, where layer types have their own)."""
     params = getattr(config, "rope_parameters", None) or {}
+    params = params.get("full_attention", params)
     return params.get("rope_theta", getattr(config, "rope_theta", None))
 
 
@@ -96,8 +100,8 @@ def config_problems(config, arch: str) -> list[str]:
                         f"as it is ({shown}{', ...' if len(differ) > 4 else ''}), so the GGUF "
                         f"could not be verified.")
     scalar = getattr(config, "query_pre_attn_scalar", None)
-    if arch == "gemma2" and scalar != head_dim(config):
-        problems.append(f"llama.cpp scales Gemma 2 queries by 1/sqrt(head_dim = "
+    if arch in ("gemma2", "gemma3") and scalar != head_dim(config):
+        problems.append(f"llama.cpp scales Gemma queries by 1/sqrt(head_dim = "
                         f"{head_dim(config)}), this model by 1/sqrt({scalar}): it would compute "
                         f"another attention.")
     return problems
@@ -129,10 +133,10 @@ def write_arch_keys(writer, config, arch: str, vocab_size: int) -> None:
         writer.add_rope_dimension_count(head_dim(config))
     writer.add_key_length(head_dim(config))
     writer.add_value_length(head_dim(config))
-    if arch == "gemma2":
-        if config.attn_logit_softcapping is not None:
+    if arch in ("gemma2", "gemma3"):
+        if getattr(config, "attn_logit_softcapping", None) is not None:
             writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
-        if config.final_logit_softcapping is not None:
+        if getattr(config, "final_logit_softcapping", None) is not None:
             writer.add_final_logit_softcapping(config.final_logit_softcapping)
         if config.sliding_window is not None:
             writer.add_sliding_window(config.sliding_window)
