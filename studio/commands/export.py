@@ -71,7 +71,8 @@ def run(args) -> int:
           f"(estimate {result.bits_per_weight_estimate:.3f}), {result.seconds:.1f} s")
     print(f"verified: max weight difference {result.max_weight_diff:.3g} (quantized layers), "
           f"{result.max_float_diff:.3g} (other tensors), "
-          f"max logit difference {result.max_logit_diff:.3g}, "
+          f"max logit difference {result.max_logit_diff:.3g}"
+          + (f" (logits from {result.logits_by})" if result.logits_by else "") + ", "
           f"tokenizer {'equal' if result.tokenizer_equal else result.tokenizer_equal}")
     inexact = [layer["name"] for layer in result.layers if not layer["exact"]]
     if inexact:

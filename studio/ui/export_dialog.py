@@ -5,6 +5,7 @@ Everything it shows comes from `studio.core.export` (the formats' declarations, 
 preflight, `export_job`), the same code `compression-studio export` runs."""
 from __future__ import annotations
 
+from html import escape
 from pathlib import Path
 
 from PySide6.QtCore import Qt
@@ -151,8 +152,8 @@ class ExportDialog(QDialog):
         lines = [f"{len(targets) - len(inexact)} of {len(targets)} quantized layers stored "
                  f"exactly." + (f" <b>{len(inexact)} not</b> (in red, with their measured "
                                 f"weight error)." if inexact else "")]
-        lines += [f"<span style='color:#c82828'>{p}</span>" for p in preflight.problems]
-        lines += preflight.notes
+        lines += [f"<span style='color:#c82828'>{escape(p)}</span>" for p in preflight.problems]
+        lines += [escape(note) for note in preflight.notes]   # token names such as <mask>
         self.summary.setText("<br>".join(lines))
         self.export_button.setEnabled(not preflight.problems and self.job is None)
 
@@ -182,7 +183,7 @@ class ExportDialog(QDialog):
         known = _known_metrics(self.state.session.runs, variant.name)
         self.export_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        self.status.setText(f"Exporting to {out}…")
+        self.status.setText(f"Exporting to {escape(str(out))}…")
         self.job = self.state.submit(
             f"Export {variant.name} ({fmt})",
             lambda: export_job(variant, handle, fmt, out, options, force=force,
@@ -190,12 +191,12 @@ class ExportDialog(QDialog):
             on_result=self._exported, on_progress=self._progress)
         self.job.done.connect(self._job_done)
         self.job.failed.connect(lambda message, _details: self.status.setText(
-            f"<span style='color:#c82828'>Not exported: {message}</span>"))
+            f"<span style='color:#c82828'>Not exported: {escape(message)}</span>"))
 
     def _progress(self, p: Progress) -> None:
         self.progress.setValue(int(1000 * p.fraction))
         if p.message:
-            self.status.setText(p.message)
+            self.status.setText(escape(p.message))
 
     def _exported(self, result) -> None:
         self.result = result
@@ -205,12 +206,14 @@ class ExportDialog(QDialog):
         tokenizer = {True: "equal to the source's", False: "DIFFERENT", None: "not compared"}
         self.status.setText(
             f"<b>Exported and verified</b> with {get_format(result.format).consumer}: "
-            f"{result.file}<br>{result.bytes / 2**20:.2f} MiB, "
+            f"{escape(result.file)}<br>{result.bytes / 2**20:.2f} MiB, "
             f"{result.bits_per_weight_on_disk:.3f} bits/weight on disk (estimate "
             f"{result.bits_per_weight_estimate:.3f}), {result.seconds:.1f} s<br>"
             f"max weight difference {result.max_weight_diff:.3g} (quantized layers; "
             f"{result.max_float_diff:.3g} other tensors), max logit difference "
-            f"{result.max_logit_diff:.3g}, tokenizer {tokenizer[result.tokenizer_equal]}")
+            f"{result.max_logit_diff:.3g}"
+            + (f" (logits from {result.logits_by})" if result.logits_by else "")
+            + f", tokenizer {tokenizer[result.tokenizer_equal]}")
 
     def _job_done(self) -> None:
         cancelled = self.job is not None and self.job.token.cancelled

@@ -71,6 +71,7 @@ class ExportResult:
     layers: list[dict]
     notes: list[str]
     evaluation: dict | None = None
+    logits_by: str = ""             # set when the file's own runtime computed its logits
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,6 +126,7 @@ def export_job(variant, handle, format_name: str, out: str | Path,
                 max_float_diff=verification.max_float_diff,
                 max_logit_diff=verification.max_logit_diff,
                 tokenizer_equal=verification.tokenizer_equal, options=options.to_dict(),
+                logits_by=verification.logits_by,
                 layers=verification.layers, notes=preflight.notes + written.notes,
                 evaluation=evaluation)
             report = {**result.to_dict(), "studio_version": __version__,
