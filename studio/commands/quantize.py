@@ -51,7 +51,7 @@ def run(args) -> int:
     handle = open_model(args.model)
     name = args.name or (plan.default.label if plan.default else "variant")
     variant = run_with_progress(quantize_text_job(handle, plan, args.calib, args.windows,
-                                                  args.seqlen, args.seed, name))
+                                                  args.seqlen, args.seed, name, args.bos))
     save_variant(variant, args.out)
     summary = variant.to_summary()
     if args.json:

@@ -159,6 +159,8 @@ def open_model_job(source: str | Path) -> Job[ModelHandle]:
     tokenizer, why = load_tokenizer(folder)
     if why:
         notes.append(why)
+    if kind == "gguf" and tokenizer is not None:
+        notes.extend(follow_gguf_bos(tokenizer, path))
     notes.extend(grid_notes(model))
     handle = ModelHandle(model=model, tokenizer=tokenizer,
                          architecture=type(model).__name__, model_type=config.model_type,
@@ -226,6 +228,35 @@ def load_tokenizer(folder: Path) -> tuple[object | None, str | None]:
     except Exception as exc:
         return None, (f"The tokenizer could not be loaded ({exc}); weight views work, but "
                       f"calibration, perplexity and generation are off.")
+
+
+def follow_gguf_bos(tokenizer, path: Path) -> list[str]:
+    """Make the tokenizer add BOS exactly when the GGUF's `tokenizer.ggml.add_bos_token` says
+    so (what llama.cpp does with the file); transformers' GGUF loader does not carry the key
+    over. Notes for the user when the two disagreed."""
+    from studio.core.text import model_adds_bos
+
+    wanted = gguf_flag(path, "tokenizer.ggml.add_bos_token")
+    if wanted is None or wanted == model_adds_bos(tokenizer):
+        return []
+    try:
+        tokenizer.add_bos_token = wanted  # rebuilds the post-processor (TokenizersBackend)
+    except Exception:
+        pass
+    if model_adds_bos(tokenizer) != wanted:
+        return [f"{path.name} says add_bos_token={str(wanted).lower()}, but its tokenizer "
+                f"could not be made to follow it; use --bos to choose."]
+    return [f"{path.name} says add_bos_token={str(wanted).lower()}: the tokenizer follows it."]
+
+
+def gguf_flag(path: Path, key: str) -> bool | None:
+    from studio.core.gguf_header import read_keys
+
+    try:
+        value = read_keys(path, {key}).get(key)
+    except (OSError, ValueError, struct.error):  # an unreadable key is as good as an absent one
+        return None
+    return None if value is None else bool(value)
 
 
 # --- checks before loading -----------------------------------------------------------------

@@ -189,9 +189,10 @@ def compact(model: nn.Module, qtensors: dict[str, QTensor]) -> None:
 
 
 def quantize_text_job(handle, plan: Plan, calib_path, count: int, seqlen: int, seed: int,
-                      name: str) -> Job[Variant]:
+                      name: str, bos: str = "auto") -> Job[Variant]:
     """`quantize_job` with calibration windows cut from a text file (None: the built-in text)
-    first. The plan is checked before the text is read; RTN runs even without usable text."""
+    first, starting with BOS as `bos` says (text.py). The plan is checked before the text is
+    read; RTN runs even without usable text."""
     from studio.core.text import text_windows
 
     needs_text = _needs_windows(handle, plan)  # checks the architecture and the rules too
@@ -199,7 +200,7 @@ def quantize_text_job(handle, plan: Plan, calib_path, count: int, seqlen: int, s
         validate(handle, plan, None)
     yield Progress(0, 1, "Reading the calibration text")
     try:
-        windows, label = text_windows(handle.tokenizer, calib_path, seqlen, count, seed)
+        windows, label = text_windows(handle.tokenizer, calib_path, seqlen, count, seed, bos)
     except StudioError:
         if needs_text:
             raise

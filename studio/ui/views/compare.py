@@ -78,15 +78,18 @@ def latest_protocol(runs: list[dict]) -> dict:
     for run in reversed(runs):
         if run.get("kind") == "eval":
             return {"text_path": run.get("text_path"), "seqlen": run["seqlen"],
-                    "windows": run["windows"]}
-    return {"text_path": None, "seqlen": DEFAULT_SEQLEN, "windows": DEFAULT_WINDOWS}
+                    "windows": run["windows"], "bos": run.get("bos_setting", "auto")}
+    return {"text_path": None, "seqlen": DEFAULT_SEQLEN, "windows": DEFAULT_WINDOWS,
+            "bos": "auto"}
 
 
-def export_run_job(folder: str, base_handle, text_path, seqlen: int, windows: int):
+def export_run_job(folder: str, base_handle, text_path, seqlen: int, windows: int,
+                   bos: str = "auto"):
     """A run dict for an export folder, measured by the core's `export_eval_job`."""
     from studio.core.export.reopen import export_eval_job
 
-    result, report = yield from export_eval_job(folder, base_handle, text_path, seqlen, windows)
+    result, report = yield from export_eval_job(folder, base_handle, text_path, seqlen, windows,
+                                                bos)
     variant = report.get("variant") or {}
     name = Path(report["path"]).name
     return {"variant": f"{name} [{report['format']}]",
