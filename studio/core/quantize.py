@@ -37,7 +37,7 @@ from studio.core.layers import (get_module, is_linear, move_pre_hooks, replace_m
                                  replace_weight_matrix, weight_matrix)
 from studio.core.memory import release_freed_memory
 from studio.core.plan import Plan, QuantSpec
-from studio.core.quant import smoothquant
+from studio.core.quant import layout, smoothquant
 from studio.core.quant.coded import coded_layer
 from studio.core.quant.blocks import (FAST_DTYPE, BlockInputs, Replay, capture_block_inputs,
                                       decoder_blocks, run_block, run_block_until)
@@ -241,6 +241,11 @@ def validate(handle, plan: Plan, windows: torch.Tensor | None) -> dict[str, Quan
             raise StudioError(f"The calibration text gives only {windows.numel()} tokens; "
                               f"{', '.join(m.upper() for m in needs)} needs at least "
                               f"{MIN_CALIB_TOKENS}. Use a longer text or more windows.")
+    if {"awq", "smoothquant"} & set(needs):
+        # Their scales fold into norms and linears found by tracing a block (layout.py): a
+        # block with nothing to fold into is refused here, before any calibration work.
+        layout.discover(handle.model)
+        layout.check_groups(handle.model, specs)
     return specs
 
 
