@@ -41,6 +41,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from studio.core.allocate import plan_title
     from studio.core.quantize import quantize_text_job
     from studio.core.variant import save_variant
 
@@ -49,7 +50,7 @@ def run(args) -> int:
                           "its own scale type per layer (make one with plan --gguf-native).")
     plan = Plan.load(args.recipe) if args.recipe else Plan(command_spec(args))
     handle = open_model(args.model)
-    name = args.name or (plan.default.label if plan.default else "variant")
+    name = args.name or plan_title(handle, plan)
     variant = run_with_progress(quantize_text_job(handle, plan, args.calib, args.windows,
                                                   args.seqlen, args.seed, name, args.bos))
     save_variant(variant, args.out)

@@ -97,10 +97,12 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
             blocks[index] = copy.deepcopy(blocks[index])   # shared until now: private from here
         if index <= last_smoothed:
             yield Progress(len(state.qtensors) + 1, total, f"block {index}: SmoothQuant smoothing")
-            smooth_inputs = smooth_block_inputs(blocks[index], block_name, smooth_inputs, sq,
+            smooth_inputs = smooth_block_inputs(blocks[index], block_name,
+                                                smooth_inputs.at(index), sq,
                                                 act_bits, model, last=index == last_smoothed)
         outputs = yield from quantize_block(blocks[index], block_name, index, len(blocks),
-                                            inputs, mine, state,
+                                            None if inputs is None else inputs.at(index),
+                                            mine, state,
                                             want_outputs=index + 1 < len(blocks))
         if mine:
             share_settled(blocks[index], base_blocks[index], block_name, state.qtensors)

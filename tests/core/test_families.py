@@ -92,3 +92,30 @@ def test_a_gguf_transformers_cannot_read_is_refused_from_its_header(tmp_path):
     with pytest.raises(ModelLoadError, match="holds a 'rwkv6' model, which transformers' GGUF "
                                              "loader cannot read"):
         run(open_model_job(path))
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_block_by_block_reproduces_the_forward(handles, arch):
+    """What GPTQ, AWQ, SmoothQuant and the KL sweep run on: each block with its own arguments
+    (Gemma-2/3's full-attention layers get other masks and rotary embeddings than block 0)."""
+    from studio.core.quant.blocks import call_block, capture_block_inputs, decoder_blocks
+
+    model = handles[arch].model
+    ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    _, blocks = decoder_blocks(model)
+    seen = {}
+    hooks = [b.register_forward_hook(lambda m, a, out, i=i: seen.setdefault(i, []).append(
+        out[0] if isinstance(out, tuple) else out)) for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            for row in ids:
+                model(input_ids=row[None])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    inputs = capture_block_inputs(model, ids)
+    hidden = inputs.hidden
+    with torch.no_grad():
+        for index, block in enumerate(blocks):
+            hidden = call_block(block, hidden, inputs.at(index))
+            torch.testing.assert_close(hidden, torch.cat(seen[index]), rtol=1e-5, atol=1e-5)

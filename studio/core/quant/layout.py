@@ -67,12 +67,13 @@ def discover(model: nn.Module) -> None:
     inputs = capture_block_inputs(model, ids)
     hidden = inputs.hidden
     found: dict[tuple, list[ScaleGroup]] = {}
-    for block in blocks:
+    for index, block in enumerate(blocks):
+        mine = inputs.at(index).with_hidden(hidden)
         key = signature(block)
         if key not in found:
-            found[key] = discover_block(block, inputs.with_hidden(hidden))
+            found[key] = discover_block(block, mine)
         setattr(block, ATTRIBUTE, found[key])
-        hidden = call_block(block, hidden, inputs)
+        hidden = call_block(block, hidden, mine)
 
 
 def signature(block: nn.Module) -> tuple:

@@ -43,7 +43,8 @@ def prepare_job(model: nn.Module, windows: torch.Tensor,
     yield Progress(0, last + 2, "SmoothQuant: capturing calibration inputs")
     inputs = capture_block_inputs(model, windows) if last >= 0 else None
     for i, block in enumerate(blocks[: last + 1]):
-        inputs = inputs.with_hidden(smooth_block(block, f"{prefix}.{i}", inputs, specs_by_name))
+        inputs = inputs.with_hidden(smooth_block(block, f"{prefix}.{i}", inputs.at(i),
+                                                 specs_by_name))
         yield Progress(i + 1, last + 2, f"SmoothQuant: smoothed block {i}")
     act_bits = {name: int(spec.option("act_bits")) for name, spec in specs_by_name.items()}
     install_act_quant(model, act_bits)
