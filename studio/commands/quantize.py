@@ -65,6 +65,10 @@ def run(args) -> int:
     print(f"{name}: {summary['layers']} layers in {summary['seconds']:.1f} s, "
           f"{summary['bits_per_weight']:.2f} bits/weight, {summary['size_mb']:.1f} MiB "
           f"-> {args.out}")
+    parts = summary["size_breakdown"]
+    print(f"size: {parts['quantized'] / 2**20:.1f} MiB quantized layers + "
+          f"{parts['embedding'] / 2**20:.1f} MiB embedding / float lm_head (16-bit) + "
+          f"{parts['float'] / 2**20:.1f} MiB other float tensors")
     if summary["calibration"]:
         print(f"calibration: {summary['calibration']} ({args.windows} x {args.seqlen} tokens, "
               f"seed {args.seed})")

@@ -64,3 +64,15 @@ def test_proxy_sweep_never_computes_logits(tiny_llama):
         assert calls == [1]
     finally:
         hook.remove()
+
+
+def test_size_breakdown_adds_up(tiny_llama):
+    from studio.core.quantize import quantize_job
+
+    variant = run(quantize_job(tiny_llama, Plan(QuantSpec(4, 32, method="rtn")), None, None, "v"))
+    parts = variant.size_breakdown
+    assert sum(parts.values()) == variant.size_bytes
+    embed = tiny_llama.model.get_input_embeddings().weight
+    assert parts["embedding"] == 2 * embed.numel()  # tied: the lm_head is the same tensor, once
+    assert parts["quantized"] > 0 and parts["float"] > 0
+    assert variant.to_summary()["size_breakdown"] == parts

@@ -99,8 +99,13 @@ def test_evaluate_and_benchmark_views_feed_the_comparison(qtbot, tiny_llama):
     evaluate.set_checked(["baseline", "w4"])
     evaluate.seqlen.setValue(32)
     evaluate.windows.setValue(2)
+    evaluate.bos.setCurrentIndex(evaluate.bos.findData("yes"))  # this tokenizer adds none
     with qtbot.waitSignal(evaluate.run_evaluation().done, timeout=60_000):
         pass
+    from studio.ui.views.compare import latest_protocol
+    assert evaluate.results["w4"].bos == "<s>" and "each starting with BOS <s>" in \
+        evaluate.summary.text()
+    assert latest_protocol(state.session.runs)["bos"] == "yes"  # an export added later matches
     evaluate.new_tokens.setValue(4)
     with qtbot.waitSignal(evaluate.run_generations().done, timeout=60_000):
         pass
