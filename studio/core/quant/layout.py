@@ -151,19 +151,18 @@ class _Trace:
                 read_norm.update(readers)
         ran = sorted((n for n in self.linears if n in self.order), key=self.order.get)
         for i, prev in enumerate(ran):
-            rows = weight_matrix_shape(self, prev)[0]
+            rows = self.shape(prev)[0]
             for reader in ran[i + 1:]:
                 if reader in read_norm:
                     continue
-                width = weight_matrix_shape(self, reader)[1]
+                width = self.shape(reader)[1]
                 for span in _spans(rows, width):
                     groups.append(ScaleGroup(prev, (reader,), reader, False, span))
         return groups
 
-
-def weight_matrix_shape(trace: _Trace, name: str) -> tuple[int, int]:
-    """[out, in] of a traced linear, from the tensors it saw (GPT-2's Conv1D included)."""
-    return trace.outputs[name].shape[-1], trace.inputs[name].shape[-1]
+    def shape(self, name: str) -> tuple[int, int]:
+        """[out, in] of a traced linear, from the tensors it saw (GPT-2's Conv1D included)."""
+        return self.outputs[name].shape[-1], self.inputs[name].shape[-1]
 
 
 def _spans(rows: int, width: int) -> list[tuple[int, int] | None]:
