@@ -117,3 +117,24 @@ def test_calibration_in_a_variant_records_bos(bos_llama):
     assert variant.calibration.endswith("BOS <s> per window")
     tokens = tokenize(bos_llama.tokenizer, "x y")
     assert tokens[0] != 1  # the text itself is tokenized without specials
+
+
+def test_cli_flags(tiny_dirs, capsys, tmp_path):
+    import json
+
+    from studio.cli import main
+
+    args = ["eval", str(tiny_dirs["llama"]), "--seqlen", "32", "--windows", "2", "--json"]
+    assert main(args) == 0
+    auto = json.loads(capsys.readouterr().out)
+    assert auto["bos"] is None and auto["bos_setting"] == "auto"
+    assert main(args + ["--bos", "yes"]) == 0
+    forced = json.loads(capsys.readouterr().out)
+    assert forced["bos"] == "<s>" and forced["text"].endswith("BOS <s> per window")
+    assert forced["tokens"] == auto["tokens"] and forced["ppl"] != auto["ppl"]
+    out = tmp_path / "variant"
+    assert main(["quantize", str(tiny_dirs["llama"]), "--method", "gptq", "--bits", "4",
+                 "--group-size", "32", "--windows", "16", "--seqlen", "32", "--bos", "yes",
+                 "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["calibration"]["source"].endswith(
+        "BOS <s> per window")
