@@ -30,7 +30,7 @@ from studio.core.jobs import run
 from studio.core.models import open_model_job
 from studio.core.plan import Plan, QuantSpec
 from studio.core.quantize import quantize_job
-from studio.core.text import calibration_windows, eval_windows, tokenize
+from studio.core.text import bos_label, bos_token, calibration_windows, eval_windows, tokenize
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -81,16 +81,18 @@ def main(argv=None) -> int:
 
     handle = run(open_model_job(args.model))
     wiki_ids = tokenize(handle.tokenizer, (args.data / "wikitext2_test.txt").read_text("utf-8"))
-    evaluation = eval_windows(wiki_ids, args.seqlen, args.eval_windows)
+    bos = bos_token(handle.tokenizer)  # windows start with BOS when the model asks (text.py)
+    evaluation = eval_windows(wiki_ids, args.seqlen, args.eval_windows, bos)
     sources = {
         "wikitext": ("WikiText-2 test, 2nd half", in_domain_text(args.data)),
         "shakespeare": ("tinyshakespeare", (args.data / "tinyshakespeare.txt").read_text("utf-8")),
     }
     calib = {key: (label, calibration_windows(tokenize(handle.tokenizer, text), args.seqlen,
-                                              args.calib_windows, seed=0))
+                                              args.calib_windows, seed=0, bos=bos))
              for key, (label, text) in sources.items() if key in args.sources.split(",")}
     print(f"model {handle.name}; perplexity on WikiText-2 test, {evaluation.shape[0]} windows x "
-          f"{args.seqlen} tokens; calibration {args.calib_windows} x {args.seqlen} tokens, seed 0",
+          f"{args.seqlen} tokens; calibration {args.calib_windows} x {args.seqlen} tokens, seed 0; "
+          f"BOS per window: {bos_label(handle.tokenizer, bos) or 'none'}",
           flush=True)
     model_mib = handle.size_bytes / 2 ** 20
     print(f"fp32 model {model_mib:.0f} MiB; peak = the process's peak RSS during the job, "

@@ -5,7 +5,8 @@ import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-from tests.tiny_models import ARCHITECTURES, make_tiny_model, tiny_tokenizer  # noqa: E402
+from tests.tiny_models import (ARCHITECTURES, MORE_ARCHITECTURES, make_tiny_model,  # noqa: E402
+                               tiny_tokenizer)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -39,6 +40,15 @@ def tiny_dirs(tmp_path_factory, tiny_tokenizer_obj):
     """arch -> folder of a tiny random model with a tokenizer."""
     root = tmp_path_factory.mktemp("tiny")
     return {arch: make_tiny_model(arch, root / arch, tiny_tokenizer_obj) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tiny_dirs, tmp_path_factory, tiny_tokenizer_obj):
+    """tiny_dirs plus the other families (Mistral, Qwen3, Gemma2/3, Phi-3): every family the
+    studio covers, for tests that run something on each."""
+    root = tmp_path_factory.mktemp("families")
+    return {**tiny_dirs, **{arch: make_tiny_model(arch, root / arch, tiny_tokenizer_obj)
+                            for arch in MORE_ARCHITECTURES}}
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,10 @@ import torch
 
 VOCAB = 384
 ARCHITECTURES = ("llama", "qwen2", "gemma", "gpt2", "opt")
+# More families (issue 18): q/k norms (Qwen3, Gemma3), sandwich norms with (1 + w) weights
+# (Gemma2/3), fused qkv and gate_up (Phi-3), sliding-window attention (Mistral).
+MORE_ARCHITECTURES = ("mistral", "qwen3", "gemma2", "gemma3", "phi3")
+FAMILIES = ARCHITECTURES + MORE_ARCHITECTURES
 
 
 def tiny_config(arch: str):
@@ -35,6 +39,28 @@ def tiny_config(arch: str):
         return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=256,
                             word_embed_proj_dim=64, **common)
+    if arch == "mistral":
+        return tf.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                max_position_embeddings=256, sliding_window=16, **common)
+    if arch == "qwen3":
+        return tf.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                              max_position_embeddings=256, tie_word_embeddings=True, **common)
+    if arch == "gemma2":
+        return tf.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               max_position_embeddings=256, sliding_window=16, **common)
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                                   max_position_embeddings=256, sliding_window=16,
+                                   layer_types=["sliding_attention", "full_attention"], **common)
+    if arch == "phi3":
+        return tf.Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=4,
+                             max_position_embeddings=256, original_max_position_embeddings=256,
+                             **common)
     raise ValueError(arch)
 
 

@@ -46,7 +46,8 @@ def run(args) -> int:
               "weights": weights.to_dict(channels=args.channels)}
     if not args.weights_only:
         capture = run_with_progress(activation_capture_job(
-            handle, args.calib, windows=args.windows, seqlen=args.seqlen, seed=args.seed))
+            handle, args.calib, windows=args.windows, seqlen=args.seqlen, seed=args.seed,
+            bos=args.bos))
         report["activations"] = _activations(capture, args.k, args.channels)
     text = json.dumps(_clean(report), separators=(",", ":"), allow_nan=False)
     write_text_atomic(out, text)

@@ -73,3 +73,13 @@ def add_calibration_arguments(parser, windows: int, seqlen: int = 512,
     parser.add_argument("--seqlen", type=int, default=seqlen,
                         help=f"tokens per window (default {seqlen})")
     parser.add_argument("--seed", type=int, default=0, help="window sampling seed (default 0)")
+    add_bos_argument(parser)
+
+
+def add_bos_argument(parser, flag: str = "--bos") -> None:
+    """Whether every text window starts with the model's BOS token (text.py explains)."""
+    from studio.core.text import BOS_SETTINGS
+
+    parser.add_argument(flag, default="auto", choices=BOS_SETTINGS,
+                        help="start every window with the BOS token: auto (as the model's "
+                             "tokenizer / GGUF asks, default), yes, or no")

@@ -5,7 +5,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio.commands.common import add_model_argument, open_model, print_json, run_with_progress
+from studio.commands.common import (add_bos_argument, add_model_argument, open_model, print_json,
+                                     run_with_progress)
 from studio.core.evaluate import DEFAULT_SEQLEN, DEFAULT_WINDOWS
 
 NAME = "eval"
@@ -21,6 +22,7 @@ def add_arguments(parser) -> None:
                         help="number of windows (at most; the text may hold fewer)")
     parser.add_argument("--baseline", metavar="MODEL",
                         help="model to compare against (a VARIANT knows its own)")
+    add_bos_argument(parser)
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     parser.add_argument("--prompt", help="also generate greedily from this prompt, side by side")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -66,7 +68,7 @@ def run(args) -> int:
     base_model = target.baseline.model if target.baseline is not None else None
     result = run_with_progress(evaluate_job(target.model, base_model, target.tokenizer,
                                             args.text, args.seqlen, args.windows,
-                                            args.batch_size), quiet=False)
+                                            args.batch_size, args.bos), quiet=False)
     data = {"model": target.name, **result.to_dict()}
     if target.variant is not None:
         data["bits_per_weight"] = round(target.variant.bits_per_weight, 4)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.commands.common import open_model, print_json, run_with_progress
+from studio.commands.common import add_bos_argument, open_model, print_json, run_with_progress
 from studio.core.errors import StudioError
 from studio.core.evaluate import DEFAULT_SEQLEN, DEFAULT_WINDOWS
 from studio.core.export import format_names
@@ -40,6 +40,7 @@ def add_arguments(parser) -> None:
                              "variant on this text (standard protocol)")
     parser.add_argument("--eval-windows", type=int, default=DEFAULT_WINDOWS)
     parser.add_argument("--eval-seqlen", type=int, default=DEFAULT_SEQLEN)
+    add_bos_argument(parser, "--eval-bos")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -58,7 +59,7 @@ def run(args) -> int:
     windows, protocol = None, None
     if args.eval_text:
         windows, protocol = prepare_windows(handle.tokenizer, args.eval_text, args.eval_seqlen,
-                                            args.eval_windows)
+                                            args.eval_windows, args.eval_bos)
     result = run_with_progress(export_job(variant, handle, args.format, args.out, options,
                                           force=args.force, eval_windows=windows,
                                           eval_protocol=protocol))

@@ -177,7 +177,7 @@ def sweep(handle, args, menu, options, kl_options, quiet):
             return saved.subset(options)
     kl_windows = 0 if args.proxy_only else args.windows
     windows, label = text_windows(handle.tokenizer, args.calib, args.seqlen,
-                                  max(kl_windows, DEFAULT_PROXY_WINDOWS), args.seed)
+                                  max(kl_windows, DEFAULT_PROXY_WINDOWS), args.seed, args.bos)
     result = run_with_progress(sensitivity_job(
         handle, windows, **menu, method=args.method, symmetric=args.symmetric,
         gguf_native=args.gguf_native, kl_windows=kl_windows, text_label=label, seed=args.seed),

@@ -41,6 +41,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from studio.core.allocate import plan_title
     from studio.core.quantize import quantize_text_job
     from studio.core.variant import save_variant
 
@@ -49,9 +50,9 @@ def run(args) -> int:
                           "its own scale type per layer (make one with plan --gguf-native).")
     plan = Plan.load(args.recipe) if args.recipe else Plan(command_spec(args))
     handle = open_model(args.model)
-    name = args.name or (plan.default.label if plan.default else "variant")
+    name = args.name or plan_title(handle, plan)
     variant = run_with_progress(quantize_text_job(handle, plan, args.calib, args.windows,
-                                                  args.seqlen, args.seed, name))
+                                                  args.seqlen, args.seed, name, args.bos))
     save_variant(variant, args.out)
     summary = variant.to_summary()
     if args.json:
@@ -64,6 +65,10 @@ def run(args) -> int:
     print(f"{name}: {summary['layers']} layers in {summary['seconds']:.1f} s, "
           f"{summary['bits_per_weight']:.2f} bits/weight, {summary['size_mb']:.1f} MiB "
           f"-> {args.out}")
+    parts = summary["size_breakdown"]
+    print(f"size: {parts['quantized'] / 2**20:.1f} MiB quantized layers + "
+          f"{parts['embedding'] / 2**20:.1f} MiB embedding / float lm_head (16-bit) + "
+          f"{parts['float'] / 2**20:.1f} MiB other float tensors")
     if summary["calibration"]:
         print(f"calibration: {summary['calibration']} ({args.windows} x {args.seqlen} tokens, "
               f"seed {args.seed})")

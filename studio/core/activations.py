@@ -126,7 +126,7 @@ class _InputRecorder:
 
 def activation_capture_job(handle, path: str | Path | None = None,
                            windows: int = DEFAULT_WINDOWS, seqlen: int = DEFAULT_SEQLEN,
-                           seed: int = 0) -> Job[ActivationCapture]:
+                           seed: int = 0, bos: str = "auto") -> Job[ActivationCapture]:
     """Feed `windows` random windows of `seqlen` tokens from `path` (None: the built-in text)
     through the model and return what every quantizable layer's input looked like."""
     if windows < 1:
@@ -134,7 +134,7 @@ def activation_capture_job(handle, path: str | Path | None = None,
     if not handle.quantizable:
         raise StudioError("This model has no quantizable layers to record activations for.")
     yield Progress(0, windows, "Tokenizing calibration text")
-    ids, label = text_windows(handle.tokenizer, path, seqlen, windows, seed)
+    ids, label = text_windows(handle.tokenizer, path, seqlen, windows, seed, bos)
     layer_names = [info.name for info in handle.quantizable]
     blocks = block_modules(handle)
     recorder = _Recorder(handle, layer_names, blocks, windows, seqlen, seed)

@@ -294,6 +294,18 @@ def plan_size(handle, plan: Plan) -> PlanSize:
     return PlanSize(bits / weights if weights else 16.0, int(total), len(quantized))
 
 
+def plan_title(handle, plan: Plan) -> str:
+    """A variant's default name, from its plan: a uniform plan by its spec ("RTN W4 g128"), any
+    plan with rules by what it adds up to ("mixed 4.25 bpw, GPTQ+RTN"), so the two never read
+    alike."""
+    if not plan.rules and plan.default is not None:
+        return plan.default.label
+    methods = sorted({s.method for s in plan.resolve(handle.layers).values() if s is not None})
+    size = plan_size(handle, plan)
+    return (f"mixed {size.bits_per_weight:.2f} bpw, "
+            f"{'+'.join(m.upper() for m in methods) or 'no layer quantized'}")
+
+
 def predicted_loss(result, plan: Plan, kind: str = "auto") -> tuple[float | None, str]:
     """Sum of the per-layer loss of each layer's planned option (0 for full precision).
 

@@ -4,6 +4,9 @@ Standard protocol (../shared/data/README.md): tokenize the whole text once, cut 
 consecutive windows of `seqlen` tokens (stride = seqlen, remainder dropped), and take
 PPL = exp(mean cross-entropy over every predicted token of every window). Each window predicts
 seqlen - 1 tokens (the first token has no context), so `tokens = windows * (seqlen - 1)`.
+When the model's tokenizer asks for a BOS token (or `bos="yes"`), each window's first position
+becomes BOS, as in llama.cpp's perplexity (text.py); the same tokens are predicted either way.
+The protocol of every figure (text, seqlen, windows, BOS) travels in the EvalResult.
 
 Against a baseline the same windows give, per predicted position, the KL divergence
 KL(baseline || variant) and whether both pick the same most likely token (top-1 agreement);
@@ -25,7 +28,7 @@ from studio.core import metrics
 from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress
 from studio.core.quant.coded import expanded
-from studio.core.text import eval_windows, load_text, tokenize
+from studio.core.text import bos_label, bos_token, eval_windows, load_text, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +96,19 @@ class EvalResult:
     top1: float | None = None    # fraction of positions where both pick the same next token
     token_losses: TokenLosses | None = None
     ppl_per_window: list[float] = field(default_factory=list)
+    bos: str | None = None       # the token each window starts with (None: none), ...
+    bos_setting: str = "auto"    # ... as chosen by this setting (auto: the model's tokenizer)
+
+    @property
+    def protocol(self) -> dict:
+        """What the figures depend on besides the models: compare or cache figures on this."""
+        return {"text": self.text, "seqlen": self.seqlen, "windows": self.windows,
+                "bos": self.bos}
 
     def to_dict(self, token_view: bool = False) -> dict:
         data = {"ppl": self.ppl, "tokens": self.tokens, "windows": self.windows,
-                "seqlen": self.seqlen, "text": self.text, "seconds": round(self.seconds, 2),
+                "seqlen": self.seqlen, "text": self.text, "bos": self.bos,
+                "bos_setting": self.bos_setting, "seconds": round(self.seconds, 2),
                 "ppl_per_window": self.ppl_per_window}
         if self.kl is not None:
             data.update(base_ppl=self.base_ppl, kl=self.kl, kl_p99=self.kl_p99, top1=self.top1)
@@ -106,32 +118,38 @@ class EvalResult:
 
 
 def prepare_windows(tokenizer, text_path: str | Path | None, seqlen: int,
-                    windows: int | None) -> tuple[torch.Tensor, str]:
-    """Evaluation windows of a text file (None: the built-in text), standard protocol."""
+                    windows: int | None, bos: str = "auto") -> tuple[torch.Tensor, str]:
+    """Evaluation windows of a text file (None: the built-in text), standard protocol, each
+    starting with BOS when `bos` (auto: the model's tokenizer) says so; the label names it."""
     if windows is not None and windows < 1:
         raise StudioError(f"The number of windows must be at least 1, not {windows}.")
     text, label = load_text(text_path)
-    return eval_windows(tokenize(tokenizer, text), seqlen, windows), label
+    token = bos_token(tokenizer, bos)
+    if token is not None:
+        label = f"{label}, BOS {bos_label(tokenizer, token)} per window"
+    return eval_windows(tokenize(tokenizer, text), seqlen, windows, token), label
 
 
 def evaluate_job(model: nn.Module, baseline_model: nn.Module | None, tokenizer,
                  text_path: str | Path | None = None, seqlen: int = DEFAULT_SEQLEN,
-                 windows: int | None = DEFAULT_WINDOWS, batch_size: int = 1) -> Job[EvalResult]:
+                 windows: int | None = DEFAULT_WINDOWS, batch_size: int = 1,
+                 bos: str = "auto") -> Job[EvalResult]:
     """Perplexity of `model` and, with a baseline, KL / top-1 / per-token loss against it."""
     results = yield from evaluate_many_job({"model": model}, baseline_model, tokenizer,
-                                           text_path, seqlen, windows, batch_size)
+                                           text_path, seqlen, windows, batch_size, bos)
     return results["model"]
 
 
 def evaluate_many_job(models: dict[str, nn.Module], baseline_model: nn.Module | None, tokenizer,
                       text_path: str | Path | None = None, seqlen: int = DEFAULT_SEQLEN,
-                      windows: int | None = DEFAULT_WINDOWS, batch_size: int = 1
-                      ) -> Job[dict[str, EvalResult]]:
+                      windows: int | None = DEFAULT_WINDOWS, batch_size: int = 1,
+                      bos: str = "auto") -> Job[dict[str, EvalResult]]:
     """`evaluate_job` for several models on the same windows: the baseline runs once per batch
     instead of once per model (the baseline itself may be one of `models`)."""
     start = time.perf_counter()
     yield Progress(0, 1, "Tokenizing the evaluation text")
-    ids, label = prepare_windows(tokenizer, text_path, seqlen, windows)
+    ids, label = prepare_windows(tokenizer, text_path, seqlen, windows, bos)
+    bos_text = bos_label(tokenizer, bos_token(tokenizer, bos))
     count = ids.shape[0]
     tallies = {name: _Tally() for name in models}
     steps = count * len(models)
@@ -154,6 +172,8 @@ def evaluate_many_job(models: dict[str, nn.Module], baseline_model: nn.Module | 
     seconds = time.perf_counter() - start
     results = {name: tally.result(tokenizer, ids[0], count, seqlen, label, seconds)
                for name, tally in tallies.items()}
+    for result in results.values():
+        result.bos, result.bos_setting = bos_text, bos
     yield Progress(steps, steps, "Evaluation done")
     return results
 

@@ -183,3 +183,17 @@ def model_bytes(model: nn.Module) -> int:
         seen.add(tensor.data_ptr())
         total += tensor.numel() * tensor.element_size()
     return total
+
+
+def embedding_summary(layers: list[LayerInfo], param_count: int) -> dict | None:
+    """How much of the model the input embedding is, and whether the lm_head shares its weight
+    (a large-vocabulary model's embedding can be half its parameters, stored at 16 bits unless a
+    plan quantizes it). None when the model lists no embedding."""
+    embedding = next((i for i in layers if i.role == "embedding"), None)
+    if embedding is None:
+        return None
+    head = next((i for i in layers if i.role == "lm_head"), None)
+    return {"embedding": embedding.name, "params": embedding.params,
+            "share": embedding.params / param_count if param_count else 0.0,
+            "vocab": embedding.shape[0], "lm_head": head.name if head else None,
+            "lm_head_tied": bool(head and head.tied_to == embedding.name)}

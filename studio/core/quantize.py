@@ -37,7 +37,7 @@ from studio.core.layers import (get_module, is_linear, move_pre_hooks, replace_m
                                  replace_weight_matrix, weight_matrix)
 from studio.core.memory import release_freed_memory
 from studio.core.plan import Plan, QuantSpec
-from studio.core.quant import smoothquant
+from studio.core.quant import layout, smoothquant
 from studio.core.quant.coded import coded_layer
 from studio.core.quant.blocks import (FAST_DTYPE, BlockInputs, Replay, capture_block_inputs,
                                       decoder_blocks, run_block, run_block_until)
@@ -97,10 +97,12 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
             blocks[index] = copy.deepcopy(blocks[index])   # shared until now: private from here
         if index <= last_smoothed:
             yield Progress(len(state.qtensors) + 1, total, f"block {index}: SmoothQuant smoothing")
-            smooth_inputs = smooth_block_inputs(blocks[index], block_name, smooth_inputs, sq,
+            smooth_inputs = smooth_block_inputs(blocks[index], block_name,
+                                                smooth_inputs.at(index), sq,
                                                 act_bits, model, last=index == last_smoothed)
         outputs = yield from quantize_block(blocks[index], block_name, index, len(blocks),
-                                            inputs, mine, state,
+                                            None if inputs is None else inputs.at(index),
+                                            mine, state,
                                             want_outputs=index + 1 < len(blocks))
         if mine:
             share_settled(blocks[index], base_blocks[index], block_name, state.qtensors)
@@ -189,9 +191,10 @@ def compact(model: nn.Module, qtensors: dict[str, QTensor]) -> None:
 
 
 def quantize_text_job(handle, plan: Plan, calib_path, count: int, seqlen: int, seed: int,
-                      name: str) -> Job[Variant]:
+                      name: str, bos: str = "auto") -> Job[Variant]:
     """`quantize_job` with calibration windows cut from a text file (None: the built-in text)
-    first. The plan is checked before the text is read; RTN runs even without usable text."""
+    first, starting with BOS as `bos` says (text.py). The plan is checked before the text is
+    read; RTN runs even without usable text."""
     from studio.core.text import text_windows
 
     needs_text = _needs_windows(handle, plan)  # checks the architecture and the rules too
@@ -199,7 +202,7 @@ def quantize_text_job(handle, plan: Plan, calib_path, count: int, seqlen: int, s
         validate(handle, plan, None)
     yield Progress(0, 1, "Reading the calibration text")
     try:
-        windows, label = text_windows(handle.tokenizer, calib_path, seqlen, count, seed)
+        windows, label = text_windows(handle.tokenizer, calib_path, seqlen, count, seed, bos)
     except StudioError:
         if needs_text:
             raise
@@ -240,6 +243,11 @@ def validate(handle, plan: Plan, windows: torch.Tensor | None) -> dict[str, Quan
             raise StudioError(f"The calibration text gives only {windows.numel()} tokens; "
                               f"{', '.join(m.upper() for m in needs)} needs at least "
                               f"{MIN_CALIB_TOKENS}. Use a longer text or more windows.")
+    if {"awq", "smoothquant"} & set(needs):
+        # Their scales fold into norms and linears found by tracing a block (layout.py): a
+        # block with nothing to fold into is refused here, before any calibration work.
+        layout.discover(handle.model)
+        layout.check_groups(handle.model, specs)
     return specs
 
 

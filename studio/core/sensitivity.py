@@ -557,8 +557,8 @@ def kl_sweep(handle, layers, specs, ids: torch.Tensor, columns: list[int] | None
     with torch.no_grad():
         inputs = capture_block_inputs(model, ids)
         hidden = [inputs.hidden]
-        for block in blocks:
-            hidden.append(call_block(block, hidden[-1], inputs))
+        for index, block in enumerate(blocks):
+            hidden.append(call_block(block, hidden[-1], inputs.at(index)))
         base = BaselineScores(head(hidden[-1]), ids)
         reference = model(input_ids=ids[:1], use_cache=False).logits.float()
     if not torch.allclose(base.logits[:1], reference, atol=1e-3, rtol=1e-3):
@@ -581,9 +581,9 @@ def kl_sweep(handle, layers, specs, ids: torch.Tensor, columns: list[int] | None
         for col, spec in enumerate(specs):
             set_weight_matrix(module, quantize_weight(original, spec).dequantize())
             with torch.no_grad():
-                h = call_block(scratch, hidden[b], inputs)
-                for block in blocks[b + 1:]:
-                    h = call_block(block, h, inputs)
+                h = call_block(scratch, hidden[b], inputs.at(b))
+                for index in range(b + 1, len(blocks)):
+                    h = call_block(blocks[index], h, inputs.at(index))
                 kl[row, col], nll = base.score(head(h))
             ppl[row, col] = metrics.perplexity(nll, base.predicted)
             yield Progress(row * len(specs) + col + 1, total,

@@ -3,6 +3,16 @@
 The built-in text is Python's own help topics (`pydoc_data`), which every CPython install
 ships: about 465k characters of English technical prose, so the studio calibrates offline on a
 fresh machine. A user's own text file replaces it anywhere a text is taken.
+
+BOS: a model whose tokenizer puts a BOS token in front of every text (Llama-2, Gemma, OPT...)
+was trained on sequences that start with it, and measured without it its perplexity can come out
+several times too high. Windows therefore follow llama.cpp's perplexity tool: when the model asks
+for BOS, each window's first position *becomes* BOS (the token it held is dropped, the window
+keeps its length and predicts the same seqlen - 1 tokens, so figures with and without BOS count
+the same tokens). "Asks for BOS" is what the tokenizer does when it encodes a text with its
+special tokens (its post-processor / add_bos_token); for a GGUF source the file's
+`tokenizer.ggml.add_bos_token` decides (models.py makes the tokenizer agree with it). The
+setting `auto` follows the model, `yes` / `no` override it.
 """
 from __future__ import annotations
 
@@ -13,6 +23,7 @@ import torch
 from studio.core.errors import StudioError
 
 BUILTIN = "built-in (Python help topics)"
+BOS_SETTINGS = ("auto", "yes", "no")   # the --bos choices and the evaluate view's menu
 
 
 def builtin_text() -> str:
@@ -52,30 +63,84 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """Consecutive windows, stride = seqlen, remainder dropped: the standard perplexity protocol."""
+def model_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token in front of a text it encodes with special
+    tokens: what the model was trained to see first."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if tokenizer is None or bos is None:
+        return False
+    try:
+        ids = tokenizer("a", add_special_tokens=True, return_attention_mask=False)["input_ids"]
+    except Exception:  # a tokenizer that cannot encode with specials adds nothing we can see
+        return False
+    return len(ids) > 0 and ids[0] == bos
+
+
+def bos_token(tokenizer, setting: str = "auto") -> int | None:
+    """The BOS id each window starts with under `setting` (auto | yes | no), or None."""
+    if setting not in BOS_SETTINGS:
+        raise StudioError(f"The BOS setting must be one of {', '.join(BOS_SETTINGS)}, "
+                          f"not {setting!r}.")
+    if setting == "no" or tokenizer is None:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if setting == "yes":
+        if bos is None:
+            raise StudioError("This model's tokenizer has no BOS token, so windows cannot start "
+                              "with one: use --bos auto or no.")
+        return int(bos)
+    return int(bos) if model_adds_bos(tokenizer) else None
+
+
+def bos_label(tokenizer, bos: int | None) -> str | None:
+    """The BOS token's text (e.g. "<s>") for protocol records; None when windows have none."""
+    if bos is None:
+        return None
+    return getattr(tokenizer, "bos_token", None) or f"id {bos}"
+
+
+def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """llama.cpp's per-chunk BOS: each window's first position becomes `bos` (a new tensor)."""
+    if bos is None:
+        return windows
+    windows = windows.clone()
+    windows[:, 0] = bos
+    return windows
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
+                 bos: int | None = None) -> torch.Tensor:
+    """Consecutive windows, stride = seqlen, remainder dropped: the standard perplexity protocol
+    (with `bos`: every window's first token replaced by it, as llama.cpp's perplexity does)."""
     _check_length(ids, seqlen)
     count = ids.numel() // seqlen
     if max_windows is not None:
         count = min(count, max_windows)
-    return ids[: count * seqlen].reshape(count, seqlen)
+    return with_bos(ids[: count * seqlen].reshape(count, seqlen), bos)
 
 
-def calibration_windows(ids: torch.Tensor, seqlen: int, count: int, seed: int = 0) -> torch.Tensor:
-    """`count` windows of `seqlen` tokens at random offsets drawn with `seed` (as GPTQ samples)."""
+def calibration_windows(ids: torch.Tensor, seqlen: int, count: int, seed: int = 0,
+                        bos: int | None = None) -> torch.Tensor:
+    """`count` windows of `seqlen` tokens at random offsets drawn with `seed` (as GPTQ samples);
+    with `bos`, each starting with it (the offsets do not depend on it)."""
     _check_length(ids, seqlen)
     if count < 1:
         raise StudioError(f"The number of windows must be at least 1, not {count}.")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen + 1, (count,), generator=generator)
-    return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])
+    return with_bos(torch.stack([ids[s: s + seqlen] for s in starts.tolist()]), bos)
 
 
 def text_windows(tokenizer, path: str | Path | None, seqlen: int, count: int,
-                 seed: int = 0) -> tuple[torch.Tensor, str]:
-    """Calibration windows from a file (or the built-in text) and the source's label."""
+                 seed: int = 0, bos: str = "auto") -> tuple[torch.Tensor, str]:
+    """Calibration windows from a file (or the built-in text) and the source's label; the label
+    names the BOS token when the windows start with one (the variant records it)."""
     text, label = load_text(path)
-    return calibration_windows(tokenize(tokenizer, text), seqlen, count, seed), label
+    token = bos_token(tokenizer, bos)
+    windows = calibration_windows(tokenize(tokenizer, text), seqlen, count, seed, token)
+    if token is not None:
+        label = f"{label}, BOS {bos_label(tokenizer, token)} per window"
+    return windows, label
 
 
 def _check_length(ids: torch.Tensor, seqlen: int) -> None:

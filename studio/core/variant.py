@@ -89,6 +89,32 @@ class Variant:
             total += 2 * tensor.numel()
         return int(total)
 
+    @property
+    def size_breakdown(self) -> dict[str, int]:
+        """`size_bytes` split three ways (they add up to it): the quantized layers (codes,
+        scales, zeros), the embedding and a float lm_head (16-bit, one tensor when tied: on a
+        large-vocabulary model often the biggest part), and every other float tensor (norms,
+        biases, layers kept in full precision)."""
+        quantized = sum(storage_bits_per_weight(self.specs[n], qt.shape[1]) * qt.numel() / 8
+                        for n, qt in self.qtensors.items())
+        ends = set()
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            module = getattr(self.model, getter, lambda: None)()
+            weight = None if module is None else module._parameters.get("weight")
+            if weight is not None:  # (a quantized lm_head has codes, no weight parameter)
+                ends.add(id(weight))
+        embedding = other = 0
+        seen: set[int] = set()
+        for tensor in list(self.model.parameters()) + list(self.model.buffers()):
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            if id(tensor) in ends:
+                embedding += 2 * tensor.numel()
+            else:
+                other += 2 * tensor.numel()
+        return {"quantized": int(quantized), "embedding": embedding, "float": other}
+
     def to_summary(self) -> dict[str, Any]:
         errors = [e["error"] for e in self.layer_errors if e.get("error") is not None]
         rtn = [e["rtn_error"] for e in self.layer_errors if e.get("rtn_error") is not None]
@@ -97,6 +123,7 @@ class Variant:
             "methods": self.methods, "calibration": self.calibration,
             "seconds": round(self.seconds, 3), "bits_per_weight": round(self.bits_per_weight, 4),
             "size_bytes": self.size_bytes, "size_mb": round(self.size_bytes / 2 ** 20, 3),
+            "size_breakdown": self.size_breakdown,
             "layers": len(self.qtensors),
             "act_bits": sorted(set(self.act_bits.values())),
             "mean_layer_error": sum(errors) / len(errors) if errors else None,

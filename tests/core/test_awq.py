@@ -11,7 +11,7 @@ from studio.core.plan import QuantSpec
 from studio.core.quant.awq import awq_block, search_clip
 from studio.core.quant.blocks import capture_block_inputs, decoder_blocks, run_block
 from studio.core.quant.grid import effective_group_size, expand_groups, quantize_rtn
-from tests.tiny_models import ARCHITECTURES
+from tests.tiny_models import FAMILIES
 
 
 def windows(count=4, seqlen=32, seed=0):
@@ -22,9 +22,11 @@ def block_specs(prefix, block, spec):
     return {f"{prefix}.{rel}": spec for rel, m in block.named_modules() if is_linear(m)}
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_awq_scaling_leaves_outputs_unchanged(tiny_dirs, arch):
-    model = copy.deepcopy(run(open_model_job(tiny_dirs[arch])).model)
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_awq_scaling_leaves_outputs_unchanged(family_dirs, arch):
+    """Scaling before rounding (scales folded into norms / producing linears, their inverse into
+    the linears, no rounding: the float weights) leaves every family's outputs unchanged."""
+    model = copy.deepcopy(run(open_model_job(family_dirs[arch])).model)
     for module in model.modules():  # non-trivial norms (Gemma's start at 0, i.e. x1)
         if "norm" in type(module).__name__.lower():
             module.weight.data.add_(torch.rand_like(module.weight) * 0.5)

@@ -13,11 +13,13 @@ from studio.core.quant.blocks import decoder_blocks
 from studio.core.quant.grid import fake_quant
 from studio.core.quant.smoothquant import (install_act_quant, installed_act_bits, prepare,
                                            quantize_per_token, remove_act_quant)
-from tests.tiny_models import ARCHITECTURES
+from studio.core.quant import layout
+from studio.core.quant.layout import scaling_groups
+from tests.tiny_models import FAMILIES
 
 W8 = QuantSpec(bits=8, group_size=-1, symmetric=True, method="smoothquant")
 NORMS = ("input_layernorm", "post_attention_layernorm", "ln_1", "ln_2",
-         "self_attn_layer_norm", "final_layer_norm")
+         "self_attn_layer_norm", "final_layer_norm", "pre_feedforward_layernorm")
 
 
 def windows(count=8, seqlen=32):
@@ -41,15 +43,18 @@ def plant_outliers(model):
             module.weight.data[[3, 11]] += 40
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_smoothing_leaves_outputs_unchanged(tiny_dirs, arch):
-    model = copy.deepcopy(run(open_model_job(tiny_dirs[arch])).model)
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_smoothing_leaves_outputs_unchanged(family_dirs, arch):
+    model = copy.deepcopy(run(open_model_job(family_dirs[arch])).model)
     plant_outliers(model)
     ids = windows()
     expected = logits(model, ids)
-    prefix, _ = decoder_blocks(model)
-    norms_before = {n: m.weight.clone() for n, m in model.named_modules()
-                    if n.endswith(NORMS) and n.startswith(prefix + ".")}
+    prefix, blocks = decoder_blocks(model)
+    layout.discover(model)
+    norms_before = {f"{prefix}.{i}.{g.prev}": block.get_submodule(g.prev).weight.clone()
+                    for i, block in enumerate(blocks) for g in scaling_groups(block)
+                    if g.norm_preceded}
+    assert len(norms_before) == 2 * len(blocks)
     names = block_linears(model)
     act_bits = prepare(model, ids, {n: W8 for n in names})
     assert act_bits == {n: 8 for n in names} == installed_act_bits(model)

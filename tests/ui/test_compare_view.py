@@ -47,6 +47,10 @@ def test_compare_view_renders_two_runs(qtbot, state_with_runs, tmp_path):
     assert cells["rtn-w3"]["Perplexity"] == "340.500"
     assert cells["rtn-w3"]["Tokens/s"] == "260.0"
     assert cells["baseline"]["Top-1"] == "100.00%"
+    parts = variant.size_breakdown
+    assert cells["rtn-w3"]["of which embedding/head (MB)"] == \
+        f"{parts['embedding'] / 2**20:.1f}" == cells["baseline"]["of which embedding/head (MB)"]
+    assert cells["rtn-w3"]["of which quantized (MB)"] == f"{parts['quantized'] / 2**20:.1f}"
     # Bars, scatters, the histogram of one quantized layer and the per-layer errors are drawn.
     for plot in (view.ppl_bars, view.speed_bars, view.size_scatter, view.speed_scatter,
                  view.histogram, view.errors):
@@ -99,8 +103,13 @@ def test_evaluate_and_benchmark_views_feed_the_comparison(qtbot, tiny_llama):
     evaluate.set_checked(["baseline", "w4"])
     evaluate.seqlen.setValue(32)
     evaluate.windows.setValue(2)
+    evaluate.bos.setCurrentIndex(evaluate.bos.findData("yes"))  # this tokenizer adds none
     with qtbot.waitSignal(evaluate.run_evaluation().done, timeout=60_000):
         pass
+    from studio.ui.views.compare import latest_protocol
+    assert evaluate.results["w4"].bos == "<s>" and "each starting with BOS <s>" in \
+        evaluate.summary.text()
+    assert latest_protocol(state.session.runs)["bos"] == "yes"  # an export added later matches
     evaluate.new_tokens.setValue(4)
     with qtbot.waitSignal(evaluate.run_generations().done, timeout=60_000):
         pass

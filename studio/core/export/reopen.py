@@ -42,15 +42,15 @@ def is_export_folder(path: str | Path) -> bool:
     return (path.parent if path.is_file() else path).joinpath("report.json").is_file()
 
 
-def export_eval_job(path: str | Path, base_handle, text_path, seqlen: int, windows: int
-                    ) -> Job[tuple[object, dict]]:
+def export_eval_job(path: str | Path, base_handle, text_path, seqlen: int, windows: int,
+                    bos: str = "auto") -> Job[tuple[object, dict]]:
     """(EvalResult, report): the export's perplexity, and KL / top-1 against the base model,
     measured on the file as its consumer library reads it."""
     from studio.core.evaluate import evaluate_job
 
     handle, report = yield from open_export_job(path)
     result = yield from evaluate_job(handle.model, base_handle.model, base_handle.tokenizer,
-                                     text_path, seqlen, windows)
+                                     text_path, seqlen, windows, bos=bos)
     return result, report
 
 

@@ -34,7 +34,8 @@ from studio.core.plan import QuantSpec
 from studio.core.quant.blocks import BlockInputs, run_block
 from studio.core.quant.grid import (QTensor, effective_group_size, expand_groups,
                                     qparams_from_range, quantize_rtn)
-from studio.core.quant.scaling import ScaleGroup, fold_scales, scaling_groups
+from studio.core.quant.layout import scaling_groups
+from studio.core.quant.scaling import ScaleGroup, fold_scales
 
 STATS_TOKENS = 4096
 SEARCH_TOKENS = 1024
@@ -56,7 +57,7 @@ def awq_block_job(block: nn.Module, block_prefix: str, inputs: BlockInputs,
     """`awq_block` as a Job: yields after the capture, each group's search and each layer."""
     local = {rel: specs[_full(block_prefix, rel)] for rel, m in block.named_modules()
              if is_linear(m) and _full(block_prefix, rel) in specs}
-    groups = [g for g in scaling_groups(block) if any(rel in local for rel in g.linears)]
+    groups = [g for g in scaling_groups(block, inputs) if any(rel in local for rel in g.linears)]
     total = 1 + len(groups) + len(local)
     yield Progress(0, total, f"AWQ {block_prefix}: capturing inputs")
 

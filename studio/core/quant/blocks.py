@@ -38,14 +38,25 @@ _CACHE_KWARGS = {"past_key_values": None, "past_key_value": None, "layer_past": 
 @dataclass
 class BlockInputs:
     hidden: torch.Tensor                       # [n, seq, d]: one row per calibration window
-    kwargs: dict = field(default_factory=dict)  # what the model passes every block (batch 1)
+    kwargs: dict = field(default_factory=dict)  # what the model passes the block (batch 1)
     args: tuple = ()                           # positional arguments after the hidden states
+    # (args, kwargs) each block received, when captured: Gemma-2/3 give their sliding- and
+    # full-attention layers different masks and rotary embeddings, so block 0's are not every
+    # block's. `at(i)` selects block i's.
+    per_block: list = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
     def with_hidden(self, hidden: torch.Tensor) -> "BlockInputs":
-        return BlockInputs(hidden, self.kwargs, self.args)
+        return BlockInputs(hidden, self.kwargs, self.args, self.per_block)
+
+    def at(self, index: int) -> "BlockInputs":
+        """These hidden states with the arguments block `index` receives."""
+        if index >= len(self.per_block):
+            return self
+        args, kwargs = self.per_block[index]
+        return BlockInputs(self.hidden, kwargs, args, self.per_block)
 
 
 class _StopForward(Exception):
@@ -70,25 +81,37 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def capture_block_inputs(model: nn.Module, windows: torch.Tensor) -> BlockInputs:
-    """Run the model on each window [n, seq] until block 0 and keep what block 0 receives."""
+    """Run the model on each window [n, seq] until block 0 and keep what block 0 receives; the
+    first window goes on to the last block (never the lm_head) so every block's own keyword
+    arguments are kept too (`BlockInputs.at`)."""
     _, blocks = decoder_blocks(model)
     hidden: list[torch.Tensor] = []
-    kept: dict = {}
+    per_block: list[tuple[tuple, dict]] = []
+
+    def arguments(args, kwargs) -> tuple[tuple, dict]:
+        rest = args if "hidden_states" in kwargs else args[1:]
+        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        kw.update({k: v for k, v in _CACHE_KWARGS.items() if k in kw})
+        return tuple(None if _is_cache(a) else a for a in rest), kw
 
     def grab(module, args, kwargs):
-        if "hidden_states" in kwargs:
-            hidden.append(kwargs["hidden_states"].detach())
-            rest = args
-        else:
-            hidden.append(args[0].detach())
-            rest = args[1:]
-        if not kept:
-            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            kw.update({k: v for k, v in _CACHE_KWARGS.items() if k in kw})
-            kept["kwargs"], kept["args"] = kw, tuple(None if _is_cache(a) else a for a in rest)
-        raise _StopForward
+        hidden.append((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach())
+        first = not per_block
+        if first:
+            per_block.append(arguments(args, kwargs))
+        if not first or len(blocks) == 1:
+            raise _StopForward  # (the first window runs on through the blocks)
 
-    hook = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    def follow(index):
+        def hook(module, args, kwargs):
+            per_block.append(arguments(args, kwargs))
+            if index == len(blocks) - 1:
+                raise _StopForward
+        return hook
+
+    hooks = [blocks[0].register_forward_pre_hook(grab, with_kwargs=True)]
+    hooks += [block.register_forward_pre_hook(follow(i), with_kwargs=True)
+              for i, block in enumerate(blocks) if i > 0]
     try:
         with torch.no_grad():
             for row in windows:
@@ -96,11 +119,15 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor) -> BlockInputs
                     model(input_ids=row[None], use_cache=False)
                 except _StopForward:
                     pass
+                for hook in hooks[1:]:
+                    hook.remove()
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     if not hidden:
         raise StudioError("No calibration windows were given.")
-    return BlockInputs(torch.cat(hidden), kept.get("kwargs", {}), kept.get("args", ()))
+    args, kwargs = per_block[0]
+    return BlockInputs(torch.cat(hidden), kwargs, args, per_block)
 
 
 def _is_cache(value) -> bool:

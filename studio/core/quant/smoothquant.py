@@ -22,7 +22,9 @@ from studio.core.layers import weight_matrix
 from studio.core.plan import QuantSpec
 from studio.core.quant.blocks import capture_block_inputs, decoder_blocks, run_block
 from studio.core.quant.scales import smoothing_scales
-from studio.core.quant.scaling import ScaleGroup, fold_scales, scaling_groups
+from studio.core.quant import layout
+from studio.core.quant.layout import scaling_groups
+from studio.core.quant.scaling import ScaleGroup, fold_scales
 
 BATCH = 4  # windows per block run while recording activation maxima (as the driver's runs)
 
@@ -41,7 +43,8 @@ def prepare_job(model: nn.Module, windows: torch.Tensor,
     yield Progress(0, last + 2, "SmoothQuant: capturing calibration inputs")
     inputs = capture_block_inputs(model, windows) if last >= 0 else None
     for i, block in enumerate(blocks[: last + 1]):
-        inputs = inputs.with_hidden(smooth_block(block, f"{prefix}.{i}", inputs, specs_by_name))
+        inputs = inputs.with_hidden(smooth_block(block, f"{prefix}.{i}", inputs.at(i),
+                                                 specs_by_name))
         yield Progress(i + 1, last + 2, f"SmoothQuant: smoothed block {i}")
     act_bits = {name: int(spec.option("act_bits")) for name, spec in specs_by_name.items()}
     install_act_quant(model, act_bits)
@@ -50,6 +53,7 @@ def prepare_job(model: nn.Module, windows: torch.Tensor,
 
 def last_smoothed_block(model: nn.Module, specs_by_name: dict[str, QuantSpec]) -> int:
     """Index of the last block with a group to smooth (-1: none)."""
+    layout.discover(model)
     prefix, blocks = decoder_blocks(model)
     return max((i for i, block in enumerate(blocks)
                 if _groups_to_smooth(block, f"{prefix}.{i}", specs_by_name)), default=-1)

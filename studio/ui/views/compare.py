@@ -39,7 +39,9 @@ BASELINE = "baseline"
 # (key, header, format) of the runs table and the CSV export, in order.
 COLUMNS = [
     ("variant", "Variant", "{}"), ("plan", "Plan", "{}"), ("bits_per_weight", "Bits/weight", "{:.3f}"),
-    ("size_mb", "Size (MB)", "{:.1f}"), ("ppl", "Perplexity", "{:.3f}"), ("kl", "KL", "{:.5f}"),
+    ("size_mb", "Size (MB)", "{:.1f}"), ("quantized_mb", "of which quantized (MB)", "{:.1f}"),
+    ("embedding_mb", "of which embedding/head (MB)", "{:.1f}"),
+    ("ppl", "Perplexity", "{:.3f}"), ("kl", "KL", "{:.5f}"),
     ("top1", "Top-1", "{:.2%}"), ("prefill_ms", "Prefill (ms)", "{:.1f}"),
     ("decode_tok_s", "Tokens/s", "{:.1f}"), ("peak_rss_mb", "Peak RSS (MB)", "{:.0f}"),
     ("kernels", "Kernels", "{}"), ("calibration", "Calibration", "{}"), ("text", "Eval text", "{}"),
@@ -55,15 +57,25 @@ def describe_variant(variant) -> dict:
     labels = sorted({spec.label for spec in variant.specs.values()})
     plan = labels[0] if len(labels) == 1 else f"mixed: {', '.join(labels[:3])}" + (
         "..." if len(labels) > 3 else "")
+    parts = variant.size_breakdown  # Size = quantized + embedding + other floats
     return {"variant": variant.name, "plan": plan,
             "bits_per_weight": round(variant.bits_per_weight, 4),
-            "size_mb": variant.size_bytes / 2**20, "calibration": variant.calibration or "none"}
+            "size_mb": variant.size_bytes / 2**20, "quantized_mb": parts["quantized"] / 2**20,
+            "embedding_mb": parts["embedding"] / 2**20,
+            "calibration": variant.calibration or "none"}
 
 
 def describe_baseline(handle) -> dict:
     """The baseline counted as variants are: float tensors at 16 bits each."""
+    from studio.core.layers import embedding_summary
+
+    embedding = embedding_summary(handle.layers, handle.param_count) or {}
+    head = embedding.get("lm_head")
+    params = embedding.get("params", 0) + (
+        handle.layer(head).params if head and not embedding["lm_head_tied"] else 0)
     return {"variant": BASELINE, "plan": "full precision", "bits_per_weight": 16.0,
-            "size_mb": 2 * handle.param_count / 2**20, "calibration": "none"}
+            "size_mb": 2 * handle.param_count / 2**20, "quantized_mb": 0.0,
+            "embedding_mb": 2 * params / 2**20, "calibration": "none"}
 
 
 def add_runs(state, runs: list[dict]) -> None:
@@ -78,15 +90,18 @@ def latest_protocol(runs: list[dict]) -> dict:
     for run in reversed(runs):
         if run.get("kind") == "eval":
             return {"text_path": run.get("text_path"), "seqlen": run["seqlen"],
-                    "windows": run["windows"]}
-    return {"text_path": None, "seqlen": DEFAULT_SEQLEN, "windows": DEFAULT_WINDOWS}
+                    "windows": run["windows"], "bos": run.get("bos_setting", "auto")}
+    return {"text_path": None, "seqlen": DEFAULT_SEQLEN, "windows": DEFAULT_WINDOWS,
+            "bos": "auto"}
 
 
-def export_run_job(folder: str, base_handle, text_path, seqlen: int, windows: int):
+def export_run_job(folder: str, base_handle, text_path, seqlen: int, windows: int,
+                   bos: str = "auto"):
     """A run dict for an export folder, measured by the core's `export_eval_job`."""
     from studio.core.export.reopen import export_eval_job
 
-    result, report = yield from export_eval_job(folder, base_handle, text_path, seqlen, windows)
+    result, report = yield from export_eval_job(folder, base_handle, text_path, seqlen, windows,
+                                                bos)
     variant = report.get("variant") or {}
     name = Path(report["path"]).name
     return {"variant": f"{name} [{report['format']}]",

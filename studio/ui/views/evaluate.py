@@ -39,6 +39,7 @@ from studio.ui.views.compare import (
 )
 
 BUILTIN = "Built-in text (Python help topics)"
+BOS_TITLES = {"auto": "As the model's tokenizer asks", "yes": "Always", "no": "Never"}
 # Loss change (nats) at which a token's colour saturates.
 SATURATION = 3.0
 
@@ -74,6 +75,10 @@ class EvaluateView(QWidget):
         self.text.activated.connect(self._text_chosen)
         self.seqlen = QSpinBox(minimum=16, maximum=8192, value=DEFAULT_SEQLEN, singleStep=64)
         self.windows = QSpinBox(minimum=1, maximum=10_000, value=DEFAULT_WINDOWS)
+        # Whether each window starts with BOS (core/text.py): the model's own choice by default.
+        self.bos = QComboBox()
+        for setting, title in BOS_TITLES.items():
+            self.bos.addItem(title, setting)
         self.run_button = QPushButton("Evaluate")
         self.run_button.clicked.connect(self.run_evaluation)
         form = QFormLayout()
@@ -81,6 +86,7 @@ class EvaluateView(QWidget):
         form.addRow("Text", self.text)
         form.addRow("Window length (tokens)", self.seqlen)
         form.addRow("Windows (at most)", self.windows)
+        form.addRow("BOS token per window", self.bos)
         form.addRow(self.run_button)
         self.summary = QLabel("Pick the baseline and/or variants, then Evaluate.")
         self.summary.setWordWrap(True)
@@ -204,11 +210,12 @@ class EvaluateView(QWidget):
             return None
         handle = self.state.handle
         path, seqlen, windows = self.text_path, self.seqlen.value(), self.windows.value()
+        bos = self.bos.currentData()
 
         self.summary.setText("Evaluating...")
         return self.state.submit(
             "Evaluate", lambda: evaluate_many_job(models, handle.model, handle.tokenizer, path,
-                                                  seqlen, windows),
+                                                  seqlen, windows, bos=bos),
             on_result=lambda results: self._evaluated(results, path))
 
     def _evaluated(self, results: dict, text_path: str | None = None) -> None:
@@ -225,7 +232,8 @@ class EvaluateView(QWidget):
                  for name, r in results.items()]
         first = next(iter(results.values()))
         lines.append(f"{first.text}: {first.windows} windows x {first.seqlen} tokens "
-                     f"({first.tokens} predicted tokens).")
+                     f"({first.tokens} predicted tokens), "
+                     + (f"each starting with BOS {first.bos}." if first.bos else "no BOS."))
         self.summary.setText("<br>".join(lines))
         current = self.shown.currentText()
         self.shown.blockSignals(True)

@@ -280,13 +280,14 @@ class QuantizeView(QWidget):
         self._fill_variants()
 
     def run(self) -> None:
+        from studio.core.allocate import plan_title
         from studio.core.quantize import quantize_text_job
 
         handle = self.state.handle
         if handle is None or self.job is not None:
             return
         plan = self.plan()  # a bad setting raises here, before any job starts
-        name = self._unique(self.name.text().strip() or plan.default.label)
+        name = self._unique(self.name.text().strip() or plan_title(handle, plan))
         source = self.calib_path or "built-in text"
         calib = (f"calibration: {Path(source).name}, {self.windows.value()} x "
                  f"{self.seqlen.value()} tokens, seed {self.seed.value()}")

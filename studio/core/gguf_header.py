@@ -1,0 +1,65 @@
+"""Read a few scalar keys from a GGUF file's metadata without reading its tensors.
+
+gguf-py's `GGUFReader` parses every tensor record and takes ~10 s on the demo file on a busy
+2-core machine; a tokenizer flag such as `tokenizer.ggml.add_bos_token` needs only the key/value
+section at the front (GGUF v2/v3 layout: magic, version, tensor count, key count, then keys).
+"""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+# GGUF value types -> struct format of one scalar (8 = string, 9 = array).
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
+            12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_keys(path: str | Path, wanted: set[str]) -> dict[str, object]:
+    """{key: value} for the scalar or string keys of `wanted` that the file holds (arrays are
+    skipped). Stops as soon as every wanted key was seen. Raises ValueError on a bad header."""
+    found: dict[str, object] = {}
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        version, = struct.unpack("<I", f.read(4))
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is too old")
+        _tensors, count = struct.unpack("<QQ", f.read(16))
+        for _ in range(count):
+            key = _string(f)
+            kind, = struct.unpack("<I", f.read(4))
+            value = _value(f, kind)
+            if key in wanted:
+                found[key] = value
+                if len(found) == len(wanted):
+                    break
+    return found
+
+
+def _string(f) -> str:
+    length, = struct.unpack("<Q", f.read(8))
+    data = f.read(length)
+    if len(data) != length:
+        raise ValueError("the metadata ends early")
+    return data.decode("utf-8", errors="replace")
+
+
+def _value(f, kind: int):
+    if kind in _SCALARS:
+        fmt = "<" + _SCALARS[kind]
+        data = f.read(struct.calcsize(fmt))
+        if len(data) != struct.calcsize(fmt):
+            raise ValueError("the metadata ends early")
+        return struct.unpack(fmt, data)[0]
+    if kind == _STRING:
+        return _string(f)
+    if kind == _ARRAY:
+        item, length = struct.unpack("<IQ", f.read(12))
+        if item in _SCALARS:
+            f.seek(length * struct.calcsize("<" + _SCALARS[item]), 1)
+        else:
+            for _ in range(length):
+                _value(f, item)
+        return None
+    raise ValueError(f"unknown GGUF value type {kind}")
