@@ -44,7 +44,7 @@ from torch import nn
 from studio.core import metrics
 from studio.core.errors import StudioError
 from studio.core.export.gguf_types import BLOCK, NATIVE_MENU
-from studio.core.files import write_text_atomic
+from studio.core.files import read_json, write_text_atomic
 from studio.core.jobs import Job, Progress
 from studio.core.layers import set_weight_matrix, weight_matrix
 from studio.core.plan import GROUP_SIZES, QuantSpec
@@ -334,7 +334,7 @@ class SensitivityResult:
                               f"supported (this studio reads version {RESULT_VERSION}).")
         arr = lambda a: None if a is None else np.array(a, dtype=float)  # noqa: E731
         ident = data["identity"]
-        return cls(identity=ModelIdentity(ident["architecture"], tuple(ident["layers"]),
+        result = cls(identity=ModelIdentity(ident["architecture"], tuple(ident["layers"]),
                                           ident["fingerprint"]),
                    layers=list(data["layers"]), shapes=[tuple(s) for s in data["shapes"]],
                    options=[QuantSpec(bits=o["bits"], group_size=o["group_size"],
@@ -347,19 +347,48 @@ class SensitivityResult:
                    text_label=data["text_label"], seqlen=data["seqlen"],
                    kl_windows=data["kl_windows"], proxy_tokens=data["proxy_tokens"],
                    proxy_seconds=data["proxy_seconds"], kl_seconds=data["kl_seconds"])
+        result.check_consistent()
+        return result
+
+    def check_consistent(self) -> None:
+        """Beyond the table shapes `__post_init__` checks: names and numbers where they are
+        expected, so a file from anywhere cannot fail later inside the allocator or a view."""
+        n, m = len(self.layers), len(self.options)
+
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise StudioError(f"the results are inconsistent: {what}")
+
+        need(all(isinstance(x, str) for x in (*self.layers, *self.identity.layers,
+                                              self.identity.architecture,
+                                              self.identity.fingerprint, self.method,
+                                              self.text_label)), "a name is not text")
+        need(len(self.shapes) == n and all(len(s) == 2 and all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in s)
+            for s in self.shapes), "shapes do not match the layers")
+        need(m > 0 and len({repr(o) for o in self.options}) == m, "options are missing or repeated")
+        need(not np.isnan(self.proxy_error).any() and (self.proxy_error >= 0).all(),
+             "proxy errors must be non-negative numbers")
+        for key in ("seqlen", "kl_windows", "proxy_tokens"):
+            value = getattr(self, key)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                 f"{key} is not a count")
+        for key in ("base_ppl", "proxy_seconds", "kl_seconds"):
+            value = getattr(self, key)
+            need(value is None or isinstance(value, (int, float)) and not isinstance(value, bool),
+                 f"{key} is not a number")
 
     def save(self, path: str | Path) -> None:
         write_text_atomic(Path(path), json.dumps(self.to_json()))
 
     @classmethod
     def load(cls, path: str | Path) -> "SensitivityResult":
+        data = read_json(Path(path), f"Sensitivity file {path} does not exist.")
         try:
-            return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise StudioError(f"Sensitivity file {path} does not exist.") from None
+            return cls.from_json(data)
         except StudioError as exc:
             raise StudioError(f"Sensitivity file {path}: {exc}") from None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StudioError(f"Sensitivity file {path} is not valid: {exc}.") from None
 
 

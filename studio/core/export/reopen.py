@@ -15,7 +15,8 @@ def read_report(path: str | Path) -> tuple[Path, dict]:
     folder = path.parent if path.is_file() else path
     report = read_json(folder / "report.json",
                        f"{folder} is not a Compression Studio export (it has no report.json).")
-    if not isinstance(report, dict) or "format" not in report:
+    if (not isinstance(report, dict) or not isinstance(report.get("format"), str)
+            or not isinstance(report.get("file", ""), str)):
         raise StudioError(f"{folder / 'report.json'} is not an export report.")
     return folder, report
 
