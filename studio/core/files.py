@@ -6,6 +6,7 @@ import errno
 import glob
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -94,14 +95,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def disk_error(exc: OSError, target: Path) -> Exception:
-    """A full disk (or a file-size limit) as a message the user can act on; other OS errors as
-    they are."""
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_error(exc: BaseException, target: Path) -> BaseException:
+    """A full disk (or a file-size limit) as a message the user can act on; anything else as
+    it is. Libraries written in Rust (safetensors) report the OS error in their text only."""
     from studio.core.errors import StudioError
 
-    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return StudioError(f"Could not write {target}: {exc.strerror or exc} (the disk is full "
-                           f"or the file is too large for it). Nothing was changed: free some "
+    code = getattr(exc, "errno", None)
+    if code is None:
+        match = re.search(r"os error (\d+)", str(exc))
+        code = int(match.group(1)) if match else None
+    if code in _DISK_FULL:
+        return StudioError(f"Could not write {target}: {os.strerror(code)} (the disk is full or "
+                           f"the file is too large for it). Nothing was changed: free some "
                            f"space and save again.")
     return exc
 
@@ -136,8 +144,9 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise disk_error(exc, path) from None
+        error = disk_error(exc, path)
+        if error is not exc:
+            raise error from None
         raise
     _fsync_dir(path.parent)
 
@@ -175,8 +184,9 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         _fsync_dir(target.parent)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise disk_error(exc, target) from None
+        error = disk_error(exc, target)
+        if error is not exc:
+            raise error from None
         raise
 
 
