@@ -264,6 +264,15 @@ def folder_weight_bytes(folder: Path, config) -> int:
     return total
 
 
+def check_folder(folder: Path) -> None:
+    """The checks a model folder from anywhere passes before transformers reads any of it (for
+    folders opened other than by `open_model_job`, e.g. a compressed-tensors export)."""
+    raw = read_json(folder / "config.json", f"{folder} has no config.json.", ModelLoadError)
+    check_no_remote_code(folder, raw)
+    check_memory(folder_weight_bytes(folder, None), folder.name)
+    check_safetensors(folder)
+
+
 def check_config_size(folder: Path, config, weight_bytes: int) -> None:
     """transformers builds the model the config describes before it reads any weight: a config
     claiming far more than the files hold would allocate it (and fill the rest at random).

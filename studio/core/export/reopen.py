@@ -26,8 +26,11 @@ def open_export_job(path: str | Path) -> Job[tuple[object, dict]]:
     through transformers (with compressed-tensors for its format)."""
     from studio.core.models import open_model_job
 
+    from studio.core.models import check_folder
+
     folder, report = read_report(path)
     if report["format"] == "compressed-tensors":
+        check_folder(folder)  # a folder from anywhere: checked as any model folder is
         return (yield from _open_compressed_tensors(folder)), report
     target = folder
     if report["format"] == "gguf":
