@@ -9,7 +9,7 @@ from tests.fuzz.harness import Kind, fuzz_kind, make_kinds
 
 # (iterations, seconds cap) per kind: the whole pass stays under ~45 s on a busy machine
 BUDGET = {"gguf": (500, 6), "safetensors": (500, 6), "config": (120, 9), "recipe": (400, 5),
-          "sensitivity": (300, 6), "variant": (250, 9)}
+          "sensitivity": (300, 6), "variant": (250, 9), "session": (250, 6)}
 
 
 @pytest.fixture(scope="module")

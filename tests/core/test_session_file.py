@@ -126,6 +126,13 @@ def test_newer_corrupt_and_hostile_sessions_are_refused(session, tmp_path):
     edit(path, lambda d: d.update(results={"x": {"__dict__": [[1]]}}))
     with pytest.raises(StudioError, match="not a valid session"):
         run(open_session_job(path))
+    from studio.core.sensitivity import ModelIdentity
+    save_session(Session(handle=session.handle,
+                         results={"id": ModelIdentity("A", ("x",), "f")}), path)
+    assert run(open_session_job(path)).session.results["id"].layers == ("x",)
+    edit(path, lambda d: d["results"]["id"]["fields"].update(layers={"__tuple__": [1]}))
+    with pytest.raises(StudioError, match="ModelIdentity.layers is not"):
+        run(open_session_job(path))
     (path / "session.json").write_text("{")
     with pytest.raises(StudioError, match="not valid JSON"):
         run(open_session_job(path))

@@ -1,7 +1,7 @@
 """Mutation fuzzing of every file the studio reads from strangers.
 
 A valid file of each kind (a tiny GGUF written with the gguf package, safetensors, a model
-folder's config.json, a recipe, a sensitivity result, a variant folder's files) is mutated by a
+folder's config.json, a recipe, a sensitivity result, a variant folder's files, a session folder's files) is mutated by a
 seeded loop (bit flips, interesting integers written over header words, truncation, inserted
 and deleted bytes; JSON kinds also get structure-aware edits: a value replaced by a hostile one,
 a key removed, an `auto_map` added) and handed to the studio's loader for that kind. A loader may
@@ -151,6 +151,13 @@ def make_kinds(root: Path, model_folder: Path, handle) -> dict[str, Kind]:
                                None, "fuzz"))
     vfolder = save_variant(variant, root / "variant")
 
+    from studio.core.session import Session
+    from studio.core.session_file import open_session_job, save_session
+    session_folder = save_session(
+        Session(handle=handle, plan=plan, results={"sensitivity": result, "exports": [{"a": 1}]},
+                runs=[{"kind": "eval", "ppl": 3.5}]), root / "fuzz.session",
+        {"tab": "Plan"}).path
+
     return {
         "gguf": Kind("gguf", [gguf_file], load_gguf, header_bytes=1024),
         "safetensors": Kind("safetensors", [st_file], load_safetensors, header_bytes=400),
@@ -163,6 +170,10 @@ def make_kinds(root: Path, model_folder: Path, handle) -> dict[str, Kind]:
                                                           "quantized.safetensors",
                                                           "floats.safetensors")],
                         lambda: load_variant(vfolder, handle), json_like=True, header_bytes=2048),
+        "session": Kind("session", [session_folder / "session.json",
+                                    session_folder / "arrays.safetensors"],
+                        lambda: _use_session(session_folder, handle), json_like=True,
+                        header_bytes=2048),
     }
 
 
@@ -175,6 +186,24 @@ def _use_sensitivity(path: Path, handle) -> None:
     result.loss("auto")
     table = loss_table(result, handle)
     allocate(table, budget_bpw=4.5)
+
+
+def _use_session(path: Path, handle) -> None:
+    """Restore on the already-open model (opening it again each time would only cost time)."""
+    from unittest import mock
+
+    from studio.core.jobs import run
+    from studio.core.session_file import open_session_job
+
+    def opened(source):
+        return handle
+        yield
+
+    with mock.patch("studio.core.models.open_model_job", opened):
+        restored = run(open_session_job(path))
+    result = restored.session.results.get("sensitivity")
+    if result is not None and hasattr(result, "loss"):
+        result.loss("auto")
 
 
 def _gguf_reader_agrees(path: Path) -> None:
