@@ -351,32 +351,18 @@ class SensitivityResult:
         return result
 
     def check_consistent(self) -> None:
-        """Beyond the table shapes `__post_init__` checks: names and numbers where they are
-        expected, so a file from anywhere cannot fail later inside the allocator or a view."""
-        n, m = len(self.layers), len(self.options)
+        """Beyond the table shapes `__post_init__` checks: every field of its declared type,
+        positive shapes, distinct options, non-negative errors (a file from anywhere must not
+        fail later inside the allocator or a view)."""
+        from studio.core.typecheck import check_dataclass
 
-        def need(ok: bool, what: str) -> None:
-            if not ok:
-                raise StudioError(f"the results are inconsistent: {what}")
-
-        need(all(isinstance(x, str) for x in (*self.layers, *self.identity.layers,
-                                              self.identity.architecture,
-                                              self.identity.fingerprint, self.method,
-                                              self.text_label)), "a name is not text")
-        need(len(self.shapes) == n and all(len(s) == 2 and all(
-            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in s)
-            for s in self.shapes), "shapes do not match the layers")
-        need(m > 0 and len({repr(o) for o in self.options}) == m, "options are missing or repeated")
-        need(not np.isnan(self.proxy_error).any() and (self.proxy_error >= 0).all(),
-             "proxy errors must be non-negative numbers")
-        for key in ("seqlen", "kl_windows", "proxy_tokens"):
-            value = getattr(self, key)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                 f"{key} is not a count")
-        for key in ("base_ppl", "proxy_seconds", "kl_seconds"):
-            value = getattr(self, key)
-            need(value is None or isinstance(value, (int, float)) and not isinstance(value, bool),
-                 f"{key} is not a number")
+        wrong = check_dataclass(self) + [f"identity.{n}" for n in check_dataclass(self.identity)]
+        if wrong:
+            raise StudioError(f"{wrong[0]} is not of its declared type.")
+        if (len(self.shapes) != len(self.layers) or any(d <= 0 for s in self.shapes for d in s)
+                or not self.options or len({repr(o) for o in self.options}) != len(self.options)
+                or np.isnan(self.proxy_error).any() or (self.proxy_error < 0).any()):
+            raise StudioError("shapes, options or proxy errors are inconsistent.")
 
     def save(self, path: str | Path) -> None:
         write_text_atomic(Path(path), json.dumps(self.to_json()))

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import numpy as np
 from studio.core.errors import ModelLoadError, StudioError
 from studio.core.files import atomic_dir, read_json, safe_name
 from studio.core.jobs import Job, Progress
+from studio.core.typecheck import wrong_fields
 
 SESSION_FORMAT = "compression-studio-session"
 SESSION_VERSION = 1
@@ -128,40 +127,12 @@ def decode(value: Any, arrays: dict, classes: dict[str, type], depth: int = 0) -
         if set(fields) - known:
             raise StudioError(f"{cls.__name__} has no field {sorted(set(fields) - known)[0]}")
         kwargs = {k: decode(v, arrays, classes, depth + 1) for k, v in fields.items()}
-        hints = typing.get_type_hints(cls)
-        for name, item in kwargs.items():
-            if not _fits(item, hints.get(name, typing.Any)):
-                raise StudioError(f"{cls.__name__}.{name} is not {hints[name]}")
+        wrong = wrong_fields(cls, kwargs)
+        if wrong:
+            raise StudioError(f"{cls.__name__}.{wrong[0]} is not of its declared type")
         return cls(**kwargs)
     raise StudioError("an object of unknown kind in the results")
 
-
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether `value` has the type its field declares (containers' items included): the
-    result types' constructors trust their callers, and a view would fail on a wrong type."""
-    if hint is typing.Any:
-        return True
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is list:
-        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
-    if origin is tuple:
-        if not isinstance(value, tuple):
-            return False
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(_fits(v, args[0]) for v in value)
-        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
-    if origin is dict:
-        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1])
-                                               for k, v in value.items())
-    return isinstance(value, origin or hint)
 
 
 # --- saving ----------------------------------------------------------------------------------
