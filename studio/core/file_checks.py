@@ -55,6 +55,8 @@ def check_no_remote_code(folder: Path, config: object) -> None:
 def safetensors_header(file: Path) -> dict:
     """Parse a safetensors header and check every entry against the file's real size."""
     file = Path(file)
+    if not file.is_file():  # a FIFO or device named *.safetensors would block or never end
+        raise ModelLoadError(f"{file.name} is not a regular file.")
     size = file.stat().st_size
     bad = lambda why: ModelLoadError(f"{file.name} is not a valid safetensors file ({why}).")  # noqa: E731
     with open(file, "rb") as handle:
@@ -193,6 +195,8 @@ def gguf_summary(path: Path) -> GGUFSummary:
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path.name} is not a regular file.")
     size = path.stat().st_size
     if size < 24:
         raise ModelLoadError(f"{path.name} is not a GGUF file (it is {size} bytes long).")

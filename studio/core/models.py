@@ -41,6 +41,8 @@ MAX_LAYERS = 1024
 # A config may describe a few parameters the files do not hold (re-initialised buffers,
 # a tied head); not more than this factor.
 MAX_MISSING = 1.05
+# Tokenizer files are parsed whole; real ones are a few MB (the largest vocabularies ~30 MB).
+MAX_TOKENIZER_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -237,6 +239,12 @@ def load_tokenizer(folder: Path) -> tuple[object | None, str | None]:
     if not has_files:
         return None, ("This model has no tokenizer: weight views work, but calibration, "
                       "perplexity and generation are off.")
+    too_big = [f.name for f in folder.iterdir() if f.name.startswith("tokenizer")
+               and f.is_file() and f.stat().st_size > MAX_TOKENIZER_BYTES]
+    if too_big:
+        return None, (f"The tokenizer was not loaded: {too_big[0]} is larger than "
+                      f"{MAX_TOKENIZER_BYTES // 2**20} MiB. Weight views work, but calibration, "
+                      f"perplexity and generation are off.")
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False), None
     except Exception as exc:

@@ -227,3 +227,23 @@ def test_json_files_too_large_are_refused_unread(tmp_path, monkeypatch):
     recipe.write_text(" " * 2000 + "{}")
     with pytest.raises(StudioError, match="at most"):
         Plan.load(recipe)
+
+
+def test_a_fifo_named_like_weights_does_not_block(tiny_dirs, tmp_path):
+    import os
+
+    folder = copy_model(tiny_dirs, tmp_path)
+    os.mkfifo(folder / "extra.safetensors")
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="not a regular file"):
+        open_(folder)
+    assert time.perf_counter() - start < 10
+
+
+def test_an_oversized_tokenizer_is_not_parsed(tiny_dirs, tmp_path, monkeypatch):
+    from studio.core import models
+
+    folder = copy_model(tiny_dirs, tmp_path)
+    monkeypatch.setattr(models, "MAX_TOKENIZER_BYTES", 1000)
+    handle = open_(folder)
+    assert handle.tokenizer is None and any("larger than" in n for n in handle.notes)
