@@ -3,7 +3,8 @@
 Per kind: `--trials` savers each killed with SIGKILL at a random moment (0-0.5 s after their
 first save; they save generation after generation in a loop, so most kills land inside a
 save), then the target is checked to be one complete generation and the next save to check it
-leaves no temporary. Then `--disk-trials` saves under a random file-size limit (RLIMIT_FSIZE
+leaves no temporary. Then one kill at each step of the write itself (`crash.PHASES`: while
+writing, before and after the swap or rename), made certain by killing from inside the save. Then `--disk-trials` saves under a random file-size limit (RLIMIT_FSIZE
 between 1 byte and just over the largest file): each must end in a StudioError (exit 2) that
 leaves the previous generation intact, or fit and succeed. Mechanics: tests/fuzz/crash.py.
 Exit status 1 when any trial failed.
@@ -28,8 +29,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from tests.fuzz.crash import (KINDS, Savers, disk_full_trial, generation_of, kill_trial,
-                                  save, temporaries)
+    from tests.fuzz.crash import (KINDS, PHASES, Savers, disk_full_trial, generation_of,
+                                  kill_trial, phase_trial, save, temporaries)
 
     rng = random.Random(args.seed)
     failures = 0
@@ -52,6 +53,15 @@ def main() -> int:
                     left += outcome["after_next_save"]
                 failures += left
                 print(f"{kind:<8} {args.trials:>6} {complete:>9} {mid:>9} {left:>10}", flush=True)
+            print(f"\n{'kind':<8} {'killed at':<14} {'holds':>6} {'expected':>8} "
+                  f"{'leftovers':>9} {'left after':>10}")
+            for (kind, phase), expected in PHASES.items():
+                target = Path(tmp) / f"phase-{kind}{'' if kind == 'variant' else '.json'}"
+                o = phase_trial(savers, kind, phase, target)
+                ok = o["status"] == -9 and o["generation"] == expected and not o["after_next_save"]
+                failures += not ok
+                print(f"{kind:<8} {phase:<14} {o['generation']:>6} {expected:>8} "
+                      f"{o['leftovers']:>9} {o['after_next_save']:>10}{'' if ok else '  FAILED'}")
             print(f"\n{'kind':<8} {'disk full':>9} {'refused':>8} {'kept old':>9} {'fitted':>7} "
                   f"{'left':>5}")
             for kind in KINDS:

@@ -6,8 +6,8 @@ import pytest
 
 from studio.core.errors import StudioError
 from studio.core.files import atomic_dir, remove_stale_temporaries, write_text_atomic
-from tests.fuzz.crash import (Savers, disk_full_trial, generation_of, kill_trial, save,
-                              temporaries)
+from tests.fuzz.crash import (PHASES, Savers, disk_full_trial, generation_of, kill_trial,
+                              phase_trial, save, temporaries)
 
 TRIALS = 6
 
@@ -26,6 +26,19 @@ def test_kill_9_during_saves_leaves_one_complete_generation(tmp_path, kind, save
     outcomes = [kill_trial(savers, kind, target, rng.uniform(0.0, 0.5)) for _ in range(TRIALS)]
     assert all(o["generation"] >= 1 for o in outcomes)  # never missing, never mixed
     assert all(o["after_next_save"] == 0 for o in outcomes), outcomes
+
+
+@pytest.mark.parametrize("kind,phase", list(PHASES))
+def test_kill_9_at_each_phase_of_a_save(tmp_path, kind, phase, savers):
+    """Random kills mostly land while a save prepares its data; these land, for certain, in
+    each step of the write itself."""
+    target = tmp_path / ("variant" if kind == "variant" else "plan.json")
+    outcome = phase_trial(savers, kind, phase, target)
+    assert outcome["status"] == -9, outcome  # the saver was killed where intended
+    assert outcome["generation"] == PHASES[kind, phase], outcome
+    assert outcome["after_next_save"] == 0, outcome
+    if phase in ("writing", "before-swap", "after-swap", "before-rename"):
+        assert outcome["leftovers"] > 0, outcome  # something was left for the next save
 
 
 @pytest.mark.parametrize("kind,limit", [("variant", 100_000), ("plan", 4096)])

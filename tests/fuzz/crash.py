@@ -117,6 +117,9 @@ def zygote() -> None:
         if words[0] == "full":
             print(json.dumps(_disk_full_fork(*words[1].split())), flush=True)
             continue
+        if words[0] == "phase":
+            print(json.dumps(_phase_fork(*words[1].split())), flush=True)
+            continue
         ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -200,6 +203,66 @@ def _disk_full_fork(kind: str, limit: str, target: str) -> list:
     os.close(read_end)
     _, status = os.waitpid(pid, 0)
     return [os.waitstatus_to_exitcode(status), b"".join(chunks).decode()]
+
+
+# Where a save can be killed, each made certain by killing the saver from inside the save code:
+# (phase, kind) -> the generation the target must then hold (5 before the save, 6 after).
+PHASES = {
+    ("variant", "writing"): 5,      # after the first tensor file is written into the temporary
+    ("variant", "before-swap"): 5,  # everything written and synced, not yet in place
+    ("variant", "after-swap"): 6,   # in place, the old folder not yet removed
+    ("plan", "before-rename"): 5,   # the temporary file written and synced
+    ("plan", "after-rename"): 6,    # renamed, the folder not yet synced
+}
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _phase_fork(kind: str, phase: str, target: str) -> list:
+    """[exit status, note] of a save of generation 6 killed by SIGKILL at `phase`."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            import safetensors.torch
+
+            from studio.core import files
+            if phase == "writing":
+                original, calls = safetensors.torch.save_file, []
+
+                def save_file(*args, **kwargs):
+                    original(*args, **kwargs)
+                    calls.append(1)
+                    _die()
+                safetensors.torch.save_file = save_file
+            elif phase == "before-swap":
+                files._swap_into_place = lambda new, target: _die()
+            elif phase == "after-swap":
+                swap = files._swap_into_place
+                files._swap_into_place = lambda new, target: (swap(new, target), _die())
+            elif phase == "before-rename":
+                files.os.replace = lambda a, b: _die()
+            elif phase == "after-rename":
+                replace = os.replace
+                files.os.replace = lambda a, b: (replace(a, b), _die())
+            save(kind, Path(target), 6)
+        finally:
+            os._exit(3)  # reached only when the kill did not happen
+    _, status = os.waitpid(pid, 0)
+    return [os.waitstatus_to_exitcode(status), ""]
+
+
+def phase_trial(savers: Savers, kind: str, phase: str, target: Path) -> dict:
+    """Kill a save of generation 6 over generation 5 at `phase`; what was left, and whether
+    the next save cleans it."""
+    save(kind, target, 5)
+    status, _ = json.loads(savers.ask(f"phase {kind} {phase} {target}"))
+    generation = generation_of(kind, target)
+    left = temporaries(target)
+    save(kind, target, 0)
+    return {"status": status, "generation": generation, "leftovers": len(left),
+            "after_next_save": len(temporaries(target))}
 
 
 def disk_full_trial(savers: Savers, kind: str, target: Path, limit: int) -> tuple[int, str]:
