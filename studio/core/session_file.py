@@ -183,8 +183,34 @@ def save_session(session, path: str | Path, window: dict | None = None) -> Saved
         (tmp / "session.json").write_text(json.dumps(doc, indent=1, allow_nan=True))
         save_file(arrays, str(tmp / "arrays.safetensors"))
         for name, folder in variants.items():
-            save_variant(session.variants[name], tmp / folder)
+            if not _link_unchanged(session.variants[name], path / folder, tmp / folder):
+                save_variant(session.variants[name], tmp / folder)
     return SavedSession(path, skipped)
+
+
+def _link_unchanged(variant, old: Path, new: Path) -> bool:
+    """Reuse the previous save's folder of the same variant (hard links: a variant's files are
+    never changed in place, only replaced), so an autosave after every job does not rewrite
+    every variant. False when there is none to reuse."""
+    import os
+    import shutil
+
+    try:
+        meta = read_json(old / "variant.json", "")
+    except StudioError:
+        return False
+    if not (isinstance(meta, dict) and meta.get("name") == variant.name
+            and meta.get("created") == variant.created):
+        return False
+    new.mkdir(parents=True)
+    for file in old.iterdir():
+        if not file.is_file():
+            return False
+        try:
+            os.link(file, new / file.name)
+        except OSError:  # another file system, or links not allowed: copy
+            shutil.copy2(file, new / file.name)
+    return True
 
 
 # --- opening ---------------------------------------------------------------------------------

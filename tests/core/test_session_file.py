@@ -97,6 +97,16 @@ def test_round_trip_restores_plans_variants_and_results_exactly(session, tmp_pat
     assert torch.equal(v.model(ids).logits, w.model(ids).logits)
 
 
+def test_saving_again_reuses_unchanged_variants(session, tmp_path):
+    path = tmp_path / "again.session"
+    save_session(session, path)
+    first = (path / "variants" / "gptq" / "quantized.safetensors").stat().st_ino
+    save_session(session, path)  # e.g. the next autosave
+    again = path / "variants" / "gptq" / "quantized.safetensors"
+    assert again.stat().st_ino == first and again.stat().st_nlink == 1  # linked, old gone
+    assert list(run(open_session_job(path)).session.variants) == ["gptq"]
+
+
 def test_a_result_of_another_type_is_named_not_saved(session, tmp_path):
     class Opaque:
         pass
