@@ -39,7 +39,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="studio-crash-") as tmp:
             print(f"{'kind':<8} {'kills':>6} {'complete':>9} {'mid-save':>9} {'left after':>10}")
             for kind in KINDS:
-                target = Path(tmp) / (kind if kind == "variant" else f"{kind}.json")
+                target = Path(tmp) / (f"{kind}.json" if kind == "plan" else kind)
                 complete = mid = left = 0
                 for _ in range(args.trials):
                     try:
@@ -56,7 +56,7 @@ def main() -> int:
             print(f"\n{'kind':<8} {'killed at':<14} {'holds':>6} {'expected':>8} "
                   f"{'leftovers':>9} {'left after':>10}")
             for (kind, phase), expected in PHASES.items():
-                target = Path(tmp) / f"phase-{kind}{'' if kind == 'variant' else '.json'}"
+                target = Path(tmp) / f"phase-{kind}{'.json' if kind == 'plan' else ''}"
                 o = phase_trial(savers, kind, phase, target)
                 ok = o["status"] == -9 and o["generation"] == expected and not o["after_next_save"]
                 failures += not ok
@@ -65,7 +65,7 @@ def main() -> int:
             print(f"\n{'kind':<8} {'disk full':>9} {'refused':>8} {'kept old':>9} {'fitted':>7} "
                   f"{'left':>5}")
             for kind in KINDS:
-                target = Path(tmp) / f"disk-{kind}{'' if kind == 'variant' else '.json'}"
+                target = Path(tmp) / f"disk-{kind}{'.json' if kind == 'plan' else ''}"
                 save(kind, target, 5)
                 largest = max((p.stat().st_size for p in ([target] if target.is_file()
                                                           else target.iterdir())), default=1)

@@ -19,9 +19,9 @@ def savers():
     savers.close()
 
 
-@pytest.mark.parametrize("kind", ["variant", "plan"])
+@pytest.mark.parametrize("kind", ["variant", "plan", "session"])
 def test_kill_9_during_saves_leaves_one_complete_generation(tmp_path, kind, savers):
-    target = tmp_path / ("variant" if kind == "variant" else "plan.json")
+    target = tmp_path / ("plan.json" if kind == "plan" else kind)
     rng = random.Random(kind)
     outcomes = [kill_trial(savers, kind, target, rng.uniform(0.0, 0.5)) for _ in range(TRIALS)]
     assert all(o["generation"] >= 1 for o in outcomes)  # never missing, never mixed
@@ -32,7 +32,7 @@ def test_kill_9_during_saves_leaves_one_complete_generation(tmp_path, kind, save
 def test_kill_9_at_each_phase_of_a_save(tmp_path, kind, phase, savers):
     """Random kills mostly land while a save prepares its data; these land, for certain, in
     each step of the write itself."""
-    target = tmp_path / ("variant" if kind == "variant" else "plan.json")
+    target = tmp_path / ("plan.json" if kind == "plan" else kind)
     outcome = phase_trial(savers, kind, phase, target)
     assert outcome["status"] == -9, outcome  # the saver was killed where intended
     assert outcome["generation"] == PHASES[kind, phase], outcome
@@ -41,9 +41,10 @@ def test_kill_9_at_each_phase_of_a_save(tmp_path, kind, phase, savers):
         assert outcome["leftovers"] > 0, outcome  # something was left for the next save
 
 
-@pytest.mark.parametrize("kind,limit", [("variant", 100_000), ("plan", 4096)])
+@pytest.mark.parametrize("kind,limit", [("variant", 100_000), ("plan", 4096),
+                                        ("session", 100_000)])
 def test_disk_full_is_a_clear_error_and_loses_nothing(tmp_path, kind, limit, savers):
-    target = tmp_path / ("variant" if kind == "variant" else "plan.json")
+    target = tmp_path / ("plan.json" if kind == "plan" else kind)
     save(kind, target, 5)
     status, output = disk_full_trial(savers, kind, target, limit)
     assert status == 2, output

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-KINDS = ("variant", "plan")
+KINDS = ("variant", "plan", "session")
 
 
 def synthetic_variant(generation: int):
@@ -54,10 +54,28 @@ def synthetic_plan(generation: int):
     return Plan(default=QuantSpec(bits=4), rules=rules, architecture=f"gen-{generation}")
 
 
+def synthetic_session(generation: int):
+    """A session of a stand-in model (no weights to fingerprint), with a variant and arrays."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from studio.core.session import Session
+
+    handle = SimpleNamespace(source="synthetic", architecture="Sequential", quantizable=[])
+    return Session(handle=handle, plan=synthetic_plan(generation),
+                   results={"marker": np.full(100_000, generation, dtype=np.float32)},
+                   variants={"v": synthetic_variant(generation)},
+                   runs=[{"generation": generation}])
+
+
 def save(kind: str, target: Path, generation: int) -> None:
     if kind == "variant":
         from studio.core.variant import save_variant
         save_variant(synthetic_variant(generation), target)
+    elif kind == "session":
+        from studio.core.session_file import save_session
+        save_session(synthetic_session(generation), target)
     else:
         synthetic_plan(generation).save(target)
 
@@ -70,6 +88,15 @@ def generation_of(kind: str, target: Path) -> int:
     from studio.core.variant import read_variant_meta
 
     assert target.exists(), f"{target} is missing"
+    if kind == "session":
+        from studio.core.session_file import read_session
+        doc, arrays = read_session(target)
+        gen = doc["runs"][0]["__dict__"][0][1]
+        key = doc["results"]["marker"]["__array__"]
+        assert int(arrays[key][0]) == gen and int(arrays[key][-1]) == gen, "arrays of another save"
+        assert doc["plan"]["architecture"] == f"gen-{gen}", "plan of another save"
+        assert generation_of("variant", target / doc["variants"]["v"]) == gen, "variant of another save"
+        return gen
     if kind == "plan":
         plan = Plan.load(target)
         assert len(plan.rules) == 400
@@ -211,6 +238,9 @@ PHASES = {
     ("variant", "writing"): 5,      # after the first tensor file is written into the temporary
     ("variant", "before-swap"): 5,  # everything written and synced, not yet in place
     ("variant", "after-swap"): 6,   # in place, the old folder not yet removed
+    ("session", "writing"): 5,      # a session folder is written as a variant's is
+    ("session", "before-swap"): 5,
+    ("session", "after-swap"): 6,
     ("plan", "before-rename"): 5,   # the temporary file written and synced
     ("plan", "after-rename"): 6,    # renamed, the folder not yet synced
 }
