@@ -1,4 +1,4 @@
-"""Kill -9 and full-disk trials of the studio's saves (variant folders, recipe files).
+"""Kill -9 and full-disk trials of the studio's saves (variant folders, recipe files, sessions).
 
 Per kind: `--trials` savers each killed with SIGKILL at a random moment (0-0.5 s after their
 first save; they save generation after generation in a loop, so most kills land inside a

@@ -1,4 +1,4 @@
-"""Kill -9 and full-disk trials of the studio's saves (a variant folder, a recipe file).
+"""Kill -9 and full-disk trials of the studio's saves (a variant folder, a recipe file, a session).
 
 A child process saves generation after generation to one target, the real save code
 (`variant.save_variant`, `Plan.save`); the parent kills it with SIGKILL at a random moment and
