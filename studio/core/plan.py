@@ -55,11 +55,15 @@ class QuantSpec:
             raise StudioError(f"Scales are stored as fp32 or fp16, not {self.scale_dtype!r}.")
         if self.method not in METHODS:
             raise StudioError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        if self.symmetric not in (True, False):
+            raise StudioError(f"'symmetric' is true or false, not {self.symmetric!r}.")
         known = METHOD_OPTIONS[self.method]
-        unknown = sorted(set(self.options) - set(known))
+        unknown = sorted(str(k) for k in set(self.options) - set(known))
         if unknown:
             raise StudioError(f"{self.method} has no option {', '.join(unknown)}; "
                               f"it knows {', '.join(known) or 'none'}.")
+        for name, value in self.options.items():
+            check_option(self.method, name, value)
 
     def option(self, name: str) -> Any:
         return self.options.get(name, METHOD_OPTIONS[self.method][name])
@@ -88,11 +92,79 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantSpec":
+        if not isinstance(data, dict):
+            raise StudioError(f"A layer spec is an object of settings, not {_short(data)}.")
         allowed = {"bits", "group_size", "symmetric", "method", "options", "scale_dtype"}
-        extra = sorted(set(data) - allowed)
+        extra = sorted(str(k) for k in set(data) - allowed)
         if extra:
             raise StudioError(f"Unknown field(s) in a layer spec: {', '.join(extra)}.")
-        return cls(**{**data, "options": dict(data.get("options", {}))})
+        options = data.get("options", {})
+        if not isinstance(options, dict):
+            raise StudioError(f"A spec's options are an object of settings, not {_short(options)}.")
+        return cls(**{**data, "options": dict(options)})
+
+
+# What each option's value may be: (type, lowest, highest); None leaves a side open.
+_OPTION_RANGES: dict[str, tuple[type, float | None, float | None]] = {
+    "mse_clip": (bool, None, None), "damp": (float, 0.0, 10.0), "block_size": (int, 1, 1 << 16),
+    "act_order": (bool, None, None), "grid": (int, 1, 1000), "clip": (bool, None, None),
+    "alpha": (float, 0.0, 1.0), "act_bits": (int, 2, 16),
+}
+
+
+def check_option(method: str, name: str, value: Any) -> None:
+    """A method option's value has the default's type and a sane range (recipes come from
+    anywhere: a block size of 0 or a string damp would only fail deep inside a job)."""
+    kind, low, high = _OPTION_RANGES.get(name, (type(METHOD_OPTIONS[method][name]), None, None))
+    ok = (isinstance(value, bool) if kind is bool
+          else isinstance(value, int) and not isinstance(value, bool) if kind is int
+          else isinstance(value, (int, float)) and not isinstance(value, bool)
+          and value == value)  # not NaN
+    if ok and ((low is not None and value < low) or (high is not None and value > high)):
+        ok = False
+    if not ok:
+        span = f" from {low} to {high}" if low is not None else ""
+        raise StudioError(f"{method}'s option {name} must be a {kind.__name__}{span}, "
+                          f"not {_short(value)}.")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# A regex from a recipe runs against every layer name: patterns that can backtrack
+# exponentially (a repeated group that itself repeats, e.g. "(a+)+") or very long ones are
+# refused, so a recipe cannot hang the studio.
+MAX_PATTERN = 500
+
+
+def check_pattern(pattern: str) -> None:
+    if len(pattern) > MAX_PATTERN:
+        raise StudioError(f"Rule pattern is {len(pattern)} characters; at most {MAX_PATTERN}.")
+    stack = [False]  # per open group: does it contain a quantifier?
+    i, escaped = 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c == "[":  # a character class: skip to its end
+            j = pattern.find("]", i + 2)
+            i = len(pattern) if j < 0 else j
+        elif c == "(":
+            stack.append(False)
+        elif c == ")" and len(stack) > 1:
+            inner = stack.pop()
+            following = pattern[i + 1:i + 2]
+            if inner and following in ("*", "+", "{"):
+                raise StudioError(f"Rule pattern {pattern!r} repeats a group that repeats "
+                                  f"itself, which can take forever to match; simplify it.")
+            stack[-1] = stack[-1] or inner
+        elif c in "*+{":
+            stack[-1] = True
+        i += 1
 
 
 @dataclass(frozen=True)
@@ -102,7 +174,12 @@ class Rule:
     regex: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise StudioError(f"A rule's pattern is a layer name or a regex, not {_short(self.pattern)}.")
+        if self.spec is not None and not isinstance(self.spec, QuantSpec):
+            raise StudioError(f"A rule's spec is a QuantSpec or None, not {_short(self.spec)}.")
         if self.regex:
+            check_pattern(self.pattern)
             try:
                 re.compile(self.pattern)
             except re.error as exc:
@@ -167,10 +244,16 @@ class Plan:
             raise StudioError(f"Recipe version {data.get('version')!r} is not supported "
                               f"(this studio reads version {RECIPE_VERSION}).")
         spec = lambda d: None if d is None else QuantSpec.from_dict(d)  # noqa: E731
-        rules = tuple(Rule(r["pattern"], spec(r.get("spec")), bool(r.get("regex", False)))
-                      for r in data.get("rules", []))
-        return cls(default=spec(data.get("default")), rules=rules,
-                   architecture=data.get("architecture"))
+        rules = data.get("rules", [])
+        architecture = data.get("architecture")
+        if not isinstance(rules, list) or not all(isinstance(r, dict) and "pattern" in r
+                                                  for r in rules):
+            raise StudioError("A recipe's rules are a list of objects with a pattern.")
+        if architecture is not None and not isinstance(architecture, str):
+            raise StudioError(f"A recipe's architecture is a name, not {_short(architecture)}.")
+        rules = tuple(Rule(r["pattern"], spec(r.get("spec")), r.get("regex", False) is True)
+                      for r in rules)
+        return cls(default=spec(data.get("default")), rules=rules, architecture=architecture)
 
     def save(self, path: str | Path) -> None:
         from studio.core.files import write_text_atomic
@@ -178,13 +261,12 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
+        from studio.core.files import read_json
+        data = read_json(Path(path), f"Recipe file {path} does not exist.")
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise StudioError(f"Recipe file {path} does not exist.") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise StudioError(f"Recipe file {path} is not valid JSON: {exc}.") from None
-        return cls.from_json(data)
+            return cls.from_json(data)
+        except StudioError as exc:
+            raise StudioError(f"Recipe file {path}: {exc}") from None
 
     def check_architecture(self, architecture: str) -> None:
         if self.architecture and self.architecture != architecture:

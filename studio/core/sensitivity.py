@@ -44,7 +44,7 @@ from torch import nn
 from studio.core import metrics
 from studio.core.errors import StudioError
 from studio.core.export.gguf_types import BLOCK, NATIVE_MENU
-from studio.core.files import write_text_atomic
+from studio.core.files import read_json, write_text_atomic
 from studio.core.jobs import Job, Progress
 from studio.core.layers import set_weight_matrix, weight_matrix
 from studio.core.plan import GROUP_SIZES, QuantSpec
@@ -334,7 +334,7 @@ class SensitivityResult:
                               f"supported (this studio reads version {RESULT_VERSION}).")
         arr = lambda a: None if a is None else np.array(a, dtype=float)  # noqa: E731
         ident = data["identity"]
-        return cls(identity=ModelIdentity(ident["architecture"], tuple(ident["layers"]),
+        result = cls(identity=ModelIdentity(ident["architecture"], tuple(ident["layers"]),
                                           ident["fingerprint"]),
                    layers=list(data["layers"]), shapes=[tuple(s) for s in data["shapes"]],
                    options=[QuantSpec(bits=o["bits"], group_size=o["group_size"],
@@ -347,19 +347,34 @@ class SensitivityResult:
                    text_label=data["text_label"], seqlen=data["seqlen"],
                    kl_windows=data["kl_windows"], proxy_tokens=data["proxy_tokens"],
                    proxy_seconds=data["proxy_seconds"], kl_seconds=data["kl_seconds"])
+        result.check_consistent()
+        return result
+
+    def check_consistent(self) -> None:
+        """Beyond the table shapes `__post_init__` checks: every field of its declared type,
+        positive shapes, distinct options, non-negative errors (a file from anywhere must not
+        fail later inside the allocator or a view)."""
+        from studio.core.typecheck import check_dataclass
+
+        wrong = check_dataclass(self) + [f"identity.{n}" for n in check_dataclass(self.identity)]
+        if wrong:
+            raise StudioError(f"{wrong[0]} is not of its declared type.")
+        if (len(self.shapes) != len(self.layers) or any(d <= 0 for s in self.shapes for d in s)
+                or not self.options or len({repr(o) for o in self.options}) != len(self.options)
+                or np.isnan(self.proxy_error).any() or (self.proxy_error < 0).any()):
+            raise StudioError("shapes, options or proxy errors are inconsistent.")
 
     def save(self, path: str | Path) -> None:
         write_text_atomic(Path(path), json.dumps(self.to_json()))
 
     @classmethod
     def load(cls, path: str | Path) -> "SensitivityResult":
+        data = read_json(Path(path), f"Sensitivity file {path} does not exist.")
         try:
-            return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise StudioError(f"Sensitivity file {path} does not exist.") from None
+            return cls.from_json(data)
         except StudioError as exc:
             raise StudioError(f"Sensitivity file {path}: {exc}") from None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StudioError(f"Sensitivity file {path} is not valid: {exc}.") from None
 
 

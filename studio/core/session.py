@@ -50,3 +50,7 @@ class Sessions:
         # Results were computed on identical weights; the new handle's model takes over.
         session.handle = handle
         return session
+
+    def adopt(self, session: Session) -> None:
+        """Make `session` (restored from a file) the one of its model for the rest of the run."""
+        self._by_key[model_key(session.handle)] = session

@@ -28,7 +28,7 @@ from torch import nn
 
 from studio.core.errors import StudioError
 from studio.core.files import atomic_dir, read_json
-from studio.core.layers import get_module, is_linear, replace_module
+from studio.core.layers import get_module, is_linear, replace_module, weight_matrix
 from studio.core.plan import Plan, QuantSpec
 from studio.core.quant.coded import coded_layer
 from studio.core.quant.grid import QTensor, storage_bits_per_weight
@@ -179,7 +179,58 @@ def read_variant_meta(folder: str | Path) -> dict:
     if meta.get("version") != VARIANT_VERSION:
         raise StudioError(f"Variant version {meta.get('version')!r} is not supported "
                           f"(this studio reads version {VARIANT_VERSION}).")
+    check_meta(meta, folder)
     return meta
+
+
+def check_meta(meta: dict, folder: Path) -> None:
+    """variant.json's fields have the types and ranges the loader relies on (a variant folder may
+    come from anywhere; a wrong type would otherwise fail deep inside the load)."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise StudioError(f"{folder / 'variant.json'} is not a valid variant: {what}.")
+
+    for key in ("name", "base_source", "architecture"):
+        need(isinstance(meta.get(key), str), f"{key} is not a name")
+    need(isinstance(meta.get("calibration"), (str, type(None))), "calibration is not a label")
+    for key in ("seconds", "created"):
+        value = meta.get(key, 0)
+        need(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key} is not a number")
+    act_bits = meta.get("act_bits", {})
+    need(isinstance(act_bits, dict) and all(
+        isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= 16 for v in act_bits.values()),
+        "act_bits are not layer -> 2..16 bits")
+    errors = meta.get("layer_errors", [])
+    need(isinstance(errors, list) and all(isinstance(e, dict) for e in errors),
+         "layer_errors is not a list of records")
+    layers = meta.get("layers")
+    need(isinstance(layers, dict), "layers is not an object")
+    for name, info in layers.items():
+        need(isinstance(info, dict), f"layer {name} is not an object")
+        bits, group, shape = info.get("bits"), info.get("group_size"), info.get("shape")
+        need(isinstance(bits, int) and not isinstance(bits, bool) and 2 <= bits <= 8,
+             f"layer {name} has {bits!r} bits")
+        need(isinstance(shape, list) and len(shape) == 2 and all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape),
+            f"layer {name} has shape {shape!r}")
+        need(isinstance(group, int) and not isinstance(group, bool) and 0 < group <= shape[1],
+             f"layer {name} has group size {group!r}")
+        need(isinstance(info.get("spec"), dict), f"layer {name} has no spec")
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file of the variant, its header checked against its size first."""
+    from safetensors.torch import load_file
+
+    from studio.core.file_checks import safetensors_header
+
+    if not file.is_file():
+        raise StudioError(f"{file.parent} is not a complete variant: {file.name} is missing.")
+    safetensors_header(file)
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors' own refusal of a file its header check let by
+        raise StudioError(f"{file} could not be read: {exc}") from None
 
 
 def is_variant_folder(path: str | Path) -> bool:
@@ -191,11 +242,10 @@ def load_variant(folder: str | Path, base_handle=None) -> Variant:
     source when no handle is given)."""
     import copy
 
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     meta = read_variant_meta(folder)
     plan = Plan.load(folder / "recipe.json")
+    specs_read = {name: QuantSpec.from_dict(info["spec"]) for name, info in meta["layers"].items()}
     if base_handle is None:
         from studio.core.jobs import run
         from studio.core.models import open_model_job
@@ -207,13 +257,15 @@ def load_variant(folder: str | Path, base_handle=None) -> Variant:
     # them (nothing is written into a shared tensor).
     base_tensors = (*base_handle.model.parameters(), *base_handle.model.buffers())
     model = copy.deepcopy(base_handle.model, {id(t): t for t in base_tensors})
-    floats = load_file(str(folder / "floats.safetensors"))
-    packed = load_file(str(folder / "quantized.safetensors"))
+    floats = _load_tensors(folder / "floats.safetensors")
+    packed = _load_tensors(folder / "quantized.safetensors")
     untie_if_needed(model, meta["layers"])
     owners = {f"{prefix}.{key}" if prefix else key: (module, key)
               for prefix, module in model.named_modules()
               for key in (*module._parameters, *module._buffers)}
     for key, value in floats.items():
+        if value.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise StudioError(f"The variant's {key} is {value.dtype}, not a float tensor.")
         if key not in owners:
             raise StudioError(f"The variant changes {key}, which the base model does not have.")
         module, attr = owners[key]
@@ -227,14 +279,37 @@ def load_variant(folder: str | Path, base_handle=None) -> Variant:
             module._buffers[attr] = value.to(old.dtype)
     qtensors, specs = {}, {}
     for name, info in meta["layers"].items():
-        codes = unpack_codes(packed[f"{name}.qweight"], info["bits"], info["shape"][1])
-        qt = QTensor(codes, packed[f"{name}.scale"], packed[f"{name}.zero"], info["bits"],
-                     info["group_size"])
-        module = get_module(model, name)
+        out, cols = info["shape"]
+        groups = -(-cols // info["group_size"])
+        words, scale, zero = (packed.get(f"{name}.{k}") for k in ("qweight", "scale", "zero"))
+        if words is None or scale is None or zero is None:
+            raise StudioError(f"The variant's {name} is missing from quantized.safetensors.")
+        if (words.dtype != torch.int32 or words.dim() != 2 or words.shape[0] != out
+                or tuple(scale.shape) != (out, groups) or tuple(zero.shape) != (out, groups)
+                or not scale.is_floating_point() or not zero.is_floating_point()):
+            raise StudioError(f"The variant's {name} tensors do not match its recorded shape "
+                              f"{[out, cols]} at group size {info['group_size']}.")
+        try:
+            module = get_module(model, name)
+        except AttributeError:
+            raise StudioError(f"The variant quantizes {name}, which the base model does not "
+                              f"have.") from None
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise StudioError(f"The variant quantizes {name}, which is not a weight layer.")
+        if tuple(weight_matrix(module).shape) != (out, cols):
+            raise StudioError(f"The variant's {name} is {[out, cols]}; the base model's is "
+                              f"{list(weight_matrix(module).shape)}.")
+        codes = unpack_codes(words, info["bits"], cols)
+        qt = QTensor(codes, scale.float(), zero.float(), info["bits"], info["group_size"])
         replace_module(model, name, coded_layer(module, qt))
         qtensors[name] = qt
-        specs[name] = QuantSpec.from_dict(info["spec"])
+        specs[name] = specs_read[name]
     act_bits = {k: int(v) for k, v in meta.get("act_bits", {}).items()}
+    unknown = sorted(set(act_bits) - set(qtensors))
+    if unknown:
+        raise StudioError(f"The variant quantizes the inputs of {unknown[0]}, which it does not "
+                          f"quantize.")
     if act_bits:
         from studio.core.quant.smoothquant import install_act_quant
         install_act_quant(model, act_bits)

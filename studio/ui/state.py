@@ -37,6 +37,16 @@ class AppState(QObject):
         self.selected_layer = None
         self.modelChanged.emit(handle)
 
+    def set_session(self, session) -> None:
+        """Show a restored session (its model opened): its results, plan, variants and runs
+        replace whatever this run had for the same model."""
+        self.sessions.adopt(session)
+        self.session = session
+        self.selected_layer = None
+        self.modelChanged.emit(session.handle)
+        for key in (*session.results, "plan", "variants", "runs"):
+            self.resultsChanged.emit(key)
+
     def select_layer(self, name: str) -> None:
         if name != self.selected_layer:
             self.selected_layer = name

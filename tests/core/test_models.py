@@ -1,5 +1,4 @@
 """Opening models through the user's path: every architecture, shards, GGUF, bad input."""
-import json
 import shutil
 
 import pytest
@@ -123,7 +122,7 @@ def test_missing_tokenizer_keeps_weights(tmp_path):
 def test_corrupt_gguf(tmp_path):
     bad = tmp_path / "model.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 20)
-    with pytest.raises(ModelLoadError, match="not a readable GGUF"):
+    with pytest.raises(ModelLoadError, match="GGUF version 0"):
         open_(bad)
 
 

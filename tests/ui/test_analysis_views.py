@@ -1,6 +1,5 @@
 """The Weights and Activations views render a tiny model's statistics and react to the user."""
 import numpy as np
-import pytest
 
 from studio.ui.views.activations import ActivationsView
 from studio.ui.views.weights import WeightsView

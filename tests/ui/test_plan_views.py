@@ -4,7 +4,7 @@ import pytest
 
 from studio.core.jobs import run
 from studio.core.models import open_model_job
-from studio.core.plan import Plan, QuantSpec, Rule
+from studio.core.plan import Plan
 from studio.core.sensitivity import sensitivity_job
 from studio.core.text import text_windows
 from studio.ui.views.plan_editor import PlanView

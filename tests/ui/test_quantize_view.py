@@ -1,6 +1,5 @@
 """The Quantize panel runs a job, plots each layer's error live, and manages variants."""
 import numpy as np
-import pytest
 
 from studio.ui.views.quantize import QuantizeView
 

@@ -13,7 +13,6 @@ initialise a compressed Embedding): it is refused, or written de-quantized under
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -257,9 +256,16 @@ def packed_zero_points(folder: Path) -> bool:
     """Whether the export holds packed zero points (asymmetric pack-quantized layers), which
     transformers 5.24 with compressed-tensors 0.20 cannot load: it gives those layers unpacked
     [out, groups] zero-point parameters, and its shape check refuses the file's."""
-    config = json.loads((folder / "config.json").read_text())["quantization_config"]
-    return any(group["format"] == PACKED and not group["weights"]["symmetric"]
-               for group in config["config_groups"].values())
+    from studio.core.files import read_json
+
+    config = read_json(folder / "config.json", f"{folder} has no config.json.")
+    try:
+        groups = config["quantization_config"]["config_groups"].values()
+        return any(group["format"] == PACKED and not group["weights"]["symmetric"]
+                   for group in groups)
+    except (KeyError, TypeError, AttributeError):
+        raise StudioError(f"{folder / 'config.json'} has no valid compressed-tensors "
+                          f"quantization_config.") from None
 
 
 def decoded_reload_job(folder: Path, source: Path) -> Job[Reloaded]:
@@ -281,7 +287,7 @@ def decoded_reload_job(folder: Path, source: Path) -> Job[Reloaded]:
     except Exception as exc:  # whatever it raises: the export does not decode
         raise StudioError(f"compressed-tensors could not de-compress the export: {exc}") from None
     yield Progress(1, 2, "Building the model with transformers")
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(dense, strict=False)

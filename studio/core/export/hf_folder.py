@@ -57,7 +57,8 @@ def reload_folder_job(folder: Path, source: Path, what: str, **load_kwargs) -> J
 
     yield Progress(0, 1, f"Re-opening the {what} with transformers")
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **load_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                     trust_remote_code=False, **load_kwargs)
     except Exception as exc:  # whatever transformers raises: the export is not loadable
         raise StudioError(f"transformers could not load the exported {what}: {exc}") from None
     model.eval()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from studio.core.export import get_format
 from studio.core.export.base import ExportOptions, Reloaded, Written
 from studio.core.export.report import readme_text
 from studio.core.export.tensors import float_tensors
+from studio.core import files
 from studio.core.files import atomic_dir
 from studio.core.jobs import Job, Progress
 from studio.core.layers import get_module, is_linear, weight_matrix
@@ -174,10 +174,9 @@ def check_variant_matches(variant, handle) -> None:
 
 
 def remove_stale_temporaries(out: Path) -> None:
-    """Leftovers of an export that was killed half-way (atomic_dir's temporary names)."""
-    if out.parent.is_dir():
-        for stale in out.parent.glob(f".{out.name}.*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+    """Leftovers of an export that was killed half-way (`files.remove_stale_temporaries`:
+    those of writers that are gone, never a running export's)."""
+    files.remove_stale_temporaries(out)
 
 
 # --- verification ----------------------------------------------------------------------------

@@ -15,7 +15,8 @@ def read_report(path: str | Path) -> tuple[Path, dict]:
     folder = path.parent if path.is_file() else path
     report = read_json(folder / "report.json",
                        f"{folder} is not a Compression Studio export (it has no report.json).")
-    if not isinstance(report, dict) or "format" not in report:
+    if (not isinstance(report, dict) or not isinstance(report.get("format"), str)
+            or not isinstance(report.get("file", ""), str)):
         raise StudioError(f"{folder / 'report.json'} is not an export report.")
     return folder, report
 
@@ -25,8 +26,11 @@ def open_export_job(path: str | Path) -> Job[tuple[object, dict]]:
     through transformers (with compressed-tensors for its format)."""
     from studio.core.models import open_model_job
 
+    from studio.core.models import check_folder
+
     folder, report = read_report(path)
     if report["format"] == "compressed-tensors":
+        check_folder(folder)  # a folder from anywhere: checked as any model folder is
         return (yield from _open_compressed_tensors(folder)), report
     target = folder
     if report["format"] == "gguf":

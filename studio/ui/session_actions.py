@@ -1,0 +1,152 @@
+"""File > Save Session / Open Session, autosave after every finished job (and every few
+minutes), and the offer to restore the autosave after a crash. The session format itself is
+`studio.core.session_file`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import QObject, QTimer
+from PySide6.QtGui import QKeySequence
+from PySide6.QtWidgets import QFileDialog, QMessageBox
+
+from studio.core import session_file
+from studio.core.errors import StudioError
+from studio.ui.errors import get_reporter
+
+AUTOSAVE_MINUTES = 5
+
+
+class SessionActions(QObject):
+    """Owned by the main window; reads and restores its state through `window_state` /
+    `apply_window_state`."""
+
+    def __init__(self, window) -> None:
+        super().__init__(window)
+        self.window, self.state = window, window.state
+        self.autosave_enabled = True
+        self.last_autosave: Path | None = None
+        self._dirty = False
+        self.state.runner.jobDone.connect(self._job_done)
+        self.state.resultsChanged.connect(self._changed)
+        self.timer = QTimer(self)
+        self.timer.timeout.connect(lambda: self._dirty and self.autosave())
+        self.timer.start(AUTOSAVE_MINUTES * 60_000)
+
+    def add_menu_items(self, menu) -> None:
+        self.window._action(menu, "&Save session...", self.choose_save, QKeySequence("Ctrl+Shift+S"))
+        self.window._action(menu, "Open s&ession...", self.choose_open)
+
+    # --- window state ----------------------------------------------------------------------
+    def window_state(self) -> dict:
+        tabs = self.window.tabs
+        return {"tab": tabs.tabText(tabs.currentIndex()), "layer": self.state.selected_layer}
+
+    def apply_window_state(self, window: dict) -> None:
+        tabs = self.window.tabs
+        for i in range(tabs.count()):
+            if tabs.tabText(i) == window.get("tab"):
+                tabs.setCurrentIndex(i)
+        layer = window.get("layer")
+        if isinstance(layer, str) and self.state.handle is not None:
+            if any(info.name == layer for info in self.state.handle.layers):
+                self.state.select_layer(layer)
+
+    # --- save ------------------------------------------------------------------------------
+    def choose_save(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self.window, "Save session",
+                                              f"studio{session_file.SUFFIX}",
+                                              f"Session (*{session_file.SUFFIX})")
+        if path:
+            self.save(path)
+
+    def save(self, path: str | Path) -> session_file.SavedSession | None:
+        """Save now (on the UI thread: a session's files are small beside a model's)."""
+        path = Path(path)
+        if path.suffix != session_file.SUFFIX:
+            path = path.with_name(path.name + session_file.SUFFIX)
+        try:
+            saved = session_file.save_session(self.state.session, path, self.window_state())
+        except StudioError as exc:
+            get_reporter().report("Session not saved", str(exc))
+            return None
+        note = f" (not saved: {', '.join(saved.skipped)})" if saved.skipped else ""
+        self.window.statusBar().showMessage(f"Session saved to {saved.path}{note}", 8000)
+        return saved
+
+    # --- open ------------------------------------------------------------------------------
+    def choose_open(self) -> None:
+        path = QFileDialog.getExistingDirectory(self.window, "Open session (a .session folder)")
+        if path:
+            self.open(path)
+
+    def locate_model(self, source: str) -> str | None:
+        """Ask where the session's model is now (a folder, or a .gguf file)."""
+        QMessageBox.information(self.window, "Locate the model",
+                                f"The session's model is no longer at {source}. Choose where "
+                                f"it is now (the same weights).")
+        if source.endswith(".gguf"):
+            path, _ = QFileDialog.getOpenFileName(self.window, "Locate the model", "",
+                                                  "GGUF (*.gguf)")
+        else:
+            path = QFileDialog.getExistingDirectory(self.window, "Locate the model folder")
+        return path or None
+
+    def open(self, path: str | Path, model: str | None = None):
+        """Re-open a session in the background; a model that moved is asked for first."""
+        try:
+            doc, _ = session_file.read_session(path)
+        except StudioError as exc:
+            get_reporter().report("Session not opened", str(exc))
+            return None
+        source = doc["model"]["source"]
+        if model is None and source != "demo" and not Path(source).exists():
+            model = self.locate_model(source)
+            if model is None:
+                self.window.statusBar().showMessage("Session not opened: its model was not "
+                                                    "located.", 8000)
+                return None
+        return self.state.submit(f"Opening session {Path(path).name}",
+                                 lambda: session_file.open_session_job(path, model),
+                                 on_result=self._restored)
+
+    def _restored(self, restored) -> None:
+        self.state.set_session(restored.session)
+        self.apply_window_state(restored.window)
+        self._dirty = False
+        message = " ".join(["Session restored.", *restored.notes])
+        self.window.statusBar().showMessage(message, 8000)
+
+    # --- autosave and crash recovery -------------------------------------------------------
+    def _changed(self, _key: str) -> None:
+        self._dirty = True
+
+    def _job_done(self, handle) -> None:
+        if not handle.token.cancelled and self._dirty:
+            self.autosave()
+
+    def autosave(self) -> None:
+        if not self.autosave_enabled or self.state.handle is None:
+            return
+        try:
+            saved = session_file.autosave(self.state.session, self.window_state())
+        except Exception as exc:  # an autosave must never take the window down
+            self.autosave_enabled = False
+            get_reporter().report("Autosave stopped", f"The session could not be autosaved "
+                                  f"({exc}); autosave is off until the next start. Save the "
+                                  f"session yourself (File > Save session).")
+            return
+        if saved is not None:
+            self.last_autosave, self._dirty = saved.path, False
+
+    def offer_restore(self, crashed: Path | None) -> bool:
+        """After a crash: offer the autosave back. True when the user accepted."""
+        if crashed is None:
+            return False
+        answer = QMessageBox.question(
+            self.window, "Restore the last session?",
+            "The studio did not close normally last time. Restore the session it autosaved "
+            "(model, plan, variants and results)?")
+        if answer != QMessageBox.StandardButton.Yes:
+            return False
+        self.open(crashed)
+        return True
