@@ -15,11 +15,18 @@ quantized variant on its own kernels (`studio.core.kernels`). Each is measured t
   own tensors, is given beside it for comparing targets;
 * size: bytes on disk when the target is a saved folder, else the bytes its tensors hold.
 
+Targets run on a backend (`studio.core.backends`): torch (the above), or llama.cpp for a GGUF
+file (`gguf_target`), timed the same way with the same prompt ids and lengths. Every result
+records its backend, threads, build and kernels. An optional backend's target that cannot run
+(binding missing, file it cannot load) comes back as a result with `error` set and no figures,
+so the other targets' figures still come out.
+
 Results are returned only when every target has finished: a cancelled benchmark reports nothing.
 """
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import threading
 import time
@@ -30,6 +37,7 @@ import psutil
 import torch
 from torch import nn
 
+from studio.core.backends import get_backend
 from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress
 from studio.core.kernels import KernelChoice, float_model, kernel_model, kernel_summary
@@ -44,9 +52,12 @@ INT8_SPEC = QuantSpec(bits=8, group_size=-1, symmetric=True)
 @dataclass
 class BenchTarget:
     name: str
-    build: Callable[[], tuple[nn.Module, list[KernelChoice]]]
+    # torch: build() -> (model, kernels); other backends: build(max_len, threads) -> (runner
+    # with timed_generation, kernels)
+    build: Callable[..., tuple[object, list[KernelChoice]]]
     size_bytes: int | None = None   # on disk, when the target is a saved folder
     details: dict = field(default_factory=dict)  # shown next to the figures (plan, source...)
+    backend: str = "torch"
 
 
 @dataclass
@@ -67,12 +78,20 @@ class BenchResult:
     new_tokens: int
     kernels: list[KernelChoice]
     details: dict = field(default_factory=dict)
+    backend: str = "torch"
+    build: dict = field(default_factory=dict)   # versions / CPU flags of what ran it
+    error: str | None = None                    # why an optional target gave no figures
 
     @property
     def fallbacks(self) -> list[KernelChoice]:
         return [k for k in self.kernels if k.fallback]
 
     def to_dict(self) -> dict:
+        if self.error:   # no figures: say what would have run and why it did not
+            return {"name": self.name, "backend": self.backend, "error": self.error,
+                    "threads": self.threads, "prompt_tokens": self.prompt_tokens,
+                    "new_tokens": self.new_tokens, "kernel_summary": {}, "kernels": [],
+                    "build": self.build, **self.details}
         return {"name": self.name, "prefill_ms": round(self.prefill_ms, 2),
                 "prefill_ms_range": [round(v, 2) for v in self.prefill_ms_range],
                 "decode_tok_s": round(self.decode_tok_s, 2),
@@ -82,7 +101,9 @@ class BenchResult:
                 "weights_read_mb": round(self.weights_read_mb, 2), "threads": self.threads,
                 "repeat": self.repeat, "prompt_tokens": self.prompt_tokens,
                 "new_tokens": self.new_tokens, "kernel_summary": kernel_summary(self.kernels),
-                "kernels": [k.to_dict() for k in self.kernels], **self.details}
+                "kernels": [k.to_dict() for k in self.kernels], "backend": self.backend,
+                "build": self.build, **({"error": self.error} if self.error else {}),
+                **self.details}
 
 
 # --- what can be measured ------------------------------------------------------------------
@@ -125,6 +146,41 @@ def variant_target(name: str, model: nn.Module, qtensors: dict, size_bytes: int 
                    details: dict | None = None) -> BenchTarget:
     """A quantized variant on its kernels (its de-quantized `model` and its `qtensors`)."""
     return BenchTarget(name, lambda: kernel_model(model, qtensors), size_bytes, details or {})
+
+
+def gguf_target(path, name: str | None = None, details: dict | None = None) -> BenchTarget:
+    """A GGUF file run by llama.cpp (the optional backend)."""
+    from pathlib import Path
+
+    path = Path(path)
+
+    def build(max_len: int, threads: int):
+        from studio.core.export import llama_cpp
+
+        reason = get_backend("llama.cpp").unavailable_reason()
+        if reason:
+            raise StudioError(reason[0].upper() + reason[1:] + ".")
+        if not path.is_file():
+            raise StudioError(f"{path} does not exist.")
+        runner = llama_cpp.Generator(path, max_len, threads)
+        return runner, gguf_kernels(path)
+
+    size = path.stat().st_size if path.is_file() else None
+    return BenchTarget(name or f"llama.cpp {path.name}", build, size,
+                       {"gguf": str(path), **(details or {})}, backend="llama.cpp")
+
+
+def gguf_kernels(path) -> list[KernelChoice]:
+    """What llama.cpp reads per token from a GGUF, one KernelChoice per weight tensor (the token
+    embedding only when it is also the output head: otherwise one row of it is read)."""
+    from studio.core.export import llama_cpp
+
+    rows = llama_cpp.tensor_kernels(path)
+    tied = not any(name == "output.weight" for name, *_ in rows)
+    return [KernelChoice(name, f"llama.cpp {kind}", bits, size,
+                         "the tied output head" if name == "token_embd.weight" else "")
+            for name, kind, bits, size in rows
+            if name != "token_embd.weight" or tied]
 
 
 def _rtn_builder(model, names, head, spec):
@@ -195,7 +251,17 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
             base = index * (repeat + 2)
             yield Progress(base, steps, f"Building {target.name}")
             gc.collect()
-            model, choices = target.build()
+            backend = get_backend(target.backend)
+            if target.backend == "torch":
+                model, choices = target.build()
+            else:
+                try:
+                    model, choices = target.build(prompt_tokens + new_tokens + 1,
+                                                  torch.get_num_threads())
+                except StudioError as exc:  # the torch figures still come out
+                    results.append(_failed(target, str(exc), torch.get_num_threads(), repeat,
+                                           prompt_tokens, new_tokens))
+                    continue
             prefill, decode = [], []
             with RssPeak() as rss:
                 for run_index in range(repeat + 1):  # run 0 warms up and is not counted
@@ -208,18 +274,21 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
                         prefill.append(1000 * seconds_prefill)
                         decode.append(new_tokens / seconds_decode)
             size = target.size_bytes
+            in_memory = model_bytes(model) if isinstance(model, nn.Module) else size or 0
+            loop = ("llama.cpp" if target.backend != "torch" else
+                    "lean" if lean_supported(model) else "transformers")
             results.append(BenchResult(
                 name=target.name, prefill_ms=statistics.median(prefill),
                 prefill_ms_range=(min(prefill), max(prefill)),
                 decode_tok_s=statistics.median(decode), decode_tok_s_range=(min(decode), max(decode)),
-                peak_rss_mb=rss.peak / 2**20, model_mb=model_bytes(model) / 2**20,
-                size_mb=(size if size is not None else model_bytes(model)) / 2**20,
+                peak_rss_mb=rss.peak / 2**20, model_mb=in_memory / 2**20,
+                size_mb=(size if size is not None else in_memory) / 2**20,
                 size_source="disk" if size is not None else "memory",
                 weights_read_mb=sum(c.weight_bytes for c in choices) / 2**20,
                 threads=torch.get_num_threads(), repeat=repeat, prompt_tokens=prompt_tokens,
                 new_tokens=new_tokens, kernels=choices,
-                details={"decode_loop": "lean" if lean_supported(model) else "transformers",
-                         **target.details}))
+                details={"decode_loop": loop, **target.details}, backend=target.backend,
+                build={**backend.build_info(), "threads": torch.get_num_threads()}))
             del model
         yield Progress(steps, steps, "Benchmark done")
     finally:
@@ -227,12 +296,23 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
     return results
 
 
-def timed_generation(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
-                     progress: Progress):
+def _failed(target: BenchTarget, error: str, threads: int, repeat: int, prompt_tokens: int,
+            new_tokens: int) -> BenchResult:
+    nan = math.nan
+    return BenchResult(target.name, nan, (nan, nan), nan, (nan, nan), nan, nan,
+                       (target.size_bytes or 0) / 2**20, "disk", 0.0, threads, repeat,
+                       prompt_tokens, new_tokens, [], dict(target.details), target.backend,
+                       {"backend": target.backend}, error)
+
+
+def timed_generation(model, prompt: torch.Tensor, new_tokens: int, progress: Progress):
     """(prefill seconds, decode seconds) of greedy generation; yields between decode chunks.
 
-    Llama-family models run the lean loop below; others the transformers forward with its cache.
+    A runner of another backend times itself; Llama-family models run the lean loop below;
+    others the transformers forward with its cache.
     """
+    if hasattr(model, "timed_generation"):
+        return (yield from model.timed_generation(prompt, new_tokens, progress))
     if lean_supported(model):
         return (yield from _timed_lean(model, prompt, new_tokens, progress))
     with torch.inference_mode():
