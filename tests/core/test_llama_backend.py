@@ -15,18 +15,21 @@ from studio.core.jobs import run
 needs_binding = pytest.mark.skipif(not llama_cpp.available(), reason="cyllama is not installed")
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tiny_llama, tmp_path_factory):
-    """The tiny Llama as a W4 g32 GGUF (fp16 scales: Q4_0-exact), written by the exporter."""
+def write_tiny_gguf(handle, folder):
+    """`handle`'s model as a W4 g32 GGUF (fp16 scales: Q4_0-exact), written by the exporter."""
     from studio.core.export.base import ExportOptions
     from studio.core.export.gguf import GGUF
     from studio.core.plan import Plan, QuantSpec
     from studio.core.quantize import quantize_job
 
     plan = Plan(QuantSpec(4, 32, True, scale_dtype="fp16"))
-    variant = run(quantize_job(tiny_llama, plan, None, None, "tiny q4"))
-    folder = tmp_path_factory.mktemp("gguf")
-    return run(GGUF.write_job(variant, tiny_llama, ExportOptions(), None, folder)).file
+    variant = run(quantize_job(handle, plan, None, None, "tiny q4"))
+    return run(GGUF.write_job(variant, handle, ExportOptions(), None, folder)).file
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_llama, tmp_path_factory):
+    return write_tiny_gguf(tiny_llama, tmp_path_factory.mktemp("gguf"))
 
 
 def fp32_target(handle):
