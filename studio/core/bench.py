@@ -110,12 +110,14 @@ class BenchResult:
 
 def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
                  lm_head: bool = True, size_bytes: int | None = None,
-                 layer_names: list[str] | None = None) -> list[BenchTarget]:
+                 layer_names: list[str] | None = None, prefill: str = "dense"
+                 ) -> list[BenchTarget]:
     """fp32 / bf16 / int8 / int4 targets built from a float model.
 
     int8 is W8 per-channel symmetric, int4 is W4 asymmetric in groups of `group_size`, both
     round-to-nearest on `layer_names` (the quantizable block layers) and, when `lm_head`, on
-    the output head too (the largest single matmul: in float it caps the speed-up).
+    the output head too (the largest single matmul: in float it caps the speed-up). `prefill`:
+    see `kernels.kernel_model`.
     """
     unknown = [c for c in configs if c not in BASE_CONFIGS]
     if unknown:
@@ -134,8 +136,9 @@ def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
             spec = INT8_SPEC if config == "int8" else QuantSpec(bits=4, group_size=group_size)
             label = "int8" if config == "int8" else f"int4 g{group_size}"
             extra = " + lm_head" if head else ""
+            suffix = "" if prefill == "dense" else f" ({prefill} prefill)"
             targets.append(BenchTarget(
-                f"{label}{extra}", _rtn_builder(model, names, head, spec),
+                f"{label}{extra}{suffix}", _rtn_builder(model, names, head, spec, prefill),
                 details={"quantized": f"RTN W{spec.bits} "
                          f"{'per-channel' if spec.group_size == -1 else f'g{spec.group_size}'}"
                          f"{extra} (on the fly, for speed only)"}))
@@ -143,9 +146,10 @@ def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
 
 
 def variant_target(name: str, model: nn.Module, qtensors: dict, size_bytes: int | None = None,
-                   details: dict | None = None) -> BenchTarget:
+                   details: dict | None = None, prefill: str = "dense") -> BenchTarget:
     """A quantized variant on its kernels (its de-quantized `model` and its `qtensors`)."""
-    return BenchTarget(name, lambda: kernel_model(model, qtensors), size_bytes, details or {})
+    return BenchTarget(name, lambda: kernel_model(model, qtensors, prefill), size_bytes,
+                       {"prefill": prefill, **(details or {})})
 
 
 def gguf_target(path, name: str | None = None, details: dict | None = None) -> BenchTarget:
@@ -183,12 +187,12 @@ def gguf_kernels(path) -> list[KernelChoice]:
             if name != "token_embd.weight" or tied]
 
 
-def _rtn_builder(model, names, head, spec):
+def _rtn_builder(model, names, head, spec, prefill="dense"):
     def build():
         qtensors = {}
         for name in names + ([head] if head else []):
             qtensors[name] = quantize_rtn(weight_matrix(model.get_submodule(name)), spec)
-        return kernel_model(model, qtensors)
+        return kernel_model(model, qtensors, prefill)
     return build
 
 
