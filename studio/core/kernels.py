@@ -55,7 +55,11 @@ log = logging.getLogger(__name__)
 
 KERNEL_GROUPS = (128, 64, 32)
 INT4_TILES = 2  # inner k tiles for the CPU packing; the CPU kernel accepts any of 1, 2, 4, 8
-PREFILL_ROWS = 8   # calls with this many token rows or more take the dense prefill path
+# Calls with this many token rows or more take the dense prefill path. De-quantizing costs
+# about what 20-30 rows cost on the int4 kernel (demo layers, this 2-core AVX2 machine, loaded:
+# dense won from ~90 rows before the de-quantization was cut to a third), so short prompts stay
+# on the kernel; `benchmarks/bench_speed.py` compares both paths at its prompt length.
+PREFILL_ROWS = 32
 PREFILL_MODES = ("dense", "kernel")
 
 
@@ -127,14 +131,19 @@ class Int4Linear(nn.Module):
     def dequantized(self, dtype: torch.dtype = PREFILL_DTYPE) -> torch.Tensor:
         """W.T [in, out] in `dtype`, read from the kernel's packed buffer (see int4_block_n):
         code * scale + (zero - 8 * scale), the kernel's (code - 8) * scale + zero, in float32,
-        rounded once to `dtype`. Few passes over the bytes: this runs on every prefill."""
+        rounded once to `dtype`. This runs on every prefill, so it makes few passes: nibbles
+        converted straight into the float32 result, then one in-place multiply-add (a `cat`
+        and a mixed-dtype addcmul each cost about as much again)."""
         k, n, block = self.in_features, self.out_features, self.block_n
-        groups = k // self.group
-        packed = self.packed.view(n // block, k, block // 2).transpose(0, 1)  # [K, N/B, B/2]
-        codes = torch.cat([packed & 15, packed >> 4], dim=-1)                 # [K, N/B, B]
+        groups, half = k // self.group, block // 2
+        packed = self.packed.view(n // block, k, half).transpose(0, 1)      # [K, N/B, B/2]
+        weight = torch.empty(k, n // block, block)
+        weight[..., :half].copy_(packed & 15)       # rows j of each block: low nibbles
+        weight[..., half:].copy_(packed >> 4)       # rows j + B/2: high nibbles
         scale = self.scales_zeros[..., 0].float().view(groups, 1, n)
         offset = self.scales_zeros[..., 1].float().view(groups, 1, n) - 8 * scale
-        weight = torch.addcmul(offset, codes.view(groups, self.group, n), scale)
+        grouped = weight.view(groups, self.group, n)
+        torch.addcmul(offset, grouped, scale, out=grouped)
         return weight.view(k, n).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ def test_int4_prefill_is_the_kernels_weights_in_one_dense_gemm(spec, out, cols):
     formula = kernel_formula(kernel, q)
     assert torch.allclose(kernel.dequantized(torch.float32).t(), formula, rtol=0,
                           atol=1e-6 * formula.abs().max().item())
-    x = torch.randn(2, 9, cols)
+    x = torch.randn(2, kernels.PREFILL_ROWS // 2 + 1, cols)
     got = kernel(x)
     if kernels.PREFILL_DTYPE == torch.float32:
         expected = x @ kernel_formula(kernel, q).t() + layer.bias
@@ -62,7 +62,7 @@ def test_int8_prefill_matches_its_kernel():
     q = quantize_rtn(layer.weight.data, QuantSpec(bits=8, group_size=-1))
     kernel, _ = kernel_for("x", layer, q)
     assert isinstance(kernel, Int8Linear)
-    x = torch.randn(12, 96)
+    x = torch.randn(kernels.PREFILL_ROWS, 96)
     got = kernel(x)
     kernel.prefill_rows = None
     on_kernel = kernel(x)
@@ -98,11 +98,12 @@ def test_prefill_logits_equal_the_kernel_path_and_the_reference(tiny_dirs, arch)
     dense, choices = kernel_model(reference, qtensors)
     on_kernel, _ = kernel_model(reference, qtensors, prefill="kernel")
     assert any("dense GEMM" in c.note for c in choices)
-    ids = torch.randint(3, 384, (1, 24), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 384, (1, kernels.PREFILL_ROWS + 8),
+                        generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         want = reference(ids).logits[0, -1]
-        got = LeanDecoder(dense, 32).forward(ids, 0)[0]
-        kernel_got = LeanDecoder(on_kernel, 32).forward(ids, 0)[0]
+        got = LeanDecoder(dense, ids.shape[1]).forward(ids, 0)[0]
+        kernel_got = LeanDecoder(on_kernel, ids.shape[1]).forward(ids, 0)[0]
     for other in (want, kernel_got):
         assert ((got - other).norm() / other.norm()).item() < 1e-2
     assert got.argmax() == want.argmax()

@@ -167,6 +167,7 @@ def quantize_file(source: str | Path, target: str | Path, ftype: str = "Q4_0",
     """llama.cpp's own quantizer (llama-quantize) on a GGUF: `ftype` names a LLAMA_FTYPE
     (MOSTLY_Q4_0 is 2, ...). For benchmarks: the anchor users know."""
     cy = _binding()
+    cy.disable_logging()
     ftypes = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15}
     if ftype not in ftypes:
         raise StudioError(f"Unknown llama.cpp type {ftype}; choose from {', '.join(ftypes)}.")
