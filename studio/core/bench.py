@@ -280,7 +280,7 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
             size = target.size_bytes
             in_memory = model_bytes(model) if isinstance(model, nn.Module) else size or 0
             loop = ("llama.cpp" if target.backend != "torch" else
-                    "lean" if lean_supported(model) else "transformers")
+                    "lean (q/k/v, gate/up fused where the layers allow)" if lean_supported(model) else "transformers")
             results.append(BenchResult(
                 name=target.name, prefill_ms=statistics.median(prefill),
                 prefill_ms_range=(min(prefill), max(prefill)),
@@ -338,7 +338,7 @@ def timed_generation(model, prompt: torch.Tensor, new_tokens: int, progress: Pro
 
 def _timed_lean(model: nn.Module, prompt: torch.Tensor, new_tokens: int, progress: Progress):
     with torch.inference_mode():
-        decoder = LeanDecoder(model, prompt.shape[1] + new_tokens)
+        decoder = LeanDecoder(model, prompt.shape[1] + new_tokens, fused=True)
         start = time.perf_counter()
         logits = decoder.forward(prompt, 0)
         prefill = time.perf_counter() - start
@@ -378,8 +378,13 @@ class LeanDecoder:
     rotary embedding, hooks) are the model's, so the logits are the same as its forward's.
     """
 
-    def __init__(self, model: nn.Module, max_len: int) -> None:
+    def __init__(self, model: nn.Module, max_len: int, fused: bool = False) -> None:
+        """`fused`: q/k/v and gate/up run as one call each (`studio.core.fuse`); this
+        re-points the model's layers at the fused weights, so only for a model the caller owns
+        (the benchmark's own copies), never one that shares tensors with others."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        from studio.core.fuse import fuse
 
         self.rotate = apply_rotary_pos_emb
         self.inner = model.model
@@ -394,6 +399,19 @@ class LeanDecoder:
         shape = (len(self.layers), 1, config.num_key_value_heads, max_len, self.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype)
         self.values = torch.zeros(shape, dtype=dtype)
+        self.qkv, self.gate_up = [], []
+        for layer in self.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            self.qkv.append(fuse([attention.q_proj, attention.k_proj, attention.v_proj])
+                            if fused else None)
+            parts = [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]
+            self.gate_up.append(fuse(parts) if fused and None not in parts
+                                and hasattr(mlp, "act_fn") else None)
+
+    @property
+    def fused_calls(self) -> int:
+        """How many q/k/v and gate/up groups run as one call."""
+        return sum(f is not None for f in self.qkv + self.gate_up)
 
     def forward(self, ids: torch.Tensor, position: int) -> torch.Tensor:
         """Logits [1, vocab] of the last of `ids` [1, T], which sit at `position`..."""
@@ -406,9 +424,13 @@ class LeanDecoder:
         for i, layer in enumerate(self.layers):
             attention = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attention.q_proj(h).view(1, count, -1, self.head_dim).transpose(1, 2)
-            k = attention.k_proj(h).view(1, count, -1, self.head_dim).transpose(1, 2)
-            v = attention.v_proj(h).view(1, count, -1, self.head_dim).transpose(1, 2)
+            if self.qkv[i] is not None:
+                q, k, v = self.qkv[i](h)
+            else:
+                q, k, v = attention.q_proj(h), attention.k_proj(h), attention.v_proj(h)
+            q = q.view(1, count, -1, self.head_dim).transpose(1, 2)
+            k = k.view(1, count, -1, self.head_dim).transpose(1, 2)
+            v = v.view(1, count, -1, self.head_dim).transpose(1, 2)
             q, k = self.rotate(q, k, cos, sin)
             self.keys[i, :, :, position:end] = k
             self.values[i, :, :, position:end] = v
@@ -416,5 +438,10 @@ class LeanDecoder:
                 q, self.keys[i, :, :, :end], self.values[i, :, :, :end], is_causal=count > 1,
                 scale=self.scaling, enable_gqa=self.gqa)
             x = x + attention.o_proj(out.transpose(1, 2).reshape(1, count, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            h = layer.post_attention_layernorm(x)
+            if self.gate_up[i] is not None:
+                gate, up = self.gate_up[i](h)
+                x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            else:
+                x = x + layer.mlp(h)
         return self.head(self.inner.norm(x[:, -1:]))[:, -1]
