@@ -2,10 +2,12 @@
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_speed.py [--model demo] [--threads 1,2]
         [--repeat 3] [--prompt-tokens 128] [--new-tokens 64] [--eval-windows 40] [--seqlen 512]
-        [--parts decode,bandwidth,prefill,eval] [--quick]
+        [--parts decode,bandwidth,prefill,eval] [--no-compile] [--quick]
 
 1. decode: at 1 thread, int4 g32 / g64 / g128 (RTN, lm_head on the kernel too) on the torch
-   path against llama.cpp's decode of a Q4_0 GGUF of the same model (made from the model's
+   path (lean decoder, q/k/v and gate/up fused; eager, and with the step compiled by
+   torch.compile unless --no-compile: each compile takes minutes on a busy 2-core machine,
+   its time is not in the figures) against llama.cpp's decode of a Q4_0 GGUF of the same model (made from the model's
    GGUF with llama.cpp's own quantizer, through the `cyllama` binding, in this run) and against
    fp32 eager (the lean decoder on float32 weights). Same random prompt ids and lengths.
 2. bandwidth: fp32 and bf16 decode against their memory-bandwidth limit, at each thread count:
@@ -129,6 +131,20 @@ def part_decode(handle, args, vocab) -> None:
     if gguf is not None:
         targets.append(gguf_target(gguf, f"llama.cpp {gguf.name}"))
     results = run(bench_job(targets, vocab, args.prompt_tokens, args.new_tokens, args.repeat, 1))
+    int4 = results[1:4]
+    if args.compile:
+        compiled = []
+        for group in (32, 64, 128):
+            compiled += base_targets(handle.model, ("int4",), group_size=group, layer_names=names)
+        for target in compiled:
+            target.name += " compiled"
+        started = time.perf_counter()
+        compiled = run(bench_job(compiled, vocab, args.prompt_tokens, args.new_tokens,
+                                 args.repeat, 1, compile=True))
+        print(f"(compiling and measuring the compiled steps: {time.perf_counter() - started:.0f} s; "
+              f"modes: {', '.join(r.details.get('decode_step', '?') for r in compiled)})")
+        results = results[:4] + compiled + results[4:]
+        int4 += compiled
     print(f"\n== 1. decode at 1 thread ({args.prompt_tokens}-token prompt, {args.new_tokens} new "
           f"tokens, median (min-max) of {args.repeat})")
     if reason:
@@ -136,10 +152,11 @@ def part_decode(handle, args, vocab) -> None:
     table(results)
     fp32 = results[0]
     llama = results[-1] if results[-1].backend == "llama.cpp" else None
-    print(f"{'':<4}{'int4':<12}{'vs llama.cpp Q4_0 (target >= 2.5x)':>38}"
+    print(f"{'':<4}{'int4':<22}{'vs llama.cpp Q4_0 (target >= 2.5x)':>28}"
           f"{'vs fp32 eager (target >= 3.5x)':>34}")
-    for r in results[1:4]:
-        print(f"{'':<4}{r.name.split(' +')[0]:<12}{ratio(r, llama):>38}{ratio(r, fp32):>34}")
+    for r in int4:
+        label = r.name.split(" +")[0] + (" compiled" if r.name.endswith("compiled") else "")
+        print(f"{'':<4}{label:<22}{ratio(r, llama):>28}{ratio(r, fp32):>34}")
 
 
 def part_bandwidth_prefill(handle, args, vocab, parts) -> None:
@@ -216,6 +233,8 @@ def main() -> int:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--parts", default="decode,bandwidth,prefill,eval")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="skip the torch.compile'd int4 decode rows")
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks it runs")
     args = parser.parse_args()
     if args.quick:

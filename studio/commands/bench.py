@@ -33,6 +33,10 @@ def add_arguments(parser) -> None:
                                          for b in BACKENDS.values())
                              + "; llama.cpp runs the GGUF of MODEL (the demo's own file, a "
                                ".gguf, a GGUF export folder) or --gguf")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode through a torch.compile'd step (Llama-family models; "
+                             "compiled once per model and length before the warm-up, which "
+                             "can take minutes; eager with the reason where it cannot)")
     parser.add_argument("--gguf", action="append", default=[], metavar="FILE",
                         help="a GGUF file for the llama.cpp backend (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -78,7 +82,7 @@ def run(args) -> int:
         raise StudioError("Nothing to measure: give a MODEL, a VARIANT, or --configs.")
     vocab = handle.model.get_input_embeddings().weight.shape[0]
     results = run_with_progress(bench_job(targets, vocab, args.prompt_tokens, args.new_tokens,
-                                          args.repeat, args.threads))
+                                          args.repeat, args.threads, compile=args.compile))
     return _report([r.to_dict() for r in results], target.name, args.json)
 
 
@@ -142,7 +146,8 @@ def print_table(runs: list[dict]) -> None:
     print("* size of the tensors in memory (not saved on disk)")
     for r in runs:
         build = ", ".join(f"{k} {v}" for k, v in r["build"].items() if k not in ("backend",))
-        print(f"{r['name']}: {r['backend']} ({build})")
+        step = f"; decode step {r['decode_step']}" if r.get("decode_step") else ""
+        print(f"{r['name']}: {r['backend']} ({build}){step}")
     for r in runs:
         for k in r["kernels"]:
             if k["fallback"]:

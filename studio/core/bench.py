@@ -237,8 +237,12 @@ class RssPeak:
 
 def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 128,
               new_tokens: int = 64, repeat: int = 3, threads: int | None = None,
-              seed: int = 0) -> Job[list[BenchResult]]:
-    """Measure every target; returns one BenchResult each (nothing if cancelled)."""
+              seed: int = 0, compile: bool = False) -> Job[list[BenchResult]]:
+    """Measure every target; returns one BenchResult each (nothing if cancelled).
+
+    `compile`: Llama-family torch targets decode through a torch.compile'd step
+    (`studio.core.compiled`), compiled before the warm-up as its own progress step; where it
+    cannot compile, the eager step runs and the result says why."""
     if not targets:
         raise StudioError("There is nothing to benchmark.")
     if prompt_tokens < 1 or new_tokens < 1 or repeat < 1:
@@ -266,6 +270,14 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
                     results.append(_failed(target, str(exc), torch.get_num_threads(), repeat,
                                            prompt_tokens, new_tokens))
                     continue
+            lean, step_mode = None, None
+            if target.backend == "torch" and lean_supported(model):
+                lean = LeanRun(model, prompt_tokens + new_tokens)
+                step_mode = "eager"
+                if compile:
+                    yield Progress(base, steps, f"{target.name}: compiling the decode step "
+                                                f"(once per model and length)")
+                    step_mode = lean.compile(prompt_tokens)
             prefill, decode = [], []
             with RssPeak() as rss:
                 for run_index in range(repeat + 1):  # run 0 warms up and is not counted
@@ -273,7 +285,7 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
                     progress = Progress(base + 1 + run_index, steps, f"{target.name}: {what}")
                     yield progress
                     seconds_prefill, seconds_decode = yield from timed_generation(
-                        model, prompt, new_tokens, progress)
+                        model, prompt, new_tokens, progress, lean)
                     if run_index:
                         prefill.append(1000 * seconds_prefill)
                         decode.append(new_tokens / seconds_decode)
@@ -291,9 +303,11 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
                 weights_read_mb=sum(c.weight_bytes for c in choices) / 2**20,
                 threads=torch.get_num_threads(), repeat=repeat, prompt_tokens=prompt_tokens,
                 new_tokens=new_tokens, kernels=choices,
-                details={"decode_loop": loop, **target.details}, backend=target.backend,
+                details={"decode_loop": loop, **target.details,
+                         **({"decode_step": step_mode} if step_mode else {})},
+                backend=target.backend,
                 build={**backend.build_info(), "threads": torch.get_num_threads()}))
-            del model
+            del model, lean
         yield Progress(steps, steps, "Benchmark done")
     finally:
         torch.set_num_threads(old_threads)
@@ -309,16 +323,19 @@ def _failed(target: BenchTarget, error: str, threads: int, repeat: int, prompt_t
                        {"backend": target.backend}, error)
 
 
-def timed_generation(model, prompt: torch.Tensor, new_tokens: int, progress: Progress):
+def timed_generation(model, prompt: torch.Tensor, new_tokens: int, progress: Progress,
+                     lean: "LeanRun | None" = None):
     """(prefill seconds, decode seconds) of greedy generation; yields between decode chunks.
 
-    A runner of another backend times itself; Llama-family models run the lean loop below;
-    others the transformers forward with its cache.
+    A runner of another backend times itself; Llama-family models run the lean loop below
+    (`lean`: its decoder and step, made once per target); others the transformers forward
+    with its cache.
     """
     if hasattr(model, "timed_generation"):
         return (yield from model.timed_generation(prompt, new_tokens, progress))
     if lean_supported(model):
-        return (yield from _timed_lean(model, prompt, new_tokens, progress))
+        lean = lean or LeanRun(model, prompt.shape[1] + new_tokens)
+        return (yield from _timed_lean(lean, prompt, new_tokens, progress))
     with torch.inference_mode():
         start = time.perf_counter()
         out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
@@ -336,9 +353,28 @@ def timed_generation(model, prompt: torch.Tensor, new_tokens: int, progress: Pro
     return prefill, decode
 
 
-def _timed_lean(model: nn.Module, prompt: torch.Tensor, new_tokens: int, progress: Progress):
+class LeanRun:
+    """A target's lean decoder (fused q/k/v and gate/up; its static KV cache reused by every
+    run: prefill rewrites the prompt's positions, later ones are never read) and its step."""
+
+    def __init__(self, model: nn.Module, max_len: int) -> None:
+        self.decoder = LeanDecoder(model, max_len, fused=True)
+        self.step = self.decoder.forward
+
+    def compile(self, position: int) -> str:
+        """Compile the step (its first call) at `position`; the mode it ended in."""
+        from studio.core.compiled import CompiledStep
+
+        step = CompiledStep(self.decoder)
+        with torch.inference_mode():
+            step(torch.zeros(1, 1, dtype=torch.long), position)
+        self.step = step
+        return step.mode
+
+
+def _timed_lean(lean: LeanRun, prompt: torch.Tensor, new_tokens: int, progress: Progress):
     with torch.inference_mode():
-        decoder = LeanDecoder(model, prompt.shape[1] + new_tokens, fused=True)
+        decoder, next_logits = lean.decoder, lean.step
         start = time.perf_counter()
         logits = decoder.forward(prompt, 0)
         prefill = time.perf_counter() - start
@@ -347,7 +383,7 @@ def _timed_lean(model: nn.Module, prompt: torch.Tensor, new_tokens: int, progres
         decode = 0.0
         for step in range(new_tokens):
             start = time.perf_counter()
-            token = decoder.forward(token, position).argmax(-1, keepdim=True)
+            token = next_logits(token, position).argmax(-1, keepdim=True)
             position += 1
             decode += time.perf_counter() - start
             if step % 16 == 15:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
+    QCheckBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -49,6 +50,8 @@ class BenchmarkView(QWidget):
         self.repeat = QSpinBox(minimum=1, maximum=20, value=3)
         self.threads = QSpinBox(minimum=1, maximum=max(1, torch.get_num_threads() * 2),
                                 value=torch.get_num_threads())
+        self.compile = QCheckBox("Compile the decode step (torch.compile; minutes, once per "
+                                 "model and length)")
         self.add_gguf_button = QPushButton("Add GGUF file (llama.cpp)...")
         self.add_gguf_button.clicked.connect(self._choose_gguf)
         self.run_button = QPushButton("Run benchmark")
@@ -65,6 +68,7 @@ class BenchmarkView(QWidget):
         form.addRow("New tokens (decode, batch 1)", self.new_tokens)
         form.addRow("Repeats (after a warm-up)", self.repeat)
         form.addRow("Threads", self.threads)
+        form.addRow(self.compile)
         form.addRow(self.run_button)
         self.summary = QLabel("Tick what to measure. Quantized variants run on int8/int4 CPU "
                               "kernels with bf16 activations.")
@@ -187,8 +191,9 @@ class BenchmarkView(QWidget):
         settings = (self.prompt_tokens.value(), self.new_tokens.value(), self.repeat.value(),
                     self.threads.value())
         self.summary.setText("Benchmarking... (other work on this machine skews the figures)")
+        compile_step = self.compile.isChecked()
         return self.state.submit(
-            "Benchmark", lambda: bench_job(targets, vocab, *settings),
+            "Benchmark", lambda: bench_job(targets, vocab, *settings, compile=compile_step),
             on_result=lambda results: self._measured(results, owners))
 
     def _measured(self, results: list, owners: dict) -> None:
@@ -245,7 +250,9 @@ class BenchmarkView(QWidget):
                       f"{r.weights_read_mb:.1f}", f"{r.size_mb:.1f}", f"{r.peak_rss_mb:.0f}",
                       str(r.threads),
                       ", ".join(f"{k} x{n}" for k, n in data["kernel_summary"].items()),
-                      f"{r.backend} ({build})")
+                      f"{r.backend} ({build})"
+                      + (f"; decode step {r.details['decode_step']}"
+                         if r.details.get("decode_step") else ""))
             for col, value in enumerate(values):
                 self.table.setItem(row, col, QTableWidgetItem(value))
         if self.results:
