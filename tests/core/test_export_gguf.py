@@ -7,7 +7,7 @@ import torch
 
 from studio.core import metrics
 from studio.core.errors import StudioError
-from studio.core.export import gguf_meta, gguf_pack
+from studio.core.export import gguf_meta, gguf_pack, gguf_vocab
 from studio.core.export.base import ExportOptions
 from studio.core.export.gguf import GGUF
 from studio.core.export.gguf_types import TYPES, exact_type
@@ -287,54 +287,7 @@ def test_configs_the_gguf_loader_would_rebuild_differently_are_refused():
     assert any("1/sqrt(144)" in p for p in gguf_meta.config_problems(gemma, "gemma2"))
 
 
-def test_sentencepiece_style_tokenizer_is_refused_with_the_way_around(handles):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    spm = Tokenizer(models.BPE(vocab={"<unk>": 0, "\u2581a": 1, "a": 2}, merges=[],
-                               byte_fallback=True, unk_token="<unk>"))
-    spm.pre_tokenizer = pre_tokenizers.Metaspace()
-    spm.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=spm)
-    problem = gguf_meta.tokenizer_problem(tokenizer, handles["llama"].folder)
-    assert "not a byte-level BPE" in problem and "convert_hf_to_gguf.py" in problem
-    assert gguf_meta.tokenizer_problem(handles["llama"].tokenizer, handles["llama"].folder) is None
-
-
-# --- Gemma 2 and GGUF sources ----------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def gemma2_handle(tmp_path_factory, tiny_tokenizer_obj):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    config = tf.Gemma2Config(vocab_size=384, hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                             head_dim=256, max_position_embeddings=256, bos_token_id=1,
-                             eos_token_id=2, pad_token_id=0)   # head_dim = query_pre_attn_scalar
-    model = tf.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.normal_(0, 0.1)      # Gemma norms scale by (1 + w): make w matter
-    folder = tmp_path_factory.mktemp("gemma2")
-    model.save_pretrained(folder)
-    tiny_tokenizer_obj.save_pretrained(folder)
-    return run(open_model_job(folder))
-
-
-def test_gemma2_norms_are_stored_plus_one_and_round_trip(gemma2_handle, tmp_path):
-    handle = gemma2_handle
-    variant = with_fp16_scales(quantized(handle, Plan(QuantSpec(4, 32, False))), handle)
-    result = run(export_job(variant, handle, "gguf", tmp_path / "out"))
-    assert result.verified and result.tokenizer_equal
-    norm = variant.model.model.layers[1].post_feedforward_layernorm.weight
-    written = dequantized(result.file, "blk.1.post_ffw_norm.weight")
-    assert torch.allclose(written, norm + 1, atol=1e-7)
-    assert tensor_types(result.file)["blk.1.post_ffw_norm.weight"] == "F32"
-    assert read(result.file).get_field("gemma2.attn_logit_softcapping").contents() == 50.0
-    assert result.max_logit_diff < 1e-3
-
+# --- GGUF sources (Gemma 2 folders: test_export_gguf_vocab.py) ----------------------------------------------------------------
 
 def test_a_gguf_source_keeps_its_keys_tensor_order_and_tokenizer(handles, tmp_path):
     llama = handles["llama"]
@@ -358,11 +311,11 @@ def test_a_gguf_source_keeps_its_keys_tensor_order_and_tokenizer(handles, tmp_pa
 # --- pre-tokenizer names ---------------------------------------------------------------------
 
 def test_pre_tokenizer_named_from_the_tokenizer_structure(handles):
-    assert gguf_meta.pre_tokenizer(handles["llama"].tokenizer) == (
+    assert gguf_vocab.pre_tokenizer(handles["llama"].tokenizer) == (
         "gpt-2", "from the tokenizer's pre-tokenizer steps")
     # transformers loads the qwen2 folder's tokenizer as Qwen2Tokenizer, with Qwen2's split
-    assert gguf_meta.pre_tokenizer(handles["qwen2"].tokenizer)[0] == "qwen2"
-    assert gguf_meta.pre_from_structure({"type": "Sequence", "pretokenizers": [
+    assert gguf_vocab.pre_tokenizer(handles["qwen2"].tokenizer)[0] == "qwen2"
+    assert gguf_vocab.pre_from_structure({"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": False},
         {"type": "ByteLevel", "use_regex": True}]}) is None    # no llama.cpp name: say so
 
@@ -393,7 +346,7 @@ def smollm_tokenizer():
 
 
 def test_pre_tokenizer_checksum_names_smollm2_as_llama_cpp_does(smollm_tokenizer):
-    assert gguf_meta.pre_tokenizer(smollm_tokenizer) == (
+    assert gguf_vocab.pre_tokenizer(smollm_tokenizer) == (
         "smollm", "llama.cpp's checksum of the tokenizer")
 
 

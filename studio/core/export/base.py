@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -84,6 +84,10 @@ class Reloaded:
     # Quantized layers' weights [out, in] as the consumer library de-quantizes them, where the
     # model does not expose them as plain weights (None: read them from the model).
     weights: dict[str, torch.Tensor] | None = None
+    # Logits [count, seqlen, vocab] for windows of token ids, where the model above does not
+    # compute what the file does and the file's own runtime must (None: the model's forward).
+    logits: Callable[[torch.Tensor], torch.Tensor] | None = None
+    logits_by: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 

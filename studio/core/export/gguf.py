@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from studio.core.export import gguf_meta, gguf_pack
+from studio.core.export import gguf_meta, gguf_pack, gguf_vocab
 from studio.core.export.base import ExportFormat, ExportOptions, Preflight, Reloaded, Written
 from studio.core.export.gguf_tensors import (Entry, choose, float_bytes, float_type,
                                              layer_target, map_names, ordered_entries,
@@ -102,13 +102,16 @@ class GgufFormat(ExportFormat):
         problems, notes = [], []
         if source.kind == "folder":
             problems += gguf_meta.config_problems(variant.model.config, source.arch)
-            why = gguf_meta.tokenizer_problem(handle.tokenizer, source.path)
+            notes += gguf_meta.config_notes(variant.model.config, source.arch)
+            if gguf_meta.rope_freqs_needed(variant.model.config, source.arch):
+                problems += rope_freqs_problems(notes)
+            why = gguf_vocab.tokenizer_problem(handle.tokenizer, source.path)
             if why:
                 problems.append(why)
             else:
-                notes.append(pre_tokenizer_note(handle.tokenizer))
+                notes.append(vocabulary_note(handle.tokenizer, source.path))
                 rows = variant.model.get_input_embeddings().weight.shape[0]
-                extra = gguf_meta.beyond_vocab(handle.tokenizer, rows)
+                extra = gguf_vocab.beyond_vocab(handle.tokenizer, rows)
                 if extra:
                     notes.append(f"The tokenizer has {len(extra)} token(s) beyond the model's "
                                  f"{rows} embedding rows ({', '.join(extra[:4])}); the model "
@@ -172,6 +175,11 @@ class GgufFormat(ExportFormat):
         else:
             raw = {}
             write_folder_metadata(writer, variant, handle, source, file_type)
+            if gguf_meta.rope_freqs_needed(variant.model.config, source.arch):
+                freqs = gguf_meta.rope_freqs(variant.model, variant.model.config)
+                raw[ROPE_FREQS] = _RawTensor(freqs, gguf.GGMLQuantizationType.F32,
+                                             gguf.GGUFEndian.LITTLE)
+                entries.insert(0, Entry(ROPE_FREQS, None))   # where llama.cpp puts it
         layer_bytes = {}
         for entry in entries:
             shape, dtype, nbytes, kind = tensor_info(entry, variant, choices, floats,
@@ -203,7 +211,7 @@ class GgufFormat(ExportFormat):
         from gguf import GGUFReader
 
         from studio.core.gguf_convert import convert_job
-        from studio.core.models import load_model, read_config
+        from studio.core.models import load_model, load_tokenizer, read_config
 
         yield Progress(0, 3, "Re-opening the GGUF with transformers' GGUF loader")
         # (a loaded model may still map its files: where that blocks deleting them, the
@@ -214,14 +222,25 @@ class GgufFormat(ExportFormat):
             yield from convert_job(written.file, folder)
             yield Progress(2, 3, "Loading the de-quantized model")
             model = load_model(folder, read_config(folder))
+            reloaded_tokenizer = load_tokenizer(folder)[0]
         yield Progress(3, 3, "Comparing the tokenizer")
         source = source_of(handle)
         reader = GGUFReader(written.file)
         if source.kind == "gguf":
             equal, detail = tokenizer_keys_equal(source_reader(source.path), reader)
         else:
-            equal, detail = gguf_meta.tokenizer_equal(reader, handle.tokenizer)
-        return Reloaded(model=model, tokenizer_equal=equal, tokenizer_detail=detail)
+            equal, detail = gguf_vocab.tokenizer_equal(reader, handle.tokenizer, source.path)
+        if equal and handle.tokenizer is not None:
+            equal, how = gguf_vocab.encodes_alike(reloaded_tokenizer, handle.tokenizer)
+            detail = f"{detail}; {how}"
+        reloaded = Reloaded(model=model, tokenizer_equal=equal, tokenizer_detail=detail)
+        if source.kind == "folder" and gguf_meta.rope_freqs_needed(handle.model.config,
+                                                                   source.arch):
+            # transformers' loader drops rope_freqs: the logits come from llama.cpp itself
+            from studio.core.export import llama_cpp
+            reloaded.logits = functools.partial(llama_cpp.logits, written.file)
+            reloaded.logits_by = "llama.cpp"
+        return reloaded
 
     def usage(self, file: str) -> str:
         return (f"llama.cpp:  llama-cli -m {file}\n"
@@ -235,13 +254,35 @@ GGUF = GgufFormat()
 
 # --- helpers ---------------------------------------------------------------------------------
 
-def pre_tokenizer_note(tokenizer) -> str:
-    name, how = gguf_meta.pre_tokenizer(tokenizer)
+def vocabulary_note(tokenizer, folder: Path) -> str:
+    if gguf_vocab.vocabulary_kind(tokenizer, folder) == "spm":
+        return (f"SentencePiece vocabulary: pieces, scores and types from "
+                f"{gguf_vocab.SPM_FILE}, added tokens from the tokenizer (llama.cpp's "
+                f"converter does the same).")
+    name, how = gguf_vocab.pre_tokenizer(tokenizer)
     if name is None:
         return ("The tokenizer's pre-tokenizer is not one llama.cpp names (no known checksum, "
                 "no known split): tokenizer.ggml.pre will be 'default', so llama.cpp may split "
                 "text differently from transformers.")
     return f"tokenizer.ggml.pre will be '{name}' ({how})."
+
+
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def rope_freqs_problems(notes: list[str]) -> list[str]:
+    """A Llama 3.1-style scaled rope is written as rope_freqs, which only llama.cpp reads: the
+    file's logits can only be checked by running it there."""
+    from studio.core.export import llama_cpp
+
+    what = ("This model scales its rotary frequencies Llama 3.1-style; the GGUF carries that "
+            "as rope_freqs, which llama.cpp reads and transformers' GGUF loader does not")
+    if not llama_cpp.available():
+        return [f"{what}, so its logits can only be verified in llama.cpp itself: install the "
+                f"binding with  pip install 'compression-studio[llama-cpp]'."]
+    notes.append(f"{what}: its weights are verified through that loader, its logits through "
+                 f"llama.cpp (cyllama).")
+    return []
 
 
 def dominant_type(variant, choices) -> str:
@@ -291,7 +332,8 @@ def write_folder_metadata(writer, variant, handle, source: Source, file_type) ->
     writer.add_type("model")
     writer.add_name(variant.name)
     gguf_meta.write_arch_keys(writer, config, source.arch, vocab_size)
-    gguf_meta.tokenizer_keys(handle.tokenizer, source.path, vocab_size).write(writer)
+    gguf_vocab.tokenizer_keys(handle.tokenizer, source.path, vocab_size,
+                              source.arch).write(writer)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 

@@ -48,6 +48,7 @@ class Verification:
     top1_agreement: float
     tokenizer_equal: bool | None
     tokenizer_detail: str
+    logits_by: str = ""             # what computed the file's logits ("": the consumer's model)
     layers: list[dict] = field(default_factory=list)   # per quantized layer: stored_as, diffs
     failures: list[str] = field(default_factory=list)
 
@@ -129,6 +130,7 @@ def export_job(variant, handle, format_name: str, out: str | Path,
             report = {**result.to_dict(), "studio_version": __version__,
                       "variant": variant.to_summary(), "metrics": metrics_known,
                       "tokenizer_detail": verification.tokenizer_detail,
+                      "logits_by": verification.logits_by or fmt.consumer,
                       "top1_agreement": verification.top1_agreement}
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
             (tmp / "README.md").write_text(readme_text(fmt, variant, report))
@@ -211,7 +213,8 @@ def verify_job(variant, handle, reloaded: Reloaded, preflight, options: ExportOp
     yield Progress(len(names), len(names) + 2, "Comparing the other tensors")
     float_diff = _compare_floats(variant, model, options.dtype, failures)
     yield Progress(len(names) + 1, len(names) + 2, "Comparing logits")
-    logit_diff, top1, scale = logits_agreement(variant.model, model, verify_windows(handle))
+    logit_diff, top1, scale = logits_agreement(variant.model, model, verify_windows(handle),
+                                               reloaded.logits)
     if not math.isfinite(logit_diff):
         failures.append("The reloaded model's logits are not finite.")
     elif logit_diff > LOGIT_TOLERANCE * scale:
@@ -225,7 +228,8 @@ def verify_job(variant, handle, reloaded: Reloaded, preflight, options: ExportOp
     return Verification(ok=not failures, max_weight_diff=max_diff, max_float_diff=float_diff,
                         max_logit_diff=logit_diff,
                         top1_agreement=top1, tokenizer_equal=reloaded.tokenizer_equal,
-                        tokenizer_detail=reloaded.tokenizer_detail, layers=layers,
+                        tokenizer_detail=reloaded.tokenizer_detail,
+                        logits_by=reloaded.logits_by, layers=layers,
                         failures=failures)
 
 
@@ -276,14 +280,16 @@ def verify_windows(handle) -> torch.Tensor:
     return torch.randint(0, vocab, (VERIFY_WINDOWS, VERIFY_SEQLEN), generator=generator)
 
 
-def logits_agreement(reference, model, windows: torch.Tensor) -> tuple[float, float, float]:
+def logits_agreement(reference, model, windows: torch.Tensor, logits=None
+                     ) -> tuple[float, float, float]:
     """(max |logit difference|, top-1 agreement, max |reference logit|) of two models on
-    `windows`."""
+    `windows` (the second's logits from `logits(windows)` when given: the file's own runtime)."""
     from studio.core.quant.coded import expanded
 
     with expanded(reference), torch.inference_mode():
         ref = reference(input_ids=windows, use_cache=False).logits.float()
-        got = model(input_ids=windows, use_cache=False).logits.float()
+        got = (model(input_ids=windows, use_cache=False).logits if logits is None
+               else logits(windows)).float()
     return ((got - ref).abs().max().item(), metrics.top1_agreement(ref, got).mean().item(),
             ref.abs().max().item())
 

@@ -187,6 +187,11 @@ def quantize_file(source: str | Path, target: str | Path, ftype: str = "Q4_0",
     os.replace(tmp, target)
     return target
 
+def tokenize(path: str | Path, text: str, add_special: bool = True) -> list[int]:
+    """llama.cpp's token ids for `text` with the GGUF's vocabulary (BOS/EOS as the file says)."""
+    _, model, _ = _open(Path(path), 1, 64)
+    return list(model.get_vocab().tokenize(text, add_special, False))
+
 
 def each_window_job(path: str | Path, windows: torch.Tensor,
                     use: Callable[[int, torch.Tensor], None], threads: int = 1) -> Job[None]:

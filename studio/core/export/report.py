@@ -24,7 +24,8 @@ def readme_text(fmt, variant, report: dict) -> str:
         f"- verified by re-opening with {fmt.consumer}: "
         f"max weight difference {report['max_weight_diff']:.3g} in the quantized layers "
         f"({report['max_float_diff']:.3g} in the other tensors), "
-        f"max logit difference {report['max_logit_diff']:.3g}, "
+        f"max logit difference {report['max_logit_diff']:.3g} "
+        f"(logits from {report.get('logits_by') or fmt.consumer}), "
         f"top-1 agreement {report['top1_agreement']:.2%}, "
         f"tokenizer {report['tokenizer_detail']}",
     ]

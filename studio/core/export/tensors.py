@@ -8,7 +8,6 @@ layer's de-quantized weight in the module's own layout (GPT-2's Conv1D stores [i
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from studio.core.layers import get_module, is_conv1d
 
