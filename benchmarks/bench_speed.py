@@ -106,7 +106,7 @@ def table(results, bandwidth: float | None = None) -> None:
         pre = f"{r.prefill_ms:.0f} ({r.prefill_ms_range[0]:.0f}-{r.prefill_ms_range[1]:.0f})"
         dec = (f"{r.decode_tok_s:.1f} ({r.decode_tok_s_range[0]:.1f}-"
                f"{r.decode_tok_s_range[1]:.1f})")
-        line = f"{r.name:<{width}}{pre:>22}{dec:>22}{r.weights_read_mb:>10.1f}"
+        line = f"{r.name:<{width}}{pre:>22} {dec:>23}{r.weights_read_mb:>10.1f}"
         if bandwidth:
             limit = bandwidth * 1e9 / (r.weights_read_mb * 2**20)
             line += f"{limit:>13.0f}{100 * r.decode_tok_s / limit:>11.0f}%"

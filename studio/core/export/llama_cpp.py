@@ -187,6 +187,7 @@ def quantize_file(source: str | Path, target: str | Path, ftype: str = "Q4_0",
     os.replace(tmp, target)
     return target
 
+
 def tokenize(path: str | Path, text: str, add_special: bool = True) -> list[int]:
     """llama.cpp's token ids for `text` with the GGUF's vocabulary (BOS/EOS as the file says)."""
     _, model, _ = _open(Path(path), 1, 64)
