@@ -54,7 +54,10 @@ def run(args) -> int:
     if "llama.cpp" in backends or args.gguf:
         ggufs = [Path(f) for f in args.gguf] or [gguf_of(args.model)]
         if ggufs[0] is None:
-            raise StudioError(no_gguf_message(args.model))
+            if "torch" not in backends:
+                raise StudioError(no_gguf_message(args.model))
+            print(f"llama.cpp figures skipped: {no_gguf_message(args.model)}", file=sys.stderr)
+            ggufs = []
         reason = get_backend("llama.cpp").unavailable_reason()
         if reason:   # listed as unavailable; the torch figures still come out
             print(f"llama.cpp figures skipped: {reason}", file=sys.stderr)

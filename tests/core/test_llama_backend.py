@@ -134,3 +134,27 @@ def test_llama_cpp_perplexity_agrees_with_torch_on_the_demo(demo_handle, shared_
     result = agreement(demo_gguf_path(), demo_handle, shared_data / "wikitext2_test.txt", 128)
     assert result.ppl == pytest.approx(result.base_ppl, rel=0.02)
     assert result.top1 >= 0.9
+
+
+@needs_binding
+def test_cli_eval_on_llama_cpp_and_a_variant_without_gguf(tiny_llama, tiny_dirs, tiny_gguf,
+                                                          tmp_path, capsys):
+    from studio.cli import main
+    from studio.core.plan import Plan, QuantSpec
+    from studio.core.quantize import quantize_job
+    from studio.core.variant import save_variant
+
+    code = main(["eval", str(tiny_gguf), "--backend", "llama.cpp", "--seqlen", "32",
+                 "--windows", "2", "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["backend"] == "llama.cpp" and data["build"]["binding"].startswith("cyllama")
+    assert data["ppl"] == pytest.approx(data["base_ppl"], rel=0.02) and data["top1"] >= 0.9
+    # A VARIANT has no GGUF until exported: the torch figures come out, llama.cpp says why.
+    variant = run(quantize_job(tiny_llama, Plan(QuantSpec(4, 32)), None, None, "w4"))
+    save_variant(variant, tmp_path / "w4")
+    assert main(["bench", str(tmp_path / "w4"), "--backend", "torch,llama.cpp",
+                 "--prompt-tokens", "8", "--new-tokens", "3", "--repeat", "1"]) == 0
+    out = capsys.readouterr()
+    assert "w4" in out.out and "export it first" in out.err
+    assert main(["bench", str(tmp_path / "w4"), "--backend", "llama.cpp"]) == 2
