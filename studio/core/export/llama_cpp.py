@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from studio.core import metrics
@@ -207,7 +208,9 @@ def each_window_job(path: str | Path, windows: torch.Tensor,
         for position, token in enumerate(window):
             batch.add(token, position, [0], True)
         context.decode(batch)
-        use(index, torch.tensor([context.get_logits_ith(i) for i in range(seqlen)]))
+        # Through NumPy: torch.tensor on nested lists is ~8x slower, as slow as the decode.
+        rows = [context.get_logits_ith(i) for i in range(seqlen)]
+        use(index, torch.from_numpy(np.array(rows, dtype=np.float32)))
     yield Progress(count, count, "llama.cpp: done")
 
 
