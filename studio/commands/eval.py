@@ -68,9 +68,8 @@ def open_target(source: str, baseline: str | None = None) -> Opened:
 
 
 def run(args) -> int:
-    from studio.core.evaluate import evaluate_job, generations_job
-
     from studio.core.backends import get_backend
+    from studio.core.evaluate import evaluate_job, generations_job
 
     backend = get_backend(args.backend)
     if backend.name == "llama.cpp":

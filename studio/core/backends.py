@@ -13,8 +13,9 @@ the caller), so every speed figure says which backend and build it came from.
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
 
 import torch
 
@@ -83,11 +84,9 @@ def get_backend(name: str) -> Backend:
                           f"{', '.join(BACKENDS)}.") from None
 
 
-def gguf_of(source) -> "Path | None":
+def gguf_of(source) -> Path | None:
     """The GGUF file a MODEL argument stands for, if any: the demo's own file, a .gguf path, a
     folder holding one, or a GGUF export folder (VARIANTs have none until exported)."""
-    from pathlib import Path
-
     from studio.core.errors import ModelLoadError
     from studio.core.models import resolve_source
 

@@ -220,6 +220,7 @@ class BenchmarkView(QWidget):
             runs.append({**what, "kind": "bench", "prefill_ms": result.prefill_ms,
                          "decode_tok_s": result.decode_tok_s, "peak_rss_mb": result.peak_rss_mb,
                          "threads": result.threads, "kernels": kernels,
+                         "backend": result.backend, "build": result.build,
                          "fallbacks": len(result.fallbacks)})
         if runs:
             add_runs(self.state, runs)
