@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -207,9 +208,18 @@ def part_eval(handle, args) -> None:
 
     base_seconds, base = timed(handle.model, None)
     # A fresh cache folder: the first variant evaluation computes the baseline's side.
-    os.environ["COMPRESSION_STUDIO_CACHE"] = tempfile.mkdtemp(prefix="bench-speed-cache-")
-    cold_seconds, cold = timed(variant.model, handle.model)
-    warm_seconds, warm = timed(variant.model, handle.model)
+    folder, saved = tempfile.mkdtemp(prefix="bench-speed-cache-"), os.environ.get(
+        "COMPRESSION_STUDIO_CACHE")
+    os.environ["COMPRESSION_STUDIO_CACHE"] = folder
+    try:
+        cold_seconds, cold = timed(variant.model, handle.model)
+        warm_seconds, warm = timed(variant.model, handle.model)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("COMPRESSION_STUDIO_CACHE", None)
+        else:
+            os.environ["COMPRESSION_STUDIO_CACHE"] = saved
     print(f"\n== 4. evaluation, {warm.windows} x {warm.seqlen} on {warm.text}, "
           f"{torch.get_num_threads()} thread(s) (target: cached variant <= 1.15x baseline)")
     print(f"    baseline alone (ppl {base.ppl:.3f})             {base_seconds:8.1f} s")
