@@ -1,31 +1,52 @@
-"""Side-by-side CPU speed of the demo model: fp32, bf16, int8 and int4 weight-only, 1 and 2 threads.
+"""Speed where users feel it (issue 19), measured in one run and printed as ratios.
 
-    python benchmarks/bench_speed.py [--model demo] [--threads 1,2] [--repeat 3] [--new-tokens 64]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_speed.py [--model demo] [--threads 1,2]
+        [--repeat 3] [--prompt-tokens 128] [--new-tokens 64] [--eval-windows 40] [--seqlen 512]
+        [--parts decode,bandwidth,prefill,eval] [--no-compile] [--quick]
 
-For every configuration: prefill latency of 128 tokens (ms), decode tokens/s for 64 new tokens
-at batch 1 with the KV cache (median, min-max over --repeat runs after a warm-up), and how far
-decode is from the memory-bandwidth limit: a decode step must read every weight once, so
-tokens/s can be at most bandwidth / weight bytes per token. The bandwidth is measured here with
-a large tensor copy (bytes read + bytes written per second), at each thread count.
+1. decode: at 1 thread, int4 g32 / g64 / g128 (RTN, lm_head on the kernel too) on the torch
+   path (lean decoder, q/k/v and gate/up fused; eager, and with the step compiled by
+   torch.compile unless --no-compile: each compile takes minutes on a busy 2-core machine,
+   its time is not in the figures) against llama.cpp's decode of a Q4_0 GGUF of the same model (made from the model's
+   GGUF with llama.cpp's own quantizer, through the `cyllama` binding, in this run) and against
+   fp32 eager (the lean decoder on float32 weights). Same random prompt ids and lengths.
+2. bandwidth: fp32 and bf16 decode against their memory-bandwidth limit, at each thread count:
+   a decode step reads every weight once, so tokens/s <= copy bandwidth / weight bytes per
+   token (bandwidth: a 512 MiB tensor copy, bytes read + written per second, best of 5).
+3. prefill: a `--prompt-tokens` prefill on the int4 g32 model (dense prefill path, and the
+   low-bit kernel path for reference) against the bf16 and fp32 baselines, at each thread count.
+4. eval: evaluating an RTN W4 g128 variant on WikiText-2 (`--eval-windows` x `--seqlen`, the
+   standard protocol) once the baseline's side is cached, against the baseline's own
+   evaluation (one pass of the float model); the first, uncached evaluation beside them.
 
-Figures depend on what else runs on the machine: run it on a quiet machine and say so if not.
+Every speed row names its backend, threads and build. Figures depend on what else runs on the
+machine: run it on a quiet machine and say so if not. `--quick` (16-token prompt, 8 new
+tokens, 1 repeat, 2 x 64 evaluation) only checks that everything runs.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch or llama.cpp start OpenMP
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from studio.core.bench import base_targets, bench_job  # noqa: E402
+from studio.core import baseline_cache  # noqa: E402
+from studio.core.backends import get_backend, gguf_of  # noqa: E402
+from studio.core.bench import base_targets, bench_job, gguf_target  # noqa: E402
 from studio.core.jobs import run  # noqa: E402
-from studio.core.models import open_model_job  # noqa: E402
+from studio.core.models import cache_root, open_model_job  # noqa: E402
 
 COPY_BYTES = 512 * 2**20
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def copy_bandwidth(threads: int, repeat: int = 5) -> float:
@@ -46,48 +67,202 @@ def copy_bandwidth(threads: int, repeat: int = 5) -> float:
         torch.set_num_threads(old)
 
 
-def targets_for(handle):
+def q4_0_gguf(model: str, given: str | None) -> Path | None:
+    """The Q4_0 GGUF llama.cpp decodes: --gguf, or made from the model's own GGUF with
+    llama.cpp's quantizer (kept in the cache for the next run)."""
+    from studio.core.export import llama_cpp
+
+    if given:
+        return Path(given)
+    source = gguf_of(model)
+    if source is None:
+        print(f"note: {model} has no GGUF; give --gguf FILE for the llama.cpp rows")
+        return None
+    target = cache_root() / "bench" / f"{source.stem}.Q4_0.gguf"
+    if not target.is_file():
+        print(f"making {target.name} with llama.cpp's quantizer (from {source.name}; the "
+              f"source is re-quantized, which is fine for speed)")
+        llama_cpp.quantize_file(source, target, "Q4_0", threads=1)
+    return target
+
+
+def kernels_text(result) -> str:
+    return ", ".join(f"{k} x{n}" for k, n in result.to_dict()["kernel_summary"].items())
+
+
+def build_text(result) -> str:
+    return ", ".join(f"{k} {v}" for k, v in result.build.items() if k != "backend")
+
+
+def table(results, bandwidth: float | None = None) -> None:
+    width = max(len(r.name) for r in results) + 2
+    head = f"{'configuration':<{width}}{'prefill ms':>22}{'decode tok/s':>22}{'MB/token':>10}"
+    if bandwidth:
+        head += f"{'limit tok/s':>13}{'% of limit':>12}"
+    print(head + "  kernels")
+    for r in results:
+        if r.error:
+            print(f"{r.name:<{width}}no figures: {r.error}")
+            continue
+        pre = f"{r.prefill_ms:.0f} ({r.prefill_ms_range[0]:.0f}-{r.prefill_ms_range[1]:.0f})"
+        dec = (f"{r.decode_tok_s:.1f} ({r.decode_tok_s_range[0]:.1f}-"
+               f"{r.decode_tok_s_range[1]:.1f})")
+        line = f"{r.name:<{width}}{pre:>22} {dec:>23}{r.weights_read_mb:>10.1f}"
+        if bandwidth:
+            limit = bandwidth * 1e9 / (r.weights_read_mb * 2**20)
+            line += f"{limit:>13.0f}{100 * r.decode_tok_s / limit:>11.0f}%"
+        print(f"{line}  {kernels_text(r)}")
+    for build in sorted({f"{r.backend}: {build_text(r)}" for r in results if not r.error}):
+        print(f"  build  {build}")
+
+
+def ratio(a, b) -> str:
+    if a is None or b is None or a.error or b.error:
+        return "n/a"
+    return f"{a.decode_tok_s / b.decode_tok_s:.2f}x"
+
+
+def part_decode(handle, args, vocab) -> None:
     names = [layer.name for layer in handle.quantizable]
-    model = handle.model
-    targets = base_targets(model, ("fp32", "bf16", "int8"), layer_names=names)
-    targets += base_targets(model, ("int4",), group_size=32, lm_head=False, layer_names=names)
+    targets = base_targets(handle.model, ("fp32",), layer_names=names)
     for group in (32, 64, 128):
-        targets += base_targets(model, ("int4",), group_size=group, layer_names=names)
-    return targets
+        targets += base_targets(handle.model, ("int4",), group_size=group, layer_names=names)
+    gguf = q4_0_gguf(args.model, args.gguf)
+    reason = get_backend("llama.cpp").unavailable_reason()
+    if gguf is not None:
+        targets.append(gguf_target(gguf, f"llama.cpp {gguf.name}"))
+    results = run(bench_job(targets, vocab, args.prompt_tokens, args.new_tokens, args.repeat, 1))
+    int4 = results[1:4]
+    if args.compile:
+        compiled = []
+        for group in (32, 64, 128):
+            compiled += base_targets(handle.model, ("int4",), group_size=group, layer_names=names)
+        for target in compiled:
+            target.name += " compiled"
+        started = time.perf_counter()
+        compiled = run(bench_job(compiled, vocab, args.prompt_tokens, args.new_tokens,
+                                 args.repeat, 1, compile=True))
+        print(f"(compiling and measuring the compiled steps: {time.perf_counter() - started:.0f} s; "
+              f"modes: {', '.join(r.details.get('decode_step', '?') for r in compiled)})")
+        results = results[:4] + compiled + results[4:]
+        int4 += compiled
+    print(f"\n== 1. decode at 1 thread ({args.prompt_tokens}-token prompt, {args.new_tokens} new "
+          f"tokens, median (min-max) of {args.repeat})")
+    if reason:
+        print(f"note: {reason}")
+    table(results)
+    fp32 = results[0]
+    llama = results[-1] if results[-1].backend == "llama.cpp" else None
+    print(f"{'':<4}{'int4':<22}{'vs llama.cpp Q4_0 (target >= 2.5x)':>28}"
+          f"{'vs fp32 eager (target >= 3.5x)':>34}")
+    for r in int4:
+        label = r.name.split(" +")[0] + (" compiled" if r.name.endswith("compiled") else "")
+        print(f"{'':<4}{label:<22}{ratio(r, llama):>28}{ratio(r, fp32):>34}")
+
+
+def part_bandwidth_prefill(handle, args, vocab, parts) -> None:
+    names = [layer.name for layer in handle.quantizable]
+    for threads in args.threads:
+        targets = base_targets(handle.model, ("fp32", "bf16"), layer_names=names)
+        if "prefill" in parts:
+            targets += base_targets(handle.model, ("int4",), group_size=32, layer_names=names)
+            targets += base_targets(handle.model, ("int4",), group_size=32, layer_names=names,
+                                    prefill="kernel")
+        results = run(bench_job(targets, vocab, args.prompt_tokens, args.new_tokens,
+                                args.repeat, threads))
+        if "bandwidth" in parts:
+            bandwidth = copy_bandwidth(threads)
+            print(f"\n== 2. fp32 / bf16 decode against the memory-bandwidth limit, {threads} "
+                  f"thread(s); copy bandwidth {bandwidth:.1f} GB/s (target >= 60%)")
+            table(results[:2], bandwidth)
+        if "prefill" in parts:
+            fp32, bf16, w4, w4_kernel = results
+            print(f"\n== 3. prefill of {args.prompt_tokens} tokens, {threads} thread(s) "
+                  f"(target: W4 no slower than bf16, i.e. ratio <= 1.00)")
+            table(results)
+            for name, r in (("W4 g32 dense prefill", w4), ("W4 g32 on the kernel", w4_kernel),
+                            ("fp32", fp32)):
+                print(f"    {name:<24} / bf16 = {r.prefill_ms / bf16.prefill_ms:.2f}   "
+                      f"/ fp32 = {r.prefill_ms / fp32.prefill_ms:.2f}")
+
+
+def part_eval(handle, args) -> None:
+    from studio.core.evaluate import evaluate_job
+    from studio.core.plan import Plan, QuantSpec
+    from studio.core.quantize import quantize_job
+
+    text = args.data / "wikitext2_test.txt"
+    if not text.is_file():
+        text = None
+        print("note: WikiText-2 not found; evaluating on the built-in text")
+    variant = run(quantize_job(handle, Plan(QuantSpec(bits=4, group_size=128)), None, None,
+                               "RTN W4 g128"))
+    torch.set_num_threads(args.threads[-1])
+    baseline_cache.clear_memory()
+
+    def timed(model, baseline):
+        start = time.perf_counter()
+        result = run(evaluate_job(model, baseline, handle.tokenizer, text, args.seqlen,
+                                  args.eval_windows))
+        return time.perf_counter() - start, result
+
+    base_seconds, base = timed(handle.model, None)
+    # A fresh cache folder: the first variant evaluation computes the baseline's side.
+    folder, saved = tempfile.mkdtemp(prefix="bench-speed-cache-"), os.environ.get(
+        "COMPRESSION_STUDIO_CACHE")
+    os.environ["COMPRESSION_STUDIO_CACHE"] = folder
+    try:
+        cold_seconds, cold = timed(variant.model, handle.model)
+        warm_seconds, warm = timed(variant.model, handle.model)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("COMPRESSION_STUDIO_CACHE", None)
+        else:
+            os.environ["COMPRESSION_STUDIO_CACHE"] = saved
+    print(f"\n== 4. evaluation, {warm.windows} x {warm.seqlen} on {warm.text}, "
+          f"{torch.get_num_threads()} thread(s) (target: cached variant <= 1.15x baseline)")
+    print(f"    baseline alone (ppl {base.ppl:.3f})             {base_seconds:8.1f} s")
+    print(f"    variant, baseline computed ({cold.baseline_cache})     {cold_seconds:8.1f} s   "
+          f"{cold_seconds / base_seconds:.2f}x")
+    print(f"    variant, baseline from cache ({warm.baseline_cache})     {warm_seconds:8.1f} s   "
+          f"{warm_seconds / base_seconds:.2f}x   (ppl {warm.ppl:.3f}, KL {warm.kl:.4f}, "
+          f"top-1 {warm.top1:.3f}; identical to the uncached: "
+          f"{warm.to_dict()['ppl'] == cold.to_dict()['ppl'] and warm.kl == cold.kl})")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo")
+    parser.add_argument("--gguf", help="the llama.cpp Q4_0 file (default: made from MODEL's GGUF)")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--parts", default="decode,bandwidth,prefill,eval")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="skip the torch.compile'd int4 decode rows")
+    parser.add_argument("--quick", action="store_true", help="tiny settings: checks it runs")
     args = parser.parse_args()
+    if args.quick:
+        args.prompt_tokens, args.new_tokens, args.repeat = 16, 8, 1
+        args.eval_windows, args.seqlen = 2, 64
+    args.threads = [int(t) for t in args.threads.split(",")]
+    parts = set(args.parts.split(","))
 
     handle = run(open_model_job(args.model))
     vocab = handle.model.get_input_embeddings().weight.shape[0]
-    print(f"{handle.name}; torch {torch.__version__}; prefill {args.prompt_tokens} tokens, "
-          f"decode {args.new_tokens} tokens at batch 1; median (min-max) of {args.repeat} runs")
-    for threads in (int(t) for t in args.threads.split(",")):
-        bandwidth = copy_bandwidth(threads)
-        results = run(bench_job(targets_for(handle), vocab, args.prompt_tokens, args.new_tokens,
-                                args.repeat, threads))
-        fp32 = next(r for r in results if r.name == "fp32")
-        print(f"\n{threads} thread(s); copy bandwidth {bandwidth:.1f} GB/s")
-        print(f"{'configuration':<22}{'prefill ms':>22}{'decode tok/s':>22}{'x fp32':>8}"
-              f"{'MB/token':>10}{'limit tok/s':>13}{'% of limit':>12}  kernels")
-        for r in results:
-            limit = bandwidth * 1e9 / (r.weights_read_mb * 2**20)
-            kernels = ", ".join(f"{k} x{n}" for k, n in r.to_dict()["kernel_summary"].items())
-            print(f"{r.name:<22}"
-                  f"{f'{r.prefill_ms:.0f} ({r.prefill_ms_range[0]:.0f}-{r.prefill_ms_range[1]:.0f})':>22}"
-                  f"{f'{r.decode_tok_s:.1f} ({r.decode_tok_s_range[0]:.1f}-{r.decode_tok_s_range[1]:.1f})':>22}"
-                  f"{r.decode_tok_s / fp32.decode_tok_s:>8.2f}{r.weights_read_mb:>10.1f}"
-                  f"{limit:>13.0f}{100 * r.decode_tok_s / limit:>11.0f}%  {kernels}")
-            notes = sorted({k.note for k in r.kernels if k.note})
-            for note in notes:
-                print(f"{'':<22}note: {note}")
+    print(f"{handle.name}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}); "
+          f"{os.cpu_count()} cores; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    if "decode" in parts:
+        part_decode(handle, args, vocab)
+    if parts & {"bandwidth", "prefill"}:
+        part_bandwidth_prefill(handle, args, vocab, parts)
+    if "eval" in parts:
+        part_eval(handle, args)
     return 0
 
 

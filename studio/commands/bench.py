@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from studio.commands.common import add_model_argument, print_json, run_with_progress
 from studio.commands.eval import open_target
@@ -24,18 +25,54 @@ def add_arguments(parser) -> None:
                         help="group size of the on-the-fly int4 configuration")
     parser.add_argument("--no-lm-head", action="store_true",
                         help="keep the lm_head in bf16 in the on-the-fly int8/int4 configurations")
+    from studio.core.backends import BACKENDS
+
+    parser.add_argument("--backend", default="torch",
+                        help="comma-separated backends to run on: "
+                             + ", ".join(f"{b.name}" + (f" (needs {b.install})" if b.install else "")
+                                         for b in BACKENDS.values())
+                             + "; llama.cpp runs the GGUF of MODEL (the demo's own file, a "
+                               ".gguf, a GGUF export folder) or --gguf")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode through a torch.compile'd step (Llama-family models; "
+                             "compiled once per model and length before the warm-up, which "
+                             "can take minutes; eager with the reason where it cannot)")
+    parser.add_argument("--gguf", action="append", default=[], metavar="FILE",
+                        help="a GGUF file for the llama.cpp backend (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args) -> int:
-    from studio.core.bench import base_targets, bench_job, variant_target
+    from studio.core.backends import get_backend, gguf_of, no_gguf_message
+    from studio.core.bench import base_targets, bench_job, gguf_target, variant_target
     from studio.core.errors import StudioError
+
+    backends = _configs(args.backend, default=("torch",))
+    for name in backends:
+        get_backend(name)   # an unknown name is bad input
+    ggufs = []
+    if "llama.cpp" in backends or args.gguf:
+        ggufs = [Path(f) for f in args.gguf] or [gguf_of(args.model)]
+        if ggufs[0] is None:
+            if "torch" not in backends:
+                raise StudioError(no_gguf_message(args.model))
+            print(f"llama.cpp figures skipped: {no_gguf_message(args.model)}", file=sys.stderr)
+            ggufs = []
+        reason = get_backend("llama.cpp").unavailable_reason()
+        if reason:   # listed as unavailable; the torch figures still come out
+            print(f"llama.cpp figures skipped: {reason}", file=sys.stderr)
+    torch_wanted = "torch" in backends or args.configs is not None
+    if not torch_wanted:   # llama.cpp alone: no torch model to open
+        targets = [gguf_target(path) for path in ggufs]
+        results = run_with_progress(bench_job(targets, _gguf_vocab(ggufs[0]), args.prompt_tokens,
+                                              args.new_tokens, args.repeat, args.threads))
+        return _report([r.to_dict() for r in results], str(args.model), args.json)
 
     target = open_target(args.model)
     handle = target.handle
     configs = _configs(args.configs, default=() if target.variant is not None else ("fp32",))
     targets = []
-    if target.variant is not None:
+    if target.variant is not None and "torch" in backends:
         variant = target.variant
         disk = sum(f.stat().st_size for f in target.folder.rglob("*") if f.is_file())
         targets.append(variant_target(variant.name, variant.model, variant.qtensors, disk,
@@ -43,19 +80,41 @@ def run(args) -> int:
                                        "calibration": variant.calibration}))
     targets += base_targets(handle.model, configs, args.group_size, not args.no_lm_head,
                             layer_names=[layer.name for layer in handle.quantizable])
+    targets += [gguf_target(path) for path in ggufs]
     if not targets:
         raise StudioError("Nothing to measure: give a MODEL, a VARIANT, or --configs.")
     vocab = handle.model.get_input_embeddings().weight.shape[0]
     results = run_with_progress(bench_job(targets, vocab, args.prompt_tokens, args.new_tokens,
-                                          args.repeat, args.threads))
-    runs = [r.to_dict() for r in results]
+                                          args.repeat, args.threads, compile=args.compile))
+    return _report([r.to_dict() for r in results], target.name, args.json)
+
+
+def _report(runs: list[dict], model: str, as_json: bool) -> int:
+    from studio.core.backends import BACKENDS
+
     for run_ in runs:
-        run_["model"] = target.name
-    if args.json:
-        print_json({**runs[0], "runs": runs})
+        run_["model"] = model
+    unavailable = {b.name: {"reason": b.unavailable_reason(), "install": b.install}
+                   for b in BACKENDS.values() if not b.available()}
+    if as_json:
+        ok = [r for r in runs if "error" not in r] or runs
+        print_json({**ok[0], "runs": runs, "backends_unavailable": unavailable})
         return 0
     print_table(runs)
     return 0
+
+
+def _gguf_vocab(path) -> int:
+    """The vocabulary of a GGUF (prompt ids are drawn from it), without opening the model."""
+    from gguf import GGUFReader
+
+    from studio.core.errors import StudioError
+
+    try:
+        field = GGUFReader(str(path)).get_field("tokenizer.ggml.tokens")
+    except Exception as exc:  # gguf-py raises plain errors for damaged files
+        raise StudioError(f"{Path(path).name} is not a readable GGUF file: {exc}") from None
+    return len(field.data) if field is not None else 32000
 
 
 def _configs(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -65,11 +124,18 @@ def _configs(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def print_table(runs: list[dict]) -> None:
+    failed = [r for r in runs if "error" in r]
+    runs = [r for r in runs if "error" not in r]
+    for r in failed:
+        print(f"{r['name']}: no figures: {r['error']}", file=sys.stderr)
+    if not runs:
+        return
     first = runs[0]
     print(f"{first['model']}: {first['prompt_tokens']}-token prefill, {first['new_tokens']} "
           f"new tokens at batch 1, median of {first['repeat']} (min-max), "
           f"{first['threads']} thread(s)")
-    header = (f"{'configuration':<24} {'prefill ms':>20} {'decode tok/s':>20} "
+    width = max(24, *(len(r["name"]) for r in runs))
+    header = (f"{'configuration':<{width}} {'prefill ms':>20} {'decode tok/s':>20} "
               f"{'size MB':>9} {'weights/token MB':>17} {'peak RSS MB':>12}  kernels")
     print(header)
     for r in runs:
@@ -78,9 +144,13 @@ def print_table(runs: list[dict]) -> None:
                f"{r['decode_tok_s_range'][1]:.1f})")
         kernels = ", ".join(f"{k} x{n}" for k, n in r["kernel_summary"].items())
         size = f"{r['size_mb']:.1f}{'' if r['size_source'] == 'disk' else '*'}"
-        print(f"{r['name']:<24} {pre:>20} {dec:>20} {size:>9} {r['weights_read_mb']:>17.1f} "
+        print(f"{r['name']:<{width}} {pre:>20} {dec:>20} {size:>9} {r['weights_read_mb']:>17.1f} "
               f"{r['peak_rss_mb']:>12.0f}  {kernels}")
     print("* size of the tensors in memory (not saved on disk)")
+    for r in runs:
+        build = ", ".join(f"{k} {v}" for k, v in r["build"].items() if k not in ("backend",))
+        step = f"; decode step {r['decode_step']}" if r.get("decode_step") else ""
+        print(f"{r['name']}: {r['backend']} ({build}){step}")
     for r in runs:
         for k in r["kernels"]:
             if k["fallback"]:

@@ -25,6 +25,14 @@ def add_arguments(parser) -> None:
     add_bos_argument(parser)
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     parser.add_argument("--prompt", help="also generate greedily from this prompt, side by side")
+    parser.add_argument("--backend", default="torch",
+                        help="torch, or llama.cpp: the GGUF of MODEL (the demo's own file, a "
+                             ".gguf, a GGUF export folder) or --gguf run by llama.cpp on the "
+                             "same windows, KL / top-1 against the torch baseline (MODEL's "
+                             "base, --baseline, or MODEL itself through torch)")
+    parser.add_argument("--gguf", metavar="FILE", help="the GGUF file for --backend llama.cpp")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="llama.cpp threads (default 1: the cores are shared)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -62,8 +70,12 @@ def open_target(source: str, baseline: str | None = None) -> Opened:
 
 
 def run(args) -> int:
+    from studio.core.backends import get_backend
     from studio.core.evaluate import evaluate_job, generations_job
 
+    backend = get_backend(args.backend)
+    if backend.name == "llama.cpp":
+        return run_llama_cpp(args)
     target = open_target(args.model, args.baseline)
     base_model = target.baseline.model if target.baseline is not None else None
     result = run_with_progress(evaluate_job(target.model, base_model, target.tokenizer,
@@ -80,6 +92,37 @@ def run(args) -> int:
         data["generations"] = run_with_progress(
             generations_job(models, target.tokenizer, args.prompt), quiet=False)
         data["prompt"] = args.prompt
+    if args.json:
+        print_json(data)
+        return 0
+    print_table(data)
+    return 0
+
+
+def run_llama_cpp(args) -> int:
+    from studio.core.backends import get_backend, gguf_of, no_gguf_message
+    from studio.core.errors import StudioError
+    from studio.core.evaluate import evaluate_gguf_job
+
+    reason = get_backend("llama.cpp").unavailable_reason()
+    if reason:
+        raise StudioError(reason[0].upper() + reason[1:] + ".")
+    gguf = Path(args.gguf) if args.gguf else gguf_of(args.model)
+    if gguf is None:
+        raise StudioError(no_gguf_message(args.model))
+    if not gguf.is_file():
+        raise StudioError(f"{gguf} does not exist.")
+    target = open_target(args.model, args.baseline)
+    # The reference is the torch model of the same weights unless a baseline is known.
+    base = target.baseline.model if target.baseline is not None else target.model
+    result = run_with_progress(evaluate_gguf_job(gguf, base, target.tokenizer, args.text,
+                                                 args.seqlen, args.windows, args.threads,
+                                                 args.bos),
+                               quiet=False)
+    data = {"model": f"{gguf.name} [llama.cpp]", "gguf": str(gguf),
+            "baseline": f"{target.baseline.name if target.baseline else target.name} [torch]",
+            "build": {**get_backend("llama.cpp").build_info(), "threads": args.threads},
+            **result.to_dict()}
     if args.json:
         print_json(data)
         return 0

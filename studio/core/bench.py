@@ -15,11 +15,18 @@ quantized variant on its own kernels (`studio.core.kernels`). Each is measured t
   own tensors, is given beside it for comparing targets;
 * size: bytes on disk when the target is a saved folder, else the bytes its tensors hold.
 
+Targets run on a backend (`studio.core.backends`): torch (the above), or llama.cpp for a GGUF
+file (`gguf_target`), timed the same way with the same prompt ids and lengths. Every result
+records its backend, threads, build and kernels. An optional backend's target that cannot run
+(binding missing, file it cannot load) comes back as a result with `error` set and no figures,
+so the other targets' figures still come out.
+
 Results are returned only when every target has finished: a cancelled benchmark reports nothing.
 """
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import threading
 import time
@@ -30,6 +37,7 @@ import psutil
 import torch
 from torch import nn
 
+from studio.core.backends import get_backend
 from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress
 from studio.core.kernels import KernelChoice, float_model, kernel_model, kernel_summary
@@ -44,9 +52,12 @@ INT8_SPEC = QuantSpec(bits=8, group_size=-1, symmetric=True)
 @dataclass
 class BenchTarget:
     name: str
-    build: Callable[[], tuple[nn.Module, list[KernelChoice]]]
+    # torch: build() -> (model, kernels); other backends: build(max_len, threads) -> (runner
+    # with timed_generation, kernels)
+    build: Callable[..., tuple[object, list[KernelChoice]]]
     size_bytes: int | None = None   # on disk, when the target is a saved folder
     details: dict = field(default_factory=dict)  # shown next to the figures (plan, source...)
+    backend: str = "torch"
 
 
 @dataclass
@@ -67,12 +78,20 @@ class BenchResult:
     new_tokens: int
     kernels: list[KernelChoice]
     details: dict = field(default_factory=dict)
+    backend: str = "torch"
+    build: dict = field(default_factory=dict)   # versions / CPU flags of what ran it
+    error: str | None = None                    # why an optional target gave no figures
 
     @property
     def fallbacks(self) -> list[KernelChoice]:
         return [k for k in self.kernels if k.fallback]
 
     def to_dict(self) -> dict:
+        if self.error:   # no figures: say what would have run and why it did not
+            return {"name": self.name, "backend": self.backend, "error": self.error,
+                    "threads": self.threads, "prompt_tokens": self.prompt_tokens,
+                    "new_tokens": self.new_tokens, "kernel_summary": {}, "kernels": [],
+                    "build": self.build, **self.details}
         return {"name": self.name, "prefill_ms": round(self.prefill_ms, 2),
                 "prefill_ms_range": [round(v, 2) for v in self.prefill_ms_range],
                 "decode_tok_s": round(self.decode_tok_s, 2),
@@ -82,19 +101,23 @@ class BenchResult:
                 "weights_read_mb": round(self.weights_read_mb, 2), "threads": self.threads,
                 "repeat": self.repeat, "prompt_tokens": self.prompt_tokens,
                 "new_tokens": self.new_tokens, "kernel_summary": kernel_summary(self.kernels),
-                "kernels": [k.to_dict() for k in self.kernels], **self.details}
+                "kernels": [k.to_dict() for k in self.kernels], "backend": self.backend,
+                "build": self.build, **({"error": self.error} if self.error else {}),
+                **self.details}
 
 
 # --- what can be measured ------------------------------------------------------------------
 
 def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
                  lm_head: bool = True, size_bytes: int | None = None,
-                 layer_names: list[str] | None = None) -> list[BenchTarget]:
+                 layer_names: list[str] | None = None, prefill: str = "dense"
+                 ) -> list[BenchTarget]:
     """fp32 / bf16 / int8 / int4 targets built from a float model.
 
     int8 is W8 per-channel symmetric, int4 is W4 asymmetric in groups of `group_size`, both
     round-to-nearest on `layer_names` (the quantizable block layers) and, when `lm_head`, on
-    the output head too (the largest single matmul: in float it caps the speed-up).
+    the output head too (the largest single matmul: in float it caps the speed-up). `prefill`:
+    see `kernels.kernel_model`.
     """
     unknown = [c for c in configs if c not in BASE_CONFIGS]
     if unknown:
@@ -113,8 +136,9 @@ def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
             spec = INT8_SPEC if config == "int8" else QuantSpec(bits=4, group_size=group_size)
             label = "int8" if config == "int8" else f"int4 g{group_size}"
             extra = " + lm_head" if head else ""
+            suffix = "" if prefill == "dense" else f" ({prefill} prefill)"
             targets.append(BenchTarget(
-                f"{label}{extra}", _rtn_builder(model, names, head, spec),
+                f"{label}{extra}{suffix}", _rtn_builder(model, names, head, spec, prefill),
                 details={"quantized": f"RTN W{spec.bits} "
                          f"{'per-channel' if spec.group_size == -1 else f'g{spec.group_size}'}"
                          f"{extra} (on the fly, for speed only)"}))
@@ -122,17 +146,53 @@ def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
 
 
 def variant_target(name: str, model: nn.Module, qtensors: dict, size_bytes: int | None = None,
-                   details: dict | None = None) -> BenchTarget:
+                   details: dict | None = None, prefill: str = "dense") -> BenchTarget:
     """A quantized variant on its kernels (its de-quantized `model` and its `qtensors`)."""
-    return BenchTarget(name, lambda: kernel_model(model, qtensors), size_bytes, details or {})
+    return BenchTarget(name, lambda: kernel_model(model, qtensors, prefill), size_bytes,
+                       {"prefill": prefill, **(details or {})})
 
 
-def _rtn_builder(model, names, head, spec):
+def gguf_target(path, name: str | None = None, details: dict | None = None) -> BenchTarget:
+    """A GGUF file run by llama.cpp (the optional backend)."""
+    from pathlib import Path
+
+    path = Path(path)
+
+    def build(max_len: int, threads: int):
+        from studio.core.export import llama_cpp
+
+        reason = get_backend("llama.cpp").unavailable_reason()
+        if reason:
+            raise StudioError(reason[0].upper() + reason[1:] + ".")
+        if not path.is_file():
+            raise StudioError(f"{path} does not exist.")
+        runner = llama_cpp.Generator(path, max_len, threads)
+        return runner, gguf_kernels(path)
+
+    size = path.stat().st_size if path.is_file() else None
+    return BenchTarget(name or f"llama.cpp {path.name}", build, size,
+                       {"gguf": str(path), **(details or {})}, backend="llama.cpp")
+
+
+def gguf_kernels(path) -> list[KernelChoice]:
+    """What llama.cpp reads per token from a GGUF, one KernelChoice per weight tensor (the token
+    embedding only when it is also the output head: otherwise one row of it is read)."""
+    from studio.core.export import llama_cpp
+
+    rows = llama_cpp.tensor_kernels(path)
+    tied = not any(name == "output.weight" for name, *_ in rows)
+    return [KernelChoice(name, f"llama.cpp {kind}", bits, size,
+                         "the tied output head" if name == "token_embd.weight" else "")
+            for name, kind, bits, size in rows
+            if name != "token_embd.weight" or tied]
+
+
+def _rtn_builder(model, names, head, spec, prefill="dense"):
     def build():
         qtensors = {}
         for name in names + ([head] if head else []):
             qtensors[name] = quantize_rtn(weight_matrix(model.get_submodule(name)), spec)
-        return kernel_model(model, qtensors)
+        return kernel_model(model, qtensors, prefill)
     return build
 
 
@@ -177,8 +237,12 @@ class RssPeak:
 
 def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 128,
               new_tokens: int = 64, repeat: int = 3, threads: int | None = None,
-              seed: int = 0) -> Job[list[BenchResult]]:
-    """Measure every target; returns one BenchResult each (nothing if cancelled)."""
+              seed: int = 0, compile: bool = False) -> Job[list[BenchResult]]:
+    """Measure every target; returns one BenchResult each (nothing if cancelled).
+
+    `compile`: Llama-family torch targets decode through a torch.compile'd step
+    (`studio.core.compiled`), compiled before the warm-up as its own progress step; where it
+    cannot compile, the eager step runs and the result says why."""
     if not targets:
         raise StudioError("There is nothing to benchmark.")
     if prompt_tokens < 1 or new_tokens < 1 or repeat < 1:
@@ -195,7 +259,25 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
             base = index * (repeat + 2)
             yield Progress(base, steps, f"Building {target.name}")
             gc.collect()
-            model, choices = target.build()
+            backend = get_backend(target.backend)
+            if target.backend == "torch":
+                model, choices = target.build()
+            else:
+                try:
+                    model, choices = target.build(prompt_tokens + new_tokens + 1,
+                                                  torch.get_num_threads())
+                except StudioError as exc:  # the torch figures still come out
+                    results.append(_failed(target, str(exc), torch.get_num_threads(), repeat,
+                                           prompt_tokens, new_tokens))
+                    continue
+            lean, step_mode = None, None
+            if target.backend == "torch" and lean_supported(model):
+                lean = LeanRun(model, prompt_tokens + new_tokens)
+                step_mode = "eager"
+                if compile:
+                    yield Progress(base, steps, f"{target.name}: compiling the decode step "
+                                                f"(once per model and length)")
+                    step_mode = lean.compile(prompt_tokens)
             prefill, decode = [], []
             with RssPeak() as rss:
                 for run_index in range(repeat + 1):  # run 0 warms up and is not counted
@@ -203,38 +285,57 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
                     progress = Progress(base + 1 + run_index, steps, f"{target.name}: {what}")
                     yield progress
                     seconds_prefill, seconds_decode = yield from timed_generation(
-                        model, prompt, new_tokens, progress)
+                        model, prompt, new_tokens, progress, lean)
                     if run_index:
                         prefill.append(1000 * seconds_prefill)
                         decode.append(new_tokens / seconds_decode)
             size = target.size_bytes
+            in_memory = model_bytes(model) if isinstance(model, nn.Module) else size or 0
+            loop = ("llama.cpp" if target.backend != "torch" else
+                    "lean (q/k/v, gate/up fused where the layers allow)" if lean_supported(model) else "transformers")
             results.append(BenchResult(
                 name=target.name, prefill_ms=statistics.median(prefill),
                 prefill_ms_range=(min(prefill), max(prefill)),
                 decode_tok_s=statistics.median(decode), decode_tok_s_range=(min(decode), max(decode)),
-                peak_rss_mb=rss.peak / 2**20, model_mb=model_bytes(model) / 2**20,
-                size_mb=(size if size is not None else model_bytes(model)) / 2**20,
+                peak_rss_mb=rss.peak / 2**20, model_mb=in_memory / 2**20,
+                size_mb=(size if size is not None else in_memory) / 2**20,
                 size_source="disk" if size is not None else "memory",
                 weights_read_mb=sum(c.weight_bytes for c in choices) / 2**20,
                 threads=torch.get_num_threads(), repeat=repeat, prompt_tokens=prompt_tokens,
                 new_tokens=new_tokens, kernels=choices,
-                details={"decode_loop": "lean" if lean_supported(model) else "transformers",
-                         **target.details}))
-            del model
+                details={"decode_loop": loop, **target.details,
+                         **({"decode_step": step_mode} if step_mode else {})},
+                backend=target.backend,
+                build={**backend.build_info(), "threads": torch.get_num_threads()}))
+            del model, lean
         yield Progress(steps, steps, "Benchmark done")
     finally:
         torch.set_num_threads(old_threads)
     return results
 
 
-def timed_generation(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
-                     progress: Progress):
+def _failed(target: BenchTarget, error: str, threads: int, repeat: int, prompt_tokens: int,
+            new_tokens: int) -> BenchResult:
+    nan = math.nan
+    return BenchResult(target.name, nan, (nan, nan), nan, (nan, nan), nan, nan,
+                       (target.size_bytes or 0) / 2**20, "disk", 0.0, threads, repeat,
+                       prompt_tokens, new_tokens, [], dict(target.details), target.backend,
+                       {"backend": target.backend}, error)
+
+
+def timed_generation(model, prompt: torch.Tensor, new_tokens: int, progress: Progress,
+                     lean: "LeanRun | None" = None):
     """(prefill seconds, decode seconds) of greedy generation; yields between decode chunks.
 
-    Llama-family models run the lean loop below; others the transformers forward with its cache.
+    A runner of another backend times itself; Llama-family models run the lean loop below
+    (`lean`: its decoder and step, made once per target); others the transformers forward
+    with its cache.
     """
+    if hasattr(model, "timed_generation"):
+        return (yield from model.timed_generation(prompt, new_tokens, progress))
     if lean_supported(model):
-        return (yield from _timed_lean(model, prompt, new_tokens, progress))
+        lean = lean or LeanRun(model, prompt.shape[1] + new_tokens)
+        return (yield from _timed_lean(lean, prompt, new_tokens, progress))
     with torch.inference_mode():
         start = time.perf_counter()
         out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
@@ -252,9 +353,28 @@ def timed_generation(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
     return prefill, decode
 
 
-def _timed_lean(model: nn.Module, prompt: torch.Tensor, new_tokens: int, progress: Progress):
+class LeanRun:
+    """A target's lean decoder (fused q/k/v and gate/up; its static KV cache reused by every
+    run: prefill rewrites the prompt's positions, later ones are never read) and its step."""
+
+    def __init__(self, model: nn.Module, max_len: int) -> None:
+        self.decoder = LeanDecoder(model, max_len, fused=True)
+        self.step = self.decoder.forward
+
+    def compile(self, position: int) -> str:
+        """Compile the step (its first call) at `position`; the mode it ended in."""
+        from studio.core.compiled import CompiledStep
+
+        step = CompiledStep(self.decoder)
+        with torch.inference_mode():
+            step(torch.zeros(1, 1, dtype=torch.long), position)
+        self.step = step
+        return step.mode
+
+
+def _timed_lean(lean: LeanRun, prompt: torch.Tensor, new_tokens: int, progress: Progress):
     with torch.inference_mode():
-        decoder = LeanDecoder(model, prompt.shape[1] + new_tokens)
+        decoder, next_logits = lean.decoder, lean.step
         start = time.perf_counter()
         logits = decoder.forward(prompt, 0)
         prefill = time.perf_counter() - start
@@ -263,7 +383,7 @@ def _timed_lean(model: nn.Module, prompt: torch.Tensor, new_tokens: int, progres
         decode = 0.0
         for step in range(new_tokens):
             start = time.perf_counter()
-            token = decoder.forward(token, position).argmax(-1, keepdim=True)
+            token = next_logits(token, position).argmax(-1, keepdim=True)
             position += 1
             decode += time.perf_counter() - start
             if step % 16 == 15:
@@ -294,8 +414,13 @@ class LeanDecoder:
     rotary embedding, hooks) are the model's, so the logits are the same as its forward's.
     """
 
-    def __init__(self, model: nn.Module, max_len: int) -> None:
+    def __init__(self, model: nn.Module, max_len: int, fused: bool = False) -> None:
+        """`fused`: q/k/v and gate/up run as one call each (`studio.core.fuse`); this
+        re-points the model's layers at the fused weights, so only for a model the caller owns
+        (the benchmark's own copies), never one that shares tensors with others."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        from studio.core.fuse import fuse
 
         self.rotate = apply_rotary_pos_emb
         self.inner = model.model
@@ -310,6 +435,19 @@ class LeanDecoder:
         shape = (len(self.layers), 1, config.num_key_value_heads, max_len, self.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype)
         self.values = torch.zeros(shape, dtype=dtype)
+        self.qkv, self.gate_up = [], []
+        for layer in self.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            self.qkv.append(fuse([attention.q_proj, attention.k_proj, attention.v_proj])
+                            if fused else None)
+            parts = [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]
+            self.gate_up.append(fuse(parts) if fused and None not in parts
+                                and hasattr(mlp, "act_fn") else None)
+
+    @property
+    def fused_calls(self) -> int:
+        """How many q/k/v and gate/up groups run as one call."""
+        return sum(f is not None for f in self.qkv + self.gate_up)
 
     def forward(self, ids: torch.Tensor, position: int) -> torch.Tensor:
         """Logits [1, vocab] of the last of `ids` [1, T], which sit at `position`..."""
@@ -322,9 +460,13 @@ class LeanDecoder:
         for i, layer in enumerate(self.layers):
             attention = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attention.q_proj(h).view(1, count, -1, self.head_dim).transpose(1, 2)
-            k = attention.k_proj(h).view(1, count, -1, self.head_dim).transpose(1, 2)
-            v = attention.v_proj(h).view(1, count, -1, self.head_dim).transpose(1, 2)
+            if self.qkv[i] is not None:
+                q, k, v = self.qkv[i](h)
+            else:
+                q, k, v = attention.q_proj(h), attention.k_proj(h), attention.v_proj(h)
+            q = q.view(1, count, -1, self.head_dim).transpose(1, 2)
+            k = k.view(1, count, -1, self.head_dim).transpose(1, 2)
+            v = v.view(1, count, -1, self.head_dim).transpose(1, 2)
             q, k = self.rotate(q, k, cos, sin)
             self.keys[i, :, :, position:end] = k
             self.values[i, :, :, position:end] = v
@@ -332,5 +474,10 @@ class LeanDecoder:
                 q, self.keys[i, :, :, :end], self.values[i, :, :, :end], is_causal=count > 1,
                 scale=self.scaling, enable_gqa=self.gqa)
             x = x + attention.o_proj(out.transpose(1, 2).reshape(1, count, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            h = layer.post_attention_layernorm(x)
+            if self.gate_up[i] is not None:
+                gate, up = self.gate_up[i](h)
+                x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            else:
+                x = x + layer.mlp(h)
         return self.head(self.inner.norm(x[:, -1:]))[:, -1]

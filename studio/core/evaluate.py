@@ -11,6 +11,11 @@ The protocol of every figure (text, seqlen, windows, BOS) travels in the EvalRes
 Against a baseline the same windows give, per predicted position, the KL divergence
 KL(baseline || variant) and whether both pick the same most likely token (top-1 agreement);
 the per-token loss increase of the first window feeds the coloured text view.
+
+The baseline's side (its NLL, most likely token and top of its distribution per position) is
+computed once per model / protocol / text and cached (`baseline_cache`): evaluating a variant
+then costs one pass of the variant. Every result carries its `protocol` record, which is also
+what the cache is keyed on.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from studio.core import metrics
+from studio.core import baseline_cache, metrics
+from studio.core.baseline_cache import BaselineSummary
 from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress
 from studio.core.quant.coded import expanded
@@ -98,18 +104,18 @@ class EvalResult:
     ppl_per_window: list[float] = field(default_factory=list)
     bos: str | None = None       # the token each window starts with (None: none), ...
     bos_setting: str = "auto"    # ... as chosen by this setting (auto: the model's tokenizer)
-
-    @property
-    def protocol(self) -> dict:
-        """What the figures depend on besides the models: compare or cache figures on this."""
-        return {"text": self.text, "seqlen": self.seqlen, "windows": self.windows,
-                "bos": self.bos}
+    protocol: dict = field(default_factory=dict)   # how the windows were made (cache key too)
+    baseline_cache: str | None = None  # "hit" / "computed": where the baseline's side came from
+    backend: str = "torch"
 
     def to_dict(self, token_view: bool = False) -> dict:
         data = {"ppl": self.ppl, "tokens": self.tokens, "windows": self.windows,
                 "seqlen": self.seqlen, "text": self.text, "bos": self.bos,
                 "bos_setting": self.bos_setting, "seconds": round(self.seconds, 2),
-                "ppl_per_window": self.ppl_per_window}
+                "ppl_per_window": self.ppl_per_window, "protocol": self.protocol,
+                "backend": self.backend}
+        if self.baseline_cache is not None:
+            data["baseline_cache"] = self.baseline_cache
         if self.kl is not None:
             data.update(base_ppl=self.base_ppl, kl=self.kl, kl_p99=self.kl_p99, top1=self.top1)
         if token_view and self.token_losses is not None:
@@ -130,6 +136,14 @@ def prepare_windows(tokenizer, text_path: str | Path | None, seqlen: int,
     return eval_windows(tokenize(tokenizer, text), seqlen, windows, token), label
 
 
+def protocol_record(label: str, seqlen: int, windows: int, bos: str | None = None) -> dict:
+    """What defines the evaluation windows (the standard protocol): carried by every result and
+    part of the baseline cache's key, so a new field here invalidates the cache by itself.
+    `bos`: the token each window starts with (llama.cpp's protocol), None for none."""
+    return {"name": "standard", "text": label, "seqlen": seqlen, "stride": seqlen,
+            "windows": windows, "special_tokens": False, "bos": bos}
+
+
 def evaluate_job(model: nn.Module, baseline_model: nn.Module | None, tokenizer,
                  text_path: str | Path | None = None, seqlen: int = DEFAULT_SEQLEN,
                  windows: int | None = DEFAULT_WINDOWS, batch_size: int = 1,
@@ -146,36 +160,102 @@ def evaluate_many_job(models: dict[str, nn.Module], baseline_model: nn.Module | 
                       bos: str = "auto") -> Job[dict[str, EvalResult]]:
     """`evaluate_job` for several models on the same windows: the baseline runs once per batch
     instead of once per model (the baseline itself may be one of `models`)."""
-    start = time.perf_counter()
     yield Progress(0, 1, "Tokenizing the evaluation text")
     ids, label = prepare_windows(tokenizer, text_path, seqlen, windows, bos)
     bos_text = bos_label(tokenizer, bos_token(tokenizer, bos))
+    protocol = protocol_record(label, seqlen, ids.shape[0], bos_text)
     count = ids.shape[0]
-    tallies = {name: _Tally() for name in models}
-    steps = count * len(models)
     batch_size = max(1, int(batch_size))
+    others = {name: m for name, m in models.items() if m is not baseline_model}
+    base, how = None, None
+    if baseline_model is not None:
+        base, how = yield from baseline_job(baseline_model, ids, protocol, batch_size,
+                                            extra_steps=count * len(others))
+    start = time.perf_counter()    # the models' own time: the baseline's is reported apart
+    tallies = {name: _Tally() for name in models}
+    done = 0 if how != "computed" else count
+    steps = done + count * len(others)
     with contextlib.ExitStack() as stack:
-        for model in models.values():
+        for model in others.values():
             stack.enter_context(expanded(model))
         for first in range(0, count, batch_size):
             batch = ids[first: first + batch_size]
-            base_logits = None
-            if baseline_model is not None:
-                yield Progress(first * len(models), steps,
-                               f"Baseline on window {first + 1} of {count}")
-                base_logits = _logits(baseline_model, batch)
-            for index, (name, model) in enumerate(models.items()):
-                yield Progress(first * len(models) + index, steps,
+            rows = None if base is None else base.rows(first, first + batch.shape[0])
+            for index, (name, model) in enumerate(others.items()):
+                yield Progress(done + first * len(others) + index, steps,
                                f"{name}: window {first + 1} of {count}")
-                logits = base_logits if model is baseline_model else _logits(model, batch)
-                tallies[name].add(batch, logits, base_logits)
+                tallies[name].add(batch, _logits(model, batch), rows)
+    for name, model in models.items():
+        if model is baseline_model:    # the baseline itself: its figures are the summary's
+            tallies[name].add_baseline(ids, base)
     seconds = time.perf_counter() - start
-    results = {name: tally.result(tokenizer, ids[0], count, seqlen, label, seconds)
-               for name, tally in tallies.items()}
-    for result in results.values():
+    results = {}
+    for name, tally in tallies.items():
+        result = tally.result(tokenizer, ids[0], count, seqlen, label, seconds)
+        result.protocol, result.baseline_cache = protocol, how
         result.bos, result.bos_setting = bos_text, bos
+        results[name] = result
     yield Progress(steps, steps, "Evaluation done")
     return results
+
+
+def baseline_job(model: nn.Module, ids: torch.Tensor, protocol: dict, batch_size: int = 1,
+                 extra_steps: int = 0) -> Job[tuple[BaselineSummary, str]]:
+    """(the baseline's summary on `ids`, "hit" or "computed"): from the cache when this model,
+    protocol and text were evaluated before, else one pass of the model, then cached.
+    `extra_steps`: work the caller does after it, for one progress bar over both."""
+    yield Progress(0, 1, "Looking for the baseline's figures")
+    key, record = baseline_cache.cache_key(baseline_cache.model_fingerprint(model), protocol, ids)
+    found = baseline_cache.lookup(key, record)
+    if found is not None:
+        log.info("baseline figures from the cache (%s)", key[:12])
+        return found, "hit"
+    count = ids.shape[0]
+    parts = []
+    with expanded(model):
+        for first in range(0, count, max(1, batch_size)):
+            batch = ids[first: first + batch_size]
+            yield Progress(first, count + extra_steps, f"Baseline on window {first + 1} of {count}")
+            parts.append(BaselineSummary.from_logits(_logits(model, batch), batch))
+    summary = BaselineSummary.cat(parts)
+    baseline_cache.store(key, record, summary)
+    return summary, "computed"
+
+
+def evaluate_gguf_job(path: str | Path, baseline_model: nn.Module | None, tokenizer,
+                      text_path: str | Path | None = None, seqlen: int = DEFAULT_SEQLEN,
+                      windows: int | None = DEFAULT_WINDOWS, threads: int = 1,
+                      bos: str = "auto") -> Job[EvalResult]:
+    """The same evaluation of a GGUF file run by llama.cpp (the optional backend): the same
+    windows and protocol, KL / top-1 against the (cached) torch baseline."""
+    from studio.core.backends import get_backend
+    from studio.core.export import llama_cpp
+
+    reason = get_backend("llama.cpp").unavailable_reason()
+    if reason:
+        raise StudioError(reason[0].upper() + reason[1:] + ".")
+    if tokenizer is None:
+        raise StudioError("Evaluating needs the model's tokenizer, and this model has none.")
+    yield Progress(0, 1, "Tokenizing the evaluation text")
+    ids, label = prepare_windows(tokenizer, text_path, seqlen, windows, bos)
+    bos_text = bos_label(tokenizer, bos_token(tokenizer, bos))
+    protocol = protocol_record(label, seqlen, ids.shape[0], bos_text)
+    base, how = None, None
+    if baseline_model is not None:
+        base, how = yield from baseline_job(baseline_model, ids, protocol)
+    start = time.perf_counter()
+    tally = _Tally()
+
+    def use(index: int, logits: torch.Tensor) -> None:
+        rows = None if base is None else base.rows(index, index + 1)
+        tally.add(ids[index: index + 1], logits[None], rows)
+
+    yield from llama_cpp.each_window_job(path, ids, use, threads)
+    result = tally.result(tokenizer, ids[0], ids.shape[0], seqlen, label,
+                          time.perf_counter() - start)
+    result.protocol, result.baseline_cache, result.backend = protocol, how, "llama.cpp"
+    result.bos, result.bos_setting = bos_text, bos
+    return result
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -193,21 +273,30 @@ class _Tally:
         self.per_window: list[float] = []
         self.first: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
-    def add(self, ids: torch.Tensor, logits: torch.Tensor, base_logits: torch.Tensor | None):
+    def add(self, ids: torch.Tensor, logits: torch.Tensor, base: BaselineSummary | None):
         nll = metrics.token_nll(logits, ids)
+        kl = agree = None
+        if base is not None:
+            # Position t's logits predict token t + 1; the last position predicts nothing here.
+            kl = base.kl(logits).flatten()
+            agree = (logits[:, :-1].argmax(-1) == base.argmax).float().sum().item()
+        self._add(nll, base, kl, agree)
+
+    def add_baseline(self, ids: torch.Tensor, base: BaselineSummary) -> None:
+        """The baseline's own figures, from its summary (KL 0, full agreement)."""
+        self._add(base.nll, base, torch.zeros(base.nll.numel()), float(base.nll.numel()))
+
+    def _add(self, nll: torch.Tensor, base: BaselineSummary | None, kl, agree) -> None:
         self.nll_sum += nll.double().sum().item()
         self.tokens += nll.numel()
         self.per_window.extend(metrics.perplexity(row.double().sum().item(), row.numel())
                                for row in nll)
-        base_nll = None
-        if base_logits is not None:
-            base_nll = metrics.token_nll(base_logits, ids)
-            self.base_nll_sum += base_nll.double().sum().item()
-            # Position t's logits predict token t + 1; the last position predicts nothing here.
-            self.kls.append(metrics.kl_divergence(base_logits[:, :-1], logits[:, :-1]).flatten())
-            self.agree += metrics.top1_agreement(base_logits[:, :-1], logits[:, :-1]).sum().item()
+        if base is not None:
+            self.base_nll_sum += base.nll.double().sum().item()
+            self.kls.append(kl)
+            self.agree += agree
         if self.first is None:
-            self.first = (nll[0], None if base_nll is None else base_nll[0])
+            self.first = (nll[0], None if base is None else base.nll[0])
 
     def result(self, tokenizer, first_ids: torch.Tensor, windows: int, seqlen: int, label: str,
                seconds: float) -> EvalResult:

@@ -22,6 +22,15 @@ both kernels exactly:
 Everything else (5-8 bits in groups, widths no kernel group divides, a layer with no codes)
 falls back *visibly*: the layer runs as a de-quantized float32 matmul and the report says why.
 
+Prefill (a call with at least `PREFILL_ROWS` token rows) does not use the low-bit kernels: they
+de-quantize a tile of weights for every few rows and are no faster than a float32 matmul at 128
+tokens. Instead the layer de-quantizes its weights once per call, straight from the kernel's
+own packed buffer (no second copy of the codes), into `PREFILL_DTYPE` (bfloat16 where the CPU
+multiplies it natively, else float32, which this AVX2 machine's BLAS runs faster than its
+emulated bf16) and runs one dense GEMM; decode (one row) stays on the kernel. The de-quantized
+weight lives only for that call. `kernel_model(prefill="kernel")` turns it off (benchmarks
+compare both).
+
 Only the kernels see bf16: a kernel model keeps the rest of the network (embeddings, norms,
 attention, the residual stream) in float32 and each kernel module casts its input to bf16 and
 its output back. Measured here, bf16 attention on CPU is ~7x slower than float32 for one
@@ -31,6 +40,7 @@ the residual stream exact.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from dataclasses import dataclass, replace
 
@@ -45,6 +55,43 @@ log = logging.getLogger(__name__)
 
 KERNEL_GROUPS = (128, 64, 32)
 INT4_TILES = 2  # inner k tiles for the CPU packing; the CPU kernel accepts any of 1, 2, 4, 8
+# Calls with this many token rows or more take the dense prefill path. De-quantizing costs
+# about what 20-30 rows cost on the int4 kernel (demo layers, this 2-core AVX2 machine, loaded:
+# dense won from ~90 rows before the de-quantization was cut to a third), so short prompts stay
+# on the kernel; `benchmarks/bench_speed.py` compares both paths at its prompt length.
+PREFILL_ROWS = 32
+PREFILL_MODES = ("dense", "kernel")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 / AMX), as oneDNN reports."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+PREFILL_DTYPE = torch.bfloat16 if native_bf16() else torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def int4_block_n() -> int | None:
+    """How torch's CPU int4 packing lays out rows: packed [N, K/2] bytes are blocks of
+    `BLOCK_N` rows, [N/BLOCK_N, K, BLOCK_N/2], byte j of a block holding row j in its low
+    nibble and row j + BLOCK_N/2 in its high one. The block size depends on the CPU (32 with
+    AVX2, 64 with AVX-512), so it is found by packing known codes once; None when no layout
+    fits (the dense prefill path is then not used)."""
+    codes = torch.randint(0, 16, (128, 64), dtype=torch.int32,
+                          generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INT4_TILES)
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != (128, 32):
+        return None
+    for block in (64, 32, 16, 8):
+        view = packed.reshape(128 // block, 64, block // 2).to(torch.int32)
+        rows = torch.cat([view & 15, view >> 4], dim=-1).permute(0, 2, 1).reshape(128, 64)
+        if torch.equal(rows, codes):
+            return block
+    return None
 
 
 @dataclass(frozen=True)
@@ -77,11 +124,36 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", packed)
         self.register_buffer("scales_zeros", scales_zeros)
         self.register_buffer("bias", bias)
+        block = int4_block_n()
+        self.block_n = block if block and out_features % block == 0 else None
+        self.prefill_rows: int | None = PREFILL_ROWS if self.block_n else None
+
+    def dequantized(self, dtype: torch.dtype = PREFILL_DTYPE) -> torch.Tensor:
+        """W.T [in, out] in `dtype`, read from the kernel's packed buffer (see int4_block_n):
+        code * scale + (zero - 8 * scale), the kernel's (code - 8) * scale + zero, in float32,
+        rounded once to `dtype`. This runs on every prefill, so it makes few passes: nibbles
+        converted straight into the float32 result, then one in-place multiply-add (a `cat`
+        and a mixed-dtype addcmul each cost about as much again)."""
+        k, n, block = self.in_features, self.out_features, self.block_n
+        groups, half = k // self.group, block // 2
+        packed = self.packed.view(n // block, k, half).transpose(0, 1)      # [K, N/B, B/2]
+        weight = torch.empty(k, n // block, block)
+        weight[..., :half].copy_(packed & 15)       # rows j of each block: low nibbles
+        weight[..., half:].copy_(packed >> 4)       # rows j + B/2: high nibbles
+        scale = self.scales_zeros[..., 0].float().view(groups, 1, n)
+        offset = self.scales_zeros[..., 1].float().view(groups, 1, n) - 8 * scale
+        grouped = weight.view(groups, self.group, n)
+        torch.addcmul(offset, grouped, scale, out=grouped)
+        return weight.view(k, n).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group,
-                                                       self.scales_zeros).to(x.dtype)
+        flat = x.reshape(-1, self.in_features)
+        if self.prefill_rows is not None and flat.shape[0] >= self.prefill_rows:
+            weight = self.dequantized()
+            y = torch.mm(flat.to(weight.dtype), weight).to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat.to(torch.bfloat16), self.packed, self.group, self.scales_zeros).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -99,10 +171,16 @@ class Int8Linear(nn.Module):
         # scale * (z - 128) per row, for 8-bit asymmetric codes; None when all zeros are 128.
         self.register_buffer("offset", offset)
         self.register_buffer("bias", bias)
+        self.prefill_rows: int | None = PREFILL_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).to(x.dtype)
+        if self.prefill_rows is not None and flat.shape[0] >= self.prefill_rows:
+            # Prefill: one de-quantized copy for this call, one dense GEMM (see the top).
+            weight = (self.weight.to(PREFILL_DTYPE) * self.scales.to(PREFILL_DTYPE)[:, None])
+            y = torch.nn.functional.linear(flat.to(PREFILL_DTYPE), weight).to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).to(x.dtype)
         if self.offset is not None:
             y = y - flat.to(x.dtype).sum(-1, keepdim=True) * self.offset.to(x.dtype)
         if self.bias is not None:
@@ -208,13 +286,17 @@ def float_model(model: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, list[K
     return copy_, _dense_choices(copy_, label, set())
 
 
-def kernel_model(model: nn.Module, qtensors: dict[str, QTensor]
+def kernel_model(model: nn.Module, qtensors: dict[str, QTensor], prefill: str = "dense"
                  ) -> tuple[nn.Module, list[KernelChoice]]:
     """A float32 copy of `model` whose quantized layers (`qtensors`) run on low-bit kernels.
 
     `model` is the variant's de-quantized float model; layers without a kernel keep its
-    de-quantized weights, so the results match it either way.
+    de-quantized weights, so the results match it either way. `prefill`: "dense" (calls of
+    PREFILL_ROWS rows or more de-quantize once and run a dense GEMM) or "kernel" (always the
+    low-bit kernel).
     """
+    if prefill not in PREFILL_MODES:
+        raise ValueError(f"prefill must be one of {PREFILL_MODES}, not {prefill!r}")
     result = copy.deepcopy(model).float()
     result.eval()
     choices: list[KernelChoice] = []
@@ -222,6 +304,13 @@ def kernel_model(model: nn.Module, qtensors: dict[str, QTensor]
         module = result.get_submodule(name)
         kernel, choice = kernel_for(name, module, q)
         if kernel is not None:
+            if prefill == "kernel":
+                kernel.prefill_rows = None
+            if kernel.prefill_rows is not None:
+                dtype = str(PREFILL_DTYPE).replace("torch.", "")
+                choice = replace(choice, note="; ".join(filter(None, [
+                    choice.note, f"prefill ({kernel.prefill_rows}+ tokens): de-quantized to "
+                                 f"{dtype}, dense GEMM"])))
             hooks = move_pre_hooks(module, kernel)
             if hooks:
                 choice = replace(choice, note="; ".join(filter(None, [choice.note, hooks])))

@@ -8,18 +8,27 @@ perplexity on the studio's windows, its agreement with the variant).
 cyllama 0.2.18: `LlamaContext.get_logits_ith` reads `model.n_vocab`, which its LlamaModel lacks,
 so the model is opened through a subclass that supplies it. One thread and a passive OpenMP
 wait policy: the machine's cores are shared, and a spinning OpenMP pool starves torch.
+
+The benchmark's llama.cpp backend (`Generator`) times prefill and greedy decode here with the
+same prompt ids and lengths as the torch path; `build_info` says which build produced a figure.
 """
 from __future__ import annotations
 
 import os
+import platform
+import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from studio.core import metrics
 from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress, run
+
+
+INSTALL = "pip install 'compression-studio[llama-cpp]'"
 
 
 def available() -> bool:
@@ -28,6 +37,38 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def build_info() -> dict:
+    """Which llama.cpp produced a figure: binding, llama.cpp and ggml versions, the CPU and the
+    SIMD flags it offers (the wheel's own compile flags are not exposed by the binding)."""
+    import importlib.metadata
+
+    cy = _binding()
+    info = {"binding": f"cyllama {importlib.metadata.version('cyllama')}"}
+    try:
+        from cyllama._internal import build_config
+        versions = build_config.get().get("versions", {})
+        info["llama_cpp"] = versions.get("llama_cpp_version")
+    except Exception:  # an older or newer wheel without that file: the rest still says enough
+        pass
+    info["ggml"] = f"{cy.ggml_version()} ({cy.ggml_commit()})"
+    info["cpu_flags"] = cpu_simd_flags()
+    info["machine"] = platform.machine()
+    return info
+
+
+def cpu_simd_flags() -> str:
+    """The host CPU's vector extensions (from /proc/cpuinfo where there is one)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "unknown"
+    line = next((row for row in text.splitlines() if row.startswith("flags")), "")
+    wanted = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+              "avx_vnni", "amx_tile")
+    flags = set(line.split(":", 1)[-1].split())
+    return " ".join(f for f in wanted if f in flags) or "none found"
 
 
 def _binding():
@@ -61,6 +102,93 @@ def _open(path: Path, threads: int, n_ctx: int):
     return cy, model, cy.LlamaContext(model, context_params)
 
 
+class Generator:
+    """A GGUF opened in llama.cpp for timed greedy generation (the benchmark's llama.cpp backend).
+
+    `timed_generation(prompt, new_tokens, progress)` has the torch path's contract: a job that
+    returns (prefill seconds, decode seconds). Prefill asks for the last position's logits only,
+    as the torch path does; each decode step decodes one token and picks the next greedily with
+    llama.cpp's own sampler (no per-step copy of the logits into Python).
+    """
+
+    backend = "llama.cpp"
+
+    def __init__(self, path: str | Path, max_len: int, threads: int = 1) -> None:
+        self.path = Path(path)
+        self.threads = threads
+        self.cy, self.model, self.context = _open(self.path, threads, max_len)
+        self.n_vocab = self.model.n_vocab
+        self.sampler = self.cy.LlamaSampler(self.cy.LlamaSamplerChainParams())
+        self.sampler.add_greedy()
+
+    def timed_generation(self, prompt: torch.Tensor, new_tokens: int, progress: Progress):
+        cy, context = self.cy, self.context
+        ids = [int(t) % self.n_vocab for t in prompt[0].tolist()]
+        context.kv_cache_clear()
+        batch = cy.LlamaBatch(n_tokens=len(ids), embd=0, n_seq_max=1)
+        for position, token in enumerate(ids):
+            batch.add(token, position, [0], position == len(ids) - 1)
+        start = time.perf_counter()
+        context.decode(batch)
+        token = self.sampler.sample(context, -1)
+        prefill = time.perf_counter() - start
+        step_batch = cy.LlamaBatch(n_tokens=1, embd=0, n_seq_max=1)
+        decode, position = 0.0, len(ids)
+        for step in range(new_tokens):
+            start = time.perf_counter()
+            step_batch.clear()
+            step_batch.add(token, position, [0], True)
+            context.decode(step_batch)
+            token = self.sampler.sample(context, -1)
+            position += 1
+            decode += time.perf_counter() - start
+            if step % 16 == 15:
+                yield progress   # lets a cancel land mid-run; the timing excludes it
+        return prefill, decode
+
+
+def tensor_kernels(path: str | Path) -> list[tuple[str, str, int | None, int]]:
+    """(tensor, ggml type, bits or None for float, bytes) of every 2-D weight in a GGUF: what
+    llama.cpp reads per token (the token embedding too, though only one row of it is read)."""
+    from gguf import GGUFReader
+
+    rows = []
+    for tensor in GGUFReader(str(path)).tensors:
+        if len(tensor.shape) < 2:
+            continue
+        kind = tensor.tensor_type.name
+        digits = "".join(ch for ch in kind.split("_")[0] if ch.isdigit())
+        bits = int(digits) if kind.startswith(("Q", "IQ", "TQ")) and digits else None
+        rows.append((tensor.name, kind, bits, int(tensor.n_bytes)))
+    return rows
+
+
+def quantize_file(source: str | Path, target: str | Path, ftype: str = "Q4_0",
+                  threads: int = 1) -> Path:
+    """llama.cpp's own quantizer (llama-quantize) on a GGUF: `ftype` names a LLAMA_FTYPE
+    (MOSTLY_Q4_0 is 2, ...). For benchmarks: the anchor users know."""
+    cy = _binding()
+    cy.disable_logging()
+    ftypes = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15}
+    if ftype not in ftypes:
+        raise StudioError(f"Unknown llama.cpp type {ftype}; choose from {', '.join(ftypes)}.")
+    params = cy.LlamaModelQuantizeParams()
+    params.ftype = ftypes[ftype]
+    params.nthread = threads
+    params.allow_requantize = True       # the demo ships already quantized (Q4_1)
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        cy.model_quantize(str(source), str(tmp), params)
+    except RuntimeError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StudioError(f"llama.cpp could not quantize {Path(source).name} to {ftype}: "
+                          f"{exc}") from None
+    os.replace(tmp, target)
+    return target
+
+
 def tokenize(path: str | Path, text: str, add_special: bool = True) -> list[int]:
     """llama.cpp's token ids for `text` with the GGUF's vocabulary (BOS/EOS as the file says)."""
     _, model, _ = _open(Path(path), 1, 64)
@@ -80,7 +208,9 @@ def each_window_job(path: str | Path, windows: torch.Tensor,
         for position, token in enumerate(window):
             batch.add(token, position, [0], True)
         context.decode(batch)
-        use(index, torch.tensor([context.get_logits_ith(i) for i in range(seqlen)]))
+        # Through NumPy: torch.tensor on nested lists is ~8x slower, as slow as the decode.
+        rows = [context.get_logits_ith(i) for i in range(seqlen)]
+        use(index, torch.from_numpy(np.array(rows, dtype=np.float32)))
     yield Progress(count, count, "llama.cpp: done")
 
 

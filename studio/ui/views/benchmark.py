@@ -1,10 +1,15 @@
 """Benchmark the baseline and variants on this CPU: prefill, decode speed, memory, size, and
-the kernel that ran each layer (fallbacks listed with their reason)."""
+the kernel that ran each layer (fallbacks listed with their reason); GGUF files (the model's
+own, any file added) through llama.cpp beside them, when its binding is installed."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
+    QCheckBox,
+    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QHeaderView,
@@ -20,11 +25,13 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio.core.bench import BASE_CONFIGS, base_targets, bench_job, variant_target
+from studio.core.backends import get_backend, gguf_of
+from studio.core.bench import BASE_CONFIGS, base_targets, bench_job, gguf_target, variant_target
 from studio.ui.views.compare import add_runs, describe_baseline, describe_variant
 
 RESULT_COLUMNS = ("Configuration", "Prefill ms (min-max)", "Decode tok/s (min-max)",
-                  "Weights/token MB", "Size MB", "Peak RSS MB", "Threads", "Kernels")
+                  "Weights/token MB", "Size MB", "Peak RSS MB", "Threads", "Kernels",
+                  "Backend (build)")
 KERNEL_COLUMNS = ("Layer", "Kernel", "Bits", "Weight KB", "Note")
 CONFIG_LABELS = {"fp32": "baseline fp32", "bf16": "baseline bf16",
                  "int8": "baseline int8 (RTN, for speed)", "int4": "baseline int4 g32 (RTN, for speed)"}
@@ -35,6 +42,7 @@ class BenchmarkView(QWidget):
         super().__init__()
         self.state = state
         self.results: list = []
+        self.ggufs: list[Path] = []     # GGUF files the user added for the llama.cpp backend
 
         self.targets = QListWidget()
         self.prompt_tokens = QSpinBox(minimum=1, maximum=4096, value=128)
@@ -42,16 +50,25 @@ class BenchmarkView(QWidget):
         self.repeat = QSpinBox(minimum=1, maximum=20, value=3)
         self.threads = QSpinBox(minimum=1, maximum=max(1, torch.get_num_threads() * 2),
                                 value=torch.get_num_threads())
+        self.compile = QCheckBox("Compile the decode step (torch.compile; minutes, once per "
+                                 "model and length)")
+        self.add_gguf_button = QPushButton("Add GGUF file (llama.cpp)...")
+        self.add_gguf_button.clicked.connect(self._choose_gguf)
         self.run_button = QPushButton("Run benchmark")
         self.run_button.clicked.connect(self.run_benchmark)
         self.targets.setMaximumHeight(170)
         form = QFormLayout()
         form.addRow(QLabel("Measure"))
         form.addRow(self.targets)
+        form.addRow(self.add_gguf_button)
+        self.llama_note = QLabel()
+        self.llama_note.setWordWrap(True)
+        form.addRow(self.llama_note)
         form.addRow("Prompt tokens (prefill)", self.prompt_tokens)
         form.addRow("New tokens (decode, batch 1)", self.new_tokens)
         form.addRow("Repeats (after a warm-up)", self.repeat)
         form.addRow("Threads", self.threads)
+        form.addRow(self.compile)
         form.addRow(self.run_button)
         self.summary = QLabel("Tick what to measure. Quantized variants run on int8/int4 CPU "
                               "kernels with bf16 activations.")
@@ -105,12 +122,40 @@ class BenchmarkView(QWidget):
         self.run_button.setEnabled(True)
         entries = [(config, CONFIG_LABELS[config]) for config in BASE_CONFIGS]
         entries += [(f"variant:{name}", f"variant {name}") for name in self.state.session.variants]
+        llama = get_backend("llama.cpp")
+        reason = llama.unavailable_reason()
+        for path in self._gguf_files():
+            entries.append((f"gguf:{path}", f"llama.cpp: {path.name}"
+                            + (" (unavailable)" if reason else "")))
+        self.llama_note.setText(
+            f"llama.cpp backend unavailable: install it with {llama.install}" if reason else
+            "GGUF files run through llama.cpp with the same prompt, lengths and threads.")
         for key, label in entries:
             item = QListWidgetItem(label)
             item.setData(Qt.ItemDataRole.UserRole, key)
             item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+            if key.startswith("gguf:") and reason:
+                item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsEnabled)
+                item.setToolTip(reason)
             item.setCheckState(Qt.CheckState.Checked if key in checked else Qt.CheckState.Unchecked)
             self.targets.addItem(item)
+
+    def _gguf_files(self) -> list[Path]:
+        """The open model's own GGUF (the demo's file, a .gguf opened) and those added."""
+        own = gguf_of(self.state.handle.source) if self.state.handle is not None else None
+        files = ([own] if own is not None else []) + self.ggufs
+        return list(dict.fromkeys(Path(f) for f in files))
+
+    def add_gguf(self, path) -> None:
+        self.ggufs.append(Path(path))
+        self._fill_targets()
+        self.set_checked(self.checked_keys() + [f"gguf:{Path(path)}"])
+
+    def _choose_gguf(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "GGUF file to benchmark with llama.cpp",
+                                              "", "GGUF (*.gguf)")
+        if path:
+            self.add_gguf(path)
 
     def checked_keys(self) -> list[str]:
         return [self.targets.item(i).data(Qt.ItemDataRole.UserRole)
@@ -140,12 +185,15 @@ class BenchmarkView(QWidget):
                 targets.append(variant_target(variant.name, variant.model, variant.qtensors,
                                               variant.size_bytes))
                 owners[variant.name] = variant
+            elif key.startswith("gguf:"):
+                targets.append(gguf_target(key.split(":", 1)[1]))
         vocab = handle.model.get_input_embeddings().weight.shape[0]
         settings = (self.prompt_tokens.value(), self.new_tokens.value(), self.repeat.value(),
                     self.threads.value())
         self.summary.setText("Benchmarking... (other work on this machine skews the figures)")
+        compile_step = self.compile.isChecked()
         return self.state.submit(
-            "Benchmark", lambda: bench_job(targets, vocab, *settings),
+            "Benchmark", lambda: bench_job(targets, vocab, *settings, compile=compile_step),
             on_result=lambda results: self._measured(results, owners))
 
     def _measured(self, results: list, owners: dict) -> None:
@@ -153,6 +201,8 @@ class BenchmarkView(QWidget):
         self.results = results
         runs = []
         for result in results:
+            if result.error:      # no figures: its row says why
+                continue
             variant = owners.get(result.name)
             data = result.to_dict()
             kernels = ", ".join(f"{k} x{n}" for k, n in data["kernel_summary"].items())
@@ -160,6 +210,9 @@ class BenchmarkView(QWidget):
                 what = describe_variant(variant)
             elif result.name == "fp32":
                 what = describe_baseline(handle)
+            elif result.backend != "torch":
+                what = {"variant": result.name, "plan": f"{result.backend} GGUF",
+                        "size_mb": result.size_mb}
             else:  # bf16 / int8 / int4 speed configurations of the baseline
                 what = {"variant": result.name.replace(" + lm_head", "+head"),
                         "plan": data.get("quantized", result.name),
@@ -167,26 +220,40 @@ class BenchmarkView(QWidget):
             runs.append({**what, "kind": "bench", "prefill_ms": result.prefill_ms,
                          "decode_tok_s": result.decode_tok_s, "peak_rss_mb": result.peak_rss_mb,
                          "threads": result.threads, "kernels": kernels,
+                         "backend": result.backend, "build": result.build,
                          "fallbacks": len(result.fallbacks)})
-        add_runs(self.state, runs)
+        if runs:
+            add_runs(self.state, runs)
         self._fill_table()
+        failed = [r for r in results if r.error]
         fallbacks = sum(len(r.fallbacks) for r in results)
         self.summary.setText(f"Measured {len(results)} configurations with "
                              f"{results[0].threads} thread(s)."
                              + (f" {fallbacks} layers fell back to fp32 dense (see the kernels "
-                                f"table)." if fallbacks else ""))
+                                f"table)." if fallbacks else "")
+                             + "".join(f" {r.name}: {r.error}" for r in failed))
 
     def _fill_table(self) -> None:
         self.table.setRowCount(len(self.results))
         for row, r in enumerate(self.results):
             data = r.to_dict()
+            build = ", ".join(f"{v}" for k, v in r.build.items() if k not in ("backend", "threads"))
+            if r.error:
+                values = (r.name, "", "", "", "", "", str(r.threads), f"no figures: {r.error}",
+                          r.backend)
+                for col, value in enumerate(values):
+                    self.table.setItem(row, col, QTableWidgetItem(value))
+                continue
             values = (r.name,
                       f"{r.prefill_ms:.1f} ({r.prefill_ms_range[0]:.1f}-{r.prefill_ms_range[1]:.1f})",
                       f"{r.decode_tok_s:.1f} ({r.decode_tok_s_range[0]:.1f}-"
                       f"{r.decode_tok_s_range[1]:.1f})",
                       f"{r.weights_read_mb:.1f}", f"{r.size_mb:.1f}", f"{r.peak_rss_mb:.0f}",
                       str(r.threads),
-                      ", ".join(f"{k} x{n}" for k, n in data["kernel_summary"].items()))
+                      ", ".join(f"{k} x{n}" for k, n in data["kernel_summary"].items()),
+                      f"{r.backend} ({build})"
+                      + (f"; decode step {r.details['decode_step']}"
+                         if r.details.get("decode_step") else ""))
             for col, value in enumerate(values):
                 self.table.setItem(row, col, QTableWidgetItem(value))
         if self.results:

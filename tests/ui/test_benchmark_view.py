@@ -1,0 +1,46 @@
+"""The Benchmark tab's llama.cpp backend: GGUF files listed beside the torch configurations,
+measured with the same settings, or shown unavailable with the install command."""
+import pytest
+from PySide6.QtCore import Qt
+
+from studio.core.export import llama_cpp
+from tests.core.test_llama_backend import write_tiny_gguf
+
+
+def view_for(qtbot, state, handle):
+    from studio.ui.views.benchmark import BenchmarkView
+
+    state.set_model(handle)
+    view = BenchmarkView(state)
+    qtbot.addWidget(view)
+    return view
+
+
+def test_without_the_binding_gguf_entries_are_disabled_with_the_install_command(
+        qtbot, state, tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setattr(llama_cpp, "available", lambda: False)
+    view = view_for(qtbot, state, tiny_llama)
+    view.add_gguf(tmp_path / "some.gguf")
+    item = view.targets.item(view.targets.count() - 1)
+    assert item.data(Qt.ItemDataRole.UserRole).startswith("gguf:")
+    assert not item.flags() & Qt.ItemFlag.ItemIsEnabled
+    assert "compression-studio[llama-cpp]" in view.llama_note.text()
+
+
+@pytest.mark.skipif(not llama_cpp.available(), reason="cyllama is not installed")
+def test_a_gguf_is_measured_beside_the_torch_path(qtbot, state, tiny_llama, tmp_path):
+    gguf = write_tiny_gguf(tiny_llama, tmp_path)
+    view = view_for(qtbot, state, tiny_llama)
+    view.add_gguf(gguf)
+    view.set_checked(["fp32", f"gguf:{gguf}"])
+    view.prompt_tokens.setValue(8)
+    view.new_tokens.setValue(3)
+    view.repeat.setValue(1)
+    view.threads.setValue(1)
+    with qtbot.waitSignal(view.run_benchmark().done, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: view.table.rowCount() == 2)
+    assert view.table.item(1, 8).text().startswith("llama.cpp (cyllama")
+    assert "llama.cpp Q4_0" in view.table.item(1, 7).text()
+    assert view.table.item(0, 8).text().startswith("torch (")
+    assert not state.failures
