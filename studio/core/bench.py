@@ -449,6 +449,21 @@ class LeanDecoder:
         """How many q/k/v and gate/up groups run as one call."""
         return sum(f is not None for f in self.qkv + self.gate_up)
 
+    def project_qkv(self, i: int, h: torch.Tensor):
+        """Block i's q, k, v of `h`: one fused call where the block has one."""
+        if self.qkv[i] is not None:
+            return self.qkv[i](h)
+        attention = self.layers[i].self_attn
+        return attention.q_proj(h), attention.k_proj(h), attention.v_proj(h)
+
+    def mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Block i's MLP of `h`: gate and up in one fused call where the block has one."""
+        mlp = self.layers[i].mlp
+        if self.gate_up[i] is None:
+            return mlp(h)
+        gate, up = self.gate_up[i](h)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+
     def forward(self, ids: torch.Tensor, position: int) -> torch.Tensor:
         """Logits [1, vocab] of the last of `ids` [1, T], which sit at `position`..."""
         count = ids.shape[1]
@@ -460,10 +475,7 @@ class LeanDecoder:
         for i, layer in enumerate(self.layers):
             attention = layer.self_attn
             h = layer.input_layernorm(x)
-            if self.qkv[i] is not None:
-                q, k, v = self.qkv[i](h)
-            else:
-                q, k, v = attention.q_proj(h), attention.k_proj(h), attention.v_proj(h)
+            q, k, v = self.project_qkv(i, h)
             q = q.view(1, count, -1, self.head_dim).transpose(1, 2)
             k = k.view(1, count, -1, self.head_dim).transpose(1, 2)
             v = v.view(1, count, -1, self.head_dim).transpose(1, 2)
@@ -475,9 +487,5 @@ class LeanDecoder:
                 scale=self.scaling, enable_gqa=self.gqa)
             x = x + attention.o_proj(out.transpose(1, 2).reshape(1, count, -1))
             h = layer.post_attention_layernorm(x)
-            if self.gate_up[i] is not None:
-                gate, up = self.gate_up[i](h)
-                x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
-            else:
-                x = x + layer.mlp(h)
+            x = x + self.mlp(i, h)
         return self.head(self.inner.norm(x[:, -1:]))[:, -1]

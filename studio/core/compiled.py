@@ -68,10 +68,7 @@ class CompiledStep:
         for i, layer in enumerate(d.layers):
             attention = layer.self_attn
             h = layer.input_layernorm(x)
-            if d.qkv[i] is not None:
-                q, k, v = d.qkv[i](h)
-            else:
-                q, k, v = attention.q_proj(h), attention.k_proj(h), attention.v_proj(h)
+            q, k, v = d.project_qkv(i, h)
             q = q.view(1, 1, -1, d.head_dim).transpose(1, 2)
             k = k.view(1, 1, -1, d.head_dim).transpose(1, 2)
             v = v.view(1, 1, -1, d.head_dim).transpose(1, 2)
@@ -82,9 +79,5 @@ class CompiledStep:
                                                  scale=d.scaling, enable_gqa=d.gqa)
             x = x + attention.o_proj(out.transpose(1, 2).reshape(1, 1, -1))
             h = layer.post_attention_layernorm(x)
-            if d.gate_up[i] is not None:
-                gate, up = d.gate_up[i](h)
-                x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
-            else:
-                x = x + layer.mlp(h)
+            x = x + d.mlp(i, h)
         return d.head(d.inner.norm(x))[:, -1]

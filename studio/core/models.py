@@ -211,6 +211,7 @@ def read_config(folder: Path, check: bool = True):
     except Exception as exc:  # transformers raises many kinds for a bad config
         raise ModelLoadError(f"The config in {folder.name} could not be read: {exc}") from None
     if check:
+        check_layer_count(config, folder.name)
         check_blocks(config, folder.name)
     return config
 
@@ -310,18 +311,24 @@ def check_folder(folder: Path) -> None:
     check_safetensors(folder)
 
 
+def check_layer_count(config, where: str) -> None:
+    """Before anything builds the model (even on the meta device, which would take hours for
+    a config claiming millions of layers)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        layers = getattr(text, key, None)
+        if isinstance(layers, int) and not 0 < layers <= MAX_LAYERS:
+            raise ModelLoadError(f"{where}'s config claims {layers} layers; the studio "
+                                 f"opens models of 1 to {MAX_LAYERS}.")
+
+
 def check_config_size(folder: Path, config, weight_bytes: int) -> None:
     """transformers builds the model the config describes before it reads any weight: a config
     claiming far more than the files hold would allocate it (and fill the rest at random).
     Count the config's parameters on the meta device (no memory) and compare."""
     from transformers import AutoModelForCausalLM
 
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        layers = getattr(text, key, None)
-        if isinstance(layers, int) and not 0 < layers <= MAX_LAYERS:
-            raise ModelLoadError(f"{folder.name}'s config claims {layers} layers; the studio "
-                                 f"opens models of 1 to {MAX_LAYERS}.")
+    check_layer_count(config, folder.name)
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)

@@ -63,7 +63,7 @@ def write_config(folder, **config):
      "bert model .BertForMaskedLM., which is not a causal language model"),
     (dict(model_type="fancy_lm", architectures=["FancyForCausalLM"],
           auto_map={"AutoModelForCausalLM": "modeling_fancy.FancyForCausalLM"}),
-     "does not know the model type 'fancy_lm'. Its config points to its own Python code"),
+     "asks to run its own Python code"),
     (dict(model_type="llama", architectures=["LlamaForCausalLM"],
           quantization_config={"quant_method": "gptq", "bits": 4}),
      "already quantized with gptq"),
