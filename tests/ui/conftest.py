@@ -1,5 +1,7 @@
 import pytest
 
+from studio.ui.errors import get_reporter
+from studio.ui.main_window import MainWindow
 from studio.ui.state import AppState
 
 
@@ -14,3 +16,18 @@ def state(qtbot):
     yield state
     state.runner.cancel_all()
     assert state.runner.wait(20000), "a job thread was left running"
+
+
+@pytest.fixture
+def window(qtbot):
+    """The main window, with error dialogs off (the reporter's history collects them); fails
+    the test if a job thread is still running at the end."""
+    reporter = get_reporter()
+    reporter.show_dialogs = False
+    reporter.history.clear()
+    win = MainWindow()
+    qtbot.addWidget(win)
+    win.show()
+    yield win
+    win.state.runner.cancel_all()
+    assert win.state.runner.wait(20000), "a job thread was left running"

@@ -9,7 +9,6 @@ knowing its insides.
 import json
 import shutil
 
-import pytest
 
 from studio.core.jobs import run
 from studio.core.plan import Plan, QuantSpec
@@ -19,7 +18,6 @@ from studio.core.text import text_windows
 from studio.core.variant import save_variant
 from studio.ui import workers
 from studio.ui.errors import get_reporter
-from studio.ui.main_window import MainWindow
 
 INJECTED = "injected into the job"
 
@@ -34,19 +32,6 @@ def failing_run(job, on_progress=None, token=None):
         on_progress(first)
     job.throw(RuntimeError(f"{INJECTED} at {first.message!r}"))
     raise AssertionError("the job swallowed the exception")
-
-
-@pytest.fixture
-def window(qtbot):
-    reporter = get_reporter()
-    reporter.show_dialogs = False
-    reporter.history.clear()
-    win = MainWindow()
-    qtbot.addWidget(win)
-    win.show()
-    yield win
-    win.state.runner.cancel_all()
-    assert win.state.runner.wait(20000), "a job thread was left running"
 
 
 def test_every_job_types_failure_reaches_the_user(qtbot, window, tiny_dirs, tmp_path,

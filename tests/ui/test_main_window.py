@@ -1,21 +1,6 @@
 """The window opens a tiny model in the background and shows its layers; errors reach the user."""
-import pytest
 
 from studio.ui.errors import get_reporter
-from studio.ui.main_window import MainWindow
-
-
-@pytest.fixture
-def window(qtbot):
-    reporter = get_reporter()
-    reporter.show_dialogs = False
-    reporter.history.clear()
-    win = MainWindow()
-    qtbot.addWidget(win)
-    win.show()
-    yield win
-    win.state.runner.cancel_all()
-    assert win.state.runner.wait(20000), "a job thread was left running"
 
 
 def open_and_wait(qtbot, window, source):
