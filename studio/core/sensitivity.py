@@ -1,7 +1,7 @@
 """How much each layer suffers under each quantization option, one layer at a time.
 
 The options are a menu of RTN grids: every width in `bits` at every group size in
-`group_sizes` (W4 g128, W3 g64, ...), or the GGUF-native menu (`gguf_native_options`: Q4_0,
+`group_sizes` (W4 g128, W3 g64, ...), or the GGUF-native menu (`sweep_options.py`: Q4_0,
 Q5_0, Q8_0 as the studio grids they are, with fp16 scales). For every quantizable layer, only
 that layer is quantized and two things are measured:
 
@@ -31,8 +31,6 @@ import copy
 import hashlib
 import json
 import math
-import operator
-import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,19 +41,18 @@ from torch import nn
 
 from studio.core import metrics
 from studio.core.errors import StudioError
-from studio.core.export.gguf_types import BLOCK, NATIVE_MENU
+from studio.core.export.gguf_types import BLOCK
 from studio.core.files import read_json, write_text_atomic
 from studio.core.jobs import Job, Progress
 from studio.core.layers import set_weight_matrix, weight_matrix
-from studio.core.plan import GROUP_SIZES, QuantSpec
+from studio.core.plan import QuantSpec
 from studio.core.quant.blocks import call_block, capture_block_inputs, decoder_blocks
-from studio.core.quant.grid import native_gguf_type
 from studio.core.quant.rtn import quantize_weight
+from studio.core.sweep_options import (DEFAULT_BITS, DEFAULT_GROUPS,  # noqa: F401 (re-exported)
+                                       DEFAULT_KL_BITS, DEFAULT_KL_GROUP, gguf_native_options,
+                                       kl_columns, option_label, parse_group_sizes,
+                                       parse_widths, same_grid, sweep_options)
 
-DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
-DEFAULT_GROUPS = (32, 64, 128)
-DEFAULT_KL_BITS = (4,)      # measured end to end; every other option is predicted from these
-DEFAULT_KL_GROUP = 128
 DEFAULT_SEQLEN = 32        # KL window length: kept the demo's old 3-width sweep under 10 min
 DEFAULT_KL_WINDOWS = 8
 DEFAULT_PROXY_TOKENS = 512
@@ -66,94 +63,6 @@ TINY_PROXY = 1e-30          # below this a proxy error is "exact": no ratio is t
 # Where the final norm sits, for the architectures whose blocks we re-run (blocks.BLOCK_PATHS).
 FINAL_NORMS = ("model.norm", "model.decoder.final_layer_norm", "transformer.ln_f",
                "gpt_neox.final_layer_norm", "transformer.norm_f", "model.language_model.norm")
-
-
-# --- the options -----------------------------------------------------------------------------
-
-def option_label(spec: QuantSpec) -> str:
-    """"W4 g128", "W3 ch", "W4 g64 sym": an option without its method (it is always RTN here);
-    a GGUF-native option by its GGUF type ("Q4_0")."""
-    native = native_gguf_type(spec)
-    return native.name if native is not None else spec.grid_label
-
-
-def same_grid(a: QuantSpec, b: QuantSpec) -> bool:
-    """Same integer grid (what the sweep measured), whatever method rounds onto it."""
-    return ((a.bits, a.group_size, a.symmetric, a.scale_dtype)
-            == (b.bits, b.group_size, b.symmetric, b.scale_dtype))
-
-
-def gguf_native_options() -> list[QuantSpec]:
-    """The GGUF-native menu: each type of `gguf_types.NATIVE_MENU` as the studio grid it holds
-    exactly (32-element groups, fp16 scales), smallest first."""
-    return [QuantSpec(bits=bits, group_size=BLOCK, symmetric=symmetric, scale_dtype="fp16")
-            for bits, symmetric in NATIVE_MENU]
-
-
-def _whole_numbers(values, what: str) -> list[int]:
-    try:
-        numbers = sorted({operator.index(v) for v in values})
-    except TypeError:
-        raise StudioError(f"{what} must be whole numbers, not {values!r}.") from None
-    if not numbers:
-        raise StudioError(f"Give at least one value for {what}.")
-    return numbers
-
-
-def parse_widths(text: str, what: str = "Widths") -> tuple[int, ...]:
-    """"2,3,4,8" into widths (checked by the options built from them)."""
-    try:
-        bits = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
-    except ValueError:
-        raise StudioError(f"{what} takes whole numbers like 2,3,4,8, not {text!r}.") from None
-    if not bits:
-        raise StudioError(f"{what} needs at least one width.")
-    return bits
-
-
-def parse_group_sizes(text: str, what: str = "Group sizes") -> tuple[int, ...]:
-    """"32,64,128" or "ch" (per-channel, also -1; a leading g is allowed) into group sizes."""
-    groups = []
-    for word in (w.strip().lower() for w in text.split(",")):
-        number = re.fullmatch(r"g?(\d+)", word)
-        if not word:
-            continue
-        if word in ("ch", "per-channel", "-1"):
-            groups.append(-1)
-        elif number and int(number.group(1)) in GROUP_SIZES:
-            groups.append(int(number.group(1)))
-        else:
-            raise StudioError(f"{what} takes group sizes among 32, 64, 128 and ch "
-                              f"(per-channel), not {word!r}.")
-    if not groups:
-        raise StudioError(f"{what} needs at least one group size.")
-    return tuple(groups)
-
-
-def sweep_options(bits=DEFAULT_BITS, group_sizes=DEFAULT_GROUPS,
-                  symmetric: bool = False) -> list[QuantSpec]:
-    """Every width at every group size (RTN), cheapest grid of each width first; duplicates
-    are dropped. Bad widths or group sizes raise the StudioError QuantSpec gives."""
-    widths = _whole_numbers(bits, "Bits")
-    groups = _whole_numbers(group_sizes, "Group sizes")
-    groups.sort(key=lambda g: -(g if g > 0 else math.inf))  # per-channel, 128, 64, 32
-    return [QuantSpec(bits=b, group_size=g, symmetric=symmetric) for b in widths for g in groups]
-
-
-def kl_columns(options: list[QuantSpec], kl_bits=DEFAULT_KL_BITS,
-               kl_group: int = DEFAULT_KL_GROUP) -> list[int]:
-    """Indices into `options` of the options measured end to end (each must be offered)."""
-    columns = []
-    for b in _whole_numbers(kl_bits, "KL widths"):
-        wanted = QuantSpec(bits=b, group_size=kl_group, symmetric=options[0].symmetric,
-                           scale_dtype=options[0].scale_dtype)
-        found = [j for j, o in enumerate(options) if same_grid(o, wanted)]
-        if not found:
-            raise StudioError(f"The KL sweep measures {option_label(wanted)}, which is not among "
-                              f"the options ({', '.join(option_label(o) for o in options)}). "
-                              f"Add its width and group size, or choose other KL widths.")
-        columns.append(found[0])
-    return columns
 
 
 # --- which model a result belongs to ---------------------------------------------------------
