@@ -297,7 +297,9 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
                 name=target.name, prefill_ms=statistics.median(prefill),
                 prefill_ms_range=(min(prefill), max(prefill)),
                 decode_tok_s=statistics.median(decode), decode_tok_s_range=(min(decode), max(decode)),
-                peak_rss_mb=rss.peak / 2**20, model_mb=in_memory / 2**20,
+                # a llama.cpp runner reports its own process's peak
+                peak_rss_mb=(getattr(model, "peak_rss", 0) or rss.peak) / 2**20,
+                model_mb=in_memory / 2**20,
                 size_mb=(size if size is not None else in_memory) / 2**20,
                 size_source="disk" if size is not None else "memory",
                 weights_read_mb=sum(c.weight_bytes for c in choices) / 2**20,

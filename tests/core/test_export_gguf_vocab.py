@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from studio.core.errors import StudioError
 from studio.core.export import gguf_vocab, llama_cpp
 from studio.core.export.job import export_job
 from studio.core.jobs import run
@@ -166,3 +167,23 @@ def test_gemma_norms_are_stored_plus_one_with_their_softcapping(exported):
     softcap = reader.get_field(f"{arch}.attn_logit_softcapping")
     assert (softcap.contents() if softcap else None) == variant.model.config.attn_logit_softcapping
     assert result.max_logit_diff < 1e-3
+
+
+def test_a_file_llama_cpp_aborts_on_is_refused_and_the_studio_lives_on(tmp_path):
+    # Gemma 3 without a full-attention layer: transformers runs it, llama.cpp's build hits a
+    # GGML_ASSERT and aborts its process (the llama.cpp child's, not the studio's)
+    import transformers as tf
+
+    if not llama_cpp.available():
+        pytest.skip("cyllama is not installed")
+    folder = sentencepiece_folder(tmp_path / "g3", "gemma3")
+    config = tf.AutoConfig.from_pretrained(folder)
+    config.num_hidden_layers, config.layer_types = 2, ["sliding_attention"] * 2
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    handle = run(open_model_job(folder))
+    variant = run(quantize_job(handle, Plan(QuantSpec(8, 32, True)), None, None, "q8"))
+    with pytest.raises(StudioError) as caught:
+        run(export_job(variant, handle, "gguf", tmp_path / "out"))
+    assert "does not run in llama.cpp" in str(caught.value)
+    assert "GGML_ASSERT" in str(caught.value) and "SIGABRT" in str(caught.value)
+    assert not (tmp_path / "out").exists()

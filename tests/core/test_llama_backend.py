@@ -158,3 +158,29 @@ def test_cli_eval_on_llama_cpp_and_a_variant_without_gguf(tiny_llama, tiny_dirs,
     out = capsys.readouterr()
     assert "w4" in out.out and "export it first" in out.err
     assert main(["bench", str(tmp_path / "w4"), "--backend", "llama.cpp"]) == 2
+
+
+@needs_binding
+def test_a_cancelled_generation_stops_the_llama_cpp_process(tiny_gguf):
+    from studio.core.jobs import Progress
+
+    runner = llama_cpp.Generator(tiny_gguf, 64)
+    job = runner.timed_generation(torch.zeros(1, 8, dtype=torch.long), 48, Progress(0, 1, ""))
+    next(job)                      # the first progress reply: the child is mid-request
+    job.close()                    # what a cancel does to the job
+    assert runner.worker.child.poll() is not None
+
+
+def test_an_abort_in_llama_cpp_ends_its_process_not_the_studio(tiny_gguf, tmp_path, monkeypatch):
+    # A stand-in worker that dies as llama.cpp does on a failed GGML_ASSERT (the real case,
+    # a file llama.cpp aborts on, is in test_export_gguf_vocab.py)
+    script = tmp_path / "worker.py"
+    script.write_text("import os, sys\nsys.stdin.buffer.read(4)\n"
+                      "sys.stderr.write('ggml.c:42: GGML_ASSERT(buffer) failed\\n')\n"
+                      "sys.stderr.flush()\nos.abort()\n")
+    monkeypatch.setattr(llama_cpp, "WORKER_SCRIPT", script)
+    with pytest.raises(Exception) as caught:
+        llama_cpp.logits(tiny_gguf, torch.zeros(1, 8, dtype=torch.long))
+    message = str(caught.value)
+    assert "llama.cpp stopped" in message and "SIGABRT" in message
+    assert "GGML_ASSERT(buffer) failed" in message and "unaffected" in message

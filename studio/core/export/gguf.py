@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from studio.core.errors import StudioError
+
 from studio.core.export import gguf_meta, gguf_pack, gguf_vocab
 from studio.core.export.base import ExportFormat, ExportOptions, Preflight, Reloaded, Written
 from studio.core.export.gguf_tensors import (Entry, choose, float_bytes, float_type,
@@ -234,12 +236,22 @@ class GgufFormat(ExportFormat):
             equal, how = gguf_vocab.encodes_alike(reloaded_tokenizer, handle.tokenizer)
             detail = f"{detail}; {how}"
         reloaded = Reloaded(model=model, tokenizer_equal=equal, tokenizer_detail=detail)
+        from studio.core.export import llama_cpp
         if source.kind == "folder" and gguf_meta.rope_freqs_needed(handle.model.config,
                                                                    source.arch):
             # transformers' loader drops rope_freqs: the logits come from llama.cpp itself
-            from studio.core.export import llama_cpp
             reloaded.logits = functools.partial(llama_cpp.logits, written.file)
             reloaded.logits_by = "llama.cpp"
+        elif llama_cpp.available():
+            # llama.cpp has checks of its own that a file can pass transformers' loader and
+            # still fail (and abort on): run it there once, so such a file is never handed out
+            yield Progress(3, 3, "Running the file in llama.cpp")
+            try:
+                llama_cpp.logits(written.file, torch.zeros(1, 8, dtype=torch.long))
+            except StudioError as exc:
+                raise StudioError(f"The written GGUF does not run in llama.cpp, so nothing was "
+                                  f"written: {exc}") from None
+            written.notes.append("llama.cpp (cyllama) loads and runs the written file.")
         return reloaded
 
     def usage(self, file: str) -> str:

@@ -5,20 +5,26 @@ blocks and quantizes activations (Q8_0/Q8_1) in its CPU dot products, so its log
 slightly from the loader's: this is how to measure what llama.cpp users will get (its
 perplexity on the studio's windows, its agreement with the variant).
 
-cyllama 0.2.18: `LlamaContext.get_logits_ith` reads `model.n_vocab`, which its LlamaModel lacks,
-so the model is opened through a subclass that supplies it. One thread and a passive OpenMP
-wait policy: the machine's cores are shared, and a spinning OpenMP pool starves torch.
+llama.cpp runs in a child process (`Worker`, `llama_worker.py`): it aborts its process when one
+of its own checks fails, and that must not close the studio. One thread and a passive OpenMP
+wait policy by default: the machine's cores are shared, and a spinning OpenMP pool starves torch.
 
 The benchmark's llama.cpp backend (`Generator`) times prefill and greedy decode here with the
 same prompt ids and lengths as the torch path; `build_info` says which build produced a figure.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
-import time
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import weakref
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -78,37 +84,115 @@ def _binding():
     return binding
 
 
-def _open(path: Path, threads: int, n_ctx: int):
-    cy = _binding()
-    cy.disable_logging()
-    cy.ggml_backend_load_all()
+WORKER_SCRIPT = Path(__file__).with_name("llama_worker.py")
 
-    class Model(cy.LlamaModel):
-        @property
-        def n_vocab(self) -> int:       # what get_logits_ith reads (missing in 0.2.18)
-            return self.get_vocab().n_vocab
 
-    model_params = cy.LlamaModelParams()
-    model_params.n_gpu_layers = 0
-    try:
-        model = Model(str(path), model_params)
-    except Exception as exc:  # the binding raises plain exceptions for unreadable files
-        raise StudioError(f"llama.cpp could not load {Path(path).name}: {exc}") from None
-    context_params = cy.LlamaContextParams()
-    context_params.n_ctx = n_ctx
-    context_params.n_batch = context_params.n_ubatch = n_ctx
-    context_params.n_threads = context_params.n_threads_batch = threads
-    context_params.no_perf = True
-    return cy, model, cy.LlamaContext(model, context_params)
+class Worker:
+    """llama.cpp in a child process (`llama_worker.py`), with `path` opened in it when given.
+
+    llama.cpp aborts the process on a failed check; in a child, that ends the child only, and
+    the request that was running raises a StudioError with llama.cpp's last words. A request
+    left unfinished (its job cancelled) stops the child: nothing half-read stays in the pipe.
+    """
+
+    def __init__(self, path: str | Path | None, threads: int = 1, n_ctx: int = 64) -> None:
+        self.name = Path(path).name if path is not None else "llama.cpp"
+        self.errors = tempfile.TemporaryFile()
+        environment = {**os.environ}
+        environment.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        self.child = subprocess.Popen([sys.executable, str(WORKER_SCRIPT)], env=environment,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self.errors)
+        self.close = weakref.finalize(self, _stop, self.child, self.errors)
+        if path is not None:
+            self.n_vocab = self.call("load", op="open", path=str(path), threads=threads,
+                                     n_ctx=n_ctx)[0]["n_vocab"]
+
+    def call(self, doing: str, **request) -> tuple[dict, bytearray | None]:
+        """Send one request and return its one reply (and payload)."""
+        *_, last = self.replies(doing, **request)
+        return last
+
+    def replies(self, doing: str, **request) -> Iterator[tuple[dict, bytearray | None]]:
+        """Send one request and yield its replies: progress messages, then the final one."""
+        finished = False
+        try:
+            try:
+                self._write(json.dumps(request).encode())
+            except (BrokenPipeError, OSError):
+                raise self._stopped(doing) from None
+            while True:
+                frame = self._read()
+                if frame is None:
+                    raise self._stopped(doing)
+                message = json.loads(frame)
+                if "error" in message:
+                    finished = True
+                    raise StudioError(f"llama.cpp could not {doing} {self.name}: "
+                                      f"{message['error']}")
+                payload = self._read() if "bytes" in message else None
+                if "progress" not in message:
+                    finished = True
+                    yield message, payload
+                    return
+                yield message, payload
+        finally:
+            if not finished:
+                self.close()
+
+    def _write(self, data: bytes) -> None:
+        self.child.stdin.write(struct.pack("<I", len(data)) + data)
+        self.child.stdin.flush()
+
+    def _read(self) -> bytearray | None:
+        head = self.child.stdout.read(4)
+        if len(head) < 4:
+            return None
+        (size,) = struct.unpack("<I", head)
+        data = bytearray(size)   # writable, so NumPy and torch can take it without a copy
+        view, got = memoryview(data), 0
+        while got < size:
+            count = self.child.stdout.readinto(view[got:])
+            if not count:
+                return None
+            got += count
+        return data
+
+    def _stopped(self, doing: str) -> StudioError:
+        try:
+            code = self.child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            code = None
+        how = (f"signal {signal.Signals(-code).name}" if code and code < 0 else
+               f"exit status {code}" if code is not None else "no reply")
+        self.errors.seek(0)
+        lines = self.errors.read().decode(errors="replace").strip().splitlines()
+        said = next((line for line in reversed(lines) if "GGML_ASSERT" in line or "error" in line),
+                    lines[-1] if lines else "")
+        self.close()
+        return StudioError(f"llama.cpp stopped while trying to {doing} {self.name} ({how})"
+                           + (f": {said.strip()}" if said else "") +
+                           ". It ran in a separate process; the studio and your work are unaffected.")
+
+
+def _stop(child: subprocess.Popen, errors) -> None:
+    if child.poll() is None:
+        child.kill()
+        child.wait()
+    for stream in (child.stdin, child.stdout):
+        try:
+            stream.close()
+        except OSError:
+            pass
+    errors.close()
 
 
 class Generator:
     """A GGUF opened in llama.cpp for timed greedy generation (the benchmark's llama.cpp backend).
 
     `timed_generation(prompt, new_tokens, progress)` has the torch path's contract: a job that
-    returns (prefill seconds, decode seconds). Prefill asks for the last position's logits only,
-    as the torch path does; each decode step decodes one token and picks the next greedily with
-    llama.cpp's own sampler (no per-step copy of the logits into Python).
+    returns (prefill seconds, decode seconds), timed inside the llama.cpp process (see
+    `llama_worker.Session.generate`). `peak_rss` is that process's peak resident memory.
     """
 
     backend = "llama.cpp"
@@ -116,35 +200,18 @@ class Generator:
     def __init__(self, path: str | Path, max_len: int, threads: int = 1) -> None:
         self.path = Path(path)
         self.threads = threads
-        self.cy, self.model, self.context = _open(self.path, threads, max_len)
-        self.n_vocab = self.model.n_vocab
-        self.sampler = self.cy.LlamaSampler(self.cy.LlamaSamplerChainParams())
-        self.sampler.add_greedy()
+        self.worker = Worker(self.path, threads, max_len)
+        self.n_vocab = self.worker.n_vocab
+        self.peak_rss = 0
 
     def timed_generation(self, prompt: torch.Tensor, new_tokens: int, progress: Progress):
-        cy, context = self.cy, self.context
         ids = [int(t) % self.n_vocab for t in prompt[0].tolist()]
-        context.kv_cache_clear()
-        batch = cy.LlamaBatch(n_tokens=len(ids), embd=0, n_seq_max=1)
-        for position, token in enumerate(ids):
-            batch.add(token, position, [0], position == len(ids) - 1)
-        start = time.perf_counter()
-        context.decode(batch)
-        token = self.sampler.sample(context, -1)
-        prefill = time.perf_counter() - start
-        step_batch = cy.LlamaBatch(n_tokens=1, embd=0, n_seq_max=1)
-        decode, position = 0.0, len(ids)
-        for step in range(new_tokens):
-            start = time.perf_counter()
-            step_batch.clear()
-            step_batch.add(token, position, [0], True)
-            context.decode(step_batch)
-            token = self.sampler.sample(context, -1)
-            position += 1
-            decode += time.perf_counter() - start
-            if step % 16 == 15:
+        for message, _ in self.worker.replies("generate with", op="generate", prompt=ids,
+                                              new_tokens=new_tokens):
+            if "progress" in message:
                 yield progress   # lets a cancel land mid-run; the timing excludes it
-        return prefill, decode
+        self.peak_rss = max(self.peak_rss, message["peak_rss"])
+        return message["prefill"], message["decode"]
 
 
 def tensor_kernels(path: str | Path) -> list[tuple[str, str, int | None, int]]:
@@ -167,32 +234,33 @@ def quantize_file(source: str | Path, target: str | Path, ftype: str = "Q4_0",
                   threads: int = 1) -> Path:
     """llama.cpp's own quantizer (llama-quantize) on a GGUF: `ftype` names a LLAMA_FTYPE
     (MOSTLY_Q4_0 is 2, ...). For benchmarks: the anchor users know."""
-    cy = _binding()
-    cy.disable_logging()
     ftypes = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15}
     if ftype not in ftypes:
         raise StudioError(f"Unknown llama.cpp type {ftype}; choose from {', '.join(ftypes)}.")
-    params = cy.LlamaModelQuantizeParams()
-    params.ftype = ftypes[ftype]
-    params.nthread = threads
-    params.allow_requantize = True       # the demo ships already quantized (Q4_1)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
+    worker = Worker(None)
+    worker.name = Path(source).name
     try:
-        cy.model_quantize(str(source), str(tmp), params)
-    except RuntimeError as exc:
+        worker.call(f"quantize to {ftype}", op="quantize", source=str(source), target=str(tmp),
+                    ftype=ftypes[ftype], threads=threads)
+    except StudioError:
         tmp.unlink(missing_ok=True)
-        raise StudioError(f"llama.cpp could not quantize {Path(source).name} to {ftype}: "
-                          f"{exc}") from None
+        raise
+    finally:
+        worker.close()
     os.replace(tmp, target)
     return target
 
 
 def tokenize(path: str | Path, text: str, add_special: bool = True) -> list[int]:
     """llama.cpp's token ids for `text` with the GGUF's vocabulary (BOS/EOS as the file says)."""
-    _, model, _ = _open(Path(path), 1, 64)
-    return list(model.get_vocab().tokenize(text, add_special, False))
+    worker = Worker(path)
+    try:
+        return worker.call("tokenize with", op="tokenize", text=text, add_special=add_special)[0]["ids"]
+    finally:
+        worker.close()
 
 
 def each_window_job(path: str | Path, windows: torch.Tensor,
@@ -200,17 +268,15 @@ def each_window_job(path: str | Path, windows: torch.Tensor,
     """Run each window of token ids [count, seqlen] through llama.cpp (one model load) and
     hand its logits [seqlen, vocab] (float32) to `use(index, logits)`."""
     count, seqlen = windows.shape
-    cy, model, context = _open(Path(path), threads, seqlen)
-    for index, window in enumerate(windows.tolist()):
-        yield Progress(index, count, f"llama.cpp: window {index + 1} of {count}")
-        context.kv_cache_clear()          # every window starts from an empty context
-        batch = cy.LlamaBatch(n_tokens=seqlen, embd=0, n_seq_max=1)
-        for position, token in enumerate(window):
-            batch.add(token, position, [0], True)
-        context.decode(batch)
-        # Through NumPy: torch.tensor on nested lists is ~8x slower, as slow as the decode.
-        rows = [context.get_logits_ith(i) for i in range(seqlen)]
-        use(index, torch.from_numpy(np.array(rows, dtype=np.float32)))
+    worker = Worker(path, threads, seqlen)
+    try:
+        for index, window in enumerate(windows.tolist()):
+            yield Progress(index, count, f"llama.cpp: window {index + 1} of {count}")
+            message, payload = worker.call("run", op="logits", tokens=window)
+            use(index, torch.from_numpy(np.frombuffer(payload, dtype=np.float32)
+                                        .reshape(message["shape"])))
+    finally:
+        worker.close()
     yield Progress(count, count, "llama.cpp: done")
 
 
