@@ -112,3 +112,26 @@ def test_a_bad_session_is_reported(qtbot, make_window, tmp_path):
     qtbot.waitUntil(lambda: bool(get_reporter().history), timeout=5000)
     assert "not a Compression Studio session" in get_reporter().history[-1][1]
     assert window.isVisible()
+
+
+def test_autosave_writes_in_the_background(qtbot, make_window, tiny_dirs, monkeypatch):
+    import threading
+
+    window = make_window()
+    open_and_wait(qtbot, window, tiny_dirs["llama"])
+    release, calls = threading.Event(), []
+    real = session_file.autosave
+
+    def slow(session, window_state):
+        calls.append(threading.current_thread().name)
+        assert release.wait(20), "the window never let the save go on"
+        return real(session, window_state)
+
+    monkeypatch.setattr(session_file, "autosave", slow)
+    window.sessions.last_autosave = None
+    window.sessions.autosave()        # returns while the save waits: the UI thread is free
+    window.sessions.autosave()        # asked again meanwhile: one more save after this one
+    release.set()
+    qtbot.waitUntil(lambda: len(calls) == 2 and window.sessions._saving is None, timeout=20000)
+    assert calls == ["studio-autosave"] * 2
+    assert window.sessions.last_autosave == session_file.autosave_path()
