@@ -47,7 +47,7 @@ from studio.core.jobs import Job, Progress
 from studio.core.layers import set_weight_matrix, weight_matrix
 from studio.core.plan import QuantSpec
 from studio.core.quant.blocks import call_block, capture_block_inputs, decoder_blocks
-from studio.core.quant.rtn import quantize_weight
+from studio.core.quant.rtn import quantized_values
 from studio.core.sweep_options import (DEFAULT_BITS, DEFAULT_GROUPS,  # noqa: F401 (re-exported)
                                        DEFAULT_KL_BITS, DEFAULT_KL_GROUP, gguf_native_options,
                                        kl_columns, option_label, parse_group_sizes,
@@ -340,7 +340,7 @@ def sensitivity_job(handle, windows: torch.Tensor, bits=DEFAULT_BITS, group_size
         x = inputs.pop(info.name)
         energy = (x @ w.T).pow(2).sum().item()
         for col, spec in enumerate(options):
-            proxy[row, col] = output_error(x, w, quantize_weight(w, spec).dequantize(), energy)
+            proxy[row, col] = output_error(x, w, quantized_values(w, spec), energy)
             sqnr[row, col] = -10 * math.log10(proxy[row, col]) if proxy[row, col] > 0 else math.inf
     proxy_seconds = time.perf_counter() - start
 
@@ -503,7 +503,7 @@ def kl_sweep(handle, layers, specs, ids: torch.Tensor, columns: list[int] | None
         module = scratch.get_submodule(info.name[len(f"{prefix}.{b}."):])
         original = weight_matrix(module).clone()
         for col, spec in enumerate(specs):
-            set_weight_matrix(module, quantize_weight(original, spec).dequantize())
+            set_weight_matrix(module, quantized_values(original, spec))
             with torch.no_grad():
                 h = call_block(scratch, hidden[b], inputs.at(b))
                 for index in range(b + 1, len(blocks)):

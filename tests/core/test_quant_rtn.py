@@ -52,3 +52,17 @@ def test_rows_taken_in_chunks_give_the_same_grid_and_codes(group, monkeypatch):
     chunked = quantize_weight(w, spec)
     assert torch.equal(chunked.codes, whole.codes)
     assert torch.equal(chunked.scale, whole.scale) and torch.equal(chunked.zero, whole.zero)
+
+
+def test_values_without_packing_equal_the_packed_round_trip():
+    # what the sensitivity sweep measures must be exactly what a variant would hold
+    from studio.core.quant.rtn import quantized_values
+
+    torch.manual_seed(0)
+    w = torch.randn(33, 200) * 0.1          # a ragged last group at every group size
+    for bits in (2, 3, 4, 5, 6, 8):
+        for group_size in (32, 128, -1):
+            for options in ({}, {"mse_clip": True}):
+                spec = QuantSpec(bits, group_size, False, options=options)
+                assert torch.equal(quantized_values(w, spec),
+                                   quantize_weight(w, spec).dequantize())

@@ -176,9 +176,19 @@ def quantize_rtn(w: torch.Tensor, spec: QuantSpec,
     return QTensor(codes, scale, zero, spec.bits, gs)
 
 
+def rtn_values(w: torch.Tensor, spec: QuantSpec,
+               clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """`quantize_rtn(w, spec, clip).dequantize()` without packing the codes (float32): a
+    sensitivity sweep measures every layer at every option, and packing and unpacking codes
+    it never keeps took two thirds of the demo's proxy sweep."""
+    gs = effective_group_size(spec.group_size, w.shape[1])
+    scale, zero = compute_qparams(w, spec.bits, gs, spec.symmetric, clip, spec.scale_dtype)
+    return dequantize(quantize_codes(w, scale, zero, spec.bits, gs), scale, zero, gs)
+
+
 def fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """RTN quantize and de-quantize in one step, in `w`'s dtype (for proxies and previews)."""
-    return quantize_rtn(w, spec).dequantize().to(w.dtype)
+    return rtn_values(w, spec).to(w.dtype)
 
 
 def bits_per_weight(spec: QuantSpec | None, in_features: int, scale_bits: int = 16,

@@ -13,7 +13,7 @@ import torch
 
 from studio.core.plan import QuantSpec
 from studio.core.quant.grid import (QTensor, effective_group_size, group_minmax,
-                                    qparams_from_range, quantize_rtn)
+                                    qparams_from_range, quantize_rtn, rtn_values)
 
 MSE_GRID = 100
 MSE_MAX_SHRINK = 0.8
@@ -22,12 +22,20 @@ MSE_NORM = 2.4
 
 def quantize_weight(w: torch.Tensor, spec: QuantSpec, mse_clip: bool | None = None) -> QTensor:
     """RTN-quantize `w` [out, in]; `mse_clip` defaults to the spec's option (RTN specs only)."""
+    w = w.float()
+    return quantize_rtn(w, spec, clip=_clip(w, spec, mse_clip))
+
+
+def quantized_values(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """`quantize_weight(w, spec).dequantize()`, without packing codes nobody keeps."""
+    w = w.float()
+    return rtn_values(w, spec, clip=_clip(w, spec, None))
+
+
+def _clip(w: torch.Tensor, spec: QuantSpec, mse_clip: bool | None) -> torch.Tensor | float:
     if mse_clip is None:
         mse_clip = spec.method == "rtn" and bool(spec.option("mse_clip"))
-    w = w.float()
-    if not mse_clip:
-        return quantize_rtn(w, spec)
-    return quantize_rtn(w, spec, clip=mse_clip_factors(w, spec))
+    return mse_clip_factors(w, spec) if mse_clip else 1.0
 
 
 def mse_clip_factors(w: torch.Tensor, spec: QuantSpec, grid: int = MSE_GRID,
