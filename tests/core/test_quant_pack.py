@@ -32,3 +32,14 @@ def test_codes_too_wide_and_bad_widths_are_refused():
         pack_codes(torch.zeros(1, 4, dtype=torch.uint8), 9)
     with pytest.raises(StudioError):
         unpack_codes(torch.zeros(1, 3, dtype=torch.int32), 4, 8)
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+def test_odd_widths_are_one_little_endian_bit_stream_per_row(bits):
+    # code j at bits [j*bits, (j+1)*bits) of the row's stream, built here with Python integers
+    codes = torch.randint(0, 2 ** bits, (3, 21), generator=torch.Generator().manual_seed(bits),
+                          dtype=torch.uint8)
+    packed = pack_codes(codes, bits, torch.uint8)
+    for row, words in zip(codes.tolist(), packed.tolist()):
+        stream = sum(code << (bits * j) for j, code in enumerate(row))
+        assert words == list(stream.to_bytes(len(words), "little"))

@@ -73,9 +73,20 @@ def _byte_stream(codes: np.ndarray, bits: int) -> np.ndarray:
         for k in range(1, per):
             stream |= lanes[..., k] << (bits * k)
         return stream
-    # numpy's packbits/unpackbits do the bit shuffling in C, much faster than torch shifts.
-    bit_planes = np.unpackbits(codes[..., None], axis=2, bitorder="little")[..., :bits]
-    return np.packbits(bit_planes.reshape(rows, cols * bits), axis=1, bitorder="little")
+    # 3, 5, 6, 7 bits: 8 codes fill exactly `bits` bytes. Each run of 8 codes is gathered
+    # into one 64-bit integer and cut into bytes: a dozen whole-array passes (bit planes
+    # through packbits took ~4x longer, unpacking ~10x).
+    runs = -(-cols // 8)
+    padded = np.zeros((rows, runs * 8), dtype=np.uint64)
+    padded[:, :cols] = codes
+    lanes = padded.reshape(rows, runs, 8)
+    value = lanes[..., 0].copy()
+    for k in range(1, 8):
+        value |= lanes[..., k] << np.uint64(bits * k)
+    stream = np.empty((rows, runs, bits), dtype=np.uint8)
+    for k in range(bits):
+        stream[..., k] = (value >> np.uint64(8 * k)) & np.uint64(0xFF)
+    return stream.reshape(rows, runs * bits)[:, : -(-cols * bits // 8)]
 
 
 def _unpack_rows(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
@@ -89,8 +100,17 @@ def _unpack_rows(words: torch.Tensor, bits: int, in_features: int) -> torch.Tens
         for k in range(per):
             np.bitwise_and(stream >> (bits * k), mask, out=lanes[..., k])
         return torch.from_numpy(np.ascontiguousarray(lanes.reshape(rows, -1)[:, :in_features]))
-    bit_stream = np.unpackbits(stream, axis=1, bitorder="little")
-    planes = bit_stream[:, : in_features * bits].reshape(rows, in_features, bits)
-    if bits < 8:
-        planes = np.concatenate([planes, np.zeros((rows, in_features, 8 - bits), np.uint8)], 2)
-    return torch.from_numpy(np.packbits(planes, axis=2, bitorder="little")[..., 0].copy())
+    # the reverse of _byte_stream: `bits` bytes -> one 64-bit integer -> 8 codes
+    runs = -(-in_features // 8)
+    whole = np.zeros((rows, runs * bits), dtype=np.uint8)
+    used = min(stream.shape[1], runs * bits)
+    whole[:, :used] = stream[:, :used]
+    groups = whole.reshape(rows, runs, bits).astype(np.uint64)
+    value = groups[..., 0].copy()
+    for k in range(1, bits):
+        value |= groups[..., k] << np.uint64(8 * k)
+    codes = np.empty((rows, runs, 8), dtype=np.uint8)
+    mask = np.uint64((1 << bits) - 1)
+    for k in range(8):
+        codes[..., k] = (value >> np.uint64(bits * k)) & mask
+    return torch.from_numpy(np.ascontiguousarray(codes.reshape(rows, -1)[:, :in_features]))
