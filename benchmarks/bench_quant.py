@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     parser.add_argument("--bits", default="4,3")
     parser.add_argument("--sources", default="wikitext,shakespeare")
     parser.add_argument("--runs", help="METHOD:BITS:GROUP[:KEY=VALUE...],... (see above)")
+    parser.add_argument("--skip-fp32", action="store_true",
+                        help="leave out the FP32 row (runs split over several processes)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
@@ -122,7 +124,8 @@ def main(argv=None) -> int:
                               "rss_rise_mib": memory and (memory.peak - memory.before) / 2**20}),
                   flush=True)
 
-    report("FP32", "-", perplexity(handle.model, evaluation)[0], None, 32.0)
+    if not args.skip_fp32:
+        report("FP32", "-", perplexity(handle.model, evaluation)[0], None, 32.0)
     methods = [] if args.runs else args.methods.split(",")
     specs = [QuantSpec(int(b), 128, False, m) for m in methods if m != "smoothquant"
              for b in args.bits.split(",")]

@@ -113,3 +113,20 @@ def test_nf4_and_kmeans_variants_save_load_and_evaluate_bit_identically(codebook
                               windows=4))
     assert first.ppl == second.ppl and first.kl == second.kl
     assert again.bits_per_weight == variant.bits_per_weight
+
+
+def test_plan_with_a_codebook_method_uses_only_its_widths(codebooks, tiny_dirs, tmp_path, capsys):
+    import json
+
+    from studio.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(tiny_dirs["llama"]), "--budget-bpw", "3.9", "--method", "nf4",
+                 "--proxy-only", "--bits", "2,4,5", "--group-sizes", "32", "--windows", "2",
+                 "--seqlen", "32", "--out", str(out),
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    plan = Plan.load(out)
+    specs = [r.spec for r in plan.rules if r.spec is not None]
+    assert specs and all(s.method == "nf4" and s.bits in (2, 3, 4) for s in specs)
+    assert result["bits_per_weight"] <= 3.9
