@@ -10,6 +10,12 @@ calibration, so it is run once.
 
     python benchmarks/bench_quant.py [--data ../shared/data] [--calib-windows 64]
         [--methods rtn,gptq,awq,smoothquant] [--bits 4,3] [--sources wikitext,shakespeare]
+        [--runs METHOD:BITS:GROUP[:KEY=VALUE...],...]
+
+--runs replaces the methods x bits grid with the listed runs, any registered method (plug-ins
+included), e.g. issue 14's codebook rows at equal bits per weight:
+    --runs rtn:4:64,nf4:4:64,kmeans:4:-1,kmeans:4:-1:weighting=none
+(GROUP -1 = per-channel; asymmetric grids, as the rest of the table).
 
 Prints one row per run as it finishes (and a JSON line per row with --json); the time column
 is the quantization job's wall time on this machine (say in the note if other work shared it).
@@ -76,6 +82,9 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default="rtn,gptq,awq,smoothquant")
     parser.add_argument("--bits", default="4,3")
     parser.add_argument("--sources", default="wikitext,shakespeare")
+    parser.add_argument("--runs", help="METHOD:BITS:GROUP[:KEY=VALUE...],... (see above)")
+    parser.add_argument("--skip-fp32", action="store_true",
+                        help="leave out the FP32 row (runs split over several processes)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
@@ -115,20 +124,23 @@ def main(argv=None) -> int:
                               "rss_rise_mib": memory and (memory.peak - memory.before) / 2**20}),
                   flush=True)
 
-    report("FP32", "-", perplexity(handle.model, evaluation)[0], None, 32.0)
-    methods = args.methods.split(",")
+    if not args.skip_fp32:
+        report("FP32", "-", perplexity(handle.model, evaluation)[0], None, 32.0)
+    methods = [] if args.runs else args.methods.split(",")
     specs = [QuantSpec(int(b), 128, False, m) for m in methods if m != "smoothquant"
              for b in args.bits.split(",")]
     if "smoothquant" in methods:
         specs.append(QuantSpec(8, -1, True, "smoothquant"))
+    specs += [run_spec(item) for item in (args.runs.split(",") if args.runs else [])]
     for spec in specs:
-        runs = [(None, None)] if spec.method == "rtn" else list(calib.values())
+        runs = [(None, None)] if not spec.quantizer.needs_text else list(calib.values())
         for label, windows in runs:
             with PeakRSS() as memory:
                 start = time.perf_counter()
                 variant = run(quantize_job(handle, Plan(spec), windows, label, spec.label))
                 seconds = time.perf_counter() - start
-            name = spec.label + (" A8" if variant.act_bits else "")
+            name = spec.label + (" A8" if variant.act_bits else "") + "".join(
+                f" {k}={v}" for k, v in spec.options.items())
             report(name, label or "none", perplexity(variant.model, evaluation)[0], seconds,
                    variant.bits_per_weight, memory)
             del variant
@@ -143,6 +155,14 @@ def main(argv=None) -> int:
         report("RTN W8 ch sym A8 (naive)", "none", perplexity(variant.model, evaluation)[0],
                variant.seconds, variant.bits_per_weight)
     return 0
+
+
+def run_spec(item: str) -> QuantSpec:
+    """"kmeans:4:-1:weighting=none" -> QuantSpec(4, -1, method="kmeans", options=...)."""
+    from studio.commands.quantize import parse_options
+
+    method, bits, group, *options = item.split(":")
+    return QuantSpec(int(bits), int(group), False, method, parse_options(options))
 
 
 if __name__ == "__main__":

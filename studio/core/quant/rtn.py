@@ -34,7 +34,7 @@ def quantized_values(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 def _clip(w: torch.Tensor, spec: QuantSpec, mse_clip: bool | None) -> torch.Tensor | float:
     if mse_clip is None:
-        mse_clip = spec.method == "rtn" and bool(spec.option("mse_clip"))
+        mse_clip = spec.method == QUANTIZER.name and bool(spec.option("mse_clip"))
     return mse_clip_factors(w, spec) if mse_clip else 1.0
 
 
@@ -76,3 +76,26 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# --- the method's declaration (studio.core.quant.registry) ------------------------------------
+from dataclasses import dataclass  # noqa: E402
+
+from studio.core.quant.registry import Quantizer, option  # noqa: E402
+
+
+@dataclass(frozen=True)
+class RtnOptions:
+    mse_clip: bool = option(False, title="MSE clipping search",
+                            help="shrink each group's range to minimise |w - q(w)|^2.4 "
+                                 "(the GPTQ reference's mse=True)")
+
+
+def _rtn(w: torch.Tensor, spec: QuantSpec, calib=None) -> QTensor:
+    return quantize_weight(w, spec)
+
+
+QUANTIZER = Quantizer(
+    name="rtn", title="RTN (round to nearest)", options=RtnOptions, calibration="none",
+    quantize=_rtn, summary="every weight to the nearest point of its group's min-max grid",
+    llm_compressor="QuantizationModifier")
