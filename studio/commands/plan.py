@@ -18,7 +18,7 @@ from pathlib import Path
 from studio.commands.common import (add_calibration_arguments, add_model_argument, open_model,
                                      print_json, run_with_progress)
 from studio.core.errors import StudioError
-from studio.core.plan import METHODS
+from studio.core.quant import registry
 
 NAME = "plan"
 HELP = "choose bits per layer under a size budget from measured sensitivity"
@@ -36,7 +36,7 @@ def add_arguments(parser) -> None:
                         help="average bits per weight of the block linears (scales counted)")
     budget.add_argument("--budget-mb", type=float, metavar="M",
                         help="size of the whole model in MB (2^20 bytes)")
-    parser.add_argument("--method", choices=METHODS, default="rtn",
+    parser.add_argument("--method", choices=registry.names(), default=registry.REFERENCE,
                         help="the method the plan uses (sensitivity is measured with RTN)")
     # --bits and --group-sizes default to None so that --gguf-native can tell they were given.
     parser.add_argument("--bits",

@@ -1,22 +1,30 @@
 """compression-studio quantize MODEL (--recipe plan.json | --method M --bits B --group-size G
-[--symmetric] [--scale-dtype fp16 | --gguf-native]) [--calib FILE] [--windows N] [--seqlen L]
-[--seed S] --out VARIANT [--json]"""
+[--symmetric] [--scale-dtype fp16 | --gguf-native] [--opt NAME=VALUE ...]) [--calib FILE]
+[--windows N] [--seqlen L] [--seed S] --out VARIANT [--json]
+
+The methods and their options come from the quantizer registry (`compression-studio methods`
+lists them, plug-ins included)."""
 from __future__ import annotations
+
+import re
 
 from studio.commands.common import (add_calibration_arguments, add_model_argument, open_model,
                                      print_json, run_with_progress)
 from studio.core.errors import StudioError
-from studio.core.plan import GROUP_SIZES, METHODS, SCALE_DTYPES, Plan, QuantSpec
+from studio.core.plan import GROUP_SIZES, SCALE_DTYPES, Plan, QuantSpec
+from studio.core.quant import registry
 
 NAME = "quantize"
-HELP = "quantize a model with RTN, GPTQ, AWQ or SmoothQuant and write a VARIANT folder"
+HELP = "quantize a model with one of the registered methods and write a VARIANT folder"
 
 
 def add_arguments(parser) -> None:
     add_model_argument(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--recipe", metavar="PLAN.json", help="a recipe (per-layer plan)")
-    source.add_argument("--method", choices=METHODS, help="one method for every block linear")
+    source.add_argument("--method", choices=registry.names(), metavar="METHOD",
+                        help=f"one method for every block linear: "
+                             f"{', '.join(registry.names())} (see `methods`)")
     parser.add_argument("--bits", type=int, default=4, help="2..8 (default 4)")
     parser.add_argument("--group-size", type=int, default=128, choices=GROUP_SIZES,
                         help="32, 64, 128 or -1 for per-channel (default 128)")
@@ -31,9 +39,10 @@ def add_arguments(parser) -> None:
                              "be one (--bits 4, 5 or 8 --group-size 32 --symmetric: Q4_0, Q5_0, "
                              "Q8_0); the variant exports to GGUF with no rounding and is sized "
                              "at those types' bytes")
-    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+    parser.add_argument("--opt", "--option", dest="option", action="append", default=[],
+                        metavar="NAME=VALUE",
                         help="a method option, e.g. damp=0.01, act_order=true, mse_clip=true, "
-                             "alpha=0.5 (repeatable)")
+                             "alpha=0.5 (repeatable; `methods` lists each method's)")
     add_calibration_arguments(parser, windows=64)
     parser.add_argument("--name", help="the variant's name (default: from the plan)")
     parser.add_argument("--out", required=True, metavar="VARIANT", help="folder to write")
@@ -101,7 +110,10 @@ def parse_options(items: list[str]) -> dict:
         if not sep or not key:
             raise StudioError(f"Options are NAME=VALUE, not {item!r}.")
         low = value.strip().lower()
-        if low in ("true", "yes", "on"):
+        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", value.strip()) and low not in (
+                "true", "yes", "on", "false", "no", "off", "nan", "inf", "infinity"):
+            options[key] = value.strip()    # a word: a choice option (the method checks it)
+        elif low in ("true", "yes", "on"):
             options[key] = True
         elif low in ("false", "no", "off"):
             options[key] = False

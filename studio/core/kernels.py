@@ -49,6 +49,7 @@ from torch import nn
 
 from studio.core.layers import move_pre_hooks, replace_module, weight_matrix
 from studio.core.quant.coded import CodedLinear
+from studio.core.quant import formats
 from studio.core.quant.grid import QTensor, expand_groups
 
 log = logging.getLogger(__name__)
@@ -246,6 +247,11 @@ def kernel_for(name: str, module: nn.Module, q: QTensor
                ) -> tuple[nn.Module | None, KernelChoice]:
     """The kernel module for one quantized layer, or (None, fallback choice with the reason)."""
     out, cols = q.shape
+    fmt = formats.format_of(q)
+    if not fmt.kernels:  # a codebook / vector layer: no low-bit CPU kernel takes its tables
+        return None, KernelChoice(name, "fp32 dense", q.bits, out * cols * 4,
+                                  f"fallback: no CPU kernel takes {fmt.title} codes; runs "
+                                  f"de-quantized in float32")
     bias = getattr(module, "bias", None)
     bias = None if bias is None else bias.data
     per_channel = q.group_size >= cols

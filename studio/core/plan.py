@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from studio.core.errors import StudioError
+from studio.core.quant.registry import REFERENCE
 
-METHODS = ("rtn", "gptq", "awq", "smoothquant")
 GROUP_SIZES = (-1, 32, 64, 128)  # -1: one group per output channel (per-channel)
 # How a quantizer stores its scales. "fp16": every scale is an fp16 value and the codes are
 # computed against it, so a format storing fp16 scales (GGUF's blocks) holds the variant exactly.
@@ -24,24 +24,12 @@ SCALE_DTYPES = ("fp32", "fp16")
 RECIPE_FORMAT = "compression-studio-recipe"
 RECIPE_VERSION = 1  # scale_dtype was added without a new version: fp32 specs are written as before
 
-# Options each method understands, with their defaults. Anything else is a user error.
-METHOD_OPTIONS: dict[str, dict[str, Any]] = {
-    "rtn": {"mse_clip": False},
-    # act_order on by default: columns by decreasing Hessian diagonal with groups fixed from the
-    # original weights ("static" order, llm-compressor's default: no runtime cost). On the demo
-    # at W4 g128 it took WikiText-2 ppl from 38.24 to 36.27 (RTN 39.14).
-    "gptq": {"damp": 0.01, "block_size": 128, "act_order": True},
-    "awq": {"grid": 20, "clip": True},
-    "smoothquant": {"alpha": 0.5, "act_bits": 8},
-}
-
-
 @dataclass(frozen=True)
 class QuantSpec:
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False
-    method: str = "rtn"
+    method: str = REFERENCE   # the round-to-nearest method (`quant.registry`)
     options: dict = field(default_factory=dict)
     scale_dtype: str = "fp32"
 
@@ -53,20 +41,27 @@ class QuantSpec:
                               f"not {self.group_size!r}.")
         if self.scale_dtype not in SCALE_DTYPES:
             raise StudioError(f"Scales are stored as fp32 or fp16, not {self.scale_dtype!r}.")
-        if self.method not in METHODS:
-            raise StudioError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
         if self.symmetric not in (True, False):
             raise StudioError(f"'symmetric' is true or false, not {self.symmetric!r}.")
-        known = METHOD_OPTIONS[self.method]
-        unknown = sorted(str(k) for k in set(self.options) - set(known))
-        if unknown:
-            raise StudioError(f"{self.method} has no option {', '.join(unknown)}; "
-                              f"it knows {', '.join(known) or 'none'}.")
-        for name, value in self.options.items():
-            check_option(self.method, name, value)
+        if not isinstance(self.options, dict):
+            raise StudioError(f"A spec's options are an object of settings, "
+                              f"not {_short(self.options)}.")
+        quantizer = self.quantizer  # an unknown method is refused here, with the valid ones
+        quantizer.check_bits(self.bits)
+        quantizer.check_options(self.options)
+
+    @property
+    def quantizer(self):
+        """The method's declaration (`quant.registry`)."""
+        from studio.core.quant import registry
+        if not isinstance(self.method, str):
+            raise StudioError(f"A method is a name, not {_short(self.method)}.")
+        return registry.get(self.method)
 
     def option(self, name: str) -> Any:
-        return self.options.get(name, METHOD_OPTIONS[self.method][name])
+        if name in self.options:
+            return self.options[name]
+        return self.quantizer.defaults()[name]
 
     def with_(self, **changes: Any) -> "QuantSpec":
         return replace(self, **changes)
@@ -104,28 +99,10 @@ class QuantSpec:
         return cls(**{**data, "options": dict(options)})
 
 
-# What each option's value may be: (type, lowest, highest); None leaves a side open.
-_OPTION_RANGES: dict[str, tuple[type, float | None, float | None]] = {
-    "mse_clip": (bool, None, None), "damp": (float, 0.0, 10.0), "block_size": (int, 1, 1 << 16),
-    "act_order": (bool, None, None), "grid": (int, 1, 1000), "clip": (bool, None, None),
-    "alpha": (float, 0.0, 1.0), "act_bits": (int, 2, 16),
-}
-
-
 def check_option(method: str, name: str, value: Any) -> None:
-    """A method option's value has the default's type and a sane range (recipes come from
-    anywhere: a block size of 0 or a string damp would only fail deep inside a job)."""
-    kind, low, high = _OPTION_RANGES.get(name, (type(METHOD_OPTIONS[method][name]), None, None))
-    ok = (isinstance(value, bool) if kind is bool
-          else isinstance(value, int) and not isinstance(value, bool) if kind is int
-          else isinstance(value, (int, float)) and not isinstance(value, bool)
-          and value == value)  # not NaN
-    if ok and ((low is not None and value < low) or (high is not None and value > high)):
-        ok = False
-    if not ok:
-        span = f" from {low} to {high}" if low is not None else ""
-        raise StudioError(f"{method}'s option {name} must be a {kind.__name__}{span}, "
-                          f"not {_short(value)}.")
+    """A method option's value has the declared type and range (`quant.registry`)."""
+    from studio.core.quant import registry
+    registry.get(method).check_options({name: value})
 
 
 def _short(value: Any) -> str:
@@ -191,7 +168,7 @@ class Rule:
 
 @dataclass(frozen=True)
 class Plan:
-    default: QuantSpec | None = QuantSpec()
+    default: QuantSpec | None = field(default_factory=QuantSpec)
     rules: tuple[Rule, ...] = ()
     architecture: str | None = None  # the model class a recipe was written for, when known
 

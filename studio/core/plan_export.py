@@ -9,8 +9,9 @@ length is not a multiple of 256 cannot hold k-quants: llama-quantize then falls 
 type, and the export says which, so nobody is surprised by the file size. A GGUF-native spec
 (`grid.native_gguf_type`) names its own legacy type (q4_0, q5_0, q8_0), which it is exactly.
 
-llm-compressor: a recipe stage with one modifier per method (QuantizationModifier for RTN,
-GPTQModifier, AWQModifier, SmoothQuantModifier + QuantizationModifier), each with
+llm-compressor: a recipe stage with one modifier per method (each method declares its
+llm-compressor modifier in the registry, `Quantizer.llm_compressor`: QuantizationModifier for
+RTN, GPTQModifier, AWQModifier, SmoothQuantModifier + QuantizationModifier), each with
 `config_groups` whose `targets` name the layers exactly ("re:^name$") and whose `weights` give
 num_bits / symmetric / strategy group|channel / group_size, as compressed-tensors defines them.
 """
@@ -37,10 +38,6 @@ GGML_TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 5: "q5_K", 6: "q6_K", 7: "q8_0", 
 # What llama-quantize uses instead when a row is not a multiple of 256 (llama-quant.cpp).
 KQUANT_FALLBACK = {"q2_K": "iq4_nl", "q3_K": "iq4_nl", "q4_K": "q5_0", "q5_K": "q5_1",
                    "q6_K": "q8_0"}
-
-MODIFIERS = {"rtn": "QuantizationModifier", "gptq": "GPTQModifier", "awq": "AWQModifier",
-             "smoothquant": "QuantizationModifier"}
-
 
 @dataclass
 class Export:
@@ -131,7 +128,7 @@ def weights_scheme(spec: QuantSpec) -> dict:
         scheme["strategy"] = "channel"
     else:
         scheme.update(strategy="group", group_size=spec.group_size)
-    if spec.method == "gptq" and spec.option("act_order"):
+    if "act_order" in spec.quantizer.defaults() and spec.option("act_order"):
         scheme["actorder"] = "weight"
     return scheme
 
@@ -141,10 +138,8 @@ def _modifier_options(method: str, specs: list[QuantSpec]) -> dict:
     if len(options) > 1:
         raise StudioError(f"An llm-compressor recipe takes one set of {method} options, but the "
                           f"plan uses {len(options)} different ones; make them equal first.")
-    spec = specs[0]
-    if method == "gptq":
-        return {"dampening_frac": spec.option("damp"), "block_size": spec.option("block_size")}
-    return {}
+    translate = specs[0].quantizer.llm_compressor_options
+    return {} if translate is None else dict(translate(specs[0]))
 
 
 def llm_compressor_recipe(handle, plan: Plan) -> dict:
@@ -156,7 +151,11 @@ def llm_compressor_recipe(handle, plan: Plan) -> dict:
     kept = [n for n, s in specs.items() if s is None]
     ignore = kept if "lm_head" in kept or "lm_head" in quantized else ["lm_head", *kept]
     modifiers: dict[str, dict] = {}
-    sq = [s for s in quantized.values() if s.method == "smoothquant"]
+    unknown = sorted({s.method for s in quantized.values() if s.quantizer.llm_compressor is None})
+    if unknown:
+        raise StudioError(f"llm-compressor has no equivalent of {', '.join(unknown)}; a plan "
+                          f"using it cannot be written as an llm-compressor recipe.")
+    sq = [s for s in quantized.values() if s.quantizer.smoothing]
     if sq:
         alphas = {s.option("alpha") for s in sq}
         if len(alphas) > 1:
@@ -168,17 +167,18 @@ def llm_compressor_recipe(handle, plan: Plan) -> dict:
         key = (spec.bits, spec.group_size, spec.symmetric)  # options go on the modifier
         by_method.setdefault(spec.method, {}).setdefault(key, []).append(name)
     for method, groups in by_method.items():
-        modifier = MODIFIERS[method]
+        modifier = quantized[groups[next(iter(groups))][0]].quantizer.llm_compressor
         if modifier in modifiers:
-            raise StudioError(f"llm-compressor runs RTN and SmoothQuant layers through the same "
-                              f"{modifier}; a plan mixing them cannot be written as one recipe.")
+            raise StudioError(f"llm-compressor runs {method} layers through the same {modifier} "
+                              f"as another method of the plan; a plan mixing them cannot be "
+                              f"written as one recipe.")
         specs_of = [s for s in quantized.values() if s.method == method]
         config_groups = {}
         for index, ((bits, group_size, symmetric), names) in enumerate(groups.items()):
             spec = specs_of[0].with_(bits=bits, group_size=group_size, symmetric=symmetric)
             group = {"targets": [f"re:^{re.escape(n)}$" for n in names],
                      "weights": weights_scheme(spec)}
-            if method == "smoothquant":
+            if specs_of[0].quantizer.smoothing:
                 bits = specs_of[0].option("act_bits")
                 group["input_activations"] = {"num_bits": bits, "type": "int", "symmetric": True,
                                                "strategy": "token", "dynamic": True}

@@ -10,6 +10,9 @@ where `plugin` is a dict with any of:
     "commands": ["module", ...]                      CLI sub-command modules (NAME, HELP,
                                                      add_arguments, run), like studio/commands/*
 A plugin that fails to load is reported and skipped; it never stops the studio.
+Quantization methods have their own group, `compression_studio.quantizers`
+(`studio.core.quant.registry`); its failures are reported here too, so the window's one
+plugin-error path shows them.
 """
 from __future__ import annotations
 
@@ -43,4 +46,6 @@ def discover() -> Plugins:
             continue
         found.views.extend(views)
         found.commands.extend(commands)
+    from studio.core.quant import registry
+    found.errors.extend(registry.plugin_errors())
     return found

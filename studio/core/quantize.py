@@ -37,19 +37,19 @@ from studio.core.layers import (get_module, is_linear, move_pre_hooks, replace_m
                                  replace_weight_matrix, weight_matrix)
 from studio.core.memory import release_freed_memory
 from studio.core.plan import Plan, QuantSpec
-from studio.core.quant import layout, smoothquant
+from studio.core.quant import layout, registry, smoothquant
 from studio.core.quant.coded import coded_layer
 from studio.core.quant.blocks import (FAST_DTYPE, BlockInputs, Replay, capture_block_inputs,
                                       decoder_blocks, run_block, run_block_until)
 from studio.core.quant.gptq import (HessianAccumulator, gptq_quantize_layers, output_energy,
                                      relative_output_error)
 from studio.core.quant.grid import QTensor
+from studio.core.quant.registry import LayerCalibration, Quantizer
 from studio.core.quant.rtn import quantize_weight
 from studio.core.variant import Variant, untie_if_needed
 
 log = logging.getLogger(__name__)
 
-CALIBRATED = ("gptq", "awq", "smoothquant")
 MIN_CALIB_TOKENS = 512    # below this a Hessian or an activation statistic means little
 MIN_CALIB_SEQLEN = 16
 ERROR_WINDOWS = 8         # windows used to measure errors of layers that need no calibration
@@ -66,13 +66,13 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
     start = time.perf_counter()
     specs = validate(handle, plan, windows)
     methods = {spec.method for spec in specs.values()}
-    if not methods & set(CALIBRATED) and windows is not None:
+    if not any(registry.get(m).needs_text for m in methods) and windows is not None:
         windows = windows[:ERROR_WINDOWS]  # RTN needs no data: measure errors on a few windows
         calib_label = None
     prefix, base_blocks = decoder_blocks(handle.model)
     outside = [n for n in specs if not n.startswith(prefix + ".")]
     total = len(specs) + 2
-    sq = {n: s for n, s in specs.items() if s.method == "smoothquant"}
+    sq = {n: s for n, s in specs.items() if s.quantizer.smoothing}
     yield Progress(0, total, "Copying the model")
     model = copy_to_quantize(handle.model)
     untie_if_needed(model, specs)
@@ -127,15 +127,17 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
 
 
 def windows_carried(methods: set[str], windows: torch.Tensor) -> int:
-    """How many calibration windows (the first ones) go through the blocks: GPTQ learns from
-    all of them; AWQ reads its first few (`awq.windows_used`); every method's errors come from
-    the first ERROR_WINDOWS. SmoothQuant's statistics come from all of them, carried apart."""
-    if "gptq" in methods:
-        return len(windows)
-    if "awq" in methods:
-        from studio.core.quant import awq
-        return max(ERROR_WINDOWS, awq.windows_used(windows.shape[1]))
-    return ERROR_WINDOWS
+    """How many calibration windows (the first ones) go through the blocks: methods learning
+    from the layers' inputs read all of them unless they declare fewer (`windows_used`: AWQ
+    reads its first few); every method's errors come from the first ERROR_WINDOWS. Smoothing
+    statistics (SmoothQuant) come from all of them, carried apart."""
+    count = ERROR_WINDOWS
+    for quantizer in map(registry.get, methods):
+        if quantizer.windows_used is not None:
+            count = max(count, quantizer.windows_used(windows.shape[1]))
+        elif quantizer.calibration != "none":
+            return len(windows)
+    return count
 
 
 def copy_to_quantize(base: nn.Module) -> nn.Module:
@@ -213,7 +215,7 @@ def quantize_text_job(handle, plan: Plan, calib_path, count: int, seqlen: int, s
 def _needs_windows(handle, plan: Plan) -> bool:
     plan.check_architecture(handle.architecture)
     specs = plan.resolve(handle.layers).values()
-    return any(s is not None and s.method in CALIBRATED for s in specs)
+    return any(s is not None and s.quantizer.needs_text for s in specs)
 
 
 def relay(job: Job, done: float, total: float):
@@ -232,7 +234,7 @@ def validate(handle, plan: Plan, windows: torch.Tensor | None) -> dict[str, Quan
     specs = {n: s for n, s in plan.resolve(handle.layers).items() if s is not None}
     if not specs:
         raise StudioError("The plan quantizes no layer: give a default spec or a rule.")
-    needs = sorted({s.method for s in specs.values()} & set(CALIBRATED))
+    needs = sorted({s.method for s in specs.values() if s.quantizer.needs_text})
     if needs:
         if windows is None:
             raise StudioError(f"{', '.join(m.upper() for m in needs)} needs calibration text.")
@@ -243,11 +245,12 @@ def validate(handle, plan: Plan, windows: torch.Tensor | None) -> dict[str, Quan
             raise StudioError(f"The calibration text gives only {windows.numel()} tokens; "
                               f"{', '.join(m.upper() for m in needs)} needs at least "
                               f"{MIN_CALIB_TOKENS}. Use a longer text or more windows.")
-    if {"awq", "smoothquant"} & set(needs):
+    folding = tuple(sorted({s.method for s in specs.values() if s.quantizer.folds_scales}))
+    if folding:
         # Their scales fold into norms and linears found by tracing a block (layout.py): a
         # block with nothing to fold into is refused here, before any calibration work.
         layout.discover(handle.model)
-        layout.check_groups(handle.model, specs)
+        layout.check_groups(handle.model, specs, folding)
     return specs
 
 
@@ -296,7 +299,7 @@ def layer_errors(w_pre: torch.Tensor, w_now: torch.Tensor, w_q: torch.Tensor, sp
     q = unfold(w_q, two_sided_scale(w_now, w_pre))
     energy = output_energy(w_pre, hessian)
     error = relative_output_error(w_pre, q, hessian, energy)
-    rtn_spec = QuantSpec(spec.bits, spec.group_size, spec.symmetric, "rtn",
+    rtn_spec = QuantSpec(spec.bits, spec.group_size, spec.symmetric, registry.REFERENCE,
                          scale_dtype=spec.scale_dtype)
     rtn = quantize_weight(w_base.float(), rtn_spec).dequantize()
     prior = two_sided_scale(w_pre, w_base)
@@ -347,28 +350,42 @@ def quantize_block(block: nn.Module, block_name: str, index: int, count: int,
     yield Progress(len(state.qtensors) + 1, state.total, f"{label}: measuring inputs")
     rel = {n[len(block_name) + 1:]: s for n, s in specs.items()}
     groups = input_groups(block, inputs) if inputs is not None else [[r] for r in rel]
-    later = {r: s for r, s in rel.items() if s.method != "gptq"}
-    hessians = gather_hessians(block, inputs, list(later), ERROR_WINDOWS) if later and inputs \
-        is not None else {}
+    # Layers quantized from the block's inputs as they arrive (or from nothing); the
+    # "hessian" ones come after, true-sequential.
+    later = {r: s for r, s in rel.items() if s.quantizer.calibration != "hessian"}
+    # Their inputs' statistics: from every carried window when a method learns from them,
+    # else from the first ERROR_WINDOWS (the error figures only).
+    learns = any(s.quantizer.calibration == "activations" for s in later.values())
+    hessians = gather_hessians(block, inputs, list(later), None if learns else ERROR_WINDOWS) \
+        if later and inputs is not None else {}
+    tokens = 0 if inputs is None else inputs.hidden.shape[0] * inputs.hidden.shape[1]
     w_pre = {r: weight_matrix(block.get_submodule(r)).float().clone() for r in later}
 
-    awq = {f"{block_name}.{r}": s for r, s in later.items() if s.method == "awq"}
-    awq_q = {}
-    if awq:
-        from studio.core.quant import awq as awq_module
-        awq_q = yield from relay(awq_module.awq_block_job(block, block_name, inputs, awq),
-                                 len(state.qtensors) + 1, state.total)
+    from_block: dict[str, object] = {}   # "block inputs" methods (AWQ): the block at once
+    for quantizer in _quantizers_of(later.values(), "block inputs"):
+        mine = {f"{block_name}.{r}": s for r, s in later.items() if s.method == quantizer.name}
+        got = yield from relay(_entry(quantizer, block_name, quantizer.quantize, block,
+                                      block_name, inputs, mine),
+                               len(state.qtensors) + 1, state.total)
+        from_block.update(_checked_block(quantizer, got, mine, block, block_name))
     for r, spec in later.items():
         full = f"{block_name}.{r}"
         module = block.get_submodule(r)
-        qt = awq_q[full] if full in awq_q else quantize_weight(weight_matrix(module), spec)
-        yield state.record(full, index, spec, qt, module, w_pre[r], hessians.get(r))
+        quantizer = spec.quantizer
+        if full in from_block:
+            qt, note = from_block[full], ""
+        else:
+            calib = LayerCalibration(hessians[r], tokens) \
+                if quantizer.calibration == "activations" else None
+            qt, note = _layer_result(quantizer, full, module, _entry(
+                quantizer, full, quantizer.quantize, weight_matrix(module).float(), spec, calib))
+        yield state.record(full, index, spec, qt, module, w_pre[r], hessians.get(r), note)
     del hessians, w_pre
 
-    # GPTQ, true-sequential: each group's Hessian from the block run as far as that group,
-    # everything before it already quantized; parts of the block that can no longer change
-    # are served from memory (Replay) instead of being computed again.
-    pending = {r for r, s in rel.items() if s.method == "gptq"}
+    # "hessian" methods (GPTQ), true-sequential: each group's Hessian from the block run as
+    # far as that group, everything before it already quantized; parts of the block that can
+    # no longer change are served from memory (Replay) instead of being computed again.
+    pending = {r for r, s in rel.items() if s.quantizer.calibration == "hessian"}
     replay = Replay(block, [r for group in groups for r in group], pending,
                     len(inputs) if inputs is not None else 0, state.replay_budget)
     batches = -(-len(inputs) // BATCH) if inputs is not None else 0
@@ -384,18 +401,82 @@ def quantize_block(block: nn.Module, block_name: str, index: int, count: int,
             h = gather_hessians(block, inputs, [group[0]], None, stop_at=group[0],
                                 dtype=FAST_DTYPE)[group[0]]
         release_freed_memory()  # the run's temporaries, before the next run's differ in size
-        weights = [weight_matrix(block.get_submodule(r)).float().clone() for r in todo]
-        results = gptq_quantize_layers(weights, h, [rel[r] for r in todo])
-        for r, w, (qt, note) in zip(todo, weights, results):
+        calib = LayerCalibration(h, tokens)
+        weights = {r: weight_matrix(block.get_submodule(r)).float().clone() for r in todo}
+        results = {}
+        for quantizer in _quantizers_of((rel[r] for r in todo), "hessian"):
+            names = [r for r in todo if rel[r].method == quantizer.name]
+            results.update(zip(names, _hessian_results(quantizer, block_name, names, weights,
+                                                        calib, rel, block)))
+        for r in todo:
+            qt, note = results[r]
             yield state.record(f"{block_name}.{r}", index, rel[r], qt, block.get_submodule(r),
-                               w, h, note)
+                               weights[r], h, note)
         replay.settle(todo)
-        del h, weights, results
-        release_freed_memory()  # GPTQ's n x n temporaries, before the next run keeps more
+        del h, weights, results, calib
+        release_freed_memory()  # n x n temporaries, before the next run keeps more
     if not want_outputs or inputs is None:
         return None
     with replay.active(batches, record=False):
         return run_block(block, inputs, BATCH, FAST_DTYPE, out=inputs.hidden)
+
+
+def _quantizers_of(specs, calibration: str) -> list[Quantizer]:
+    """The methods of `specs` with that calibration, each once, in the registry's order."""
+    wanted = {s.method for s in specs if s.quantizer.calibration == calibration}
+    return [q for q in registry.all_quantizers() if q.name in wanted]
+
+
+def _hessian_results(quantizer: Quantizer, block_name: str, names: list[str],
+                     weights: dict[str, torch.Tensor], calib: LayerCalibration,
+                     rel: dict[str, QuantSpec], block: nn.Module) -> list[tuple[object, str]]:
+    """[(coded tensor, note)] for layers `names` sharing one Hessian."""
+    where = ", ".join(f"{block_name}.{r}" for r in names)
+    if quantizer.quantize_shared is not None:
+        got = _entry(quantizer, where, quantizer.quantize_shared, [weights[r] for r in names],
+                     calib, [rel[r] for r in names])
+        if not isinstance(got, (list, tuple)) or len(got) != len(names):
+            raise registry.QuantizerFailed(f"{quantizer.title} ({quantizer.origin}) returned "
+                                           f"{type(got).__name__} for {len(names)} layers.")
+        return [_layer_result(quantizer, f"{block_name}.{r}", block.get_submodule(r), item)
+                for r, item in zip(names, got)]
+    return [_layer_result(quantizer, f"{block_name}.{r}", block.get_submodule(r),
+                          _entry(quantizer, f"{block_name}.{r}", quantizer.quantize,
+                                 weights[r], rel[r], calib)) for r in names]
+
+
+def _entry(quantizer: Quantizer, where: str, function, *args):
+    """Call a method's entry point; a plug-in's failure becomes a StudioError naming the
+    method, the plug-in and the layer (the job stops; the baseline was never touched)."""
+    if quantizer.origin == "built-in":
+        return function(*args)
+    try:
+        return function(*args)
+    except StudioError:
+        raise
+    except Exception as exc:
+        raise registry.QuantizerFailed(
+            f"{quantizer.title} ({quantizer.origin}) failed on {where}: "
+            f"{type(exc).__name__}: {exc}") from exc
+
+
+def _layer_result(quantizer: Quantizer, name: str, module: nn.Module, got) -> tuple[object, str]:
+    """(coded tensor, note) from what an entry point returned, checked against the layer."""
+    qt, note = got if isinstance(got, tuple) else (got, "")
+    registry.check_result(quantizer, name, qt, tuple(weight_matrix(module).shape))
+    return qt, str(note or "")
+
+
+def _checked_block(quantizer: Quantizer, got, specs: dict[str, QuantSpec], block: nn.Module,
+                   block_name: str) -> dict[str, object]:
+    """What a "block inputs" entry point returned: one coded tensor per layer asked for."""
+    if not isinstance(got, dict) or set(got) != set(specs):
+        raise registry.QuantizerFailed(f"{quantizer.title} ({quantizer.origin}) did not return "
+                                       f"one result per layer of {block_name}.")
+    for name, qt in got.items():
+        module = block.get_submodule(name[len(block_name) + 1:])
+        registry.check_result(quantizer, name, qt, tuple(weight_matrix(module).shape))
+    return got
 
 
 def input_groups(block: nn.Module, inputs: BlockInputs) -> list[list[str]]:
@@ -467,11 +548,16 @@ def gather_hessians(block: nn.Module, inputs: BlockInputs, names: list[str],
 
 
 def quantize_outside(model: nn.Module, name: str, spec: QuantSpec, state: _State) -> Job[None]:
-    """A layer outside the blocks (embedding, lm_head): RTN on its weight matrix."""
+    """A layer outside the blocks (embedding, lm_head): its own method when that needs no
+    calibration, else RTN on its weight matrix (the note says so)."""
     module = get_module(model, name)
-    note = "" if spec.method == "rtn" else f"outside the blocks, so RTN instead of {spec.method}"
-    qt = quantize_weight(weight_matrix(module), spec, mse_clip=spec.method == "rtn"
-                         and bool(spec.option("mse_clip")))
+    quantizer = spec.quantizer
+    if quantizer.calibration == "none" and not quantizer.smoothing:
+        qt, note = _layer_result(quantizer, name, module, _entry(
+            quantizer, name, quantizer.quantize, weight_matrix(module).float(), spec, None))
+    else:
+        note = f"outside the blocks, so {registry.REFERENCE.upper()} instead of {spec.method}"
+        qt = quantize_weight(weight_matrix(module), spec, mse_clip=False)
     yield state.record(name, None, spec, qt, module, None, None, note)
 
 

@@ -47,6 +47,7 @@ from studio.core.jobs import Job, Progress
 from studio.core.layers import set_weight_matrix, weight_matrix
 from studio.core.plan import QuantSpec
 from studio.core.quant.blocks import call_block, capture_block_inputs, decoder_blocks
+from studio.core.quant.registry import REFERENCE
 from studio.core.quant.rtn import quantize_weight
 from studio.core.sweep_options import (DEFAULT_BITS, DEFAULT_GROUPS,  # noqa: F401 (re-exported)
                                        DEFAULT_KL_BITS, DEFAULT_KL_GROUP, gguf_native_options,
@@ -291,7 +292,7 @@ class SensitivityResult:
 
 def sensitivity_job(handle, windows: torch.Tensor, bits=DEFAULT_BITS, group_sizes=DEFAULT_GROUPS,
                     kl_bits=DEFAULT_KL_BITS, kl_group: int | None = None,
-                    method: str = "rtn", symmetric: bool = False, gguf_native: bool = False,
+                    method: str = REFERENCE, symmetric: bool = False, gguf_native: bool = False,
                     kl_windows: int = DEFAULT_KL_WINDOWS,
                     proxy_windows: int = DEFAULT_PROXY_WINDOWS,
                     proxy_tokens: int = DEFAULT_PROXY_TOKENS, text_label: str = "",

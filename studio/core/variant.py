@@ -10,8 +10,11 @@ A VARIANT folder (written by `save_variant`, read by `load_variant`):
     recipe.json          the plan (a recipe any model of the same architecture can take)
     variant.json         name, base source and architecture, calibration, timings, per-layer
                          specs and errors, activation bits
-    quantized.safetensors  per layer: "<layer>.qweight" int32 packed codes, "<layer>.scale",
-                         "<layer>.zero" (float32 [out, groups])
+    quantized.safetensors  per layer, the tensors of its code format (`quant.formats`):
+                         affine "<layer>.qweight" int32 packed codes, "<layer>.scale",
+                         "<layer>.zero" (float32 [out, groups]); codebook "<layer>.indices",
+                         ".table" (".scale"); vector "<layer>.indices", ".tables" (".scale").
+                         variant.json names a layer's format when it is not affine
     floats.safetensors   float tensors the method changed besides quantized weights (norms and
                          biases after AWQ / SmoothQuant folding)
 """
@@ -30,9 +33,9 @@ from studio.core.errors import StudioError
 from studio.core.files import atomic_dir, read_json
 from studio.core.layers import get_module, is_linear, replace_module, weight_matrix
 from studio.core.plan import Plan, QuantSpec
+from studio.core.quant import formats
 from studio.core.quant.coded import coded_layer
 from studio.core.quant.grid import QTensor, storage_bits_per_weight
-from studio.core.quant.pack import pack_codes, unpack_codes
 
 VARIANT_FORMAT = "compression-studio-variant"
 VARIANT_VERSION = 1
@@ -45,7 +48,7 @@ class Variant:
     architecture: str
     plan: Plan
     model: nn.Module
-    qtensors: dict[str, QTensor]
+    qtensors: dict[str, QTensor]                  # coded tensors, of any `quant.formats` format
     specs: dict[str, QuantSpec]                   # layer -> the spec it was quantized with
     act_bits: dict[str, int] = field(default_factory=dict)
     calibration: str | None = None                # label of the calibration text (None: none)
@@ -143,18 +146,19 @@ def save_variant(variant: Variant, folder: str | Path) -> Path:
 
     folder = Path(folder)
     tensors: dict[str, torch.Tensor] = {}
+    layers = {}
     for name, qt in variant.qtensors.items():
-        tensors[f"{name}.qweight"] = pack_codes(qt.codes, qt.bits)
-        tensors[f"{name}.scale"] = qt.scale.float().contiguous()
-        tensors[f"{name}.zero"] = qt.zero.float().contiguous()
+        state, info = qt.to_state()
+        tensors.update({f"{name}.{key}": value for key, value in state.items()})
+        layers[name] = {"spec": variant.specs[name].to_dict(), **info, "shape": list(qt.shape)}
+        if qt.format != "affine":  # left out for the affine grid: older studios read those
+            layers[name]["format"] = qt.format
     meta = {
         "format": VARIANT_FORMAT, "version": VARIANT_VERSION, "name": variant.name,
         "base_source": variant.base_source, "architecture": variant.architecture,
         "calibration": variant.calibration, "seconds": variant.seconds,
         "created": variant.created, "act_bits": variant.act_bits,
-        "layers": {name: {"spec": variant.specs[name].to_dict(), "bits": qt.bits,
-                          "group_size": qt.group_size, "shape": list(qt.shape)}
-                   for name, qt in variant.qtensors.items()},
+        "layers": layers,
         "layer_errors": variant.layer_errors,
         "summary": variant.to_summary(),
     }
@@ -213,8 +217,11 @@ def check_meta(meta: dict, folder: Path) -> None:
         need(isinstance(shape, list) and len(shape) == 2 and all(
             isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape),
             f"layer {name} has shape {shape!r}")
-        need(isinstance(group, int) and not isinstance(group, bool) and 0 < group <= shape[1],
-             f"layer {name} has group size {group!r}")
+        need(info.get("format", "affine") in formats.FORMATS,
+             f"layer {name} has the unknown code format {info.get('format')!r}")
+        if info.get("format", "affine") != "vector":
+            need(isinstance(group, int) and not isinstance(group, bool) and 0 < group <= shape[1],
+                 f"layer {name} has group size {group!r}")
         need(isinstance(info.get("spec"), dict), f"layer {name} has no spec")
 
 
@@ -278,17 +285,14 @@ def load_variant(folder: str | Path, base_handle=None) -> Variant:
         else:
             module._buffers[attr] = value.to(old.dtype)
     qtensors, specs = {}, {}
+    by_layer: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in packed.items():
+        layer, _, part = key.rpartition(".")
+        by_layer.setdefault(layer, {})[part] = value
     for name, info in meta["layers"].items():
         out, cols = info["shape"]
-        groups = -(-cols // info["group_size"])
-        words, scale, zero = (packed.get(f"{name}.{k}") for k in ("qweight", "scale", "zero"))
-        if words is None or scale is None or zero is None:
+        if name not in by_layer:
             raise StudioError(f"The variant's {name} is missing from quantized.safetensors.")
-        if (words.dtype != torch.int32 or words.dim() != 2 or words.shape[0] != out
-                or tuple(scale.shape) != (out, groups) or tuple(zero.shape) != (out, groups)
-                or not scale.is_floating_point() or not zero.is_floating_point()):
-            raise StudioError(f"The variant's {name} tensors do not match its recorded shape "
-                              f"{[out, cols]} at group size {info['group_size']}.")
         try:
             module = get_module(model, name)
         except AttributeError:
@@ -300,8 +304,11 @@ def load_variant(folder: str | Path, base_handle=None) -> Variant:
         if tuple(weight_matrix(module).shape) != (out, cols):
             raise StudioError(f"The variant's {name} is {[out, cols]}; the base model's is "
                               f"{list(weight_matrix(module).shape)}.")
-        codes = unpack_codes(words, info["bits"], cols)
-        qt = QTensor(codes, scale.float(), zero.float(), info["bits"], info["group_size"])
+        fmt = formats.get(info.get("format", "affine"))
+        try:
+            qt = fmt.tensor_class().from_state(by_layer[name], info, (out, cols))
+        except StudioError as exc:
+            raise StudioError(f"The variant's {name} ({fmt.name} codes): {exc}.") from None
         replace_module(model, name, coded_layer(module, qt))
         qtensors[name] = qt
         specs[name] = specs_read[name]

@@ -126,8 +126,9 @@ def test_a_block_with_nothing_to_fold_into_is_refused():
     spec = QuantSpec(4, 32, method="awq")
     with pytest.raises(StudioError, match="AWQ cannot scale the OPTDecoderLayer blocks.*"
                                           "self_attn_layer_norm"):
-        layout.check_groups(model, {"model.decoder.layers.0.fc1": spec})
-    layout.check_groups(model, {"model.decoder.layers.0.fc1": QuantSpec(4, 32, method="gptq")})
+        layout.check_groups(model, {"model.decoder.layers.0.fc1": spec}, ("awq", "smoothquant"))
+    layout.check_groups(model, {"model.decoder.layers.0.fc1": QuantSpec(4, 32, method="gptq")},
+                        ("awq", "smoothquant"))
 
 
 def test_undiscovered_block_without_inputs_says_so(tiny_llama):

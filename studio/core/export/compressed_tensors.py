@@ -20,6 +20,7 @@ from torch import nn
 
 from studio.core import metrics
 from studio.core.errors import StudioError
+from studio.core.quant.formats import export_problems
 from studio.core.export.base import (ExportFormat, ExportOptions, LayerTarget, Preflight,
                                      Reloaded, Written)
 from studio.core.export.ct_layout import (PACKED, Scheme, layer_tensors, quantization_config,
@@ -44,6 +45,9 @@ class CompressedTensorsFormat(ExportFormat):
     consumer = "transformers + compressed-tensors"
 
     def preflight(self, variant, handle, options: ExportOptions) -> Preflight:
+        refused = export_problems(variant.qtensors, self.name)  # codebook / vector codes
+        if refused:
+            return Preflight([], problems=refused)
         float_type = TORCH_DTYPES[options.dtype]
         targets, problems, conv1d = [], [], []
         for name, qt in variant.qtensors.items():

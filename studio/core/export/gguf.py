@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from studio.core.export import gguf_meta, gguf_pack, gguf_vocab
+from studio.core.quant.formats import export_problems
 from studio.core.export.base import ExportFormat, ExportOptions, Preflight, Reloaded, Written
 from studio.core.export.gguf_tensors import (Entry, choose, float_bytes, float_type,
                                              layer_target, map_names, ordered_entries,
@@ -96,6 +97,9 @@ class GgufFormat(ExportFormat):
     # --- before any work ---------------------------------------------------------------------
 
     def preflight(self, variant, handle, options: ExportOptions) -> Preflight:
+        refused = export_problems(variant.qtensors, self.name)  # codebook / vector codes
+        if refused:
+            return Preflight([], problems=refused)
         source = source_of(handle)
         if source.problem:
             return Preflight([], problems=[source.problem])

@@ -262,3 +262,24 @@ def _fake_quant_groups(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     scale, zero = scale[..., None], zero[..., None]
     codes = torch.clamp(torch.round(w / scale) + zero, 0, 2 ** spec.bits - 1)
     return scale * (codes - zero)
+
+
+# --- the method's declaration (studio.core.quant.registry) ------------------------------------
+from dataclasses import dataclass  # noqa: E402
+
+from studio.core.quant.registry import Quantizer, option  # noqa: E402
+
+
+@dataclass(frozen=True)
+class AwqOptions:
+    grid: int = option(20, low=1, high=1000, title="Scale grid points",
+                       help="exponents tried in the per-channel scale search")
+    clip: bool = option(True, title="Clip search",
+                        help="search each group's clipping range on a token sample")
+
+
+QUANTIZER = Quantizer(
+    name="awq", title="AWQ", options=AwqOptions, calibration="block inputs",
+    quantize=awq_block_job, windows_used=windows_used, folds_scales=True,
+    summary="per-channel scales from mean |activation|, folded into the previous layer",
+    llm_compressor="AWQModifier")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from studio.core.memory import release_freed_memory
-from studio.core.quant.grid import QTensor
+from studio.core.quant.grid import QTensor  # or any coded tensor of quant.formats
 
 
 class CodedLinear(nn.Module):
@@ -62,7 +62,7 @@ class CodedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={self.qt.bits}, group_size={self.qt.group_size}, "
+                f"codes={self.qt!r}, "
                 f"bias={self.bias is not None}")
 
 

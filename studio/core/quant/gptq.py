@@ -255,3 +255,37 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor | None
                 return U.flip(0, 1).contiguous(), note  # (LAPACK leaves it column-major)
     return None, (f"the Hessian stayed singular even dampened with {d:g} x mean diagonal; "
                   f"this layer was rounded to nearest instead")
+
+
+# --- the method's declaration (studio.core.quant.registry) ------------------------------------
+from studio.core.quant.registry import Quantizer, option  # noqa: E402
+
+
+@dataclass(frozen=True)
+class GptqOptions:
+    damp: float = option(0.01, low=0.0, high=10.0, title="Dampening",
+                         help="added to the Hessian's diagonal, as a fraction of its mean")
+    block_size: int = option(128, low=1, high=1 << 16, title="Block size",
+                             help="columns per lazy-update block")
+    # act_order on by default: columns by decreasing Hessian diagonal with groups fixed from the
+    # original weights ("static" order, llm-compressor's default: no runtime cost). On the demo
+    # at W4 g128 it took WikiText-2 ppl from 38.24 to 36.27 (RTN 39.14).
+    act_order: bool = option(True, title="Act-order",
+                             help="quantize columns by decreasing Hessian diagonal")
+
+
+def _gptq(w: torch.Tensor, spec: QuantSpec, calib) -> tuple[QTensor, str]:
+    return gptq_quantize(w, calib.hessian, spec)
+
+
+def _gptq_shared(weights: list[torch.Tensor], calib, specs: list[QuantSpec]):
+    return gptq_quantize_layers(weights, calib.hessian, specs)
+
+
+QUANTIZER = Quantizer(
+    name="gptq", title="GPTQ", options=GptqOptions, calibration="hessian", quantize=_gptq,
+    quantize_shared=_gptq_shared,
+    summary="column by column, each rounding error spread over the columns not yet quantized",
+    llm_compressor="GPTQModifier",
+    llm_compressor_options=lambda spec: {"dampening_frac": spec.option("damp"),
+                                         "block_size": spec.option("block_size")})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from studio.core.errors import StudioError
 from studio.core.export.gguf_types import GgufType, fits_rows, native_type
 from studio.core.plan import QuantSpec
 from studio.core.quant.pack import pack_codes, unpack_codes
@@ -28,7 +29,10 @@ class QTensor:
 
     The codes are held packed, `bits` per code (`pack.pack_codes` with byte words): a variant
     keeps every quantized layer's codes for as long as it lives, and at 4 bits a byte per code
-    would be twice what they need. `codes` unpacks a fresh uint8 copy."""
+    would be twice what they need. `codes` unpacks a fresh uint8 copy.
+    The "affine" code format (`quant.formats`)."""
+
+    format = "affine"
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                  bits: int, group_size: int) -> None:
@@ -46,6 +50,33 @@ class QTensor:
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.codes, self.scale, self.zero, self.group_size)
+
+    def storage_bits(self, scale_bits: int = 16) -> float:
+        """Every bit stored: the codes, a scale per group and an integer zero point per group at
+        the code width (as `bits_per_weight` counts an asymmetric grid)."""
+        return self.bits * self.numel() + self.scale.numel() * (scale_bits + self.bits)
+
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return ({"qweight": pack_codes(self.codes, self.bits, torch.int32),
+                 "scale": self.scale.float().contiguous(),
+                 "zero": self.zero.float().contiguous()},
+                {"bits": self.bits, "group_size": self.group_size})
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], info: dict,
+                   shape: tuple[int, int]) -> "QTensor":
+        out, cols = shape
+        groups = -(-cols // info["group_size"])
+        words, scale, zero = (tensors.get(k) for k in ("qweight", "scale", "zero"))
+        if words is None or scale is None or zero is None:
+            raise StudioError("its codes, scales or zero points are missing")
+        if (words.dtype != torch.int32 or words.dim() != 2 or words.shape[0] != out
+                or tuple(scale.shape) != (out, groups) or tuple(zero.shape) != (out, groups)
+                or not scale.is_floating_point() or not zero.is_floating_point()):
+            raise StudioError(f"its tensors do not match the shape {[out, cols]} at group size "
+                              f"{info['group_size']}")
+        return cls(unpack_codes(words, info["bits"], cols), scale.float(), zero.float(),
+                   info["bits"], info["group_size"])
 
     def __repr__(self) -> str:
         return f"QTensor({list(self.shape)}, bits={self.bits}, group_size={self.group_size})"
@@ -208,7 +239,10 @@ def storage_bits_per_weight(spec: QuantSpec | None, in_features: int) -> float:
     meter, the allocator, a Variant): one function so they always agree. A GGUF-native spec
     costs its GGUF type's bytes (Q4_0 4.5, Q5_0 5.5, Q8_0 8.5 bits: what that plan is for),
     every other spec the studio's estimate, `bits_per_weight`. A native spec on rows that are
-    not whole GGUF blocks is no GGUF tensor, so it takes the estimate too."""
+    not whole GGUF blocks is no GGUF tensor, so it takes the estimate too. A method storing
+    another code format (a codebook) says its own price, tables counted (`Quantizer.storage_bits`)."""
+    if spec is not None and spec.quantizer.storage_bits is not None:
+        return float(spec.quantizer.storage_bits(spec, in_features))
     gtype = native_gguf_type(spec)
     if gtype is not None and fits_rows(in_features):
         return gtype.bits_per_weight

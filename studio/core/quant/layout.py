@@ -212,10 +212,9 @@ def _ordered(groups: list[ScaleGroup], order: dict[str, int]) -> list[ScaleGroup
     return sorted(groups, key=lambda g: (order.get(g.prev, 0), not g.norm_preceded))
 
 
-def check_groups(model: nn.Module, specs: dict, methods: tuple[str, ...] = ("awq", "smoothquant")
-                 ) -> None:
-    """Refuse before any work a plan whose AWQ/SmoothQuant layers sit in blocks where no norm
-    group was found, naming what is missing."""
+def check_groups(model: nn.Module, specs: dict, methods: tuple[str, ...]) -> None:
+    """Refuse before any work a plan whose layers of `methods` (those folding scales: AWQ,
+    SmoothQuant) sit in blocks where no norm group was found, naming what is missing."""
     prefix, blocks = decoder_blocks(model)
     for index, block in enumerate(blocks):
         name = f"{prefix}.{index}"

@@ -23,7 +23,7 @@ MSE_NORM = 2.4
 def quantize_weight(w: torch.Tensor, spec: QuantSpec, mse_clip: bool | None = None) -> QTensor:
     """RTN-quantize `w` [out, in]; `mse_clip` defaults to the spec's option (RTN specs only)."""
     if mse_clip is None:
-        mse_clip = spec.method == "rtn" and bool(spec.option("mse_clip"))
+        mse_clip = spec.method == QUANTIZER.name and bool(spec.option("mse_clip"))
     w = w.float()
     if not mse_clip:
         return quantize_rtn(w, spec)
@@ -68,3 +68,26 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# --- the method's declaration (studio.core.quant.registry) ------------------------------------
+from dataclasses import dataclass  # noqa: E402
+
+from studio.core.quant.registry import Quantizer, option  # noqa: E402
+
+
+@dataclass(frozen=True)
+class RtnOptions:
+    mse_clip: bool = option(False, title="MSE clipping search",
+                            help="shrink each group's range to minimise |w - q(w)|^2.4 "
+                                 "(the GPTQ reference's mse=True)")
+
+
+def _rtn(w: torch.Tensor, spec: QuantSpec, calib=None) -> QTensor:
+    return quantize_weight(w, spec)
+
+
+QUANTIZER = Quantizer(
+    name="rtn", title="RTN (round to nearest)", options=RtnOptions, calibration="none",
+    quantize=_rtn, summary="every weight to the nearest point of its group's min-max grid",
+    llm_compressor="QuantizationModifier")

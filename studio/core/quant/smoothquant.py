@@ -173,3 +173,30 @@ def _remove_from(module: nn.Module) -> None:
         if isinstance(hook, ActQuant):
             del module._forward_pre_hooks[key]
             module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+# --- the method's declaration (studio.core.quant.registry) ------------------------------------
+from dataclasses import dataclass  # noqa: E402
+
+from studio.core.quant.registry import Quantizer, option  # noqa: E402
+
+
+@dataclass(frozen=True)
+class SmoothQuantOptions:
+    alpha: float = option(0.5, low=0.0, high=1.0, title="Migration alpha",
+                          help="how much of the activations' range moves into the weights")
+    act_bits: int = option(8, low=2, high=16, title="Activation bits",
+                           help="per-token symmetric quantization of the layer's inputs")
+
+
+def _round(w: torch.Tensor, spec: QuantSpec, calib=None):
+    from studio.core.quant.grid import quantize_rtn
+    return quantize_rtn(w.float(), spec)
+
+
+QUANTIZER = Quantizer(
+    name="smoothquant", title="SmoothQuant (W8A8)", options=SmoothQuantOptions,
+    calibration="none", quantize=_round, smoothing=True, folds_scales=True,
+    suggested={"bits": 8, "group_size": -1, "symmetric": True},
+    summary="activation outliers migrated into the weights; weights and inputs quantized",
+    llm_compressor="QuantizationModifier")

@@ -39,7 +39,8 @@ from PySide6.QtWidgets import (
 from studio.core.errors import StudioError
 from studio.core.export.gguf_types import BLOCK, NATIVE_MENU, exact_type, fits_rows
 from studio.core.jobs import Progress
-from studio.core.plan import GROUP_SIZES, METHODS, Plan, QuantSpec, Rule
+from studio.core.plan import GROUP_SIZES, Plan, QuantSpec, Rule
+from studio.core.quant import registry
 from studio.core.quant.grid import native_gguf_type
 from studio.ui.layout import column
 
@@ -79,7 +80,7 @@ def parse_rule(text: str, default: QuantSpec | None, gguf_native: bool = False) 
             changes["group_size"] = int(word[1:])
         elif word in ("ch", "per-channel", "channel"):
             changes["group_size"] = -1
-        elif word in METHODS:
+        elif word in registry.names():
             changes["method"] = word
         elif word in ("sym", "symmetric"):
             changes["symmetric"] = True
@@ -147,7 +148,10 @@ class PlanView(QWidget):
             self.group.addItem("per-channel" if size == -1 else f"g{size}", size)
         self.group.setCurrentIndex(GROUP_SIZES.index(128))
         self.method = QComboBox()
-        self.method.addItems(METHODS)
+        for quantizer in registry.all_quantizers():  # plug-ins' methods included
+            self.method.addItem(quantizer.name, quantizer.name)
+            self.method.setItemData(self.method.count() - 1, quantizer.title,
+                                    Qt.ItemDataRole.ToolTipRole)
         self.symmetric = QCheckBox("symmetric")
         self.skip = QCheckBox("skip (keep 16-bit)")
         self.gguf_native = QCheckBox("GGUF-native (llama.cpp types, exact export)")

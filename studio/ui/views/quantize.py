@@ -30,13 +30,9 @@ from PySide6.QtWidgets import (
 
 from studio.core.files import safe_name
 from studio.core.jobs import Progress
-from studio.core.plan import GROUP_SIZES, METHOD_OPTIONS, METHODS, Plan, QuantSpec
+from studio.core.plan import GROUP_SIZES, Plan, QuantSpec
+from studio.core.quant import registry
 
-METHOD_TITLES = {"rtn": "RTN (round to nearest)", "gptq": "GPTQ", "awq": "AWQ",
-                 "smoothquant": "SmoothQuant (W8A8)"}
-OPTION_TITLES = {"mse_clip": "MSE clipping search", "damp": "Dampening", "block_size":
-                 "Block size", "act_order": "Act-order", "grid": "Scale grid points",
-                 "clip": "Clip search", "alpha": "Migration alpha", "act_bits": "Activation bits"}
 METHOD_COLOR, RTN_COLOR = (31, 119, 180), (214, 39, 40)
 
 REDRAW_MS = 400
@@ -54,8 +50,12 @@ class QuantizeView(QWidget):
         settings = QGroupBox("Quantization")
         form = QFormLayout(settings)
         self.method = QComboBox()
-        for method in METHODS:
-            self.method.addItem(METHOD_TITLES[method], method)
+        for quantizer in registry.all_quantizers():  # plug-ins' methods included
+            self.method.addItem(quantizer.title, quantizer.name)
+            self.method.setItemData(self.method.count() - 1,
+                                    f"{quantizer.summary} ({quantizer.origin}; calibration: "
+                                    f"{quantizer.calibration}; codes: {quantizer.code_format})",
+                                    Qt.ItemDataRole.ToolTipRole)
         self.method.currentIndexChanged.connect(self._method_changed)
         self.bits = QSpinBox(minimum=2, maximum=8, value=4)
         self.group = QComboBox()
@@ -191,25 +191,25 @@ class QuantizeView(QWidget):
 
     # --- settings ------------------------------------------------------------------------
     def _method_changed(self) -> None:
-        method = self.method.currentData()
+        """The options form from the method's declaration; its suggested grid and widths."""
+        quantizer = registry.get(self.method.currentData())
         while self.options_form.rowCount():
             self.options_form.removeRow(0)
-        self.option_widgets = {}
-        for key, default in METHOD_OPTIONS[method].items():
-            if isinstance(default, bool):
-                widget = QCheckBox()
-                widget.setChecked(default)
-            elif isinstance(default, int):
-                widget = QSpinBox(minimum=1, maximum=4096, value=default)
-            else:
-                widget = QDoubleSpinBox(decimals=3, minimum=0.0, maximum=1.0 if key == "alpha"
-                                        else 10.0, singleStep=0.01, value=default)
-            self.option_widgets[key] = widget
-            self.options_form.addRow(OPTION_TITLES.get(key, key), widget)
-        if method == "smoothquant":  # the paper's W8A8: per-channel symmetric 8-bit weights
-            self.bits.setValue(8)
-            self.group.setCurrentIndex(self.group.findData(-1))
-            self.symmetric.setChecked(True)
+        self.option_widgets = {info.name: option_widget(info) for info in quantizer.option_infos}
+        for info in quantizer.option_infos:
+            self.options_form.addRow(info.title[:1].upper() + info.title[1:],
+                                     self.option_widgets[info.name])
+        if not quantizer.option_infos:
+            self.options_form.addRow(QLabel("This method has no options."))
+        self.options_box.setToolTip(quantizer.summary)
+        self.bits.setRange(min(quantizer.bits), max(quantizer.bits))
+        suggested = quantizer.suggested
+        if "bits" in suggested:
+            self.bits.setValue(suggested["bits"])
+        if "group_size" in suggested:
+            self.group.setCurrentIndex(self.group.findData(suggested["group_size"]))
+        if "symmetric" in suggested:
+            self.symmetric.setChecked(suggested["symmetric"])
 
     def _scales_changed(self, *_) -> None:
         """Say what fp16 scales make of the chosen grid: a GGUF type, or fp16 scales only."""
@@ -257,12 +257,7 @@ class QuantizeView(QWidget):
             self.source.setCurrentIndex(2)
 
     def spec(self) -> QuantSpec:
-        options = {}
-        for key, widget in self.option_widgets.items():
-            if isinstance(widget, QCheckBox):
-                options[key] = widget.isChecked()
-            else:
-                options[key] = widget.value()
+        options = {key: option_value(widget) for key, widget in self.option_widgets.items()}
         return QuantSpec(self.bits.value(), self.group.currentData(), self.symmetric.isChecked(),
                          self.method.currentData(), options,
                          scale_dtype="fp16" if self.fp16_scales.isChecked() else "fp32")
@@ -291,12 +286,14 @@ class QuantizeView(QWidget):
         source = self.calib_path or "built-in text"
         calib = (f"calibration: {Path(source).name}, {self.windows.value()} x "
                  f"{self.seqlen.value()} tokens, seed {self.seed.value()}")
-        if plan.default.method == "awq":  # it subsamples (see quant/awq.py): say how much
-            from studio.core.quant.awq import windows_used
-            read = min(self.windows.value(), windows_used(self.seqlen.value()))
-            calib += f" (AWQ reads the first {read} of these windows)"
-        self._clear_plot(f"<b>{name}</b> on {handle.name} — "
-                         f"{calib if plan.default.method != 'rtn' else 'RTN needs no calibration; errors measured on a few windows of it'}")
+        quantizer = plan.default.quantizer
+        if quantizer.windows_used is not None:  # it subsamples (AWQ): say how much
+            read = min(self.windows.value(), quantizer.windows_used(self.seqlen.value()))
+            calib += f" ({quantizer.title} reads the first {read} of these windows)"
+        if not quantizer.needs_text:
+            calib = (f"{quantizer.title} needs no calibration; errors measured on a few "
+                     f"windows of it")
+        self._clear_plot(f"<b>{name}</b> on {handle.name} — {calib}")
         args = (handle, plan, self.calib_path, self.windows.value(), self.seqlen.value(),
                 self.seed.value(), name)
         self.job = self.state.submit(f"Quantize {name}", lambda: quantize_text_job(*args),
@@ -481,3 +478,39 @@ def _one_step(message: str, function, *args):
     """A job of one step (for quick file work that should still not block the window)."""
     yield Progress(0, 1, message)
     return function(*args)
+
+
+def option_widget(info: registry.OptionInfo) -> QWidget:
+    """An editor for one declared option: its type, range, choices and help."""
+    if info.kind is bool:
+        widget = QCheckBox()
+        widget.setChecked(info.default)
+    elif info.choices is not None:
+        widget = QComboBox()
+        for choice in info.choices:
+            widget.addItem(str(choice), choice)
+        widget.setCurrentIndex(widget.findData(info.default))
+    elif info.kind is int:
+        widget = QSpinBox(minimum=int(info.low if info.low is not None else -2 ** 31),
+                          maximum=int(info.high if info.high is not None else 2 ** 31 - 1),
+                          value=info.default)
+    elif info.kind is float:
+        low = info.low if info.low is not None else -1e9
+        high = info.high if info.high is not None else 1e9
+        widget = QDoubleSpinBox(decimals=4, minimum=low, maximum=high,
+                                singleStep=(high - low) / 100 if high - low <= 100 else 0.1,
+                                value=info.default)
+    else:
+        widget = QLineEdit(str(info.default))
+    widget.setToolTip(f"{info.help} ({info.describe()})" if info.help else info.describe())
+    return widget
+
+
+def option_value(widget: QWidget):
+    if isinstance(widget, QCheckBox):
+        return widget.isChecked()
+    if isinstance(widget, QComboBox):
+        return widget.currentData()
+    if isinstance(widget, QLineEdit):
+        return widget.text()
+    return widget.value()

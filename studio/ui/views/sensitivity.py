@@ -28,6 +28,7 @@ from PySide6.QtWidgets import (
 from studio.core.errors import StudioError
 from studio.core.export.gguf_types import BLOCK
 from studio.core.plan import GROUP_SIZES, Rule
+from studio.core.quant import registry
 from studio.core.sensitivity import (DEFAULT_BITS, DEFAULT_GROUPS, DEFAULT_KL_BITS,
                                      DEFAULT_KL_GROUP, DEFAULT_PROXY_WINDOWS,
                                      SensitivityResult, gguf_native_options, kl_columns,
@@ -404,7 +405,7 @@ class SensitivityView(QWidget):
         """Give layer `name` option `column` (its bits and group size) in the session plan,
         with the plan's method."""
         plan = self.state.session.plan
-        method = plan.default.method if plan.default is not None else "rtn"
+        method = plan.default.method if plan.default is not None else registry.REFERENCE
         spec = self.result.options[column].with_(method=method)
         self.state.session.plan = plan.with_rule(Rule(name, spec))
         self.state.publish("plan")
