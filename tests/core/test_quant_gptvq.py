@@ -34,7 +34,7 @@ def test_beats_gptq_at_no_more_bits_on_planted_structure(bits, budget, gptq_grou
     spec = QuantSpec(bits, gptq_group, False, "gptq")
     qt, _ = gptq_quantize(w, h, spec)
     assert note == ""
-    assert vq.bits_per_weight <= bits + budget <= bits_per_weight(spec, 128) + 1e-9
+    assert (vq.storage_bits() / vq.numel()) <= bits + budget <= bits_per_weight(spec, 128) + 1e-9
     assert relative_output_error(w, vq.dequantize(), h) < \
         0.5 * relative_output_error(w, qt.dequantize(), h)
 
@@ -48,12 +48,12 @@ def test_layout_counts_and_indices():
     assert vq.indices.shape == (40, 48) and int(vq.indices.max()) < 16
     assert torch.equal(vq.tables, vq.tables.half().float())
     expected = 2 + vq.tables.numel() * 16 / w.numel()
-    assert abs(vq.bits_per_weight - expected) < 1e-9 and vq.bits_per_weight <= 2.5
+    assert abs((vq.storage_bits() / vq.numel()) - expected) < 1e-9 and (vq.storage_bits() / vq.numel()) <= 2.5
     # de-quantization reads each vector from its own block's table
     rows, columns = vq.rows, vq.columns
     r, j = 39, 47                                   # the last vector: columns 94, 95
     table = vq.tables[r // rows, (2 * j) // columns]
-    assert torch.equal(vq.dequantize()[r, 94:96], table[vq.indices[r, j]])
+    assert torch.equal(vq.dequantize()[r, 94:96], table[int(vq.indices[r, j])])
 
 
 def test_table_update_only_ever_lowers_the_output_error():
@@ -73,3 +73,45 @@ def test_refusals():
         gptvq_quantize(w, h, VQSettings(2, -1, dim=4))
     with pytest.raises(StudioError, match="entries"):
         gptvq_quantize(w, h, VQSettings(8, -1, dim=2))
+
+
+def test_cli_variant_counts_its_tables_and_reloads_bit_identically(tiny_dirs, tmp_path, capsys):
+    import json
+
+    from studio.cli import main
+    from studio.core.quant.vector import VectorTensor
+    from studio.core.variant import load_variant
+
+    out = tmp_path / "vq"
+    assert main(["quantize", str(tiny_dirs["llama"]), "--method", "gptvq", "--bits", "2",
+                 "--group-size", "32", "--opt", "table_bpw=0.25", "--opt", "kmeans_iters=5",
+                 "--windows", "8", "--seqlen", "64", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    variant = load_variant(out)
+    tensors = list(variant.qtensors.values())
+    assert all(isinstance(q, VectorTensor) and q.dim == 2 for q in tensors)
+    stored = sum(q.storage_bits() for q in tensors) / sum(q.numel() for q in tensors)
+    assert 2.0 < stored <= 2.25 + 1e-9
+    assert result["bits_per_weight"] == pytest.approx(variant.bits_per_weight)
+    assert variant.bits_per_weight == pytest.approx(stored)   # tables counted, exactly
+
+
+def test_a_variant_saves_loads_and_evaluates_bit_identically(tiny_llama, tmp_path):
+    from studio.core.jobs import run
+    from studio.core.plan import Plan
+    from studio.core.quantize import quantize_job
+    from studio.core.text import text_windows
+    from studio.core.variant import load_variant, save_variant
+
+    windows, label = text_windows(tiny_llama.tokenizer, None, 64, 8, seed=0)
+    spec = QuantSpec(3, -1, False, "gptvq", {"kmeans_iters": 5})
+    variant = run(quantize_job(tiny_llama, Plan(spec), windows, label, "vq"))
+    save_variant(variant, tmp_path / "v")
+    again = load_variant(tmp_path / "v", tiny_llama)
+    for name, qt in variant.qtensors.items():
+        assert torch.equal(qt.dequantize(), again.qtensors[name].dequantize()), name
+    with torch.no_grad():
+        assert torch.equal(variant.model(input_ids=windows[:2]).logits,
+                           again.model(input_ids=windows[:2]).logits)
+    assert again.bits_per_weight == variant.bits_per_weight
+    assert all(e["error"] < e["rtn_error"] for e in variant.layer_errors)

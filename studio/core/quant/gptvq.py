@@ -40,6 +40,7 @@ from studio.core.errors import StudioError
 from studio.core.quant.grid import effective_group_size
 from studio.core.quant.gptq import prepare_hessian
 from studio.core.quant.rtn import single_thread
+from studio.core.quant.vector import VectorTensor
 
 BLOCK = 128          # columns per lazy batch of updates, as GPTQ
 MAX_ENTRIES = 4096   # 2^(dim x bits): k-means and lookups beyond this are not worth running
@@ -62,38 +63,15 @@ class VQSettings:
         return 2 ** (self.dim * self.bits)
 
 
-@dataclass
-class VQResult:
-    """indices [out, in / dim]; tables [row blocks, column blocks, entries, dim] float32 holding
-    fp16 values; a table serves `rows` x `columns` weights (the last ones may be ragged)."""
-    indices: torch.Tensor
-    tables: torch.Tensor
-    rows: int
-    columns: int
-    dim: int
-    bits: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.indices.shape[0], self.indices.shape[1] * self.dim
-
-    @property
-    def bits_per_weight(self) -> float:
-        out, cols = self.shape
-        return self.bits + self.tables.numel() * TABLE_BITS / (out * cols)
-
-    def dequantize(self) -> torch.Tensor:
-        return self.tables.reshape(-1)[flat_index(self)].reshape(self.shape)
-
-
-def flat_index(vq: VQResult) -> torch.Tensor:
-    """For every weight, its place in the flattened tables: Q = tables.flatten()[flat_index]
-    (and its adjoint, an index_add, for the update)."""
-    out, cols = vq.shape
-    _, col_blocks, entries, dim = vq.tables.shape
-    table = (torch.arange(out) // vq.rows)[:, None] * col_blocks \
-        + (torch.arange(cols) // vq.columns)[None, :]
-    entry = vq.indices.long().repeat_interleave(dim, dim=1)
+def flat_index(indices: torch.Tensor, tables_shape, rows: int, columns: int) -> torch.Tensor:
+    """For every weight, its place in the flattened tables [row blocks, column blocks, K, dim]
+    (the vector format's layout): Q = tables.flatten()[flat_index], and its adjoint, an
+    index_add, for the table update."""
+    _, col_blocks, entries, dim = tables_shape
+    out, cols = indices.shape[0], indices.shape[1] * dim
+    table = (torch.arange(out) // rows)[:, None] * col_blocks \
+        + (torch.arange(cols) // columns)[None, :]
+    entry = indices.long().repeat_interleave(dim, dim=1)
     return (table * entries + entry) * dim + torch.arange(cols) % dim
 
 
@@ -108,7 +86,7 @@ def row_block_size(out: int, cols: int, columns: int, settings: VQSettings) -> i
 
 
 def gptvq_quantize(w: torch.Tensor, hessian: torch.Tensor,
-                   settings: VQSettings) -> tuple[VQResult, str]:
+                   settings: VQSettings) -> tuple[VectorTensor, str]:
     """GPTVQ-quantize `w` [out, in] with `hessian` [in, in] (GPTQ's: 2/n X^T X)."""
     out, cols = w.shape
     d = settings.dim
@@ -145,9 +123,9 @@ def gptvq_quantize(w: torch.Tensor, hessian: torch.Tensor,
                 _quantize_vector(W, U, j, d, b0, b1, row_table, indices, err)
             if b1 < cols:
                 W[:, b1:] -= err[:, : b1 - b0] @ U[b0:b1, b1:]
-    vq = VQResult(indices, tables, rows, gs, d, settings.bits)
-    _update_tables(vq, original, hessian.float(), settings.update_iters)
-    return vq, prep.note
+    index = flat_index(indices, tables.shape, rows, gs)
+    tables = _update_tables(tables, index, original, hessian.float(), settings.update_iters)
+    return VectorTensor(indices, tables, None, settings.bits, d, rows, gs), prep.note
 
 
 def _metric(U: torch.Tensor, j: int, d: int) -> torch.Tensor:
@@ -259,22 +237,22 @@ def output_loss(w: torch.Tensor, q: torch.Tensor, H: torch.Tensor) -> float:
     return ((diff @ H) * diff).sum().item()
 
 
-def _update_tables(vq: VQResult, w: torch.Tensor, H: torch.Tensor, iters: int) -> None:
+def _update_tables(tables: torch.Tensor, index: torch.Tensor, w: torch.Tensor,
+                   H: torch.Tensor, iters: int) -> torch.Tensor:
     """The update after quantization: entries refitted to the original weights on the output
     error with the assignments fixed, tr((W - Q(C)) H (W - Q(C))^T), a quadratic in C solved
     by conjugate gradients; kept only if still better once rounded to fp16."""
     if iters <= 0:
-        return
-    index = flat_index(vq).reshape(-1)
-    size = vq.tables.numel()
+        return tables
+    index = index.reshape(-1)
 
     def Q(C):                     # table entries -> weights
-        return C[index].reshape(vq.shape)
+        return C[index].reshape(w.shape)
 
     def Qt(X):                    # its adjoint: weights -> sums per entry
-        return torch.zeros(size).index_add_(0, index, X.reshape(-1))
+        return torch.zeros(tables.numel()).index_add_(0, index, X.reshape(-1))
 
-    C = vq.tables.reshape(-1).clone()
+    C = tables.reshape(-1).clone()
     before = output_loss(w, Q(C), H)
     with single_thread():
         r = Qt((w - Q(C)) @ H)    # = b - A C, with A C = Qt(Q(C) H)
@@ -291,5 +269,51 @@ def _update_tables(vq: VQResult, w: torch.Tensor, H: torch.Tensor, iters: int) -
             p = r + (rr_new / rr) * p
             rr = rr_new
     C = fp16_values(C)
-    if output_loss(w, Q(C), H) < before:
-        vq.tables = C.reshape(vq.tables.shape)
+    return C.reshape(tables.shape) if output_loss(w, Q(C), H) < before else tables
+
+
+# --- the method's declaration (studio.core.quant.registry) ------------------------------------
+from studio.core.plan import QuantSpec  # noqa: E402
+from studio.core.quant.registry import Quantizer, option  # noqa: E402
+
+
+@dataclass(frozen=True)
+class GptvqOptions:
+    dim: int = option(2, low=1, high=4, title="Vector size",
+                      help="weights per vector: a table has 2^(dim x bits) entries")
+    table_bpw: float = option(0.125, low=0.001, high=4.0, title="Table budget (bpw)",
+                              help="bits per weight the fp16 tables may cost; sets how many "
+                                   "rows share one (the paper's 0.125)")
+    kmeans_iters: int = option(25, low=1, high=1000, title="k-means iterations",
+                               help="at most; stops when under 0.1% of vectors change entry")
+    update_iters: int = option(10, low=0, high=1000, title="Table update steps",
+                               help="conjugate-gradient steps refitting the tables to the "
+                                    "output error after quantization (0: none)")
+    damp: float = option(0.01, low=0.0, high=10.0, title="Dampening",
+                         help="added to the Hessian's diagonal, as a fraction of its mean")
+
+
+def settings_of(spec: QuantSpec) -> VQSettings:
+    return VQSettings(spec.bits, spec.group_size, int(spec.option("dim")),
+                      float(spec.option("table_bpw")), int(spec.option("kmeans_iters")),
+                      int(spec.option("update_iters")), float(spec.option("damp")))
+
+
+def _gptvq(w: torch.Tensor, spec: QuantSpec, calib) -> tuple[VectorTensor, str]:
+    return gptvq_quantize(w, calib.hessian, settings_of(spec))
+
+
+def storage_bits(spec: QuantSpec, in_features: int) -> float:
+    """The price the plan meter and the allocator see: the indices plus the table budget.
+    A layer's tables depend on its rows too (`row_block_size`), so its own count
+    (`VectorTensor.storage_bits`) is at or below this, unless the layer is so small that one
+    table per column group already costs more."""
+    return spec.bits + float(spec.option("table_bpw"))
+
+
+QUANTIZER = Quantizer(
+    name="gptvq", title="GPTVQ (vector quantization)", options=GptvqOptions,
+    calibration="hessian", quantize=_gptvq, code_format="vector", storage_bits=storage_bits,
+    bits=(2, 3, 4),
+    summary="2-D vectors from k-means tables, GPTQ's error feedback over columns, tables "
+            "refitted to the output error (van Baalen et al. 2024)")

@@ -26,9 +26,6 @@ from studio.core.plan import QuantSpec
 from studio.core.quant.grid import QTensor, effective_group_size, qparams_from_range, quantize_rtn
 from studio.core.quant.rtn import single_thread
 
-CANDIDATES = 20  # AIMET's `SeqMseParams.num_candidates` default
-
-
 def seqmse_quantize_layers(weights: list[torch.Tensor], hessian: torch.Tensor,
                            specs: list[QuantSpec]) -> list[tuple[QTensor, str]]:
     """SeqMSE for layers reading one input (one Hessian): [(QTensor, note)] in their order.
@@ -40,7 +37,7 @@ def seqmse_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
                     candidates: int | None = None) -> QTensor:
     """SeqMSE-quantize `w` [out, in] against the output error measured by `hessian` [in, in]."""
     w = w.float()
-    n = int(spec.options.get("candidates", CANDIDATES) if candidates is None else candidates)
+    n = int(spec.option("candidates") if candidates is None else candidates)
     factors = [(i + 1) / n for i in range(n)]
     spans = _group_spans(w.shape[1], effective_group_size(spec.group_size, w.shape[1]))
     H = hessian.float()
@@ -121,3 +118,27 @@ def _dequantize_choice(w, spec, spans, factors, choice) -> torch.Tensor:
     for g, span in enumerate(spans):
         q[:, span] = _fake_quant_group(w[:, span], spec, table[choice[:, g]])
     return q
+
+
+# --- the method's declaration (studio.core.quant.registry) ------------------------------------
+from dataclasses import dataclass  # noqa: E402
+
+from studio.core.quant.registry import Quantizer, option  # noqa: E402
+
+
+@dataclass(frozen=True)
+class SeqmseOptions:
+    candidates: int = option(20, low=2, high=1000, title="Candidates",
+                             help="clipping ranges tried per channel or group: (i + 1) / N of "
+                                  "its min-max range (AIMET's default 20)")
+
+
+def _seqmse(w: torch.Tensor, spec: QuantSpec, calib) -> QTensor:
+    return seqmse_quantize(w, calib.hessian, spec)
+
+
+QUANTIZER = Quantizer(
+    name="seqmse", title="SeqMSE (sequential output MSE)", options=SeqmseOptions,
+    calibration="hessian", quantize=_seqmse,
+    summary="per channel or group, the clipping range that minimises the layer's output error "
+            "on inputs from the already-quantized layers (AIMET)")
