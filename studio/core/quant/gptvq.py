@@ -300,6 +300,9 @@ def settings_of(spec: QuantSpec) -> VQSettings:
 
 
 def _gptvq(w: torch.Tensor, spec: QuantSpec, calib) -> tuple[VectorTensor, str]:
+    if spec.symmetric or spec.scale_dtype != "fp32":
+        raise StudioError("GPTVQ stores tables of fp16 vectors, not an integer grid: a "
+                          "symmetric grid or fp16 grid scales do not apply to it.")
     return gptvq_quantize(w, calib.hessian, settings_of(spec))
 
 
