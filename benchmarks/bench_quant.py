@@ -10,6 +10,13 @@ calibration, so it is run once.
 
     python benchmarks/bench_quant.py [--data ../shared/data] [--calib-windows 64]
         [--methods rtn,gptq,awq,smoothquant] [--bits 4,3] [--sources wikitext,shakespeare]
+        [--rows "seqmse:4:128,rtn:4:-1,gptvq:3:128:table_bpw=0.125,gptq:2:64"]
+
+`--rows` replaces the method x bits grid by explicit rows, METHOD:BITS:GROUP[:OPTION=VALUE...]
+(any registered method; group -1 = per-channel), for the issue-14 comparisons: SeqMSE W4
+per-channel and g128 against RTN on the same grid, GPTVQ 2-D at 3.125 bpw against GPTQ W3
+g128 and at 2.25 bpw against GPTQ W2 g64 (the bpw column counts GPTVQ's tables, as
+`Variant.bits_per_weight` does).
 
 Prints one row per run as it finishes (and a JSON line per row with --json); the time column
 is the quantization job's wall time on this machine (say in the note if other work shared it).
@@ -66,6 +73,20 @@ class PeakRSS:
         self.thread.join()
 
 
+def row_spec(text: str) -> QuantSpec:
+    """"gptvq:3:128:table_bpw=0.125" -> QuantSpec(3, 128, method="gptvq", options=...)."""
+    method, bits, group, *options = text.strip().split(":")
+    parsed = {}
+    for item in options:
+        key, _, value = item.partition("=")
+        parsed[key] = json.loads(value) if value not in ("", "true", "false") else value == "true"
+    return QuantSpec(int(bits), int(group), False, method, parsed)
+
+
+def option_note(spec: QuantSpec) -> str:
+    return "".join(f" {k}={v}" for k, v in spec.options.items())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo")
@@ -76,6 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default="rtn,gptq,awq,smoothquant")
     parser.add_argument("--bits", default="4,3")
     parser.add_argument("--sources", default="wikitext,shakespeare")
+    parser.add_argument("--rows", default="",
+                        help="explicit rows METHOD:BITS:GROUP[:KEY=VALUE...], comma-separated")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
@@ -117,18 +140,22 @@ def main(argv=None) -> int:
 
     report("FP32", "-", perplexity(handle.model, evaluation)[0], None, 32.0)
     methods = args.methods.split(",")
-    specs = [QuantSpec(int(b), 128, False, m) for m in methods if m != "smoothquant"
-             for b in args.bits.split(",")]
-    if "smoothquant" in methods:
-        specs.append(QuantSpec(8, -1, True, "smoothquant"))
+    if args.rows:
+        specs = [row_spec(row) for row in args.rows.split(",")]
+        methods = [spec.method for spec in specs]
+    else:
+        specs = [QuantSpec(int(b), 128, False, m) for m in methods if m != "smoothquant"
+                 for b in args.bits.split(",")]
+        if "smoothquant" in methods:
+            specs.append(QuantSpec(8, -1, True, "smoothquant"))
     for spec in specs:
-        runs = [(None, None)] if spec.method == "rtn" else list(calib.values())
+        runs = [(None, None)] if not spec.quantizer.needs_text else list(calib.values())
         for label, windows in runs:
             with PeakRSS() as memory:
                 start = time.perf_counter()
                 variant = run(quantize_job(handle, Plan(spec), windows, label, spec.label))
                 seconds = time.perf_counter() - start
-            name = spec.label + (" A8" if variant.act_bits else "")
+            name = spec.label + (" A8" if variant.act_bits else "") + option_note(spec)
             report(name, label or "none", perplexity(variant.model, evaluation)[0], seconds,
                    variant.bits_per_weight, memory)
             del variant
