@@ -65,13 +65,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    from bench_quant import row_spec
+    from bench_quant import run_spec
 
     weights = block_weights(args.block, args.random)
     hessians = {g: hessian(weights[g[0]].shape[1], i) for i, g in enumerate(GROUPS)}
     results = {}
     for row in args.rows.split(","):
-        spec: QuantSpec = row_spec(row)
+        spec: QuantSpec = run_spec(row)
         quantizer = registry.get(spec.method)
         cpu = 0.0
         errors = []

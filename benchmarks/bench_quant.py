@@ -10,13 +10,14 @@ calibration, so it is run once.
 
     python benchmarks/bench_quant.py [--data ../shared/data] [--calib-windows 64]
         [--methods rtn,gptq,awq,smoothquant] [--bits 4,3] [--sources wikitext,shakespeare]
-        [--rows "seqmse:4:128,rtn:4:-1,gptvq:3:128:table_bpw=0.125,gptq:2:64"]
+        [--runs METHOD:BITS:GROUP[:KEY=VALUE...],...]
 
-`--rows` replaces the method x bits grid by explicit rows, METHOD:BITS:GROUP[:OPTION=VALUE...]
-(any registered method; group -1 = per-channel), for the issue-14 comparisons: SeqMSE W4
-per-channel and g128 against RTN on the same grid, GPTVQ 2-D at 3.125 bpw against GPTQ W3
-g128 and at 2.25 bpw against GPTQ W2 g64 (the bpw column counts GPTVQ's tables, as
-`Variant.bits_per_weight` does).
+--runs replaces the methods x bits grid with the listed runs, any registered method (plug-ins
+included), e.g. issue 14's codebook rows at equal bits per weight:
+    --runs rtn:4:64,nf4:4:64,kmeans:4:-1,kmeans:4:-1:weighting=none
+(GROUP -1 = per-channel; asymmetric grids, as the rest of the table); the Hessian methods':
+    --runs seqmse:4:128,rtn:4:-1,seqmse:4:-1,gptvq:3:128:table_bpw=0.125,gptq:2:64,gptvq:2:128:table_bpw=0.25
+(the bpw column counts GPTVQ's fp16 tables, as `Variant.bits_per_weight` does).
 
 Prints one row per run as it finishes (and a JSON line per row with --json); the time column
 is the quantization job's wall time on this machine (say in the note if other work shared it).
@@ -73,20 +74,6 @@ class PeakRSS:
         self.thread.join()
 
 
-def row_spec(text: str) -> QuantSpec:
-    """"gptvq:3:128:table_bpw=0.125" -> QuantSpec(3, 128, method="gptvq", options=...)."""
-    method, bits, group, *options = text.strip().split(":")
-    parsed = {}
-    for item in options:
-        key, _, value = item.partition("=")
-        parsed[key] = json.loads(value) if value not in ("", "true", "false") else value == "true"
-    return QuantSpec(int(bits), int(group), False, method, parsed)
-
-
-def option_note(spec: QuantSpec) -> str:
-    return "".join(f" {k}={v}" for k, v in spec.options.items())
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo")
@@ -97,9 +84,9 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default="rtn,gptq,awq,smoothquant")
     parser.add_argument("--bits", default="4,3")
     parser.add_argument("--sources", default="wikitext,shakespeare")
-    parser.add_argument("--rows", default="",
-                        help="explicit rows METHOD:BITS:GROUP[:KEY=VALUE...], comma-separated")
-    parser.add_argument("--skip-fp32", action="store_true", help="no FP32 row (known: 29.006)")
+    parser.add_argument("--runs", help="METHOD:BITS:GROUP[:KEY=VALUE...],... (see above)")
+    parser.add_argument("--skip-fp32", action="store_true",
+                        help="leave out the FP32 row (runs split over several processes)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
@@ -141,15 +128,12 @@ def main(argv=None) -> int:
 
     if not args.skip_fp32:
         report("FP32", "-", perplexity(handle.model, evaluation)[0], None, 32.0)
-    methods = args.methods.split(",")
-    if args.rows:
-        specs = [row_spec(row) for row in args.rows.split(",")]
-        methods = [spec.method for spec in specs]
-    else:
-        specs = [QuantSpec(int(b), 128, False, m) for m in methods if m != "smoothquant"
-                 for b in args.bits.split(",")]
-        if "smoothquant" in methods:
-            specs.append(QuantSpec(8, -1, True, "smoothquant"))
+    methods = [] if args.runs else args.methods.split(",")
+    specs = [QuantSpec(int(b), 128, False, m) for m in methods if m != "smoothquant"
+             for b in args.bits.split(",")]
+    if "smoothquant" in methods:
+        specs.append(QuantSpec(8, -1, True, "smoothquant"))
+    specs += [run_spec(item) for item in (args.runs.split(",") if args.runs else [])]
     for spec in specs:
         runs = [(None, None)] if not spec.quantizer.needs_text else list(calib.values())
         for label, windows in runs:
@@ -157,7 +141,8 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 variant = run(quantize_job(handle, Plan(spec), windows, label, spec.label))
                 seconds = time.perf_counter() - start
-            name = spec.label + (" A8" if variant.act_bits else "") + option_note(spec)
+            name = spec.label + (" A8" if variant.act_bits else "") + "".join(
+                f" {k}={v}" for k, v in spec.options.items())
             report(name, label or "none", perplexity(variant.model, evaluation)[0], seconds,
                    variant.bits_per_weight, memory)
             del variant
@@ -172,6 +157,14 @@ def main(argv=None) -> int:
         report("RTN W8 ch sym A8 (naive)", "none", perplexity(variant.model, evaluation)[0],
                variant.seconds, variant.bits_per_weight)
     return 0
+
+
+def run_spec(item: str) -> QuantSpec:
+    """"kmeans:4:-1:weighting=none" -> QuantSpec(4, -1, method="kmeans", options=...)."""
+    from studio.commands.quantize import parse_options
+
+    method, bits, group, *options = item.split(":")
+    return QuantSpec(int(bits), int(group), False, method, parse_options(options))
 
 
 if __name__ == "__main__":

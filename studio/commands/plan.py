@@ -71,7 +71,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from studio.core.allocate import allocate, budget_bits, loss_table, plan_size, table_for
+    from studio.core.allocate import (allocate, budget_bits, loss_table, method_takes, plan_size,
+                                      table_for)
     from studio.core.export.gguf_types import BLOCK
     from studio.core.plan_export import llama_cpp_export, llm_compressor_export
     from studio.core.sensitivity import (DEFAULT_BITS, DEFAULT_GROUPS, DEFAULT_KL_GROUP,
@@ -97,7 +98,10 @@ def run(args) -> int:
     quiet = args.json and not sys.stderr.isatty()
     handle = open_model(args.model, quiet)
     # A budget nothing can meet is refused before minutes of measuring.
-    planned = [o.with_(method=args.method) for o in options]
+    planned = [o.with_(method=args.method) for o in options if method_takes(args.method, o)]
+    if not planned:
+        raise StudioError(f"{args.method} takes none of the widths of the menu; choose "
+                          f"--bits among {', '.join(map(str, registry.get(args.method).bits))}.")
     budget_bits(table_for(handle, planned + ([] if args.no_full_precision else [None])),
                 args.budget_bpw, args.budget_mb)
     result = sweep(handle, args, menu, options, kl_options, quiet)

@@ -223,13 +223,28 @@ def loss_table(result, handle, kind: str = "auto", full_precision: bool = True,
                               "Sensitivity tab, or plan --gguf-native).")
         result = result.subset(native)
     loss = np.asarray(result.loss(kind), dtype=np.float64)
-    options: list[QuantSpec | None] = [result.spec(j) for j in range(len(result.options))]
-    if method is not None:
-        options = [o.with_(method=method) for o in options]
+    # Options the plan's method cannot take (NF4 at 5 bits) drop out.
+    method = result.method if method is None else method
+    keep = [j for j, o in enumerate(result.options) if method_takes(method, o)]
+    if not keep:
+        raise StudioError(f"{method} takes {', '.join(map(str, _widths(method)))} bits; the "
+                          f"sensitivity sweep measured none of those widths.")
+    options: list[QuantSpec | None] = [result.options[j].with_(method=method) for j in keep]
+    loss = loss[:, keep]
     if full_precision:
         options.append(None)
         loss = np.concatenate([loss, np.zeros((len(loss), 1))], axis=1)
     return table_for(handle, options, loss)
+
+
+def method_takes(method: str, option: QuantSpec | None) -> bool:
+    """Whether `method` can quantize at `option`'s width (NF4 only at 2-4 bits, ...)."""
+    return option is None or option.bits in _widths(method)
+
+
+def _widths(method: str) -> tuple[int, ...]:
+    from studio.core.quant import registry
+    return registry.get(method).bits
 
 
 def table_for(handle, options: list[QuantSpec | None], loss: np.ndarray | None = None

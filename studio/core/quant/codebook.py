@@ -9,7 +9,9 @@ along the input dimension with a ragged last group, as on the affine grid.
 
 Indices are held packed, `bits` per index (`pack.pack_codes`); tables and scales are float32
 tensors holding fp16 values (methods round them with `fp16_values`), so `storage_bits`
-counts them at 16 bits and a 16-bit store loses nothing.
+counts them at 16 bits and a 16-bit store loses nothing. A table that is a constant of the
+method (`constant_table`: NF4's published levels, which every reader of the format knows) is
+saved with the variant but not counted, as llama.cpp does not count IQ4_NL's table.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ class CodebookTensor:
     format = "codebook"
 
     def __init__(self, indices: torch.Tensor, table: torch.Tensor, scale: torch.Tensor | None,
-                 bits: int, group_size: int) -> None:
+                 bits: int, group_size: int, constant_table: bool = False) -> None:
         out, cols = indices.shape
         gs = effective_group_size(group_size, cols)
         groups = -(-cols // gs)
@@ -47,6 +49,9 @@ class CodebookTensor:
         self.shape = indices.shape
         self.table, self.scale = table.float(), None if scale is None else scale.float()
         self.bits, self.group_size = bits, gs
+        self.constant_table = bool(constant_table)
+        if self.constant_table and tuple(self.table.shape[:2]) != (1, 1):
+            raise StudioError("A constant table is one table for the whole tensor.")
 
     @property
     def indices(self) -> torch.Tensor:
@@ -76,14 +81,18 @@ class CodebookTensor:
 
     def storage_bits(self) -> float:
         """Every bit stored: the indices, the tables and the scales (16 bits each)."""
-        extra = self.table.numel() + (0 if self.scale is None else self.scale.numel())
+        extra = (0 if self.constant_table else self.table.numel()) \
+            + (0 if self.scale is None else self.scale.numel())
         return self.bits * self.numel() + TABLE_BITS * extra
 
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {"indices": pack_codes(self.indices, self.bits), "table": self.table.contiguous()}
         if self.scale is not None:
             tensors["scale"] = self.scale.contiguous()
-        return tensors, {"bits": self.bits, "group_size": self.group_size}
+        info = {"bits": self.bits, "group_size": self.group_size}
+        if self.constant_table:
+            info["constant_table"] = True
+        return tensors, info
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], info: dict,
@@ -97,7 +106,7 @@ class CodebookTensor:
                                                      and not scale.is_floating_point()):
             raise StudioError(f"its codebook tensors do not match the shape {[out, cols]}")
         return cls(unpack_codes(words, info["bits"], cols), table, scale, info["bits"],
-                   info["group_size"])
+                   info["group_size"], info.get("constant_table") is True)
 
     def __repr__(self) -> str:
         return (f"CodebookTensor({list(self.shape)}, bits={self.bits}, "

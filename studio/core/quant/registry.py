@@ -240,6 +240,8 @@ def check_result(quantizer: Quantizer, layer: str, qt: Any, shape: tuple[int, in
                f"{fmt.tensor_class().__name__} it declares")
     if tuple(qt.shape) != tuple(shape):
         refuse(f"codes of shape {list(qt.shape)}; the layer is {list(shape)}")
+    if quantizer.origin != "built-in" and not bool(qt.dequantize().isfinite().all()):
+        refuse("codes that de-quantize to inf or NaN")
 
 
 # --- the registry ------------------------------------------------------------------------------

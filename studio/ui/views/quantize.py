@@ -71,7 +71,10 @@ class QuantizeView(QWidget):
         self.scales_note = QLabel()
         self.scales_note.setWordWrap(True)
         self.use_plan = QCheckBox("apply the session plan's per-layer rules")
+        self.method_note = QLabel()
+        self.method_note.setWordWrap(True)
         form.addRow("Method", self.method)
+        form.addRow("", self.method_note)
         form.addRow("Bits", self.bits)
         form.addRow("Group size", self.group)
         form.addRow("", self.symmetric)
@@ -202,6 +205,13 @@ class QuantizeView(QWidget):
         if not quantizer.option_infos:
             self.options_form.addRow(QLabel("This method has no options."))
         self.options_box.setToolTip(quantizer.summary)
+        self.method_note.setText(method_note(quantizer))
+        affine = quantizer.code_format == "affine"   # a grid's zero point and scale type
+        self.symmetric.setEnabled(affine)
+        self.fp16_scales.setEnabled(affine)
+        if not affine:
+            self.symmetric.setChecked(False)
+            self.fp16_scales.setChecked(False)
         self.bits.setRange(min(quantizer.bits), max(quantizer.bits))
         suggested = quantizer.suggested
         if "bits" in suggested:
@@ -484,6 +494,22 @@ def _one_step(message: str, function, *args):
     """A job of one step (for quick file work that should still not block the window)."""
     yield Progress(0, 1, message)
     return function(*args)
+
+
+def method_note(quantizer: registry.Quantizer) -> str:
+    """One line under the method: what it does, what it needs, where its codes can go."""
+    from studio.core.quant import formats
+
+    fmt = formats.get(quantizer.code_format)
+    needs = {"none": "no calibration", "activations": "calibration text (input statistics)",
+             "hessian": "calibration text (Hessians, layer by layer)",
+             "block inputs": "calibration text (whole blocks)"}[quantizer.calibration]
+    if quantizer.smoothing:
+        needs = "calibration text (activation ranges)"
+    where = "" if fmt.kernels else (f" {fmt.title.capitalize()} codes: no low-bit kernel (runs "
+                                    f"de-quantized); exports to {', '.join(fmt.exports)} only.")
+    origin = "" if quantizer.origin == "built-in" else f" From {quantizer.origin}."
+    return f"<small>{quantizer.summary}; needs {needs}.{where}{origin}</small>"
 
 
 def option_widget(info: registry.OptionInfo) -> QWidget:

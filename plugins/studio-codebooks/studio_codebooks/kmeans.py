@@ -1,0 +1,120 @@
+"""k-means codebooks: SqueezeLLM's sensitivity-weighted non-uniform quantization
+(Kim et al. 2024, "SqueezeLLM: Dense-and-Sparse Quantization", its dense part).
+
+Each output channel (or each group of `group_size` weights of a row) gets its own table of
+2**bits levels: the centroids of a weighted 1-D k-means over its weights. SqueezeLLM weights
+each weight by its Fisher information; the studio has no gradients, so each weight w[r, j] is
+weighted by its input channel's energy E[x_j^2] = H_jj / 2 (the Hessian diagonal from the
+calibration text), which is what a lone perturbation of that weight costs in the layer's output
+(OBS / GPTQ's saliency). `weighting="none"` gives plain k-means on the weights.
+
+Lloyd's algorithm in 1-D, batched over every row (and group): centroids start at the weighted
+quantiles of the weights (deterministic; SqueezeLLM uses scikit-learn's k-means++), each
+weight goes to its nearest centroid (a bucket search between sorted midpoints), each centroid
+moves to its cluster's weighted mean (an empty cluster keeps its place), until no assignment
+changes or `iterations` runs. Centroids are then rounded to fp16 (how they are stored and
+counted) and every weight re-assigned to its nearest rounded centroid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from studio.core.quant.codebook import CodebookTensor, fp16_values
+from studio.core.quant.grid import effective_group_size
+from studio.core.quant.registry import Quantizer, option
+
+ROWS_PER_BATCH = 1024   # rows (x groups) clustered at once: bounds the [rows, n, ...] temporaries
+
+
+@dataclass(frozen=True)
+class KmeansOptions:
+    iterations: int = option(50, low=1, high=1000, title="Iterations",
+                             help="at most this many Lloyd steps (stops when nothing moves)")
+    weighting: str = option("hessian", choices=("hessian", "none"), title="Weighting",
+                            help="weight each weight by its input's energy (diag H), or not")
+
+
+def quantize_kmeans(w: torch.Tensor, spec, calib) -> tuple[CodebookTensor, str]:
+    w = w.float()
+    out, cols = w.shape
+    gs = effective_group_size(spec.group_size, cols)
+    groups = -(-cols // gs)
+    energy = calib.input_energy.float() if spec.option("weighting") == "hessian" \
+        else torch.ones(cols)
+    energy = _usable(energy)
+    # Rows x groups as one batch of 1-D problems; a ragged last group is padded with weight 0.
+    padded = torch.zeros(out, groups * gs)
+    padded[:, :cols] = w
+    weights = torch.zeros(groups * gs)
+    weights[:cols] = energy
+    points = padded.view(out * groups, gs)
+    point_weights = weights.view(groups, gs).repeat(out, 1)
+    table = torch.empty(out * groups, 2 ** spec.bits)
+    moved = 0
+    for start in range(0, out * groups, ROWS_PER_BATCH):
+        part = slice(start, min(start + ROWS_PER_BATCH, out * groups))
+        table[part], steps = weighted_kmeans(points[part], point_weights[part], 2 ** spec.bits,
+                                             int(spec.option("iterations")))
+        moved = max(moved, steps)
+    table = fp16_values(table).sort(dim=1).values
+    indices = nearest(points, table).view(out, groups * gs)[:, :cols].to(torch.uint8)
+    note = "" if moved < int(spec.option("iterations")) else \
+        f"k-means stopped at {moved} iterations before converging"
+    return CodebookTensor(indices, table.view(out, groups, -1), None, spec.bits, gs), note
+
+
+def weighted_kmeans(x: torch.Tensor, weight: torch.Tensor, k: int, iterations: int
+                    ) -> tuple[torch.Tensor, int]:
+    """Centroids [B, k] (ascending) of B independent weighted 1-D k-means problems x [B, n];
+    and the number of Lloyd steps taken."""
+    centroids = weighted_quantiles(x, weight, k)
+    assign = nearest(x, centroids)
+    for step in range(1, iterations + 1):
+        mass = torch.zeros_like(centroids).scatter_add_(1, assign, weight)
+        total = torch.zeros_like(centroids).scatter_add_(1, assign, weight * x)
+        centroids = torch.where(mass > 0, total / mass.clamp_min(1e-30), centroids)
+        centroids = centroids.sort(dim=1).values
+        again = nearest(x, centroids)
+        if torch.equal(again, assign):
+            return centroids, step
+        assign = again
+    return centroids, iterations
+
+
+def weighted_quantiles(x: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
+    """The values of x at the (i + 1/2)/k weighted quantiles, i < k: [B, k]."""
+    order = x.argsort(dim=1)
+    xs, ws = x.gather(1, order), weight.gather(1, order)
+    cumulative = ws.cumsum(dim=1)
+    cumulative = cumulative / cumulative[:, -1:].clamp_min(1e-30)
+    targets = (torch.arange(k, dtype=x.dtype) + 0.5) / k
+    where = torch.searchsorted(cumulative.contiguous(), targets.expand(len(x), k).contiguous())
+    return xs.gather(1, where.clamp_max(x.shape[1] - 1))
+
+
+def nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of the ascending `centroids` [B, k] for each of x [B, n]."""
+    bounds = (centroids[:, 1:] + centroids[:, :-1]) / 2
+    return torch.searchsorted(bounds.contiguous(), x.contiguous())
+
+
+def _usable(energy: torch.Tensor) -> torch.Tensor:
+    """Channels that never fire get a small weight rather than none, so a row whose inputs are
+    all dead still clusters (on its weights alone)."""
+    floor = 1e-6 * float(energy.mean()) if float(energy.mean()) > 0 else 1.0
+    return energy.clamp_min(floor)
+
+
+def storage_bits(spec, in_features: int) -> float:
+    """Indices plus a table of 2**bits fp16 levels per row (per-channel) or per group."""
+    groups = -(-in_features // effective_group_size(spec.group_size, in_features))
+    return spec.bits + 16 * 2 ** spec.bits * groups / in_features
+
+
+QUANTIZER = Quantizer(
+    name="kmeans", title="k-means codebook (SqueezeLLM)", options=KmeansOptions,
+    calibration="activations", code_format="codebook", quantize=quantize_kmeans,
+    storage_bits=storage_bits, bits=(2, 3, 4),
+    summary="a non-uniform table per channel or group: k-means weighted by input energy")
