@@ -15,7 +15,9 @@ calibration, so it is run once.
 --runs replaces the methods x bits grid with the listed runs, any registered method (plug-ins
 included), e.g. issue 14's codebook rows at equal bits per weight:
     --runs rtn:4:64,nf4:4:64,kmeans:4:-1,kmeans:4:-1:weighting=none
-(GROUP -1 = per-channel; asymmetric grids, as the rest of the table).
+(GROUP -1 = per-channel; asymmetric grids, as the rest of the table); the Hessian methods':
+    --runs seqmse:4:128,rtn:4:-1,seqmse:4:-1,gptvq:3:128:table_bpw=0.125,gptq:2:64,gptvq:2:128:table_bpw=0.25
+(the bpw column counts GPTVQ's fp16 tables, as `Variant.bits_per_weight` does).
 
 Prints one row per run as it finishes (and a JSON line per row with --json); the time column
 is the quantization job's wall time on this machine (say in the note if other work shared it).

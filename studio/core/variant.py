@@ -41,6 +41,16 @@ VARIANT_FORMAT = "compression-studio-variant"
 VARIANT_VERSION = 1
 
 
+def stored_bits(spec, qt) -> float:
+    """Bits one quantized layer stores. The affine grid at the spec's price
+    (`grid.storage_bits_per_weight`: GGUF-native specs at their type's bytes); other formats
+    count their own tensors, tables included: a vector format's tables depend on the layer's
+    rows as well as its width (GPTVQ), which a price per (spec, width) cannot know."""
+    if getattr(qt, "format", "affine") != "affine":
+        return float(qt.storage_bits())
+    return storage_bits_per_weight(spec, qt.shape[1]) * qt.numel()
+
+
 @dataclass
 class Variant:
     name: str
@@ -71,7 +81,7 @@ class Variant:
             if name in self.qtensors:
                 qt = self.qtensors[name]
                 numel = qt.numel()
-                total_bits += storage_bits_per_weight(self.specs[name], qt.shape[1]) * numel
+                total_bits += stored_bits(self.specs[name], qt)
                 total += numel
             elif is_linear(module) and _in_block(name):
                 total_bits += 16.0 * module.weight.numel()
@@ -82,8 +92,7 @@ class Variant:
     def size_bytes(self) -> int:
         """Storage as an exporter writes it: quantized layers at their storage price
         (`grid.storage_bits_per_weight`), every other tensor (shared ones once) in 16-bit floats."""
-        total = sum(storage_bits_per_weight(self.specs[n], qt.shape[1]) * qt.numel() / 8
-                    for n, qt in self.qtensors.items())
+        total = sum(stored_bits(self.specs[n], qt) / 8 for n, qt in self.qtensors.items())
         seen: set[int] = set()
         for tensor in list(self.model.parameters()) + list(self.model.buffers()):
             if id(tensor) in seen:
@@ -98,8 +107,7 @@ class Variant:
         scales, zeros), the embedding and a float lm_head (16-bit, one tensor when tied: on a
         large-vocabulary model often the biggest part), and every other float tensor (norms,
         biases, layers kept in full precision)."""
-        quantized = sum(storage_bits_per_weight(self.specs[n], qt.shape[1]) * qt.numel() / 8
-                        for n, qt in self.qtensors.items())
+        quantized = sum(stored_bits(self.specs[n], qt) / 8 for n, qt in self.qtensors.items())
         ends = set()
         for getter in ("get_input_embeddings", "get_output_embeddings"):
             module = getattr(self.model, getter, lambda: None)()

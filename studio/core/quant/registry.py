@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 GROUP = "compression_studio.quantizers"
 # Modules declaring the built-in methods, in menu order (each holds QUANTIZER).
 BUILTIN = ("studio.core.quant.rtn", "studio.core.quant.gptq", "studio.core.quant.awq",
-           "studio.core.quant.smoothquant")
+           "studio.core.quant.smoothquant", "studio.core.quant.seqmse", "studio.core.quant.gptvq")
 # What a method needs from the calibration text, i.e. how the driver calls its entry point:
 #   "none"         quantize(w, spec, None): the weight alone
 #   "activations"  quantize(w, spec, calib): statistics of the layer's inputs, measured on the

@@ -220,6 +220,12 @@ class QuantizeView(QWidget):
             self.group.setCurrentIndex(self.group.findData(suggested["group_size"]))
         if "symmetric" in suggested:
             self.symmetric.setChecked(suggested["symmetric"])
+        # A symmetric grid and fp16 grid scales mean nothing to tables (codebook, vector).
+        grid = quantizer.code_format == "affine"
+        for box in (self.symmetric, self.fp16_scales):
+            box.setEnabled(grid)
+            if not grid:
+                box.setChecked(False)
 
     def _scales_changed(self, *_) -> None:
         """Say what fp16 scales make of the chosen grid: a GGUF type, or fp16 scales only."""
