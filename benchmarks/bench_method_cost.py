@@ -42,7 +42,7 @@ def block_weights(index: int, random: bool) -> dict[str, torch.Tensor]:
             return {n: handle.weight(f"model.layers.{index}.{n}").float().clone() for n in SHAPES}
         except Exception as exc:  # no demo here: say so, and time random weights instead
             print(f"demo not available ({exc}); random weights", file=sys.stderr)
-    gen = torch.Generator().manual_seed(index)
+    torch.manual_seed(index)   # StudentT.sample takes no generator: seed the global one
     t = torch.distributions.StudentT(4.0)
     return {n: t.sample(shape) * 0.02 for n, shape in SHAPES.items()}
 

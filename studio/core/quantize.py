@@ -41,7 +41,7 @@ from studio.core.quant import layout, registry, smoothquant
 from studio.core.quant.coded import coded_layer
 from studio.core.quant.blocks import (FAST_DTYPE, BlockInputs, Replay, capture_block_inputs,
                                       decoder_blocks, run_block, run_block_until)
-from studio.core.quant.gptq import (HessianAccumulator, gptq_quantize_layers, output_energy,
+from studio.core.quant.gptq import (HessianAccumulator, output_energy,
                                      relative_output_error)
 from studio.core.quant.grid import QTensor
 from studio.core.quant.registry import LayerCalibration, Quantizer
