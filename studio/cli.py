@@ -17,7 +17,8 @@ from studio import __version__
 from studio.core.errors import Cancelled, StudioError
 from studio.core.plugins import discover
 
-COMMANDS = ("open", "inspect", "analyze", "quantize", "plan", "eval", "bench", "export")
+COMMANDS = ("open", "inspect", "analyze", "quantize", "plan", "eval", "bench", "compare",
+            "export")
 
 
 class _Parser(argparse.ArgumentParser):
