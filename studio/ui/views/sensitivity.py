@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -38,6 +38,7 @@ from studio.ui.layout import column
 from studio.ui.widgets import NeedsRun, guarded
 
 KEY = "sensitivity"
+REDRAW_MS = 250
 METRICS = {  # combo label -> (what is drawn, colour-bar label)
     "KL divergence (end to end)": ("kl", "log10 KL (nats/token)"),
     "Layer output error (proxy)": ("proxy", "log10 relative output error"),
@@ -150,6 +151,8 @@ class SensitivityView(QWidget):
         split.addWidget(self.ranking)
         split.setStretchFactor(0, 4)
         split.setStretchFactor(1, 1)
+        self.redraw = QTimer(self, singleShot=True, interval=REDRAW_MS)
+        self.redraw.timeout.connect(self._draw)
         self.needs = NeedsRun(state)
         layout = QVBoxLayout(self)
         layout.addLayout(bar)
@@ -216,8 +219,9 @@ class SensitivityView(QWidget):
                 self.live = np.full((len(self.state.handle.quantizable), len(self.live_options)),
                                     np.nan)
             self.live[row, col] = value
-            if row % 7 == 0 or row == self.live.shape[0] - 1:
-                self._draw()
+            # At most one redraw per REDRAW_MS: the heatmap and ranking are rebuilt each time.
+            if not self.redraw.isActive():
+                self.redraw.start()
 
     def _finished(self, result) -> None:
         self._job_done()
