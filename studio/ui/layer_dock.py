@@ -257,6 +257,7 @@ class LayerDock(QDockWidget):
         super().__init__("Layers")
         self.setObjectName("layer_dock")   # saveState / restoreState find it by this name
         self.list = LayerList(state)
+        self.list.setMinimumWidth(300)   # name, block and role visible without scrolling
         self.setWidget(self.list)
         self.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable
                          | QDockWidget.DockWidgetFeature.DockWidgetFloatable

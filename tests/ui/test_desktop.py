@@ -82,7 +82,7 @@ def test_the_heartbeat_measures_a_synthetic_stall(qtbot):
     stalled = beat.summary()
     beat.stop()
     assert 200 <= stalled["max_ms"] <= 1000, stalled
-    assert stalled["max_ms"] > quiet["max_ms"]
+    assert quiet["p50_ms"] < 50            # most ticks on time, even on a busy machine
 
 
 def test_preferences_round_trip_and_refuse_bad_values(qtbot, tmp_path):

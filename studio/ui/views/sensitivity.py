@@ -111,6 +111,8 @@ class SensitivityView(QWidget):
         self.plot.setMouseEnabled(x=True, y=False)
         self.plot.setLabel("bottom", "layer (block)")
         self.plot.setLabel("left", "option")
+        for axis in ("left", "bottom"):
+            self.plot.getAxis(axis).enableAutoSIPrefix(False)
         self.plot.invertY(True)
         self.image = pg.ImageItem(axisOrder="row-major")
         cmap = pg.colormap.get("inferno")
@@ -334,6 +336,9 @@ class SensitivityView(QWidget):
             self.marks.clear()
             self._show_current()
             self.ranking.setHtml("<p>No sensitivity measured yet.</p>")
+            for axis in ("left", "bottom"):   # an empty frame, not a -500..500 grid
+                self.plot.getAxis(axis).setTicks([[]])
+            self.plot.setRange(xRange=(0, 1), yRange=(0, 1), padding=0)
             return
         options, names = self._options(), self._names()
         with np.errstate(divide="ignore", invalid="ignore"):
