@@ -43,7 +43,7 @@ def convert_fast(path: Path, folder: Path) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from transformers.integrations.gguf.reader import GgufHeader, read_gguf_metadata
+    from transformers.integrations.gguf.reader import read_gguf_metadata
 
     from studio.core.files import atomic_dir
 
@@ -53,7 +53,7 @@ def convert_fast(path: Path, folder: Path) -> None:
         config = AutoConfig.for_model(**config_dict)   # what AutoConfig.from_pretrained makes
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
-        tensors = read_tensors(GgufHeader.from_file(str(path)), skeleton, config_dict)
+        tensors = read_tensors(path, metadata["general.architecture"], skeleton, config_dict)
         config.architectures = [type(skeleton).__name__]
         config.dtype = torch.float32
         tokenizer = None
@@ -152,33 +152,38 @@ def gguf_to_hf_names(skeleton, architecture: str) -> dict[str, str]:
     return mapping
 
 
-def read_tensors(header, skeleton, config_dict: dict) -> dict:
+def read_tensors(path: Path, architecture: str, skeleton, config_dict: dict) -> dict:
     """{HF state-dict key: float32 tensor} for every GGUF tensor the model has a name for."""
     import torch
-    from gguf import GGMLQuantizationType
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
+
+    from studio.core.gguf_header import tensor_table
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    processor = TENSOR_PROCESSORS.get(header.architecture, TensorProcessor)(config=config_dict)
-    mapping = gguf_to_hf_names(skeleton, header.architecture)
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config_dict)
+    mapping = gguf_to_hf_names(skeleton, architecture)
+    entries, data_start = tensor_table(path)
     # A plain ndarray view of the map: NumPy operations on a np.memmap subclass are slower.
-    blob = np.memmap(header.path, mode="r", dtype=np.uint8).view(np.ndarray)
+    blob = np.memmap(path, mode="r", dtype=np.uint8).view(np.ndarray)
     parsed = {"config": config_dict, "tensors": {}}
 
-    def one(info):
-        start = header.data_start + info.offset
-        raw = blob[start: start + info.nbytes]
-        kind = GGMLQuantizationType(info.ggml_type)
+    def one(entry):
+        name, shape, ggml_type, offset = entry
+        kind = GGMLQuantizationType(ggml_type)
+        block, block_bytes = GGML_QUANT_SIZES[kind]
+        start = data_start + offset
+        raw = blob[start: start + int(np.prod(shape)) // block * block_bytes]
         # The byte shape gguf-py's reader hands its de-quantizer: rows of the last dimension.
-        rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
-        weights = dequantize(raw.reshape(rows, -1), kind).reshape(info.shape)
-        result = processor.process(weights=weights, name=info.name,
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        weights = dequantize(raw.reshape(rows, -1), kind).reshape(shape)
+        result = processor.process(weights=weights, name=name,
                                    tensor_key_mapping=mapping, parsed_parameters=parsed)
         if result.name not in mapping:
             return None
         return mapping[result.name], torch.from_numpy(np.array(result.weights, dtype=np.float32))
 
     with ThreadPoolExecutor(WORKERS) as pool:
-        pairs = [pair for pair in pool.map(one, header.tensors) if pair is not None]
+        pairs = [pair for pair in pool.map(one, entries) if pair is not None]
     # A tied head has no tensor of its own in the file: save_pretrained would not write it.
     return dict(pairs)
