@@ -1,7 +1,7 @@
 """Event-loop stalls of the real window while it works: open, weight statistics, activation
 capture, GPTQ, sensitivity sweep, evaluation, benchmark.
 
-    python benchmarks/bench_stalls.py [MODEL] [--full]
+    python benchmarks/bench_stalls.py [MODEL] [--full] [--steps N] [--no-autosave]
 
 The heartbeat probe (`studio.ui.heartbeat`: a 10 ms QTimer measuring its own lateness) runs
 through every job; one row per job: its wall time, and the probe's p50 / p99 / max lateness.
@@ -32,11 +32,15 @@ def main() -> None:
     from studio.ui.heartbeat import Heartbeat
     from studio.ui.main_window import MainWindow
 
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    args = [a for i, a in enumerate(sys.argv[1:], 1)
+            if not a.startswith("--") and sys.argv[i - 1] != "--steps"]
     source, full = (args[0] if args else "demo"), "--full" in sys.argv
     window = MainWindow()
     window.resize(1400, 900)
     window.show()
+    # --no-autosave: the session autosave after each job runs on the UI thread; this tells
+    # its share of the stalls apart.
+    window.sessions.autosave_enabled = "--no-autosave" not in sys.argv
     state, views = window.state, window.views
     beat = Heartbeat(window)
     rows: list[tuple[str, float, dict]] = []
@@ -93,6 +97,9 @@ def main() -> None:
              ("sensitivity sweep", tab_then("Sensitivity", views["Sensitivity"].start)),
              ("evaluation", evaluate),
              ("benchmark", benchmark)]
+
+    if "--steps" in sys.argv:
+        del steps[int(sys.argv[sys.argv.index("--steps") + 1]):]
 
     def run_next(index: int = 0) -> None:
         if index == len(steps):
