@@ -62,7 +62,8 @@ def test_a_failed_quick_evaluation_keeps_the_variant_and_says_why(qtbot, window,
     qtbot.waitUntil(lambda: "quick evaluation failed" in compare_rows(window).get(name, {})
                     .get("Note", ""), timeout=60000)
     from studio.ui.errors import get_reporter
-    assert any("the evaluation text is empty" in str(entry) for entry in get_reporter().history)
+    qtbot.waitUntil(lambda: any("the evaluation text is empty" in str(entry)
+                                for entry in get_reporter().history), timeout=5000)
     assert "the evaluation text is empty" in compare_rows(window)[name]["Note"]
     assert name in window.state.session.variants and "baseline" in compare_rows(window)
 

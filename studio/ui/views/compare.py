@@ -167,7 +167,7 @@ class CompareView(QWidget):
         protocol = latest_protocol(self.state.session.runs)
         return self.state.submit(f"Evaluate export {Path(folder).name}",
                                  lambda: export_run_job(folder, handle, **protocol),
-                                 on_result=self.state.add_runs)
+                                 on_result=lambda run: self.state.add_runs([run]))
 
     # --- refresh ---------------------------------------------------------------------------
     def _results_changed(self, key: str) -> None:
