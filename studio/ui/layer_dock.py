@@ -145,14 +145,37 @@ class LayerList(QWidget):
         sort_column = header.sortIndicatorSection()
         sort_name = self.columns[sort_column] if 0 <= sort_column < len(self.columns) else None
         sort_order = header.sortIndicatorOrder()
-        self.model.clear()
+        # Rows are replaced with the view's signals and sorting off: a current-row signal
+        # fired from inside the reset re-entered the model while Qt was tearing it down.
+        selection = self.table.selectionModel()
+        selection.blockSignals(True)
+        self.table.setSortingEnabled(False)
+        try:
+            self._fill(handle, columns, tips, stats, scores, plan_bits)
+        finally:
+            self.table.setSortingEnabled(True)
+            selection.blockSignals(False)
+        if handle is None:
+            self._update_count()
+            return
+        self.table.resizeColumnsToContents()
+        self.table.setColumnWidth(NAME, min(self.table.columnWidth(NAME), 230))
+        if sort_name in columns:
+            self.table.sortByColumn(columns.index(sort_name), sort_order)
+        else:
+            self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
+        self._update_count()
+        self.show_layer(self.state.selected_layer)
+
+    def _fill(self, handle, columns, tips, stats, scores, plan_bits) -> None:
+        self.model.removeRows(0, self.model.rowCount())
+        self.model.setColumnCount(len(columns))
         self.model.setHorizontalHeaderLabels(columns)
         for c, tip in enumerate(tips):
             self.model.horizontalHeaderItem(c).setToolTip(tip)
         self.columns = columns
         self._fill_blocks(handle)
         if handle is None:
-            self._update_count()
             return
         for position, info in enumerate(handle.layers):
             row = [SortItem(str(position), position), SortItem(info.name),
@@ -171,14 +194,6 @@ class LayerList(QWidget):
                 bits = plan_bits.get(info.name, 16)
                 row.append(SortItem(str(bits), bits))
             self.model.appendRow(row)
-        self.table.resizeColumnsToContents()
-        self.table.setColumnWidth(NAME, min(self.table.columnWidth(NAME), 230))
-        if sort_name in columns:
-            self.table.sortByColumn(columns.index(sort_name), sort_order)
-        else:
-            self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
-        self._update_count()
-        self.show_layer(self.state.selected_layer)
 
     def _plan_bits(self, handle) -> dict[str, int]:
         if handle is None:
