@@ -17,8 +17,8 @@ from studio import __version__
 from studio.core.errors import Cancelled, StudioError
 from studio.core.plugins import discover
 
-COMMANDS = ("open", "inspect", "analyze", "quantize", "plan", "eval", "bench", "export",
-            "methods")
+COMMANDS = ("open", "inspect", "analyze", "quantize", "plan", "eval", "bench", "compare",
+            "export", "methods")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,15 +1,17 @@
 """De-quantize a GGUF file into a plain safetensors model folder, in a child process.
 
-transformers' GGUF loader is one long blocking call (~20 s for the demo, more for larger files)
-and needs about twice the model's memory while it runs. Running it in a child process lets the
-user cancel it at any moment (the process is killed, the half-written folder removed) and gives
-that memory back to the system when it ends.
+The conversion is one long blocking call and needs about twice the model's memory while it
+runs. Running it in a child process lets the user cancel it at any moment (the process is
+killed, the half-written folder removed) and gives that memory back to the system when it
+ends. Inside, `gguf_fast.convert_fast` reads the tensors directly (the architectures it
+covers); anything else goes through transformers' GGUF loader (`convert_with_transformers`).
 
     python -m studio.core.gguf_convert FILE.gguf OUT_FOLDER
 """
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -29,9 +31,11 @@ def convert_job(path: Path, folder: Path) -> Job[None]:
     started = time.perf_counter()
     # stderr goes to a file, not a pipe: a chatty child would block on a full pipe.
     errors_file = tempfile.TemporaryFile("w+")
+    # Offline: the child reads a local file; hub look-ups only cost time (seconds each).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     child = subprocess.Popen([sys.executable, "-m", "studio.core.gguf_convert", str(path),
                               str(folder)], stdout=subprocess.DEVNULL, stderr=errors_file,
-                             text=True)
+                             text=True, env=env)
     try:
         while child.poll() is None:
             yield Progress(1, 4, f"De-quantizing {path.name} ({time.perf_counter() - started:.0f} s; "
@@ -50,11 +54,21 @@ def convert_job(path: Path, folder: Path) -> Job[None]:
     errors_file.close()
     if child.returncode != 0 or not (folder / "config.json").is_file():
         last = errors.strip().splitlines()[-1] if errors.strip() else f"exit status {child.returncode}"
-        raise ModelLoadError(f"transformers could not load {path.name}: {last}")
+        raise ModelLoadError(f"{path.name} could not be de-quantized: {last}")
 
 
 def convert(path: Path, folder: Path) -> None:
     """The conversion itself (runs in the child process)."""
+    from studio.core import gguf_fast
+
+    if gguf_fast.supported(path) and not os.environ.get("STUDIO_GGUF_SLOW_PATH"):
+        gguf_fast.convert_fast(path, folder)
+    else:
+        convert_with_transformers(path, folder)
+
+
+def convert_with_transformers(path: Path, folder: Path) -> None:
+    """transformers' own GGUF loader: a float model built, loaded and saved."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

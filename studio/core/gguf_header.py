@@ -37,6 +37,34 @@ def read_keys(path: str | Path, wanted: set[str]) -> dict[str, object]:
     return found
 
 
+def tensor_table(path: str | Path) -> tuple[list[tuple[str, tuple[int, ...], int, int]], int]:
+    """([(name, shape in torch order, ggml type, offset from the data start)], data start):
+    where every tensor's bytes are, read from the header without parsing any array."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        version, = struct.unpack("<I", f.read(4))
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is too old")
+        count_tensors, count_keys = struct.unpack("<QQ", f.read(16))
+        alignment = 32
+        for _ in range(count_keys):
+            key = _string(f)
+            kind, = struct.unpack("<I", f.read(4))
+            value = _value(f, kind)
+            if key == "general.alignment":
+                alignment = int(value)
+        entries = []
+        for _ in range(count_tensors):
+            name = _string(f)
+            dims, = struct.unpack("<I", f.read(4))
+            shape = struct.unpack(f"<{dims}Q", f.read(8 * dims))
+            ggml_type, offset = struct.unpack("<IQ", f.read(12))
+            entries.append((name, tuple(reversed(shape)), ggml_type, offset))
+        start = -(-f.tell() // alignment) * alignment
+    return entries, start
+
+
 def _string(f) -> str:
     length, = struct.unpack("<Q", f.read(8))
     data = f.read(length)

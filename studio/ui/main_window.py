@@ -7,7 +7,7 @@ import traceback
 from pathlib import Path
 
 import psutil
-from PySide6.QtCore import QByteArray, QTimer
+from PySide6.QtCore import QByteArray, Qt, QTimer
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
     QFileDialog,
@@ -24,6 +24,8 @@ from studio.core.models import demo_available, open_model_job
 from studio.core.plugins import discover
 from studio.ui import settings
 from studio.ui.errors import get_reporter
+from studio.ui.layer_dock import LayerDock
+from studio.ui.quick_eval import QuickEval
 from studio.ui.state import AppState
 from studio.ui.views import VIEWS
 from studio.ui.workers import JobHandle
@@ -44,6 +46,11 @@ class MainWindow(QMainWindow):
         for message in plugins.errors:
             get_reporter().report("A plugin could not be loaded", message)
         self.setCentralWidget(self.tabs)
+        self.layer_dock = LayerDock(self.state)
+        self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, self.layer_dock)
+        self.resizeDocks([self.layer_dock], [400], Qt.Orientation.Horizontal)
+        self.quick_eval = QuickEval(self.state)
+        self.heartbeat = None
         from studio.ui.session_actions import SessionActions
         self.sessions = SessionActions(self)
         self._build_menus()
@@ -58,6 +65,10 @@ class MainWindow(QMainWindow):
         geometry = settings.settings().value("window/geometry")
         if isinstance(geometry, QByteArray):
             self.restoreGeometry(geometry)
+        docks = settings.settings().value("window/state")
+        if isinstance(docks, QByteArray):
+            self.restoreState(docks)
+        self.apply_preferences()
 
     # --- building ---------------------------------------------------------------------------
     def _make_view(self, title: str, target: str):
@@ -87,9 +98,84 @@ class MainWindow(QMainWindow):
         file_menu.addSeparator()
         self._action(file_menu, "&Export variant...", self.export_variant, QKeySequence("Ctrl+E"))
         file_menu.addSeparator()
+        self._action(file_menu, "&Preferences...", self.preferences,
+                     QKeySequence.StandardKey.Preferences)
+        file_menu.addSeparator()
         self._action(file_menu, "&Quit", self.close, QKeySequence.StandardKey.Quit)
+
+        run_menu = self.menuBar().addMenu("&Run")
+        for key, text, shortcut in (("weight_stats", "&Weight statistics", "Ctrl+Shift+W"),
+                                    ("activations", "&Activation capture", "Ctrl+Shift+A"),
+                                    ("sensitivity", "&Sensitivity sweep", "Ctrl+Shift+S"),
+                                    ("quantize", "&Quantize", "Ctrl+R"),
+                                    ("run_all", "Evaluate + benchmark &variant", "Ctrl+Shift+R")):
+            self._action(run_menu, text, lambda _=False, k=key: self.run_action(k),
+                         QKeySequence(shortcut))
+        run_menu.addSeparator()
+        self._action(run_menu, "&Cancel job", self.cancel_job, QKeySequence("Ctrl+."))
+
+        view_menu = self.menuBar().addMenu("&View")
+        toggle = self.layer_dock.toggleViewAction()
+        toggle.setShortcut(QKeySequence("Ctrl+L"))
+        view_menu.addAction(toggle)
+        self.back_action = self._action(view_menu, "&Back to previous layer",
+                                        self.state.layer.back, QKeySequence("Alt+Left"))
+        self.forward_action = self._action(view_menu, "&Forward to next layer",
+                                           self.state.layer.forward, QKeySequence("Alt+Right"))
+        self.state.layer.historyChanged.connect(self._history_changed)
+        self._history_changed()
+        view_menu.addSeparator()
+        for index in range(min(self.tabs.count(), 9)):
+            self._action(view_menu, f"{self.tabs.tabText(index)} tab",
+                         lambda _=False, i=index: self.tabs.setCurrentIndex(i),
+                         QKeySequence(f"Ctrl+{index + 1}"))
+
         help_menu = self.menuBar().addMenu("&Help")
         self._action(help_menu, "&About", self._about)
+
+    def run_action(self, key: str):
+        """A named action a view offers (Run menu): shows its tab, then runs it."""
+        if key not in self.state.actions:
+            self.statusBar().showMessage("Open a model first.", 5000)
+            return None
+        owner = self.state.action_owner(key)
+        if owner is not None:
+            self.tabs.setCurrentWidget(owner)
+        return self.state.run_action(key)
+
+    def _history_changed(self) -> None:
+        self.back_action.setEnabled(self.state.layer.can_back)
+        self.forward_action.setEnabled(self.state.layer.can_forward)
+
+    def preferences(self):
+        from studio.ui.preferences import PreferencesDialog
+
+        dialog = PreferencesDialog(self)
+        dialog.accepted.connect(self.apply_preferences)
+        dialog.show()
+        return dialog
+
+    def apply_preferences(self) -> None:
+        """Threads, cache folder, theme and the heartbeat probe, from Preferences."""
+        import torch
+
+        from studio.ui.heartbeat import Heartbeat
+        from studio.ui.theme import apply_theme
+
+        if settings.threads():
+            torch.set_num_threads(settings.threads())
+        if settings.get("cache_folder"):
+            os.environ["COMPRESSION_STUDIO_CACHE"] = settings.get("cache_folder")
+        apply_theme(settings.get("theme"))
+        if settings.get("heartbeat") and self.heartbeat is None:
+            self.heartbeat = Heartbeat(self)
+            self.heartbeat.report.connect(lambda text: self.heartbeat_label.setText(text))
+            self.heartbeat_label.setVisible(True)
+            self.heartbeat.start()
+        elif not settings.get("heartbeat") and self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
+            self.heartbeat_label.setVisible(False)
 
     def _action(self, menu, text, slot, shortcut=None) -> QAction:
         action = QAction(text, self)
@@ -107,6 +193,10 @@ class MainWindow(QMainWindow):
         self.progress = QProgressBar()
         self.progress.setMaximumWidth(240)
         self.progress.setRange(0, 1000)
+        self.heartbeat_label = QLabel()
+        self.heartbeat_label.setToolTip("Event-loop stalls measured by the heartbeat probe "
+                                        "(Preferences > Debug): 99th percentile and worst")
+        self.heartbeat_label.setVisible(False)
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.clicked.connect(self.cancel_job)
         for widget in (self.job_label, self.progress, self.cancel_button):
@@ -115,6 +205,7 @@ class MainWindow(QMainWindow):
         bar.addPermanentWidget(self.job_label)
         bar.addPermanentWidget(self.progress)
         bar.addPermanentWidget(self.cancel_button)
+        bar.addPermanentWidget(self.heartbeat_label)
         bar.addPermanentWidget(self.memory_label)
         self.memory_timer = QTimer(self)
         self.memory_timer.timeout.connect(self._update_memory)
@@ -224,18 +315,37 @@ class MainWindow(QMainWindow):
         available = psutil.virtual_memory().available
         self.memory_label.setText(f"Memory {rss / 2**20:,.0f} MiB · {available / 2**30:.1f} GiB free")
 
-    def _about(self) -> None:
+    def _about(self):
         from PySide6.QtWidgets import QMessageBox
-        QMessageBox.about(self, "Compression Studio",
-                          f"Compression Studio {__version__}\nAnalyse, quantize, benchmark and "
-                          f"export language models on your own machine.")
+
+        box = QMessageBox(QMessageBox.Icon.Information, "About Compression Studio",
+                          about_text(), parent=self)
+        box.setTextFormat(Qt.TextFormat.RichText)
+        box.show()
+        return box
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt API)
         self.state.runner.cancel_all()
         self.state.runner.wait(5000)
         store = settings.settings()
         store.setValue("window/geometry", self.saveGeometry())
+        store.setValue("window/state", self.saveState())
         store.sync()
         from studio.core.session_file import end_run
         end_run()  # a clean exit: no restore offer next time
         super().closeEvent(event)
+
+
+def about_text() -> str:
+    """The About box: what the studio is, and the versions of what it runs on."""
+    import platform
+    import sys
+
+    from studio.core.versions import library_versions
+
+    rows = "".join(f"<tr><td>{name}</td><td>{version}</td></tr>"
+                   for name, version in library_versions().items())
+    return (f"<h3>Compression Studio {__version__}</h3><p>Analyse, quantize, benchmark and "
+            f"export language models on your own machine.</p><table cellspacing='3'>"
+            f"<tr><td>Python</td><td>{sys.version.split()[0]}</td></tr>{rows}"
+            f"<tr><td>Platform</td><td>{platform.platform(terse=True)}</td></tr></table>")

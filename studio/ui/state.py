@@ -1,7 +1,10 @@
-"""The window's shared state: the session, the selected layer, and the job runner.
+"""The window's shared state: the session, the current layer, actions, and the job runner.
 
 Views get the AppState in their constructor, read `state.session`, listen to its signals, and
-start long work with `state.submit(...)`. A view never reaches into another view.
+start long work with `state.submit(...)`. A view never reaches into another view: the current
+layer is `state.layer` (a `CurrentLayer`, re-announced as `layerSelected`), and work another
+view offers ("run the activation capture") is a named action a view registers with
+`state.add_action` and anyone starts with `state.run_action`.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from PySide6.QtCore import QObject, Signal
 
 from studio.core.jobs import Job, Progress
 from studio.core.session import Session, Sessions
+from studio.ui.current_layer import CurrentLayer
 from studio.ui.workers import JobHandle, JobRunner
 
 
@@ -25,7 +29,14 @@ class AppState(QObject):
         self.session = Session()
         self.sessions = Sessions()
         self.runner = JobRunner()
-        self.selected_layer: str | None = None
+        self.layer = CurrentLayer()
+        self.layer.changed.connect(self.layerSelected)
+        self.actions: dict[str, tuple[str, Callable[[], object]]] = {}
+        self._owners: dict[str, object] = {}
+
+    @property
+    def selected_layer(self) -> str | None:
+        return self.layer.name
 
     @property
     def handle(self):
@@ -34,7 +45,7 @@ class AppState(QObject):
     def set_model(self, handle) -> None:
         """Show `handle`; a model opened before in this run comes back with its results."""
         self.session = Session() if handle is None else self.sessions.for_model(handle)
-        self.selected_layer = None
+        self.layer.clear()
         self.modelChanged.emit(handle)
 
     def set_session(self, session) -> None:
@@ -42,21 +53,38 @@ class AppState(QObject):
         replace whatever this run had for the same model."""
         self.sessions.adopt(session)
         self.session = session
-        self.selected_layer = None
+        self.layer.clear()
         self.modelChanged.emit(session.handle)
         for key in (*session.results, "plan", "variants", "runs"):
             self.resultsChanged.emit(key)
 
     def select_layer(self, name: str) -> None:
-        if name != self.selected_layer:
-            self.selected_layer = name
-            self.layerSelected.emit(name)
+        self.layer.set(name)
+
+    def add_action(self, key: str, text: str, run: Callable[[], object], owner=None) -> None:
+        """Offer work by name ("activations": "Run the activation capture"), so a view that
+        lacks data can start it with one click without knowing which view owns it. `owner`:
+        the view that shows the result (the window brings it forward)."""
+        self.actions[key] = (text, run)
+        self._owners[key] = owner
+
+    def action_owner(self, key: str):
+        return self._owners.get(key)
+
+    def run_action(self, key: str):
+        text, run = self.actions[key]
+        return run()
 
     def publish(self, key: str, value: Any = None) -> None:
         """Store a finished result in the session (unless value is None) and tell the views."""
         if value is not None:
             self.session.results[key] = value
         self.resultsChanged.emit(key)
+
+    def add_runs(self, runs: list[dict]) -> None:
+        """Evaluation / benchmark runs for the Compare table (`studio.core.runs`)."""
+        self.session.runs.extend(runs)
+        self.publish("runs")
 
     def submit(self, title: str, factory: Callable[[], Job],
                on_result: Callable[[Any], None] | None = None,

@@ -32,13 +32,15 @@ def state_with_runs(qtbot, tiny_llama):
 
 
 def test_compare_view_renders_two_runs(qtbot, state_with_runs, tmp_path):
-    from studio.ui.views.compare import CompareView, merged_rows
+    from studio.ui.views.compare import CompareView, compare_rows, merged_rows
 
     state, variant = state_with_runs
     view = CompareView(state)
     qtbot.addWidget(view)
     view.resize(1400, 900)
     view.show()
+    layer = next(iter(variant.qtensors))
+    state.select_layer(layer)   # the before / after plots follow the current layer
     assert view.table.rowCount() == 2
     headers = [view.table.horizontalHeaderItem(c).text() for c in range(view.table.columnCount())]
     cells = {view.table.item(r, 0).text(): {h: view.table.item(r, c).text()
@@ -55,8 +57,12 @@ def test_compare_view_renders_two_runs(qtbot, state_with_runs, tmp_path):
     for plot in (view.ppl_bars, view.speed_bars, view.size_scatter, view.speed_scatter,
                  view.histogram, view.errors):
         assert plot.getPlotItem().listDataItems() or plot.getPlotItem().items, plot
-    assert view.hist_layer.count() == len(variant.qtensors)
-    assert len(view.errors.getPlotItem().listDataItems()) == 1
+    assert view.hist_variant.currentText() == "rtn-w3"
+    assert len(view.histogram.getPlotItem().listDataItems()) == 2   # baseline and variant
+    assert len(view.errors.getPlotItem().listDataItems()) == 2      # the line and its points
+    # Ratios against the baseline, from the same (merged) runs.
+    assert cells["rtn-w3"]["Ppl vs base"] == f"{340.5 / 300.0:.4f}x"
+    assert cells["rtn-w3"]["Speed vs base"] == f"{260.0 / 200.0:.2f}x"
 
     view.export_runs(tmp_path / "runs.csv")
     rows = list(csv.DictReader(open(tmp_path / "runs.csv")))
@@ -64,12 +70,15 @@ def test_compare_view_renders_two_runs(qtbot, state_with_runs, tmp_path):
     assert float(rows[1]["decode_tok_s"]) == 260.0
     view.export_runs(tmp_path / "runs.json")
     data = json.loads((tmp_path / "runs.json").read_text())
-    assert len(data["runs"]) == 4 and data["rows"] == merged_rows(state.session.runs)
+    assert len(data["runs"]) == 4
+    assert data["rows"] == compare_rows(state.session.runs, state.handle)
+    assert [r["variant"] for r in data["rows"]] == [r["variant"] for r in merged_rows(state.session.runs)]
     view.export_charts(tmp_path / "charts.png")
     assert (tmp_path / "charts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     view.clear_runs()
-    assert view.table.rowCount() == 0
+    assert view.table.rowCount() == 1                      # the baseline is always a row
+    assert view.table.item(0, 0).text() == "baseline"
 
 
 def test_pareto_front():

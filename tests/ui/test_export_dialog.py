@@ -125,4 +125,4 @@ def test_compare_adds_an_exported_model_as_a_run(qtbot, state, tiny_llama, varia
     from studio.core.evaluate import evaluate_job
     direct = run(evaluate_job(variant.model, tiny_llama.model, tiny_llama.tokenizer, None, 64, 2))
     assert row["ppl"] == pytest.approx(direct.ppl, rel=1e-4)
-    assert view.table.rowCount() == 2
+    assert view.table.rowCount() == 3          # the baseline row, the variant, the export

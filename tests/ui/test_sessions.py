@@ -37,6 +37,7 @@ def open_and_wait(qtbot, window, source):
 
 
 def compute_weight_stats(qtbot, window):
+    assert hasattr(window.views["Weights"], "start"), window.views["Weights"].toPlainText()
     with qtbot.waitSignal(window.state.resultsChanged, timeout=60000,
                           check_params_cb=lambda key: key == "weight_stats"):
         window.views["Weights"].start()

@@ -41,7 +41,7 @@ from studio.core.outliers import (
     weight_columns,
 )
 from studio.ui.layout import column
-from studio.ui.views.weights import SortItem, fmt, make_table, plot
+from studio.ui.widgets import NeedsRun, SortItem, fmt, make_table, plot
 
 KEY = "activations"
 OUTLIER_COLUMNS = ("#", "Input (layers reading it)", "Width", "Median", "Peak", "Peak/median",
@@ -69,10 +69,13 @@ class ActivationsView(QWidget):
         tabs = QTabWidget()
         tabs.addTab(self.outlier_page, "Outlier channels")
         tabs.addTab(self.massive_page, "Massive activations")
+        self.needs = NeedsRun(state)
         layout = QVBoxLayout(self)
         layout.addLayout(self.settings)
         layout.addWidget(self.status)
+        layout.addWidget(self.needs)
         layout.addWidget(tabs)
+        state.add_action("activations", "Run the activation capture", self.start, self)
 
         state.modelChanged.connect(self.set_model)
         state.layerSelected.connect(self._layer_selected)
@@ -86,7 +89,9 @@ class ActivationsView(QWidget):
         self.pick.clicked.connect(self._pick_file)
         self.builtin = QPushButton("Built-in")
         self.builtin.clicked.connect(lambda: self._set_path(None))
-        self.windows = _spin(1, 4096, DEFAULT_WINDOWS, "windows of text fed to the model")
+        from studio.ui import settings
+        self.windows = _spin(1, 4096, settings.get("calibration_windows") or DEFAULT_WINDOWS,
+                             "windows of text fed to the model")
         self.seqlen = _spin(8, 8192, DEFAULT_SEQLEN, "tokens per window")
         self.seed = _spin(0, 2**31 - 1, 0, "seed of the random window offsets")
         self.run_button = QPushButton("Run capture")
@@ -244,6 +249,8 @@ class ActivationsView(QWidget):
                                 f"{len(capture.inputs)} layer inputs of {capture.model}.")
         self._refresh_outliers()
         self._refresh_massive()
+        name = self.state.selected_layer
+        self._say_what_is_missing(name, any(name in g.layers for g in self.groups))
 
     def _refresh_outliers(self) -> None:
         self.table_model.removeRows(0, self.table_model.rowCount())
@@ -287,7 +294,24 @@ class ActivationsView(QWidget):
 
     def _layer_selected(self, name: str) -> None:
         if self.group is None or name not in self.group.layers:
-            self._select_group_of(name)
+            found = self._select_group_of(name)
+        else:
+            found = True
+        self._say_what_is_missing(name, found)
+
+    def _say_what_is_missing(self, name: str | None, found: bool) -> None:
+        handle = self.state.handle
+        if handle is None or not name or not handle.text_ready:
+            self.needs.clear()
+        elif self.capture is None:
+            self.needs.ask(f"No activations captured yet for {name}: the capture feeds "
+                           f"calibration text through the model and records every layer's "
+                           f"input channels.", "activations")
+        elif not found:
+            self.needs.ask(f"{name} is not among the captured layer inputs (the capture "
+                           f"covers the quantizable linear layers).", None)
+        else:
+            self.needs.clear()
 
     def _outlier_row_changed(self, current, _previous) -> None:
         if current.isValid():

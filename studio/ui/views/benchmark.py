@@ -27,7 +27,7 @@ from PySide6.QtWidgets import (
 
 from studio.core.backends import get_backend, gguf_of
 from studio.core.bench import BASE_CONFIGS, base_targets, bench_job, gguf_target, variant_target
-from studio.ui.views.compare import add_runs, describe_baseline, describe_variant
+from studio.core.runs import bench_run, describe_baseline, describe_variant
 
 RESULT_COLUMNS = ("Configuration", "Prefill ms (min-max)", "Decode tok/s (min-max)",
                   "Weights/token MB", "Size MB", "Peak RSS MB", "Threads", "Kernels",
@@ -205,7 +205,6 @@ class BenchmarkView(QWidget):
                 continue
             variant = owners.get(result.name)
             data = result.to_dict()
-            kernels = ", ".join(f"{k} x{n}" for k, n in data["kernel_summary"].items())
             if variant is not None:
                 what = describe_variant(variant)
             elif result.name == "fp32":
@@ -217,13 +216,9 @@ class BenchmarkView(QWidget):
                 what = {"variant": result.name.replace(" + lm_head", "+head"),
                         "plan": data.get("quantized", result.name),
                         "size_mb": result.size_mb}
-            runs.append({**what, "kind": "bench", "prefill_ms": result.prefill_ms,
-                         "decode_tok_s": result.decode_tok_s, "peak_rss_mb": result.peak_rss_mb,
-                         "threads": result.threads, "kernels": kernels,
-                         "backend": result.backend, "build": result.build,
-                         "fallbacks": len(result.fallbacks)})
+            runs.append(bench_run(what, result))
         if runs:
-            add_runs(self.state, runs)
+            self.state.add_runs(runs)
         self._fill_table()
         failed = [r for r in results if r.error]
         fallbacks = sum(len(r.fallbacks) for r in results)

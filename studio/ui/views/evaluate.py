@@ -31,12 +31,7 @@ from studio.core.evaluate import (
     evaluate_many_job,
     generations_job,
 )
-from studio.ui.views.compare import (
-    BASELINE,
-    add_runs,
-    describe_baseline,
-    describe_variant,
-)
+from studio.core.runs import BASELINE, describe_baseline, describe_variant, eval_run
 
 BUILTIN = "Built-in text (Python help topics)"
 BOS_TITLES = {"auto": "As the model's tokenizer asks", "yes": "Always", "no": "Never"}
@@ -224,10 +219,9 @@ class EvaluateView(QWidget):
         for name, result in results.items():
             what = (describe_baseline(handle) if name == BASELINE
                     else describe_variant(self.state.session.variants[name]))
-            # text_path: so a later run (an exported file in Compare) can use the same text
-            runs.append({**what, "kind": "eval", **result.to_dict(), "text_path": text_path})
+            runs.append(eval_run(what, result, text_path))
             self.results[name] = result
-        add_runs(self.state, runs)
+        self.state.add_runs(runs)
         lines = [f"<b>{name}</b>: perplexity {r.ppl:.3f}, KL {r.kl:.4f}, top-1 {r.top1:.1%}"
                  for name, r in results.items()]
         first = next(iter(results.values()))

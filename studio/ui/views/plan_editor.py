@@ -43,6 +43,7 @@ from studio.core.plan import GROUP_SIZES, Plan, QuantSpec, Rule
 from studio.core.quant import registry
 from studio.core.quant.grid import native_gguf_type
 from studio.ui.layout import column
+from studio.ui.widgets import Refused, guarded
 
 COLUMNS = ("Layer", "Block", "Role", "Shape", "Bits", "Group", "Method", "Sym", "Scales", "Skip",
            "From")
@@ -92,21 +93,6 @@ def parse_rule(text: str, default: QuantSpec | None, gguf_native: bool = False) 
     if gguf_native and native_gguf_type(spec) is None:
         raise StudioError(NOT_NATIVE)
     return Rule(pattern, spec, regex=True)
-
-
-class _Refused(str):
-    """A job's StudioError, returned as its result so the view hears of it without a race."""
-
-
-def guarded(factory):
-    """The job `factory()` with a StudioError turned into a _Refused result: a job that fails
-    at once could otherwise finish before the view connects to its `failed` signal."""
-    def job():
-        try:
-            return (yield from factory())
-        except StudioError as exc:
-            return _Refused(str(exc))
-    return job
 
 
 def _item(text: str, align_right: bool = False) -> QTableWidgetItem:
@@ -246,6 +232,8 @@ class PlanView(QWidget):
 
         state.modelChanged.connect(self._model_changed)
         state.resultsChanged.connect(self._results_changed)
+        state.layerSelected.connect(self._show_layer)
+        self.table.currentCellChanged.connect(self._current_row_changed)
         self._model_changed(state.handle)
 
     # --- the plan -------------------------------------------------------------------------
@@ -380,7 +368,7 @@ class PlanView(QWidget):
     def _submit(self, title: str, factory, on_ok):
         def finished(value) -> None:
             self.job = None
-            if isinstance(value, _Refused):
+            if isinstance(value, Refused):
                 self.say(f"Refused: {value} The plan is unchanged.", error=True)
             else:
                 on_ok(value)
@@ -472,6 +460,28 @@ class PlanView(QWidget):
     def _results_changed(self, key: str) -> None:
         if key in ("plan", "sensitivity"):
             self.refresh()
+
+    def _current_row_changed(self, row: int, *_) -> None:
+        item = self.table.item(row, 0) if row >= 0 else None
+        if item is not None:
+            self.state.select_layer(item.text())
+
+    def _show_layer(self, name: str) -> None:
+        """Make the current layer the table's current row (a multi-row selection the user is
+        editing stays when it already holds that layer)."""
+        item = self.table.item(self.table.currentRow(), 0)
+        if item is not None and item.text() == name:
+            return
+        matches = self.table.findItems(name, Qt.MatchFlag.MatchExactly)
+        for match in matches:
+            if match.column() == 0:
+                if name in self.selected_names():
+                    self.table.setCurrentCell(match.row(), 0,
+                                              self.table.selectionModel().SelectionFlag.NoUpdate)
+                else:
+                    self.table.setCurrentCell(match.row(), 0)
+                self.table.scrollToItem(match)
+                return
 
     def refresh(self) -> None:
         """Re-read the session plan: the table and the meter."""

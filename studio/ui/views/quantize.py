@@ -32,6 +32,7 @@ from studio.core.files import safe_name
 from studio.core.jobs import Progress
 from studio.core.plan import GROUP_SIZES, Plan, QuantSpec
 from studio.core.quant import registry
+from studio.ui.before_after import BeforeAfter
 
 METHOD_COLOR, RTN_COLOR = (31, 119, 180), (214, 39, 40)
 
@@ -180,7 +181,16 @@ class QuantizeView(QWidget):
         tv.addWidget(self.plot)
         right.addWidget(top)
         right.addWidget(bottom)
-        right.setSizes([680, 170])
+        # The current layer before / after (layer selection: see studio.ui.before_after).
+        self.layer_view = BeforeAfter(state)
+        right.addWidget(self.layer_view)
+        right.setSizes([420, 150, 300])
+        self.curve.sigPointsClicked.connect(self._point_clicked)
+        self.layer_marker = pg.InfiniteLine(angle=90, pen=pg.mkPen("#444", style=Qt.PenStyle.DashLine))
+        self.layer_marker.setVisible(False)
+        self.plot.addItem(self.layer_marker)
+        state.layerSelected.connect(lambda _name: self._move_layer_marker())
+        state.add_action("quantize", "Quantize with the Quantize tab's settings", self.run, self)
 
         layout = QHBoxLayout(self)
         layout.addWidget(left)
@@ -379,6 +389,19 @@ class QuantizeView(QWidget):
         step = max(1, -(-len(starts) // 16))
         self.plot.getAxis("bottom").setTicks([[(float(i), f"b{b}") for i, b in starts[::step]],
                                               [(float(i), "") for i, _ in starts]])
+        self._move_layer_marker()
+
+    def _point_clicked(self, _curve, points, *_) -> None:
+        if len(points):
+            index = int(round(points[0].pos().x()))
+            if 0 <= index < len(self.names):
+                self.state.select_layer(self.names[index])
+
+    def _move_layer_marker(self) -> None:
+        name = self.state.selected_layer
+        self.layer_marker.setVisible(name in self.names)
+        if name in self.names:
+            self.layer_marker.setPos(self.names.index(name))
 
     def _show_variant(self, variant) -> None:
         entries = [e for e in variant.layer_errors if e.get("error") is not None]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -36,9 +36,10 @@ from studio.core.sensitivity import (DEFAULT_BITS, DEFAULT_GROUPS, DEFAULT_KL_BI
                                      same_grid, sensitivity_job, sweep_options)
 from studio.core.text import text_windows
 from studio.ui.layout import column
-from studio.ui.views.plan_editor import guarded
+from studio.ui.widgets import NeedsRun, guarded
 
 KEY = "sensitivity"
+REDRAW_MS = 250
 METRICS = {  # combo label -> (what is drawn, colour-bar label)
     "KL divergence (end to end)": ("kl", "log10 KL (nats/token)"),
     "Layer output error (proxy)": ("proxy", "log10 relative output error"),
@@ -111,6 +112,8 @@ class SensitivityView(QWidget):
         self.plot.setMouseEnabled(x=True, y=False)
         self.plot.setLabel("bottom", "layer (block)")
         self.plot.setLabel("left", "option")
+        for axis in ("left", "bottom"):
+            self.plot.getAxis(axis).enableAutoSIPrefix(False)
         self.plot.invertY(True)
         self.image = pg.ImageItem(axisOrder="row-major")
         cmap = pg.colormap.get("inferno")
@@ -121,6 +124,12 @@ class SensitivityView(QWidget):
         self.marks = pg.ScatterPlotItem(size=6, symbol="o", pen=pg.mkPen("#00e5ff", width=1.5),
                                         brush=None)
         self.plot.addItem(self.marks)
+        # The current layer's column.
+        self.current = pg.LinearRegionItem((0, 1), movable=False, brush=(0, 229, 255, 45),
+                                           pen=pg.mkPen("#00b8d4", width=1.5))
+        self.current.setZValue(10)
+        self.current.setVisible(False)
+        self.plot.addItem(self.current)
         self.plot.scene().sigMouseMoved.connect(self._hovered)
         self.plot.scene().sigMouseClicked.connect(self._clicked)
         self.ranking = QTextBrowser()
@@ -145,11 +154,17 @@ class SensitivityView(QWidget):
         split.addWidget(self.ranking)
         split.setStretchFactor(0, 4)
         split.setStretchFactor(1, 1)
+        self.redraw = QTimer(self, singleShot=True, interval=REDRAW_MS)
+        self.redraw.timeout.connect(self._draw)
+        self.needs = NeedsRun(state)
         layout = QVBoxLayout(self)
         layout.addLayout(bar)
         layout.addWidget(self.status)
+        layout.addWidget(self.needs)
         layout.addWidget(split, 1)
 
+        state.add_action("sensitivity", "Run the sensitivity sweep", self.start, self)
+        state.layerSelected.connect(lambda _name: self._show_current())
         state.modelChanged.connect(self._model_changed)
         state.resultsChanged.connect(self._results_changed)
         self._model_changed(state.handle)
@@ -207,8 +222,9 @@ class SensitivityView(QWidget):
                 self.live = np.full((len(self.state.handle.quantizable), len(self.live_options)),
                                     np.nan)
             self.live[row, col] = value
-            if row % 7 == 0 or row == self.live.shape[0] - 1:
-                self._draw()
+            # At most one redraw per REDRAW_MS: the heatmap and ranking are rebuilt each time.
+            if not self.redraw.isActive():
+                self.redraw.start()
 
     def _finished(self, result) -> None:
         self._job_done()
@@ -319,7 +335,11 @@ class SensitivityView(QWidget):
         if values is None:
             self.image.clear()
             self.marks.clear()
+            self._show_current()
             self.ranking.setHtml("<p>No sensitivity measured yet.</p>")
+            for axis in ("left", "bottom"):   # an empty frame, not a -500..500 grid
+                self.plot.getAxis(axis).setTicks([[]])
+            self.plot.setRange(xRange=(0, 1), yRange=(0, 1), padding=0)
             return
         options, names = self._options(), self._names()
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -341,6 +361,24 @@ class SensitivityView(QWidget):
         self.legend.setVisible(bool(self._measured()))
         self._draw_plan(options, names)
         self._draw_ranking(values, options, names)
+        self._show_current()
+
+    def _show_current(self) -> None:
+        """Outline the current layer's column; without a sweep, say how to get one."""
+        name, names = self.state.selected_layer, self._names()
+        have = self.values() is not None
+        self.current.setVisible(have and name in names)
+        if have and name in names:
+            i = names.index(name)
+            self.current.setRegion((i, i + 1))
+        if self.state.handle is None or not name or have:
+            self.needs.clear()
+        elif name in names or self.state.handle.layer(name).quantizable:
+            self.needs.ask(f"No sensitivity measured yet for {name}: the sweep quantizes each "
+                           f"layer alone at several widths and measures the damage.",
+                           "sensitivity")
+        else:
+            self.needs.ask(f"{name} is not quantized by default, so the sweep skips it.", None)
 
     def _draw_plan(self, options, names) -> None:
         self.marks.clear()
@@ -398,6 +436,8 @@ class SensitivityView(QWidget):
         if event.button() != Qt.MouseButton.LeftButton:
             return
         cell = self.cell_at(event.scenePos())
+        if cell is not None:
+            self.state.select_layer(self._names()[cell[0]])
         if cell is not None and self.result is not None:
             self.assign(self._names()[cell[0]], cell[1])
 

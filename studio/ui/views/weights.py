@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QSortFilterProxyModel, Qt
-from PySide6.QtGui import QStandardItem, QStandardItemModel
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -18,68 +17,17 @@ from PySide6.QtWidgets import (
     QLabel,
     QPushButton,
     QSplitter,
-    QTableView,
     QVBoxLayout,
     QWidget,
 )
 
 from studio.core.stats import SUMMARY_STATS, weight_stats_job
+from studio.ui.widgets import NeedsRun, SortItem, fmt, make_table, plot, role_color, short_name
+from studio.ui.widgets import sortable as _sortable
 
 KEY = "weight_stats"
-SORT_KEY = Qt.ItemDataRole.UserRole + 1
-ROLE_COLORS = {"q": "#1f77b4", "k": "#17becf", "v": "#2ca02c", "o": "#9467bd", "qkv": "#1f77b4",
-               "gate": "#ff7f0e", "up": "#d62728", "gate_up": "#ff7f0e", "down": "#8c564b",
-               "other": "#7f7f7f", "embedding": "#e377c2", "lm_head": "#e377c2"}
 COLUMNS = ("#", "Layer", "Block", "Role", "Shape") + tuple(label for label, _ in
                                                       SUMMARY_STATS.values()) + ("Quantized",)
-
-
-def role_color(role: str) -> str:
-    return ROLE_COLORS.get(role, "#7f7f7f")
-
-
-class SortItem(QStandardItem):
-    """A read-only cell that sorts by its number (when it has one), not its text."""
-
-    def __init__(self, text: str, number: float | None = None) -> None:
-        super().__init__(text)
-        self.setEditable(False)
-        self.setData(text if number is None else float(number), SORT_KEY)
-        if number is not None:
-            self.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-
-
-def make_table(columns) -> tuple[QTableView, QStandardItemModel, QSortFilterProxyModel]:
-    model = QStandardItemModel(0, len(columns))
-    model.setHorizontalHeaderLabels(list(columns))
-    proxy = QSortFilterProxyModel()
-    proxy.setSourceModel(model)
-    proxy.setSortRole(SORT_KEY)
-    table = QTableView()
-    table.setModel(proxy)
-    table.setSortingEnabled(True)
-    table.setSelectionBehavior(QTableView.SelectionBehavior.SelectRows)
-    table.setSelectionMode(QTableView.SelectionMode.SingleSelection)
-    table.verticalHeader().setVisible(False)
-    table.verticalHeader().setDefaultSectionSize(22)
-    table.horizontalHeader().setStretchLastSection(True)
-    return table, model, proxy
-
-
-def fmt(value: float) -> str:
-    if not np.isfinite(value):
-        return "inf" if value > 0 else "-"
-    return f"{value:.4g}"
-
-
-def plot(title: str, x: str, y: str) -> pg.PlotWidget:
-    widget = pg.PlotWidget(background="w")
-    widget.setTitle(title, color="k", size="10pt")
-    widget.setLabel("bottom", x)
-    widget.setLabel("left", y)
-    widget.showGrid(x=True, y=True, alpha=0.25)
-    widget.setMenuEnabled(False)
-    return widget
 
 
 class WeightsView(QWidget):
@@ -157,9 +105,12 @@ class WeightsView(QWidget):
         split.addWidget(top)
         split.addWidget(details)
         split.setSizes([500, 400])
+        self.needs = NeedsRun(state)
         layout = QVBoxLayout(self)
         layout.addLayout(bar)
+        layout.addWidget(self.needs)
         layout.addWidget(split)
+        state.add_action("weight_stats", "Compute weight statistics", self.start, self)
 
         state.modelChanged.connect(self.set_model)
         state.layerSelected.connect(self.show_layer)
@@ -271,11 +222,14 @@ class WeightsView(QWidget):
         s = self.stats.layers.get(name) if self.stats is not None and name else None
         self._move_marker(name)
         if s is None:
+            if name and self.state.handle is not None and self.stats is None:
+                self.needs.ask(f"No weight statistics yet for {name}.", "weight_stats")
             return
+        self.needs.clear()
         counts = np.log10(1.0 + s.hist_counts) if self.log_hist.isChecked() else s.hist_counts
         self.hist_curve.setData(s.hist_edges, counts)
         self.hist.setLabel("left", "log10(1 + count)" if self.log_hist.isChecked() else "count")
-        self.hist.setTitle(f"{_short(name)}: kurtosis {s.kurtosis:.2f}, std {s.std:.3g}",
+        self.hist.setTitle(f"{short_name(name)}: kurtosis {s.kurtosis:.2f}, std {s.std:.3g}",
                            color="k", size="10pt")
         self.rows_curve.setData(s.row_absmax)
         self.rows.setTitle(f"Output channels (max/median {s.row_ratio:.1f})",
@@ -321,10 +275,3 @@ class WeightsView(QWidget):
             self.state.select_layer(self.proxy.index(current.row(), 1).data())
 
 
-def _sortable(value: float) -> float:
-    return float(value) if np.isfinite(value) else (1e300 if value > 0 else -1e300)
-
-
-def _short(name: str) -> str:
-    parts = name.split(".")
-    return ".".join(parts[-3:]) if len(parts) > 3 else name

@@ -1,0 +1,189 @@
+"""De-quantize a GGUF straight from its tensors into a safetensors model folder.
+
+transformers' GGUF loader parses the whole key/value section with gguf-py's `GGUFReader`
+(every vocabulary string a NumPy view: ~15 s on the demo) three times (config, tokenizer,
+weights) and builds a randomly initialised float model before it loads the weights. Here the
+header is walked once with transformers' own fast metadata reader, the config is rebuilt from
+those keys with transformers' mapping tables, and each tensor is read from a memory map and
+de-quantized by gguf-py (`gguf.quants.dequantize`, what transformers' loader calls), two
+threads at a time. The GGUF -> HF names and the per-architecture fix-ups (llama's q/k row
+permutation undone, Gemma's `norm + 1`) are transformers' own `TensorProcessor`s, so the
+weights are the loader's bit for bit (tests compare them on a tiny GGUF and the demo).
+
+Architectures whose config the legacy reader patches by hand (t5, stablelm, lfm2, MoE...) are
+not `FAST_ARCHS`: they keep the transformers path (`gguf_convert.convert_with_transformers`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# GGUF architectures whose config the legacy reader builds from its generic key table alone.
+FAST_ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+WORKERS = 2
+
+
+def supported(path: Path) -> bool:
+    from studio.core.gguf_header import read_keys
+
+    try:
+        return read_keys(path, {"general.architecture"}).get("general.architecture") in FAST_ARCHS
+    except (OSError, ValueError):
+        return False
+
+
+def convert_fast(path: Path, folder: Path) -> None:
+    """The cached folder for `path` (config, weights, tokenizer), written atomically."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+
+    from studio.core.files import atomic_dir
+
+    metadata, names = read_gguf_metadata(str(path))
+    config_dict = gguf_config(metadata, names)
+    with fast_config(path, config_dict):
+        config = AutoConfig.for_model(**config_dict)   # what AutoConfig.from_pretrained makes
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        tensors = read_tensors(path, metadata["general.architecture"], skeleton, config_dict)
+        config.architectures = [type(skeleton).__name__]
+        config.dtype = torch.float32
+        tokenizer = None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except Exception as exc:  # a GGUF without a usable vocabulary still gives weights
+            log.warning("no tokenizer from %s: %s", path.name, exc)
+    with atomic_dir(folder) as tmp:
+        config.save_pretrained(tmp)
+        if skeleton.can_generate():
+            GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        save_file(tensors, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+
+def gguf_config(metadata: dict, tensor_names) -> dict:
+    """The config dict transformers' legacy GGUF reader builds, for FAST_ARCHS (same tables,
+    same rules; a test compares the two on every architecture it can write)."""
+    from transformers.modeling_gguf_pytorch_utils import (
+        GGUF_CONFIG_DEFAULTS_MAPPING,
+        GGUF_TO_TRANSFORMERS_MAPPING,
+    )
+
+    architecture = metadata["general.architecture"]
+    if architecture not in FAST_ARCHS:
+        raise ValueError(f"{architecture} is read by transformers' own GGUF loader")
+    # The legacy reader compares `"mistral" in [general.name]`: the whole name, not a part.
+    updated = "mistral" if architecture == "llama" and metadata.get("general.name") == "mistral" \
+        else architecture
+    config = {"tie_word_embeddings": all(name != "output.weight" for name in tensor_names)}
+    for key, value in GGUF_CONFIG_DEFAULTS_MAPPING.get(
+            updated, GGUF_CONFIG_DEFAULTS_MAPPING.get(architecture) or {}).items():
+        config.setdefault(key, value)
+    renames = GGUF_TO_TRANSFORMERS_MAPPING["config"]
+    for gguf_key, value in metadata.items():
+        gguf_key = gguf_key.replace(architecture, updated)
+        prefix, _, config_key = gguf_key.partition(".")
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, str) and architecture in value:
+            value = value.replace(architecture, updated)
+        if prefix in renames and config_key in renames[prefix]:
+            target = renames[prefix][config_key]
+            if target is not None and target != -1:
+                config[target] = value
+    if config.get("model_type") == "gemma3":
+        config["model_type"] = "gemma3_text"
+    if "vocab_size" not in config and isinstance(metadata.get("tokenizer.ggml.tokens"), int):
+        config["vocab_size"] = metadata["tokenizer.ggml.tokens"]   # the vocabulary's length
+    return config
+
+
+@contextlib.contextmanager
+def fast_config(path: Path, config_dict: dict):
+    """transformers' AutoConfig / AutoTokenizer with `gguf_file=` read the config through the
+    legacy loader (a full GGUFReader parse each). While this is open, that call returns the
+    dict built here for this file; any other call goes through unchanged. Runs only in the
+    conversion's own child process."""
+    from transformers import modeling_gguf_pytorch_utils as legacy
+
+    original = legacy.load_gguf_checkpoint
+    target = str(path.resolve())
+
+    def load(gguf_path, return_tensors=False, **kwargs):
+        if not return_tensors and str(Path(gguf_path).resolve()) == target:
+            return {"config": dict(config_dict)}
+        return original(gguf_path, return_tensors=return_tensors, **kwargs)
+
+    legacy.load_gguf_checkpoint = load
+    try:
+        yield
+    finally:
+        legacy.load_gguf_checkpoint = original
+
+
+def gguf_to_hf_names(skeleton, architecture: str) -> dict[str, str]:
+    """{GGUF tensor name: HF state-dict key}: gguf-py's tensor map run forward over the model's
+    keys, as the exporter does (`export.gguf_tensors.map_names`) and inverted. (transformers'
+    `get_gguf_hf_weights_map` gives the same answer for these architectures but walks every
+    sub-module's state dict again: 38 s on the demo.)"""
+    import gguf
+
+    from studio.core.export.gguf_tensors import gguf_arch_enum
+
+    name_map = gguf.get_tensor_name_map(gguf_arch_enum(architecture),
+                                        skeleton.config.num_hidden_layers)
+    mapping = {}
+    for key in skeleton.state_dict():
+        module, dot, suffix = key.rpartition(".")
+        if suffix not in ("weight", "bias"):
+            module, dot, suffix = key, "", ""
+        base = name_map.get_name(module)
+        if base is not None:
+            mapping[base + dot + suffix] = key
+    return mapping
+
+
+def read_tensors(path: Path, architecture: str, skeleton, config_dict: dict) -> dict:
+    """{HF state-dict key: float32 tensor} for every GGUF tensor the model has a name for."""
+    import torch
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from studio.core.gguf_header import tensor_table
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config_dict)
+    mapping = gguf_to_hf_names(skeleton, architecture)
+    entries, data_start = tensor_table(path)
+    # A plain ndarray view of the map: NumPy operations on a np.memmap subclass are slower.
+    blob = np.memmap(path, mode="r", dtype=np.uint8).view(np.ndarray)
+    parsed = {"config": config_dict, "tensors": {}}
+
+    def one(entry):
+        name, shape, ggml_type, offset = entry
+        kind = GGMLQuantizationType(ggml_type)
+        block, block_bytes = GGML_QUANT_SIZES[kind]
+        start = data_start + offset
+        raw = blob[start: start + int(np.prod(shape)) // block * block_bytes]
+        # The byte shape gguf-py's reader hands its de-quantizer: rows of the last dimension.
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        weights = dequantize(raw.reshape(rows, -1), kind).reshape(shape)
+        result = processor.process(weights=weights, name=name,
+                                   tensor_key_mapping=mapping, parsed_parameters=parsed)
+        if result.name not in mapping:
+            return None
+        return mapping[result.name], torch.from_numpy(np.array(result.weights, dtype=np.float32))
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        pairs = [pair for pair in pool.map(one, entries) if pair is not None]
+    # A tied head has no tensor of its own in the file: save_pretrained would not write it.
+    return dict(pairs)

@@ -1,0 +1,279 @@
+"""The layer list: one dockable table of every layer, whose selection is the current layer.
+
+Filter by name, role and block; sort by any column, including each weight statistic (once
+computed), the layer's sensitivity (once a sweep ran) and the bits the session plan gives it.
+Back / forward walk the layers visited (Alt+Left / Alt+Right).
+"""
+from __future__ import annotations
+
+import numpy as np
+from PySide6.QtCore import QSortFilterProxyModel, Qt
+from PySide6.QtGui import QStandardItemModel
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDockWidget,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QTableView,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from studio.core.errors import StudioError
+from studio.core.layers import ROLES
+from studio.core.stats import SUMMARY_STATS
+from studio.ui.widgets import SORT_KEY, SortItem, fmt, sortable
+
+BASE_COLUMNS = ("#", "Layer", "Block", "Role", "Params")
+NAME, BLOCK, ROLE = 1, 2, 3
+BASE_TIPS = ("Position in the model", "The module's name in the model", "The decoder block it sits in",
+             "What the layer does in its block (q, k, v, o, gate, up, down...)",
+             "Number of weights")
+SENSITIVITY_TIP = ("How much the model's output moves when only this layer is quantized "
+                   "(KL end to end where measured, else the proxy's relative output error); "
+                   "higher = give it more bits")
+PLAN_TIP = "Bits the session plan gives this layer (16: left in full precision)"
+
+
+class _Filter(QSortFilterProxyModel):
+    """Name text, role and block filters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text, self.role, self.block = "", "", ""
+        self.setSortRole(SORT_KEY)
+
+    def set(self, **kw) -> None:
+        for key, value in kw.items():
+            setattr(self, key, value)
+        self.invalidateFilter()
+
+    def filterAcceptsRow(self, row, parent) -> bool:  # noqa: N802 (Qt API)
+        model = self.sourceModel()
+        name = model.index(row, NAME, parent).data() or ""
+        if self.text and self.text.lower() not in name.lower():
+            return False
+        if self.block and model.index(row, BLOCK, parent).data() != self.block:
+            return False
+        return not self.role or model.index(row, ROLE, parent).data() == self.role
+
+
+class LayerList(QWidget):
+    def __init__(self, state) -> None:
+        super().__init__()
+        self.state = state
+        self.columns: list[str] = []
+        self.model = QStandardItemModel(0, 0)
+        self.proxy = _Filter()
+        self.proxy.setSourceModel(self.model)
+
+        self.back = _tool("◀", "Back to the previous layer (Alt+Left)", state.layer.back)
+        self.forward = _tool("▶", "Forward (Alt+Right)", state.layer.forward)
+        self.search = QLineEdit(placeholderText="Filter by name")
+        self.search.setClearButtonEnabled(True)
+        self.search.textChanged.connect(lambda text: self.proxy.set(text=text))
+        self.roles = QComboBox()
+        self.roles.setToolTip("Show one role only")
+        self.roles.addItem("all roles", "")
+        for role in ROLES:
+            self.roles.addItem(role, role)
+        self.roles.currentIndexChanged.connect(lambda: self.proxy.set(role=self.roles.currentData()))
+        self.blocks = QComboBox()
+        self.blocks.setToolTip("Show one decoder block only")
+        self.blocks.currentIndexChanged.connect(
+            lambda: self.proxy.set(block=self.blocks.currentData() or ""))
+        self.count = QLabel()
+
+        self.table = QTableView()
+        self.table.setModel(self.proxy)
+        self.table.setSortingEnabled(True)
+        self.table.setSelectionBehavior(QTableView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QTableView.SelectionMode.SingleSelection)
+        self.table.verticalHeader().setVisible(False)
+        self.table.verticalHeader().setDefaultSectionSize(20)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.selectionModel().currentRowChanged.connect(self._row_changed)
+        for signal in (self.proxy.rowsInserted, self.proxy.rowsRemoved, self.proxy.modelReset,
+                       self.proxy.layoutChanged):
+            signal.connect(self._update_count)
+
+        bar = QHBoxLayout()
+        bar.addWidget(self.back)
+        bar.addWidget(self.forward)
+        bar.addWidget(self.search, 1)
+        filters = QHBoxLayout()
+        filters.addWidget(self.roles)
+        filters.addWidget(self.blocks)
+        filters.addWidget(self.count, 1)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.addLayout(bar)
+        layout.addLayout(filters)
+        layout.addWidget(self.table)
+
+        state.modelChanged.connect(lambda _h: self.rebuild())
+        state.resultsChanged.connect(self._results_changed)
+        state.layerSelected.connect(self.show_layer)
+        state.layer.historyChanged.connect(self._history_changed)
+        self._history_changed()
+        self.rebuild()
+
+    def _results_changed(self, key: str) -> None:
+        if key in ("weight_stats", "sensitivity", "plan"):
+            self.rebuild()
+
+    def rebuild(self) -> None:
+        """Rows for the open model's layers, with every column the session can fill."""
+        handle = self.state.handle
+        stats = self.state.session.results.get("weight_stats") if handle else None
+        scores = sensitivity_scores(self.state.session.results.get("sensitivity")) if handle else {}
+        plan_bits = self._plan_bits(handle)
+        columns = list(BASE_COLUMNS)
+        tips = list(BASE_TIPS)
+        if stats is not None:
+            columns += [label for label, _ in SUMMARY_STATS.values()]
+            tips += [why[0].upper() + why[1:] for _, why in SUMMARY_STATS.values()]
+        if scores:
+            columns.append("Sensitivity")
+            tips.append(SENSITIVITY_TIP)
+        if plan_bits:
+            columns.append("Plan bits")
+            tips.append(PLAN_TIP)
+        header = self.table.horizontalHeader()
+        sort_column = header.sortIndicatorSection()
+        sort_name = self.columns[sort_column] if 0 <= sort_column < len(self.columns) else None
+        sort_order = header.sortIndicatorOrder()
+        # Rows are replaced with the view's signals and sorting off: a current-row signal
+        # fired from inside the reset re-entered the model while Qt was tearing it down.
+        selection = self.table.selectionModel()
+        selection.blockSignals(True)
+        self.table.setSortingEnabled(False)
+        try:
+            self._fill(handle, columns, tips, stats, scores, plan_bits)
+        finally:
+            self.table.setSortingEnabled(True)
+            selection.blockSignals(False)
+        if handle is None:
+            self._update_count()
+            return
+        self.table.resizeColumnsToContents()
+        self.table.setColumnWidth(NAME, min(self.table.columnWidth(NAME), 230))
+        if sort_name in columns:
+            self.table.sortByColumn(columns.index(sort_name), sort_order)
+        else:
+            self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
+        self._update_count()
+        self.show_layer(self.state.selected_layer)
+
+    def _fill(self, handle, columns, tips, stats, scores, plan_bits) -> None:
+        self.model.removeRows(0, self.model.rowCount())
+        self.model.setColumnCount(len(columns))
+        self.model.setHorizontalHeaderLabels(columns)
+        for c, tip in enumerate(tips):
+            self.model.horizontalHeaderItem(c).setToolTip(tip)
+        self.columns = columns
+        self._fill_blocks(handle)
+        if handle is None:
+            return
+        for position, info in enumerate(handle.layers):
+            row = [SortItem(str(position), position), SortItem(info.name),
+                   SortItem("" if info.block is None else str(info.block),
+                            -1 if info.block is None else info.block),
+                   SortItem(info.role), SortItem(f"{info.params:,}", info.params)]
+            if stats is not None:
+                s = stats.layers.get(info.name)
+                row += [SortItem(fmt(getattr(s, key)), sortable(getattr(s, key))) if s is not None
+                        else SortItem("", -1e300) for key in SUMMARY_STATS]
+            if scores:
+                score = scores.get(info.name)
+                row.append(SortItem("" if score is None else f"{score:.3g}",
+                                    -1e300 if score is None else score))
+            if plan_bits:
+                bits = plan_bits.get(info.name, 16)
+                row.append(SortItem(str(bits), bits))
+            self.model.appendRow(row)
+
+    def _plan_bits(self, handle) -> dict[str, int]:
+        if handle is None:
+            return {}
+        try:
+            specs = self.state.session.plan.resolve(handle.layers)
+        except StudioError:   # a rule for another model: the Plan view says so
+            return {}
+        return {name: spec.bits for name, spec in specs.items() if spec is not None}
+
+    def _fill_blocks(self, handle) -> None:
+        current = self.blocks.currentData()
+        self.blocks.blockSignals(True)
+        self.blocks.clear()
+        self.blocks.addItem("all blocks", "")
+        if handle is not None:
+            for block in sorted({i.block for i in handle.layers if i.block is not None}):
+                self.blocks.addItem(f"block {block}", str(block))
+        index = self.blocks.findData(current)
+        self.blocks.setCurrentIndex(max(index, 0))
+        self.blocks.blockSignals(False)
+        self.proxy.set(block=self.blocks.currentData() or "")
+
+    def show_layer(self, name: str | None) -> None:
+        """Select (and scroll to) the current layer's row, without announcing it again."""
+        if not name:
+            return
+        current = self.table.currentIndex()
+        if current.isValid() and self.proxy.index(current.row(), NAME).data() == name:
+            return
+        matches = self.model.findItems(name, Qt.MatchFlag.MatchExactly, NAME)
+        if matches:
+            index = self.proxy.mapFromSource(matches[0].index())
+            if index.isValid():
+                self.table.setCurrentIndex(index)
+                self.table.scrollTo(index)
+
+    def _row_changed(self, current, _previous) -> None:
+        if current.isValid():
+            self.state.select_layer(self.proxy.index(current.row(), NAME).data())
+
+    def _history_changed(self) -> None:
+        self.back.setEnabled(self.state.layer.can_back)
+        self.forward.setEnabled(self.state.layer.can_forward)
+
+    def _update_count(self, *_) -> None:
+        total, shown = self.model.rowCount(), self.proxy.rowCount()
+        self.count.setText(f"{shown} of {total}" if shown != total else f"{total} layers")
+
+
+def sensitivity_scores(result) -> dict[str, float]:
+    """One number per layer from a sweep: KL at the first option measured end to end, else the
+    proxy error at the option nearest W4 g128 (what the Sensitivity view ranks by)."""
+    if result is None:
+        return {}
+    options = result.options
+    if result.has_kl and result.kl_options:
+        values = np.asarray(result.loss("kl"), dtype=float)[:, result.kl_options[0]]
+    else:
+        col = min(range(len(options)), key=lambda j: (abs(options[j].bits - 4),
+                                                       abs(options[j].group_size - 128)))
+        values = np.asarray(result.proxy_error, dtype=float)[:, col]
+    return {name: float(v) for name, v in zip(result.layers, values) if np.isfinite(v)}
+
+
+def _tool(text: str, tip: str, slot) -> QToolButton:
+    button = QToolButton()
+    button.setText(text)
+    button.setToolTip(tip)
+    button.clicked.connect(slot)
+    return button
+
+
+class LayerDock(QDockWidget):
+    def __init__(self, state) -> None:
+        super().__init__("Layers")
+        self.setObjectName("layer_dock")   # saveState / restoreState find it by this name
+        self.list = LayerList(state)
+        self.list.setMinimumWidth(300)   # name, block and role visible without scrolling
+        self.setWidget(self.list)
+        self.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable
+                         | QDockWidget.DockWidgetFeature.DockWidgetFloatable
+                         | QDockWidget.DockWidgetFeature.DockWidgetClosable)

