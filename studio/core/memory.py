@@ -26,3 +26,9 @@ def release_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def guard_convert(param_count: int, what: str) -> None:
+    """A GGUF is de-quantized to float32 in a child process that holds about two copies."""
+    from studio.core.models import check_memory
+    check_memory(4 * param_count, what)

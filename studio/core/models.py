@@ -26,7 +26,8 @@ from studio.core.file_checks import (GGUFSummary, check_no_remote_code, gguf_sum
 from studio.core.files import read_json
 from studio.core.gguf_convert import convert_job
 from studio.core.jobs import Job, Progress
-from studio.core.layers import LayerInfo, get_module, inventory, model_bytes, weight_matrix
+from studio.core.layers import LayerInfo, get_module, inventory, model_bytes, read_weight_matrix
+from studio.core.streaming import WeightStore, real, streamed_model
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ MAX_LAYERS = 1024
 # A config may describe a few parameters the files do not hold (re-initialised buffers,
 # a tied head); not more than this factor.
 MAX_MISSING = 1.05
+# How weights are held: "memory" (float32, all of them), "stream" (kept as stored, each layer
+# read when it runs: streaming.py) or "auto" (stream when float32 would take more than
+# STREAM_SHARE of the memory available). COMPRESSION_STUDIO_WEIGHTS sets the default.
+WEIGHT_MODES = ("auto", "memory", "stream")
+STREAM_SHARE = 0.5
 # Tokenizer files are parsed whole; real ones are a few MB (the largest vocabularies ~30 MB).
 MAX_TOKENIZER_BYTES = 256 * 2**20
 
@@ -55,6 +61,11 @@ class ModelHandle:
     layers: list[LayerInfo]
     notes: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
+    store: WeightStore | None = None   # set when the weights stream from their files
+
+    @property
+    def streamed(self) -> bool:
+        return self.store is not None
 
     @property
     def name(self) -> str:
@@ -62,6 +73,7 @@ class ModelHandle:
 
     @property
     def size_bytes(self) -> int:
+        """Bytes of the weights as held: float32 in memory, or as stored when streamed."""
         return model_bytes(self.model)
 
     @property
@@ -82,8 +94,9 @@ class ModelHandle:
         return get_module(self.model, name)
 
     def weight(self, name: str) -> torch.Tensor:
-        """The layer's weight as an [out, in] matrix (a view: do not modify it)."""
-        return weight_matrix(self.module(name))
+        """The layer's weight as an [out, in] float matrix (a view when held in memory, read
+        from its file when streamed: do not modify it)."""
+        return read_weight_matrix(self.module(name))
 
     @property
     def quantizable(self) -> list[LayerInfo]:
@@ -141,9 +154,18 @@ def resolve_source(source: str | Path) -> tuple[str, Path]:
 
 # --- the job -------------------------------------------------------------------------------
 
-def open_model_job(source: str | Path) -> Job[ModelHandle]:
-    """Open `source` (folder, .gguf, or "demo"); yields progress, returns a ModelHandle."""
+def weight_mode(mode: str | None = None) -> str:
+    mode = mode or os.environ.get("COMPRESSION_STUDIO_WEIGHTS", "auto")
+    if mode not in WEIGHT_MODES:
+        raise ModelLoadError(f"Weights mode {mode!r} is not one of {', '.join(WEIGHT_MODES)}.")
+    return mode
+
+
+def open_model_job(source: str | Path, weights: str | None = None) -> Job[ModelHandle]:
+    """Open `source` (folder, .gguf, or "demo"); yields progress, returns a ModelHandle.
+    `weights`: "memory", "stream" or "auto" (`WEIGHT_MODES`; None: the environment's)."""
     start = time.perf_counter()
+    mode = weight_mode(weights)
     quiet_transformers()
     kind, path = resolve_source(source)
     notes: list[str] = []
@@ -153,7 +175,8 @@ def open_model_job(source: str | Path) -> Job[ModelHandle]:
         summary = check_gguf(path)
         folder = gguf_cache_folder(path)
         if not (folder / "config.json").is_file():
-            check_memory(4 * summary.param_count, path.name)
+            from studio.core.memory import guard_convert
+            guard_convert(summary.param_count, path.name)
             yield from convert_job(path, folder)
         notes.append(f"Weights de-quantized from {path.name}; cached in {folder}.")
     else:
@@ -161,11 +184,19 @@ def open_model_job(source: str | Path) -> Job[ModelHandle]:
     yield Progress(2, 4, f"Reading {folder.name}")
     config = read_config(folder)
     weight_bytes = folder_weight_bytes(folder, config)
-    check_memory(weight_bytes, folder.name)
     check_safetensors(folder)
-    check_config_size(folder, config, weight_bytes)
-    yield Progress(3, 4, "Loading weights")
-    model = load_model(folder, config)
+    stream = choose_streaming(mode, folder, weight_bytes)
+    store = WeightStore(folder) if stream else None
+    check_config_size(folder, config, weight_bytes, memory=not stream)
+    if stream:
+        yield Progress(3, 4, "Reading the weights' headers (they stay in their files)")
+        model = streamed_model(config, store)
+        notes.append(f"Weights stay in their files ({store.stored_bytes / 2**30:.2f} GiB as "
+                     f"stored); each layer is read into float32 while a job computes on it.")
+    else:
+        check_memory(weight_bytes, folder.name)
+        yield Progress(3, 4, "Loading weights")
+        model = load_model(folder, config)
     tokenizer, why = load_tokenizer(folder)
     if why:
         notes.append(why)
@@ -175,10 +206,25 @@ def open_model_job(source: str | Path) -> Job[ModelHandle]:
     handle = ModelHandle(model=model, tokenizer=tokenizer,
                          architecture=type(model).__name__, model_type=config.model_type,
                          source=str(source) if str(source) == "demo" else str(path),
-                         folder=folder, layers=inventory(model), notes=notes)
+                         folder=folder, layers=inventory(model), notes=notes, store=store)
     handle.load_seconds = time.perf_counter() - start
     yield Progress(4, 4, f"Opened {handle.name}")
     return handle
+
+
+def choose_streaming(mode: str, folder: Path, weight_bytes: int) -> bool:
+    """Stream when asked, or (auto) when the float32 model would take more than STREAM_SHARE
+    of the memory available; only safetensors folders can stream."""
+    if mode == "memory":
+        return False
+    if not any(folder.glob("*.safetensors")):
+        if mode == "stream":
+            raise ModelLoadError(f"{folder.name} has no safetensors weights: only those can "
+                                 f"stay in their files (open it with --weights memory).")
+        return False
+    if mode == "stream":
+        return True
+    return weight_bytes > STREAM_SHARE * psutil.virtual_memory().available
 
 
 def quiet_transformers() -> None:
@@ -322,7 +368,7 @@ def check_layer_count(config, where: str) -> None:
                                  f"opens models of 1 to {MAX_LAYERS}.")
 
 
-def check_config_size(folder: Path, config, weight_bytes: int) -> None:
+def check_config_size(folder: Path, config, weight_bytes: int, memory: bool = True) -> None:
     """transformers builds the model the config describes before it reads any weight: a config
     claiming far more than the files hold would allocate it (and fill the rest at random).
     Count the config's parameters on the meta device (no memory) and compare."""
@@ -336,7 +382,8 @@ def check_config_size(folder: Path, config, weight_bytes: int) -> None:
         raise ModelLoadError(f"The config in {folder.name} does not describe a model "
                              f"transformers can build: {exc}") from None
     params = sum(p.numel() for p in skeleton.parameters())
-    check_memory(4 * params, folder.name)
+    if memory:  # (a streamed model needs one block's worth: memory.py's guard)
+        check_memory(4 * params, folder.name)
     held = weight_bytes // 4  # float32 bytes -> parameters (.bin: an over-estimate)
     # a quantized checkpoint packs several weights per stored element: only the memory check
     packed = getattr(config, "quantization_config", None) is not None
@@ -385,7 +432,7 @@ def grid_notes(model: nn.Module) -> list[str]:
                   and m is not getattr(model, "lm_head", None)), None)
     if first is None or first.weight.shape[1] % 32:
         return []
-    sample = first.weight.data[:64].reshape(-1, 32)
+    sample = real(first.weight).data[:64].reshape(-1, 32)
     distinct = max(len(torch.unique(row)) for row in sample[:256])
     if distinct > 16:
         return []

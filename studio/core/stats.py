@@ -15,6 +15,7 @@ import torch
 
 from studio.core.jobs import Job, Progress
 from studio.core.layers import LayerInfo
+from studio.core.streaming import StoredParameter, real
 
 HIST_BINS = 256
 HEATMAP_MAX = 256
@@ -109,19 +110,30 @@ def weight_stats_job(handle, layers: list[LayerInfo] | None = None) -> Job[Weigh
     done_by_weight: dict[int, LayerWeightStats] = {}
     for i, info in enumerate(layers):
         yield Progress(i, len(layers), f"Weight statistics: {info.name}")
-        w = handle.weight(info.name) if info.kind != "embedding" else \
-            handle.module(info.name).weight.data
-        # A tied lm_head is the embedding matrix itself: reuse its numbers, named as itself.
-        twin = done_by_weight.get(w.data_ptr())
-        if twin is not None and twin.shape == tuple(w.shape):
+        module = handle.module(info.name)
+        # A tied lm_head is the embedding matrix itself: reuse its numbers, named as itself
+        # (found before reading: a streamed embedding is a large read).
+        key = weight_identity(module)
+        twin = done_by_weight.get(key)
+        if twin is not None and twin.shape == tuple(info.shape):
             stats = replace(twin, name=info.name, role=info.role, kind=info.kind,
                             quantizable=info.quantizable, block=info.block, tied_to=twin.name)
         else:
+            w = handle.weight(info.name) if info.kind != "embedding" else real(module.weight).data
             stats = layer_weight_stats(w, info)
-            done_by_weight[w.data_ptr()] = stats
+            done_by_weight[key] = stats
+            del w
         result.layers[info.name] = stats
     yield Progress(len(layers), len(layers), "Weight statistics done")
     return result
+
+
+def weight_identity(module) -> int:
+    """Equal for layers sharing one weight: its storage, or the stored tensor when streamed."""
+    param = module._parameters.get("weight")
+    if param is None:
+        return id(module)
+    return id(param) if isinstance(param, StoredParameter) else param.data_ptr()
 
 
 def layer_weight_stats(w: torch.Tensor, info: LayerInfo) -> LayerWeightStats:
