@@ -1,17 +1,175 @@
-"""Giving freed memory back to the operating system.
+"""The memory guard: what a job will need at its peak, said before it starts (issues 16, 17).
 
-torch's CPU tensors come from the C library's malloc. After a block of quantization, glibc
-keeps the freed batch temporaries in its heaps (tens of MB each, fragmented between tensors
-that live on), so the process's resident size ratchets up by hundreds of MB that nothing
-uses. `malloc_trim(0)` returns those free pages; elsewhere (macOS, musl, Windows) there is no
-such call and this does nothing.
+    estimate = estimate_job(handle, "quantize", method="gptq", windows=64, seqlen=512)
+    guard(estimate)       # NotEnoughMemory naming both numbers and what would fit, or nothing
+
+An estimate is the process's resident memory now (Python, torch, the tokenizer and a model held
+in memory) plus what the job adds at its peak, from shapes and settings alone: a model held in
+float32 counts its copies; a streamed model (`streaming.py`) counts one block in float32, the
+largest single layer it reads (often the embedding / lm_head), and the activations. Parts are
+named so the message can say what dominates. The factors below were fitted on the demo and the
+synthetic 3B of `benchmarks/bench_large.py` (figures in docs/decisions/streaming.md).
+
+Also here: giving freed memory back to the operating system. torch's CPU tensors come from the
+C library's malloc; after a block of quantization glibc keeps freed batch temporaries in its
+heaps, so the resident size ratchets up by hundreds of MB nothing uses. `malloc_trim(0)`
+returns those pages; elsewhere (macOS, musl, Windows) there is no such call and it does nothing.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import functools
+from dataclasses import dataclass, field
 
+import psutil
+
+from studio.core.errors import NotEnoughMemory
+
+GIB = 2 ** 30
+# Left free for the rest of the system and the window: a job may use what is available less this.
+RESERVE = 256 * 2 ** 20
+# Temporaries of a float32 forward per activation element: attention scores, the MLP's
+# intermediate, norms (fitted: a 512-token window of the demo).
+FORWARD_COPIES = 6
+# Copies of a layer's weight while weight statistics run on it (float32, |w|, sorted sample...).
+STATS_COPIES = 3
+
+
+@dataclass
+class Estimate:
+    what: str
+    now: int                                   # resident bytes before the job
+    parts: dict[str, int] = field(default_factory=dict)   # what the job adds, by name
+    offers: list[str] = field(default_factory=list)       # settings that need less
+
+    @property
+    def added(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def total(self) -> int:
+        return self.now + self.added
+
+    def describe(self) -> str:
+        big = sorted(self.parts.items(), key=lambda kv: -kv[1])[:3]
+        inside = ", ".join(f"{k} {v / GIB:.2f}" for k, v in big if v > 0)
+        return (f"{self.what} needs about {self.added / GIB:.1f} GiB more than the "
+                f"{self.now / GIB:.1f} GiB in use ({inside} GiB)")
+
+
+def available() -> int:
+    return max(0, psutil.virtual_memory().available - RESERVE)
+
+
+def resident() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def guard(estimate: Estimate, free: int | None = None) -> Estimate:
+    """Go ahead (return the estimate) or refuse with both numbers and what would fit."""
+    free = available() if free is None else free
+    if estimate.added > free:
+        offers = f" To fit: {'; '.join(estimate.offers)}." if estimate.offers else ""
+        raise NotEnoughMemory(f"{estimate.describe()}, but only {free / GIB:.1f} GiB is "
+                              f"available.{offers}")
+    return estimate
+
+
+# --- estimates ---------------------------------------------------------------------------------
+
+def model_shape(handle) -> dict:
+    """Sizes the estimates need, from the inventory (no weight is read)."""
+    text = handle.model.config.get_text_config() if hasattr(handle.model.config,
+                                                            "get_text_config") else handle.model.config
+    layers = handle.layers
+    blocks: dict[int, int] = {}
+    for info in layers:
+        if info.block is not None:
+            blocks[info.block] = blocks.get(info.block, 0) + info.params
+    largest = max((i.params for i in layers), default=0)
+    vocab = max((i.shape[0] for i in layers if i.kind in ("embedding", "lm_head")), default=0)
+    return {"hidden": int(getattr(text, "hidden_size", 0) or 0),
+            "intermediate": int(getattr(text, "intermediate_size", 0) or 0)
+            or 4 * int(getattr(text, "hidden_size", 0) or 0),
+            "vocab": vocab, "block_params": max(blocks.values(), default=0),
+            "largest_layer": largest, "params": handle.param_count,
+            "quantizable": sum(i.params for i in layers if i.quantizable),
+            "blocks": len(blocks)}
+
+
+def estimate_open(params: int, streamed: bool, vocab_bytes: int = 0) -> Estimate:
+    """Opening: the float32 weights when held in memory; when streamed, the skeleton only
+    (the inventory and the tokenizer, `vocab_bytes` on disk, parsed at ~3x)."""
+    est = Estimate("Opening the model", resident(), {"tokenizer": 3 * vocab_bytes})
+    if not streamed:
+        est.parts["float32 weights"] = 4 * params
+        est.offers.append("open it with --weights stream (the weights stay in their files)")
+    return est
+
+
+def estimate_job(handle, kind: str, method: str = "rtn", windows: int = 1, seqlen: int = 512,
+                 variant=None) -> Estimate:
+    """A job's peak on `handle`: kind is stats, quantize, eval, capture, sensitivity, bench."""
+    s = model_shape(handle)
+    streamed = handle.streamed
+    tokens = windows * seqlen
+    est = Estimate(_TITLES.get(kind, kind), resident())
+    p = est.parts
+    if streamed:
+        # the largest layer read and converted (stored bytes + float32), e.g. the lm_head
+        p["largest layer read"] = 6 * s["largest_layer"]
+    if kind == "stats":
+        p["statistics temporaries"] = STATS_COPIES * 4 * (
+            s["largest_layer"] if not streamed else s["largest_layer"] // 2)
+    elif kind in ("eval", "capture", "sensitivity", "bench"):
+        batch_tokens = seqlen  # one window per forward
+        p["logits"] = 3 * 4 * batch_tokens * s["vocab"]
+        p["activations"] = FORWARD_COPIES * 4 * batch_tokens * (s["hidden"] + s["intermediate"])
+        if variant is not None and not streamed:
+            p["de-quantized layers"] = 4 * s["quantizable"]
+        if variant is not None:
+            p["codes"] = sum(qt.numel() * qt.bits // 8 + 8 * qt.scale.numel()
+                             for qt in variant.qtensors.values())
+        if kind == "sensitivity":
+            p["block copies"] = 2 * 4 * s["block_params"]
+            p["calibration activations"] = 2 * 4 * tokens * s["hidden"]
+        if kind == "capture":
+            p["calibration activations"] = 4 * tokens * s["hidden"]
+    elif kind == "quantize":
+        p["block in float32"] = (2 if streamed else 1) * 4 * s["block_params"]
+        carried = tokens if method in ("gptq", "smoothquant") else min(tokens, 8 * seqlen)
+        p["calibration activations"] = 4 * carried * s["hidden"] * (2 if method == "smoothquant"
+                                                                     else 1)
+        if method == "gptq":
+            p["Hessians"] = 3 * 4 * max(s["hidden"], s["intermediate"]) ** 2
+            p["replay stash"] = min(4 * carried * (3 * s["hidden"] + s["intermediate"]),
+                                    (8 if streamed else 2) * s["block_params"])
+        p["codes"] = s["quantizable"] // 2 + s["quantizable"] // 16
+        p["batch temporaries"] = FORWARD_COPIES * 4 * 4 * seqlen * (s["hidden"] + s["intermediate"])
+        if not streamed:
+            p["copied floats"] = 4 * s["block_params"]
+        est.offers.append(f"fewer calibration windows than {windows}"
+                          if method == "gptq" else "a shorter sequence length")
+    if not streamed and kind in ("quantize", "sensitivity"):
+        est.offers.append("open the model with --weights stream (one block in memory)")
+    if kind in ("eval", "bench", "sensitivity", "capture") and seqlen > 256:
+        est.offers.append(f"a shorter sequence length than {seqlen}")
+    return est
+
+
+_TITLES = {"stats": "Weight statistics", "quantize": "Quantization", "eval": "Evaluation",
+           "capture": "Activation capture", "sensitivity": "The sensitivity sweep",
+           "bench": "The benchmark"}
+
+
+def guard_convert(param_count: int, what: str) -> None:
+    """A GGUF is de-quantized to float32 in a child process that holds about two copies."""
+    est = Estimate(f"De-quantizing {what}", 0, {"float32 weights, twice": 8 * param_count})
+    guard(est)
+
+
+# --- giving memory back ------------------------------------------------------------------------
 
 @functools.cache
 def _malloc_trim():
@@ -26,9 +184,3 @@ def release_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
-
-
-def guard_convert(param_count: int, what: str) -> None:
-    """A GGUF is de-quantized to float32 in a child process that holds about two copies."""
-    from studio.core.models import check_memory
-    check_memory(4 * param_count, what)
