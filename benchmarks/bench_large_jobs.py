@@ -27,6 +27,8 @@ def run_child(job: str, model: str) -> dict:
     from studio.core.jobs import run
     from studio.core.models import open_model_job
 
+    import transformers.models.llama.modeling_llama  # noqa: F401  (library import: runtime)
+
     record: dict = {}
     start = time.perf_counter()
     handle = run(open_model_job(model))
@@ -34,7 +36,10 @@ def run_child(job: str, model: str) -> dict:
     record["rss_after_open_mib"] = round(psutil.Process().memory_info().rss / MIB)
     record["streamed"] = handle.streamed
     if job == "open":
-        record["estimate_mib"] = round(memory.estimate_open(handle).total / MIB)
+        from studio.core.models import tokenizer_bytes
+        record["estimate_mib"] = round(memory.estimate_open(
+            0 if handle.streamed else handle.param_count, handle.streamed,
+            tokenizer_bytes(handle.folder), handle.layers).total / MIB)
         return record
     runner = {"stats": _stats, "rtn": _quantize, "gptq": _quantize, "eval": _eval,
               "eval-variant": _eval_variant}[job]

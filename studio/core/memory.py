@@ -54,7 +54,7 @@ class Estimate:
     def describe(self) -> str:
         big = sorted(self.parts.items(), key=lambda kv: -kv[1])[:3]
         inside = ", ".join(f"{k} {v / GIB:.2f}" for k, v in big if v > 0)
-        return (f"{self.what} needs about {self.added / GIB:.1f} GiB more than the "
+        return (f"{self.what} needs about {self.added / GIB:.1f} GiB of memory beyond the "
                 f"{self.now / GIB:.1f} GiB in use ({inside} GiB)")
 
 
@@ -98,10 +98,22 @@ def model_shape(handle) -> dict:
             "blocks": len(blocks)}
 
 
-def estimate_open(params: int, streamed: bool, vocab_bytes: int = 0) -> Estimate:
-    """Opening: the float32 weights when held in memory; when streamed, the skeleton only
-    (the inventory and the tokenizer, `vocab_bytes` on disk, parsed at ~3x)."""
+def estimate_open(params: int, streamed: bool, vocab_bytes: int = 0,
+                  layers: list | None = None) -> Estimate:
+    """Opening: the float32 weights when held in memory; when streamed, the skeleton (the
+    inventory and the tokenizer, `vocab_bytes` on disk, parsed at ~3x) and, as the least any
+    job needs, one block and the largest layer in float32 (`layers`: the inventory)."""
     est = Estimate("Opening the model", resident(), {"tokenizer": 3 * vocab_bytes})
+    if streamed and layers:
+        blocks: dict[int, int] = {}
+        for info in layers:
+            if info.block is not None:
+                blocks[info.block] = blocks.get(info.block, 0) + info.params
+        est.what = "The smallest job on this streamed model"
+        est.parts["one block in float32"] = 4 * max(blocks.values(), default=0)
+        est.parts["largest layer read"] = 6 * max(i.params for i in layers)
+        est.offers.append("a machine with more memory: even streamed, one block and the "
+                          "largest layer must fit")
     if not streamed:
         est.parts["float32 weights"] = 4 * params
         est.offers.append("open it with --weights stream (the weights stay in their files)")

@@ -19,6 +19,7 @@ import psutil
 import torch
 from torch import nn
 
+from studio.core import memory
 from studio.core.architecture import check_gguf_architecture
 from studio.core.errors import ModelLoadError, NotEnoughMemory
 from studio.core.file_checks import (GGUFSummary, check_no_remote_code, gguf_summary,
@@ -191,10 +192,12 @@ def open_model_job(source: str | Path, weights: str | None = None) -> Job[ModelH
     if stream:
         yield Progress(3, 4, "Reading the weights' headers (they stay in their files)")
         model = streamed_model(config, store)
+        memory.guard(memory.estimate_open(0, True, tokenizer_bytes(folder),
+                                          inventory(model)))
         notes.append(f"Weights stay in their files ({store.stored_bytes / 2**30:.2f} GiB as "
                      f"stored); each layer is read into float32 while a job computes on it.")
     else:
-        check_memory(weight_bytes, folder.name)
+        memory.guard(memory.estimate_open(weight_bytes // 4, False, tokenizer_bytes(folder)))
         yield Progress(3, 4, "Loading weights")
         model = load_model(folder, config)
     tokenizer, why = load_tokenizer(folder)
@@ -225,6 +228,10 @@ def choose_streaming(mode: str, folder: Path, weight_bytes: int) -> bool:
     if mode == "stream":
         return True
     return weight_bytes > STREAM_SHARE * psutil.virtual_memory().available
+
+
+def tokenizer_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("tokenizer*") if f.is_file())
 
 
 def quiet_transformers() -> None:
@@ -331,11 +338,11 @@ def gguf_flag(path: Path, key: str) -> bool | None:
 # --- checks before loading -----------------------------------------------------------------
 
 def check_memory(needed_bytes: int, what: str) -> None:
-    needed = int(needed_bytes * MEMORY_HEADROOM)
-    available = psutil.virtual_memory().available
-    if needed > available:
-        raise NotEnoughMemory(f"{what} needs about {needed / 2**30:.1f} GiB of memory in float32, "
-                              f"but only {available / 2**30:.1f} GiB is available.")
+    """float32 weights held in memory, with room for activations and the rest (headroom)."""
+    est = memory.Estimate(f"{what} in float32", memory.resident(),
+                          {"float32 weights": int(needed_bytes * MEMORY_HEADROOM)},
+                          ["open it with --weights stream (the weights stay in their files)"])
+    memory.guard(est)
 
 
 def folder_weight_bytes(folder: Path, config) -> int:
