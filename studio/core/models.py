@@ -205,7 +205,8 @@ def open_model_job(source: str | Path, weights: str | None = None) -> Job[ModelH
         notes.append(why)
     if kind == "gguf" and tokenizer is not None:
         notes.extend(follow_gguf_bos(tokenizer, path))
-    notes.extend(grid_notes(model))
+    if not stream:   # (a streamed model's open reads no weight)
+        notes.extend(grid_notes(model))
     handle = ModelHandle(model=model, tokenizer=tokenizer,
                          architecture=type(model).__name__, model_type=config.model_type,
                          source=str(source) if str(source) == "demo" else str(path),
@@ -416,8 +417,8 @@ def check_safetensors(folder: Path) -> None:
             raise ModelLoadError(f"Shards listed in {index.name} are missing: {', '.join(missing)}.")
     if not files and not list(folder.glob("*.bin")):
         raise ModelLoadError(f"{folder.name} has a config but no weights (*.safetensors).")
-    for file in files:
-        safetensors_header(file)
+    if files:   # every header against its file, the index against the shards' tensors
+        WeightStore(folder)
 
 
 def check_gguf(path: Path) -> GGUFSummary:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,33 @@ class StoredParameter(nn.Parameter):
         raise TypeError("A streamed model's parameters cannot be pickled.")
 
     def read(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.store.read(self.key, dtype)
+        return _counted(self.store.read(self.key, dtype))
+
+
+# What is resident from the files right now and at most since `reset_peak` (bytes of tensors
+# read by StoredParameter.read and still alive): the unit a job's memory scales with.
+_live = {"now": 0, "peak": 0}
+
+
+def _counted(tensor: torch.Tensor) -> torch.Tensor:
+    size = tensor.numel() * tensor.element_size()
+    _live["now"] += size
+    _live["peak"] = max(_live["peak"], _live["now"])
+    weakref.finalize(tensor.untyped_storage(), _uncount, size)
+    return tensor
+
+
+def _uncount(size: int) -> None:
+    _live["now"] -= size
+
+
+def reset_peak() -> None:
+    _live["peak"] = _live["now"]
+
+
+def peak_read_bytes() -> int:
+    """The most bytes read from the files that were alive at once since `reset_peak`."""
+    return _live["peak"]
 
 
 # --- building a streamed model ---------------------------------------------------------------
