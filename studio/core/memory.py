@@ -78,24 +78,31 @@ def guard(estimate: Estimate, free: int | None = None) -> Estimate:
 
 # --- estimates ---------------------------------------------------------------------------------
 
-def model_shape(handle) -> dict:
-    """Sizes the estimates need, from the inventory (no weight is read)."""
-    text = handle.model.config.get_text_config() if hasattr(handle.model.config,
-                                                            "get_text_config") else handle.model.config
-    layers = handle.layers
-    blocks: dict[int, int] = {}
-    for info in layers:
-        if info.block is not None:
-            blocks[info.block] = blocks.get(info.block, 0) + info.params
-    largest = max((i.params for i in layers), default=0)
-    vocab = max((i.shape[0] for i in layers if i.kind in ("embedding", "lm_head")), default=0)
-    return {"hidden": int(getattr(text, "hidden_size", 0) or 0),
-            "intermediate": int(getattr(text, "intermediate_size", 0) or 0)
-            or 4 * int(getattr(text, "hidden_size", 0) or 0),
-            "vocab": vocab, "block_params": max(blocks.values(), default=0),
-            "largest_layer": largest, "params": handle.param_count,
-            "quantizable": sum(i.params for i in layers if i.quantizable),
-            "blocks": len(blocks)}
+def model_shape(model) -> dict:
+    """Sizes the estimates need, from the config and the tensors' shapes (none is read)."""
+    from studio.core.quant.blocks import decoder_blocks
+    from studio.core.quant.coded import CodedLinear
+    from studio.core.streaming import streams
+
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0) or 0)
+    inter = int(getattr(text, "intermediate_size", 0) or getattr(text, "ffn_dim", 0)
+                or getattr(text, "n_inner", 0) or 4 * hidden)
+
+    def own(module) -> int:
+        coded = module.qt.numel() if isinstance(module, CodedLinear) else 0
+        return coded + sum(p.numel() for p in module.parameters(recurse=False))
+
+    _, blocks = decoder_blocks(model)
+    block_params = max(sum(own(m) for m in block.modules()) for block in blocks)
+    linears = sum(own(m) for block in blocks for m in block.modules()
+                  if isinstance(m, CodedLinear) or m.__class__.__name__ in ("Linear", "Conv1D"))
+    largest = max(own(m) for m in model.modules())
+    return {"hidden": hidden, "intermediate": inter,
+            "vocab": int(getattr(text, "vocab_size", 0) or 0), "block_params": block_params,
+            "largest_layer": largest, "quantizable": linears, "blocks": len(blocks),
+            "streamed": streams(model)}
 
 
 def estimate_open(params: int, streamed: bool, vocab_bytes: int = 0,
@@ -121,28 +128,32 @@ def estimate_open(params: int, streamed: bool, vocab_bytes: int = 0,
 
 
 def estimate_job(handle, kind: str, method: str = "rtn", windows: int = 1, seqlen: int = 512,
-                 variant=None) -> Estimate:
-    """A job's peak on `handle`: kind is stats, quantize, eval, capture, sensitivity, bench."""
-    s = model_shape(handle)
-    streamed = handle.streamed
+                 variant: bool = False) -> Estimate:
+    """A job's peak on `handle` (a ModelHandle or a model): kind is stats, quantize, eval,
+    capture, sensitivity, bench."""
+    s = model_shape(getattr(handle, "model", handle))
+    streamed = s["streamed"]
     tokens = windows * seqlen
     est = Estimate(_TITLES.get(kind, kind), resident())
     p = est.parts
-    if streamed:
+    if streamed and kind != "stats":
         # the largest layer read and converted (stored bytes + float32), e.g. the lm_head
         p["largest layer read"] = 6 * s["largest_layer"]
     if kind == "stats":
-        p["statistics temporaries"] = STATS_COPIES * 4 * (
-            s["largest_layer"] if not streamed else s["largest_layer"] // 2)
+        from studio.core.stats import CHUNK_ELEMENTS, CHUNKED_ABOVE
+        largest = s["largest_layer"]
+        if streamed:   # read as stored (16-bit), then in row chunks
+            p["largest layer read"] = 2 * largest
+        if largest > CHUNKED_ABOVE:
+            p["statistics temporaries"] = STATS_COPIES * 8 * CHUNK_ELEMENTS
+        else:   # |w|, the centred copy, the histogram's bins (float32 and int64)
+            p["statistics temporaries"] = STATS_COPIES * 8 * largest
     elif kind in ("eval", "capture", "sensitivity", "bench"):
         batch_tokens = seqlen  # one window per forward
         p["logits"] = 3 * 4 * batch_tokens * s["vocab"]
         p["activations"] = FORWARD_COPIES * 4 * batch_tokens * (s["hidden"] + s["intermediate"])
-        if variant is not None and not streamed:
+        if variant and not streamed:   # (`coded.expanded` holds them for the whole run)
             p["de-quantized layers"] = 4 * s["quantizable"]
-        if variant is not None:
-            p["codes"] = sum(qt.numel() * qt.bits // 8 + 8 * qt.scale.numel()
-                             for qt in variant.qtensors.values())
         if kind == "sensitivity":
             p["block copies"] = 2 * 4 * s["block_params"]
             p["calibration activations"] = 2 * 4 * tokens * s["hidden"]

@@ -35,7 +35,7 @@ from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress
 from studio.core.layers import (get_module, is_linear, move_pre_hooks, read_weight_matrix,
                                  replace_module, replace_weight_matrix, weight_matrix)
-from studio.core.memory import release_freed_memory
+from studio.core.memory import estimate_job, guard, release_freed_memory
 from studio.core.plan import Plan, QuantSpec
 from studio.core.quant import layout, smoothquant
 from studio.core.quant.coded import coded_layer
@@ -67,6 +67,9 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
     start = time.perf_counter()
     specs = validate(handle, plan, windows)
     methods = {spec.method for spec in specs.values()}
+    guard(estimate_job(handle, "quantize", _heaviest(methods),
+                       0 if windows is None else len(windows),
+                       0 if windows is None else windows.shape[1]))
     if not methods & set(CALIBRATED) and windows is not None:
         windows = windows[:ERROR_WINDOWS]  # RTN needs no data: measure errors on a few windows
         calib_label = None
@@ -126,6 +129,10 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
                    calibration=calib_label if windows is not None else None,
                    seconds=time.perf_counter() - start, layer_errors=state.errors,
                    floats=floats)
+
+
+def _heaviest(methods: set[str]) -> str:
+    return next((m for m in ("gptq", "smoothquant", "awq") if m in methods), "rtn")
 
 
 def replay_budget(model: nn.Module) -> int:

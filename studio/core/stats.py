@@ -15,6 +15,7 @@ import torch
 
 from studio.core.jobs import Job, Progress
 from studio.core.layers import LayerInfo
+from studio.core.memory import estimate_job, guard
 from studio.core.streaming import StoredParameter
 
 HIST_BINS = 256
@@ -110,6 +111,7 @@ def weight_stats_job(handle, layers: list[LayerInfo] | None = None) -> Job[Weigh
     if layers is None:
         layers = [info for info in handle.layers
                   if info.quantizable or info.kind in ("embedding", "lm_head")]
+    guard(estimate_job(handle, "stats"))
     result = WeightStats(model=handle.name)
     done_by_weight: dict[int, LayerWeightStats] = {}
     for i, info in enumerate(layers):
