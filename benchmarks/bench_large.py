@@ -85,8 +85,10 @@ def run_in_child(job: str, model: str) -> dict:
                           env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+    # (ru_maxrss of RUSAGE_CHILDREN is the largest child so far: the child's own figure,
+    # peak_rss_self_mib, is the one to read when several jobs ran)
     record = {"job": job, "model": model, "exit": done.returncode,
-              "process_seconds": round(wall, 1), "peak_rss_mib": round(peak / MIB)}
+              "process_seconds": round(wall, 1), "peak_rss_children_mib": round(peak / MIB)}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if lines:
         record.update(json.loads(lines[-1]))

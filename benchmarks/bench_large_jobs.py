@@ -22,6 +22,16 @@ CALIB_WINDOWS, SEQLEN = 16, 512
 
 
 def run_child(job: str, model: str) -> dict:
+    import resource
+
+    record = _run_child(job, model)
+    # this process's own peak (the parent's RUSAGE_CHILDREN is the largest of all its children)
+    record["peak_rss_self_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                        * 1024 / MIB)
+    return record
+
+
+def _run_child(job: str, model: str) -> dict:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     from studio.core import memory
     from studio.core.jobs import run
@@ -36,6 +46,10 @@ def run_child(job: str, model: str) -> dict:
     record["rss_after_open_mib"] = round(psutil.Process().memory_info().rss / MIB)
     record["streamed"] = handle.streamed
     if job == "open":
+        if not handle.streamed:   # held weights are paged in on first use: touch them all
+            for tensor in handle.model.parameters():
+                tensor.sum()
+            record["rss_after_touching_mib"] = round(psutil.Process().memory_info().rss / MIB)
         from studio.core.models import tokenizer_bytes
         record["estimate_mib"] = round(memory.estimate_open(
             0 if handle.streamed else handle.param_count, handle.streamed,

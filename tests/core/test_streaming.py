@@ -42,12 +42,13 @@ def test_streamed_model_gives_the_in_memory_statistics_and_perplexity(family_dir
     assert perplexity(held.model, ids) == perplexity(streamed.model, ids)
 
 
-@pytest.mark.parametrize("arch,method", [("llama", "gptq"), ("gpt2", "rtn"), ("qwen2", "awq"),
-                                         ("gemma2", "smoothquant"), ("phi3", "gptq")])
+# (every method on every family gave identical codes too; these keep the suite short)
+@pytest.mark.parametrize("arch,method", [("llama", "gptq"), ("gpt2", "rtn"), ("gemma2", "rtn"),
+                                         ("qwen2", "awq")])
 def test_streamed_quantization_gives_the_same_codes_and_perplexity(family_dirs, arch, method):
     held, streamed = both(family_dirs[arch])
     plan = Plan(QuantSpec(4, 32, False, method))
-    ids = windows(8, 64)
+    ids = windows(16, 32)
     a = run(quantize_job(held, plan, ids, "test", "v"))
     b = run(quantize_job(streamed, plan, ids, "test", "v"))
     assert set(a.qtensors) == set(b.qtensors)
@@ -88,13 +89,14 @@ def test_memory_grows_with_one_block_not_the_model(tmp_path, tiny_tokenizer_obj)
     """The most read at once is the same for a 2- and an 8-block model of the same shapes."""
     peaks = {}
     for layers in (2, 8):
-        folder = sharded(tmp_path, tiny_tokenizer_obj, layers, 128, f"depth{layers}")
+        folder = sharded(tmp_path, tiny_tokenizer_obj, layers, 64, f"depth{layers}")
         handle = run(open_model_job(folder, "stream"))
         streaming.reset_peak()
         perplexity(handle.model, windows(2, 32))
         forward = streaming.peak_read_bytes()
         streaming.reset_peak()
-        run(quantize_job(handle, Plan(QuantSpec(4, 32, False, "gptq")), windows(8, 64), "t", "v"))
+        run(quantize_job(handle, Plan(QuantSpec(4, 32, False, "gptq")), windows(16, 32), "t",
+                         "v"))
         peaks[layers] = (forward, streaming.peak_read_bytes(), 4 * handle.param_count)
     assert peaks[2][:2] == peaks[8][:2]
     block = 4 * sum(i.params for i in run(open_model_job(folder, "stream")).layers
