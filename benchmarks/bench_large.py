@@ -49,7 +49,9 @@ JOBS = ("open", "stats", "rtn", "gptq", "eval", "eval-variant")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("make")
+    make_p = sub.add_parser("make")
+    make_p.add_argument("--layers", type=int, default=CONFIG["num_hidden_layers"],
+                        help="a cut with fewer blocks of the same shapes (own folder)")
     run_p = sub.add_parser("run")
     run_p.add_argument("jobs", nargs="*", default=list(JOBS))
     run_p.add_argument("--model", default=str(LARGE))
@@ -59,7 +61,11 @@ def main(argv=None) -> int:
     child_p.add_argument("model")
     args = parser.parse_args(argv)
     if args.command == "make":
-        make(LARGE)
+        if args.layers != CONFIG["num_hidden_layers"]:
+            CONFIG["num_hidden_layers"] = args.layers
+            make(LARGE.with_name(f"{LARGE.name}-{args.layers}blocks"))
+        else:
+            make(LARGE)
         return 0
     if args.command == "child":
         from bench_large_jobs import run_child

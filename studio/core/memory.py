@@ -32,6 +32,9 @@ RESERVE = 256 * 2 ** 20
 # Temporaries of a float32 forward per activation element: attention scores, the MLP's
 # intermediate, norms (fitted: a 512-token window of the demo).
 FORWARD_COPIES = 6
+# Python, torch and transformers' model code, resident before any weight (measured: 440-460
+# MiB after opening the demo, whose weights are not yet paged in, or a streamed 3B model).
+RUNTIME = 440 * 2 ** 20
 # Copies of a layer's weight while weight statistics run on it (float32, |w|, sorted sample...).
 STATS_COPIES = 3
 
@@ -105,6 +108,15 @@ def model_shape(model) -> dict:
             "streamed": streams(model)}
 
 
+def now_with_weights(model, streamed: bool) -> int:
+    """Resident memory now, counting weights held in memory as resident: a safetensors load
+    maps them and pages them in on first use, so right after opening they do not show yet."""
+    if streamed:
+        return resident()
+    from studio.core.layers import model_bytes
+    return max(resident(), RUNTIME + model_bytes(model))
+
+
 def estimate_open(params: int, streamed: bool, vocab_bytes: int = 0,
                   layers: list | None = None) -> Estimate:
     """Opening: the float32 weights when held in memory; when streamed, the skeleton (the
@@ -131,10 +143,11 @@ def estimate_job(handle, kind: str, method: str = "rtn", windows: int = 1, seqle
                  variant: bool = False) -> Estimate:
     """A job's peak on `handle` (a ModelHandle or a model): kind is stats, quantize, eval,
     capture, sensitivity, bench."""
-    s = model_shape(getattr(handle, "model", handle))
+    model = getattr(handle, "model", handle)
+    s = model_shape(model)
     streamed = s["streamed"]
     tokens = windows * seqlen
-    est = Estimate(_TITLES.get(kind, kind), resident())
+    est = Estimate(_TITLES.get(kind, kind), now_with_weights(model, streamed))
     p = est.parts
     if streamed and kind != "stats":
         # the largest layer read and converted (stored bytes + float32), e.g. the lm_head
@@ -146,8 +159,8 @@ def estimate_job(handle, kind: str, method: str = "rtn", windows: int = 1, seqle
             p["largest layer read"] = 2 * largest
         if largest > CHUNKED_ABOVE:
             p["statistics temporaries"] = STATS_COPIES * 8 * CHUNK_ELEMENTS
-        else:   # |w|, the centred copy, the histogram's bins (float32 and int64)
-            p["statistics temporaries"] = STATS_COPIES * 8 * largest
+        else:   # |w| and the centred copy (the histogram's bins come after they are freed)
+            p["statistics temporaries"] = 2 * 4 * largest
     elif kind in ("eval", "capture", "sensitivity", "bench"):
         batch_tokens = seqlen  # one window per forward
         p["logits"] = 3 * 4 * batch_tokens * s["vocab"]
