@@ -105,6 +105,7 @@ def model_shape(model) -> dict:
     return {"hidden": hidden, "intermediate": inter,
             "vocab": int(getattr(text, "vocab_size", 0) or 0), "block_params": block_params,
             "largest_layer": largest, "quantizable": linears, "blocks": len(blocks),
+            "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
             "streamed": streams(model)}
 
 
@@ -130,7 +131,7 @@ def estimate_open(params: int, streamed: bool, vocab_bytes: int = 0,
                 blocks[info.block] = blocks.get(info.block, 0) + info.params
         est.what = "The smallest job on this streamed model"
         est.parts["one block in float32"] = 4 * max(blocks.values(), default=0)
-        est.parts["largest layer read"] = 6 * max(i.params for i in layers)
+        est.parts["largest layer read"] = 4 * max(i.params for i in layers)
         est.offers.append("a machine with more memory: even streamed, one block and the "
                           "largest layer must fit")
     if not streamed:
@@ -150,8 +151,9 @@ def estimate_job(handle, kind: str, method: str = "rtn", windows: int = 1, seqle
     est = Estimate(_TITLES.get(kind, kind), now_with_weights(model, streamed))
     p = est.parts
     if streamed and kind != "stats":
-        # the largest layer read and converted (stored bytes + float32), e.g. the lm_head
-        p["largest layer read"] = 6 * s["largest_layer"]
+        # the largest layer read into float32 (a chunk at a time), e.g. the lm_head
+        from studio.core.streaming import READ_CHUNK
+        p["largest layer read"] = 4 * s["largest_layer"] + 2 * READ_CHUNK
     if kind == "stats":
         from studio.core.stats import CHUNK_ELEMENTS, CHUNKED_ABOVE
         largest = s["largest_layer"]
@@ -173,14 +175,18 @@ def estimate_job(handle, kind: str, method: str = "rtn", windows: int = 1, seqle
         if kind == "capture":
             p["calibration activations"] = 4 * tokens * s["hidden"]
     elif kind == "quantize":
-        p["block in float32"] = (2 if streamed else 1) * 4 * s["block_params"]
+        p["block in float32"] = 4 * s["block_params"]
+        if streamed:   # the baseline's weight of a layer, read for its error figures
+            p["baseline layer read"] = 4 * s["intermediate"] * s["hidden"]
         carried = tokens if method in ("gptq", "smoothquant") else min(tokens, 8 * seqlen)
         p["calibration activations"] = 4 * carried * s["hidden"] * (2 if method == "smoothquant"
                                                                      else 1)
         if method == "gptq":
             p["Hessians"] = 3 * 4 * max(s["hidden"], s["intermediate"]) ** 2
+            # (quantize.replay_budget: twice a block's float32 bytes streamed, half the model's
+            # held)
             p["replay stash"] = min(4 * carried * (3 * s["hidden"] + s["intermediate"]),
-                                    (8 if streamed else 2) * s["block_params"])
+                                    8 * s["block_params"] if streamed else 2 * s["params"])
         p["codes"] = s["quantizable"] // 2 + s["quantizable"] // 16
         p["batch temporaries"] = FORWARD_COPIES * 4 * 4 * seqlen * (s["hidden"] + s["intermediate"])
         if not streamed:
