@@ -152,3 +152,18 @@ def test_the_guard_offers_settings_that_fit(tiny_llama, monkeypatch):
     with pytest.raises(NotEnoughMemory, match="fewer calibration windows"):
         memory.guard(est, free=est.added - 1)
     assert memory.guard(est, free=est.added) is est
+
+
+def test_streamed_sensitivity_and_activations_match(tiny_dirs):
+    import numpy as np
+
+    from studio.core.activations import activation_capture_job
+    from studio.core.sensitivity import sensitivity_job
+
+    held, streamed = both(tiny_dirs["llama"])
+    ids = windows(8, 32)
+    a = run(sensitivity_job(held, ids, bits=(4,), group_sizes=(32,), kl_group=32))
+    b = run(sensitivity_job(streamed, ids, bits=(4,), group_sizes=(32,), kl_group=32))
+    assert np.array_equal(a.kl, b.kl) and np.array_equal(a.ppl, b.ppl)
+    ca, cb = run(activation_capture_job(held)), run(activation_capture_job(streamed))
+    assert np.array_equal(ca.stream_norm, cb.stream_norm)
