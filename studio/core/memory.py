@@ -150,10 +150,11 @@ def estimate_job(handle, kind: str, method: str = "rtn", windows: int = 1, seqle
     tokens = windows * seqlen
     est = Estimate(_TITLES.get(kind, kind), now_with_weights(model, streamed))
     p = est.parts
-    if streamed and kind != "stats":
+    from studio.core.streaming import READ_CHUNK
+    largest_read = 4 * s["largest_layer"] + 2 * READ_CHUNK
+    if streamed and kind not in ("stats", "quantize"):
         # the largest layer read into float32 (a chunk at a time), e.g. the lm_head
-        from studio.core.streaming import READ_CHUNK
-        p["largest layer read"] = 4 * s["largest_layer"] + 2 * READ_CHUNK
+        p["largest layer read"] = largest_read
     if kind == "stats":
         from studio.core.stats import CHUNK_ELEMENTS, CHUNKED_ABOVE
         largest = s["largest_layer"]
@@ -191,6 +192,11 @@ def estimate_job(handle, kind: str, method: str = "rtn", windows: int = 1, seqle
         p["batch temporaries"] = FORWARD_COPIES * 4 * 4 * seqlen * (s["hidden"] + s["intermediate"])
         if not streamed:
             p["copied floats"] = 4 * s["block_params"]
+        if streamed:
+            # The embedding is read while block 0's inputs are captured, before any block's
+            # work or codes: only what it needs beyond the blocks' phase counts.
+            capture = largest_read + p["calibration activations"]
+            p["embedding read (capture)"] = max(0, capture - sum(p.values()))
         est.offers.append(f"fewer calibration windows than {windows}"
                           if method == "gptq" else "a shorter sequence length")
     if not streamed and kind in ("quantize", "sensitivity"):
