@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 
@@ -32,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Analyse, quantize, benchmark and export language models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--weights", choices=("auto", "memory", "stream"),
+                        help="hold every weight in float32 (memory), keep them in their "
+                             "safetensors files and read each layer as it runs (stream), or "
+                             "stream when float32 would take over half the free memory "
+                             "(auto, the default)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         _add_command(sub, importlib.import_module(f"studio.commands.{name}"))
@@ -55,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.weights:   # read by every open, the base model of a VARIANT's included
+        os.environ["COMPRESSION_STUDIO_WEIGHTS"] = args.weights
     if args.command is None:
         from studio.ui.app import main as gui_main  # Qt only when a window is wanted
         return gui_main()

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from studio.core.files import write_bytes_atomic
+from studio.core.streaming import StoredParameter
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,9 @@ def model_fingerprint(model: nn.Module) -> str:
     seen: set[int] = set()
     for name, t in tensors.items():
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        if isinstance(t, StoredParameter):  # streamed: its file and place, not its bytes
+            digest.update(f"{t.key}@{t.store.identity()}".encode())
+            continue
         if t.data_ptr() in seen:    # a tied weight: its bytes once
             continue
         seen.add(t.data_ptr())

@@ -119,6 +119,12 @@ def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
     the output head too (the largest single matmul: in float it caps the speed-up). `prefill`:
     see `kernels.kernel_model`.
     """
+    from studio.core.streaming import streams
+
+    if streams(model):   # its builds copy and convert every weight of the model at once
+        raise StudioError("Benchmarks time a model held in memory, and this one keeps its "
+                          "weights in their files (streamed). Open it with --weights memory "
+                          "(File menu: uncheck 'Keep weights in their files') if it fits.")
     unknown = [c for c in configs if c not in BASE_CONFIGS]
     if unknown:
         raise StudioError(f"Unknown benchmark configuration {', '.join(unknown)}; "

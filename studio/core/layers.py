@@ -73,6 +73,16 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return module.weight.data
 
 
+def read_weight_matrix(module: nn.Module) -> torch.Tensor:
+    """`weight_matrix`, with a streamed weight (streaming.StoredParameter) read from its file."""
+    from studio.core.streaming import real
+
+    param = module._parameters.get("weight")
+    if param is None or real(param) is param:
+        return weight_matrix(module)
+    return real(param).t() if is_conv1d(module) else real(param)
+
+
 def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     """Write an [out, in] matrix back into the layer, in the layer's own layout and dtype."""
     _check_float(module)
@@ -105,7 +115,11 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def move_pre_hooks(old: nn.Module, new: nn.Module) -> str:
     """Carry input hooks (SmoothQuant's simulated activation quantization) onto the module
     replacing `old`; a note naming the activation bits they quantize to ("" if none)."""
+    from studio.core.streaming import STREAMING_HOOKS
+
     for key, hook in old._forward_pre_hooks.items():
+        if hook in STREAMING_HOOKS:   # (the new module gets its own: streaming.watch)
+            continue
         new.register_forward_pre_hook(hook, with_kwargs=key in old._forward_pre_hooks_with_kwargs)
     bits = sorted({getattr(h, "bits", None) for h in old._forward_pre_hooks.values()} - {None})
     return f"inputs fake-quantized to {'/'.join(map(str, bits))} bits first" if bits else ""
@@ -178,9 +192,10 @@ def model_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.data_ptr() in seen:
+        key = id(tensor) if tensor.is_meta else tensor.data_ptr()  # (streamed: no storage)
+        if key in seen:
             continue
-        seen.add(tensor.data_ptr())
+        seen.add(key)
         total += tensor.numel() * tensor.element_size()
     return total
 

@@ -19,14 +19,16 @@ import psutil
 import torch
 from torch import nn
 
+from studio.core import memory
 from studio.core.architecture import check_gguf_architecture
-from studio.core.errors import ModelLoadError, NotEnoughMemory
+from studio.core.errors import ModelLoadError
 from studio.core.file_checks import (GGUFSummary, check_no_remote_code, gguf_summary,
                                      safetensors_header, safetensors_numel)
 from studio.core.files import read_json
 from studio.core.gguf_convert import convert_job
 from studio.core.jobs import Job, Progress
-from studio.core.layers import LayerInfo, get_module, inventory, model_bytes, weight_matrix
+from studio.core.layers import LayerInfo, get_module, inventory, model_bytes, read_weight_matrix
+from studio.core.streaming import WeightStore, real, streamed_model
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,11 @@ MAX_LAYERS = 1024
 # A config may describe a few parameters the files do not hold (re-initialised buffers,
 # a tied head); not more than this factor.
 MAX_MISSING = 1.05
+# How weights are held: "memory" (float32, all of them), "stream" (kept as stored, each layer
+# read when it runs: streaming.py) or "auto" (stream when float32 would take more than
+# STREAM_SHARE of the memory available). COMPRESSION_STUDIO_WEIGHTS sets the default.
+WEIGHT_MODES = ("auto", "memory", "stream")
+STREAM_SHARE = 0.5
 # Tokenizer files are parsed whole; real ones are a few MB (the largest vocabularies ~30 MB).
 MAX_TOKENIZER_BYTES = 256 * 2**20
 
@@ -55,6 +62,11 @@ class ModelHandle:
     layers: list[LayerInfo]
     notes: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
+    store: WeightStore | None = None   # set when the weights stream from their files
+
+    @property
+    def streamed(self) -> bool:
+        return self.store is not None
 
     @property
     def name(self) -> str:
@@ -62,6 +74,7 @@ class ModelHandle:
 
     @property
     def size_bytes(self) -> int:
+        """Bytes of the weights as held: float32 in memory, or as stored when streamed."""
         return model_bytes(self.model)
 
     @property
@@ -82,8 +95,9 @@ class ModelHandle:
         return get_module(self.model, name)
 
     def weight(self, name: str) -> torch.Tensor:
-        """The layer's weight as an [out, in] matrix (a view: do not modify it)."""
-        return weight_matrix(self.module(name))
+        """The layer's weight as an [out, in] float matrix (a view when held in memory, read
+        from its file when streamed: do not modify it)."""
+        return read_weight_matrix(self.module(name))
 
     @property
     def quantizable(self) -> list[LayerInfo]:
@@ -141,9 +155,18 @@ def resolve_source(source: str | Path) -> tuple[str, Path]:
 
 # --- the job -------------------------------------------------------------------------------
 
-def open_model_job(source: str | Path) -> Job[ModelHandle]:
-    """Open `source` (folder, .gguf, or "demo"); yields progress, returns a ModelHandle."""
+def weight_mode(mode: str | None = None) -> str:
+    mode = mode or os.environ.get("COMPRESSION_STUDIO_WEIGHTS", "auto")
+    if mode not in WEIGHT_MODES:
+        raise ModelLoadError(f"Weights mode {mode!r} is not one of {', '.join(WEIGHT_MODES)}.")
+    return mode
+
+
+def open_model_job(source: str | Path, weights: str | None = None) -> Job[ModelHandle]:
+    """Open `source` (folder, .gguf, or "demo"); yields progress, returns a ModelHandle.
+    `weights`: "memory", "stream" or "auto" (`WEIGHT_MODES`; None: the environment's)."""
     start = time.perf_counter()
+    mode = weight_mode(weights)
     quiet_transformers()
     kind, path = resolve_source(source)
     notes: list[str] = []
@@ -153,7 +176,8 @@ def open_model_job(source: str | Path) -> Job[ModelHandle]:
         summary = check_gguf(path)
         folder = gguf_cache_folder(path)
         if not (folder / "config.json").is_file():
-            check_memory(4 * summary.param_count, path.name)
+            from studio.core.memory import guard_convert
+            guard_convert(summary.param_count, path.name)
             yield from convert_job(path, folder)
         notes.append(f"Weights de-quantized from {path.name}; cached in {folder}.")
     else:
@@ -161,24 +185,54 @@ def open_model_job(source: str | Path) -> Job[ModelHandle]:
     yield Progress(2, 4, f"Reading {folder.name}")
     config = read_config(folder)
     weight_bytes = folder_weight_bytes(folder, config)
-    check_memory(weight_bytes, folder.name)
     check_safetensors(folder)
-    check_config_size(folder, config, weight_bytes)
-    yield Progress(3, 4, "Loading weights")
-    model = load_model(folder, config)
+    stream = choose_streaming(mode, folder, weight_bytes)
+    store = WeightStore(folder) if stream else None
+    check_config_size(folder, config, weight_bytes, memory=not stream)
+    if stream:
+        yield Progress(3, 4, "Reading the weights' headers (they stay in their files)")
+        model = streamed_model(config, store)
+        memory.guard(memory.estimate_open(0, True, tokenizer_bytes(folder),
+                                          inventory(model)))
+        notes.append(f"Weights stay in their files ({store.stored_bytes / 2**30:.2f} GiB as "
+                     f"stored); each layer is read into float32 while a job computes on it.")
+    else:
+        memory.guard(memory.estimate_open(weight_bytes // 4, False, tokenizer_bytes(folder)))
+        yield Progress(3, 4, "Loading weights")
+        model = load_model(folder, config)
     tokenizer, why = load_tokenizer(folder)
     if why:
         notes.append(why)
     if kind == "gguf" and tokenizer is not None:
         notes.extend(follow_gguf_bos(tokenizer, path))
-    notes.extend(grid_notes(model))
+    if not stream:   # (a streamed model's open reads no weight)
+        notes.extend(grid_notes(model))
     handle = ModelHandle(model=model, tokenizer=tokenizer,
                          architecture=type(model).__name__, model_type=config.model_type,
                          source=str(source) if str(source) == "demo" else str(path),
-                         folder=folder, layers=inventory(model), notes=notes)
+                         folder=folder, layers=inventory(model), notes=notes, store=store)
     handle.load_seconds = time.perf_counter() - start
     yield Progress(4, 4, f"Opened {handle.name}")
     return handle
+
+
+def choose_streaming(mode: str, folder: Path, weight_bytes: int) -> bool:
+    """Stream when asked, or (auto) when the float32 model would take more than STREAM_SHARE
+    of the memory available; only safetensors folders can stream."""
+    if mode == "memory":
+        return False
+    if not any(folder.glob("*.safetensors")):
+        if mode == "stream":
+            raise ModelLoadError(f"{folder.name} has no safetensors weights: only those can "
+                                 f"stay in their files (open it with --weights memory).")
+        return False
+    if mode == "stream":
+        return True
+    return weight_bytes > STREAM_SHARE * psutil.virtual_memory().available
+
+
+def tokenizer_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("tokenizer*") if f.is_file())
 
 
 def quiet_transformers() -> None:
@@ -285,11 +339,11 @@ def gguf_flag(path: Path, key: str) -> bool | None:
 # --- checks before loading -----------------------------------------------------------------
 
 def check_memory(needed_bytes: int, what: str) -> None:
-    needed = int(needed_bytes * MEMORY_HEADROOM)
-    available = psutil.virtual_memory().available
-    if needed > available:
-        raise NotEnoughMemory(f"{what} needs about {needed / 2**30:.1f} GiB of memory in float32, "
-                              f"but only {available / 2**30:.1f} GiB is available.")
+    """float32 weights held in memory, with room for activations and the rest (headroom)."""
+    est = memory.Estimate(f"{what} in float32", memory.resident(),
+                          {"float32 weights": int(needed_bytes * MEMORY_HEADROOM)},
+                          ["open it with --weights stream (the weights stay in their files)"])
+    memory.guard(est)
 
 
 def folder_weight_bytes(folder: Path, config) -> int:
@@ -322,7 +376,7 @@ def check_layer_count(config, where: str) -> None:
                                  f"opens models of 1 to {MAX_LAYERS}.")
 
 
-def check_config_size(folder: Path, config, weight_bytes: int) -> None:
+def check_config_size(folder: Path, config, weight_bytes: int, memory: bool = True) -> None:
     """transformers builds the model the config describes before it reads any weight: a config
     claiming far more than the files hold would allocate it (and fill the rest at random).
     Count the config's parameters on the meta device (no memory) and compare."""
@@ -336,7 +390,8 @@ def check_config_size(folder: Path, config, weight_bytes: int) -> None:
         raise ModelLoadError(f"The config in {folder.name} does not describe a model "
                              f"transformers can build: {exc}") from None
     params = sum(p.numel() for p in skeleton.parameters())
-    check_memory(4 * params, folder.name)
+    if memory:  # (a streamed model needs one block's worth: memory.py's guard)
+        check_memory(4 * params, folder.name)
     held = weight_bytes // 4  # float32 bytes -> parameters (.bin: an over-estimate)
     # a quantized checkpoint packs several weights per stored element: only the memory check
     packed = getattr(config, "quantization_config", None) is not None
@@ -362,8 +417,8 @@ def check_safetensors(folder: Path) -> None:
             raise ModelLoadError(f"Shards listed in {index.name} are missing: {', '.join(missing)}.")
     if not files and not list(folder.glob("*.bin")):
         raise ModelLoadError(f"{folder.name} has a config but no weights (*.safetensors).")
-    for file in files:
-        safetensors_header(file)
+    if files:   # every header against its file, the index against the shards' tensors
+        WeightStore(folder)
 
 
 def check_gguf(path: Path) -> GGUFSummary:
@@ -385,7 +440,7 @@ def grid_notes(model: nn.Module) -> list[str]:
                   and m is not getattr(model, "lm_head", None)), None)
     if first is None or first.weight.shape[1] % 32:
         return []
-    sample = first.weight.data[:64].reshape(-1, 32)
+    sample = real(first.weight).data[:64].reshape(-1, 32)
     distinct = max(len(torch.unique(row)) for row in sample[:256])
     if distinct > 16:
         return []

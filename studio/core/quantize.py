@@ -33,9 +33,9 @@ from torch import nn
 
 from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress
-from studio.core.layers import (get_module, is_linear, move_pre_hooks, replace_module,
-                                 replace_weight_matrix, weight_matrix)
-from studio.core.memory import release_freed_memory
+from studio.core.layers import (get_module, is_linear, move_pre_hooks, read_weight_matrix,
+                                 replace_module, replace_weight_matrix, weight_matrix)
+from studio.core.memory import estimate_job, guard, release_freed_memory
 from studio.core.plan import Plan, QuantSpec
 from studio.core.quant import layout, registry, smoothquant
 from studio.core.quant.coded import coded_layer
@@ -46,6 +46,7 @@ from studio.core.quant.gptq import (HessianAccumulator, output_energy,
 from studio.core.quant.grid import QTensor
 from studio.core.quant.registry import LayerCalibration, Quantizer
 from studio.core.quant.rtn import quantize_weight
+from studio.core.streaming import materialise, real, stored_bytes_per_block, streams, watch
 from studio.core.variant import Variant, untie_if_needed
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,9 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
     start = time.perf_counter()
     specs = validate(handle, plan, windows)
     methods = {spec.method for spec in specs.values()}
+    count, seqlen = (0, 0) if windows is None else windows.shape
+    guard(max((estimate_job(handle, "quantize", m, count, seqlen) for m in methods),
+              key=lambda estimate: estimate.added))
     if not any(registry.get(m).needs_text for m in methods) and windows is not None:
         windows = windows[:ERROR_WINDOWS]  # RTN needs no data: measure errors on a few windows
         calib_label = None
@@ -78,7 +82,7 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
     untie_if_needed(model, specs)
     _, blocks = decoder_blocks(model)
     state = _State(specs, handle.model, total)
-    state.replay_budget = int(REPLAY_SHARE * 4 * handle.param_count)
+    state.replay_budget = replay_budget(handle.model)
 
     act_bits = {n: int(s.option("act_bits")) for n, s in sq.items()}
     last_smoothed = smoothquant.last_smoothed_block(model, sq) if sq else -1
@@ -95,6 +99,7 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
             continue
         if mine:
             blocks[index] = copy.deepcopy(blocks[index])   # shared until now: private from here
+            materialise(blocks[index])   # a streamed block: read into float32 for its turn
         if index <= last_smoothed:
             yield Progress(len(state.qtensors) + 1, total, f"block {index}: SmoothQuant smoothing")
             smooth_inputs = smooth_block_inputs(blocks[index], block_name,
@@ -124,6 +129,15 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
                    calibration=calib_label if windows is not None else None,
                    seconds=time.perf_counter() - start, layer_errors=state.errors,
                    floats=floats)
+
+
+def replay_budget(model: nn.Module) -> int:
+    """Bytes of activations Replay may keep: REPLAY_SHARE of the float32 model, or for a
+    streamed model (which holds one block, not the model) twice the largest block."""
+    if streams(model):
+        return 2 * max(stored_bytes_per_block(model))
+    return int(REPLAY_SHARE * 4 * sum(p.numel() for p in {id(p): p for p in model.parameters()
+                                                            }.values()))
 
 
 def windows_carried(methods: set[str], windows: torch.Tensor) -> int:
@@ -178,7 +192,8 @@ def share_settled(block: nn.Module, base_block: nn.Module, block_name: str,
             base_param = base_module._parameters.get(key)
             if param is None or base_param is None or param.shape != base_param.shape:
                 continue
-            if (key == "weight" and rel in quantized) or torch.equal(param, base_param):
+            if (key == "weight" and rel in quantized) or param is base_param or torch.equal(
+                    param, real(base_param)):
                 module._parameters[key] = base_param
 
 
@@ -190,6 +205,7 @@ def compact(model: nn.Module, qtensors: dict[str, QTensor]) -> None:
         coded = coded_layer(module, qt)
         move_pre_hooks(module, coded)
         replace_module(model, name, coded)
+        watch(coded)
 
 
 def quantize_text_job(handle, plan: Plan, calib_path, count: int, seqlen: int, seed: int,
@@ -273,7 +289,8 @@ class _State:
         error = rtn_error = None
         if hessian is not None and w_pre is not None:
             error, rtn_error = layer_errors(w_pre, w_now, w_q, spec,
-                                            weight_matrix(get_module(self.base, name)), hessian)
+                                            read_weight_matrix(get_module(self.base, name)),
+                                            hessian)
         replace_weight_matrix(model_module, w_q)
         self.qtensors[name] = qt
         entry = {"layer": name, "block": block, "method": spec.method, "bits": spec.bits,
@@ -551,6 +568,7 @@ def quantize_outside(model: nn.Module, name: str, spec: QuantSpec, state: _State
     """A layer outside the blocks (embedding, lm_head): its own method when that needs no
     calibration, else RTN on its weight matrix (the note says so)."""
     module = get_module(model, name)
+    materialise(module)   # (streamed: the layer's own float32 copy)
     quantizer = spec.quantizer
     if quantizer.calibration == "none" and not quantizer.smoothing:
         qt, note = _layer_result(quantizer, name, module, _entry(
@@ -571,8 +589,9 @@ def changed_floats(model: nn.Module, base: nn.Module,
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.named_buffers(remove_duplicate=False)))
     for key, value in tensors.items():
-        if key in quantized or key not in base_tensors:
+        if key in quantized or key not in base_tensors or value is base_tensors[key]:
             continue
-        if value.shape != base_tensors[key].shape or not torch.equal(value, base_tensors[key]):
+        if value.shape != base_tensors[key].shape or not torch.equal(value,
+                                                                     real(base_tensors[key])):
             changed[key] = value.detach().clone()
     return changed

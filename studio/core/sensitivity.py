@@ -45,6 +45,7 @@ from studio.core.export.gguf_types import BLOCK
 from studio.core.files import read_json, write_text_atomic
 from studio.core.jobs import Job, Progress
 from studio.core.layers import set_weight_matrix, weight_matrix
+from studio.core.streaming import materialise
 from studio.core.plan import QuantSpec
 from studio.core.quant.blocks import call_block, capture_block_inputs, decoder_blocks
 from studio.core.quant.registry import REFERENCE
@@ -501,6 +502,7 @@ def kl_sweep(handle, layers, specs, ids: torch.Tensor, columns: list[int] | None
         b = _owning_block(info.name, block_index)
         if b != current_block:  # one private copy of the block; the user's model is untouched
             current_block, scratch = b, copy.deepcopy(blocks[b])
+            materialise(scratch)   # a streamed block: its own float32 weights to change
         module = scratch.get_submodule(info.name[len(f"{prefix}.{b}."):])
         original = weight_matrix(module).clone()
         for col, spec in enumerate(specs):

@@ -15,12 +15,18 @@ import torch
 
 from studio.core.jobs import Job, Progress
 from studio.core.layers import LayerInfo
+from studio.core.memory import estimate_job, guard
+from studio.core.streaming import StoredParameter
 
 HIST_BINS = 256
 HEATMAP_MAX = 256
 # Elements sampled (evenly strided) for the median of |W|: a ratio needs no more, and an exact
 # median of every matrix would cost more than all the other statistics together.
 MEDIAN_SAMPLE = 1 << 16
+# Larger matrices (a large vocabulary's embedding: 128256 x 3072 = 394M weights) go through in
+# row chunks: whole, their float32 copies and the histogram's integer bins took ~5x the matrix.
+CHUNKED_ABOVE = 1 << 26
+CHUNK_ELEMENTS = 1 << 24
 
 # The scalar statistics a user can rank layers by: key -> (label, what it tells).
 SUMMARY_STATS: dict[str, tuple[str, str]] = {
@@ -105,27 +111,52 @@ def weight_stats_job(handle, layers: list[LayerInfo] | None = None) -> Job[Weigh
     if layers is None:
         layers = [info for info in handle.layers
                   if info.quantizable or info.kind in ("embedding", "lm_head")]
+    guard(estimate_job(handle, "stats"))
     result = WeightStats(model=handle.name)
     done_by_weight: dict[int, LayerWeightStats] = {}
     for i, info in enumerate(layers):
         yield Progress(i, len(layers), f"Weight statistics: {info.name}")
-        w = handle.weight(info.name) if info.kind != "embedding" else \
-            handle.module(info.name).weight.data
-        # A tied lm_head is the embedding matrix itself: reuse its numbers, named as itself.
-        twin = done_by_weight.get(w.data_ptr())
-        if twin is not None and twin.shape == tuple(w.shape):
+        module = handle.module(info.name)
+        # A tied lm_head is the embedding matrix itself: reuse its numbers, named as itself
+        # (found before reading: a streamed embedding is a large read).
+        key = weight_identity(module)
+        twin = done_by_weight.get(key)
+        if twin is not None and twin.shape == tuple(info.shape):
             stats = replace(twin, name=info.name, role=info.role, kind=info.kind,
                             quantizable=info.quantizable, block=info.block, tied_to=twin.name)
         else:
+            w = _stored_matrix(module) if isinstance(module._parameters.get("weight"),
+                                                     StoredParameter) else \
+                handle.weight(info.name) if info.kind != "embedding" else module.weight.data
             stats = layer_weight_stats(w, info)
-            done_by_weight[w.data_ptr()] = stats
+            done_by_weight[key] = stats
+            del w
         result.layers[info.name] = stats
     yield Progress(len(layers), len(layers), "Weight statistics done")
     return result
 
 
+def _stored_matrix(module) -> torch.Tensor:
+    """A streamed weight as [out, in] in its stored dtype (large ones go through in chunks)."""
+    from studio.core.layers import is_conv1d
+
+    param = module._parameters["weight"]
+    w = param.read(param.dtype)
+    return w.t() if is_conv1d(module) else w
+
+
+def weight_identity(module) -> int:
+    """Equal for layers sharing one weight: its storage, or the stored tensor when streamed."""
+    param = module._parameters.get("weight")
+    if param is None:
+        return id(module)
+    return id(param) if isinstance(param, StoredParameter) else param.data_ptr()
+
+
 def layer_weight_stats(w: torch.Tensor, info: LayerInfo) -> LayerWeightStats:
     """All the statistics of one [out, in] weight matrix."""
+    if w.numel() > CHUNKED_ABOVE:
+        return _chunked_stats(w, info)
     # NumPy, not torch: these are memory-bound passes over small matrices, where torch's
     # thread pool costs more than it gains (10-100x slower on a busy 2-core machine).
     w = w.detach().float().numpy()
@@ -150,6 +181,51 @@ def layer_weight_stats(w: torch.Tensor, info: LayerInfo) -> LayerWeightStats:
         hist_edges=edges, hist_counts=counts,
         row_absmax=row_absmax.astype(np.float32), col_absmax=col_absmax.astype(np.float32),
         heatmap=heat, heat_block=heat_block, tied_to=info.tied_to)
+
+
+def _chunked_stats(w: torch.Tensor, info: LayerInfo) -> LayerWeightStats:
+    """`layer_weight_stats` in row chunks (any float dtype; each chunk made float32 in turn):
+    the same statistics, with sums taken chunk by chunk in float64."""
+    rows, cols = w.shape
+    row_block = -(-rows // HEATMAP_MAX)
+    step = max(row_block, (CHUNK_ELEMENTS // max(cols, 1)) // row_block * row_block)
+    chunks = [(lo, min(rows, lo + step)) for lo in range(0, rows, step)]
+    part = lambda lo, hi: w[lo:hi].float().numpy()  # noqa: E731
+    row_absmax = np.empty(rows, dtype=np.float32)
+    col_absmax = np.zeros(cols, dtype=np.float32)
+    heat_rows, total = [], 0.0
+    for lo, hi in chunks:
+        a = np.abs(part(lo, hi))
+        row_absmax[lo:hi] = a.max(axis=1)
+        np.maximum(col_absmax, a.max(axis=0), out=col_absmax)
+        heat_rows.append(_reduce_rows(a, -(-(hi - lo) // row_block))[0])
+        total += float(part(lo, hi).sum(dtype=np.float64))
+    absmax = float(row_absmax.max())
+    mean = np.float32(total / w.numel())
+    m2 = m4 = 0.0
+    counts = np.zeros(HIST_BINS, dtype=np.float32)
+    for lo, hi in chunks:
+        x = part(lo, hi)
+        counts += histogram(x, absmax)[1]
+        sq = np.square(x - mean)
+        m2 += float(sq.sum(dtype=np.float64))
+        m4 += float(np.square(sq, out=sq).sum(dtype=np.float64))
+    m2, m4 = m2 / w.numel(), m4 / w.numel()
+    edges = histogram(np.zeros(1, dtype=np.float32), absmax)[0]
+    heat_cols, col_block = _reduce_rows(np.ascontiguousarray(np.vstack(heat_rows).T), HEATMAP_MAX)
+    flat = w.reshape(-1)
+    sample = np.abs(flat[:: max(1, flat.numel() // MEDIAN_SAMPLE)].float().numpy()) \
+        if flat.numel() > MEDIAN_SAMPLE else np.abs(flat.float().numpy())
+    return LayerWeightStats(
+        name=info.name, block=info.block, role=info.role, kind=info.kind,
+        shape=(int(rows), int(cols)), quantizable=info.quantizable,
+        absmax=absmax, std=m2 ** 0.5, kurtosis=m4 / (m2 * m2) if m2 > 0 else float("nan"),
+        max_median=_ratio(absmax, float(np.median(sample))),
+        col_ratio=_ratio(float(col_absmax.max()), float(np.median(col_absmax))),
+        row_ratio=_ratio(float(row_absmax.max()), float(np.median(row_absmax))),
+        hist_edges=edges, hist_counts=counts, row_absmax=row_absmax, col_absmax=col_absmax,
+        heatmap=np.ascontiguousarray(heat_cols.T, dtype=np.float32),
+        heat_block=(row_block, col_block), tied_to=info.tied_to)
 
 
 def histogram(values, absmax: float | None = None,

