@@ -27,15 +27,15 @@ ROW_CHUNK = 4096
 
 def normal_float_levels(bits: int) -> torch.Tensor:
     """The 2**bits NormalFloat levels in [-1, 1], ascending (QLoRA's construction)."""
-    from scipy.stats import norm
-
     count = 2 ** bits
     offset = 0.5 * ((1 - 1 / (2 * (count - 1))) + (1 - 1 / (2 * count)))
     half = count // 2
     # float32 quantile points and table, as bitsandbytes computes them
-    positive = norm.ppf(torch.linspace(offset, 0.5, half + 1)[:-1].numpy())
-    negative = -norm.ppf(torch.linspace(offset, 0.5, half)[:-1].numpy())
-    levels = torch.tensor(sorted([*positive, 0.0, *negative]), dtype=torch.float32)
+    # (torch.special.ndtri is the normal quantile, scipy's norm.ppf, in double precision)
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, half + 1)[:-1].double())
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, half)[:-1].double())
+    levels = torch.tensor(sorted([*positive.tolist(), 0.0, *negative.tolist()]),
+                          dtype=torch.float32)
     return levels / levels.abs().max()
 
 
