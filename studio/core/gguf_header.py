@@ -20,12 +20,7 @@ def read_keys(path: str | Path, wanted: set[str]) -> dict[str, object]:
     skipped). Stops as soon as every wanted key was seen. Raises ValueError on a bad header."""
     found: dict[str, object] = {}
     with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError("not a GGUF file")
-        version, = struct.unpack("<I", f.read(4))
-        if version < 2:
-            raise ValueError(f"GGUF version {version} is too old")
-        _tensors, count = struct.unpack("<QQ", f.read(16))
+        _tensors, count = _counts(f)
         for _ in range(count):
             key = _string(f)
             kind, = struct.unpack("<I", f.read(4))
@@ -37,16 +32,21 @@ def read_keys(path: str | Path, wanted: set[str]) -> dict[str, object]:
     return found
 
 
+def _counts(f) -> tuple[int, int]:
+    """Check the magic and version at the file's start; (tensor count, key count)."""
+    if f.read(4) != b"GGUF":
+        raise ValueError("not a GGUF file")
+    version, = struct.unpack("<I", f.read(4))
+    if version < 2:
+        raise ValueError(f"GGUF version {version} is too old")
+    return struct.unpack("<QQ", f.read(16))
+
+
 def tensor_table(path: str | Path) -> tuple[list[tuple[str, tuple[int, ...], int, int]], int]:
     """([(name, shape in torch order, ggml type, offset from the data start)], data start):
     where every tensor's bytes are, read from the header without parsing any array."""
     with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError("not a GGUF file")
-        version, = struct.unpack("<I", f.read(4))
-        if version < 2:
-            raise ValueError(f"GGUF version {version} is too old")
-        count_tensors, count_keys = struct.unpack("<QQ", f.read(16))
+        count_tensors, count_keys = _counts(f)
         alignment = 32
         for _ in range(count_keys):
             key = _string(f)
