@@ -132,7 +132,7 @@ def _eval_variant(job, handle, model) -> dict:
     method = os.environ.get("STUDIO_LARGE_VARIANT", "gptq")
     variant = load_variant(VARIANTS / f"{Path(model).name}-{method}", handle)
     estimate = memory.estimate_job(variant.model, "eval", windows=1, seqlen=SEQLEN,
-                                   variant=True).total
+                                   variant=True, beside=[handle.model]).total
     result, record = _timed(evaluate_job(variant.model, handle.model, handle.tokenizer,
                                          DATA / "wikitext2_test.txt", SEQLEN, EVAL_WINDOWS),
                             estimate)

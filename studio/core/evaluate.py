@@ -163,9 +163,11 @@ def evaluate_many_job(models: dict[str, nn.Module], baseline_model: nn.Module | 
     instead of once per model (the baseline itself may be one of `models`)."""
     yield Progress(0, 1, "Tokenizing the evaluation text")
     ids, label = prepare_windows(tokenizer, text_path, seqlen, windows, bos)
-    for model in {id(m): m for m in [*models.values(), baseline_model] if m is not None}.values():
+    every = {id(m): m for m in [*models.values(), baseline_model] if m is not None}
+    for model in every.values():
         guard_job(model, "eval", windows=batch_size, seqlen=ids.shape[1],
-                  variant=any(isinstance(m, CodedLinear) for m in model.modules()))
+                  variant=any(isinstance(m, CodedLinear) for m in model.modules()),
+                  beside=[m for m in every.values() if m is not model])
     bos_text = bos_label(tokenizer, bos_token(tokenizer, bos))
     protocol = protocol_record(label, seqlen, ids.shape[0], bos_text)
     count = ids.shape[0]

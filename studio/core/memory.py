@@ -106,21 +106,38 @@ def model_shape(model) -> dict:
     linears = [m for block in blocks for m in block.modules()
                if isinstance(m, CodedLinear) or m.__class__.__name__ in ("Linear", "Conv1D")]
     largest = max(own(m) for m in model.modules())
+    coded = sum(m.qt.numel() for m in model.modules() if isinstance(m, CodedLinear))
     return {"hidden": hidden, "intermediate": inter,
             "vocab": int(getattr(text, "vocab_size", 0) or 0), "block_params": block_params,
             "largest_layer": largest, "quantizable": sum(own(m) for m in linears),
             "linear_inputs": sum(inputs(m) for m in linears), "blocks": len(blocks),
             "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+            "coded": coded,   # weights held as codes (a variant's), not among the parameters
             "streamed": streams(model)}
 
 
-def now_with_weights(model, streamed: bool) -> int:
+def now_with_weights(model, streamed: bool, beside=()) -> int:
     """Resident memory now, counting weights held in memory as resident: a safetensors load
-    maps them and pages them in on first use, so right after opening they do not show yet."""
+    maps them and pages them in on first use, so right after opening they do not show yet.
+    `beside`: other models the job runs too (a variant's baseline)."""
     if streamed:
         return resident()
     from studio.core.layers import model_bytes
-    return max(resident(), RUNTIME + model_bytes(model))
+    from studio.core.streaming import streams
+    held = sum(model_bytes(m) + _codes_bytes(m)
+               for m in {id(m): m for m in (model, *beside)}.values() if not streams(m))
+    return max(resident(), RUNTIME + held)
+
+
+def _codes_bytes(model) -> int:
+    """What a variant's coded layers hold (packed codes, scales, tables): not parameters."""
+    import torch
+
+    from studio.core.quant.coded import CodedLinear
+
+    return sum(t.numel() * t.element_size() for m in model.modules()
+               if isinstance(m, CodedLinear)
+               for t in vars(m.qt).values() if isinstance(t, torch.Tensor))
 
 
 def estimate_open(params: int, streamed: bool, vocab_bytes: int = 0,
@@ -146,18 +163,19 @@ def estimate_open(params: int, streamed: bool, vocab_bytes: int = 0,
 
 
 def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1, seqlen: int = 512,
-                 variant: bool = False, proxy_windows: int = 0, proxy_tokens: int = 0
-                 ) -> Estimate:
+                 variant: bool = False, proxy_windows: int = 0, proxy_tokens: int = 0,
+                 beside=()) -> Estimate:
     """A job's peak on `handle` (a ModelHandle or a model): kind is stats, quantize, eval,
     capture, sensitivity, export (`handle`: the variant's model). `windows` are the
     calibration windows (quantize, capture), the windows of one forward (eval, export) or the
     KL sweep's windows (sensitivity, whose proxy part reads `proxy_windows` and keeps
-    `proxy_tokens` rows of every layer's input)."""
+    `proxy_tokens` rows of every layer's input). `beside`: the models the job runs beside
+    this one (an evaluation's baseline), whose weights count as held."""
     model = getattr(handle, "model", handle)
     s = model_shape(model)
     streamed = s["streamed"]
     tokens = windows * seqlen
-    est = Estimate(_TITLES.get(kind, kind), now_with_weights(model, streamed))
+    est = Estimate(_TITLES.get(kind, kind), now_with_weights(model, streamed, beside))
     p = est.parts
     from studio.core.streaming import READ_CHUNK
     largest_read = 4 * s["largest_layer"] + 2 * READ_CHUNK
@@ -178,6 +196,8 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
         p["activations"] = FORWARD_COPIES * 4 * tokens * (s["hidden"] + s["intermediate"])
         if variant and not streamed:   # (`coded.expanded` holds them for the whole run)
             p["de-quantized layers"] = 4 * s["quantizable"]
+        if beside:   # the baseline's log-probabilities beside the model's, for KL
+            p["baseline logits"] = 2 * 4 * tokens * s["vocab"]
     elif kind == "capture":
         from studio.core.activations import BATCH_TOKENS, MAX_SAMPLES
         batch = max(1, BATCH_TOKENS // seqlen) * seqlen   # tokens per forward (no logits)
@@ -192,7 +212,9 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
         # written a tensor at a time, then re-opened by the consumer's loader as a float32
         # model (a GGUF is first de-quantized in a child process: `guard_convert`) whose
         # logits are compared with the variant's on `windows` x `seqlen` tokens
-        p["re-opened model in float32"] = 4 * s["params"]
+        p["re-opened model in float32"] = 4 * (s["params"] + s["coded"])
+        # the variant's layers de-quantized for the weight and logit comparisons
+        p["de-quantized layers"] = 4 * s["quantizable"]
         p["logits of both"] = 2 * 3 * 4 * tokens * s["vocab"]
         p["activations"] = FORWARD_COPIES * 4 * tokens * (s["hidden"] + s["intermediate"])
     elif kind == "quantize":
