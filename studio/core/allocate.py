@@ -315,6 +315,12 @@ def plan_title(handle, plan: Plan) -> str:
     alike."""
     if not plan.rules and plan.default is not None:
         return plan.default.label
+    ends = {i.name: i for i in handle.layers if i.role in ("embedding", "lm_head")}
+    if plan.default is not None and all(not r.regex and r.pattern in ends for r in plan.rules):
+        # a uniform body with its embedding / lm_head set apart: "RTN W4 g128, lm_head W8 ch sym"
+        parts = [f"{ends[r.pattern].role} {r.spec.grid_label if r.spec else 'fp16'}"
+                 for r in plan.rules]
+        return ", ".join([plan.default.label, *parts])
     methods = sorted({s.method for s in plan.resolve(handle.layers).values() if s is not None})
     size = plan_size(handle, plan)
     return (f"mixed {size.bits_per_weight:.2f} bpw, "

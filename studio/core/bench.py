@@ -439,7 +439,8 @@ class LeanDecoder:
         self.head_dim = attention.head_dim
         self.scaling = attention.scaling
         self.gqa = config.num_attention_heads != config.num_key_value_heads
-        dtype = self.inner.embed_tokens.weight.dtype
+        embedding = self.inner.embed_tokens   # (a coded one: its dtype, no table made)
+        dtype = getattr(embedding, "weight_dtype", None) or embedding.weight.dtype
         shape = (len(self.layers), 1, config.num_key_value_heads, max_len, self.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype)
         self.values = torch.zeros(shape, dtype=dtype)

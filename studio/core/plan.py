@@ -249,3 +249,43 @@ class Plan:
         if self.architecture and self.architecture != architecture:
             raise StudioError(f"This recipe was written for {self.architecture}, "
                               f"but the model is {architecture}.")
+
+
+# --- the embedding and the lm_head -----------------------------------------------------------
+# What `quantize --method` does with the output head unless told: 8-bit codes, one symmetric
+# scale per row. llama.cpp's mixes keep the output matrix above the body's width (Q6_K in
+# Q4_K_M, Q8_0 in Q8_0 / Q4_0 plans) because its error reaches every logit; W8 per-channel is as
+# close to lossless, halves the 16-bit matrix that can be a large vocabulary's biggest tensor,
+# and runs on the int8 CPU kernel every decode step (a 16-bit head was read in float32).
+# A tied embedding is the same matrix, so it follows the head; an untied one is read one row
+# per token (no decode cost), so it stays as stored unless asked.
+HEAD_DEFAULT = "w8"
+EMBEDDING_DEFAULT = "keep"
+_END_WORD = re.compile(r"w([2-8])(?:g(32|64|128|-1))?(sym)?")
+
+
+def end_spec(word: str) -> QuantSpec | None:
+    """A command-line word for the embedding / lm_head: "keep" (as stored), "w8" (8 bits per
+    channel, symmetric), "w4g32", "w6g64sym" ... (RTN: these layers sit outside the blocks)."""
+    word = word.strip().lower()
+    if word in ("keep", "fp16", "none"):
+        return None
+    match = _END_WORD.fullmatch(word)
+    if not match:
+        raise StudioError(f"{word!r} is not a setting for the embedding / lm_head: keep, w8, "
+                          f"w4g32, w6g64sym ... (bits 2-8, group 32/64/128/-1).")
+    bits, group, sym = int(match.group(1)), int(match.group(2) or -1), bool(match.group(3))
+    return QuantSpec(bits, group, symmetric=sym or (bits == 8 and group == -1))
+
+
+def with_ends(plan: Plan, layers, head: QuantSpec | None,
+              embedding: QuantSpec | None) -> Plan:
+    """`plan` with rules for the lm_head and an untied input embedding (a tied one is the
+    head's matrix and follows it); a layer the plan already names keeps its rule."""
+    named = lambda name: any(r.matches(name) for r in plan.rules)  # noqa: E731
+    for info in layers:
+        spec = head if info.role == "lm_head" else embedding if info.role == "embedding" else None
+        tied = info.role == "embedding" and any(i.tied_to == info.name for i in layers)
+        if spec is not None and not tied and not named(info.name):
+            plan = plan.with_rule(Rule(info.name, spec))
+    return plan

@@ -74,12 +74,13 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
         windows = windows[:ERROR_WINDOWS]  # RTN needs no data: measure errors on a few windows
         calib_label = None
     prefix, base_blocks = decoder_blocks(handle.model)
-    outside = [n for n in specs if not n.startswith(prefix + ".")]
+    shared = shared_codes(handle, specs)   # {embedding: lm_head} when one tensor holds both
+    outside = [n for n in specs if not n.startswith(prefix + ".") and n not in shared]
     total = len(specs) + 2
     sq = {n: s for n, s in specs.items() if s.quantizer.smoothing}
     yield Progress(0, total, "Copying the model")
     model = copy_to_quantize(handle.model)
-    untie_if_needed(model, specs)
+    untie_if_needed(model, {n: s for n, s in specs.items() if n not in shared})
     _, blocks = decoder_blocks(model)
     state = _State(specs, handle.model, total)
     state.replay_budget = replay_budget(handle.model)
@@ -118,6 +119,11 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
     release_freed_memory()
     for layer in outside:
         yield from quantize_outside(model, layer, specs[layer], state)
+    for follower, leader in shared.items():
+        state.qtensors[follower] = state.qtensors[leader]   # the same object: stored once
+        state.errors.append({"layer": follower, "block": None, "method": specs[leader].method,
+                             "bits": specs[leader].bits, "error": None, "rtn_error": None,
+                             "note": f"tied: the codes of {leader}"})
     compact(model, state.qtensors)
     release_freed_memory()
 
@@ -129,6 +135,22 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
                    calibration=calib_label if windows is not None else None,
                    seconds=time.perf_counter() - start, layer_errors=state.errors,
                    floats=floats)
+
+
+def shared_codes(handle, specs: dict[str, QuantSpec]) -> dict[str, str]:
+    """{embedding: lm_head} when the model ties the two and the plan quantizes them alike:
+    one weight, quantized once (as the lm_head) and held by both, as a tied checkpoint stores
+    it once. A spec for either side alone covers both (`specs` gains the other side). Two
+    different specs untie them: each is stored, and the size says so."""
+    head = next((i for i in handle.layers if i.role == "lm_head" and i.tied_to), None)
+    if head is None:
+        return {}
+    embedding = head.tied_to
+    mine, theirs = specs.get(head.name), specs.get(embedding)
+    if mine is None and theirs is None or (mine and theirs and mine != theirs):
+        return {}
+    specs[head.name] = specs[embedding] = mine or theirs
+    return {embedding: head.name}
 
 
 def replay_budget(model: nn.Module) -> int:
