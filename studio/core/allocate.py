@@ -26,7 +26,7 @@ import numpy as np
 
 from studio.core.errors import StudioError
 from studio.core.export.gguf_types import BLOCK, fits_rows
-from studio.core.plan import Plan, QuantSpec, Rule
+from studio.core.plan import Plan, QuantSpec, Rule, tied_specs
 from studio.core.quant.grid import native_gguf_type, storage_bits_per_weight
 from studio.core.sensitivity import gguf_native_options, option_label
 
@@ -285,14 +285,16 @@ def plan_size(handle, plan: Plan) -> PlanSize:
     specs = plan.resolve(handle.layers)
     model = handle.model
     quantized = {n: s for n, s in specs.items() if s is not None}
+    # A tied embedding / lm_head quantized alike is one matrix, counted once (`tied_specs`);
+    # quantized apart, each is stored.
+    shared = tied_specs(handle.layers, quantized)
     weight_ids = {id(handle.module(n).weight) for n in quantized}
-    tied = [i for i in handle.layers if i.tied_to]
-    # Quantizing one side of a tied embedding / lm_head unties it: the other side is stored too.
-    untied = sum(i.params for i in tied if (i.name in quantized) != (i.tied_to in quantized))
     total = 0.0
     bits = weights = 0.0
     for info in handle.layers:
         spec = quantized.get(info.name)
+        if info.name in shared:
+            continue
         numel = info.shape[0] * info.shape[1]
         if spec is not None:
             total += storage_bits_per_weight(spec, info.shape[1]) * numel / 8
@@ -305,7 +307,6 @@ def plan_size(handle, plan: Plan) -> PlanSize:
             continue
         seen.add(id(tensor))
         total += 2 * tensor.numel()
-    total += 2 * untied
     return PlanSize(bits / weights if weights else 16.0, int(total), len(quantized))
 
 

@@ -289,3 +289,19 @@ def with_ends(plan: Plan, layers, head: QuantSpec | None,
         if spec is not None and not tied and not named(info.name):
             plan = plan.with_rule(Rule(info.name, spec))
     return plan
+
+
+def tied_specs(layers, specs: dict[str, QuantSpec]) -> dict[str, str]:
+    """{embedding: lm_head} when the model ties the two (LayerInfo.tied_to) and `specs` (layer
+    -> spec of the layers to quantize) quantizes them alike: one weight, quantized once (as
+    the lm_head) and held by both, as a tied checkpoint stores it once. A spec for either side
+    alone covers both (`specs` gains the other side). Two different specs untie them: each is
+    stored, and the size says so."""
+    head = next((i for i in layers if i.role == "lm_head" and i.tied_to), None)
+    if head is None:
+        return {}
+    mine, theirs = specs.get(head.name), specs.get(head.tied_to)
+    if (mine is None and theirs is None) or (mine and theirs and mine != theirs):
+        return {}
+    specs[head.name] = specs[head.tied_to] = mine or theirs
+    return {head.tied_to: head.name}

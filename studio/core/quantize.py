@@ -36,7 +36,7 @@ from studio.core.jobs import Job, Progress
 from studio.core.layers import (get_module, is_linear, move_pre_hooks, read_weight_matrix,
                                  replace_module, replace_weight_matrix, weight_matrix)
 from studio.core.memory import estimate_job, guard, release_freed_memory
-from studio.core.plan import Plan, QuantSpec
+from studio.core.plan import Plan, QuantSpec, tied_specs
 from studio.core.quant import layout, registry, smoothquant
 from studio.core.quant.coded import coded_layer
 from studio.core.quant.blocks import (FAST_DTYPE, BlockInputs, Replay, capture_block_inputs,
@@ -74,7 +74,7 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
         windows = windows[:ERROR_WINDOWS]  # RTN needs no data: measure errors on a few windows
         calib_label = None
     prefix, base_blocks = decoder_blocks(handle.model)
-    shared = shared_codes(handle, specs)   # {embedding: lm_head} when one tensor holds both
+    shared = tied_specs(handle.layers, specs)   # {embedding: lm_head}: one matrix
     outside = [n for n in specs if not n.startswith(prefix + ".") and n not in shared]
     total = len(specs) + 2
     sq = {n: s for n, s in specs.items() if s.quantizer.smoothing}
@@ -135,22 +135,6 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
                    calibration=calib_label if windows is not None else None,
                    seconds=time.perf_counter() - start, layer_errors=state.errors,
                    floats=floats)
-
-
-def shared_codes(handle, specs: dict[str, QuantSpec]) -> dict[str, str]:
-    """{embedding: lm_head} when the model ties the two and the plan quantizes them alike:
-    one weight, quantized once (as the lm_head) and held by both, as a tied checkpoint stores
-    it once. A spec for either side alone covers both (`specs` gains the other side). Two
-    different specs untie them: each is stored, and the size says so."""
-    head = next((i for i in handle.layers if i.role == "lm_head" and i.tied_to), None)
-    if head is None:
-        return {}
-    embedding = head.tied_to
-    mine, theirs = specs.get(head.name), specs.get(embedding)
-    if mine is None and theirs is None or (mine and theirs and mine != theirs):
-        return {}
-    specs[head.name] = specs[embedding] = mine or theirs
-    return {embedding: head.name}
 
 
 def replay_budget(model: nn.Module) -> int:

@@ -17,7 +17,10 @@ def test_quantize_writes_a_variant_and_prints_json(tiny_dirs, tmp_path, capsys):
         assert key in result
     assert result["calibration"] == {"source": "built-in (Python help topics)", "windows": 8,
                                      "seqlen": 64, "seed": 0}
-    assert result["layers"] == 14 and 3 < result["bits_per_weight"] < 4
+    # the 14 block linears and, by default (--lm-head w8), the tied lm_head / embedding:
+    # one matrix, quantized once
+    assert result["layers"] == 16 and result["shared"] == {"model.embed_tokens": "lm_head"}
+    assert result["name"] == "GPTQ W3 g32, lm_head W8 ch sym"
     variant = load_variant(out)   # re-opens the base model from the recorded source
     assert variant.specs["model.layers.0.mlp.up_proj"].option("damp") == 0.02
 

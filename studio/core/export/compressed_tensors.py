@@ -162,6 +162,8 @@ class CompressedTensorsFormat(ExportFormat):
         yield Progress(len(names), total, "Writing model.safetensors")
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
         config = export_config(variant.model, float_type)
+        if variant.shared:   # one tied matrix: stored quantized as the head, de-quantized as
+            config.tie_word_embeddings = False   # the embedding (no other form loads)
         config.quantization_config = quantization_config(
             schemes, unquantized_linears(variant), compressed_tensors.__version__)
         config.save_pretrained(folder)
