@@ -68,7 +68,7 @@ def run(args) -> int:
         raise StudioError("--scale-dtype and --gguf-native go with --method; a recipe carries "
                           "its own scale type per layer (make one with plan --gguf-native).")
     plan = Plan.load(args.recipe) if args.recipe else Plan(command_spec(args))
-    head, embedding = end_spec(args.lm_head), end_spec(args.embedding)
+    head, embedding = (end_spec(word, args.gguf_native) for word in (args.lm_head, args.embedding))
     handle = open_model(args.model)
     if not args.recipe:   # a recipe says itself what it does with them
         plan = with_ends(plan, handle.layers, head, embedding)
@@ -143,7 +143,7 @@ def size_line(variant) -> str:
     """The size breakdown in words: what the embedding / lm_head are stored as."""
     parts = variant.size_breakdown
     ends = sorted({variant.specs[n].grid_label for n in variant.qtensors
-                   if n in end_names(variant)})
+                   if n in variant.end_layers})
     how = ("quantized " + "/".join(ends)) if ends else "16-bit"
     shared = "; tied: one matrix" if variant.shared else ""
     mib = lambda key: f"{parts[key] / 2**20:.2f} MiB"  # noqa: E731
@@ -151,8 +151,3 @@ def size_line(variant) -> str:
             f"lm_head ({how}{shared}) + {mib('float')} other float tensors")
 
 
-def end_names(variant) -> set[str]:
-    model = variant.model
-    names = {id(m): n for n, m in model.named_modules()}
-    return {names.get(id(getattr(model, g, lambda: None)()))
-            for g in ("get_input_embeddings", "get_output_embeddings")}

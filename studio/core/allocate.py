@@ -29,6 +29,7 @@ from studio.core.export.gguf_types import BLOCK, fits_rows
 from studio.core.plan import Plan, QuantSpec, Rule, tied_specs
 from studio.core.quant.grid import native_gguf_type, storage_bits_per_weight
 from studio.core.sensitivity import gguf_native_options, option_label
+from studio.core.variant import float_bytes, stored_floats
 
 MB = 2 ** 20              # "MB" as Variant.to_summary reports size_mb
 FULL_PRECISION_BITS = 16  # a layer kept in full precision is stored as fp16/bf16
@@ -269,7 +270,7 @@ def table_for(handle, options: list[QuantSpec | None], loss: np.ndarray | None =
 
 @dataclass(frozen=True)
 class PlanSize:
-    bits_per_weight: float   # over the block linears and any other quantized layer
+    bits_per_weight: float   # the body: block linears, other quantized layers but the ends
     size_bytes: int          # the whole model as an exporter stores it
     quantized: int           # layers the plan quantizes
 
@@ -298,15 +299,10 @@ def plan_size(handle, plan: Plan) -> PlanSize:
         numel = info.shape[0] * info.shape[1]
         if spec is not None:
             total += storage_bits_per_weight(spec, info.shape[1]) * numel / 8
-        if spec is not None or info.quantizable:
+        if info.role not in ("embedding", "lm_head") and (spec is not None or info.quantizable):
             bits += storage_bits_per_weight(spec, info.shape[1]) * numel
             weights += numel
-    seen: set[int] = set()
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if id(tensor) in seen or id(tensor) in weight_ids:
-            continue
-        seen.add(id(tensor))
-        total += 2 * tensor.numel()
+    total += sum(float_bytes(t) for t in stored_floats(model) if id(t) not in weight_ids)
     return PlanSize(bits / weights if weights else 16.0, int(total), len(quantized))
 
 

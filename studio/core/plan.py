@@ -264,9 +264,10 @@ EMBEDDING_DEFAULT = "keep"
 _END_WORD = re.compile(r"w([2-8])(?:g(32|64|128|-1))?(sym)?")
 
 
-def end_spec(word: str) -> QuantSpec | None:
+def end_spec(word: str, gguf_native: bool = False) -> QuantSpec | None:
     """A command-line word for the embedding / lm_head: "keep" (as stored), "w8" (8 bits per
-    channel, symmetric), "w4g32", "w6g64sym" ... (RTN: these layers sit outside the blocks)."""
+    channel, symmetric), "w4g32", "w6g64sym" ... (RTN: these layers sit outside the blocks).
+    `gguf_native`: the width on its GGUF type (w8 -> Q8_0, w4 -> Q4_0, w5 -> Q5_0)."""
     word = word.strip().lower()
     if word in ("keep", "fp16", "none"):
         return None
@@ -275,6 +276,13 @@ def end_spec(word: str) -> QuantSpec | None:
         raise StudioError(f"{word!r} is not a setting for the embedding / lm_head: keep, w8, "
                           f"w4g32, w6g64sym ... (bits 2-8, group 32/64/128/-1).")
     bits, group, sym = int(match.group(1)), int(match.group(2) or -1), bool(match.group(3))
+    if gguf_native:
+        from studio.core.export.gguf_types import native_type
+
+        if native_type(bits, 32, True, "fp16") is None:
+            raise StudioError(f"With --gguf-native the embedding / lm_head take a GGUF type: "
+                              f"w4, w5 or w8 (Q4_0, Q5_0, Q8_0), or keep; not {word!r}.")
+        return QuantSpec(bits, 32, symmetric=True, scale_dtype="fp16")
     return QuantSpec(bits, group, symmetric=sym or (bits == 8 and group == -1))
 
 

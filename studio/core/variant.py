@@ -92,27 +92,36 @@ class Variant:
 
     @property
     def bits_per_weight(self) -> float:
-        """Average storage bits per weight over the quantizable layers and any quantized extra
-        layer (scales and zero points counted, GGUF-native layers at their GGUF type's bytes:
-        `grid.storage_bits_per_weight`; layers left in full precision count 16; a tied matrix
-        once)."""
+        """Average storage bits per weight of the body: the block linears and any other layer
+        quantized besides the embedding / lm_head (scales and zero points counted, GGUF-native
+        layers at their GGUF type's bytes: `grid.storage_bits_per_weight`; layers left in full
+        precision count 16). `model_bits_per_weight` is the whole model's."""
         total_bits = total = 0.0
-        unique = self.unique_qtensors
+        ends = self.end_layers
         for name, module in self.model.named_modules():
-            if name in unique:
-                qt = unique[name]
+            if name in ends:
+                continue
+            if name in self.qtensors:
+                qt = self.qtensors[name]
                 total_bits += stored_bits(self.specs[name], qt)
                 total += qt.numel()
-            elif name not in self.qtensors and is_linear(module) and _in_block(name):
+            elif is_linear(module) and _in_block(name):
                 total_bits += 16.0 * module.weight.numel()
                 total += module.weight.numel()
         return total_bits / total if total else 16.0
 
     @property
+    def end_layers(self) -> set[str]:
+        """Names of the input embedding and the lm_head."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        return {names[id(m)] for m in (getattr(self.model, g, lambda: None)() for g in (
+            "get_input_embeddings", "get_output_embeddings")) if id(m) in names}
+
+    @property
     def size_bytes(self) -> int:
-        """Storage as an exporter writes it: quantized layers at their storage price
-        (`grid.storage_bits_per_weight`), every other tensor (shared ones once) in 16-bit floats
-        (the sum of `size_breakdown`)."""
+        """Storage as a GGUF export writes it: quantized layers at their storage price
+        (`grid.storage_bits_per_weight`), every other stored tensor (shared ones once) in
+        16-bit floats, vectors in 32 (`float_bytes`); the sum of `size_breakdown`."""
         return sum(self.size_breakdown.values())
 
     @property
@@ -120,11 +129,7 @@ class Variant:
         """8 x `size_bytes` over every weight the size counts (embedding, head, norms too): the
         figure a GGUF's size gives, where `bits_per_weight` is the quantized layers' average."""
         count = sum(qt.numel() for qt in self.unique_qtensors.values())
-        seen: set[int] = set()
-        for tensor in list(self.model.parameters()) + list(self.model.buffers()):
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                count += tensor.numel()
+        count += sum(t.numel() for t in stored_floats(self.model))
         return 8 * self.size_bytes / count if count else 16.0
 
     @property
@@ -132,13 +137,12 @@ class Variant:
         """`size_bytes` split three ways (they add up to it): the quantized block layers
         (codes, scales, zeros), the embedding and lm_head (one matrix when tied; codes when
         quantized, else 16-bit: on a large-vocabulary model often the biggest part), and every
-        other float tensor (norms, biases, layers kept in full precision)."""
-        names = {id(m): n for n, m in self.model.named_modules()}
-        end_layers, end_weights = set(), set()
+        other stored float tensor (norms and biases in 32 bits, layers kept in full precision
+        in 16)."""
+        end_layers, end_weights = self.end_layers, set()
         for getter in ("get_input_embeddings", "get_output_embeddings"):
             module = getattr(self.model, getter, lambda: None)()
             if module is not None:
-                end_layers.add(names.get(id(module)))
                 weight = module._parameters.get("weight")
                 if weight is not None:   # (a quantized one holds codes, no weight parameter)
                     end_weights.add(id(weight))
@@ -150,15 +154,11 @@ class Variant:
             else:
                 quantized += cost
         other = 0
-        seen: set[int] = set()
-        for tensor in list(self.model.parameters()) + list(self.model.buffers()):
-            if id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
+        for tensor in stored_floats(self.model):
             if id(tensor) in end_weights:
-                embedding += 2 * tensor.numel()
+                embedding += float_bytes(tensor)
             else:
-                other += 2 * tensor.numel()
+                other += float_bytes(tensor)
         return {"quantized": int(quantized), "embedding": int(embedding), "float": other}
 
     def to_summary(self) -> dict[str, Any]:
@@ -176,6 +176,29 @@ class Variant:
             "mean_layer_error": sum(errors) / len(errors) if errors else None,
             "mean_rtn_error": sum(rtn) / len(rtn) if rtn else None,
         }
+
+
+def stored_floats(model: nn.Module) -> list[torch.Tensor]:
+    """The float tensors a file of the model holds: parameters and persistent buffers, a
+    shared (tied) tensor once; rotary tables and other non-persistent buffers are rebuilt by
+    every loader, so they are not stored."""
+    seen: set[int] = set()
+    tensors = []
+    for module in model.modules():
+        skip = module._non_persistent_buffers_set
+        items = [*module._parameters.items(),
+                 *((k, b) for k, b in module._buffers.items() if k not in skip)]
+        for _, tensor in items:
+            if tensor is not None and id(tensor) not in seen:
+                seen.add(id(tensor))
+                tensors.append(tensor)
+    return tensors
+
+
+def float_bytes(tensor: torch.Tensor) -> int:
+    """A float tensor's stored bytes: matrices in 16 bits, vectors (norms, biases) in 32, as
+    GGUF files and llama.cpp keep them."""
+    return tensor.numel() * (4 if tensor.dim() < 2 else 2)
 
 
 def _in_block(name: str) -> bool:

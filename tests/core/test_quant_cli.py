@@ -58,7 +58,9 @@ def test_gguf_native_and_fp16_scales(tiny_dirs, tmp_path, capsys):
                  "--symmetric", "--gguf-native", "--windows", "8", "--seqlen", "64",
                  "--out", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["name"] == "GPTQ W4 g32 sym f16s" and result["bits_per_weight"] == 4.5  # Q4_0
+    # the body at Q4_0, the (tied) lm_head at Q8_0: every layer a GGUF type holds exactly
+    assert result["name"] == "GPTQ W4 g32 sym f16s, lm_head W8 g32 sym f16s"
+    assert result["bits_per_weight"] == 4.5
     variant = load_variant(out)
     assert all(s.scale_dtype == "fp16" for s in variant.specs.values())
     assert all(torch.equal(qt.scale, qt.scale.half().float()) for qt in variant.qtensors.values())
