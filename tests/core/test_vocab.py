@@ -118,3 +118,26 @@ def test_size_breakdown_equals_the_gguf_on_disk(tiny_dirs, tmp_path, capsys):
     assert "output.weight" not in {t.name for t in reader.tensors}   # tied: token_embd only
     assert parts == summary["size_breakdown"]
     assert sum(parts.values()) == summary["size_bytes"]
+
+
+def test_capture_and_quantization_never_compute_logits(tiny_llama):
+    """Activation capture and a quantization's error figures run the blocks only: on a
+    262k-token vocabulary the head would be most of their time."""
+    from studio.core.activations import activation_capture_job
+    from studio.core.text import text_windows
+
+    head = tiny_llama.model.get_output_embeddings()
+    calls = []
+    hook = head.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        run(activation_capture_job(tiny_llama, None, windows=2, seqlen=32))
+        windows = text_windows(tiny_llama.tokenizer, None, 32, 16, seed=0)[0]
+        for method in ("rtn", "gptq"):
+            run(quantize_job(tiny_llama, Plan(QuantSpec(4, 32, method=method)), windows,
+                             "text", method))
+        assert calls == []
+        with torch.no_grad():   # the hook does see a forward that computes logits
+            tiny_llama.model(input_ids=windows[:1])
+        assert calls == [1]
+    finally:
+        hook.remove()
