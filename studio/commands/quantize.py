@@ -68,7 +68,8 @@ def run(args) -> int:
         raise StudioError("--scale-dtype and --gguf-native go with --method; a recipe carries "
                           "its own scale type per layer (make one with plan --gguf-native).")
     plan = Plan.load(args.recipe) if args.recipe else Plan(command_spec(args))
-    head, embedding = (end_spec(word, args.gguf_native) for word in (args.lm_head, args.embedding))
+    head, embedding = (end_spec(word, args.gguf_native, args.scale_dtype or "fp32")
+                       for word in (args.lm_head, args.embedding))
     handle = open_model(args.model)
     if not args.recipe:   # a recipe says itself what it does with them
         plan = with_ends(plan, handle.layers, head, embedding)

@@ -264,10 +264,12 @@ EMBEDDING_DEFAULT = "keep"
 _END_WORD = re.compile(r"w([2-8])(?:g(32|64|128|-1))?(sym)?")
 
 
-def end_spec(word: str, gguf_native: bool = False) -> QuantSpec | None:
+def end_spec(word: str, gguf_native: bool = False, scale_dtype: str = "fp32"
+             ) -> QuantSpec | None:
     """A command-line word for the embedding / lm_head: "keep" (as stored), "w8" (8 bits per
     channel, symmetric), "w4g32", "w6g64sym" ... (RTN: these layers sit outside the blocks).
-    `gguf_native`: the width on its GGUF type (w8 -> Q8_0, w4 -> Q4_0, w5 -> Q5_0)."""
+    `gguf_native`: the width on its GGUF type (w8 -> Q8_0, w4 -> Q4_0, w5 -> Q5_0); else
+    scales of `scale_dtype`, as the body's."""
     word = word.strip().lower()
     if word in ("keep", "fp16", "none"):
         return None
@@ -283,7 +285,8 @@ def end_spec(word: str, gguf_native: bool = False) -> QuantSpec | None:
             raise StudioError(f"With --gguf-native the embedding / lm_head take a GGUF type: "
                               f"w4, w5 or w8 (Q4_0, Q5_0, Q8_0), or keep; not {word!r}.")
         return QuantSpec(bits, 32, symmetric=True, scale_dtype="fp16")
-    return QuantSpec(bits, group, symmetric=sym or (bits == 8 and group == -1))
+    return QuantSpec(bits, group, symmetric=sym or (bits == 8 and group == -1),
+                     scale_dtype=scale_dtype)
 
 
 def with_ends(plan: Plan, layers, head: QuantSpec | None,

@@ -66,7 +66,7 @@ def test_gguf_native_and_fp16_scales(tiny_dirs, tmp_path, capsys):
     assert all(torch.equal(qt.scale, qt.scale.half().float()) for qt in variant.qtensors.values())
     assert main(["quantize", model, "--method", "rtn", "--scale-dtype", "fp16",
                  "--out", str(tmp_path / "g128"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["name"] == "RTN W4 g128 f16s"
+    assert json.loads(capsys.readouterr().out)["name"] == "RTN W4 g128 f16s, lm_head W8 ch sym f16s"
     recipe = tmp_path / "plan.json"
     Plan(QuantSpec(4, 32, True)).save(recipe)
     for extra, message in ((["--method", "rtn", "--bits", "3", "--group-size", "32",

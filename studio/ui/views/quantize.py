@@ -303,7 +303,7 @@ class QuantizeView(QWidget):
         rules = session_plan.rules if self.use_plan.isChecked() else ()
         plan = Plan(self.spec(), rules, self.state.handle.architecture)
         native = native_gguf_type(self.spec()) is not None   # a GGUF-native body: Q8_0 head
-        head = end_spec(self.lm_head.currentData(), native)
+        head = end_spec(self.lm_head.currentData(), native, self.spec().scale_dtype)
         return with_ends(plan, self.state.handle.layers, head, None)
 
     # --- running -------------------------------------------------------------------------
