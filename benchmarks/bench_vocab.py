@@ -103,8 +103,10 @@ def memory(args, root: Path) -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"RTN W4 g128, lm_head {head}: fp32 model {r['model'] / MIB:.0f} MiB (embedding "
               f"{r['embedding_share']:.0%} of parameters); runtime {r['runtime'] / MIB:.0f} MiB; "
-              f"peak {r['peak'] / MIB:.0f} MiB = {(r['peak'] - r['runtime']) / r['model']:.2f} "
-              f"x model; variant {r['size'] / MIB:.0f} MiB")
+              f"open peak {(r.get('open_peak', 0) - r['runtime']) / r['model']:.2f} x model; "
+              f"quantize peak {r['peak'] / MIB:.0f} MiB = "
+              f"{(r['peak'] - r['runtime']) / r['model']:.2f} x model; variant "
+              f"{r['size'] / MIB:.0f} MiB")
 
 
 def child(folder: str, head: str) -> None:
@@ -120,13 +122,15 @@ def child(folder: str, head: str) -> None:
 
     torch.set_num_threads(1)
     runtime = psutil.Process().memory_info().rss
-    with RssPeak() as peak:
+    with RssPeak() as opened:
         handle = run(open_model_job(folder, weights="memory"))
+    with RssPeak() as peak:
         plan = with_ends(Plan(QuantSpec(4, 128)), handle.layers, end_spec(head), None)
         variant = run(quantize_text_job(handle, plan, None, 64, 512, 0, "x"))
     share = embedding_summary(handle.layers, handle.param_count)["share"]
-    print(json.dumps({"runtime": runtime, "peak": peak.peak, "model": model_bytes(handle.model),
-                      "embedding_share": share, "size": variant.size_bytes}))
+    print(json.dumps({"runtime": runtime, "open_peak": opened.peak, "peak": peak.peak,
+                      "model": model_bytes(handle.model), "embedding_share": share,
+                      "size": variant.size_bytes}))
 
 
 def main() -> None:

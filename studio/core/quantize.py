@@ -287,17 +287,20 @@ class _State:
 
     def record(self, name: str, block: int | None, spec: QuantSpec, qt: QTensor,
                model_module: nn.Module, w_pre: torch.Tensor | None,
-               hessian: torch.Tensor | None, note: str = "") -> Progress:
+               hessian: torch.Tensor | None, note: str = "", install: bool = True) -> Progress:
         """Install the de-quantized weight (a new tensor: the old one may be the baseline's),
-        note the errors; the Progress to yield."""
-        w_now = weight_matrix(model_module).float()
-        w_q = qt.dequantize()
+        note the errors; the Progress to yield. `install=False` for a layer nothing runs
+        before `compact` makes it codes (outside the blocks: an lm_head's float32 copy would
+        be half the model on a large vocabulary)."""
         error = rtn_error = None
-        if hessian is not None and w_pre is not None:
-            error, rtn_error = layer_errors(w_pre, w_now, w_q, spec,
-                                            read_weight_matrix(get_module(self.base, name)),
+        measured = hessian is not None and w_pre is not None
+        w_q = qt.dequantize() if measured or install else None
+        if measured:
+            error, rtn_error = layer_errors(w_pre, weight_matrix(model_module).float(), w_q,
+                                            spec, read_weight_matrix(get_module(self.base, name)),
                                             hessian)
-        replace_weight_matrix(model_module, w_q)
+        if install:
+            replace_weight_matrix(model_module, w_q)
         self.qtensors[name] = qt
         entry = {"layer": name, "block": block, "method": spec.method, "bits": spec.bits,
                  "error": error, "rtn_error": rtn_error, "note": note}
@@ -582,7 +585,7 @@ def quantize_outside(model: nn.Module, name: str, spec: QuantSpec, state: _State
     else:
         note = f"outside the blocks, so {registry.REFERENCE.upper()} instead of {spec.method}"
         qt = quantize_weight(weight_matrix(module), spec, mse_clip=False)
-    yield state.record(name, None, spec, qt, module, None, None, note)
+    yield state.record(name, None, spec, qt, module, None, None, note, install=False)
 
 
 def changed_floats(model: nn.Module, base: nn.Module,
