@@ -27,12 +27,14 @@ def quantized(handle, plan, name="tiny gguf"):
 def with_fp16_scales(variant, handle):
     """The variant re-quantized with its scales rounded to fp16 (codes re-derived from the base
     weights), as a GGUF-native plan makes them: every mapping is then exact."""
+    made = {}   # a tied pair quantized once stays one QTensor
     for name, qt in list(variant.qtensors.items()):
-        scale = qt.scale.half().float()
-        codes = quantize_codes(handle.weight(name), scale, qt.zero, qt.bits, qt.group_size)
-        new = QTensor(codes, scale, qt.zero, qt.bits, qt.group_size)
-        variant.qtensors[name] = new
-        get_module(variant.model, name).qt = new
+        if id(qt) not in made:
+            scale = qt.scale.half().float()
+            codes = quantize_codes(handle.weight(name), scale, qt.zero, qt.bits, qt.group_size)
+            made[id(qt)] = QTensor(codes, scale, qt.zero, qt.bits, qt.group_size)
+        variant.qtensors[name] = made[id(qt)]
+        get_module(variant.model, name).qt = made[id(qt)]
     return variant
 
 
