@@ -294,8 +294,10 @@ def check_meta(meta: dict, folder: Path) -> None:
             need(isinstance(group, int) and not isinstance(group, bool) and 0 < group <= shape[1],
                  f"layer {name} has group size {group!r}")
         need(isinstance(info.get("spec"), dict), f"layer {name} has no spec")
-        need(info.get("codes_of") is None or info["codes_of"] in layers,
-             f"layer {name} holds the codes of {info.get('codes_of')!r}, which is not a layer")
+        leader = info.get("codes_of")
+        need(leader is None or (isinstance(leader, str) and leader != name and isinstance(
+            layers.get(leader), dict) and "codes_of" not in layers[leader]),
+             f"layer {name} holds the codes of {leader!r}, which is not a layer with codes")
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
