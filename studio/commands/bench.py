@@ -149,8 +149,8 @@ def print_table(runs: list[dict]) -> None:
     if "memory" in marks:
         print("* size of the tensors in memory (not saved on disk)")
     if "variant" in marks:
-        print("+ the variant's size as an export stores it (codes, scales and zero points; "
-              "other tensors in 16 bits)")
+        print("+ the variant's size as a GGUF export stores it (codes, scales and zero points; "
+              "other matrices in 16 bits, vectors in 32), the size quantize and Compare give")
     for r in runs:
         parts = r.get("size_breakdown")
         if parts:
