@@ -43,7 +43,8 @@ CONFIG = {
     "bos_token_id": 1, "eos_token_id": 2,
 }
 SHARD_BYTES = 2 * 10 ** 9
-JOBS = ("open", "stats", "rtn", "gptq", "eval", "eval-variant")
+JOBS = ("open", "stats", "rtn", "gptq", "eval", "eval-variant", "capture", "sensitivity",
+        "bench", "export")
 
 
 def main(argv=None) -> int:

@@ -56,7 +56,9 @@ def _run_child(job: str, model: str) -> dict:
             tokenizer_bytes(handle.folder), handle.layers).total / MIB)
         return record
     runner = {"stats": _stats, "rtn": _quantize, "gptq": _quantize, "eval": _eval,
-              "eval-variant": _eval_variant}[job]
+              "eval-variant": _eval_variant, "capture": _capture,
+              "sensitivity": _sensitivity, "bench": _bench,
+              "export": _export}[job]
     record.update(runner(job, handle, model))
     return record
 
@@ -135,4 +137,68 @@ def _eval_variant(job, handle, model) -> dict:
                                          DATA / "wikitext2_test.txt", SEQLEN, EVAL_WINDOWS),
                             estimate)
     record.update(ppl=result.ppl, base_ppl=result.base_ppl, kl=result.kl, variant=method)
+    return record
+
+
+def _capture(job, handle, model) -> dict:
+    from studio.core import memory
+    from studio.core.activations import DEFAULT_SEQLEN, DEFAULT_WINDOWS, activation_capture_job
+
+    estimate = memory.estimate_job(handle, "capture", windows=DEFAULT_WINDOWS,
+                                   seqlen=DEFAULT_SEQLEN).total
+    _, record = _timed(activation_capture_job(handle, DATA / "tinyshakespeare.txt"), estimate)
+    return record
+
+
+def _sensitivity(job, handle, model) -> dict:
+    """The sweep with the CLI's defaults (proxy on 8 windows, KL on 8 x 512)."""
+    from studio.core import memory
+    from studio.core.sensitivity import (DEFAULT_KL_WINDOWS, DEFAULT_PROXY_TOKENS,
+                                         DEFAULT_PROXY_WINDOWS, sensitivity_job)
+    from studio.core.text import text_windows
+
+    windows, label = text_windows(handle.tokenizer, DATA / "tinyshakespeare.txt", SEQLEN,
+                                  max(DEFAULT_KL_WINDOWS, DEFAULT_PROXY_WINDOWS), 0)
+    estimate = memory.estimate_job(handle, "sensitivity", windows=DEFAULT_KL_WINDOWS,
+                                   seqlen=SEQLEN, proxy_windows=DEFAULT_PROXY_WINDOWS,
+                                   proxy_tokens=DEFAULT_PROXY_TOKENS).total
+    _, record = _timed(sensitivity_job(handle, windows, kl_bits=(4,), text_label=label),
+                       estimate)
+    return record
+
+
+def _bench(job, handle, model) -> dict:
+    """The CLI's default torch targets and lengths, one timed run each (the memory is the
+    figure here, not the speed)."""
+    from studio.core import memory
+    from studio.core.bench import BASE_CONFIGS, base_targets, bench_job
+
+    targets = base_targets(handle.model, BASE_CONFIGS,
+                           layer_names=[layer.name for layer in handle.quantizable])
+    estimate = memory.estimate_bench(targets, 128 + 64).total
+    vocab = handle.model.get_input_embeddings().weight.shape[0]
+    _, record = _timed(bench_job(targets, vocab, 128, 64, repeat=1), estimate)
+    return record
+
+
+def _export(job, handle, model) -> dict:
+    """The variant `STUDIO_LARGE_VARIANT` (default gptq) exported as `STUDIO_LARGE_FORMAT`
+    (default gguf) into a scratch folder, verified as the CLI does."""
+    import shutil
+    import tempfile
+
+    from studio.core import memory
+    from studio.core.export.job import export_job
+    from studio.core.variant import load_variant
+
+    method = os.environ.get("STUDIO_LARGE_VARIANT", "gptq")
+    fmt = os.environ.get("STUDIO_LARGE_FORMAT", "gguf")
+    variant = load_variant(VARIANTS / f"{Path(model).name}-{method}", handle)
+    estimate = memory.estimate_job(variant.model, "export").total
+    scratch = Path(tempfile.mkdtemp(prefix="bench-export-"))
+    try:
+        result, record = _timed(export_job(variant, handle, fmt, scratch / "out"), estimate)
+        record.update(format=fmt, variant=method, bytes=result.bytes)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return record

@@ -1,7 +1,8 @@
-"""Kill -9 and full-disk trials of the studio's saves (variant folders, recipe files, sessions).
+"""Kill -9 and full-disk trials of the studio's saves (variant folders, recipe files, sessions,
+exports).
 
 Per kind: `--trials` savers each killed with SIGKILL at a random moment (0-0.5 s after their
-first save; they save generation after generation in a loop, so most kills land inside a
+first save, 0-3 s for an export; they save generation after generation in a loop, so most kills land inside a
 save), then the target is checked to be one complete generation and the next save to check it
 leaves no temporary. Then one kill at each step of the write itself (`crash.PHASES`: while
 writing, before and after the swap or rename), made certain by killing from inside the save. Then `--disk-trials` saves under a random file-size limit (RLIMIT_FSIZE
@@ -29,8 +30,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from tests.fuzz.crash import (KINDS, PHASES, Savers, disk_full_trial, generation_of,
-                                  kill_trial, phase_trial, save, temporaries)
+    from tests.fuzz.crash import (KILL_WITHIN, KINDS, PHASES, Savers, disk_full_trial,
+                                  generation_of, kill_trial, phase_trial, save, temporaries)
 
     rng = random.Random(args.seed)
     failures = 0
@@ -43,7 +44,8 @@ def main() -> int:
                 complete = mid = left = 0
                 for _ in range(args.trials):
                     try:
-                        outcome = kill_trial(savers, kind, target, rng.uniform(0.0, 0.5))
+                        outcome = kill_trial(savers, kind, target,
+                                             rng.uniform(0.0, KILL_WITHIN.get(kind, 0.5)))
                     except AssertionError as exc:
                         failures += 1
                         print(f"    FAILED: {exc}")

@@ -21,6 +21,7 @@ import torch
 from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress
 from studio.core.stats import histogram
+from studio.core.memory import guard_job
 from studio.core.text import text_windows
 
 DEFAULT_WINDOWS = 32
@@ -133,6 +134,7 @@ def activation_capture_job(handle, path: str | Path | None = None,
         raise StudioError(f"The number of windows must be at least 1, not {windows}.")
     if not handle.quantizable:
         raise StudioError("This model has no quantizable layers to record activations for.")
+    guard_job(handle, "capture", windows=windows, seqlen=seqlen)
     yield Progress(0, windows, "Tokenizing calibration text")
     ids, label = text_windows(handle.tokenizer, path, seqlen, windows, seed, bos)
     layer_names = [info.name for info in handle.quantizable]

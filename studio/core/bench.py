@@ -43,6 +43,7 @@ from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress
 from studio.core.kernels import KernelChoice, float_model, kernel_model, kernel_summary
 from studio.core.layers import model_bytes, weight_matrix
+from studio.core.memory import estimate_bench, guard
 from studio.core.plan import QuantSpec
 from studio.core.quant.grid import quantize_rtn
 
@@ -59,6 +60,7 @@ class BenchTarget:
     size_bytes: int | None = None   # on disk, when the target is a saved folder
     details: dict = field(default_factory=dict)  # shown next to the figures (plan, source...)
     backend: str = "torch"
+    model: nn.Module | None = None   # the model a torch target's build copies (memory guard)
     size_source: str = "disk"       # what size_bytes is: "disk" (a file) or "variant"
 
 
@@ -137,9 +139,10 @@ def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
     for config in configs:
         if config == "fp32":
             targets.append(BenchTarget("fp32", lambda: float_model(model, torch.float32),
-                                       size_bytes))
+                                       size_bytes, model=model))
         elif config == "bf16":
-            targets.append(BenchTarget("bf16", lambda: float_model(model, torch.bfloat16)))
+            targets.append(BenchTarget("bf16", lambda: float_model(model, torch.bfloat16),
+                                       model=model))
         else:
             spec = INT8_SPEC if config == "int8" else QuantSpec(bits=4, group_size=group_size)
             label = "int8" if config == "int8" else f"int4 g{group_size}"
@@ -149,7 +152,7 @@ def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
                 f"{label}{extra}{suffix}", _rtn_builder(model, names, head, spec, prefill),
                 details={"quantized": f"RTN W{spec.bits} "
                          f"{'per-channel' if spec.group_size == -1 else f'g{spec.group_size}'}"
-                         f"{extra} (on the fly, for speed only)"}))
+                         f"{extra} (on the fly, for speed only)"}, model=model))
     return targets
 
 
@@ -157,7 +160,7 @@ def variant_target(name: str, model: nn.Module, qtensors: dict, size_bytes: int 
                    details: dict | None = None, prefill: str = "dense") -> BenchTarget:
     """A quantized variant on its kernels (its de-quantized `model` and its `qtensors`)."""
     return BenchTarget(name, lambda: kernel_model(model, qtensors, prefill), size_bytes,
-                       {"prefill": prefill, **(details or {})})
+                       {"prefill": prefill, **(details or {})}, model=model)
 
 
 def variant_bench_target(variant, prefill: str = "dense") -> BenchTarget:
@@ -268,6 +271,7 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
         raise StudioError("There is nothing to benchmark.")
     if prompt_tokens < 1 or new_tokens < 1 or repeat < 1:
         raise StudioError("Prompt tokens, new tokens and repeats must all be at least 1.")
+    guard(estimate_bench(targets, prompt_tokens + new_tokens))
     prompt = torch.randint(0, vocab_size, (1, prompt_tokens),
                            generator=torch.Generator().manual_seed(seed))
     old_threads = torch.get_num_threads()

@@ -33,7 +33,7 @@ from studio.core import baseline_cache, metrics
 from studio.core.baseline_cache import BaselineSummary
 from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress
-from studio.core.memory import estimate_job, guard
+from studio.core.memory import guard_job
 from studio.core.quant.coded import CodedLinear, expanded
 from studio.core.text import bos_label, bos_token, eval_windows, load_text, tokenize
 
@@ -164,8 +164,8 @@ def evaluate_many_job(models: dict[str, nn.Module], baseline_model: nn.Module | 
     yield Progress(0, 1, "Tokenizing the evaluation text")
     ids, label = prepare_windows(tokenizer, text_path, seqlen, windows, bos)
     for model in {id(m): m for m in [*models.values(), baseline_model] if m is not None}.values():
-        guard(estimate_job(model, "eval", windows=batch_size, seqlen=ids.shape[1],
-                           variant=any(isinstance(m, CodedLinear) for m in model.modules())))
+        guard_job(model, "eval", windows=batch_size, seqlen=ids.shape[1],
+                  variant=any(isinstance(m, CodedLinear) for m in model.modules()))
     bos_text = bos_label(tokenizer, bos_token(tokenizer, bos))
     protocol = protocol_record(label, seqlen, ids.shape[0], bos_text)
     count = ids.shape[0]

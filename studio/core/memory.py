@@ -97,14 +97,19 @@ def model_shape(model) -> dict:
         coded = module.qt.numel() if isinstance(module, CodedLinear) else 0
         return coded + sum(p.numel() for p in module.parameters(recurse=False))
 
+    def inputs(module) -> int:   # a linear's input width (GPT-2's Conv1D stores [in, out])
+        width = getattr(module, "in_features", None)
+        return int(width) if width is not None else int(module.weight.shape[0])
+
     _, blocks = decoder_blocks(model)
     block_params = max(sum(own(m) for m in block.modules()) for block in blocks)
-    linears = sum(own(m) for block in blocks for m in block.modules()
-                  if isinstance(m, CodedLinear) or m.__class__.__name__ in ("Linear", "Conv1D"))
+    linears = [m for block in blocks for m in block.modules()
+               if isinstance(m, CodedLinear) or m.__class__.__name__ in ("Linear", "Conv1D")]
     largest = max(own(m) for m in model.modules())
     return {"hidden": hidden, "intermediate": inter,
             "vocab": int(getattr(text, "vocab_size", 0) or 0), "block_params": block_params,
-            "largest_layer": largest, "quantizable": linears, "blocks": len(blocks),
+            "largest_layer": largest, "quantizable": sum(own(m) for m in linears),
+            "linear_inputs": sum(inputs(m) for m in linears), "blocks": len(blocks),
             "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
             "streamed": streams(model)}
 
@@ -141,9 +146,13 @@ def estimate_open(params: int, streamed: bool, vocab_bytes: int = 0,
 
 
 def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1, seqlen: int = 512,
-                 variant: bool = False) -> Estimate:
+                 variant: bool = False, proxy_windows: int = 0, proxy_tokens: int = 0
+                 ) -> Estimate:
     """A job's peak on `handle` (a ModelHandle or a model): kind is stats, quantize, eval,
-    capture, sensitivity, bench."""
+    capture, sensitivity, export (`handle`: the variant's model). `windows` are the
+    calibration windows (quantize, capture), the windows of one forward (eval, export) or the
+    KL sweep's windows (sensitivity, whose proxy part reads `proxy_windows` and keeps
+    `proxy_tokens` rows of every layer's input)."""
     model = getattr(handle, "model", handle)
     s = model_shape(model)
     streamed = s["streamed"]
@@ -164,17 +173,28 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
             p["statistics temporaries"] = STATS_COPIES * 8 * CHUNK_ELEMENTS
         else:   # |w| and the centred copy (the histogram's bins come after they are freed)
             p["statistics temporaries"] = 2 * 4 * largest
-    elif kind in ("eval", "capture", "sensitivity", "bench"):
-        batch_tokens = seqlen  # one window per forward
-        p["logits"] = 3 * 4 * batch_tokens * s["vocab"]
-        p["activations"] = FORWARD_COPIES * 4 * batch_tokens * (s["hidden"] + s["intermediate"])
+    elif kind == "eval":
+        p["logits"] = 3 * 4 * tokens * s["vocab"]   # `windows`: the windows of one forward
+        p["activations"] = FORWARD_COPIES * 4 * tokens * (s["hidden"] + s["intermediate"])
         if variant and not streamed:   # (`coded.expanded` holds them for the whole run)
             p["de-quantized layers"] = 4 * s["quantizable"]
-        if kind == "sensitivity":
-            p["block copies"] = 2 * 4 * s["block_params"]
-            p["calibration activations"] = 2 * 4 * tokens * s["hidden"]
-        if kind == "capture":
-            p["calibration activations"] = 4 * tokens * s["hidden"]
+    elif kind == "capture":
+        from studio.core.activations import BATCH_TOKENS, MAX_SAMPLES
+        batch = max(1, BATCH_TOKENS // seqlen) * seqlen   # tokens per forward (no logits)
+        p["activations"] = FORWARD_COPIES * 4 * batch * (s["hidden"] + s["intermediate"])
+        # per input tensor (about four a block) a histogram sample; per block and token three
+        # figures of the residual stream
+        p["recorded inputs"] = 4 * s["blocks"] * 4 * MAX_SAMPLES
+        p["residual stream figures"] = 12 * (s["blocks"] + 1) * tokens
+    elif kind == "sensitivity":
+        p.update(_sensitivity_parts(s, windows, seqlen, proxy_windows, proxy_tokens))
+    elif kind == "export":
+        # written a tensor at a time, then re-opened by the consumer's loader as a float32
+        # model (a GGUF is first de-quantized in a child process: `guard_convert`) whose
+        # logits are compared with the variant's on `windows` x `seqlen` tokens
+        p["re-opened model in float32"] = 4 * s["params"]
+        p["logits of both"] = 2 * 3 * 4 * tokens * s["vocab"]
+        p["activations"] = FORWARD_COPIES * 4 * tokens * (s["hidden"] + s["intermediate"])
     elif kind == "quantize":
         p["block in float32"] = 4 * s["block_params"]
         if streamed:   # the baseline's weight of a layer, read for its error figures
@@ -202,18 +222,99 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
             # work or codes: only what it needs beyond the blocks' phase counts.
             capture = largest_read + p["calibration activations"]
             p["embedding read (capture)"] = max(0, capture - sum(p.values()))
-        est.offers.append(f"fewer calibration windows than {windows}"
-                          if hessian else "a shorter sequence length")
     if not streamed and kind in ("quantize", "sensitivity"):
         est.offers.append("open the model with --weights stream (one block in memory)")
-    if kind in ("eval", "bench", "sensitivity", "capture") and seqlen > 256:
-        est.offers.append(f"a shorter sequence length than {seqlen}")
+    if kind == "sensitivity" and windows:
+        est.offers.append("the proxy-only sweep (no KL windows)")
+    return est
+
+
+# Settings a refused job could lower, per kind: (name, how the offer names it, least value).
+SHRINKABLE = {
+    "quantize": [("windows", "calibration windows", 1), ("seqlen", "tokens per window", 128)],
+    "capture": [("windows", "windows", 1), ("seqlen", "tokens per window", 128)],
+    "sensitivity": [("windows", "KL windows", 1), ("proxy_tokens", "proxy rows per layer", 64),
+                    ("seqlen", "tokens per window", 128)],
+    "eval": [("windows", "windows per forward pass", 1), ("seqlen", "tokens per window", 128)],
+}
+
+
+def guard_job(handle, kind: str, free: int | None = None, **settings) -> Estimate:
+    """`guard(estimate_job(handle, kind, **settings))`; a refusal names, for each setting the
+    job could lower on its own, the largest value that fits (e.g. "at most 24 calibration
+    windows (64 asked)")."""
+    free = available() if free is None else free
+    estimate = estimate_job(handle, kind, **settings)
+    if estimate.added > free:
+        estimate.offers[:0] = [
+            f"at most {fit} {label} ({settings[name]} asked)"
+            for name, label, least in SHRINKABLE.get(kind, [])
+            if (fit := _largest_that_fits(handle, kind, settings, name, least, free))]
+    return guard(estimate, free)
+
+
+def _largest_that_fits(handle, kind: str, settings: dict, name: str, least: int,
+                       free: int) -> int | None:
+    """The largest value of setting `name` below the asked one that fits (estimates grow with
+    it), or None: a bisection over whole numbers."""
+    asked = settings.get(name) or 0
+    if asked <= least:
+        return None
+
+    def fits(value: int) -> bool:
+        return estimate_job(handle, kind, **{**settings, name: value}).added <= free
+
+    if not fits(least):
+        return None
+    low, high = least, asked - 1    # fits(low) holds; find the largest such value
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
+def _sensitivity_parts(s: dict, kl_windows: int, seqlen: int, proxy_windows: int,
+                       proxy_tokens: int) -> dict[str, int]:
+    """The sweep's two phases, whichever needs more: the proxy runs `proxy_windows` through
+    the model at once and keeps `proxy_tokens` input rows of every layer; the KL sweep keeps
+    every block's output and the baseline's logits on `kl_windows`, and runs one block copy."""
+    width = s["hidden"] + s["intermediate"]
+    proxy = {"activations": FORWARD_COPIES * 4 * max(1, proxy_windows) * seqlen * width,
+             "layer inputs kept": 4 * proxy_tokens * s["linear_inputs"]}
+    if not kl_windows:
+        return proxy
+    tokens = kl_windows * seqlen
+    kl = {"activations": FORWARD_COPIES * 4 * tokens * width,
+          "block outputs kept": 4 * (s["blocks"] + 1) * tokens * s["hidden"],
+          "baseline logits": 4 * tokens * s["vocab"],
+          "logits": 3 * 4 * tokens * s["vocab"],
+          "block copy": 4 * s["block_params"]}
+    return max(proxy, kl, key=lambda parts: sum(parts.values()))
+
+
+def estimate_bench(targets, tokens: int) -> Estimate:
+    """The benchmark's peak: its targets are built one at a time, each a float32 copy of the
+    model it was made from (then converted or packed), with a `tokens`-long KV cache."""
+    sources = [t.model for t in targets if getattr(t, "model", None) is not None]
+    if not sources:   # llama.cpp targets run in a child process of their own
+        return Estimate("The benchmark", resident())
+    largest = max(sources, key=lambda m: model_shape(m)["params"])
+    s = model_shape(largest)
+    est = Estimate("The benchmark", now_with_weights(largest, s["streamed"]))
+    est.parts["the target's float32 copy"] = 4 * s["params"]
+    # int4/int8 targets: a byte per weight of codes (block layers and the output head), held
+    # while the kernels pack them at half a byte (measured on the demo: 1762 MiB peak)
+    heads = s["vocab"] * s["hidden"]
+    est.parts["codes and packed kernels"] = 3 * (s["quantizable"] + heads) // 2
+    est.parts["activations"] = FORWARD_COPIES * 4 * tokens * (s["hidden"] + s["intermediate"])
+    est.parts["KV cache"] = 2 * 4 * s["blocks"] * tokens * s["hidden"]
+    est.offers.append("the llama.cpp backend on a GGUF of the model (it runs in a process "
+                      "of its own and reads the file as it is)")
     return est
 
 
 _TITLES = {"stats": "Weight statistics", "quantize": "Quantization", "eval": "Evaluation",
-           "capture": "Activation capture", "sensitivity": "The sensitivity sweep",
-           "bench": "The benchmark"}
+           "capture": "Activation capture", "sensitivity": "The sensitivity sweep"}
 
 
 def guard_convert(param_count: int, what: str) -> None:

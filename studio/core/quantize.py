@@ -35,7 +35,7 @@ from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress
 from studio.core.layers import (get_module, is_linear, move_pre_hooks, read_weight_matrix,
                                  replace_module, replace_weight_matrix, weight_matrix)
-from studio.core.memory import estimate_job, guard, release_freed_memory
+from studio.core.memory import guard_job, release_freed_memory
 from studio.core.plan import Plan, QuantSpec, tied_specs
 from studio.core.quant import layout, registry, smoothquant
 from studio.core.quant.coded import coded_layer
@@ -68,8 +68,8 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
     specs = validate(handle, plan, windows)
     methods = {spec.method for spec in specs.values()}
     count, seqlen = (0, 0) if windows is None else windows.shape
-    guard(max((estimate_job(handle, "quantize", m, count, seqlen) for m in methods),
-              key=lambda estimate: estimate.added))
+    for method in sorted(methods):
+        guard_job(handle, "quantize", method=method, windows=count, seqlen=seqlen)
     if not any(registry.get(m).needs_text for m in methods) and windows is not None:
         windows = windows[:ERROR_WINDOWS]  # RTN needs no data: measure errors on a few windows
         calib_label = None

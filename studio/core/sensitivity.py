@@ -45,6 +45,7 @@ from studio.core.export.gguf_types import BLOCK
 from studio.core.files import read_json, write_text_atomic
 from studio.core.jobs import Job, Progress
 from studio.core.layers import set_weight_matrix, weight_matrix
+from studio.core.memory import guard_job
 from studio.core.streaming import materialise
 from studio.core.plan import QuantSpec
 from studio.core.quant.blocks import call_block, capture_block_inputs, decoder_blocks
@@ -329,9 +330,12 @@ def sensitivity_job(handle, windows: torch.Tensor, bits=DEFAULT_BITS, group_size
     if not layers:
         raise StudioError("This model has no quantizable layers.")
     identity = ModelIdentity.of(handle)
+    proxy_ids = windows[: max(1, proxy_windows)]
+    guard_job(handle, "sensitivity", windows=kl_windows if kl_cols else 0,
+              seqlen=int(windows.shape[1]), proxy_windows=int(proxy_ids.shape[0]),
+              proxy_tokens=proxy_tokens)
 
     start = time.perf_counter()
-    proxy_ids = windows[: max(1, proxy_windows)]
     yield Progress(0, len(layers), "Proxy: capturing layer inputs")
     inputs = capture_layer_inputs(handle, [i.name for i in layers], proxy_ids, proxy_tokens, seed)
     proxy = np.zeros((len(layers), len(options)))

@@ -6,8 +6,8 @@ import pytest
 
 from studio.core.errors import StudioError
 from studio.core.files import atomic_dir, remove_stale_temporaries, write_text_atomic
-from tests.fuzz.crash import (PHASES, Savers, disk_full_trial, generation_of, kill_trial,
-                              phase_trial, save, temporaries)
+from tests.fuzz.crash import (KILL_WITHIN, PHASES, Savers, disk_full_trial, generation_of,
+                              kill_trial, phase_trial, save, temporaries)
 
 TRIALS = 6
 
@@ -19,11 +19,13 @@ def savers():
     savers.close()
 
 
-@pytest.mark.parametrize("kind", ["variant", "plan", "session"])
+@pytest.mark.parametrize("kind", ["variant", "plan", "session", "export"])
 def test_kill_9_during_saves_leaves_one_complete_generation(tmp_path, kind, savers):
     target = tmp_path / ("plan.json" if kind == "plan" else kind)
     rng = random.Random(kind)
-    outcomes = [kill_trial(savers, kind, target, rng.uniform(0.0, 0.5)) for _ in range(TRIALS)]
+    trials = TRIALS if kind != "export" else 2   # (an export takes seconds)
+    outcomes = [kill_trial(savers, kind, target, rng.uniform(0.0, KILL_WITHIN.get(kind, 0.5)))
+                for _ in range(trials)]
     assert all(o["generation"] >= 1 for o in outcomes)  # never missing, never mixed
     assert all(o["after_next_save"] == 0 for o in outcomes), outcomes
 
@@ -42,7 +44,7 @@ def test_kill_9_at_each_phase_of_a_save(tmp_path, kind, phase, savers):
 
 
 @pytest.mark.parametrize("kind,limit", [("variant", 100_000), ("plan", 4096),
-                                        ("session", 100_000)])
+                                        ("session", 100_000), ("export", 20_000)])
 def test_disk_full_is_a_clear_error_and_loses_nothing(tmp_path, kind, limit, savers):
     target = tmp_path / ("plan.json" if kind == "plan" else kind)
     save(kind, target, 5)

@@ -149,8 +149,9 @@ def test_the_guard_offers_settings_that_fit(tiny_llama, monkeypatch):
 
     est = memory.estimate_job(tiny_llama, "quantize", method="gptq", windows=64, seqlen=512)
     assert est.added > 0 and est.offers
-    with pytest.raises(NotEnoughMemory, match="fewer calibration windows"):
-        memory.guard(est, free=est.added - 1)
+    with pytest.raises(NotEnoughMemory, match=r"at most \d+ calibration windows \(64 asked\)"):
+        memory.guard_job(tiny_llama, "quantize", free=est.added - 1, method="gptq", windows=64,
+                         seqlen=512)
     assert memory.guard(est, free=est.added) is est
 
 

@@ -1,14 +1,19 @@
-"""Kill -9 and full-disk trials of the studio's saves (a variant folder, a recipe file, a session).
+"""Kill -9 and full-disk trials of the studio's saves (a variant folder, a recipe file, a
+session, an export).
 
 A child process saves generation after generation to one target, the real save code
-(`variant.save_variant`, `Plan.save`); the parent kills it with SIGKILL at a random moment and
+(`variant.save_variant`, `Plan.save`, `session_file.save_session`, `export_job`); the parent kills it with SIGKILL at a random moment and
 checks that the target is one complete generation (every file of a variant from the same
 save), then saves again itself and checks no temporary is left beside the target. A
 full disk is simulated in a child with RLIMIT_FSIZE (SIGXFSZ ignored, so writes fail with
 EFBIG): the save must end in a StudioError and leave the previous generation intact.
 
 The variant is synthetic (a few coded layers on a plain torch module), so a child starts in
-the time torch takes to import, without transformers or a model.
+the time torch takes to import, without transformers or a model. An export needs a real
+model: a tiny Llama, opened once per process before any saver is forked (the savers inherit
+it), exported as compressed-tensors (written, re-opened by transformers and verified, as the
+export dialog does); its generations alternate between W4 g32 and W4 per-channel, so a folder
+mixing two saves shows in its tensors' shapes.
 
 Used by tests/core/test_crash_safe_writes.py and benchmarks/crash_writes.py.
 """
@@ -23,7 +28,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-KINDS = ("variant", "plan", "session")
+KINDS = ("variant", "plan", "session", "export")
+# Kills land at a random moment this many seconds after a saver's first save (an export, with
+# its re-opening and checks, takes seconds; the others well under one).
+KILL_WITHIN = {"export": 3.0}
+_export_handle = None
 
 
 def synthetic_variant(generation: int):
@@ -69,8 +78,41 @@ def synthetic_session(generation: int):
                    runs=[{"generation": generation}])
 
 
+def export_handle():
+    """The tiny Llama exports are made from, opened once per process."""
+    global _export_handle
+    if _export_handle is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        from studio.core.jobs import run
+        from studio.core.models import open_model_job
+        from tests.tiny_models import make_tiny_model, tiny_tokenizer
+
+        root = Path(tempfile.mkdtemp(prefix="studio-crash-model-"))
+        atexit.register(shutil.rmtree, root, True)   # (forked savers leave by os._exit)
+        _export_handle = run(open_model_job(make_tiny_model("llama", root / "llama",
+                                                            tiny_tokenizer())))
+    return _export_handle
+
+
+def synthetic_export(generation: int, target: Path) -> None:
+    from studio.core.export.job import export_job
+    from studio.core.jobs import run
+    from studio.core.plan import Plan, QuantSpec
+    from studio.core.quantize import quantize_job
+
+    handle = export_handle()
+    spec = QuantSpec(bits=4, group_size=32 if generation % 2 == 0 else -1)
+    variant = run(quantize_job(handle, Plan(spec), None, None, f"gen-{generation}"))
+    run(export_job(variant, handle, "compressed-tensors", target, force=True))
+
+
 def save(kind: str, target: Path, generation: int) -> None:
-    if kind == "variant":
+    if kind == "export":
+        synthetic_export(generation, target)
+    elif kind == "variant":
         from studio.core.variant import save_variant
         save_variant(synthetic_variant(generation), target)
     elif kind == "session":
@@ -88,6 +130,16 @@ def generation_of(kind: str, target: Path) -> int:
     from studio.core.variant import read_variant_meta
 
     assert target.exists(), f"{target} is missing"
+    if kind == "export":
+        from safetensors import safe_open
+
+        gen = int(json.loads((target / "report.json").read_text())["variant"]["name"][4:])
+        recipe = json.loads((target / "recipe.json").read_text())
+        assert recipe["variant"] == f"gen-{gen}", "recipe.json is from another save"
+        with safe_open(str(target / "model.safetensors"), "pt") as f:
+            scale = f.get_slice("model.layers.0.self_attn.q_proj.weight_scale").get_shape()
+        assert (scale[1] == 1) == (gen % 2 == 1), "model.safetensors is from another save"
+        return gen
     if kind == "session":
         from studio.core.session_file import read_session
         doc, arrays = read_session(target)
@@ -135,17 +187,24 @@ def zygote() -> None:
     import safetensors.torch  # noqa: F401
     import studio.core.variant  # noqa: F401
 
+    # Answers go to the parent on the original stdout; anything a library prints (an export's
+    # progress bars) goes to stderr, where it cannot be mistaken for an answer.
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     for line in sys.stdin:
         words = line.split(maxsplit=1)
+        if "export" in line.split():
+            export_handle()   # before the fork: every saver inherits the opened model
         if words[0] == "reap":
             os.waitpid(int(words[1]), 0)
-            print("reaped", flush=True)
+            print("reaped", file=answers, flush=True)
             continue
         if words[0] == "full":
-            print(json.dumps(_disk_full_fork(*words[1].split())), flush=True)
+            print(json.dumps(_disk_full_fork(*words[1].split())), file=answers, flush=True)
             continue
         if words[0] == "phase":
-            print(json.dumps(_phase_fork(*words[1].split())), flush=True)
+            print(json.dumps(_phase_fork(*words[1].split())), file=answers, flush=True)
             continue
         ready_r, ready_w = os.pipe()
         pid = os.fork()
@@ -159,7 +218,7 @@ def zygote() -> None:
         os.close(ready_w)
         ok = os.read(ready_r, 1) == b"r"
         os.close(ready_r)
-        print(pid if ok else "failed", flush=True)
+        print(pid if ok else "failed", file=answers, flush=True)
 
 
 class Savers:
@@ -241,6 +300,9 @@ PHASES = {
     ("session", "writing"): 5,      # a session folder is written as a variant's is
     ("session", "before-swap"): 5,
     ("session", "after-swap"): 6,
+    ("export", "writing"): 5,       # an export folder too, before its re-opening and checks
+    ("export", "before-swap"): 5,
+    ("export", "after-swap"): 6,
     ("plan", "before-rename"): 5,   # the temporary file written and synced
     ("plan", "after-rename"): 6,    # renamed, the folder not yet synced
 }

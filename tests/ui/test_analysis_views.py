@@ -120,3 +120,19 @@ def test_activations_view_cancel_keeps_nothing(qtbot, state, tiny_llama):
         view.job.cancel()
     assert "cancelled" in view.status.text()
     assert "activations" not in state.session.results
+
+
+def test_a_capture_that_does_not_fit_says_what_would(qtbot, state, tiny_llama, monkeypatch):
+    from studio.core import memory
+
+    view = ActivationsView(state)
+    qtbot.addWidget(view)
+    state.set_model(tiny_llama)
+    small = memory.estimate_job(tiny_llama, "capture", windows=2, seqlen=32).added
+    monkeypatch.setattr(memory, "available", lambda: small)
+    _capture(qtbot, state, view, windows=64, seqlen=32)
+    qtbot.waitUntil(lambda: "at most" in view.status.text(), timeout=10000)
+    assert state.failures and "needs about" in state.failures[0]
+    assert "at most" in view.status.text() and "windows (64 asked)" in view.status.text()
+    assert "activations" not in state.session.results
+    assert view.run_button.isEnabled()   # the user can lower it and run again

@@ -28,6 +28,7 @@ from studio.core import files
 from studio.core.files import atomic_dir
 from studio.core.jobs import Job, Progress
 from studio.core.layers import get_module, is_linear, weight_matrix
+from studio.core.memory import guard_job
 
 VERIFY_WINDOWS = 2
 VERIFY_SEQLEN = 64
@@ -98,6 +99,11 @@ def export_job(variant, handle, format_name: str, out: str | Path,
     if preflight.problems:
         raise StudioError(f"{fmt.title} cannot hold this variant as asked: "
                           + " ".join(preflight.problems))
+    # (the logits compared: the verification's windows, then one evaluation window at a time)
+    tokens = VERIFY_WINDOWS * VERIFY_SEQLEN
+    if eval_windows is not None:
+        tokens = max(tokens, eval_windows.shape[1])
+    guard_job(variant.model, "export", windows=1, seqlen=tokens)
     remove_stale_temporaries(out)
     started = time.perf_counter()
     try:
