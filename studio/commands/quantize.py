@@ -90,7 +90,6 @@ def run(args) -> int:
           f"{summary['size_mb']:.1f} MiB = {summary['model_bits_per_weight']:.2f} bits/weight "
           f"over the whole model "
           f"-> {args.out}")
-    parts = summary["size_breakdown"]
     print(size_line(variant))
     if summary["calibration"]:
         print(f"calibration: {summary['calibration']} ({args.windows} x {args.seqlen} tokens, "
