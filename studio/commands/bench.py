@@ -44,7 +44,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from studio.core.backends import get_backend, gguf_of, no_gguf_message
-    from studio.core.bench import base_targets, bench_job, gguf_target, variant_target
+    from studio.core.bench import base_targets, bench_job, gguf_target, variant_bench_target
     from studio.core.errors import StudioError
 
     backends = _configs(args.backend, default=("torch",))
@@ -73,11 +73,7 @@ def run(args) -> int:
     configs = _configs(args.configs, default=() if target.variant is not None else ("fp32",))
     targets = []
     if target.variant is not None and "torch" in backends:
-        variant = target.variant
-        disk = sum(f.stat().st_size for f in target.folder.rglob("*") if f.is_file())
-        targets.append(variant_target(variant.name, variant.model, variant.qtensors, disk,
-                                      {"bits_per_weight": round(variant.bits_per_weight, 4),
-                                       "calibration": variant.calibration}))
+        targets.append(variant_bench_target(target.variant))
     targets += base_targets(handle.model, configs, args.group_size, not args.no_lm_head,
                             layer_names=[layer.name for layer in handle.quantizable])
     targets += [gguf_target(path) for path in ggufs]
@@ -123,6 +119,9 @@ def _configs(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+SIZE_MARKS = {"disk": "", "memory": "*", "variant": "+"}
+
+
 def print_table(runs: list[dict]) -> None:
     failed = [r for r in runs if "error" in r]
     runs = [r for r in runs if "error" not in r]
@@ -143,10 +142,20 @@ def print_table(runs: list[dict]) -> None:
         dec = (f"{r['decode_tok_s']:.1f} ({r['decode_tok_s_range'][0]:.1f}-"
                f"{r['decode_tok_s_range'][1]:.1f})")
         kernels = ", ".join(f"{k} x{n}" for k, n in r["kernel_summary"].items())
-        size = f"{r['size_mb']:.1f}{'' if r['size_source'] == 'disk' else '*'}"
+        size = f"{r['size_mb']:.1f}{SIZE_MARKS.get(r['size_source'], '')}"
         print(f"{r['name']:<{width}} {pre:>20} {dec:>20} {size:>9} {r['weights_read_mb']:>17.1f} "
               f"{r['peak_rss_mb']:>12.0f}  {kernels}")
-    print("* size of the tensors in memory (not saved on disk)")
+    marks = {r["size_source"] for r in runs}
+    if "memory" in marks:
+        print("* size of the tensors in memory (not saved on disk)")
+    if "variant" in marks:
+        print("+ the variant's size as a GGUF export stores it (codes, scales and zero points; "
+              "other matrices in 16 bits, vectors in 32), the size quantize and Compare give")
+    for r in runs:
+        parts = r.get("size_breakdown")
+        if parts:
+            print(f"  {r['name']}: " + ", ".join(
+                f"{k} {v / 2**20:.2f} MB" for k, v in parts.items()))
     for r in runs:
         build = ", ".join(f"{k} {v}" for k, v in r["build"].items() if k not in ("backend",))
         step = f"; decode step {r['decode_step']}" if r.get("decode_step") else ""

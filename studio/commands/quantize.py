@@ -11,7 +11,8 @@ import re
 from studio.commands.common import (add_calibration_arguments, add_model_argument, open_model,
                                      print_json, run_with_progress)
 from studio.core.errors import StudioError
-from studio.core.plan import GROUP_SIZES, SCALE_DTYPES, Plan, QuantSpec
+from studio.core.plan import (EMBEDDING_DEFAULT, GROUP_SIZES, HEAD_DEFAULT, SCALE_DTYPES, Plan,
+                              QuantSpec, end_spec, with_ends)
 from studio.core.quant import registry
 
 NAME = "quantize"
@@ -43,6 +44,15 @@ def add_arguments(parser) -> None:
                         metavar="NAME=VALUE",
                         help="a method option, e.g. damp=0.01, act_order=true, mse_clip=true, "
                              "alpha=0.5 (repeatable; `methods` lists each method's)")
+    parser.add_argument("--lm-head", default=HEAD_DEFAULT, metavar="SPEC",
+                        help=f"the output head (and a tied embedding, the same matrix) with "
+                             f"--method: keep (as stored), w8 (8 bits per channel, the int8 "
+                             f"kernel), w4g32, w6g64sym ... (default {HEAD_DEFAULT}: llama.cpp "
+                             f"keeps it above the body's width too)")
+    parser.add_argument("--embedding", default=EMBEDDING_DEFAULT, metavar="SPEC",
+                        help="an untied input embedding with --method (read one row per token: "
+                             "quantizing it saves size, not time); same words "
+                             f"(default {EMBEDDING_DEFAULT})")
     add_calibration_arguments(parser, windows=64)
     parser.add_argument("--name", help="the variant's name (default: from the plan)")
     parser.add_argument("--out", required=True, metavar="VARIANT", help="folder to write")
@@ -58,7 +68,11 @@ def run(args) -> int:
         raise StudioError("--scale-dtype and --gguf-native go with --method; a recipe carries "
                           "its own scale type per layer (make one with plan --gguf-native).")
     plan = Plan.load(args.recipe) if args.recipe else Plan(command_spec(args))
+    head, embedding = (end_spec(word, args.gguf_native, args.scale_dtype or "fp32")
+                       for word in (args.lm_head, args.embedding))
     handle = open_model(args.model)
+    if not args.recipe:   # a recipe says itself what it does with them
+        plan = with_ends(plan, handle.layers, head, embedding)
     name = args.name or plan_title(handle, plan)
     variant = run_with_progress(quantize_text_job(handle, plan, args.calib, args.windows,
                                                   args.seqlen, args.seed, name, args.bos))
@@ -72,12 +86,11 @@ def run(args) -> int:
                     "layer_errors": variant.layer_errors})
         return 0
     print(f"{name}: {summary['layers']} layers in {summary['seconds']:.1f} s, "
-          f"{summary['bits_per_weight']:.2f} bits/weight, {summary['size_mb']:.1f} MiB "
+          f"{summary['bits_per_weight']:.2f} bits/weight in the quantized layers, "
+          f"{summary['size_mb']:.1f} MiB = {summary['model_bits_per_weight']:.2f} bits/weight "
+          f"over the whole model "
           f"-> {args.out}")
-    parts = summary["size_breakdown"]
-    print(f"size: {parts['quantized'] / 2**20:.1f} MiB quantized layers + "
-          f"{parts['embedding'] / 2**20:.1f} MiB embedding / float lm_head (16-bit) + "
-          f"{parts['float'] / 2**20:.1f} MiB other float tensors")
+    print(size_line(variant))
     if summary["calibration"]:
         print(f"calibration: {summary['calibration']} ({args.windows} x {args.seqlen} tokens, "
               f"seed {args.seed})")
@@ -124,3 +137,17 @@ def parse_options(items: list[str]) -> dict:
                 raise StudioError(f"Option {key} needs a number or true/false, "
                                   f"not {value!r}.") from None
     return options
+
+
+def size_line(variant) -> str:
+    """The size breakdown in words: what the embedding / lm_head are stored as."""
+    parts = variant.size_breakdown
+    ends = sorted({variant.specs[n].grid_label for n in variant.qtensors
+                   if n in variant.end_layers})
+    how = ("quantized " + "/".join(ends)) if ends else "16-bit"
+    shared = "; tied: one matrix" if variant.shared else ""
+    mib = lambda key: f"{parts[key] / 2**20:.2f} MiB"  # noqa: E731
+    return (f"size: {mib('quantized')} quantized layers + {mib('embedding')} embedding / "
+            f"lm_head ({how}{shared}) + {mib('float')} other float tensors")
+
+

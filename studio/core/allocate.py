@@ -26,9 +26,10 @@ import numpy as np
 
 from studio.core.errors import StudioError
 from studio.core.export.gguf_types import BLOCK, fits_rows
-from studio.core.plan import Plan, QuantSpec, Rule
+from studio.core.plan import Plan, QuantSpec, Rule, tied_specs
 from studio.core.quant.grid import native_gguf_type, storage_bits_per_weight
 from studio.core.sensitivity import gguf_native_options, option_label
+from studio.core.variant import float_bytes, stored_floats
 
 MB = 2 ** 20              # "MB" as Variant.to_summary reports size_mb
 FULL_PRECISION_BITS = 16  # a layer kept in full precision is stored as fp16/bf16
@@ -269,7 +270,7 @@ def table_for(handle, options: list[QuantSpec | None], loss: np.ndarray | None =
 
 @dataclass(frozen=True)
 class PlanSize:
-    bits_per_weight: float   # over the block linears and any other quantized layer
+    bits_per_weight: float   # the body: block linears, other quantized layers but the ends
     size_bytes: int          # the whole model as an exporter stores it
     quantized: int           # layers the plan quantizes
 
@@ -285,27 +286,23 @@ def plan_size(handle, plan: Plan) -> PlanSize:
     specs = plan.resolve(handle.layers)
     model = handle.model
     quantized = {n: s for n, s in specs.items() if s is not None}
+    # A tied embedding / lm_head quantized alike is one matrix, counted once (`tied_specs`);
+    # quantized apart, each is stored.
+    shared = tied_specs(handle.layers, quantized)
     weight_ids = {id(handle.module(n).weight) for n in quantized}
-    tied = [i for i in handle.layers if i.tied_to]
-    # Quantizing one side of a tied embedding / lm_head unties it: the other side is stored too.
-    untied = sum(i.params for i in tied if (i.name in quantized) != (i.tied_to in quantized))
     total = 0.0
     bits = weights = 0.0
     for info in handle.layers:
         spec = quantized.get(info.name)
+        if info.name in shared:
+            continue
         numel = info.shape[0] * info.shape[1]
         if spec is not None:
             total += storage_bits_per_weight(spec, info.shape[1]) * numel / 8
-        if spec is not None or info.quantizable:
+        if info.role not in ("embedding", "lm_head") and (spec is not None or info.quantizable):
             bits += storage_bits_per_weight(spec, info.shape[1]) * numel
             weights += numel
-    seen: set[int] = set()
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if id(tensor) in seen or id(tensor) in weight_ids:
-            continue
-        seen.add(id(tensor))
-        total += 2 * tensor.numel()
-    total += 2 * untied
+    total += sum(float_bytes(t) for t in stored_floats(model) if id(t) not in weight_ids)
     return PlanSize(bits / weights if weights else 16.0, int(total), len(quantized))
 
 
@@ -315,6 +312,12 @@ def plan_title(handle, plan: Plan) -> str:
     alike."""
     if not plan.rules and plan.default is not None:
         return plan.default.label
+    ends = {i.name: i for i in handle.layers if i.role in ("embedding", "lm_head")}
+    if plan.default is not None and all(not r.regex and r.pattern in ends for r in plan.rules):
+        # a uniform body with its embedding / lm_head set apart: "RTN W4 g128, lm_head W8 ch sym"
+        parts = [f"{ends[r.pattern].role} {r.spec.grid_label if r.spec else 'fp16'}"
+                 for r in plan.rules]
+        return ", ".join([plan.default.label, *parts])
     methods = sorted({s.method for s in plan.resolve(handle.layers).values() if s is not None})
     size = plan_size(handle, plan)
     return (f"mixed {size.bits_per_weight:.2f} bpw, "

@@ -13,7 +13,8 @@ quantized variant on its own kernels (`studio.core.kernels`). Each is measured t
 * memory: the process's peak RSS while the target runs (psutil, sampled). It counts all the
   process holds (the baseline the app keeps open too), so `model_mb`, the bytes of the target's
   own tensors, is given beside it for comparing targets;
-* size: bytes on disk when the target is a saved folder, else the bytes its tensors hold.
+* size: a variant's `size_bytes` (as an export stores it: the one size quantize, Compare and
+  export report, with its breakdown), a file's bytes on disk, else the bytes its tensors hold.
 
 Targets run on a backend (`studio.core.backends`): torch (the above), or llama.cpp for a GGUF
 file (`gguf_target`), timed the same way with the same prompt ids and lengths. Every result
@@ -60,6 +61,7 @@ class BenchTarget:
     details: dict = field(default_factory=dict)  # shown next to the figures (plan, source...)
     backend: str = "torch"
     model: nn.Module | None = None   # the model a torch target's build copies (memory guard)
+    size_source: str = "disk"       # what size_bytes is: "disk" (a file) or "variant"
 
 
 @dataclass
@@ -159,6 +161,19 @@ def variant_target(name: str, model: nn.Module, qtensors: dict, size_bytes: int 
     """A quantized variant on its kernels (its de-quantized `model` and its `qtensors`)."""
     return BenchTarget(name, lambda: kernel_model(model, qtensors, prefill), size_bytes,
                        {"prefill": prefill, **(details or {})}, model=model)
+
+
+def variant_bench_target(variant, prefill: str = "dense") -> BenchTarget:
+    """`variant_target` for a Variant, sized as everywhere else: `Variant.size_bytes` (what an
+    export stores, the embedding / lm_head included) with its breakdown, not its folder (codes
+    in int32 words, fp32 scales, the base's tensors left out) nor its runtime tensors."""
+    target = variant_target(variant.name, variant.model, variant.qtensors, variant.size_bytes,
+                            {"bits_per_weight": round(variant.bits_per_weight, 4),
+                             "model_bits_per_weight": round(variant.model_bits_per_weight, 4),
+                             "size_breakdown": variant.size_breakdown,
+                             "calibration": variant.calibration}, prefill)
+    target.size_source = "variant"
+    return target
 
 
 def gguf_target(path, name: str | None = None, details: dict | None = None) -> BenchTarget:
@@ -311,7 +326,7 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
                 peak_rss_mb=(getattr(model, "peak_rss", 0) or rss.peak) / 2**20,
                 model_mb=in_memory / 2**20,
                 size_mb=(size if size is not None else in_memory) / 2**20,
-                size_source="disk" if size is not None else "memory",
+                size_source=target.size_source if size is not None else "memory",
                 weights_read_mb=sum(c.weight_bytes for c in choices) / 2**20,
                 threads=torch.get_num_threads(), repeat=repeat, prompt_tokens=prompt_tokens,
                 new_tokens=new_tokens, kernels=choices,
@@ -443,7 +458,8 @@ class LeanDecoder:
         self.head_dim = attention.head_dim
         self.scaling = attention.scaling
         self.gqa = config.num_attention_heads != config.num_key_value_heads
-        dtype = self.inner.embed_tokens.weight.dtype
+        embedding = self.inner.embed_tokens   # (a coded one: its dtype, no table made)
+        dtype = getattr(embedding, "weight_dtype", None) or embedding.weight.dtype
         shape = (len(self.layers), 1, config.num_key_value_heads, max_len, self.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype)
         self.values = torch.zeros(shape, dtype=dtype)

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from studio.core.layers import move_pre_hooks, replace_module, weight_matrix
-from studio.core.quant.coded import CodedLinear
+from studio.core.quant.coded import CodedEmbedding, CodedLinear
 from studio.core.quant import formats
 from studio.core.quant.grid import QTensor, expand_groups
 
@@ -308,6 +308,10 @@ def kernel_model(model: nn.Module, qtensors: dict[str, QTensor], prefill: str = 
     choices: list[KernelChoice] = []
     for name, q in qtensors.items():
         module = result.get_submodule(name)
+        if isinstance(module, CodedEmbedding):   # a lookup reads one row: no matmul to run
+            choices.append(KernelChoice(name, "coded rows", q.bits, 0,
+                                        "embedding: each looked-up row de-quantized"))
+            continue
         kernel, choice = kernel_for(name, module, q)
         if kernel is not None:
             if prefill == "kernel":

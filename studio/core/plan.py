@@ -249,3 +249,70 @@ class Plan:
         if self.architecture and self.architecture != architecture:
             raise StudioError(f"This recipe was written for {self.architecture}, "
                               f"but the model is {architecture}.")
+
+
+# --- the embedding and the lm_head -----------------------------------------------------------
+# What `quantize --method` does with the output head unless told: 8-bit codes, one symmetric
+# scale per row. llama.cpp's mixes keep the output matrix above the body's width (Q6_K in
+# Q4_K_M, Q8_0 in Q8_0 / Q4_0 plans) because its error reaches every logit; W8 per-channel is as
+# close to lossless, halves the 16-bit matrix that can be a large vocabulary's biggest tensor,
+# and runs on the int8 CPU kernel every decode step (a 16-bit head was read in float32).
+# A tied embedding is the same matrix, so it follows the head; an untied one is read one row
+# per token (no decode cost), so it stays as stored unless asked.
+HEAD_DEFAULT = "w8"
+EMBEDDING_DEFAULT = "keep"
+_END_WORD = re.compile(r"w([2-8])(?:g(32|64|128|-1))?(sym)?")
+
+
+def end_spec(word: str, gguf_native: bool = False, scale_dtype: str = "fp32"
+             ) -> QuantSpec | None:
+    """A command-line word for the embedding / lm_head: "keep" (as stored), "w8" (8 bits per
+    channel, symmetric), "w4g32", "w6g64sym" ... (RTN: these layers sit outside the blocks).
+    `gguf_native`: the width on its GGUF type (w8 -> Q8_0, w4 -> Q4_0, w5 -> Q5_0); else
+    scales of `scale_dtype`, as the body's."""
+    word = word.strip().lower()
+    if word in ("keep", "fp16", "none"):
+        return None
+    match = _END_WORD.fullmatch(word)
+    if not match:
+        raise StudioError(f"{word!r} is not a setting for the embedding / lm_head: keep, w8, "
+                          f"w4g32, w6g64sym ... (bits 2-8, group 32/64/128/-1).")
+    bits, group, sym = int(match.group(1)), int(match.group(2) or -1), bool(match.group(3))
+    if gguf_native:
+        from studio.core.export.gguf_types import native_type
+
+        if native_type(bits, 32, True, "fp16") is None:
+            raise StudioError(f"With --gguf-native the embedding / lm_head take a GGUF type: "
+                              f"w4, w5 or w8 (Q4_0, Q5_0, Q8_0), or keep; not {word!r}.")
+        return QuantSpec(bits, 32, symmetric=True, scale_dtype="fp16")
+    return QuantSpec(bits, group, symmetric=sym or (bits == 8 and group == -1),
+                     scale_dtype=scale_dtype)
+
+
+def with_ends(plan: Plan, layers, head: QuantSpec | None,
+              embedding: QuantSpec | None) -> Plan:
+    """`plan` with rules for the lm_head and an untied input embedding (a tied one is the
+    head's matrix and follows it); a layer the plan already names keeps its rule."""
+    named = lambda name: any(r.matches(name) for r in plan.rules)  # noqa: E731
+    for info in layers:
+        spec = head if info.role == "lm_head" else embedding if info.role == "embedding" else None
+        tied = info.role == "embedding" and any(i.tied_to == info.name for i in layers)
+        if spec is not None and not tied and not named(info.name):
+            plan = plan.with_rule(Rule(info.name, spec))
+    return plan
+
+
+def tied_specs(layers, specs: dict[str, QuantSpec]) -> dict[str, str]:
+    """{embedding: lm_head} when the model ties the two (LayerInfo.tied_to) and `specs` (layer
+    -> spec of the layers to quantize) quantizes them alike: one weight, quantized once (as
+    the lm_head) and held by both, as a tied checkpoint stores it once. A spec for either side
+    alone covers both (`specs` gains the other side). Two different specs untie them: each is
+    stored, and the size says so."""
+    head = next((i for i in layers if i.role == "lm_head" and i.tied_to), None)
+    if head is None:
+        return {}
+    mine, theirs = specs.get(head.name), specs.get(head.tied_to)
+    if (mine is None and theirs is None) or (mine and theirs and mine != theirs):
+        return {}
+    specs[head.name] = specs[head.tied_to] = mine or theirs
+    return {head.tied_to: head.name}

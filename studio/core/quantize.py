@@ -36,7 +36,7 @@ from studio.core.jobs import Job, Progress
 from studio.core.layers import (get_module, is_linear, move_pre_hooks, read_weight_matrix,
                                  replace_module, replace_weight_matrix, weight_matrix)
 from studio.core.memory import guard_job, release_freed_memory
-from studio.core.plan import Plan, QuantSpec
+from studio.core.plan import Plan, QuantSpec, tied_specs
 from studio.core.quant import layout, registry, smoothquant
 from studio.core.quant.coded import coded_layer
 from studio.core.quant.blocks import (FAST_DTYPE, BlockInputs, Replay, capture_block_inputs,
@@ -74,12 +74,13 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
         windows = windows[:ERROR_WINDOWS]  # RTN needs no data: measure errors on a few windows
         calib_label = None
     prefix, base_blocks = decoder_blocks(handle.model)
-    outside = [n for n in specs if not n.startswith(prefix + ".")]
+    shared = tied_specs(handle.layers, specs)   # {embedding: lm_head}: one matrix
+    outside = [n for n in specs if not n.startswith(prefix + ".") and n not in shared]
     total = len(specs) + 2
     sq = {n: s for n, s in specs.items() if s.quantizer.smoothing}
     yield Progress(0, total, "Copying the model")
     model = copy_to_quantize(handle.model)
-    untie_if_needed(model, specs)
+    untie_if_needed(model, {n: s for n, s in specs.items() if n not in shared})
     _, blocks = decoder_blocks(model)
     state = _State(specs, handle.model, total)
     state.replay_budget = replay_budget(handle.model)
@@ -118,6 +119,11 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
     release_freed_memory()
     for layer in outside:
         yield from quantize_outside(model, layer, specs[layer], state)
+    for follower, leader in shared.items():
+        state.qtensors[follower] = state.qtensors[leader]   # the same object: stored once
+        state.errors.append({"layer": follower, "block": None, "method": specs[leader].method,
+                             "bits": specs[leader].bits, "error": None, "rtn_error": None,
+                             "note": f"tied: the codes of {leader}"})
     compact(model, state.qtensors)
     release_freed_memory()
 
@@ -281,17 +287,20 @@ class _State:
 
     def record(self, name: str, block: int | None, spec: QuantSpec, qt: QTensor,
                model_module: nn.Module, w_pre: torch.Tensor | None,
-               hessian: torch.Tensor | None, note: str = "") -> Progress:
+               hessian: torch.Tensor | None, note: str = "", install: bool = True) -> Progress:
         """Install the de-quantized weight (a new tensor: the old one may be the baseline's),
-        note the errors; the Progress to yield."""
-        w_now = weight_matrix(model_module).float()
-        w_q = qt.dequantize()
+        note the errors; the Progress to yield. `install=False` for a layer nothing runs
+        before `compact` makes it codes (outside the blocks: an lm_head's float32 copy would
+        be half the model on a large vocabulary)."""
         error = rtn_error = None
-        if hessian is not None and w_pre is not None:
-            error, rtn_error = layer_errors(w_pre, w_now, w_q, spec,
-                                            read_weight_matrix(get_module(self.base, name)),
+        measured = hessian is not None and w_pre is not None
+        w_q = qt.dequantize() if measured or install else None
+        if measured:
+            error, rtn_error = layer_errors(w_pre, weight_matrix(model_module).float(), w_q,
+                                            spec, read_weight_matrix(get_module(self.base, name)),
                                             hessian)
-        replace_weight_matrix(model_module, w_q)
+        if install:
+            replace_weight_matrix(model_module, w_q)
         self.qtensors[name] = qt
         entry = {"layer": name, "block": block, "method": spec.method, "bits": spec.bits,
                  "error": error, "rtn_error": rtn_error, "note": note}
@@ -576,7 +585,7 @@ def quantize_outside(model: nn.Module, name: str, spec: QuantSpec, state: _State
     else:
         note = f"outside the blocks, so {registry.REFERENCE.upper()} instead of {spec.method}"
         qt = quantize_weight(weight_matrix(module), spec, mse_clip=False)
-    yield state.record(name, None, spec, qt, module, None, None, note)
+    yield state.record(name, None, spec, qt, module, None, None, note, install=False)
 
 
 def changed_floats(model: nn.Module, base: nn.Module,

@@ -30,6 +30,8 @@ COLUMNS = [
     ("speed_ratio", "Speed vs base", "{:.2f}x"), ("peak_rss_mb", "Peak RSS (MB)", "{:.0f}"),
     ("quantized_mb", "of which quantized (MB)", "{:.1f}"),
     ("embedding_mb", "of which embedding/head (MB)", "{:.1f}"),
+    ("float_mb", "of which other floats (MB)", "{:.2f}"),
+    ("model_bits_per_weight", "Bits/weight, whole model", "{:.3f}"),
     ("kernels", "Kernels", "{}"), ("calibration", "Calibration", "{}"), ("text", "Eval text", "{}"),
     ("windows", "Windows", "{}"), ("note", "Note", "{}"),
 ]
@@ -46,21 +48,28 @@ def describe_variant(variant) -> dict:
     return {"variant": variant.name, "plan": plan,
             "bits_per_weight": round(variant.bits_per_weight, 4),
             "size_mb": variant.size_bytes / 2**20, "quantized_mb": parts["quantized"] / 2**20,
-            "embedding_mb": parts["embedding"] / 2**20,
+            "embedding_mb": parts["embedding"] / 2**20, "float_mb": parts["float"] / 2**20,
+            "model_bits_per_weight": round(variant.model_bits_per_weight, 4),
             "calibration": variant.calibration or "none"}
 
 
 def describe_baseline(handle) -> dict:
-    """The baseline counted as variants are: float tensors at 16 bits each."""
+    """The baseline counted as variants are (`allocate.plan_size` of a plan quantizing
+    nothing: matrices at 16 bits, vectors at 32, a tied matrix once)."""
+    from studio.core.allocate import plan_size
     from studio.core.layers import embedding_summary
+    from studio.core.plan import Plan
 
     embedding = embedding_summary(handle.layers, handle.param_count) or {}
     head = embedding.get("lm_head")
     params = embedding.get("params", 0) + (
         handle.layer(head).params if head and not embedding["lm_head_tied"] else 0)
+    size = plan_size(handle, Plan(default=None)).size_bytes
     return {"variant": BASELINE, "plan": "full precision", "bits_per_weight": 16.0,
-            "size_mb": 2 * handle.param_count / 2**20, "quantized_mb": 0.0,
-            "embedding_mb": 2 * params / 2**20, "calibration": "none"}
+            "size_mb": size / 2**20, "quantized_mb": 0.0, "embedding_mb": 2 * params / 2**20,
+            "float_mb": (size - 2 * params) / 2**20,
+            "model_bits_per_weight": round(8 * size / handle.param_count, 4),
+            "calibration": "none"}
 
 
 def eval_run(what: dict, result, text_path=None) -> dict:
@@ -201,14 +210,13 @@ def run_all_job(variant, handle, windows: int = QUICK_WINDOWS, seqlen: int = QUI
     """Evaluate and benchmark `variant` next to the baseline (fp32) in one job."""
     import torch
 
-    from studio.core.bench import base_targets, bench_job, variant_target
+    from studio.core.bench import base_targets, bench_job, variant_bench_target
 
     runs = yield from quick_eval_job(variant, handle, windows, seqlen, text_path, bos)
     yield Progress(0, 1, f"Benchmarking {variant.name} and the baseline")
     targets = base_targets(handle.model, configs=("fp32",),
                            layer_names=[layer.name for layer in handle.quantizable])
-    targets.append(variant_target(variant.name, variant.model, variant.qtensors,
-                                  variant.size_bytes))
+    targets.append(variant_bench_target(variant))
     vocab = handle.model.get_input_embeddings().weight.shape[0]
     results = yield from bench_job(targets, vocab, prompt_tokens, new_tokens, repeat,
                                    threads or torch.get_num_threads())

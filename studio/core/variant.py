@@ -72,59 +72,94 @@ class Variant:
         return sorted({spec.method for spec in self.specs.values()})
 
     @property
+    def unique_qtensors(self) -> dict[str, QTensor]:
+        """`qtensors` with a tied embedding left out where it holds its lm_head's very codes
+        (one matrix stored once)."""
+        seen: set[int] = set()
+        unique = {}
+        for name, qt in self.qtensors.items():
+            if id(qt) not in seen:
+                seen.add(id(qt))
+                unique[name] = qt
+        return unique
+
+    @property
+    def shared(self) -> dict[str, str]:
+        """{layer: the layer whose codes it holds} for tied layers quantized once."""
+        unique = self.unique_qtensors
+        owner = {id(qt): name for name, qt in unique.items()}
+        return {name: owner[id(qt)] for name, qt in self.qtensors.items() if name not in unique}
+
+    @property
     def bits_per_weight(self) -> float:
-        """Average storage bits per weight over the quantizable layers and any quantized extra
-        layer (scales and zero points counted, GGUF-native layers at their GGUF type's bytes:
-        `grid.storage_bits_per_weight`; layers left in full precision count 16)."""
+        """Average storage bits per weight of the body: the block linears and any other layer
+        quantized besides the embedding / lm_head (scales and zero points counted, GGUF-native
+        layers at their GGUF type's bytes: `grid.storage_bits_per_weight`; layers left in full
+        precision count 16). `model_bits_per_weight` is the whole model's."""
         total_bits = total = 0.0
+        ends = self.end_layers
         for name, module in self.model.named_modules():
+            if name in ends:
+                continue
             if name in self.qtensors:
                 qt = self.qtensors[name]
-                numel = qt.numel()
                 total_bits += stored_bits(self.specs[name], qt)
-                total += numel
+                total += qt.numel()
             elif is_linear(module) and _in_block(name):
                 total_bits += 16.0 * module.weight.numel()
                 total += module.weight.numel()
         return total_bits / total if total else 16.0
 
     @property
+    def end_layers(self) -> set[str]:
+        """Names of the input embedding and the lm_head."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        return {names[id(m)] for m in (getattr(self.model, g, lambda: None)() for g in (
+            "get_input_embeddings", "get_output_embeddings")) if id(m) in names}
+
+    @property
     def size_bytes(self) -> int:
-        """Storage as an exporter writes it: quantized layers at their storage price
-        (`grid.storage_bits_per_weight`), every other tensor (shared ones once) in 16-bit floats."""
-        total = sum(stored_bits(self.specs[n], qt) / 8 for n, qt in self.qtensors.items())
-        seen: set[int] = set()
-        for tensor in list(self.model.parameters()) + list(self.model.buffers()):
-            if id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
-            total += 2 * tensor.numel()
-        return int(total)
+        """Storage as a GGUF export writes it: quantized layers at their storage price
+        (`grid.storage_bits_per_weight`), every other stored tensor (shared ones once) in
+        16-bit floats, vectors in 32 (`float_bytes`); the sum of `size_breakdown`."""
+        return sum(self.size_breakdown.values())
+
+    @property
+    def model_bits_per_weight(self) -> float:
+        """8 x `size_bytes` over every weight the size counts (embedding, head, norms too): the
+        figure a GGUF's size gives, where `bits_per_weight` is the quantized layers' average."""
+        count = sum(qt.numel() for qt in self.unique_qtensors.values())
+        count += sum(t.numel() for t in stored_floats(self.model))
+        return 8 * self.size_bytes / count if count else 16.0
 
     @property
     def size_breakdown(self) -> dict[str, int]:
-        """`size_bytes` split three ways (they add up to it): the quantized layers (codes,
-        scales, zeros), the embedding and a float lm_head (16-bit, one tensor when tied: on a
-        large-vocabulary model often the biggest part), and every other float tensor (norms,
-        biases, layers kept in full precision)."""
-        quantized = sum(stored_bits(self.specs[n], qt) / 8 for n, qt in self.qtensors.items())
-        ends = set()
+        """`size_bytes` split three ways (they add up to it): the quantized block layers
+        (codes, scales, zeros), the embedding and lm_head (one matrix when tied; codes when
+        quantized, else 16-bit: on a large-vocabulary model often the biggest part), and every
+        other stored float tensor (norms and biases in 32 bits, layers kept in full precision
+        in 16)."""
+        end_layers, end_weights = self.end_layers, set()
         for getter in ("get_input_embeddings", "get_output_embeddings"):
             module = getattr(self.model, getter, lambda: None)()
-            weight = None if module is None else module._parameters.get("weight")
-            if weight is not None:  # (a quantized lm_head has codes, no weight parameter)
-                ends.add(id(weight))
-        embedding = other = 0
-        seen: set[int] = set()
-        for tensor in list(self.model.parameters()) + list(self.model.buffers()):
-            if id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
-            if id(tensor) in ends:
-                embedding += 2 * tensor.numel()
+            if module is not None:
+                weight = module._parameters.get("weight")
+                if weight is not None:   # (a quantized one holds codes, no weight parameter)
+                    end_weights.add(id(weight))
+        quantized = embedding = 0.0
+        for name, qt in self.unique_qtensors.items():
+            cost = stored_bits(self.specs[name], qt) / 8
+            if name in end_layers:
+                embedding += cost
             else:
-                other += 2 * tensor.numel()
-        return {"quantized": int(quantized), "embedding": embedding, "float": other}
+                quantized += cost
+        other = 0
+        for tensor in stored_floats(self.model):
+            if id(tensor) in end_weights:
+                embedding += float_bytes(tensor)
+            else:
+                other += float_bytes(tensor)
+        return {"quantized": int(quantized), "embedding": int(embedding), "float": other}
 
     def to_summary(self) -> dict[str, Any]:
         errors = [e["error"] for e in self.layer_errors if e.get("error") is not None]
@@ -135,11 +170,35 @@ class Variant:
             "seconds": round(self.seconds, 3), "bits_per_weight": round(self.bits_per_weight, 4),
             "size_bytes": self.size_bytes, "size_mb": round(self.size_bytes / 2 ** 20, 3),
             "size_breakdown": self.size_breakdown,
-            "layers": len(self.qtensors),
+            "model_bits_per_weight": round(self.model_bits_per_weight, 4),
+            "layers": len(self.qtensors), "shared": self.shared,
             "act_bits": sorted(set(self.act_bits.values())),
             "mean_layer_error": sum(errors) / len(errors) if errors else None,
             "mean_rtn_error": sum(rtn) / len(rtn) if rtn else None,
         }
+
+
+def stored_floats(model: nn.Module) -> list[torch.Tensor]:
+    """The float tensors a file of the model holds: parameters and persistent buffers, a
+    shared (tied) tensor once; rotary tables and other non-persistent buffers are rebuilt by
+    every loader, so they are not stored."""
+    seen: set[int] = set()
+    tensors = []
+    for module in model.modules():
+        skip = module._non_persistent_buffers_set
+        items = [*module._parameters.items(),
+                 *((k, b) for k, b in module._buffers.items() if k not in skip)]
+        for _, tensor in items:
+            if tensor is not None and id(tensor) not in seen:
+                seen.add(id(tensor))
+                tensors.append(tensor)
+    return tensors
+
+
+def float_bytes(tensor: torch.Tensor) -> int:
+    """A float tensor's stored bytes: matrices in 16 bits, vectors (norms, biases) in 32, as
+    GGUF files and llama.cpp keep them."""
+    return tensor.numel() * (4 if tensor.dim() < 2 else 2)
 
 
 def _in_block(name: str) -> bool:
@@ -155,10 +214,14 @@ def save_variant(variant: Variant, folder: str | Path) -> Path:
     folder = Path(folder)
     tensors: dict[str, torch.Tensor] = {}
     layers = {}
+    shared = variant.shared
     for name, qt in variant.qtensors.items():
         state, info = qt.to_state()
-        tensors.update({f"{name}.{key}": value for key, value in state.items()})
+        if name not in shared:   # a tied embedding's codes are its lm_head's: written once
+            tensors.update({f"{name}.{key}": value for key, value in state.items()})
         layers[name] = {"spec": variant.specs[name].to_dict(), **info, "shape": list(qt.shape)}
+        if name in shared:
+            layers[name]["codes_of"] = shared[name]
         if qt.format != "affine":  # left out for the affine grid: older studios read those
             layers[name]["format"] = qt.format
     meta = {
@@ -231,6 +294,10 @@ def check_meta(meta: dict, folder: Path) -> None:
             need(isinstance(group, int) and not isinstance(group, bool) and 0 < group <= shape[1],
                  f"layer {name} has group size {group!r}")
         need(isinstance(info.get("spec"), dict), f"layer {name} has no spec")
+        leader = info.get("codes_of")
+        need(leader is None or (isinstance(leader, str) and leader != name and isinstance(
+            layers.get(leader), dict) and "codes_of" not in layers[leader]),
+             f"layer {name} holds the codes of {leader!r}, which is not a layer with codes")
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -274,7 +341,10 @@ def load_variant(folder: str | Path, base_handle=None) -> Variant:
     model = copy.deepcopy(base_handle.model, {id(t): t for t in base_tensors})
     floats = _load_tensors(folder / "floats.safetensors")
     packed = _load_tensors(folder / "quantized.safetensors")
-    untie_if_needed(model, meta["layers"])
+    # a tied pair quantized once stays tied (both sides become coded layers of one QTensor)
+    tied_once = {n for i in meta["layers"].values() for n in (i.get("codes_of"),)} - {None}
+    tied_once |= {n for n, i in meta["layers"].items() if i.get("codes_of")}
+    untie_if_needed(model, [n for n in meta["layers"] if n not in tied_once])
     owners = {f"{prefix}.{key}" if prefix else key: (module, key)
               for prefix, module in model.named_modules()
               for key in (*module._parameters, *module._buffers)}
@@ -297,8 +367,16 @@ def load_variant(folder: str | Path, base_handle=None) -> Variant:
     for key, value in packed.items():
         layer, _, part = key.rpartition(".")
         by_layer.setdefault(layer, {})[part] = value
-    for name, info in meta["layers"].items():
+    for name, info in sorted(meta["layers"].items(), key=lambda item: "codes_of" in item[1]):
         out, cols = info["shape"]
+        leader = info.get("codes_of")
+        if leader is not None:   # a tied embedding holding its lm_head's codes
+            if leader not in qtensors or tuple(qtensors[leader].shape) != (out, cols):
+                raise StudioError(f"The variant's {name} holds the codes of {leader}, which it "
+                                  f"does not quantize at that shape.")
+            replace_module(model, name, coded_layer(get_module(model, name), qtensors[leader]))
+            qtensors[name], specs[name] = qtensors[leader], specs_read[name]
+            continue
         if name not in by_layer:
             raise StudioError(f"The variant's {name} is missing from quantized.safetensors.")
         try:

@@ -17,7 +17,10 @@ def test_quantize_writes_a_variant_and_prints_json(tiny_dirs, tmp_path, capsys):
         assert key in result
     assert result["calibration"] == {"source": "built-in (Python help topics)", "windows": 8,
                                      "seqlen": 64, "seed": 0}
-    assert result["layers"] == 14 and 3 < result["bits_per_weight"] < 4
+    # the 14 block linears and, by default (--lm-head w8), the tied lm_head / embedding:
+    # one matrix, quantized once
+    assert result["layers"] == 16 and result["shared"] == {"model.embed_tokens": "lm_head"}
+    assert result["name"] == "GPTQ W3 g32, lm_head W8 ch sym"
     variant = load_variant(out)   # re-opens the base model from the recorded source
     assert variant.specs["model.layers.0.mlp.up_proj"].option("damp") == 0.02
 
@@ -55,13 +58,15 @@ def test_gguf_native_and_fp16_scales(tiny_dirs, tmp_path, capsys):
                  "--symmetric", "--gguf-native", "--windows", "8", "--seqlen", "64",
                  "--out", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["name"] == "GPTQ W4 g32 sym f16s" and result["bits_per_weight"] == 4.5  # Q4_0
+    # the body at Q4_0, the (tied) lm_head at Q8_0: every layer a GGUF type holds exactly
+    assert result["name"] == "GPTQ W4 g32 sym f16s, lm_head W8 g32 sym f16s"
+    assert result["bits_per_weight"] == 4.5
     variant = load_variant(out)
     assert all(s.scale_dtype == "fp16" for s in variant.specs.values())
     assert all(torch.equal(qt.scale, qt.scale.half().float()) for qt in variant.qtensors.values())
     assert main(["quantize", model, "--method", "rtn", "--scale-dtype", "fp16",
                  "--out", str(tmp_path / "g128"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["name"] == "RTN W4 g128 f16s"
+    assert json.loads(capsys.readouterr().out)["name"] == "RTN W4 g128 f16s, lm_head W8 ch sym f16s"
     recipe = tmp_path / "plan.json"
     Plan(QuantSpec(4, 32, True)).save(recipe)
     for extra, message in ((["--method", "rtn", "--bits", "3", "--group-size", "32",

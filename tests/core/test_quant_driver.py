@@ -56,9 +56,11 @@ def test_mixed_plan_quantizes_each_layer_as_specified(tiny_llama, windows):
     variant = run(quantize_job(tiny_llama, plan, ids, label, "mixed"))
     assert _same(tiny_llama.model, before)
     expected = {n: s for n, s in plan.resolve(tiny_llama.layers).items() if s is not None}
+    # the tied embedding is the lm_head's matrix: it holds the same codes, stored once
+    expected["model.embed_tokens"] = expected["lm_head"]
     assert set(variant.qtensors) == set(expected)
     assert "model.layers.1.self_attn.o_proj" not in variant.qtensors
-    assert "model.embed_tokens" not in variant.qtensors
+    assert variant.qtensors["model.embed_tokens"] is variant.qtensors["lm_head"]
     for name, spec in expected.items():
         qt = variant.qtensors[name]
         assert variant.specs[name] == spec
@@ -67,10 +69,10 @@ def test_mixed_plan_quantizes_each_layer_as_specified(tiny_llama, windows):
         assert qt.group_size == (width if spec.group_size == -1 else min(spec.group_size, width))
     skipped = "model.layers.1.self_attn.o_proj.weight"
     assert torch.equal(variant.model.state_dict()[skipped], before[skipped])
-    # lm_head was tied to the embedding: quantizing it must leave the embedding alone, and
-    # shared with the baseline rather than copied.
-    assert torch.equal(variant.model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
-    assert variant.model.model.embed_tokens.weight is tiny_llama.model.model.embed_tokens.weight
+    # lm_head was tied to the embedding: the embedding looks its rows up in the same codes
+    ids = torch.tensor([[3, 1, 300]])
+    assert torch.equal(variant.model.model.embed_tokens(ids)[0],
+                       variant.qtensors["lm_head"].dequantize()[ids[0]])
     assert not torch.equal(variant.model.lm_head.weight, before["model.embed_tokens.weight"])
 
 

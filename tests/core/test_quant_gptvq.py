@@ -85,7 +85,8 @@ def test_cli_variant_counts_its_tables_and_reloads_bit_identically(tiny_dirs, tm
     out = tmp_path / "vq"
     assert main(["quantize", str(tiny_dirs["llama"]), "--method", "gptvq", "--bits", "2",
                  "--group-size", "32", "--opt", "table_bpw=0.25", "--opt", "kmeans_iters=5",
-                 "--windows", "8", "--seqlen", "64", "--out", str(out), "--json"]) == 0
+                 "--windows", "8", "--seqlen", "64", "--lm-head", "keep", "--out", str(out),
+                 "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     variant = load_variant(out)
     tensors = list(variant.qtensors.values())

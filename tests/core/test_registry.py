@@ -97,7 +97,7 @@ def test_a_plugin_method_runs_from_the_cli_and_its_codebook_variant_reloads_exac
         assert listed["levels"]["exports"] == ["hf"] and listed["levels"]["kernels"] == []
         out = tmp_path / "variant"
         assert main(["quantize", str(tiny_dirs["llama"]), "--method", "levels", "--bits", "3",
-                     "--opt", "margin=0.1", "--out", str(out), "--json"]) == 0
+                     "--opt", "margin=0.1", "--lm-head", "keep", "--out", str(out), "--json"]) == 0
         result = json.loads(capsys.readouterr().out)
         # 3-bit indices plus a 16-bit table of 8 levels per row, over 64- and 160-wide rows.
         assert result["layers"] == 14 and 3 + 128 / 160 <= result["bits_per_weight"] <= 3 + 2

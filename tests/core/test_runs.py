@@ -59,6 +59,6 @@ def test_compare_command(tiny_dirs, tmp_path, capsys):
     capsys.readouterr()
     assert main(["compare", str(out), "--windows", "2", "--seqlen", "32", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert [r["variant"] for r in data["rows"]] == [BASELINE, "RTN W4 g32"]   # its own name
+    assert [r["variant"] for r in data["rows"]] == [BASELINE, "RTN W4 g32, lm_head W8 ch sym"]
     assert data["rows"][1]["ppl_ratio"] > 0
     assert main(["compare", str(tmp_path)]) == 2        # not a variant folder

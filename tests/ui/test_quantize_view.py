@@ -25,13 +25,15 @@ def test_run_plots_errors_and_publishes_a_variant(qtbot, state, tiny_llama, tmp_
         view.job.progress.connect(seen.append)
     qtbot.waitUntil(lambda: view.job is None, timeout=10000)
     assert not state.failures
-    assert list(state.session.variants) == ["GPTQ W3 g32"]
-    variant = state.session.variants["GPTQ W3 g32"]
+    name = "GPTQ W3 g32, lm_head W8 ch sym"   # the lm_head setting's default
+    assert list(state.session.variants) == [name]
+    variant = state.session.variants[name]
+    assert variant.shared == {"model.embed_tokens": "lm_head"}   # tied: one matrix
     assert any("block 0" in p.message for p in seen)
     # The plot holds one point per layer for the method and for RTN, as recorded.
     x, y = view.curve.getData()
     _, y_rtn = view.rtn_curve.getData()
-    errors = [e["error"] for e in variant.layer_errors]
+    errors = [e["error"] for e in variant.layer_errors if e["error"] is not None]
     assert len(x) == len(tiny_llama.quantizable)
     np.testing.assert_allclose(10.0 ** y, errors, rtol=1e-4)   # a log axis holds log10
     assert np.all(y < y_rtn)
@@ -46,7 +48,7 @@ def test_run_plots_errors_and_publishes_a_variant(qtbot, state, tiny_llama, tmp_
     with qtbot.waitSignal(state.resultsChanged, timeout=30000,
                           check_params_cb=lambda key: key == "variants"):
         view.open_folder(str(tmp_path / "v"))
-    assert list(state.session.variants) == ["GPTQ W3 g32"]
+    assert list(state.session.variants) == [name]
 
 
 def test_cancel_keeps_everything_unchanged(qtbot, state, tiny_llama):
@@ -98,3 +100,7 @@ def test_fp16_scales_say_which_gguf_type_the_grid_is(qtbot, state, tiny_llama):
     view.bits.setValue(5)
     assert "GGUF Q5_0 (5.5 bits/weight)" in view.scales_note.text()
     assert view.spec().label == "RTN W5 g32 sym f16s"
+    # a GGUF-native body takes its lm_head onto a GGUF type too (Q8_0), or leaves it as stored
+    assert view.plan().spec_for("lm_head").grid_label == "W8 g32 sym f16s"
+    view.lm_head.setCurrentIndex(view.lm_head.findData("keep"))
+    assert not view.plan().rules

@@ -55,7 +55,9 @@ class CompressedTensorsFormat(ExportFormat):
             if is_conv1d(module):
                 conv1d.append(name)
             elif isinstance(module, nn.Embedding):
-                if options.inexact == "refuse":
+                # a tied embedding holding the lm_head's codes is not refused: the head keeps
+                # them, and the embedding's copy differs from them by the float type's rounding
+                if options.inexact == "refuse" and name not in variant.shared:
                     problems.append(f"{name} is a quantized embedding, which neither vLLM nor "
                                     f"transformers loads from compressed-tensors; choose "
                                     f"'nearest' to store it de-quantized in {options.dtype}.")
@@ -64,7 +66,9 @@ class CompressedTensorsFormat(ExportFormat):
                 error = metrics.relative_error(w, w.to(float_type))
                 targets.append(LayerTarget(name, f"{options.dtype.upper()} (de-quantized)",
                                            exact=error == 0.0, error=error or None,
-                                           note="embeddings cannot be stored quantized"))
+                                           note="embeddings cannot be stored quantized" + (
+                                               f"; the codes of {variant.shared[name]}, tied"
+                                               if name in variant.shared else "")))
             elif not isinstance(module, nn.Linear):
                 problems.append(f"{name} is a {type(module).__name__}; compressed-tensors "
                                 f"quantizes Linear layers only.")
@@ -162,6 +166,8 @@ class CompressedTensorsFormat(ExportFormat):
         yield Progress(len(names), total, "Writing model.safetensors")
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
         config = export_config(variant.model, float_type)
+        if variant.shared:   # one tied matrix: stored quantized as the head, de-quantized as
+            config.tie_word_embeddings = False   # the embedding (no other form loads)
         config.quantization_config = quantization_config(
             schemes, unquantized_linears(variant), compressed_tensors.__version__)
         config.save_pretrained(folder)

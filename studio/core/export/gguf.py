@@ -116,7 +116,7 @@ class GgufFormat(ExportFormat):
                 problems.append(why)
             else:
                 notes.append(vocabulary_note(handle.tokenizer, source.path))
-                rows = variant.model.get_input_embeddings().weight.shape[0]
+                rows = variant.model.get_input_embeddings().num_embeddings
                 extra = gguf_vocab.beyond_vocab(handle.tokenizer, rows)
                 if extra:
                     notes.append(f"The tokenizer has {len(extra)} token(s) beyond the model's "
@@ -149,6 +149,10 @@ class GgufFormat(ExportFormat):
             notes.append("Some layers' scales are not fp16 values, and GGUF stores each "
                          "block's scale in fp16: their measured error is listed. The "
                          "GGUF-native plan option quantizes with fp16 scales and avoids it.")
+        for follower, leader in variant.shared.items():
+            notes.append(f"{leader} and {follower} are one tied matrix: stored once, as "
+                         f"token_embd.weight in {choices[leader].stored_as}; with no output.weight "
+                         f"llama.cpp and transformers use it as the output head too.")
         if variant.act_bits:
             notes.append("SmoothQuant's activation quantization is not part of a GGUF: the file "
                          "holds the smoothed, quantized weights; llama.cpp quantizes "
@@ -344,7 +348,7 @@ def write_folder_metadata(writer, variant, handle, source: Source, file_type) ->
     import gguf
 
     config = variant.model.config
-    vocab_size = variant.model.get_input_embeddings().weight.shape[0]
+    vocab_size = variant.model.get_input_embeddings().num_embeddings
     writer.add_type("model")
     writer.add_name(variant.name)
     gguf_meta.write_arch_keys(writer, config, source.arch, vocab_size)

@@ -148,6 +148,10 @@ def variant_keys(variant, handle) -> list[str]:
         emb = model.get_input_embeddings()
         if out.weight is emb.weight:
             wanted.discard(f"{names[id(out)]}.weight")
+    if out is not None and names.get(id(out)) in variant.shared.values():
+        # a tied pair quantized once: token_embd holds it, and with no output.weight
+        # llama.cpp and transformers' loader use it as the head too
+        wanted.discard(f"{names[id(out)]}.weight")
     keys = [k for k in handle.model.state_dict() if k in wanted]
     keys += sorted(wanted - set(keys))
     return [k for k in keys if not k.endswith("inv_freq")]   # rotary tables: rebuilt by loaders

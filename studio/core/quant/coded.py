@@ -86,14 +86,63 @@ def expanded(model: nn.Module):
         release_freed_memory()  # the float weights were many heap blocks between temporaries
 
 
-def coded_layer(module: nn.Module, qt: QTensor) -> CodedLinear:
-    """The CodedLinear for a Linear / Conv1D `module` quantized as `qt` (its bias is shared)."""
+class CodedEmbedding(nn.Module):
+    """A token embedding held as codes [vocab, dim]: a lookup de-quantizes only the rows it
+    reads (each row's codes, scales and zeros are its own), so the table is never expanded.
+    A tied model's lm_head and embedding hold the same QTensor: one set of codes, as a tied
+    checkpoint stores one matrix."""
+
+    def __init__(self, qt: QTensor, module: nn.Embedding,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.qt = qt
+        self.num_embeddings, self.embedding_dim = qt.shape
+        self.padding_idx = module.padding_idx
+        self.weight_dtype = dtype
+        # Gemma-3-style embeddings multiply their lookup by sqrt(dim), a buffer of theirs
+        scale = getattr(module, "embed_scale", None)
+        self.register_buffer("embed_scale", scale if isinstance(scale, torch.Tensor) else None,
+                             persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The whole de-quantized table (for exporters and checks; lookups never make it)."""
+        return self.qt.dequantize().to(self.weight_dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = dequantize_rows(self.qt, ids.reshape(-1)).to(self.weight_dtype)
+        rows = rows.reshape(*ids.shape, self.embedding_dim)
+        if self.embed_scale is not None:
+            rows = rows * self.embed_scale.to(rows.dtype)
+        return rows
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, codes={self.qt!r}"
+
+
+def dequantize_rows(qt, rows: torch.Tensor) -> torch.Tensor:
+    """scale * (code - zero) of the given rows only (affine codes: each row is packed on its
+    own); other code formats de-quantize the whole matrix first."""
+    from studio.core.quant.grid import dequantize
+    from studio.core.quant.pack import unpack_codes
+
+    if getattr(qt, "format", "affine") != "affine":
+        return qt.dequantize()[rows]
+    codes = unpack_codes(qt.packed[rows], qt.bits, qt.shape[1])
+    return dequantize(codes, qt.scale[rows], qt.zero[rows], qt.group_size)
+
+
+def coded_layer(module: nn.Module, qt: QTensor) -> nn.Module:
+    """The CodedLinear for a Linear / Conv1D `module` quantized as `qt` (its bias is shared),
+    or the CodedEmbedding for an embedding."""
     from studio.core.streaming import StoredParameter, watch
 
     weight = getattr(module, "weight", None)
     # a streamed layer computes in float32 whatever its file stores
     dtype = weight.dtype if isinstance(weight, torch.Tensor) and not isinstance(
         weight, StoredParameter) else torch.float32
+    if isinstance(module, nn.Embedding):
+        return CodedEmbedding(qt, module, dtype)
     coded = CodedLinear(qt, getattr(module, "bias", None), dtype)
     watch(coded)   # a streamed bias is read as the layer runs
     return coded

@@ -30,7 +30,8 @@ from PySide6.QtWidgets import (
 
 from studio.core.files import safe_name
 from studio.core.jobs import Progress
-from studio.core.plan import GROUP_SIZES, Plan, QuantSpec
+from studio.core.plan import GROUP_SIZES, Plan, QuantSpec, end_spec, with_ends
+from studio.core.quant.grid import native_gguf_type
 from studio.core.quant import registry
 from studio.ui.before_after import BeforeAfter
 
@@ -72,6 +73,16 @@ class QuantizeView(QWidget):
         self.scales_note = QLabel()
         self.scales_note.setWordWrap(True)
         self.use_plan = QCheckBox("apply the session plan's per-layer rules")
+        # The output head (and a tied embedding: one matrix), as `quantize --lm-head` does it
+        self.lm_head = QComboBox()
+        for label, word in (("8 bits per channel (int8 kernel)", "w8"),
+                            ("4 bits, groups of 32 (int4 kernel)", "w4g32"),
+                            ("kept as stored (16-bit)", "keep")):
+            self.lm_head.addItem(label, word)
+        self.lm_head.setToolTip(
+            "The output head, and the embedding when the model ties them (one matrix). "
+            "llama.cpp keeps it above the body's width too: its error reaches every logit, and "
+            "on a large vocabulary it is the biggest matrix a decode step reads.")
         self.method_note = QLabel()
         self.method_note.setWordWrap(True)
         form.addRow("Method", self.method)
@@ -81,6 +92,7 @@ class QuantizeView(QWidget):
         form.addRow("", self.symmetric)
         form.addRow("", self.fp16_scales)
         form.addRow("", self.scales_note)
+        form.addRow("lm_head", self.lm_head)
         form.addRow("", self.use_plan)
         for signal in (self.bits.valueChanged, self.group.currentIndexChanged,
                        self.symmetric.toggled, self.fp16_scales.toggled):
@@ -239,8 +251,6 @@ class QuantizeView(QWidget):
 
     def _scales_changed(self, *_) -> None:
         """Say what fp16 scales make of the chosen grid: a GGUF type, or fp16 scales only."""
-        from studio.core.quant.grid import native_gguf_type
-
         if not self.fp16_scales.isChecked():
             self.scales_note.setText("")
             self.scales_note.setVisible(False)
@@ -291,7 +301,10 @@ class QuantizeView(QWidget):
     def plan(self) -> Plan:
         session_plan = self.state.session.plan
         rules = session_plan.rules if self.use_plan.isChecked() else ()
-        return Plan(self.spec(), rules, self.state.handle.architecture)
+        plan = Plan(self.spec(), rules, self.state.handle.architecture)
+        native = native_gguf_type(self.spec()) is not None   # a GGUF-native body: Q8_0 head
+        head = end_spec(self.lm_head.currentData(), native, self.spec().scale_dtype)
+        return with_ends(plan, self.state.handle.layers, head, None)
 
     # --- running -------------------------------------------------------------------------
     def _model_changed(self, handle) -> None:
