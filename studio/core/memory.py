@@ -308,8 +308,11 @@ def _sensitivity_parts(s: dict, kl_windows: int, seqlen: int, proxy_windows: int
     tokens = kl_windows * seqlen
     kl = {"activations": FORWARD_COPIES * 4 * tokens * width,
           "block outputs kept": 4 * (s["blocks"] + 1) * tokens * s["hidden"],
-          "baseline logits": 4 * tokens * s["vocab"],
-          "logits": 3 * 4 * tokens * s["vocab"],
+          # the baseline's logits and softmax kept; a variant's logits, their difference,
+          # its expm1 and a product inside vecdot while one is scored (sensitivity.py's
+          # BaselineScores; measured on the demo at 8 x 512: 6637 MiB)
+          "baseline logits and softmax": 2 * 4 * tokens * s["vocab"],
+          "logits being scored": 4 * 4 * tokens * s["vocab"],
           "block copy": 4 * s["block_params"]}
     return max(proxy, kl, key=lambda parts: sum(parts.values()))
 
