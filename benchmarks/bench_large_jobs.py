@@ -194,7 +194,10 @@ def _export(job, handle, model) -> dict:
     method = os.environ.get("STUDIO_LARGE_VARIANT", "gptq")
     fmt = os.environ.get("STUDIO_LARGE_FORMAT", "gguf")
     variant = load_variant(VARIANTS / f"{Path(model).name}-{method}", handle)
-    estimate = memory.estimate_job(variant.model, "export").total
+    from studio.core.export.job import VERIFY_SEQLEN, VERIFY_WINDOWS
+
+    estimate = memory.estimate_job(variant.model, "export", windows=1,   # as export_job asks
+                                   seqlen=VERIFY_WINDOWS * VERIFY_SEQLEN).total
     scratch = Path(tempfile.mkdtemp(prefix="bench-export-"))
     try:
         result, record = _timed(export_job(variant, handle, fmt, scratch / "out"), estimate)
