@@ -102,9 +102,13 @@ def model_shape(model) -> dict:
     linears = sum(own(m) for block in blocks for m in block.modules()
                   if isinstance(m, CodedLinear) or m.__class__.__name__ in ("Linear", "Conv1D"))
     largest = max(own(m) for m in model.modules())
+    largest_linear = max((own(m) for block in blocks for m in block.modules()
+                          if isinstance(m, CodedLinear)
+                          or m.__class__.__name__ in ("Linear", "Conv1D")), default=0)
     return {"hidden": hidden, "intermediate": inter,
             "vocab": int(getattr(text, "vocab_size", 0) or 0), "block_params": block_params,
-            "largest_layer": largest, "quantizable": linears, "blocks": len(blocks),
+            "largest_layer": largest, "largest_linear": largest_linear,
+            "quantizable": linears, "blocks": len(blocks),
             "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
             "streamed": streams(model)}
 
@@ -170,6 +174,9 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
         p["activations"] = FORWARD_COPIES * 4 * batch_tokens * (s["hidden"] + s["intermediate"])
         if variant and not streamed:   # (`coded.expanded` holds them for the whole run)
             p["de-quantized layers"] = 4 * s["quantizable"]
+        if variant and streamed:   # a layer's codes read from its file and de-quantized as it
+            # runs (variant_stream.StoredCodes): the codes, their unpacked ints, the float32
+            p["layer de-quantized"] = 3 * 4 * s["largest_linear"]
         if kind == "sensitivity":
             p["block copies"] = 2 * 4 * s["block_params"]
             p["calibration activations"] = 2 * 4 * tokens * s["hidden"]
@@ -193,7 +200,9 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
             # held)
             p["replay stash"] = min(4 * carried * (3 * s["hidden"] + s["intermediate"]),
                                     8 * s["block_params"] if streamed else 2 * s["params"])
-        p["codes"] = s["quantizable"] // 2 + s["quantizable"] // 16
+        codes = s["quantizable"] // 2 + s["quantizable"] // 16
+        # streamed: a block's codes go to their file when the block is done (variant_stream)
+        p["codes"] = -(-codes // max(1, s["blocks"])) if streamed else codes
         p["batch temporaries"] = FORWARD_COPIES * 4 * 4 * seqlen * (s["hidden"] + s["intermediate"])
         if not streamed:
             p["copied floats"] = 4 * s["block_params"]

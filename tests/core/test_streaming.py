@@ -295,3 +295,25 @@ def test_a_variant_naming_a_file_outside_its_folder_is_refused(family_dirs, tmp_
     for handle in (streamed, held):
         with pytest.raises(StudioError, match="codes-00099.safetensors is missing"):
             load_variant(folder, handle)
+
+
+def test_cli_quantizes_evaluates_and_refuses_to_bench_a_streamed_model(
+        tiny_dirs, tmp_path, monkeypatch, capsys):
+    from studio.cli import main
+    from studio.core import bench
+
+    monkeypatch.setenv("COMPRESSION_STUDIO_WEIGHTS", "stream")   # (restored after the test)
+    monkeypatch.setenv("COMPRESSION_STUDIO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "variant"
+    assert main(["--weights", "stream", "quantize", str(tiny_dirs["llama"]), "--method", "rtn",
+                 "--bits", "4", "--group-size", "32", "--out", str(out), "--json"]) == 0
+    assert list(out.glob("codes-*.safetensors"))
+    capsys.readouterr()
+    assert main(["--weights", "stream", "eval", str(out), "--windows", "2", "--seqlen", "32",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ppl"] > 1
+    monkeypatch.setattr(bench, "bench_job", lambda *a, **k: pytest.fail("work started"))
+    for model in (out, tiny_dirs["llama"]):
+        assert main(["--weights", "stream", "bench", str(model)]) == 2
+        err = capsys.readouterr().err
+        assert "streamed" in err and "--format gguf" in err and "--weights memory" in err
