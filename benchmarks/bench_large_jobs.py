@@ -6,6 +6,7 @@ run of the demo can be compared to the digit with an earlier one.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -68,10 +69,17 @@ def _timed(job, guard_estimate) -> tuple[object, dict]:
     marks: dict[int, float] = {}
     start = time.perf_counter()
 
+    trace = os.environ.get("STUDIO_LARGE_TRACE")   # a run cut short still leaves its curve
+
     def seen(p):
         found = re.search(r"block (\d+)|layers\.(\d+)\.", p.message)
         if found:
             index = int(found.group(1) or found.group(2))
+            if index not in marks and trace:
+                with open(trace, "a") as f:
+                    f.write(json.dumps({"block": index, "t": round(time.perf_counter() - start, 1),
+                                        "rss_mib": round(psutil.Process().memory_info().rss
+                                                         / MIB)}) + "\n")
             marks.setdefault(index, time.perf_counter())
 
     result = run(job, seen)
