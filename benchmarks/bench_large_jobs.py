@@ -56,7 +56,8 @@ def _run_child(job: str, model: str) -> dict:
             0 if handle.streamed else handle.param_count, handle.streamed,
             tokenizer_bytes(handle.folder), handle.layers).total / MIB)
         return record
-    runner = {"stats": _stats, "rtn": _quantize, "gptq": _quantize, "eval": _eval,
+    runner = {"stats": _stats, "rtn": _quantize, "rtn-noerr": _quantize, "gptq": _quantize,
+              "eval": _eval,
               "eval-variant": _eval_variant}[job]
     record.update(runner(job, handle, model))
     return record
@@ -101,7 +102,7 @@ def _stats(job, handle, model) -> dict:
 
 def _plan(job):
     from studio.core.plan import Plan, QuantSpec
-    return Plan(QuantSpec(4, 128, False, job))
+    return Plan(QuantSpec(4, 128, False, job.split("-")[0]))
 
 
 def _quantize(job, handle, model) -> dict:
@@ -109,10 +110,19 @@ def _quantize(job, handle, model) -> dict:
     from studio.core.quantize import quantize_text_job
     from studio.core.variant import save_variant
 
-    estimate = memory.estimate_job(handle, "quantize", method=job, windows=CALIB_WINDOWS,
-                                   seqlen=SEQLEN).total
-    variant, record = _timed(quantize_text_job(handle, _plan(job), DATA / "tinyshakespeare.txt",
-                                               CALIB_WINDOWS, SEQLEN, 0, job), estimate)
+    from studio.core.quantize import quantize_job
+
+    method = job.split("-")[0]
+    if job == "rtn-noerr":   # no text at all: RTN itself, without its error figures' forwards
+        estimate = memory.estimate_job(handle, "quantize", method=method, windows=0,
+                                       seqlen=SEQLEN).total
+        made = quantize_job(handle, _plan(job), None, None, job)
+    else:
+        estimate = memory.estimate_job(handle, "quantize", method=method,
+                                       windows=CALIB_WINDOWS, seqlen=SEQLEN).total
+        made = quantize_text_job(handle, _plan(job), DATA / "tinyshakespeare.txt",
+                                 CALIB_WINDOWS, SEQLEN, 0, job)
+    variant, record = _timed(made, estimate)
     save_variant(variant, VARIANTS / f"{Path(model).name}-{job}")
     record["bits_per_weight"] = round(variant.bits_per_weight, 3)
     return record

@@ -136,6 +136,9 @@ class CodeStore(Mapping):
     def lazy(self, name: str) -> "StoredCodes":
         return StoredCodes(self, name)
 
+    def __deepcopy__(self, memo) -> "CodeStore":
+        return self   # one store per folder (its staging folder goes with the last holder)
+
     # --- saving ----------------------------------------------------------------------------
 
     def info(self, name: str) -> dict:
