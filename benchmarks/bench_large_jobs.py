@@ -6,6 +6,7 @@ run of the demo can be compared to the digit with an earlier one.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -55,10 +56,9 @@ def _run_child(job: str, model: str) -> dict:
             0 if handle.streamed else handle.param_count, handle.streamed,
             tokenizer_bytes(handle.folder), handle.layers).total / MIB)
         return record
-    runner = {"stats": _stats, "rtn": _quantize, "gptq": _quantize, "eval": _eval,
-              "eval-variant": _eval_variant, "capture": _capture,
-              "sensitivity": _sensitivity, "bench": _bench,
-              "export": _export}[job]
+    runner = {"stats": _stats, "rtn": _quantize, "rtn-noerr": _quantize, "gptq": _quantize,
+              "eval": _eval, "eval-variant": _eval_variant, "capture": _capture,
+              "sensitivity": _sensitivity, "bench": _bench, "export": _export}[job]
     record.update(runner(job, handle, model))
     return record
 
@@ -70,10 +70,17 @@ def _timed(job, guard_estimate) -> tuple[object, dict]:
     marks: dict[int, float] = {}
     start = time.perf_counter()
 
+    trace = os.environ.get("STUDIO_LARGE_TRACE")   # a run cut short still leaves its curve
+
     def seen(p):
         found = re.search(r"block (\d+)|layers\.(\d+)\.", p.message)
         if found:
             index = int(found.group(1) or found.group(2))
+            if index not in marks and trace:
+                with open(trace, "a") as f:
+                    f.write(json.dumps({"block": index, "t": round(time.perf_counter() - start, 1),
+                                        "rss_mib": round(psutil.Process().memory_info().rss
+                                                         / MIB)}) + "\n")
             marks.setdefault(index, time.perf_counter())
 
     result = run(job, seen)
@@ -95,7 +102,7 @@ def _stats(job, handle, model) -> dict:
 
 def _plan(job):
     from studio.core.plan import Plan, QuantSpec
-    return Plan(QuantSpec(4, 128, False, job))
+    return Plan(QuantSpec(4, 128, False, job.split("-")[0]))
 
 
 def _quantize(job, handle, model) -> dict:
@@ -103,10 +110,19 @@ def _quantize(job, handle, model) -> dict:
     from studio.core.quantize import quantize_text_job
     from studio.core.variant import save_variant
 
-    estimate = memory.estimate_job(handle, "quantize", method=job, windows=CALIB_WINDOWS,
-                                   seqlen=SEQLEN).total
-    variant, record = _timed(quantize_text_job(handle, _plan(job), DATA / "tinyshakespeare.txt",
-                                               CALIB_WINDOWS, SEQLEN, 0, job), estimate)
+    from studio.core.quantize import quantize_job
+
+    method = job.split("-")[0]
+    if job == "rtn-noerr":   # no text at all: RTN itself, without its error figures' forwards
+        estimate = memory.estimate_job(handle, "quantize", method=method, windows=0,
+                                       seqlen=SEQLEN).total
+        made = quantize_job(handle, _plan(job), None, None, job)
+    else:
+        estimate = memory.estimate_job(handle, "quantize", method=method,
+                                       windows=CALIB_WINDOWS, seqlen=SEQLEN).total
+        made = quantize_text_job(handle, _plan(job), DATA / "tinyshakespeare.txt",
+                                 CALIB_WINDOWS, SEQLEN, 0, job)
+    variant, record = _timed(made, estimate)
     save_variant(variant, VARIANTS / f"{Path(model).name}-{job}")
     record["bits_per_weight"] = round(variant.bits_per_weight, 3)
     return record

@@ -123,12 +123,7 @@ def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
     the output head too (the largest single matmul: in float it caps the speed-up). `prefill`:
     see `kernels.kernel_model`.
     """
-    from studio.core.streaming import streams
-
-    if streams(model):   # its builds copy and convert every weight of the model at once
-        raise StudioError("Benchmarks time a model held in memory, and this one keeps its "
-                          "weights in their files (streamed). Open it with --weights memory "
-                          "(File menu: uncheck 'Keep weights in their files') if it fits.")
+    refuse_streamed(model)
     unknown = [c for c in configs if c not in BASE_CONFIGS]
     if unknown:
         raise StudioError(f"Unknown benchmark configuration {', '.join(unknown)}; "
@@ -156,9 +151,32 @@ def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
     return targets
 
 
+def refuse_streamed(model: nn.Module) -> None:
+    """Refused before any work: a model whose weights stay in their files (streamed).
+
+    Timing it would time the disk and the bf16 -> float32 conversions (a decode step reads
+    every layer again), not inference; and the kernels' builds pack every weight in memory
+    at once, which is what streaming avoids. llama.cpp runs a GGUF export from its memory
+    map instead, so the message points there."""
+    from studio.core.streaming import streams
+
+    if not streams(model):
+        return
+    need = 4 * sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    raise StudioError(
+        f"Benchmarks time a model held in memory; this one keeps its weights in their files "
+        f"(streamed), so its timings would be those of reading the files, and its kernels "
+        f"would need about {need / 2**30:.1f} GiB at once. Export the variant as GGUF "
+        f"(compression-studio export VARIANT --format gguf --out DIR) and time that file "
+        f"with llama.cpp (compression-studio bench --backend llama.cpp --gguf DIR/FILE.gguf), "
+        f"or open the model with --weights memory (File menu: uncheck 'Keep weights in "
+        f"their files') if {need / 2**30:.1f} GiB fit.")
+
+
 def variant_target(name: str, model: nn.Module, qtensors: dict, size_bytes: int | None = None,
                    details: dict | None = None, prefill: str = "dense") -> BenchTarget:
     """A quantized variant on its kernels (its de-quantized `model` and its `qtensors`)."""
+    refuse_streamed(model)
     return BenchTarget(name, lambda: kernel_model(model, qtensors, prefill), size_bytes,
                        {"prefill": prefill, **(details or {})}, model=model)
 

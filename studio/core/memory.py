@@ -110,6 +110,7 @@ def model_shape(model) -> dict:
     return {"hidden": hidden, "intermediate": inter,
             "vocab": int(getattr(text, "vocab_size", 0) or 0), "block_params": block_params,
             "largest_layer": largest, "quantizable": sum(own(m) for m in linears),
+            "largest_linear": max((own(m) for m in linears), default=0),
             "linear_inputs": sum(inputs(m) for m in linears), "blocks": len(blocks),
             "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
             "coded": coded,   # weights held as codes (a variant's), not among the parameters
@@ -198,6 +199,9 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
             p["de-quantized layers"] = 4 * s["quantizable"]
         if beside:   # the baseline's log-probabilities beside the model's, for KL
             p["baseline logits"] = 2 * 4 * tokens * s["vocab"]
+        if variant and streamed:   # a layer's codes read from its file and de-quantized as it
+            # runs (variant_stream.StoredCodes): the codes, their unpacked ints, the float32
+            p["layer de-quantized"] = 3 * 4 * s["largest_linear"]
     elif kind == "capture":
         from studio.core.activations import BATCH_TOKENS, MAX_SAMPLES
         batch = max(1, BATCH_TOKENS // seqlen) * seqlen   # tokens per forward (no logits)
@@ -235,7 +239,9 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
             # held)
             p["replay stash"] = min(4 * carried * (3 * s["hidden"] + s["intermediate"]),
                                     8 * s["block_params"] if streamed else 2 * s["params"])
-        p["codes"] = s["quantizable"] // 2 + s["quantizable"] // 16
+        codes = s["quantizable"] // 2 + s["quantizable"] // 16
+        # streamed: a block's codes go to their file when the block is done (variant_stream)
+        p["codes"] = -(-codes // max(1, s["blocks"])) if streamed else codes
         p["batch temporaries"] = FORWARD_COPIES * 4 * 4 * seqlen * (s["hidden"] + s["intermediate"])
         if not streamed:
             p["copied floats"] = 4 * s["block_params"]

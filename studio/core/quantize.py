@@ -48,6 +48,7 @@ from studio.core.quant.registry import LayerCalibration, Quantizer
 from studio.core.quant.rtn import quantize_weight
 from studio.core.streaming import materialise, real, stored_bytes_per_block, streams, watch
 from studio.core.variant import Variant, untie_if_needed
+from studio.core.variant_stream import CodeStore, stored_or_held
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
     _, blocks = decoder_blocks(model)
     state = _State(specs, handle.model, total)
     state.replay_budget = replay_budget(handle.model)
+    if streams(handle.model):   # each block's codes go to disk when it is done (variant_stream)
+        state.qtensors = CodeStore.staging()
 
     act_bits = {n: int(s.option("act_bits")) for n, s in sq.items()}
     last_smoothed = smoothquant.last_smoothed_block(model, sq) if sq else -1
@@ -112,6 +115,7 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
                                             want_outputs=index + 1 < len(blocks))
         if mine:
             share_settled(blocks[index], base_blocks[index], block_name, state.qtensors)
+            flush_codes(state.qtensors)
         if outputs is not None:
             inputs = inputs.with_hidden(outputs)
         release_freed_memory()
@@ -120,10 +124,14 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
     for layer in outside:
         yield from quantize_outside(model, layer, specs[layer], state)
     for follower, leader in shared.items():
-        state.qtensors[follower] = state.qtensors[leader]   # the same object: stored once
+        if isinstance(state.qtensors, CodeStore):
+            state.qtensors.alias(follower, leader)   # stored once, in the leader's file
+        else:
+            state.qtensors[follower] = state.qtensors[leader]   # the same object: stored once
         state.errors.append({"layer": follower, "block": None, "method": specs[leader].method,
                              "bits": specs[leader].bits, "error": None, "rtn_error": None,
                              "note": f"tied: the codes of {leader}"})
+    flush_codes(state.qtensors)
     compact(model, state.qtensors)
     release_freed_memory()
 
@@ -203,12 +211,18 @@ def share_settled(block: nn.Module, base_block: nn.Module, block_name: str,
                 module._parameters[key] = base_param
 
 
+def flush_codes(qtensors) -> None:
+    """A streamed model's finished codes to their file, out of memory (in memory: nothing)."""
+    if isinstance(qtensors, CodeStore):
+        qtensors.flush()
+
+
 def compact(model: nn.Module, qtensors: dict[str, QTensor]) -> None:
     """Hold every quantized layer as its codes (`CodedLinear`), sharing its bias: the variant
     keeps no float copy of a quantized weight (the job's, or the baseline's standing in)."""
-    for name, qt in qtensors.items():
+    for name in qtensors:
         module = get_module(model, name)
-        coded = coded_layer(module, qt)
+        coded = coded_layer(module, stored_or_held(qtensors, name))
         move_pre_hooks(module, coded)
         replace_module(model, name, coded)
         watch(coded)

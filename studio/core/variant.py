@@ -15,6 +15,9 @@ A VARIANT folder (written by `save_variant`, read by `load_variant`):
                          "<layer>.zero" (float32 [out, groups]); codebook "<layer>.indices",
                          ".table" (".scale"); vector "<layer>.indices", ".tables" (".scale").
                          variant.json names a layer's format when it is not affine
+    codes-NNNNN.safetensors  instead, for a variant of a streamed model: one file per block,
+                         written as the block was made (`variant_stream`); variant.json names
+                         each layer's file
     floats.safetensors   float tensors the method changed besides quantized weights (norms and
                          biases after AWQ / SmoothQuant folding)
 """
@@ -77,8 +80,9 @@ class Variant:
         (one matrix stored once)."""
         seen: set[int] = set()
         unique = {}
+        aliases = getattr(self.qtensors, "aliases", {})   # (codes kept in files: named)
         for name, qt in self.qtensors.items():
-            if id(qt) not in seen:
+            if name not in aliases and id(qt) not in seen:
                 seen.add(id(qt))
                 unique[name] = qt
         return unique
@@ -86,6 +90,8 @@ class Variant:
     @property
     def shared(self) -> dict[str, str]:
         """{layer: the layer whose codes it holds} for tied layers quantized once."""
+        if hasattr(self.qtensors, "aliases"):   # codes kept in files (a streamed model's)
+            return self.qtensors.aliases
         unique = self.unique_qtensors
         owner = {id(qt): name for name, qt in unique.items()}
         return {name: owner[id(qt)] for name, qt in self.qtensors.items() if name not in unique}
@@ -211,11 +217,18 @@ def save_variant(variant: Variant, folder: str | Path) -> Path:
     """Write `variant` as a VARIANT folder, atomically (a half-written folder never appears)."""
     from safetensors.torch import save_file
 
+    from studio.core.variant_stream import CodeStore
+
     folder = Path(folder)
     tensors: dict[str, torch.Tensor] = {}
     layers = {}
     shared = variant.shared
-    for name, qt in variant.qtensors.items():
+    stored = isinstance(variant.qtensors, CodeStore)   # a streamed model's: in block files
+    if stored:
+        variant.qtensors.flush()
+        layers = {name: {"spec": variant.specs[name].to_dict(), **variant.qtensors.info(name)}
+                  for name in variant.qtensors}
+    for name, qt in ({} if stored else variant.qtensors).items():
         state, info = qt.to_state()
         if name not in shared:   # a tied embedding's codes are its lm_head's: written once
             tensors.update({f"{name}.{key}": value for key, value in state.items()})
@@ -236,7 +249,10 @@ def save_variant(variant: Variant, folder: str | Path) -> Path:
     with atomic_dir(folder) as tmp:
         (tmp / "recipe.json").write_text(json.dumps(variant.plan.to_json(), indent=2))
         (tmp / "variant.json").write_text(json.dumps(meta, indent=2))
-        save_file(tensors, str(tmp / "quantized.safetensors"))
+        if stored:
+            variant.qtensors.copy_into(tmp)
+        else:
+            save_file(tensors, str(tmp / "quantized.safetensors"))
         save_file({k: v.contiguous() for k, v in variant.floats.items()},
                   str(tmp / "floats.safetensors"))
         for path in [tmp, *tmp.iterdir()]:  # temporary files are private; the result is not
@@ -298,6 +314,9 @@ def check_meta(meta: dict, folder: Path) -> None:
         need(leader is None or (isinstance(leader, str) and leader != name and isinstance(
             layers.get(leader), dict) and "codes_of" not in layers[leader]),
              f"layer {name} holds the codes of {leader!r}, which is not a layer with codes")
+        file = info.get("file", "quantized.safetensors")   # block files: a streamed model's
+        need(isinstance(file, str) and file == Path(file).name and not file.startswith(".")
+             and file.endswith(".safetensors"), f"layer {name} names the file {file!r}")
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -339,8 +358,13 @@ def load_variant(folder: str | Path, base_handle=None) -> Variant:
     # them (nothing is written into a shared tensor).
     base_tensors = (*base_handle.model.parameters(), *base_handle.model.buffers())
     model = copy.deepcopy(base_handle.model, {id(t): t for t in base_tensors})
+    from studio.core.streaming import streams
+    from studio.core.variant_stream import CodeStore, read_all
+
     floats = _load_tensors(folder / "floats.safetensors")
-    packed = _load_tensors(folder / "quantized.safetensors")
+    # A streamed base model gets its codes read as each layer runs, in memory all at once else
+    codes = CodeStore.open(folder, meta["layers"]) if streams(base_handle.model) else None
+    by_layer = {} if codes is not None else read_all(folder, meta["layers"])
     # a tied pair quantized once stays tied (both sides become coded layers of one QTensor)
     tied_once = {n for i in meta["layers"].values() for n in (i.get("codes_of"),)} - {None}
     tied_once |= {n for n, i in meta["layers"].items() if i.get("codes_of")}
@@ -363,10 +387,6 @@ def load_variant(folder: str | Path, base_handle=None) -> Variant:
         else:
             module._buffers[attr] = value.to(old.dtype)
     qtensors, specs = {}, {}
-    by_layer: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in packed.items():
-        layer, _, part = key.rpartition(".")
-        by_layer.setdefault(layer, {})[part] = value
     for name, info in sorted(meta["layers"].items(), key=lambda item: "codes_of" in item[1]):
         out, cols = info["shape"]
         leader = info.get("codes_of")
@@ -377,8 +397,9 @@ def load_variant(folder: str | Path, base_handle=None) -> Variant:
             replace_module(model, name, coded_layer(get_module(model, name), qtensors[leader]))
             qtensors[name], specs[name] = qtensors[leader], specs_read[name]
             continue
-        if name not in by_layer:
-            raise StudioError(f"The variant's {name} is missing from quantized.safetensors.")
+        if codes is None and name not in by_layer:
+            raise StudioError(f"The variant's {name} is missing from "
+                              f"{info.get('file', 'quantized.safetensors')}.")
         try:
             module = get_module(model, name)
         except AttributeError:
@@ -391,13 +412,18 @@ def load_variant(folder: str | Path, base_handle=None) -> Variant:
             raise StudioError(f"The variant's {name} is {[out, cols]}; the base model's is "
                               f"{list(weight_matrix(module).shape)}.")
         fmt = formats.get(info.get("format", "affine"))
-        try:
-            qt = fmt.tensor_class().from_state(by_layer[name], info, (out, cols))
-        except StudioError as exc:
-            raise StudioError(f"The variant's {name} ({fmt.name} codes): {exc}.") from None
+        if codes is not None:
+            qt = codes.lazy(name)
+        else:
+            try:
+                qt = fmt.tensor_class().from_state(by_layer[name], info, (out, cols))
+            except StudioError as exc:
+                raise StudioError(f"The variant's {name} ({fmt.name} codes): {exc}.") from None
         replace_module(model, name, coded_layer(module, qt))
         qtensors[name] = qt
         specs[name] = specs_read[name]
+    if codes is not None:
+        qtensors = codes
     act_bits = {k: int(v) for k, v in meta.get("act_bits", {}).items()}
     unknown = sorted(set(act_bits) - set(qtensors))
     if unknown:

@@ -168,3 +168,153 @@ def test_streamed_sensitivity_and_activations_match(tiny_dirs):
     assert np.array_equal(a.kl, b.kl) and np.array_equal(a.ppl, b.ppl)
     ca, cb = run(activation_capture_job(held)), run(activation_capture_job(streamed))
     assert np.array_equal(ca.stream_norm, cb.stream_norm)
+
+
+# --- a streamed model's variant: codes written block by block, read lazily -------------------
+
+def streamed_variant_made(handle, plan, ids, cache, blocks):
+    """Run the quantize job, checking at every block's start that the earlier blocks' codes are
+    already files of the staging folder (and that the job made exactly one file per block)."""
+    from studio.core.jobs import Progress
+
+    job = quantize_job(handle, plan, ids, "test", "v")
+    seen = set()
+    try:
+        while True:
+            p = next(job)
+            if isinstance(p, Progress) and p.message.startswith("block "):
+                index = int(p.message.split()[1].rstrip(":"))
+                if index not in seen:
+                    seen.add(index)
+                    files = sorted(cache.glob("variant-codes/*/codes-*.safetensors"))
+                    assert len(files) == index, (index, files)
+    except StopIteration as stop:
+        variant = stop.value
+    assert len(list(cache.glob("variant-codes/*/codes-*.safetensors"))) == blocks
+    return variant
+
+
+def test_a_streamed_variant_is_written_block_by_block_and_loads_lazily(
+        family_dirs, tmp_path, monkeypatch):
+    from studio.core.evaluate import evaluate_job
+    from studio.core.quant.coded import CodedLinear
+    from studio.core.variant import load_variant, save_variant
+    from studio.core.variant_stream import CodeStore, StoredCodes
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("COMPRESSION_STUDIO_CACHE", str(cache))
+    held, streamed = both(family_dirs["llama"])
+    plan = Plan(QuantSpec(4, 32, False, "gptq"))
+    ids = windows(16, 32)
+    a = run(quantize_job(held, plan, ids, "test", "v"))
+    b = streamed_variant_made(streamed, plan, ids, cache, streamed.model.config.num_hidden_layers)
+    assert isinstance(b.qtensors, CodeStore) and not isinstance(a.qtensors, CodeStore)
+    assert list(a.qtensors) == list(b.qtensors)
+    coded = [m for m in b.model.modules() if isinstance(m, CodedLinear)]
+    assert coded and all(isinstance(m.qt, StoredCodes) for m in coded)   # nothing held
+    assert b.bits_per_weight == a.bits_per_weight and b.size_bytes == a.size_bytes
+
+    saved_a, saved_b = save_variant(a, tmp_path / "a"), save_variant(b, tmp_path / "b")
+    assert not (saved_b / "quantized.safetensors").exists()
+    assert len(list(saved_b.glob("codes-*.safetensors"))) == streamed.model.config.num_hidden_layers
+    del b, coded   # the staging folder goes with the variant; the saved one stays whole
+    import gc
+    gc.collect()
+    assert not list(cache.glob("variant-codes/*/*"))
+
+    lazy = load_variant(saved_b, streamed)
+    assert isinstance(lazy.qtensors, CodeStore)
+    eager = load_variant(saved_b, held)      # the same folder onto the in-memory model
+    reference = load_variant(saved_a, held)
+    for name, qt in reference.qtensors.items():
+        for other in (lazy.qtensors[name], eager.qtensors[name], a.qtensors[name]):
+            assert torch.equal(qt.codes, other.codes) and torch.equal(qt.scale, other.scale)
+            assert torch.equal(qt.zero, other.zero)
+    ppl = {v: run(evaluate_job(m.model, None, held.tokenizer, None, 32, 3)).ppl
+           for v, m in (("a", a), ("lazy", lazy), ("eager", eager), ("reference", reference))}
+    assert len(set(ppl.values())) == 1, ppl
+
+
+def test_a_streamed_variant_exports_the_same_files(family_dirs, tmp_path):
+    from studio.core.export.base import ExportOptions
+    from studio.core.export.job import export_job
+
+    held, streamed = both(family_dirs["llama"])
+    plan = Plan(QuantSpec(4, 32, True, "rtn"))
+    a = run(quantize_job(held, plan, None, None, "v"))
+    b = run(quantize_job(streamed, plan, None, None, "v"))
+    for fmt, main_file in (("gguf", "v.gguf"), ("compressed-tensors", "model.safetensors")):
+        for variant, handle, where in ((a, held, "held"), (b, streamed, "streamed")):
+            run(export_job(variant, handle, fmt, tmp_path / f"{fmt}-{where}",
+                           ExportOptions(dtype="f32")))
+        files = [sorted((tmp_path / f"{fmt}-{w}").glob("*.gguf" if fmt == "gguf" else main_file))
+                 for w in ("held", "streamed")]
+        assert files[0] and [f.name for f in files[0]] == [f.name for f in files[1]]
+        assert files[0][0].read_bytes() == files[1][0].read_bytes(), fmt
+
+
+def test_a_crash_while_saving_leaves_no_variant_and_stale_staging_goes(
+        family_dirs, tmp_path, monkeypatch):
+    from studio.core import variant_stream
+    from studio.core.variant import save_variant
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("COMPRESSION_STUDIO_CACHE", str(cache))
+    _, streamed = both(family_dirs["llama"])
+    b = run(quantize_job(streamed, Plan(QuantSpec(4, 32, False, "rtn")), None, None, "v"))
+
+    def cut(self, folder):
+        (folder / "codes-00000.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(variant_stream.CodeStore, "copy_into", cut)
+    with pytest.raises(Exception, match="space"):
+        save_variant(b, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+    dead = cache / "variant-codes" / "999999999-abc"   # a process that is gone
+    dead.mkdir()
+    (dead / "codes-00000.safetensors").write_bytes(b"x")
+    variant_stream.CodeStore.staging()
+    assert not dead.exists()
+
+
+def test_a_variant_naming_a_file_outside_its_folder_is_refused(family_dirs, tmp_path):
+    from studio.core.errors import StudioError
+    from studio.core.variant import load_variant, save_variant
+
+    held, streamed = both(family_dirs["llama"])
+    b = run(quantize_job(streamed, Plan(QuantSpec(4, 32, False, "rtn")), None, None, "v"))
+    folder = save_variant(b, tmp_path / "v")
+    meta = json.loads((folder / "variant.json").read_text())
+    first = next(iter(meta["layers"]))
+    meta["layers"][first]["file"] = "../elsewhere.safetensors"
+    (folder / "variant.json").write_text(json.dumps(meta))
+    with pytest.raises(StudioError, match="names the file"):
+        load_variant(folder, streamed)
+    meta["layers"][first]["file"] = "codes-00099.safetensors"
+    (folder / "variant.json").write_text(json.dumps(meta))
+    for handle in (streamed, held):
+        with pytest.raises(StudioError, match="codes-00099.safetensors is missing"):
+            load_variant(folder, handle)
+
+
+def test_cli_quantizes_evaluates_and_refuses_to_bench_a_streamed_model(
+        tiny_dirs, tmp_path, monkeypatch, capsys):
+    from studio.cli import main
+    from studio.core import bench
+
+    monkeypatch.setenv("COMPRESSION_STUDIO_WEIGHTS", "stream")   # (restored after the test)
+    monkeypatch.setenv("COMPRESSION_STUDIO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "variant"
+    assert main(["--weights", "stream", "quantize", str(tiny_dirs["llama"]), "--method", "rtn",
+                 "--bits", "4", "--group-size", "32", "--out", str(out), "--json"]) == 0
+    assert list(out.glob("codes-*.safetensors"))
+    capsys.readouterr()
+    assert main(["--weights", "stream", "eval", str(out), "--windows", "2", "--seqlen", "32",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ppl"] > 1
+    monkeypatch.setattr(bench, "bench_job", lambda *a, **k: pytest.fail("work started"))
+    for model in (out, tiny_dirs["llama"]):
+        assert main(["--weights", "stream", "bench", str(model)]) == 2
+        err = capsys.readouterr().err
+        assert "streamed" in err and "--format gguf" in err and "--weights memory" in err

@@ -44,3 +44,19 @@ def test_a_gguf_is_measured_beside_the_torch_path(qtbot, state, tiny_llama, tmp_
     assert "llama.cpp Q4_0" in view.table.item(1, 7).text()
     assert view.table.item(0, 8).text().startswith("torch (")
     assert not state.failures
+
+
+def test_a_streamed_model_is_refused_before_work_with_the_gguf_route(
+        qtbot, state, tiny_dirs, monkeypatch):
+    from studio.core.jobs import run
+    from studio.core.models import open_model_job
+    from studio.ui.views import benchmark
+
+    streamed = run(open_model_job(tiny_dirs["llama"], "stream"))
+    monkeypatch.setattr(benchmark, "bench_job", lambda *a, **k: pytest.fail("work started"))
+    view = view_for(qtbot, state, streamed)
+    view.set_checked(["fp32"])
+    assert view.run_benchmark() is None
+    text = view.summary.text()
+    assert "streamed" in text and "GGUF" in text and "--weights memory" in text
+    assert not state.failures

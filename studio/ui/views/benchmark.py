@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
 
 from studio.core.backends import get_backend, gguf_of
 from studio.core.bench import BASE_CONFIGS, base_targets, bench_job, gguf_target, variant_target
+from studio.core.errors import StudioError
 from studio.core.runs import bench_run, describe_baseline, describe_variant
 
 RESULT_COLUMNS = ("Configuration", "Prefill ms (min-max)", "Decode tok/s (min-max)",
@@ -176,17 +177,21 @@ class BenchmarkView(QWidget):
             self.summary.setText("Tick at least one configuration or variant.")
             return None
         configs = [k for k in BASE_CONFIGS if k in keys]
-        targets = base_targets(handle.model, configs,
-                               layer_names=[layer.name for layer in handle.quantizable])
-        owners = {t.name: None for t in targets}   # target name -> variant (None: baseline)
-        for key in keys:
-            if key.startswith("variant:"):
-                variant = self.state.session.variants[key.split(":", 1)[1]]
-                targets.append(variant_target(variant.name, variant.model, variant.qtensors,
-                                              variant.size_bytes))
-                owners[variant.name] = variant
-            elif key.startswith("gguf:"):
-                targets.append(gguf_target(key.split(":", 1)[1]))
+        try:   # refused before any work: e.g. a streamed model (bench.refuse_streamed)
+            targets = base_targets(handle.model, configs,
+                                   layer_names=[layer.name for layer in handle.quantizable])
+            owners = {t.name: None for t in targets}   # target name -> variant (None: baseline)
+            for key in keys:
+                if key.startswith("variant:"):
+                    variant = self.state.session.variants[key.split(":", 1)[1]]
+                    targets.append(variant_target(variant.name, variant.model,
+                                                  variant.qtensors, variant.size_bytes))
+                    owners[variant.name] = variant
+                elif key.startswith("gguf:"):
+                    targets.append(gguf_target(key.split(":", 1)[1]))
+        except StudioError as exc:
+            self.summary.setText(str(exc))
+            return None
         vocab = handle.model.get_input_embeddings().weight.shape[0]
         settings = (self.prompt_tokens.value(), self.new_tokens.value(), self.repeat.value(),
                     self.threads.value())
