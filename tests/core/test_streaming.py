@@ -235,6 +235,29 @@ def test_a_streamed_variant_is_written_block_by_block_and_loads_lazily(
     assert len(set(ppl.values())) == 1, ppl
 
 
+def test_a_streamed_variant_keeps_a_tied_head_once(tiny_dirs, tmp_path, monkeypatch):
+    """The tied embedding holds the lm_head's codes: stored once in the block files, loaded
+    as one pair, and the same logits as the in-memory variant."""
+    from studio.core.plan import Rule
+    from studio.core.variant import load_variant, save_variant
+
+    monkeypatch.setenv("COMPRESSION_STUDIO_CACHE", str(tmp_path / "cache"))
+    held, streamed = both(tiny_dirs["llama"])   # tiny llama: tied
+    plan = Plan(QuantSpec(4, 32), (Rule("lm_head", QuantSpec(8, -1, True)),))
+    a = run(quantize_job(held, plan, None, None, "v"))
+    b = run(quantize_job(streamed, plan, None, None, "v"))
+    assert a.shared == b.shared == {"model.embed_tokens": "lm_head"}
+    assert a.size_bytes == b.size_bytes
+    meta = json.loads((save_variant(b, tmp_path / "b") / "variant.json").read_text())
+    assert meta["layers"]["model.embed_tokens"]["codes_of"] == "lm_head"
+    for handle in (streamed, held):
+        loaded = load_variant(tmp_path / "b", handle)
+        assert loaded.shared == {"model.embed_tokens": "lm_head"}
+        ids = windows(2, 24)
+        with torch.no_grad():
+            assert torch.equal(loaded.model(ids).logits, a.model(ids).logits)
+
+
 def test_a_streamed_variant_exports_the_same_files(family_dirs, tmp_path):
     from studio.core.export.base import ExportOptions
     from studio.core.export.job import export_job
