@@ -26,13 +26,25 @@ class AppState(QObject):
 
     def __init__(self) -> None:
         super().__init__()
-        self.session = Session()
+        self._session: Session | None = None
         self.sessions = Sessions()
         self.runner = JobRunner()
         self.layer = CurrentLayer()
         self.layer.changed.connect(self.layerSelected)
         self.actions: dict[str, tuple[str, Callable[[], object]]] = {}
         self._owners: dict[str, object] = {}
+
+    @property
+    def session(self) -> Session:
+        # Made when first read: an empty session's default plan validates its method through
+        # the quantizer registry, which imports torch, and the window shows before that.
+        if self._session is None:
+            self._session = Session()
+        return self._session
+
+    @session.setter
+    def session(self, session: Session) -> None:
+        self._session = session
 
     @property
     def selected_layer(self) -> str | None:
