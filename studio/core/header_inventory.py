@@ -18,6 +18,7 @@ from pathlib import Path
 
 from studio.core.file_checks import safetensors_header
 from studio.core.gguf_header import read_keys, tensor_table
+from studio.core.jobs import Progress
 from studio.core.layers import ROLES, LayerInfo, place
 
 # safetensors dtype -> (torch's name, bytes per value)
@@ -153,3 +154,10 @@ def _config(folder: Path) -> dict:
         return json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError):
         return {}
+
+
+def header_inventory_job(source: str | Path):
+    """`header_inventory` as a Job, for the window's worker (one step: it takes well under a
+    second, after which the long open job follows)."""
+    yield Progress(0, 1, "Reading the layer list from the file's header")
+    return header_inventory(source)

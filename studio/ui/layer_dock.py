@@ -114,6 +114,7 @@ class LayerList(QWidget):
         layout.addWidget(self.table)
 
         state.modelChanged.connect(lambda _h: self.rebuild())
+        state.previewChanged.connect(self.rebuild)
         state.resultsChanged.connect(self._results_changed)
         state.layerSelected.connect(self.show_layer)
         state.layer.historyChanged.connect(self._history_changed)
@@ -125,7 +126,13 @@ class LayerList(QWidget):
             self.rebuild()
 
     def rebuild(self) -> None:
-        """Rows for the open model's layers, with every column the session can fill."""
+        """Rows for the open model's layers, with every column the session can fill; while a
+        model opens, its layers from the file's header (nothing to select or sort by yet)."""
+        preview = self.state.preview_layers
+        if preview is not None:
+            self._show_preview(preview)
+            return
+        self.table.setSelectionMode(QTableView.SelectionMode.SingleSelection)
         handle = self.state.handle
         stats = self.state.session.results.get("weight_stats") if handle else None
         scores = sensitivity_scores(self.state.session.results.get("sensitivity")) if handle else {}
@@ -166,6 +173,23 @@ class LayerList(QWidget):
             self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
         self._update_count()
         self.show_layer(self.state.selected_layer)
+
+    def _show_preview(self, layers) -> None:
+        selection = self.table.selectionModel()
+        selection.blockSignals(True)
+        self.table.setSortingEnabled(False)
+        try:
+            self._fill(_Listed(layers), list(BASE_COLUMNS), list(BASE_TIPS), None, {}, {})
+        finally:
+            self.table.setSortingEnabled(True)
+            selection.blockSignals(False)
+        # Its layers are not the open model's: choosing one would send every view a name
+        # they do not know. They become selectable when the model has loaded.
+        self.table.setSelectionMode(QTableView.SelectionMode.NoSelection)
+        self.table.resizeColumnsToContents()
+        self.table.setColumnWidth(NAME, min(self.table.columnWidth(NAME), 230))
+        self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
+        self.count.setText(f"{len(layers)} layers · loading the weights...")
 
     def _fill(self, handle, columns, tips, stats, scores, plan_bits) -> None:
         self.model.removeRows(0, self.model.rowCount())
@@ -257,6 +281,13 @@ def sensitivity_scores(result) -> dict[str, float]:
                                                        abs(options[j].group_size - 128)))
         values = np.asarray(result.proxy_error, dtype=float)[:, col]
     return {name: float(v) for name, v in zip(result.layers, values) if np.isfinite(v)}
+
+
+class _Listed:
+    """What `_fill` reads of a handle (its layers), for a layer list from a header."""
+
+    def __init__(self, layers) -> None:
+        self.layers = layers
 
 
 def _tool(text: str, tip: str, slot) -> QToolButton:

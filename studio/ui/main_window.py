@@ -273,8 +273,19 @@ class MainWindow(QMainWindow):
         self.build()
         name = "demo model" if source == "demo" else Path(source).name
         mode = "stream" if self.stream_action.isChecked() else None
-        return self.state.submit(f"Opening {name}", lambda: open_model_job(source, mode),
-                                 on_result=lambda handle: self._opened(source, handle))
+        self._preview_layers(source)
+        job = self.state.submit(f"Opening {name}", lambda: open_model_job(source, mode),
+                                on_result=lambda handle: self._opened(source, handle))
+        job.done.connect(lambda: self.state.preview(None))   # failed or cancelled: no preview
+        return job
+
+    def _preview_layers(self, source: str) -> None:
+        """The layer list from the file's header, in the dock while the weights load. A header
+        that cannot be read says nothing: the open job that follows reports why."""
+        from studio.core.header_inventory import header_inventory_job
+
+        self.state.runner.submit("Reading the layer list", lambda: header_inventory_job(source),
+                                 on_result=self.state.preview)
 
     def _opened(self, source: str, handle) -> None:
         settings.add_recent_model(source if source == "demo" else str(Path(source).resolve()))

@@ -46,3 +46,31 @@ def test_a_deferred_window_builds_when_a_model_is_opened(qtbot, tiny_dirs):
     qtbot.waitUntil(lambda: job.is_done, timeout=60000)
     qtbot.waitUntil(lambda: window.layer_dock.list.model.rowCount() > 0, timeout=5000)
     window.state.runner.wait(20000)
+
+
+def test_the_dock_lists_the_layers_from_the_header_before_the_weights(qtbot, window, tiny_dirs):
+    seen = []
+    window.state.previewChanged.connect(lambda: seen.append(
+        (window.state.preview_layers is not None, window.state.handle,
+         window.layer_dock.list.model.rowCount(), window.layer_dock.list.count.text())))
+    job = window.open_model(str(tiny_dirs["llama"]))
+    qtbot.waitUntil(lambda: job.is_done, timeout=60000)
+    qtbot.waitUntil(lambda: window.state.handle is not None, timeout=5000)
+    listed, handle, rows, note = seen[0]
+    assert listed and handle is None           # before the model had loaded
+    assert rows == len(window.state.handle.layers) and "loading" in note
+    assert window.state.preview_layers is None  # the loaded model's inventory took over
+    dock = window.layer_dock.list
+    assert dock.model.rowCount() == rows and "loading" not in dock.count.text()
+
+
+def test_a_failed_open_drops_the_header_list_and_reports_once(qtbot, window, tmp_path):
+    from studio.ui.errors import get_reporter
+
+    bad = tmp_path / "model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    job = window.open_model(str(bad))
+    qtbot.waitUntil(lambda: job.is_done, timeout=60000)
+    assert window.state.preview_layers is None and window.state.handle is None
+    assert len(get_reporter().history) == 1
