@@ -383,8 +383,9 @@ class MainWindow(QMainWindow):
         return box
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt API)
-        self.state.runner.cancel_all()
-        self.state.runner.wait(5000)
+        for runner in (self.state.runner, self.state.details):
+            runner.cancel_all()
+            runner.wait(5000)
         store = settings.settings()
         store.setValue("window/geometry", self.saveGeometry())
         store.setValue("window/state", self.saveState())

@@ -32,6 +32,9 @@ class AppState(QObject):
         self.preview_layers: list | None = None
         self.sessions = Sessions()
         self.runner = JobRunner()
+        # Per-layer details (before/after arrays...): short jobs on a second worker, so a
+        # selection made while a long job runs is answered at once (`workers.LatestOnly`).
+        self.details = JobRunner()
         self.layer = CurrentLayer()
         self.layer.changed.connect(self.layerSelected)
         self.actions: dict[str, tuple[str, Callable[[], object]]] = {}

@@ -1,7 +1,7 @@
 """The only place that starts threads: runs a core Job on a worker, relays its progress.
 
 Jobs queue on one worker thread (torch already uses every core; two jobs at once would only
-fight). Worker threads never touch widgets: everything comes back through Qt signals, which
+fight); a layer's details, short and wanted now, have a second one (`LatestOnly`). Worker threads never touch widgets: everything comes back through Qt signals, which
 Qt delivers on the UI thread.
 """
 from __future__ import annotations
@@ -112,3 +112,39 @@ class JobRunner(QObject):
 
     def wait(self, msecs: int = -1) -> bool:
         return self.pool.waitForDone(msecs)
+
+
+class LatestOnly:
+    """Short per-layer jobs (a layer's details for a view) where only the newest matters.
+
+    A request cancels the one before it (it stops at its first step when it has not run yet)
+    and a result that arrives for anything but the newest request is dropped: the user moved
+    on. They run on their own worker (`AppState.details`), so that a selection made during a
+    long job is answered at once instead of after it."""
+
+    def __init__(self, runner: JobRunner) -> None:
+        self.runner = runner
+        self.key: object = None
+        self.handle: JobHandle | None = None
+
+    def request(self, key: object, title: str, factory: Callable[[], Job],
+                on_result: Callable[[Any], None],
+                on_failed: Callable[[str, str], None] | None = None) -> JobHandle:
+        if self.handle is not None and not self.handle.is_done:
+            self.handle.cancel()
+        self.key = key
+
+        def deliver(result, asked=key) -> None:
+            if asked == self.key:
+                on_result(result)
+
+        def failed(message, details, asked=key) -> None:
+            if asked == self.key and on_failed is not None:
+                on_failed(message, details)
+
+        self.handle = self.runner.submit(title, factory, deliver, on_failed=failed)
+        return self.handle
+
+    def forget(self) -> None:
+        """Nothing asked any more: a pending result is dropped."""
+        self.key = None

@@ -74,3 +74,29 @@ def test_a_failed_open_drops_the_header_list_and_reports_once(qtbot, window, tmp
     qtbot.waitUntil(lambda: job.is_done, timeout=60000)
     assert window.state.preview_layers is None and window.state.handle is None
     assert len(get_reporter().history) == 1
+
+
+def test_only_the_newest_detail_request_is_answered(qtbot, state):
+    import threading
+
+    from studio.core.jobs import Progress
+    from studio.ui.workers import LatestOnly
+
+    release = threading.Event()
+    answered = []
+
+    def slow(value):
+        yield Progress(0, 1, "waiting")
+        release.wait(10)
+        yield Progress(1, 1, "done")
+        return value
+
+    latest = LatestOnly(state.details)
+    first = latest.request("a", "a", lambda: slow("a"), answered.append)
+    qtbot.waitUntil(lambda: first.running, timeout=5000)
+    second = latest.request("b", "b", lambda: slow("b"), answered.append)
+    third = latest.request("c", "c", lambda: slow("c"), answered.append)
+    release.set()
+    qtbot.waitUntil(lambda: third.is_done, timeout=10000)
+    assert first.token.cancelled and second.token.cancelled   # the user moved on
+    assert answered == ["c"]
