@@ -191,8 +191,15 @@ class MainWindow(QMainWindow):
 
         dialog = PreferencesDialog(self)
         dialog.accepted.connect(self.apply_preferences)
+        dialog.accepted.connect(self._views_use_preferences)
         dialog.show()
         return dialog
+
+    def _views_use_preferences(self) -> None:
+        """Views that take calibration text start from the new default text and windows."""
+        for view in self.views.values():
+            if hasattr(view, "use_preferences"):
+                view.use_preferences()
 
     def apply_preferences(self) -> None:
         """Threads, cache folder, theme and the heartbeat probe, from Preferences."""

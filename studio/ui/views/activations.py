@@ -61,7 +61,6 @@ class ActivationsView(QWidget):
         self.massive = []
         self.group = None                 # the OutlierGroup in the inspector
         self.weight_cols: np.ndarray | None = None
-        self.path: str | None = None
         self.details = LatestOnly(state.details)
 
         self._build_settings()
@@ -95,6 +94,8 @@ class ActivationsView(QWidget):
                              "windows of text fed to the model")
         self.seqlen = _spin(8, 8192, DEFAULT_SEQLEN, "tokens per window")
         self.seed = _spin(0, 2**31 - 1, 0, "seed of the random window offsets")
+        self.path = settings.calibration_text()   # Preferences' default text
+        self._set_path(self.path)
         self.run_button = QPushButton("Run capture")
         self.run_button.clicked.connect(self.start)
         self.settings = QHBoxLayout()
@@ -206,6 +207,13 @@ class ActivationsView(QWidget):
                                               "Text files (*.txt *.md *.rst);;All files (*)")
         if path:
             self._set_path(path)
+
+    def use_preferences(self) -> None:
+        """Preferences changed: their calibration text and window count become the defaults."""
+        from studio.ui import settings
+
+        self._set_path(settings.calibration_text())
+        self.windows.setValue(settings.get("calibration_windows"))
 
     def _set_path(self, path: str | None) -> None:
         self.path = path

@@ -43,7 +43,7 @@ from studio.core.plan import GROUP_SIZES, Plan, QuantSpec, Rule
 from studio.core.quant import registry
 from studio.core.quant.grid import native_gguf_type
 from studio.ui.layout import column
-from studio.ui.widgets import Refused, guarded
+from studio.ui.widgets import Refused, guarded, method_tooltips
 
 COLUMNS = ("Layer", "Block", "Role", "Shape", "Bits", "Group", "Method", "Sym", "Scales", "Skip",
            "From")
@@ -136,8 +136,7 @@ class PlanView(QWidget):
         self.method = QComboBox()
         for quantizer in registry.all_quantizers():  # plug-ins' methods included
             self.method.addItem(quantizer.name, quantizer.name)
-            self.method.setItemData(self.method.count() - 1, quantizer.title,
-                                    Qt.ItemDataRole.ToolTipRole)
+        method_tooltips(self.method)
         self.symmetric = QCheckBox("symmetric")
         self.skip = QCheckBox("skip (keep 16-bit)")
         self.gguf_native = QCheckBox("GGUF-native (llama.cpp types, exact export)")
