@@ -6,6 +6,7 @@ Qt delivers on the UI thread.
 """
 from __future__ import annotations
 
+import time
 import traceback
 from typing import Any, Callable
 
@@ -48,7 +49,7 @@ class _Runnable(QRunnable):
         try:
             if handle.token.cancelled:
                 raise Cancelled("cancelled before it started")
-            result = run(self.factory(), handle.progress.emit, handle.token)
+            result = run(self.factory(), _coalesced(handle.progress.emit), handle.token)
         except Cancelled:
             handle.cancelled.emit()
         except StudioError as exc:
@@ -64,6 +65,28 @@ class _Runnable(QRunnable):
             handle.running = False
             handle.is_done = True
             handle.done.emit()
+
+
+PROGRESS_EVERY = 0.04   # s: plain progress reports closer together than this are dropped
+
+
+def _coalesced(emit: Callable[[Progress], None]) -> Callable[[Progress], None]:
+    """`emit`, except that a report without `detail` (a message and a fraction) that follows
+    the last one sent within PROGRESS_EVERY is dropped: a job stepping through thousands of
+    small steps would otherwise queue thousands of label and bar updates on the UI thread.
+    Reports with a detail (a layer's error for a live plot), and the last step, always go
+    through."""
+    last = [float("-inf")]
+
+    def send(progress: Progress) -> None:
+        now = time.monotonic()
+        final = progress.total > 0 and progress.done >= progress.total
+        if progress.detail is None and not final and now - last[0] < PROGRESS_EVERY:
+            return
+        last[0] = now
+        emit(progress)
+
+    return send
 
 
 class JobRunner(QObject):

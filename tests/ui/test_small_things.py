@@ -54,3 +54,20 @@ def test_the_docks_block_and_role_columns_are_in_view(qtbot, window, tiny_dirs):
     for column in (2, 3):   # Block, Role
         right = table.columnViewportPosition(column) + table.columnWidth(column)
         assert 0 <= table.columnViewportPosition(column) and right <= table.viewport().width()
+
+
+def test_plain_progress_is_coalesced_but_details_and_the_last_step_are_not():
+    from studio.core.jobs import Progress
+    from studio.ui.workers import _coalesced
+
+    sent = []
+    send = _coalesced(sent.append)
+    for i in range(1000):          # a burst far faster than PROGRESS_EVERY
+        send(Progress(i, 1000, f"step {i}"))
+        if i % 100 == 0:
+            send(Progress(i, 1000, "", detail={"layer": i}))
+    send(Progress(1000, 1000, "done"))
+    plain = [p for p in sent if p.detail is None]
+    assert len([p for p in sent if p.detail is not None]) == 10
+    assert plain[0].message == "step 0" and plain[-1].message == "done"
+    assert len(plain) < 100
