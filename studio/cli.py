@@ -16,7 +16,6 @@ import traceback
 
 from studio import __version__
 from studio.core.errors import Cancelled, StudioError
-from studio.core.plugins import discover
 
 COMMANDS = ("open", "inspect", "analyze", "quantize", "plan", "eval", "bench", "compare",
             "export", "methods")
@@ -28,7 +27,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: tuple[str, ...] = COMMANDS, plugins: bool = True
+                 ) -> argparse.ArgumentParser:
     parser = _Parser(prog="compression-studio",
                      description="Analyse, quantize, benchmark and export language models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -39,15 +39,27 @@ def build_parser() -> argparse.ArgumentParser:
                              "stream when float32 would take over half the free memory "
                              "(auto, the default)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in COMMANDS:
+    for name in commands:
         _add_command(sub, importlib.import_module(f"studio.commands.{name}"))
-    plugins = discover()
-    for module_name in plugins.commands:
+    if not plugins:
+        return parser
+    from studio.core.plugins import discover
+
+    for module_name in discover().commands:
         try:
             _add_command(sub, importlib.import_module(module_name))
         except Exception as exc:  # a broken plugin command must not take the CLI down
             logging.getLogger(__name__).warning("plugin command %s skipped: %s", module_name, exc)
     return parser
+
+
+def wants_window(argv: list[str]) -> bool:
+    """True when `argv` asks for the window: no command, or `open` (after global options)."""
+    rest = list(argv)
+    while rest and (rest[0] in ("-v", "--verbose", "--weights") or
+                    rest[0].startswith("--weights=")):
+        rest = rest[2:] if rest[0] == "--weights" else rest[1:]
+    return not rest or rest[0] == "open"
 
 
 def _add_command(sub, module) -> None:
@@ -58,7 +70,10 @@ def _add_command(sub, module) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    # The window must show within a second: its commands skip importing every other command
+    # (and torch under them) just to parse the arguments.
+    parser = build_parser(("open",), plugins=False) if wants_window(argv) else build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.weights:   # read by every open, the base model of a VARIANT's included

@@ -11,7 +11,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--session", metavar="FOLDER",
                         help="restore a saved session (File > Save session) instead")
     parser.add_argument("--screenshot", metavar="PNG",
-                        help="save the window to PNG once the model is open, then quit")
+                        help="save the window to PNG once the model is open (without MODEL: "
+                             "once the window is ready), then quit")
     parser.add_argument("--tab", help="with --screenshot: the tab to show (e.g. Layers)")
 
 
@@ -19,7 +20,7 @@ def run(args) -> int:
     from studio.core.errors import StudioError
     from studio.ui.app import main as gui_main
 
-    if bool(args.model) == bool(args.session):
+    if args.model and args.session or not (args.model or args.session or args.screenshot):
         raise StudioError("Give a MODEL or --session FOLDER (one of them).")
     if args.session:
         from studio.core.session_file import read_session

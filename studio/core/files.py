@@ -212,3 +212,10 @@ def _swap_into_place(new: Path, target: Path) -> None:
     os.replace(target, old)
     os.replace(new, target)
     os.replace(old, new)
+
+
+def cache_root() -> Path:
+    """The studio's cache folder (de-quantized GGUFs, baselines, autosave): the environment's
+    COMPRESSION_STUDIO_CACHE (Preferences set it) or ~/.cache/compression-studio."""
+    return Path(os.environ.get("COMPRESSION_STUDIO_CACHE",
+                               Path.home() / ".cache" / "compression-studio"))

@@ -137,6 +137,11 @@ def role_of(name: str, in_attention: bool) -> str:
     return "other"
 
 
+def place(name: str) -> tuple[int | None, str]:
+    """(block, role) of a linear layer from its module name alone (headers have no modules)."""
+    return _block_of(name), role_of(name, _in_attention(name))
+
+
 def _block_of(name: str) -> int | None:
     match = _BLOCK.search(name)
     return int(match.group(1)) if match else None
@@ -163,8 +168,7 @@ def inventory(model: nn.Module) -> list[LayerInfo]:
             layers.append(_info(name, module, "embedding", "embedding", None, None))
         elif is_linear(module):
             kind = "conv1d" if is_conv1d(module) else "linear"
-            block = _block_of(name)
-            role = role_of(name, _in_attention(name))
+            block, role = place(name)
             layers.append(_info(name, module, kind, role, block, None))
     if lm_head is not None:
         layers.append(lm_head)

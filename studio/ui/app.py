@@ -8,14 +8,24 @@ import time
 _START = time.perf_counter()
 
 
+# The core modules the views import (torch and transformers under them): imported on a
+# thread while the window's shell is already on screen, so that building the views finds them
+# loaded. A name missing here is simply imported when the views are built.
+PRELOAD = ("numpy", "torch", "transformers", "studio.core.models", "studio.core.stats",
+           "studio.core.activations", "studio.core.outliers", "studio.core.sensitivity",
+           "studio.core.runs", "studio.core.evaluate", "studio.core.bench", "studio.core.plan",
+           "studio.core.quant.registry", "studio.core.export")
+
+
 def main(source: str | None = None, screenshot: str | None = None, tab: str | None = None,
          session: str | None = None) -> int:
     """Show the window (opening `source` if given) and run the event loop.
 
-    With `screenshot`, the window is saved to that PNG once the model has opened (or at once
-    without a model) and the app quits: for documentation, smoke tests and timing.
+    The window's shell is shown first (no torch import on the way); the views are built once
+    the core modules have been imported on a background thread. With `screenshot`, the window
+    is saved to that PNG once the model has opened (or once the views are built, without a
+    model) and the app quits: for documentation, smoke tests and timing.
     """
-    import pyqtgraph as pg
     from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QApplication
 
@@ -31,43 +41,109 @@ def main(source: str | None = None, screenshot: str | None = None, tab: str | No
     icon = Path(__file__).resolve().parents[2] / "resources" / "icon.svg"  # source checkout
     if icon.is_file():
         app.setWindowIcon(QIcon(str(icon)))
-    pg.setConfigOptions(antialias=True, background="w", foreground="k")
     reporter = get_reporter()
     reporter.install_hooks()
     from studio.core.session_file import start_run
 
     crashed = start_run()
-    window = MainWindow()
+    window = MainWindow(deferred=True)
     reporter.parent_widget = window
+    window.statusBar().showMessage("Loading the engine (torch)...")
+    # The engine is imported only once the window is on screen: loading torch's libraries
+    # holds the interpreter's lock for seconds, which would hold back the first paint.
+    on_exposed(window, lambda: (_shown(screenshot is not None),
+                                QTimer.singleShot(50, lambda: preload(ready))))
     window.show()
-    if session:
-        window.sessions.open(session)
-    elif not source and not screenshot:
-        QTimer.singleShot(0, lambda: window.sessions.offer_restore(crashed))
+
+    def ready() -> None:
+        configure_plots()
+        window.build()
+        window.statusBar().clearMessage()
+        if session:
+            window.sessions.open(session)
+        elif not source and not screenshot:
+            QTimer.singleShot(0, lambda: window.sessions.offer_restore(crashed))
+        if screenshot:
+            def grab() -> None:
+                if tab:
+                    for i in range(window.tabs.count()):
+                        if window.tabs.tabText(i).lower() == tab.lower():
+                            window.tabs.setCurrentIndex(i)
+                QTimer.singleShot(500, lambda: (window.grab().save(screenshot), app.quit()))
+                print(f"ready after {time.perf_counter() - _START:.2f} s", file=sys.stderr)
+
+            if source:
+                window.open_model(source).done.connect(grab)
+            else:
+                QTimer.singleShot(0, grab)
+        elif source:
+            window.open_model(source)
+
+    return app.exec()
+
+
+def configure_plots() -> None:
+    import pyqtgraph as pg
+
+    pg.setConfigOptions(antialias=True, background="w", foreground="k")
+
+
+def preload(then) -> None:
+    """Import PRELOAD on a thread; call `then` on the UI thread when it is done."""
+    import importlib
+    import threading
+
+    from PySide6.QtCore import QTimer
+
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            for name in PRELOAD:
+                importlib.import_module(name)
+        except Exception:   # whatever failed fails again, reported, when the views are built
+            logging.getLogger(__name__).exception("preloading the core failed")
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="preload", daemon=True).start()
+    timer = QTimer()
+    timer.setInterval(20)
+
+    def check() -> None:
+        if done.is_set():
+            timer.stop()
+            timer.deleteLater()
+            then()
+
+    timer.timeout.connect(check)
+    timer.start()
+
+
+def on_exposed(widget, then) -> None:
+    """Call `then` once, when `widget`'s window is first exposed (on screen, painted)."""
+    from PySide6.QtCore import QEvent, QObject
+
+    class _Watch(QObject):
+        def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt API)
+            if event.type() == QEvent.Type.Expose and obj.isExposed():
+                obj.removeEventFilter(self)
+                self.deleteLater()
+                then()
+            return False
+
+    widget.winId()   # creates the QWindow now, so its first expose is seen
+    widget.windowHandle().installEventFilter(_Watch(widget))
+
+
+def _shown(to_stderr: bool) -> None:
     shown = time.perf_counter() - _START
     since_process = time.time() - _process_start()
-    logging.getLogger(__name__).info("window shown %.2f s after start (%.2f s after the "
-                                     "process started)", shown, since_process)
-
-    if screenshot:
-        def grab() -> None:
-            if tab:
-                for i in range(window.tabs.count()):
-                    if window.tabs.tabText(i).lower() == tab.lower():
-                        window.tabs.setCurrentIndex(i)
-            QTimer.singleShot(500, lambda: (window.grab().save(screenshot), app.quit()))
-            print(f"window shown after {shown:.2f} s ({since_process:.2f} s after the process "
-                  f"started); model ready after {time.perf_counter() - _START:.2f} s",
-                  file=sys.stderr)
-
-        if source:
-            job = window.open_model(source)
-            job.done.connect(grab)
-        else:
-            QTimer.singleShot(0, grab)
-    elif source:
-        window.open_model(source)
-    return app.exec()
+    message = (f"window shown {shown:.2f} s after start ({since_process:.2f} s after the "
+               f"process started)")
+    logging.getLogger(__name__).info(message)
+    if to_stderr:
+        print(message, file=sys.stderr)
 
 
 def _process_start() -> float:

@@ -2,8 +2,9 @@
 
 For the current layer and a chosen variant: the baseline's and the variant's weight histograms
 overlaid, the layer's output error in every variant (its method's, beside plain RTN's on the
-same inputs), and each input channel's abs-max before and after. Arrays only: the weights are
-read once per (variant, layer) and reduced with NumPy.
+same inputs), and each input channel's abs-max before and after. The weights are read and
+reduced on the details worker (`studio.core.layer_details`); the plots are drawn when the
+arrays come, unless the selection moved on. The last few layers' arrays are kept.
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pyqtgraph as pg
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 from studio.ui.widgets import NeedsRun, plot, short_name
+from studio.ui.workers import LatestOnly
 
 BEFORE, AFTER, RTN = "#1f77b4", "#d62728", "#999999"
+KEEP = 16   # layers whose arrays are kept, so going back draws at once
 
 
 class BeforeAfter(QWidget):
@@ -26,6 +29,8 @@ class BeforeAfter(QWidget):
         self.variant_box.currentIndexChanged.connect(self.redraw)
         self.title = QLabel()
         self.needs = NeedsRun(state)
+        self.latest = LatestOnly(state.details)
+        self.kept: dict[tuple, object] = {}
         self.hist = plot("Weights before / after", "weight", "count")
         self.hist.addLegend(offset=(-10, 10), brush=(255, 255, 255, 200))
         self.errors = plot("Output error of this layer", "", "relative output error")
@@ -95,20 +100,37 @@ class BeforeAfter(QWidget):
                            f"(a plan rule, or not a quantizable layer).", None)
             return
         self.needs.clear()
-        before = handle.weight(name).float().numpy()
-        after = variant.qtensors[name].dequantize().float().numpy()
-        self._draw_histogram(before, after, variant.name)
         self._draw_errors(name)
-        self._draw_channels(before, after, variant.name)
+        key = (id(handle), id(variant), name)
+        if key in self.kept:
+            self._draw_arrays(self.kept[key], variant.name)
+            return
+        from studio.core.layer_details import before_after_job
 
-    def _draw_histogram(self, before: np.ndarray, after: np.ndarray, label: str) -> None:
-        # The central 99.8% of the baseline's weights: a few outliers would squash the rest.
-        low, high = np.percentile(before, [0.1, 99.9])
-        edges = np.linspace(float(low), float(high), 201, dtype=np.float32)
-        for values, what, color in ((before, "baseline", BEFORE), (after, label, AFTER)):
-            counts, _ = np.histogram(values, bins=edges)
-            self.hist.plot(edges, counts.astype(np.float32), stepMode="center",
+        self.title.setText(f"<b>{name}</b> · reading the weights...")
+        self.latest.request(key, f"Before / after of {name}",
+                            lambda: before_after_job(handle, variant, name),
+                            lambda arrays: self._arrived(key, arrays, name, variant.name),
+                            lambda message, _details: self.title.setText(
+                                f"<b>{name}</b> · could not be read: {message}"))
+
+    def _arrived(self, key: tuple, arrays, name: str, label: str) -> None:
+        self.kept[key] = arrays
+        while len(self.kept) > KEEP:
+            self.kept.pop(next(iter(self.kept)))
+        self.title.setText(f"<b>{name}</b>")
+        self._draw_arrays(arrays, label)
+
+    def _draw_arrays(self, arrays, label: str) -> None:
+        for counts, what, color in ((arrays.counts_before, "baseline", BEFORE),
+                                    (arrays.counts_after, label, AFTER)):
+            self.hist.plot(arrays.edges, counts, stepMode="center",
                            pen=pg.mkPen(color, width=1.5), name=what)
+        for cols, what, color in ((arrays.cols_before, "baseline", BEFORE),
+                                  (arrays.cols_after, label, AFTER)):
+            curve = self.channels.plot(cols, pen=pg.mkPen(color, width=1), name=what)
+            curve.setClipToView(True)
+            curve.setDownsampling(auto=True, method="peak")
 
     def _draw_errors(self, name: str) -> None:
         """One bar per variant that quantized this layer (its method's error), and plain RTN's
@@ -133,10 +155,3 @@ class BeforeAfter(QWidget):
                                                 width=0.34, brush=RTN, name="RTN, same inputs"))
         self.errors.getAxis("bottom").setTicks([[(i, n) for i, n in enumerate(names)]])
         self.errors.setTitle("Output error of this layer, per variant", color="k", size="10pt")
-
-    def _draw_channels(self, before: np.ndarray, after: np.ndarray, label: str) -> None:
-        for values, what, color in ((before, "baseline", BEFORE), (after, label, AFTER)):
-            curve = self.channels.plot(np.abs(values).max(axis=0).astype(np.float32),
-                                       pen=pg.mkPen(color, width=1), name=what)
-            curve.setClipToView(True)
-            curve.setDownsampling(auto=True, method="peak")

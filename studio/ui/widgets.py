@@ -33,21 +33,46 @@ class SortItem(QStandardItem):
             self.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
 
 
-def make_table(columns) -> tuple[QTableView, QStandardItemModel, QSortFilterProxyModel]:
+def make_table(columns, tips: dict[str, str] | None = None
+               ) -> tuple[QTableView, QStandardItemModel, QSortFilterProxyModel]:
+    """A sortable one-row-selection table over a model, with a tooltip per named column."""
     model = QStandardItemModel(0, len(columns))
     model.setHorizontalHeaderLabels(list(columns))
+    for c, name in enumerate(columns):
+        if tips and name in tips:
+            model.horizontalHeaderItem(c).setToolTip(tips[name])
     proxy = QSortFilterProxyModel()
     proxy.setSourceModel(model)
     proxy.setSortRole(SORT_KEY)
+    return layer_table(proxy), model, proxy
+
+
+def layer_table(proxy, row_height: int = 22) -> QTableView:
+    """The studio's table of layers: sortable, whole rows, one selected, no row numbers."""
     table = QTableView()
     table.setModel(proxy)
     table.setSortingEnabled(True)
     table.setSelectionBehavior(QTableView.SelectionBehavior.SelectRows)
     table.setSelectionMode(QTableView.SelectionMode.SingleSelection)
     table.verticalHeader().setVisible(False)
-    table.verticalHeader().setDefaultSectionSize(22)
+    table.verticalHeader().setDefaultSectionSize(row_height)
     table.horizontalHeader().setStretchLastSection(True)
-    return table, model, proxy
+    return table
+
+
+def method_tooltips(box, detail=None) -> None:
+    """Each method of a method menu explained in one sentence (the registry's `summary`; with
+    `detail(quantizer)` appended), and the box's own tooltip following the chosen one."""
+    from studio.core.quant import registry
+
+    for index in range(box.count()):
+        quantizer = registry.get(box.itemData(index))
+        tip = f"{quantizer.title}: {quantizer.summary}"
+        box.setItemData(index, tip + (f" {detail(quantizer)}" if detail else ""),
+                        Qt.ItemDataRole.ToolTipRole)
+    follow = lambda: box.setToolTip(box.itemData(box.currentIndex(), Qt.ItemDataRole.ToolTipRole) or "")  # noqa: E731
+    box.currentIndexChanged.connect(follow)
+    follow()
 
 
 def fmt(value: float) -> str:

@@ -1,11 +1,12 @@
 """The only place that starts threads: runs a core Job on a worker, relays its progress.
 
 Jobs queue on one worker thread (torch already uses every core; two jobs at once would only
-fight). Worker threads never touch widgets: everything comes back through Qt signals, which
+fight); a layer's details, short and wanted now, have a second one (`LatestOnly`). Worker threads never touch widgets: everything comes back through Qt signals, which
 Qt delivers on the UI thread.
 """
 from __future__ import annotations
 
+import time
 import traceback
 from typing import Any, Callable
 
@@ -48,7 +49,7 @@ class _Runnable(QRunnable):
         try:
             if handle.token.cancelled:
                 raise Cancelled("cancelled before it started")
-            result = run(self.factory(), handle.progress.emit, handle.token)
+            result = run(self.factory(), _coalesced(handle.progress.emit), handle.token)
         except Cancelled:
             handle.cancelled.emit()
         except StudioError as exc:
@@ -64,6 +65,28 @@ class _Runnable(QRunnable):
             handle.running = False
             handle.is_done = True
             handle.done.emit()
+
+
+PROGRESS_EVERY = 0.04   # s: plain progress reports closer together than this are dropped
+
+
+def _coalesced(emit: Callable[[Progress], None]) -> Callable[[Progress], None]:
+    """`emit`, except that a report without `detail` (a message and a fraction) that follows
+    the last one sent within PROGRESS_EVERY is dropped: a job stepping through thousands of
+    small steps would otherwise queue thousands of label and bar updates on the UI thread.
+    Reports with a detail (a layer's error for a live plot), and the last step, always go
+    through."""
+    last = [float("-inf")]
+
+    def send(progress: Progress) -> None:
+        now = time.monotonic()
+        final = progress.total > 0 and progress.done >= progress.total
+        if progress.detail is None and not final and now - last[0] < PROGRESS_EVERY:
+            return
+        last[0] = now
+        emit(progress)
+
+    return send
 
 
 class JobRunner(QObject):
@@ -112,3 +135,39 @@ class JobRunner(QObject):
 
     def wait(self, msecs: int = -1) -> bool:
         return self.pool.waitForDone(msecs)
+
+
+class LatestOnly:
+    """Short per-layer jobs (a layer's details for a view) where only the newest matters.
+
+    A request cancels the one before it (it stops at its first step when it has not run yet)
+    and a result that arrives for anything but the newest request is dropped: the user moved
+    on. They run on their own worker (`AppState.details`), so that a selection made during a
+    long job is answered at once instead of after it."""
+
+    def __init__(self, runner: JobRunner) -> None:
+        self.runner = runner
+        self.key: object = None
+        self.handle: JobHandle | None = None
+
+    def request(self, key: object, title: str, factory: Callable[[], Job],
+                on_result: Callable[[Any], None],
+                on_failed: Callable[[str, str], None] | None = None) -> JobHandle:
+        if self.handle is not None and not self.handle.is_done:
+            self.handle.cancel()
+        self.key = key
+
+        def deliver(result, asked=key) -> None:
+            if asked == self.key:
+                on_result(result)
+
+        def failed(message, details, asked=key) -> None:
+            if asked == self.key and on_failed is not None:
+                on_failed(message, details)
+
+        self.handle = self.runner.submit(title, factory, deliver, on_failed=failed)
+        return self.handle
+
+    def forget(self) -> None:
+        """Nothing asked any more: a pending result is dropped."""
+        self.key = None

@@ -14,8 +14,9 @@ def state(qtbot):
     state.jobFailed.connect(lambda title, msg, details: failures.append(msg))
     state.failures = failures
     yield state
-    state.runner.cancel_all()
-    assert state.runner.wait(20000), "a job thread was left running"
+    for runner in (state.runner, state.details):
+        runner.cancel_all()
+        assert runner.wait(20000), "a job thread was left running"
 
 
 @pytest.fixture
@@ -29,5 +30,6 @@ def window(qtbot):
     qtbot.addWidget(win)
     win.show()
     yield win
-    win.state.runner.cancel_all()
-    assert win.state.runner.wait(20000), "a job thread was left running"
+    for runner in (win.state.runner, win.state.details):
+        runner.cancel_all()
+        assert runner.wait(20000), "a job thread was left running"

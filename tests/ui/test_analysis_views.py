@@ -81,6 +81,9 @@ def test_activations_view_capture_outliers_and_preview(qtbot, state, tiny_llama)
     assert name in view.group.layers and view.group.layers[0].endswith("gate_proj")
     heights = view.act_bars.getData()[1]
     np.testing.assert_allclose(heights, capture.input_of(name).absmax)
+    # without weight statistics, the weight columns are read on the details worker
+    qtbot.waitUntil(lambda: view.weight_cols is not None, timeout=20000)
+    np.testing.assert_allclose(view.w_bars.getData()[1], view.weight_cols)
 
     view.alpha.setValue(100)  # alpha 1: all the difficulty goes to the weights
     np.testing.assert_allclose(view.smooth_act.getData()[1], 1.0, rtol=1e-4)

@@ -53,7 +53,9 @@ def test_compare_view_renders_two_runs(qtbot, state_with_runs, tmp_path):
     assert cells["rtn-w3"]["of which embedding/head (MB)"] == \
         f"{parts['embedding'] / 2**20:.1f}" == cells["baseline"]["of which embedding/head (MB)"]
     assert cells["rtn-w3"]["of which quantized (MB)"] == f"{parts['quantized'] / 2**20:.1f}"
-    # Bars, scatters, the histogram of one quantized layer and the per-layer errors are drawn.
+    # Bars, scatters, the histogram of one quantized layer (read on the details worker) and the
+    # per-layer errors are drawn.
+    qtbot.waitUntil(lambda: len(view.histogram.getPlotItem().listDataItems()) == 2, timeout=20000)
     for plot in (view.ppl_bars, view.speed_bars, view.size_scatter, view.speed_scatter,
                  view.histogram, view.errors):
         assert plot.getPlotItem().listDataItems() or plot.getPlotItem().items, plot

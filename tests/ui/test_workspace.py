@@ -45,7 +45,8 @@ def test_one_layer_selected_everywhere(qtbot, window, tiny_dirs):
     for title in ("Quantize", "Compare"):
         panel = views[title].layer_view if title == "Quantize" else views[title].layer
         assert first in panel.title.text()
-        assert len(panel.hist.getPlotItem().listDataItems()) == 2       # before and after
+        # read on the details worker, drawn when the arrays come: before and after
+        qtbot.waitUntil(lambda: len(panel.hist.getPlotItem().listDataItems()) == 2, timeout=20000)
         assert len(panel.channels.getPlotItem().listDataItems()) == 2
     # Views without data say what to run, with the button for it.
     activations, sensitivity = views["Activations"], views["Sensitivity"]

@@ -38,10 +38,10 @@ from studio.core.outliers import (
     massive_activations,
     smoothing_preview,
     token_norm_profile,
-    weight_columns,
 )
 from studio.ui.layout import column
 from studio.ui.widgets import NeedsRun, SortItem, fmt, make_table, plot
+from studio.ui.workers import LatestOnly
 
 KEY = "activations"
 OUTLIER_COLUMNS = ("#", "Input (layers reading it)", "Width", "Median", "Peak", "Peak/median",
@@ -61,7 +61,7 @@ class ActivationsView(QWidget):
         self.massive = []
         self.group = None                 # the OutlierGroup in the inspector
         self.weight_cols: np.ndarray | None = None
-        self.path: str | None = None
+        self.details = LatestOnly(state.details)
 
         self._build_settings()
         self._build_outliers()
@@ -94,6 +94,8 @@ class ActivationsView(QWidget):
                              "windows of text fed to the model")
         self.seqlen = _spin(8, 8192, DEFAULT_SEQLEN, "tokens per window")
         self.seed = _spin(0, 2**31 - 1, 0, "seed of the random window offsets")
+        self.path = settings.calibration_text()   # Preferences' default text
+        self._set_path(self.path)
         self.run_button = QPushButton("Run capture")
         self.run_button.clicked.connect(self.start)
         self.settings = QHBoxLayout()
@@ -205,6 +207,13 @@ class ActivationsView(QWidget):
                                               "Text files (*.txt *.md *.rst);;All files (*)")
         if path:
             self._set_path(path)
+
+    def use_preferences(self) -> None:
+        """Preferences changed: their calibration text and window count become the defaults."""
+        from studio.ui import settings
+
+        self._set_path(settings.calibration_text())
+        self.windows.setValue(settings.get("calibration_windows"))
 
     def _set_path(self, path: str | None) -> None:
         self.path = path
@@ -326,13 +335,10 @@ class ActivationsView(QWidget):
             return
         self.group = g
         stats = self.capture.input_of(g.layers[0])
-        self.weight_cols = self._weight_columns(g.layers)
         edges = np.arange(g.width + 1, dtype=np.float32) - 0.5
         width = max(1.0, g.width / 250)
-        for bars, hot, values in ((self.act_bars, self.act_hot, stats.absmax),
-                                  (self.w_bars, self.w_hot, self.weight_cols)):
-            bars.setData(edges, values)
-            hot.setOpts(x=g.channels, height=values[g.channels], width=width)
+        self.act_bars.setData(edges, stats.absmax)
+        self.act_hot.setOpts(x=g.channels, height=stats.absmax[g.channels], width=width)
         self.act_mean.setData(stats.mean_abs)
         self.act_hist_curve.setData(stats.hist_edges, np.log10(1.0 + stats.hist_counts))
         self.act_hist.setTitle(f"{g.label}: {int(stats.hist_counts.sum()):,} sampled values of "
@@ -341,22 +347,44 @@ class ActivationsView(QWidget):
         self.act_plot.setTitle(f"{g.label}: activation abs-max per input channel "
                                f"({len(g.channels)} above k x median, in red)", color="k",
                                size="10pt")
+        self.act_plot.enableAutoRange()
+        known = self._known_weight_columns(g.layers)
+        if known is not None:
+            self._show_weight_columns(g, known)
+            return
+        # Without weight statistics the columns are read from the weights: on the details
+        # worker, drawn when they come unless another input was chosen meanwhile.
+        from studio.core.layer_details import weight_columns_job
+
+        handle = self.state.handle
+        self.weight_cols = None
+        self.w_plot.setTitle("Reading the weight columns...", color="k", size="10pt")
+        self.details.request(g, f"Weight columns of {g.label}",
+                             lambda: weight_columns_job(handle, g.layers),
+                             lambda cols: self._show_weight_columns(g, cols))
+
+    def _show_weight_columns(self, g, cols: np.ndarray) -> None:
+        if self.group is not g:
+            return
+        self.weight_cols = cols
+        edges = np.arange(g.width + 1, dtype=np.float32) - 0.5
+        self.w_bars.setData(edges, cols)
+        self.w_hot.setOpts(x=g.channels, height=cols[g.channels], width=max(1.0, g.width / 250))
         self.w_plot.setTitle(f"Weight column abs-max over {', '.join(_leaf(n) for n in g.layers)}",
                              color="k", size="10pt")
-        for widget in (self.act_plot, self.w_plot):
-            widget.enableAutoRange()
+        self.w_plot.enableAutoRange()
         self._draw_preview()
 
-    def _weight_columns(self, layers: list[str]) -> np.ndarray:
+    def _known_weight_columns(self, layers: list[str]) -> np.ndarray | None:
         stats = self.state.session.results.get("weight_stats")
         if stats is not None and all(name in stats.layers for name in layers):
             return np.max([stats.layers[name].col_absmax for name in layers], axis=0)
-        return weight_columns(self.state.handle, layers)
+        return None
 
     def _draw_preview(self) -> None:
         alpha = self.alpha.value() / 100
         self.alpha_label.setText(f"{alpha:.2f}")
-        if self.group is None:
+        if self.group is None or self.weight_cols is None:
             return
         stats = self.capture.input_of(self.group.layers[0])
         preview = smoothing_preview(stats.absmax, self.weight_cols, alpha)

@@ -9,7 +9,6 @@ from PySide6.QtWidgets import (
     QLabel,
     QLineEdit,
     QSplitter,
-    QTableView,
     QTextBrowser,
     QVBoxLayout,
     QWidget,
@@ -17,6 +16,7 @@ from PySide6.QtWidgets import (
 
 from studio.core.layers import ROLES
 from studio.ui.layout import column
+from studio.ui.widgets import layer_table
 
 COLUMNS = ("#", "Layer", "Block", "Role", "Kind", "Shape", "Parameters", "dtype", "Size (KiB)",
            "Quantized by default")
@@ -77,14 +77,7 @@ class LayersView(QWidget):
         self.roles.currentIndexChanged.connect(lambda: self.proxy.set_role(self.roles.currentData()))
         self.count = QLabel()
 
-        self.table = QTableView()
-        self.table.setModel(self.proxy)
-        self.table.setSortingEnabled(True)
-        self.table.setSelectionBehavior(QTableView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QTableView.SelectionMode.SingleSelection)
-        self.table.verticalHeader().setVisible(False)
-        self.table.verticalHeader().setDefaultSectionSize(22)
-        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table = layer_table(self.proxy)
         self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
         self.table.selectionModel().currentRowChanged.connect(self._row_changed)
         self.proxy.rowsInserted.connect(self._update_count)

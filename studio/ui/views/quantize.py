@@ -33,7 +33,9 @@ from studio.core.jobs import Progress
 from studio.core.plan import GROUP_SIZES, Plan, QuantSpec, end_spec, with_ends
 from studio.core.quant.grid import native_gguf_type
 from studio.core.quant import registry
+from studio.ui import settings as preferences
 from studio.ui.before_after import BeforeAfter
+from studio.ui.widgets import method_tooltips
 
 METHOD_COLOR, RTN_COLOR = (31, 119, 180), (214, 39, 40)
 
@@ -54,10 +56,8 @@ class QuantizeView(QWidget):
         self.method = QComboBox()
         for quantizer in registry.all_quantizers():  # plug-ins' methods included
             self.method.addItem(quantizer.title, quantizer.name)
-            self.method.setItemData(self.method.count() - 1,
-                                    f"{quantizer.summary} ({quantizer.origin}; calibration: "
-                                    f"{quantizer.calibration}; codes: {quantizer.code_format})",
-                                    Qt.ItemDataRole.ToolTipRole)
+        method_tooltips(self.method, lambda q: f"({q.origin}; calibration: {q.calibration}; "
+                                               f"codes: {q.code_format})")
         self.method.currentIndexChanged.connect(self._method_changed)
         self.bits = QSpinBox(minimum=2, maximum=8, value=4)
         self.group = QComboBox()
@@ -108,7 +108,7 @@ class QuantizeView(QWidget):
         self.source.addItem("Built-in text (Python help topics)", None)
         self.source.addItem("Text file…", "file")
         self.source.activated.connect(self._source_chosen)
-        self.windows = QSpinBox(minimum=1, maximum=4096, value=64)
+        self.windows = QSpinBox(minimum=1, maximum=4096, value=preferences.get("calibration_windows"))
         self.seqlen = QSpinBox(minimum=16, maximum=8192, value=512, singleStep=64)
         self.seed = QSpinBox(minimum=0, maximum=2 ** 31 - 1, value=0)
         cform.addRow("Source", self.source)
@@ -209,6 +209,7 @@ class QuantizeView(QWidget):
         layout.addWidget(right, 1)
 
         self.calib_path: str | None = None
+        self.set_calibration_file(preferences.calibration_text())   # Preferences' default text
         self._method_changed()
         state.modelChanged.connect(self._model_changed)
         state.resultsChanged.connect(lambda key: key == "variants" and self._fill_variants())
@@ -280,6 +281,11 @@ class QuantizeView(QWidget):
             self.source.removeItem(2)
         self.source.addItem(label, path)
         self.source.setCurrentIndex(2)
+
+    def use_preferences(self) -> None:
+        """Preferences changed: their calibration text and window count become the defaults."""
+        self.set_calibration_file(preferences.calibration_text())
+        self.windows.setValue(preferences.get("calibration_windows"))
 
     def set_calibration_file(self, path: str | None) -> None:
         """Use `path` as calibration text (None: the built-in text); for scripts and tests."""

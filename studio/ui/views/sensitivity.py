@@ -35,6 +35,7 @@ from studio.core.sensitivity import (DEFAULT_BITS, DEFAULT_GROUPS, DEFAULT_KL_BI
                                      option_label, parse_group_sizes, parse_widths,
                                      same_grid, sensitivity_job, sweep_options)
 from studio.core.text import text_windows
+from studio.ui import settings
 from studio.ui.layout import column
 from studio.ui.widgets import NeedsRun, guarded
 
@@ -87,6 +88,7 @@ class SensitivityView(QWidget):
         self.seqlen = QSpinBox(minimum=8, maximum=4096, value=32)
         self.seqlen.setToolTip("tokens per window; 32 keeps the demo's KL sweep under 10 min")
         self.text_button = QPushButton("Text: built-in")
+        self._use_text(settings.calibration_text())   # Preferences' default text
         self.text_button.clicked.connect(self._choose_text)
         self.run_button = QPushButton("Measure")
         self.run_button.clicked.connect(self.start)
@@ -251,8 +253,16 @@ class SensitivityView(QWidget):
     def _choose_text(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Text for the sweep", "",
                                               "Text (*.txt);;All files (*)")
-        self.text_path = path or None
+        self._use_text(path or None)
+
+    def _use_text(self, path: str | None) -> None:
+        self.text_path = path
         self.text_button.setText(f"Text: {Path(path).name}" if path else "Text: built-in")
+        self.text_button.setToolTip(path or "The built-in text (Python help topics)")
+
+    def use_preferences(self) -> None:
+        """Preferences changed: their calibration text becomes the default."""
+        self._use_text(settings.calibration_text())
 
     def _save(self) -> None:
         if self.result is None:

@@ -62,7 +62,10 @@ class WeightsView(QWidget):
         self.marker.setVisible(False)
         self.overview.addItem(self.marker)
         self.legend = self.overview.addLegend(offset=(-10, 10), colCount=4)
-        self.table, self.table_model, self.proxy = make_table(COLUMNS)
+        tips = {label: why[0].upper() + why[1:] for label, why in SUMMARY_STATS.values()}
+        tips.update(Quantized="Whether the plan's default applies to it (a linear layer inside "
+                              "a decoder block)")
+        self.table, self.table_model, self.proxy = make_table(COLUMNS, tips)
         self.table.selectionModel().currentRowChanged.connect(self._row_changed)
         self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
 
@@ -136,7 +139,10 @@ class WeightsView(QWidget):
         if self.pending:
             self.start()
 
-    def start(self) -> None:
+    def start(self):
+        if self.job is not None and not self.job.is_done:
+            # The Run menu shows this tab (whose showEvent starts them) and then asks again.
+            return self.job
         handle = self.state.handle
         self.pending = False
         if handle is None:
@@ -152,6 +158,7 @@ class WeightsView(QWidget):
         self.job.cancelled.connect(lambda: self.status.setText(
             "Weight statistics cancelled: nothing was kept. Press Recompute to run them again."))
         self.job.failed.connect(lambda msg, _: self.status.setText(f"Weight statistics failed: {msg}"))
+        return self.job
 
     def _results_changed(self, key: str) -> None:
         if key == KEY:

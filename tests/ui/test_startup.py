@@ -1,0 +1,102 @@
+"""The window is on screen before torch is imported: a fresh process shows the shell without it,
+then builds the views and opens a model as before."""
+import os
+import subprocess
+import sys
+import textwrap
+
+SHOW_WITHOUT_TORCH = textwrap.dedent("""
+    import sys
+    from PySide6.QtTest import QTest
+    from PySide6.QtWidgets import QApplication
+    from studio.cli import build_parser, wants_window
+    assert wants_window([]) and wants_window(["-v", "--weights", "stream", "open", "demo"])
+    assert not wants_window(["inspect", "demo"]) and not wants_window(["--help"])
+    build_parser(("open",), plugins=False).parse_args(["open", "demo"])
+    app = QApplication([])
+    from studio.ui.main_window import MainWindow
+    window = MainWindow(deferred=True)
+    window.show()
+    assert QTest.qWaitForWindowExposed(window, 10000)
+    heavy = sorted(m for m in ("torch", "transformers", "pyqtgraph", "numpy") if m in sys.modules)
+    assert not heavy, heavy
+    assert [window.tabs.tabText(i) for i in range(3)] == ["Layers", "Weights", "Activations"]
+    window.build()
+    assert "torch" in sys.modules and window.views["Weights"] is window.tabs.widget(1)
+    print("ok")
+""")
+
+
+def test_the_window_shows_without_importing_torch(tmp_path):
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "COMPRESSION_STUDIO_CONFIG": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", SHOW_WITHOUT_TORCH], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")
+
+
+def test_a_deferred_window_builds_when_a_model_is_opened(qtbot, tiny_dirs):
+    from studio.ui.main_window import MainWindow
+
+    window = MainWindow(deferred=True)
+    qtbot.addWidget(window)
+    assert not window.built and window.layer_dock is None
+    job = window.open_model(str(tiny_dirs["llama"]))
+    assert window.built and "Layers" in window.views
+    qtbot.waitUntil(lambda: job.is_done, timeout=60000)
+    qtbot.waitUntil(lambda: window.layer_dock.list.model.rowCount() > 0, timeout=5000)
+    window.state.runner.wait(20000)
+
+
+def test_the_dock_lists_the_layers_from_the_header_before_the_weights(qtbot, window, tiny_dirs):
+    seen = []
+    window.state.previewChanged.connect(lambda: seen.append(
+        (window.state.preview_layers is not None, window.state.handle,
+         window.layer_dock.list.model.rowCount(), window.layer_dock.list.count.text())))
+    job = window.open_model(str(tiny_dirs["llama"]))
+    qtbot.waitUntil(lambda: job.is_done, timeout=60000)
+    qtbot.waitUntil(lambda: window.state.handle is not None, timeout=5000)
+    listed, handle, rows, note = seen[0]
+    assert listed and handle is None           # before the model had loaded
+    assert rows == len(window.state.handle.layers) and "loading" in note
+    assert window.state.preview_layers is None  # the loaded model's inventory took over
+    dock = window.layer_dock.list
+    assert dock.model.rowCount() == rows and "loading" not in dock.count.text()
+
+
+def test_a_failed_open_drops_the_header_list_and_reports_once(qtbot, window, tmp_path):
+    from studio.ui.errors import get_reporter
+
+    bad = tmp_path / "model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    job = window.open_model(str(bad))
+    qtbot.waitUntil(lambda: job.is_done, timeout=60000)
+    assert window.state.preview_layers is None and window.state.handle is None
+    assert len(get_reporter().history) == 1
+
+
+def test_only_the_newest_detail_request_is_answered(qtbot, state):
+    import threading
+
+    from studio.core.jobs import Progress
+    from studio.ui.workers import LatestOnly
+
+    release = threading.Event()
+    answered = []
+
+    def slow(value):
+        yield Progress(0, 1, "waiting")
+        release.wait(10)
+        yield Progress(1, 1, "done")
+        return value
+
+    latest = LatestOnly(state.details)
+    first = latest.request("a", "a", lambda: slow("a"), answered.append)
+    qtbot.waitUntil(lambda: first.running, timeout=5000)
+    second = latest.request("b", "b", lambda: slow("b"), answered.append)
+    third = latest.request("c", "c", lambda: slow("c"), answered.append)
+    release.set()
+    qtbot.waitUntil(lambda: third.is_done, timeout=10000)
+    assert first.token.cancelled and second.token.cancelled   # the user moved on
+    assert answered == ["c"]
