@@ -107,6 +107,12 @@ def gguf_of(source) -> Path | None:
     return found if kind == "gguf" else None
 
 
+def gguf_label(path) -> str:
+    """How a GGUF run by llama.cpp is named in results (benchmark and evaluation alike, so
+    Compare puts both on one row)."""
+    return f"llama.cpp {Path(path).name}"
+
+
 def no_gguf_message(source) -> str:
     return (f"{source} has no GGUF file for the llama.cpp backend: export it first "
             f"(compression-studio export {source} --format gguf --out FOLDER) and benchmark "

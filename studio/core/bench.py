@@ -38,7 +38,7 @@ import psutil
 import torch
 from torch import nn
 
-from studio.core.backends import get_backend
+from studio.core.backends import get_backend, gguf_label
 from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress
 from studio.core.kernels import KernelChoice, float_model, kernel_model, kernel_summary
@@ -212,7 +212,7 @@ def gguf_target(path, name: str | None = None, details: dict | None = None) -> B
         return runner, gguf_kernels(path)
 
     size = path.stat().st_size if path.is_file() else None
-    return BenchTarget(name or f"llama.cpp {path.name}", build, size,
+    return BenchTarget(name or gguf_label(path), build, size,
                        {"gguf": str(path), **(details or {})}, backend="llama.cpp")
 
 

@@ -264,6 +264,24 @@ def evaluate_gguf_job(path: str | Path, baseline_model: nn.Module | None, tokeni
     return result
 
 
+def evaluate_with_ggufs_job(models: dict[str, nn.Module], ggufs: list, baseline_model, tokenizer,
+                            text_path=None, seqlen: int = DEFAULT_SEQLEN,
+                            windows: int | None = DEFAULT_WINDOWS, bos: str = "auto",
+                            threads: int = 1) -> Job[dict[str, EvalResult]]:
+    """`evaluate_many_job` for the torch `models`, then each GGUF file run by llama.cpp on the
+    same windows (named `backends.gguf_label`), against the same (cached) baseline."""
+    from studio.core.backends import gguf_label
+
+    results = {}
+    if models:
+        results.update((yield from evaluate_many_job(models, baseline_model, tokenizer,
+                                                     text_path, seqlen, windows, bos=bos)))
+    for path in ggufs:
+        results[gguf_label(path)] = yield from evaluate_gguf_job(
+            path, baseline_model, tokenizer, text_path, seqlen, windows, threads, bos)
+    return results
+
+
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         return model(input_ids=ids, use_cache=False).logits.float()

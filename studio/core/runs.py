@@ -72,6 +72,16 @@ def describe_baseline(handle) -> dict:
             "calibration": "none"}
 
 
+def describe_gguf(path) -> dict:
+    """The columns of a GGUF file run by llama.cpp (named as its benchmark and evaluation
+    results are, so both land on one row)."""
+    from studio.core.backends import gguf_label
+
+    path = Path(path)
+    return {"variant": gguf_label(path), "plan": "llama.cpp GGUF",
+            "size_mb": path.stat().st_size / 2**20 if path.is_file() else None}
+
+
 def eval_run(what: dict, result, text_path=None) -> dict:
     # text_path: so a later run (an exported file in Compare) can use the same text
     return {**what, "kind": "eval", **result.to_dict(), "text_path": text_path}

@@ -4,11 +4,14 @@ Views import these from here, never from one another.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QSortFilterProxyModel, Qt
 from PySide6.QtGui import QStandardItem, QStandardItemModel
-from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QTableView, QWidget
+from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QListWidgetItem, QPushButton,
+                               QTableView, QWidget)
 
 from studio.core.errors import StudioError
 
@@ -151,3 +154,64 @@ class NeedsRun(QWidget):
     def _run(self) -> None:
         if self.action in self.state.actions:
             self.state.run_action(self.action)
+
+
+def check_item(key: str, label: str, checked: bool, disabled_reason: str | None = None
+               ) -> QListWidgetItem:
+    """A checkable list entry carrying `key`; greyed out with `disabled_reason` as its tip."""
+    item = QListWidgetItem(label)
+    item.setData(Qt.ItemDataRole.UserRole, key)
+    item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+    if disabled_reason:
+        item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsEnabled)
+        item.setToolTip(disabled_reason)
+    item.setCheckState(Qt.CheckState.Checked if checked else Qt.CheckState.Unchecked)
+    return item
+
+
+class GgufFiles:
+    """The GGUF files a view runs through llama.cpp (the optional backend): the open model's
+    own file (the demo's, a .gguf opened) and those the user added. Their list entries have
+    the key "gguf:PATH"; without the binding they are greyed out with the install command."""
+
+    PREFIX = "gguf:"
+
+    def __init__(self, state) -> None:
+        self.state = state
+        self.added: list[Path] = []
+
+    def files(self) -> list[Path]:
+        from studio.core.backends import gguf_of
+
+        handle = self.state.handle
+        own = gguf_of(handle.source) if handle is not None else None
+        return list(dict.fromkeys(Path(f) for f in ([own] if own is not None else [])
+                                  + self.added))
+
+    def items(self, checked: set[str]) -> list[QListWidgetItem]:
+        reason = self.unavailable()
+        return [check_item(self.PREFIX + str(path),
+                           f"llama.cpp: {path.name}" + (" (unavailable)" if reason else ""),
+                           self.PREFIX + str(path) in checked, reason)
+                for path in self.files()]
+
+    def note(self, what: str) -> str:
+        from studio.core.backends import get_backend
+
+        llama = get_backend("llama.cpp")
+        return (f"llama.cpp backend unavailable: install it with {llama.install}"
+                if self.unavailable() else f"GGUF files run through llama.cpp with {what}.")
+
+    def choose(self, parent, verb: str) -> Path | None:
+        path, _ = QFileDialog.getOpenFileName(parent, f"GGUF file to {verb} with llama.cpp",
+                                              "", "GGUF (*.gguf)")
+        return Path(path) if path else None
+
+    @staticmethod
+    def unavailable() -> str | None:
+        from studio.core.backends import get_backend
+        return get_backend("llama.cpp").unavailable_reason()
+
+    @classmethod
+    def path_of(cls, key: str) -> Path | None:
+        return Path(key[len(cls.PREFIX):]) if key.startswith(cls.PREFIX) else None

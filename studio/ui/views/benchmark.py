@@ -9,13 +9,11 @@ import torch
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QCheckBox,
-    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QHeaderView,
     QLabel,
     QListWidget,
-    QListWidgetItem,
     QPushButton,
     QSpinBox,
     QSplitter,
@@ -25,10 +23,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio.core.backends import get_backend, gguf_of
 from studio.core.bench import BASE_CONFIGS, base_targets, bench_job, gguf_target, variant_target
 from studio.core.errors import StudioError
-from studio.core.runs import bench_run, describe_baseline, describe_variant
+from studio.core.runs import bench_run, describe_baseline, describe_gguf, describe_variant
+from studio.ui.widgets import GgufFiles, check_item
 
 RESULT_COLUMNS = ("Configuration", "Prefill ms (min-max)", "Decode tok/s (min-max)",
                   "Weights/token MB", "Size MB", "Peak RSS MB", "Threads", "Kernels",
@@ -43,7 +41,7 @@ class BenchmarkView(QWidget):
         super().__init__()
         self.state = state
         self.results: list = []
-        self.ggufs: list[Path] = []     # GGUF files the user added for the llama.cpp backend
+        self.ggufs = GgufFiles(state)   # run through llama.cpp beside the torch targets
 
         self.targets = QListWidget()
         self.prompt_tokens = QSpinBox(minimum=1, maximum=4096, value=128)
@@ -123,38 +121,19 @@ class BenchmarkView(QWidget):
         self.run_button.setEnabled(True)
         entries = [(config, CONFIG_LABELS[config]) for config in BASE_CONFIGS]
         entries += [(f"variant:{name}", f"variant {name}") for name in self.state.session.variants]
-        llama = get_backend("llama.cpp")
-        reason = llama.unavailable_reason()
-        for path in self._gguf_files():
-            entries.append((f"gguf:{path}", f"llama.cpp: {path.name}"
-                            + (" (unavailable)" if reason else "")))
-        self.llama_note.setText(
-            f"llama.cpp backend unavailable: install it with {llama.install}" if reason else
-            "GGUF files run through llama.cpp with the same prompt, lengths and threads.")
         for key, label in entries:
-            item = QListWidgetItem(label)
-            item.setData(Qt.ItemDataRole.UserRole, key)
-            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
-            if key.startswith("gguf:") and reason:
-                item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsEnabled)
-                item.setToolTip(reason)
-            item.setCheckState(Qt.CheckState.Checked if key in checked else Qt.CheckState.Unchecked)
+            self.targets.addItem(check_item(key, label, key in checked))
+        for item in self.ggufs.items(checked):
             self.targets.addItem(item)
-
-    def _gguf_files(self) -> list[Path]:
-        """The open model's own GGUF (the demo's file, a .gguf opened) and those added."""
-        own = gguf_of(self.state.handle.source) if self.state.handle is not None else None
-        files = ([own] if own is not None else []) + self.ggufs
-        return list(dict.fromkeys(Path(f) for f in files))
+        self.llama_note.setText(self.ggufs.note("the same prompt, lengths and threads"))
 
     def add_gguf(self, path) -> None:
-        self.ggufs.append(Path(path))
+        self.ggufs.added.append(Path(path))
         self._fill_targets()
-        self.set_checked(self.checked_keys() + [f"gguf:{Path(path)}"])
+        self.set_checked(self.checked_keys() + [GgufFiles.PREFIX + str(Path(path))])
 
     def _choose_gguf(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "GGUF file to benchmark with llama.cpp",
-                                              "", "GGUF (*.gguf)")
+        path = self.ggufs.choose(self, "benchmark")
         if path:
             self.add_gguf(path)
 
@@ -187,8 +166,8 @@ class BenchmarkView(QWidget):
                     targets.append(variant_target(variant.name, variant.model,
                                                   variant.qtensors, variant.size_bytes))
                     owners[variant.name] = variant
-                elif key.startswith("gguf:"):
-                    targets.append(gguf_target(key.split(":", 1)[1]))
+                elif GgufFiles.path_of(key):
+                    targets.append(gguf_target(GgufFiles.path_of(key)))
         except StudioError as exc:
             self.summary.setText(str(exc))
             return None
@@ -215,8 +194,7 @@ class BenchmarkView(QWidget):
             elif result.name == "fp32":
                 what = describe_baseline(handle)
             elif result.backend != "torch":
-                what = {"variant": result.name, "plan": f"{result.backend} GGUF",
-                        "size_mb": result.size_mb}
+                what = describe_gguf(result.details["gguf"])
             else:  # bf16 / int8 / int4 speed configurations of the baseline
                 what = {"variant": result.name.replace(" + lm_head", "+head"),
                         "plan": data.get("quantized", result.name),

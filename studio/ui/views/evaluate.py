@@ -3,6 +3,7 @@ by how much each token's loss rose, and greedy generations side by side for one 
 from __future__ import annotations
 
 import html
+from pathlib import Path
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
@@ -13,7 +14,6 @@ from PySide6.QtWidgets import (
     QLabel,
     QLineEdit,
     QListWidget,
-    QListWidgetItem,
     QPlainTextEdit,
     QPushButton,
     QSpinBox,
@@ -28,10 +28,12 @@ from studio.core.evaluate import (
     DEFAULT_SEQLEN,
     DEFAULT_WINDOWS,
     GENERATE_TOKENS,
-    evaluate_many_job,
+    evaluate_with_ggufs_job,
     generations_job,
 )
-from studio.core.runs import BASELINE, describe_baseline, describe_variant, eval_run
+from studio.core.backends import gguf_label
+from studio.core.runs import BASELINE, describe_baseline, describe_gguf, describe_variant, eval_run
+from studio.ui.widgets import GgufFiles, check_item
 
 BUILTIN = "Built-in text (Python help topics)"
 BOS_TITLES = {"auto": "As the model's tokenizer asks", "yes": "Always", "no": "Never"}
@@ -61,9 +63,14 @@ class EvaluateView(QWidget):
         self.state = state
         self.results: dict[str, object] = {}   # name -> EvalResult of the last run
         self.text_path: str | None = None
+        self.ggufs = GgufFiles(state)   # evaluated by llama.cpp beside the torch models
 
         self.targets = QListWidget()
         self.targets.setMaximumHeight(140)
+        self.add_gguf_button = QPushButton("Add GGUF file (llama.cpp)...")
+        self.add_gguf_button.clicked.connect(self._choose_gguf)
+        self.llama_note = QLabel()
+        self.llama_note.setWordWrap(True)
         self.text = QComboBox()
         self.text.addItem(BUILTIN, None)
         self.text.addItem("Choose a text file...", "choose")
@@ -78,6 +85,8 @@ class EvaluateView(QWidget):
         self.run_button.clicked.connect(self.run_evaluation)
         form = QFormLayout()
         form.addRow("Models", self.targets)
+        form.addRow(self.add_gguf_button)
+        form.addRow(self.llama_note)
         form.addRow("Text", self.text)
         form.addRow("Window length (tokens)", self.seqlen)
         form.addRow("Windows (at most)", self.windows)
@@ -160,21 +169,36 @@ class EvaluateView(QWidget):
         if self.state.handle is None:
             return
         for name in [BASELINE, *self.state.session.variants]:
-            item = QListWidgetItem(name)
-            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
-            item.setCheckState(Qt.CheckState.Checked if name in checked
-                               else Qt.CheckState.Unchecked)
+            self.targets.addItem(check_item(name, name, name in checked))
+        for item in self.ggufs.items(checked):
             self.targets.addItem(item)
+        self.llama_note.setText(self.ggufs.note("the same windows, against the same baseline"))
 
     def checked_names(self) -> list[str]:
-        return [self.targets.item(i).text() for i in range(self.targets.count())
+        """The ticked entries: model names (the baseline, variants) and "gguf:PATH" keys."""
+        return [self.targets.item(i).data(Qt.ItemDataRole.UserRole)
+                for i in range(self.targets.count())
                 if self.targets.item(i).checkState() == Qt.CheckState.Checked]
 
     def set_checked(self, names: list[str]) -> None:
         for i in range(self.targets.count()):
             item = self.targets.item(i)
-            item.setCheckState(Qt.CheckState.Checked if item.text() in names
+            item.setCheckState(Qt.CheckState.Checked
+                               if item.data(Qt.ItemDataRole.UserRole) in names
                                else Qt.CheckState.Unchecked)
+
+    def add_gguf(self, path) -> None:
+        self.ggufs.added.append(Path(path))
+        self._fill_targets()
+        self.set_checked(self.checked_names() + [GgufFiles.PREFIX + str(Path(path))])
+
+    def _choose_gguf(self) -> None:
+        path = self.ggufs.choose(self, "evaluate")
+        if path:
+            self.add_gguf(path)
+
+    def _checked_ggufs(self) -> list[Path]:
+        return [p for p in map(GgufFiles.path_of, self.checked_names()) if p is not None]
 
     def _text_chosen(self) -> None:
         if self.text.currentData() != "choose":
@@ -199,8 +223,8 @@ class EvaluateView(QWidget):
 
     # --- evaluation ------------------------------------------------------------------------
     def run_evaluation(self):
-        models = self._models()
-        if not models:
+        models, ggufs = self._models(), self._checked_ggufs()
+        if not models and not ggufs:
             self.summary.setText("Tick at least one model to evaluate.")
             return None
         handle = self.state.handle
@@ -208,16 +232,21 @@ class EvaluateView(QWidget):
         bos = self.bos.currentData()
 
         self.summary.setText("Evaluating...")
+        files = {gguf_label(p): p for p in ggufs}
         return self.state.submit(
-            "Evaluate", lambda: evaluate_many_job(models, handle.model, handle.tokenizer, path,
-                                                  seqlen, windows, bos=bos),
-            on_result=lambda results: self._evaluated(results, path))
+            "Evaluate", lambda: evaluate_with_ggufs_job(models, ggufs, handle.model,
+                                                        handle.tokenizer, path, seqlen,
+                                                        windows, bos=bos),
+            on_result=lambda results: self._evaluated(results, path, files))
 
-    def _evaluated(self, results: dict, text_path: str | None = None) -> None:
+    def _evaluated(self, results: dict, text_path: str | None = None,
+                   files: dict | None = None) -> None:
         handle = self.state.handle
+        files = files or {}
         runs = []
         for name, result in results.items():
             what = (describe_baseline(handle) if name == BASELINE
+                    else describe_gguf(files[name]) if name in files
                     else describe_variant(self.state.session.variants[name]))
             runs.append(eval_run(what, result, text_path))
             self.results[name] = result
