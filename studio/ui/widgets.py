@@ -190,10 +190,15 @@ class GgufFiles:
 
     def items(self, checked: set[str]) -> list[QListWidgetItem]:
         reason = self.unavailable()
-        return [check_item(self.PREFIX + str(path),
-                           f"llama.cpp: {path.name}" + (" (unavailable)" if reason else ""),
-                           self.PREFIX + str(path) in checked, reason)
-                for path in self.files()]
+        items = []
+        for path in self.files():
+            key = self.PREFIX + str(path)
+            item = check_item(key, f"llama.cpp: {path.name}" + (" (unavailable)" if reason
+                                                                 else ""), key in checked, reason)
+            if not reason:
+                item.setToolTip(str(path))
+            items.append(item)
+        return items
 
     def note(self, what: str) -> str:
         from studio.core.backends import get_backend

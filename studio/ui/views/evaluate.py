@@ -92,7 +92,7 @@ class EvaluateView(QWidget):
         form.addRow("Windows (at most)", self.windows)
         form.addRow("BOS token per window", self.bos)
         form.addRow(self.run_button)
-        self.summary = QLabel("Pick the baseline and/or variants, then Evaluate.")
+        self.summary = QLabel("Pick the baseline, variants and/or GGUF files, then Evaluate.")
         self.summary.setWordWrap(True)
         form.addRow(self.summary)
 
