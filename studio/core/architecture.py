@@ -28,8 +28,11 @@ def check_config(raw: dict, where: str) -> None:
     if not isinstance(raw, dict):
         raise ModelLoadError(f"The config in {where} is not a JSON object.")
     model_type = raw.get("model_type")
+    if not model_type:
+        raise ModelLoadError(f"The config.json in {where} names no model type (its "
+                             f"'model_type' key), so it is not a model the studio can open.")
     listed = raw.get("architectures") or []
-    named = f"{model_type or 'unknown'} model{f' ({chr(44).join(listed)})' if listed else ''}"
+    named = f"{model_type} model{f' ({chr(44).join(listed)})' if listed else ''}"
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 

@@ -72,6 +72,9 @@ def test_a_failed_open_drops_the_header_list_and_reports_once(qtbot, window, tmp
     (bad / "config.json").write_text("{}")
     job = window.open_model(str(bad))
     qtbot.waitUntil(lambda: job.is_done, timeout=60000)
+    # (the report crosses to the UI thread by a queued signal: it may land after is_done)
+    qtbot.waitUntil(lambda: bool(get_reporter().history), timeout=10000)
+    qtbot.wait(200)   # a second report, if one were coming, would be queued by now
     assert window.state.preview_layers is None and window.state.handle is None
     assert len(get_reporter().history) == 1
 
