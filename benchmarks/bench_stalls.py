@@ -1,14 +1,15 @@
 """Event-loop stalls of the real window while it works: open, weight statistics, activation
 capture, GPTQ, sensitivity sweep, evaluation, benchmark.
 
-    python benchmarks/bench_stalls.py [MODEL] [--full] [--steps N] [--no-autosave]
+    python benchmarks/bench_stalls.py [MODEL] [--full] [--steps N] [--no-autosave] [--why]
 
 The heartbeat probe (`studio.ui.heartbeat`: a 10 ms QTimer measuring its own lateness) runs
 through every job; one row per job: its wall time, and the probe's p50 / p99 / max lateness.
 Targets: p99 <= 50 ms and max <= 200 ms. Without --full each job runs with small settings (few
 windows, short texts) so the whole drive takes minutes; the stalls that matter (plots redrawn,
 results published on the UI thread) happen at either size. Stalls on a busy machine include
-the time the UI thread waits for a core: report them as measured under load.
+the time the UI thread waits for a core: report them as measured under load. `--why` prints,
+for every stall over 300 ms, where the UI thread was (a watchdog thread samples its stack).
 """
 from __future__ import annotations
 
@@ -123,8 +124,43 @@ def main() -> None:
         QTimer.singleShot(300, wait)
 
     beat.start()
+    if "--why" in sys.argv:
+        watch_stalls(app)
     QTimer.singleShot(500, run_next)
     app.exec()
+
+
+def watch_stalls(app, threshold: float = 0.3) -> None:
+    """Print the UI thread's stack once per stall longer than `threshold` seconds: a QTimer on
+    the UI thread stamps the time every 10 ms, a daemon thread looks at the stamp."""
+    import threading
+    import traceback
+
+    from PySide6.QtCore import QTimer
+
+    stamp = [time.perf_counter()]
+    timer = QTimer(app, interval=10)
+    timer.timeout.connect(lambda: stamp.__setitem__(0, time.perf_counter()))
+    timer.start()
+    ui = threading.main_thread().ident
+
+    def look() -> None:
+        reported = None
+        while True:
+            time.sleep(0.05)
+            late = time.perf_counter() - stamp[0]
+            if late > threshold and reported != stamp[0]:
+                reported = stamp[0]
+                frame = sys._current_frames().get(ui)
+                if frame is None:   # the UI thread has ended: the drive is over
+                    return
+                frames = traceback.extract_stack(frame)
+                ours = [f for f in frames if "/studio/" in f.filename][-6:]
+                print(f"stall > {threshold * 1000:.0f} ms at:", file=sys.stderr)
+                for f in ours or frames[-6:]:
+                    print(f"    {f.filename.split('/studio/')[-1]}:{f.lineno} {f.name}: "
+                          f"{f.line}", file=sys.stderr)
+    threading.Thread(target=look, daemon=True).start()
 
 
 def report(rows) -> None:

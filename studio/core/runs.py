@@ -178,9 +178,10 @@ def layer_errors(variant, base_handle) -> tuple[list[str], np.ndarray, str]:
     return names, np.array(errors, np.float32), "weight relative error"
 
 
-def worst_layers(variant, base_handle, count: int = 10) -> list[tuple[str, float]]:
-    """Where the variant lost most: its `count` layers of largest error, largest first."""
-    names, errors, _ = layer_errors(variant, base_handle)
+def worst_layers(names: list[str], errors: np.ndarray, count: int = 10
+                 ) -> list[tuple[str, float]]:
+    """Where a variant lost most (`layer_errors`' names and errors): its `count` layers of
+    largest error, largest first."""
     order = np.argsort(-errors)[:count]
     return [(names[i], float(errors[i])) for i in order]
 

@@ -9,7 +9,8 @@ from studio.core.jobs import run
 from studio.core.plan import Plan, QuantSpec
 from studio.core.quantize import quantize_job
 from studio.core.runs import (BASELINE, compare_rows, describe_baseline, describe_variant,
-                              quick_eval_job, run_all_job, worst_layers)
+                              layer_errors, quick_eval_job, run_all_job,
+                              worst_layers)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,10 @@ def test_quick_eval_and_run_all_measure_variant_and_baseline(tiny_llama, variant
     assert kinds == {(BASELINE, "eval"), ("w3", "eval"), (BASELINE, "bench"), ("w3", "bench")}
     rows = compare_rows(everything, tiny_llama)
     assert rows[1]["speed_ratio"] > 0
-    worst = worst_layers(variant, tiny_llama, 3)
+    names, errors, _ = layer_errors(variant, tiny_llama)
+    worst = worst_layers(names, errors, 3)
     assert len(worst) == 3 and worst[0][1] >= worst[1][1] >= worst[2][1]
+    assert worst[0][1] == errors.max()
 
 
 def test_compare_command(tiny_dirs, tmp_path, capsys):

@@ -277,7 +277,7 @@ class CompareView(QWidget):
             self.errors.addItem(points)
             self.error_layers = layers
             worst += [f"{name}: " + ", ".join(f"{layer.removeprefix('model.')} ({error:.3g})"
-                                              for layer, error in worst_layers(variant, handle, 3))]
+                                              for layer, error in worst_layers(layers, errors, 3))]
         self.errors.setLabel("left", what)
         self.errors.setToolTip("Largest errors: " + "; ".join(worst) if worst else "")
         self._move_error_marker()
