@@ -178,14 +178,17 @@ def refuse_streamed(model: nn.Module) -> None:
 def variant_target(name: str, model: nn.Module, qtensors: dict, size_bytes: int | None = None,
                    details: dict | None = None, prefill: str = "dense",
                    int4: str = "native") -> BenchTarget:
-    """A quantized variant on its kernels (its de-quantized `model` and its `qtensors`)."""
+    """A quantized variant on its kernels (its de-quantized `model` and its `qtensors`); named
+    for its int4 kernel when that is not the default one."""
     refuse_streamed(model)
+    if int4 != "native":
+        name += f" ({int4} int4 kernel)"
     return BenchTarget(name, lambda: kernel_model(model, qtensors, prefill, int4), size_bytes,
                        {"prefill": prefill, "int4_kernel": int4, **(details or {})},
                        model=model)
 
 
-def variant_bench_target(variant, prefill: str = "dense") -> BenchTarget:
+def variant_bench_target(variant, prefill: str = "dense", int4: str = "native") -> BenchTarget:
     """`variant_target` for a Variant, sized as everywhere else: `Variant.size_bytes` (what an
     export stores, the embedding / lm_head included) with its breakdown, not its folder (codes
     in int32 words, fp32 scales, the base's tensors left out) nor its runtime tensors."""
@@ -193,7 +196,7 @@ def variant_bench_target(variant, prefill: str = "dense") -> BenchTarget:
                             {"bits_per_weight": round(variant.bits_per_weight, 4),
                              "model_bits_per_weight": round(variant.model_bits_per_weight, 4),
                              "size_breakdown": variant.size_breakdown,
-                             "calibration": variant.calibration}, prefill)
+                             "calibration": variant.calibration}, prefill, int4)
     target.size_source = "variant"
     return target
 
