@@ -130,7 +130,7 @@ def part_decode(handle, args, vocab) -> None:
         targets += base_targets(handle.model, ("int4",), group_size=group, layer_names=names)
     # torch's own int4 kernel beside the studio's (q4_native), same layers and codes
     targets += base_targets(handle.model, ("int4",), group_size=32, layer_names=names,
-                            int4="torch")
+                            kernels="torch")
     gguf = q4_0_gguf(args.model, args.gguf)
     reason = get_backend("llama.cpp").unavailable_reason()
     if gguf is not None:

@@ -115,13 +115,13 @@ class BenchResult:
 def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
                  lm_head: bool = True, size_bytes: int | None = None,
                  layer_names: list[str] | None = None, prefill: str = "dense",
-                 int4: str = "native") -> list[BenchTarget]:
+                 kernels: str = "native") -> list[BenchTarget]:
     """fp32 / bf16 / int8 / int4 targets built from a float model.
 
     int8 is W8 per-channel symmetric, int4 is W4 asymmetric in groups of `group_size`, both
     round-to-nearest on `layer_names` (the quantizable block layers) and, when `lm_head`, on
     the output head too (the largest single matmul: in float it caps the speed-up). `prefill`
-    and `int4` (which int4 kernel): see `kernels.kernel_model`.
+    and `kernels` (the studio's native low-bit kernels or torch's): see `kernels.kernel_model`.
     """
     refuse_streamed(model)
     unknown = [c for c in configs if c not in BASE_CONFIGS]
@@ -143,10 +143,10 @@ def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
             label = "int8" if config == "int8" else f"int4 g{group_size}"
             extra = " + lm_head" if head else ""
             suffix = "" if prefill == "dense" else f" ({prefill} prefill)"
-            if config == "int4" and int4 != "native":
-                suffix += f" ({int4} int4 kernel)"
+            if kernels != "native":
+                suffix += f" ({kernels} kernels)"
             targets.append(BenchTarget(
-                f"{label}{extra}{suffix}", _rtn_builder(model, names, head, spec, prefill, int4),
+                f"{label}{extra}{suffix}", _rtn_builder(model, names, head, spec, prefill, kernels),
                 details={"quantized": f"RTN W{spec.bits} "
                          f"{'per-channel' if spec.group_size == -1 else f'g{spec.group_size}'}"
                          f"{extra} (on the fly, for speed only)"}, model=model))
@@ -177,18 +177,18 @@ def refuse_streamed(model: nn.Module) -> None:
 
 def variant_target(name: str, model: nn.Module, qtensors: dict, size_bytes: int | None = None,
                    details: dict | None = None, prefill: str = "dense",
-                   int4: str = "native") -> BenchTarget:
+                   kernels: str = "native") -> BenchTarget:
     """A quantized variant on its kernels (its de-quantized `model` and its `qtensors`); named
     for its int4 kernel when that is not the default one."""
     refuse_streamed(model)
-    if int4 != "native":
-        name += f" ({int4} int4 kernel)"
-    return BenchTarget(name, lambda: kernel_model(model, qtensors, prefill, int4), size_bytes,
-                       {"prefill": prefill, "int4_kernel": int4, **(details or {})},
+    if kernels != "native":
+        name += f" ({kernels} kernels)"
+    return BenchTarget(name, lambda: kernel_model(model, qtensors, prefill, kernels), size_bytes,
+                       {"prefill": prefill, "kernel_set": kernels, **(details or {})},
                        model=model)
 
 
-def variant_bench_target(variant, prefill: str = "dense", int4: str = "native") -> BenchTarget:
+def variant_bench_target(variant, prefill: str = "dense", kernels: str = "native") -> BenchTarget:
     """`variant_target` for a Variant, sized as everywhere else: `Variant.size_bytes` (what an
     export stores, the embedding / lm_head included) with its breakdown, not its folder (codes
     in int32 words, fp32 scales, the base's tensors left out) nor its runtime tensors."""
@@ -196,7 +196,7 @@ def variant_bench_target(variant, prefill: str = "dense", int4: str = "native") 
                             {"bits_per_weight": round(variant.bits_per_weight, 4),
                              "model_bits_per_weight": round(variant.model_bits_per_weight, 4),
                              "size_breakdown": variant.size_breakdown,
-                             "calibration": variant.calibration}, prefill, int4)
+                             "calibration": variant.calibration}, prefill, kernels)
     target.size_source = "variant"
     return target
 
@@ -236,12 +236,12 @@ def gguf_kernels(path) -> list[KernelChoice]:
             if name != "token_embd.weight" or tied]
 
 
-def _rtn_builder(model, names, head, spec, prefill="dense", int4="native"):
+def _rtn_builder(model, names, head, spec, prefill="dense", kernels="native"):
     def build():
         qtensors = {}
         for name in names + ([head] if head else []):
             qtensors[name] = quantize_rtn(weight_matrix(model.get_submodule(name)), spec)
-        return kernel_model(model, qtensors, prefill, int4)
+        return kernel_model(model, qtensors, prefill, kernels)
     return build
 
 
@@ -411,14 +411,14 @@ class LeanRun:
 
     def __init__(self, model: nn.Module, max_len: int) -> None:
         from studio.core.native_step import NativeStep
-        from studio.core.q4_native import NativeInt4Linear
+        from studio.core.q4_native import NativeLinear
 
         self.decoder = LeanDecoder(model, max_len, fused=True)
         self.step, self.mode = self.decoder.forward, "eager"
         problem = NativeStep.problem(self.decoder)
         if problem is None:
             self.step, self.mode = NativeStep(self.decoder), NativeStep.mode
-        elif any(isinstance(m, NativeInt4Linear) for m in model.modules()):
+        elif any(isinstance(m, NativeLinear) for m in model.modules()):
             self.mode = f"eager (not the native step: {problem})"
 
     def compile(self, position: int) -> str:

@@ -15,8 +15,12 @@
 #include <string.h>
 #include "q4_native.h"
 
+/* q/k/v and gate/up are each one fused layer (parts = 1) or their layers one after another
+ * (parts = 3 or 2: layers of different widths or groups, from a mixed-precision plan); either
+ * way their outputs land side by side, q then k then v, gate then up. */
 typedef struct {
-    q4_layer qkv, o, gate_up, down;
+    q4_layer qkv[3], o, gate_up[2], down;
+    int qkv_parts, gate_up_parts;
     const float *norm1, *norm2;   /* RMSNorm weights [hidden] */
     float *keys, *values;         /* this block's cache [kv_heads, max_len, head_dim] */
 } q4_block;
@@ -72,6 +76,14 @@ static void attend(const float *q, const float *keys, const float *values, int l
     }
 }
 
+static void products(const q4_layer *layers, int parts, const float *x, float *y,
+                     const q4_scratch *scratch, int threads) {
+    for (int i = 0; i < parts; i++) {
+        q4_gemv(&layers[i], x, y, scratch, threads);
+        y += layers[i].n;
+    }
+}
+
 static void block_step(const q4_block *b, const q4_shape *s, float *x, const float *cos,
                        const float *sin, int position, float *work, const q4_scratch *scratch,
                        int threads) {
@@ -81,7 +93,7 @@ static void block_step(const q4_block *b, const q4_shape *s, float *x, const flo
     float *scores = delta + s->hidden;
 
     rms_norm(x, b->norm1, s->hidden, s->eps, h);
-    q4_gemv(&b->qkv, h, qkv, scratch, threads);
+    products(b->qkv, b->qkv_parts, h, qkv, scratch, threads);
     float *q = qkv, *k = qkv + q_size, *v = k + kv_size;
     for (int head = 0; head < s->heads; head++) rotate(q + head * hd, cos, sin, hd);
     for (int head = 0; head < s->kv_heads; head++) {
@@ -100,7 +112,7 @@ static void block_step(const q4_block *b, const q4_shape *s, float *x, const flo
     for (int i = 0; i < s->hidden; i++) x[i] += delta[i];
 
     rms_norm(x, b->norm2, s->hidden, s->eps, h);
-    q4_gemv(&b->gate_up, h, gate_up, scratch, threads);
+    products(b->gate_up, b->gate_up_parts, h, gate_up, scratch, threads);
     for (int i = 0; i < s->inter; i++) {
         float g = gate_up[i];
         act[i] = g / (1.0f + expf(-g)) * gate_up[s->inter + i];

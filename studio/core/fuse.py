@@ -8,8 +8,8 @@ split afterwards: three calls become one for q/k/v, two become one for gate/up.
 * int4 kernel layers (same group, same input width): their packed rows are blocks of whole
   output rows (`kernels.int4_block_n`), so the fused buffer is the row blocks one after the
   other; scales and zeros concatenate along the output axis.
-* native int4 layers (same group and input width): codes, scales and mins are whole rows,
-  concatenated.
+* native layers (same code width, group and input width): codes, scales and mins are whole
+  rows, concatenated.
 * int8 kernel layers without a zero-point term: rows and per-row scales concatenate.
 * float Linear layers of one dtype: weights (and biases) concatenate.
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from studio.core.kernels import Int4Linear, Int8Linear
-from studio.core.q4_native import NativeInt4Linear
+from studio.core.q4_native import NativeLinear
 
 
 class Fused:
@@ -47,7 +47,7 @@ def fuse(modules: list[nn.Module]) -> Fused | None:
     kind = kinds.pop()
     if kind is Int4Linear:
         return _fuse_int4(modules)
-    if kind is NativeInt4Linear:
+    if kind is NativeLinear:
         return _fuse_native(modules)
     if kind is Int8Linear:
         return _fuse_int8(modules)
@@ -86,15 +86,16 @@ def _fuse_int4(modules: list[Int4Linear]) -> Fused | None:
     return Fused(fused, sizes)
 
 
-def _fuse_native(modules: list[NativeInt4Linear]) -> Fused | None:
+def _fuse_native(modules: list[NativeLinear]) -> Fused | None:
     first = modules[0]
-    if any(m.group != first.group or m.in_features != first.in_features for m in modules):
+    if any(m.group != first.group or m.in_features != first.in_features or m.bits != first.bits
+           for m in modules):
         return None
     bias = _biases(modules)
     if bias is False:
         return None
     tensors = {name: torch.cat([m.tensors()[name] for m in modules]) for name in first.tensors()}
-    fused = NativeInt4Linear(tensors, first.group, first.in_features, bias, first.prefill_rows,
+    fused = NativeLinear(tensors, first.group, first.in_features, bias, first.prefill_rows,
                              first.prefill_dtype)
     sizes = [m.out_features for m in modules]
     start = 0

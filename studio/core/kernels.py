@@ -56,8 +56,7 @@ from studio.core.quant.grid import QTensor, expand_groups
 log = logging.getLogger(__name__)
 
 KERNEL_GROUPS = (128, 64, 32)
-NATIVE = "q4native"   # the studio's own int4 kernel (q4_native.c), as reports name it
-INT4_KERNELS = ("native", "torch")
+KERNEL_SETS = ("native", "torch")
 INT4_TILES = 2  # inner k tiles for the CPU packing; the CPU kernel accepts any of 1, 2, 4, 8
 # Calls with this many token rows or more take the dense prefill path. De-quantizing costs
 # about what 20-30 rows cost on the int4 kernel (demo layers, this 2-core AVX2 machine, loaded:
@@ -221,7 +220,7 @@ def make_int4(q: QTensor, bias: torch.Tensor | None) -> tuple[Int4Linear, str]:
     kernel_zero = scale * (8.0 - zero)
     scales_zeros = torch.stack([scale.t(), kernel_zero.t()], dim=-1).to(torch.bfloat16).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), INT4_TILES)
-    notes = [_held_in_4_bits(q)]
+    notes = [_held_in(q, 4)]
     if q.group_size != group:
         what = "per-channel rows" if q.group_size >= cols else f"g{q.group_size} groups"
         notes.append(f"{what} run as g{group} blocks")
@@ -229,19 +228,19 @@ def make_int4(q: QTensor, bias: torch.Tensor | None) -> tuple[Int4Linear, str]:
 
 
 def make_native(q: QTensor, bias: torch.Tensor | None
-                ) -> tuple[q4_native.NativeInt4Linear | None, str]:
-    """The layer on the studio's own int4 kernel, or (None, why not)."""
+                ) -> tuple[q4_native.NativeLinear | None, str]:
+    """The layer on the studio's own kernel (4- or 8-bit layout), or (None, why not)."""
     if q4_native.unavailable():
         return None, q4_native.unavailable()
     tensors, group, why = q4_native.pack(q)
     if tensors is None:
         return None, why
-    return q4_native.NativeInt4Linear(tensors, group, q.shape[1], bias, PREFILL_ROWS,
-                                      PREFILL_DTYPE), ""
+    return q4_native.NativeLinear(tensors, group, q.shape[1], bias, PREFILL_ROWS,
+                                  PREFILL_DTYPE), ""
 
 
-def _held_in_4_bits(q: QTensor) -> str:
-    return f"{q.bits}-bit codes held in 4 bits" if q.bits < 4 else ""
+def _held_in(q: QTensor, width: int) -> str:
+    return f"{q.bits}-bit codes held in {width} bits" if q.bits < width else ""
 
 
 def make_int8(q: QTensor, bias: torch.Tensor | None) -> tuple[Int8Linear, str]:
@@ -260,11 +259,12 @@ def make_int8(q: QTensor, bias: torch.Tensor | None) -> tuple[Int8Linear, str]:
     return Int8Linear(weight.contiguous(), scales, offset, bias), note
 
 
-def kernel_for(name: str, module: nn.Module, q: QTensor, int4: str = "native"
+def kernel_for(name: str, module: nn.Module, q: QTensor, kernels: str = "native"
                ) -> tuple[nn.Module | None, KernelChoice]:
     """The kernel module for one quantized layer, or (None, fallback choice with the reason).
-    `int4`: "native" (the studio's kernel, `q4_native`, where it builds and takes the layer;
-    torch's otherwise, with the reason) or "torch" (always torch's int4pack)."""
+    `kernels`: "native" (the studio's kernels, `q4_native`, for codes of up to 8 bits in groups
+    of a multiple of 32, where it builds; torch's otherwise, with the reason) or "torch"
+    (torch's int4pack / int8pack)."""
     out, cols = q.shape
     fmt = formats.format_of(q)
     if not fmt.kernels:  # a codebook / vector layer: no low-bit CPU kernel takes its tables
@@ -277,11 +277,12 @@ def kernel_for(name: str, module: nn.Module, q: QTensor, int4: str = "native"
     reason = ""
     try:
         native_why = ""
-        if q.bits <= 4 and int4 == "native":
+        if kernels == "native":
             kernel, native_why = make_native(q, bias)
             if kernel is not None:
-                return kernel, KernelChoice(name, f"{NATIVE} g{kernel.group}", q.bits,
-                                            _buffer_bytes(kernel), _held_in_4_bits(q))
+                width = kernel.bits
+                return kernel, KernelChoice(name, f"q{width}native g{kernel.group}", q.bits,
+                                            _buffer_bytes(kernel), _held_in(q, width))
         if q.bits <= 4 and int4_group(q) is not None:
             kernel, note = make_int4(q, bias)
             note = "; ".join(filter(None, [note, native_why and f"not native: {native_why}"]))
@@ -289,6 +290,7 @@ def kernel_for(name: str, module: nn.Module, q: QTensor, int4: str = "native"
                                         _buffer_bytes(kernel), note)
         if per_channel:
             kernel, note = make_int8(q, bias)
+            note = "; ".join(filter(None, [note, native_why and f"not native: {native_why}"]))
             return kernel, KernelChoice(name, "int8pack", q.bits, _buffer_bytes(kernel), note)
         if q.bits <= 4:
             reason = (f"no int4 kernel group (32/64/128) fits g{q.group_size} over "
@@ -319,18 +321,18 @@ def float_model(model: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, list[K
 
 
 def kernel_model(model: nn.Module, qtensors: dict[str, QTensor], prefill: str = "dense",
-                 int4: str = "native") -> tuple[nn.Module, list[KernelChoice]]:
+                 kernels: str = "native") -> tuple[nn.Module, list[KernelChoice]]:
     """A float32 copy of `model` whose quantized layers (`qtensors`) run on low-bit kernels.
 
     `model` is the variant's de-quantized float model; layers without a kernel keep its
     de-quantized weights, so the results match it either way. `prefill`: "dense" (calls of
     PREFILL_ROWS rows or more de-quantize once and run a dense GEMM) or "kernel" (always the
-    low-bit kernel). `int4`: which int4 kernel runs 4-bit layers (`kernel_for`).
+    low-bit kernel). `kernels`: the studio's native kernels or torch's (`kernel_for`).
     """
     if prefill not in PREFILL_MODES:
         raise ValueError(f"prefill must be one of {PREFILL_MODES}, not {prefill!r}")
-    if int4 not in INT4_KERNELS:
-        raise ValueError(f"int4 must be one of {INT4_KERNELS}, not {int4!r}")
+    if kernels not in KERNEL_SETS:
+        raise ValueError(f"kernels must be one of {KERNEL_SETS}, not {kernels!r}")
     result = copy.deepcopy(model).float()
     result.eval()
     choices: list[KernelChoice] = []
@@ -340,7 +342,7 @@ def kernel_model(model: nn.Module, qtensors: dict[str, QTensor], prefill: str = 
             choices.append(KernelChoice(name, "coded rows", q.bits, 0,
                                         "embedding: each looked-up row de-quantized"))
             continue
-        kernel, choice = kernel_for(name, module, q, int4)
+        kernel, choice = kernel_for(name, module, q, kernels)
         if kernel is not None:
             if prefill == "kernel":
                 kernel.prefill_rows = None

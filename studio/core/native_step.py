@@ -8,8 +8,8 @@ cos/sin torch's rotary module makes for the position; the embedding lookup, the 
 the output head stay in torch (one call each).
 
 It takes a model whose every block is: RMSNorm weights (Llama's and Qwen2's, float32), q/k/v and
-gate/up fused into native int4 layers (`fuse.py`), o_proj and down_proj native int4, SiLU, no
-hooks. `NativeStep.problem(decoder)` says in a sentence why another model cannot, and the
+gate/up fused into native layers (`fuse.py`; 4- or 8-bit, each product its own width, so a
+mixed-precision plan runs too), o_proj and down_proj native, SiLU, no hooks. `NativeStep.problem(decoder)` says in a sentence why another model cannot, and the
 benchmark then runs the eager step and says why.
 """
 from __future__ import annotations
@@ -20,17 +20,18 @@ import torch
 from torch import nn
 
 from studio.core import q4_native
-from studio.core.q4_native import NativeInt4Linear
+from studio.core.q4_native import NativeLinear
 
 
 class _Layer(ctypes.Structure):
     _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p),
-                ("mins", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("mins", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("bits", ctypes.c_int),
                 ("n", ctypes.c_int), ("k", ctypes.c_int), ("group", ctypes.c_int)]
 
 
 class _Block(ctypes.Structure):
-    _fields_ = [("qkv", _Layer), ("o", _Layer), ("gate_up", _Layer), ("down", _Layer),
+    _fields_ = [("qkv", _Layer * 3), ("o", _Layer), ("gate_up", _Layer * 2), ("down", _Layer),
+                ("qkv_parts", ctypes.c_int), ("gate_up_parts", ctypes.c_int),
                 ("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p),
                 ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p)]
 
@@ -50,9 +51,23 @@ def _is_silu(act) -> bool:
         return torch.allclose(act(probe), nn.functional.silu(probe))
 
 
-def _layer(module: NativeInt4Linear) -> _Layer:
+def _qkv(layer) -> list:
+    attention = layer.self_attn
+    return [attention.q_proj, attention.k_proj, attention.v_proj]
+
+
+def _gate_up(mlp) -> list:
+    return [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]
+
+
+def _parts(fused, modules: list) -> list:
+    """The fused layer where the decoder made one, else the layers one after another."""
+    return [fused.module] if fused is not None else modules
+
+
+def _layer(module: NativeLinear) -> _Layer:
     return _Layer(module.codes.data_ptr(), module.scales.data_ptr(), module.mins.data_ptr(),
-                  None if module.bias is None else module.bias.data_ptr(),
+                  None if module.bias is None else module.bias.data_ptr(), module.bits,
                   module.out_features, module.in_features, module.group)
 
 
@@ -72,13 +87,14 @@ class NativeStep:
             return "its KV cache is not float32"
         for i, layer in enumerate(decoder.layers):
             mlp = layer.mlp
-            parts = {"q/k/v": decoder.qkv[i] and decoder.qkv[i].module,
-                     "gate/up": decoder.gate_up[i] and decoder.gate_up[i].module,
-                     "o_proj": layer.self_attn.o_proj, "down_proj": getattr(mlp, "down_proj", None)}
-            for what, module in parts.items():
-                if not isinstance(module, NativeInt4Linear):
-                    return f"block {i}'s {what} is not one native int4 layer"
-                if module._forward_pre_hooks or module._forward_hooks:
+            parts = {"q/k/v": _parts(decoder.qkv[i], _qkv(layer)),
+                     "gate/up": _parts(decoder.gate_up[i], _gate_up(mlp)),
+                     "o_proj": [layer.self_attn.o_proj],
+                     "down_proj": [getattr(mlp, "down_proj", None)]}
+            for what, modules in parts.items():
+                if not all(isinstance(m, NativeLinear) for m in modules):
+                    return f"block {i}'s {what} is not on the native kernels"
+                if any(m._forward_pre_hooks or m._forward_hooks for m in modules):
                     return f"block {i}'s {what} has hooks"
             if not _is_silu(getattr(mlp, "act_fn", None)):
                 return f"block {i}'s activation is not SiLU"
@@ -96,16 +112,19 @@ class NativeStep:
         norm = first.input_layernorm
         keys = decoder.keys
         self.shape = _Shape(
-            hidden=norm.weight.shape[0], heads=decoder.qkv[0].sizes[0] // decoder.head_dim,
+            hidden=norm.weight.shape[0],
+            heads=first.self_attn.q_proj.out_features // decoder.head_dim,
             kv_heads=keys.shape[2], head_dim=decoder.head_dim,
-            inter=decoder.gate_up[0].sizes[0], max_len=keys.shape[3],
+            inter=first.mlp.gate_proj.out_features, max_len=keys.shape[3],
             eps=float(norm.variance_epsilon), scaling=float(decoder.scaling))
         blocks = []
         for i, layer in enumerate(decoder.layers):
+            qkv = _parts(decoder.qkv[i], _qkv(layer))
+            gate_up = _parts(decoder.gate_up[i], _gate_up(layer.mlp))
             blocks.append(_Block(
-                _layer(decoder.qkv[i].module), _layer(layer.self_attn.o_proj),
-                _layer(decoder.gate_up[i].module), _layer(layer.mlp.down_proj),
-                layer.input_layernorm.weight.data_ptr(),
+                (_Layer * 3)(*map(_layer, qkv)), _layer(layer.self_attn.o_proj),
+                (_Layer * 2)(*map(_layer, gate_up)), _layer(layer.mlp.down_proj),
+                len(qkv), len(gate_up), layer.input_layernorm.weight.data_ptr(),
                 layer.post_attention_layernorm.weight.data_ptr(),
                 keys[i, 0].data_ptr(), decoder.values[i, 0].data_ptr()))
         self.blocks = (_Block * len(blocks))(*blocks)

@@ -1,15 +1,16 @@
-/* 4-bit weight x 8-bit activation matrix-vector products for decode, the way llama.cpp's
- * Q4_1 x Q8 kernels do it, over the studio's own layout (see q4_native.py):
+/* Low-bit weight x 8-bit activation matrix-vector products for decode, the way llama.cpp's
+ * Q4_1 / Q8_0 x Q8 kernels do it, over the studio's own layout (see q4_native.py):
  *
- *   codes  [N, K/2] bytes: each row is K/32 blocks of 16 bytes; byte j of a block holds
- *          element j in its low nibble and element j + 16 in its high one.
+ *   4-bit codes [N, K/2] bytes: each row is K/32 blocks of 16 bytes; byte j of a block holds
+ *          element j in its low nibble and element j + 16 in its high one (codes 0..15).
+ *   8-bit codes [N, K] signed bytes (code - 128, so |code| <= 128 fits maddubs' pairs).
  *   scales [N, K/group] fp16, mins [N, K/group] fp16: w = code * scale + min.
  *
  * An input row x is quantized once per call to int8 in blocks of 32 (one float scale d per
  * block, and d * sum(codes) for the min term), so a block's dot product is integer
- * multiply-adds (maddubs: unsigned 4-bit codes x signed 8-bit activations) and one float
- * multiply-add by scale * d. Built with -mavx2 -mfma -mf16c where the CPU has them; the scalar
- * path computes the same sums in the same order of blocks.
+ * multiply-adds (maddubs: unsigned codes x signed activations; 8-bit codes go in as |code|
+ * with the sign moved onto x) and one float multiply-add by scale * d. Built with -mavx2
+ * -mfma -mf16c where the CPU has them; the scalar path computes the same integer sums.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -87,12 +88,34 @@ static float row_mins(const uint16_t *mins, int groups, const float *dsg) {
 }
 
 #if Q4_AVX2
-static inline __m256 block_dot(const uint8_t *codes, const int8_t *xq) {
-    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-    __m128i raw = _mm_loadu_si128((const __m128i *)codes);
-    __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
-    __m256i x = _mm256_loadu_si256((const __m256i *)xq);
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones));
+/* Block b of a row (32 codes) against x's block b: 8 partial integer sums as floats. */
+static inline __m256 block_dot(const uint8_t *row, int bits, int b, const int8_t *xq) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i x = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));
+    __m256i products;
+    if (bits == 4) {
+        __m128i raw = _mm_loadu_si128((const __m128i *)(row + 16 * b));
+        __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw),
+                                     _mm256_set1_epi8(0x0f));
+        products = _mm256_maddubs_epi16(q, x);
+    } else {
+        __m256i q = _mm256_loadu_si256((const __m256i *)(row + 32 * b));
+        products = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+    }
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones));
+}
+#else
+static int block_dot(const uint8_t *row, int bits, int b, const int8_t *xq) {
+    const int8_t *x = xq + 32 * b;
+    int dot = 0;
+    if (bits == 4) {
+        const uint8_t *c = row + 16 * b;
+        for (int i = 0; i < 16; i++) dot += (c[i] & 15) * x[i] + (c[i] >> 4) * x[i + 16];
+    } else {
+        const int8_t *c = (const int8_t *)(row + 32 * b);
+        for (int i = 0; i < 32; i++) dot += c[i] * x[i];
+    }
+    return dot;
 }
 #endif
 
@@ -106,30 +129,24 @@ static inline float hsum(__m256 v) {
 #endif
 
 /* One output: a row's codes against the quantized x, each block weighted by factor[b]. */
-static float row_dot(const uint8_t *codes, int blocks, const int8_t *xq, const float *factor) {
+static float row_dot(const uint8_t *row, int bits, int blocks, const int8_t *xq,
+                     const float *factor) {
 #if Q4_AVX2
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int b = 0;
     for (; b + 2 <= blocks; b += 2) {
-        acc0 = _mm256_fmadd_ps(block_dot(codes + 16 * b, xq + 32 * b),
-                               _mm256_broadcast_ss(factor + b), acc0);
-        acc1 = _mm256_fmadd_ps(block_dot(codes + 16 * b + 16, xq + 32 * b + 32),
+        acc0 = _mm256_fmadd_ps(block_dot(row, bits, b, xq), _mm256_broadcast_ss(factor + b),
+                               acc0);
+        acc1 = _mm256_fmadd_ps(block_dot(row, bits, b + 1, xq),
                                _mm256_broadcast_ss(factor + b + 1), acc1);
     }
     if (b < blocks)
-        acc0 = _mm256_fmadd_ps(block_dot(codes + 16 * b, xq + 32 * b),
-                               _mm256_broadcast_ss(factor + b), acc0);
+        acc0 = _mm256_fmadd_ps(block_dot(row, bits, b, xq), _mm256_broadcast_ss(factor + b),
+                               acc0);
     return hsum(_mm256_add_ps(acc0, acc1));
 #else
     float total = 0.0f;
-    for (int b = 0; b < blocks; b++) {
-        int dot = 0;
-        const uint8_t *c = codes + 16 * b;
-        const int8_t *x = xq + 32 * b;
-        for (int i = 0; i < 16; i++)
-            dot += (c[i] & 15) * x[i] + (c[i] >> 4) * x[i + 16];
-        total += (float)dot * factor[b];
-    }
+    for (int b = 0; b < blocks; b++) total += (float)block_dot(row, bits, b, xq) * factor[b];
     return total;
 #endif
 }
@@ -137,7 +154,7 @@ static float row_dot(const uint8_t *codes, int blocks, const int8_t *xq, const f
 /* One output for groups of several blocks (g64, g128, per-channel): each group's blocks
  * weighted by x's block scales, then the group's sum by its scale, so no per-block factor is
  * made for each row. */
-static float row_dot_grouped(const uint8_t *codes, const uint16_t *scales, int groups,
+static float row_dot_grouped(const uint8_t *row, int bits, const uint16_t *scales, int groups,
                              int per_group, const int8_t *xq, const float *d) {
 #if Q4_AVX2
     __m256 total = _mm256_setzero_ps();
@@ -145,14 +162,14 @@ static float row_dot_grouped(const uint8_t *codes, const uint16_t *scales, int g
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
         int b = g * per_group, end = b + per_group;
         for (; b + 2 <= end; b += 2) {
-            acc0 = _mm256_fmadd_ps(block_dot(codes + 16 * b, xq + 32 * b),
-                                   _mm256_broadcast_ss(d + b), acc0);
-            acc1 = _mm256_fmadd_ps(block_dot(codes + 16 * b + 16, xq + 32 * b + 32),
+            acc0 = _mm256_fmadd_ps(block_dot(row, bits, b, xq), _mm256_broadcast_ss(d + b),
+                                   acc0);
+            acc1 = _mm256_fmadd_ps(block_dot(row, bits, b + 1, xq),
                                    _mm256_broadcast_ss(d + b + 1), acc1);
         }
         if (b < end)
-            acc0 = _mm256_fmadd_ps(block_dot(codes + 16 * b, xq + 32 * b),
-                                   _mm256_broadcast_ss(d + b), acc0);
+            acc0 = _mm256_fmadd_ps(block_dot(row, bits, b, xq), _mm256_broadcast_ss(d + b),
+                                   acc0);
         total = _mm256_fmadd_ps(_mm256_add_ps(acc0, acc1),
                                 _mm256_set1_ps(half_to_float(scales[g])), total);
     }
@@ -161,14 +178,8 @@ static float row_dot_grouped(const uint8_t *codes, const uint16_t *scales, int g
     float total = 0.0f;
     for (int g = 0; g < groups; g++) {
         float group_sum = 0.0f;
-        for (int b = g * per_group; b < (g + 1) * per_group; b++) {
-            int dot = 0;
-            const uint8_t *c = codes + 16 * b;
-            const int8_t *x = xq + 32 * b;
-            for (int i = 0; i < 16; i++)
-                dot += (c[i] & 15) * x[i] + (c[i] >> 4) * x[i + 16];
-            group_sum += (float)dot * d[b];
-        }
+        for (int b = g * per_group; b < (g + 1) * per_group; b++)
+            group_sum += (float)block_dot(row, bits, b, xq) * d[b];
         total += group_sum * half_to_float(scales[g]);
     }
     return total;
@@ -191,14 +202,14 @@ void q4_gemv(const q4_layer *w, const float *x, float *y, const q4_scratch *s, i
         float factor[blocks];
         #pragma omp for schedule(static)
         for (int r = 0; r < n; r++) {
-            const uint8_t *row_codes = w->codes + (size_t)r * (k / 2);
+            const uint8_t *row = w->codes + (size_t)r * (k / 8 * w->bits);
             const uint16_t *row_scales = w->scales + (size_t)r * groups;
             float dot;
             if (per_group == 1) {
                 row_factors(row_scales, blocks, s->d, factor);
-                dot = row_dot(row_codes, blocks, s->xq, factor);
+                dot = row_dot(row, w->bits, blocks, s->xq, factor);
             } else {
-                dot = row_dot_grouped(row_codes, row_scales, groups, per_group, s->xq, s->d);
+                dot = row_dot_grouped(row, w->bits, row_scales, groups, per_group, s->xq, s->d);
             }
             y[r] = dot + row_mins(w->mins + (size_t)r * groups, groups, s->dsg)
                    + (w->bias ? w->bias[r] : 0.0f);
@@ -224,9 +235,9 @@ void q4_scratch_free(q4_scratch *s) {
 
 /* y [M, N] = x [M, K] @ W.T (+ bias [N] when not NULL). Returns 0, or -1 when out of memory. */
 int q4_matmul(const uint8_t *codes, const uint16_t *scales, const uint16_t *mins,
-              const float *bias, int n, int k, int group, const float *x, int m, float *y,
-              int threads) {
-    q4_layer w = { codes, scales, mins, bias, n, k, group };
+              const float *bias, int bits, int n, int k, int group, const float *x, int m,
+              float *y, int threads) {
+    q4_layer w = { codes, scales, mins, bias, bits, n, k, group };
     q4_scratch s;
     if (q4_scratch_alloc(&s, k)) return -1;
     for (int row = 0; row < m; row++)
@@ -237,18 +248,25 @@ int q4_matmul(const uint8_t *codes, const uint16_t *scales, const uint16_t *mins
 
 /* W [N, K] in float32, for prefill's dense GEMM: code * scale + min, element by element. */
 void q4_dequantize(const uint8_t *codes, const uint16_t *scales, const uint16_t *mins,
-                   int n, int k, int group, float *w) {
+                   int bits, int n, int k, int group, float *w) {
     int groups = k / group;
     for (int r = 0; r < n; r++) {
-        const uint8_t *c = codes + (size_t)r * (k / 2);
+        const uint8_t *row = codes + (size_t)r * (k / 8 * bits);
         float *out = w + (size_t)r * k;
         for (int b = 0; b < k / 32; b++) {
             int g = (32 * b) / group;
             float scale = half_to_float(scales[(size_t)r * groups + g]);
             float min = half_to_float(mins[(size_t)r * groups + g]);
-            for (int i = 0; i < 16; i++) {
-                out[32 * b + i] = (float)(c[16 * b + i] & 15) * scale + min;
-                out[32 * b + i + 16] = (float)(c[16 * b + i] >> 4) * scale + min;
+            float *o = out + 32 * b;
+            if (bits == 4) {
+                const uint8_t *c = row + 16 * b;
+                for (int i = 0; i < 16; i++) {
+                    o[i] = (float)(c[i] & 15) * scale + min;
+                    o[i + 16] = (float)(c[i] >> 4) * scale + min;
+                }
+            } else {
+                const int8_t *c = (const int8_t *)(row + 32 * b);
+                for (int i = 0; i < 32; i++) o[i] = (float)c[i] * scale + min;
             }
         }
     }

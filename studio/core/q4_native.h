@@ -3,12 +3,12 @@
 #define Q4_NATIVE_H
 #include <stdint.h>
 
-/* One int4 layer in the kernel's layout (see q4_native.c). */
+/* One 4- or 8-bit layer in the kernel's layout (see q4_native.c). */
 typedef struct {
     const uint8_t *codes;
     const uint16_t *scales, *mins;
     const float *bias;   /* NULL when the layer has none */
-    int n, k, group;
+    int bits, n, k, group;
 } q4_layer;
 
 /* What one input row becomes: int8 codes, block scales, their sums per block and group. */

@@ -71,9 +71,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 def open_library(path: Path) -> ctypes.CDLL:
     library = ctypes.CDLL(str(path))
     pointer, i32 = ctypes.c_void_p, ctypes.c_int
-    library.q4_matmul.argtypes = [pointer] * 4 + [i32] * 3 + [pointer, i32, pointer, i32]
+    library.q4_matmul.argtypes = [pointer] * 4 + [i32] * 4 + [pointer, i32, pointer, i32]
     library.q4_matmul.restype = i32
-    library.q4_dequantize.argtypes = [pointer] * 3 + [i32] * 3 + [pointer]
+    library.q4_dequantize.argtypes = [pointer] * 3 + [i32] * 4 + [pointer]
     library.q4_dequantize.restype = None
     library.q4_has_avx2.restype = i32
     library.q4_decode_blocks.argtypes = [pointer, i32, pointer, pointer, pointer, pointer, i32,
@@ -144,7 +144,12 @@ def kernel_group(q: QTensor) -> int | None:
     q's own group size (each of q's groups covering whole kernel groups); None if none does."""
     cols = q.shape[1]
     group = math.gcd(min(q.group_size, cols), cols)
-    return group if q.bits <= 4 and group % 32 == 0 else None
+    return group if q.bits <= 8 and group % 32 == 0 else None
+
+
+def width_of(q: QTensor) -> int:
+    """The layout's code width: 4 bits for codes of up to 4 bits, else 8."""
+    return 4 if q.bits <= 4 else 8
 
 
 def pack(q: QTensor) -> tuple[dict[str, torch.Tensor] | None, int | None, str]:
@@ -153,19 +158,26 @@ def pack(q: QTensor) -> tuple[dict[str, torch.Tensor] | None, int | None, str]:
     out, cols = q.shape
     group = kernel_group(q)
     if group is None:
-        return None, None, (f"the native kernel takes 4-bit codes in groups of a multiple of 32 "
-                            f"dividing {cols} columns; this layer is {q.bits}-bit g{q.group_size}")
+        return None, None, (f"the native kernels take codes of up to 8 bits in groups of a "
+                            f"multiple of 32 dividing {cols} columns; this layer is "
+                            f"{q.bits}-bit g{q.group_size}")
     blocks = cols // group
     repeat = min(q.group_size, cols) // group
+    # 8-bit codes are stored as code - 128 (signed bytes), so their min gains 128 * scale.
+    shift = 0.0 if width_of(q) == 4 else 128.0
     scale = q.scale.float().repeat_interleave(repeat, dim=1)[:, :blocks]
-    minimum = (-q.zero.float() * q.scale.float()).repeat_interleave(repeat, dim=1)[:, :blocks]
+    minimum = ((shift - q.zero.float()) * q.scale.float()).repeat_interleave(
+        repeat, dim=1)[:, :blocks]
     halves = [scale.to(torch.float16), minimum.to(torch.float16)]
     for exact, half in zip((scale, minimum), halves):
         drift = (half.float() - exact).abs() / exact.abs().clamp_min(1e-30)
         if not torch.isfinite(half).all() or bool((drift[exact != 0] > FP16_TOLERANCE).any()):
             return None, None, "scales outside fp16's range: kept on torch's kernel"
-    codes = q.codes.to(torch.uint8).view(out, cols // 32, 2, 16)
-    packed = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(out, cols // 2).contiguous()
+    if width_of(q) == 4:
+        codes = q.codes.to(torch.uint8).view(out, cols // 32, 2, 16)
+        packed = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(out, cols // 2).contiguous()
+    else:
+        packed = (q.codes.to(torch.int16) - 128).to(torch.int8).contiguous()
     # fp16 bits held as int16, so a module-wide .float() / .half() never converts them.
     return {"codes": packed, "scales": halves[0].contiguous().view(torch.int16),
             "mins": halves[1].contiguous().view(torch.int16)}, group, ""
@@ -173,44 +185,49 @@ def pack(q: QTensor) -> tuple[dict[str, torch.Tensor] | None, int | None, str]:
 
 # --- calls -----------------------------------------------------------------------------------
 
+def bits_of(tensors: dict[str, torch.Tensor]) -> int:
+    """The layout's code width, from its codes' dtype (uint8 nibble pairs or int8 codes)."""
+    return 8 if tensors["codes"].dtype == torch.int8 else 4
+
+
 def matmul(tensors: dict[str, torch.Tensor], group: int, x: torch.Tensor,
            bias: torch.Tensor | None, library: ctypes.CDLL | None = None) -> torch.Tensor:
     """x [M, K] float32 contiguous @ W.T (+ bias): [M, N] float32. `library`: another build
     of the kernel (tests compare the portable one), else this machine's."""
-    codes = tensors["codes"]
-    n, k = codes.shape[0], codes.shape[1] * 2
+    codes, bits = tensors["codes"], bits_of(tensors)
+    n, k = codes.shape[0], codes.shape[1] * 8 // bits
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
     status = (library or _load()[0]).q4_matmul(
         codes.data_ptr(), tensors["scales"].data_ptr(), tensors["mins"].data_ptr(),
-        None if bias is None else bias.data_ptr(), n, k, group, x.data_ptr(), x.shape[0],
-        y.data_ptr(), torch.get_num_threads())
+        None if bias is None else bias.data_ptr(), bits, n, k, group, x.data_ptr(),
+        x.shape[0], y.data_ptr(), torch.get_num_threads())
     if status:
-        raise MemoryError("the native int4 kernel could not allocate its activation buffer")
+        raise MemoryError("the native kernel could not allocate its activation buffer")
     return y
 
 
 def dequantize(tensors: dict[str, torch.Tensor], group: int) -> torch.Tensor:
     """W [N, K] float32, for a prefill's dense GEMM."""
-    codes = tensors["codes"]
-    n, k = codes.shape[0], codes.shape[1] * 2
+    codes, bits = tensors["codes"], bits_of(tensors)
+    n, k = codes.shape[0], codes.shape[1] * 8 // bits
     weight = torch.empty(n, k, dtype=torch.float32)
     library().q4_dequantize(codes.data_ptr(), tensors["scales"].data_ptr(),
-                            tensors["mins"].data_ptr(), n, k, group, weight.data_ptr())
+                            tensors["mins"].data_ptr(), bits, n, k, group, weight.data_ptr())
     return weight
 
 
 # --- the layer -------------------------------------------------------------------------------
 
-class NativeInt4Linear(nn.Module):
-    """y = x @ W.T + b on the native kernel: float32 in and out (no bf16 casts). Calls of
-    `prefill_rows` rows or more de-quantize once to `prefill_dtype` and run one dense GEMM
-    (kernels.py says why)."""
+class NativeLinear(nn.Module):
+    """y = x @ W.T + b on the native kernel (4- or 8-bit layout, `bits`): float32 in and out
+    (no bf16 casts). Calls of `prefill_rows` rows or more de-quantize once to `prefill_dtype`
+    and run one dense GEMM (kernels.py says why)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], group: int, in_features: int,
                  bias: torch.Tensor | None, prefill_rows: int | None,
                  prefill_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.in_features, self.group = in_features, group
+        self.in_features, self.group, self.bits = in_features, group, bits_of(tensors)
         self.out_features = tensors["codes"].shape[0]
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor)

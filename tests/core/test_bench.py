@@ -9,7 +9,8 @@ from studio.core.plan import QuantSpec
 from studio.core.quant.grid import quantize_rtn
 from studio.core.q4_native import unavailable
 
-INT4 = "int4pack" if unavailable() else "q4native"   # the int4 kernel that runs here
+INT4 = "int4pack" if unavailable() else "q4native"   # the low-bit kernels that run here
+INT8 = "int8pack" if unavailable() else "q8native"
 
 
 def targets_for(handle, configs=("fp32", "int4")):
@@ -31,7 +32,7 @@ def test_bench_measures_each_target(tiny_llama):
     fp32, bf16, int8, int4 = results
     assert set(fp32.to_dict()["kernel_summary"]) == {"fp32 dense"}
     assert set(int4.to_dict()["kernel_summary"]) == {f"{INT4} g32"}
-    assert set(int8.to_dict()["kernel_summary"]) == {"int8pack"}
+    assert {k.split(" g")[0] for k in int8.to_dict()["kernel_summary"]} == {INT8}
     # Fewer bytes per token as the weights shrink.
     assert fp32.weights_read_mb > bf16.weights_read_mb > int8.weights_read_mb > int4.weights_read_mb
     assert torch.get_num_threads() == threads  # restored
@@ -42,9 +43,14 @@ def test_variant_with_misfit_layers_reports_fallbacks(tiny_llama):
     spec = QuantSpec(bits=6, group_size=32)  # no kernel takes 6 bits in groups
     qtensors = {i.name: quantize_rtn(model.get_submodule(i.name).weight.data, spec)
                 for i in tiny_llama.quantizable}
-    [result] = run(bench_job([variant_target("w6", model, qtensors)], 384, 4, 2, 1))
+    [result] = run(bench_job([variant_target("w6", model, qtensors, kernels="torch")],
+                             384, 4, 2, 1))
     assert len(result.fallbacks) == len(qtensors)
     assert all("one scale per output channel" in k.note for k in result.fallbacks)
+    if not unavailable():   # the studio's kernels take 6-bit codes in groups of 32
+        [native] = run(bench_job([variant_target("w6", model, qtensors)], 384, 4, 2, 1))
+        assert not native.fallbacks and set(native.to_dict()["kernel_summary"]) == {
+            "q8native g32"}
 
 
 def test_cancelled_bench_reports_nothing(tiny_llama):

@@ -11,7 +11,7 @@ from studio.core.fuse import fuse
 from studio.core.jobs import run
 from studio.core import q4_native
 from studio.core.kernels import Int4Linear, Int8Linear
-from studio.core.q4_native import NativeInt4Linear
+from studio.core.q4_native import NativeLinear
 
 
 def steps(decoder, prompt, count=5):
@@ -49,11 +49,11 @@ def test_fused_decode_equals_unfused_and_the_eager_forward(tiny_dirs, arch):
     "torch", pytest.param("native", marks=pytest.mark.skipif(bool(q4_native.unavailable()),
                                                              reason="no native kernel here"))])
 def test_fusing_shares_the_weights_and_refuses_what_it_cannot(tiny_llama, int4):
-    model, _ = base_targets(tiny_llama.model, ("int4",), int4=int4,
+    model, _ = base_targets(tiny_llama.model, ("int4",), kernels=int4,
                             layer_names=[i.name for i in tiny_llama.quantizable])[0].build()
     attention = model.model.layers[0].self_attn
     q = attention.q_proj
-    assert isinstance(q, Int4Linear if int4 == "torch" else NativeInt4Linear)
+    assert isinstance(q, Int4Linear if int4 == "torch" else NativeLinear)
     fused = fuse([attention.q_proj, attention.k_proj, attention.v_proj])
     assert fused is not None and fused.sizes == [q.out_features, attention.k_proj.out_features,
                                                  attention.v_proj.out_features]

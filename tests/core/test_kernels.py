@@ -8,7 +8,7 @@ from torch import nn
 from studio.core import q4_native
 from studio.core.kernels import Int4Linear, Int8Linear, kernel_for, kernel_model
 from studio.core.plan import QuantSpec
-from studio.core.q4_native import NativeInt4Linear
+from studio.core.q4_native import NativeLinear
 from studio.core.quant.grid import quantize_rtn
 
 
@@ -25,18 +25,18 @@ needs_native = pytest.mark.skipif(bool(q4_native.unavailable()),
                                   reason=f"native kernel: {q4_native.unavailable()}")
 
 
-def check_kernel_matches_float(linear, spec, kind, group=None, int4="torch"):
+def check_kernel_matches_float(linear, spec, kind, group=None, kernels="torch"):
     """The kernel's product against the de-quantized float one: torch's kernels see bf16
     inputs (the expected side rounds x the same way); the native one quantizes x to int8 per
     32 values, an error the 1e-2 bound covers (measured ~5e-3)."""
     q = quantize_rtn(linear.weight.data, spec)
-    kernel, choice = kernel_for("x", linear, q, int4)
+    kernel, choice = kernel_for("x", linear, q, kernels)
     assert isinstance(kernel, kind), choice
-    if group is not None:
-        name = "q4native" if kind is NativeInt4Linear else "int4pack"
+    if group is not None and spec.bits <= 4:
+        name = "q4native" if kind is NativeLinear else "int4pack"
         assert choice.kernel == f"{name} g{group}"
     x = torch.randn(5, 3, linear.in_features)
-    rounded = x if kind is NativeInt4Linear else x.to(torch.bfloat16).float()
+    rounded = x if kind is NativeLinear else x.to(torch.bfloat16).float()
     expected = rounded @ q.dequantize().t()
     if linear.bias is not None:
         expected = expected + linear.bias
@@ -70,8 +70,8 @@ def test_int4_kernel_matches_dequantized(spec, cols, group):
     (QuantSpec(bits=2, group_size=64), 128, 64),
 ])
 def test_native_int4_kernel_matches_dequantized(spec, cols, group):
-    choice = check_kernel_matches_float(layer(48, cols, bias=True), spec, NativeInt4Linear,
-                                        group, int4="native")
+    choice = check_kernel_matches_float(layer(48, cols, bias=True), spec, NativeLinear,
+                                        group, kernels="native")
     assert not choice.fallback
 
 
@@ -120,21 +120,43 @@ def test_int8_kernel_matches_dequantized(spec):
     assert choice.kernel == "int8pack" and not choice.fallback
 
 
+@needs_native
+@pytest.mark.parametrize("spec, cols, group", [
+    (QuantSpec(bits=8, group_size=-1, symmetric=True), 96, 96),
+    (QuantSpec(bits=8, group_size=-1), 96, 96),           # asymmetric zeros
+    (QuantSpec(bits=6, group_size=32), 128, 32),           # 6-bit codes held in 8 bits
+    (QuantSpec(bits=5, group_size=128), 192, 64),          # ragged g128 over 192 runs as g64
+])
+def test_native_8bit_layout_matches_dequantized(spec, cols, group):
+    """Codes of 5-8 bits, in groups too (torch's int8 kernel takes per-channel only)."""
+    choice = check_kernel_matches_float(layer(40, cols, bias=True), spec, NativeLinear, group,
+                                        kernels="native")
+    assert choice.kernel == f"q8native g{group}" and not choice.fallback
+
+
 @pytest.mark.parametrize("spec, cols, why", [
     (QuantSpec(bits=8, group_size=32), 128, "one scale per output channel"),
     (QuantSpec(bits=4, group_size=32), 48, "no int4 kernel group"),
 ])
 def test_misfits_fall_back_with_a_reason(spec, cols, why):
     linear = layer(16, cols)
-    kernel, choice = kernel_for("x", linear, quantize_rtn(linear.weight.data, spec))
+    kernel, choice = kernel_for("x", linear, quantize_rtn(linear.weight.data, spec), "torch")
     assert kernel is None
     assert choice.fallback and choice.kernel == "fp32 dense" and why in choice.note
+
+
+def test_native_misfits_say_why_and_take_torchs_kernel():
+    linear = layer(16, 48)     # 48 columns: no multiple of 32 divides them
+    kernel, choice = kernel_for("x", linear, quantize_rtn(linear.weight.data,
+                                                          QuantSpec(bits=8, group_size=-1)))
+    assert isinstance(kernel, Int8Linear)
+    assert "not native" in choice.note or q4_native.unavailable()
 
 
 @pytest.mark.parametrize("int4", [
     "torch", pytest.param("native", marks=needs_native)])
 def test_kernel_model_logits_match_dequantized_float_path(tiny_llama, int4):
-    int4_name = "q4native" if int4 == "native" else "int4pack"
+    native = int4 == "native"
     base = tiny_llama.model
     names = [info.name for info in tiny_llama.quantizable] + ["lm_head"]
     for spec in (QuantSpec(bits=4, group_size=32), QuantSpec(bits=8, group_size=-1)):
@@ -144,9 +166,12 @@ def test_kernel_model_logits_match_dequantized_float_path(tiny_llama, int4):
                                                   requires_grad=False)  # untie before writing
         for n, q in qtensors.items():
             dequantized.get_submodule(n).weight.data.copy_(q.dequantize())
-        fast, choices = kernel_model(dequantized, qtensors, int4=int4)
+        fast, choices = kernel_model(dequantized, qtensors, kernels=int4)
         kernels = {c.kernel for c in choices if c.layer in qtensors}
-        assert kernels == ({f"{int4_name} g32"} if spec.bits == 4 else {"int8pack"})
+        if native:   # 8-bit per-channel rows: one group per row, as wide as each layer's input
+            assert {k.split(" g")[0] for k in kernels} == {f"q{spec.bits}native"}
+        else:
+            assert kernels == ({"int4pack g32"} if spec.bits == 4 else {"int8pack"})
         assert not any(c.fallback for c in choices)
         ids = torch.randint(0, 384, (2, 40), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
@@ -156,7 +181,7 @@ def test_kernel_model_logits_match_dequantized_float_path(tiny_llama, int4):
         agree = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
         assert rel < 0.03, (spec, rel)
         assert agree > 0.9, (spec, agree)
-        assert isinstance(fast.lm_head, (Int4Linear, Int8Linear, NativeInt4Linear))
+        assert isinstance(fast.lm_head, (Int4Linear, Int8Linear, NativeLinear))
         # The embedding the head was tied to still looks tokens up in float32.
         assert fast.get_input_embeddings().weight.dtype == torch.float32
 

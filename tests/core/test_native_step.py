@@ -39,9 +39,10 @@ def greedy(step, decoder, prompt, count=8):
     return logits
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_native_step_equals_the_eager_step(tiny_dirs, arch):
-    _, model = model_of(tiny_dirs, arch)
+@pytest.mark.parametrize("arch, config", [("llama", "int4"), ("qwen2", "int4"),
+                                          ("llama", "int8")])
+def test_native_step_equals_the_eager_step(tiny_dirs, arch, config):
+    _, model = model_of(tiny_dirs, arch, config)
     prompt = torch.randint(3, 384, (1, 7), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         eager_decoder = LeanDecoder(model, 16, fused=True)
@@ -65,9 +66,37 @@ def test_the_benchmark_decodes_through_it_and_says_so(tiny_dirs):
     assert compiled.details["decode_step"].startswith(NativeStep.mode + "; not compiled")
 
 
+def test_a_mixed_precision_block_runs_its_layers_one_after_another(tiny_dirs):
+    """q at 4 bits beside k/v at 8 cannot fuse: the step takes them as three products."""
+    from studio.core.kernels import kernel_model
+    from studio.core.models import open_model_job
+    from studio.core.plan import QuantSpec
+    from studio.core.quant.grid import quantize_rtn
+
+    handle = run(open_model_job(tiny_dirs["llama"]))
+    specs = {i.name: QuantSpec(bits=8 if i.name.endswith(("k_proj", "v_proj", "up_proj"))
+                               else 4, group_size=32) for i in handle.quantizable}
+    qtensors = {n: quantize_rtn(handle.model.get_submodule(n).weight.data, s)
+                for n, s in specs.items()}
+    model, _ = kernel_model(handle.model, qtensors)
+    prompt = torch.randint(3, 384, (1, 5), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        eager_decoder = LeanDecoder(model, 12, fused=True)
+        assert eager_decoder.fused_calls == 0
+        eager = greedy(eager_decoder.forward, eager_decoder, prompt, 4)
+        decoder = LeanDecoder(model, 12, fused=True)
+        native = greedy(NativeStep(decoder), decoder, prompt, 4)
+    for a, b in zip(native, eager):
+        assert ((a - b).norm() / b.norm()).item() < 1e-2
+
+
 def test_models_it_cannot_run_stay_eager_and_say_why(tiny_dirs, monkeypatch):
-    _, int8 = model_of(tiny_dirs, "llama", "int8")
-    assert "not one native int4 layer" in NativeStep.problem(LeanDecoder(int8, 8, fused=True))
+    handle, _ = model_of(tiny_dirs, "llama")
+    names = [i.name for i in handle.quantizable]
+    on_torch = base_targets(handle.model, ("int4",), layer_names=names,
+                            kernels="torch")[0].build()[0]
+    assert "not on the native kernels" in NativeStep.problem(
+        LeanDecoder(on_torch, 8, fused=True))
     _, model = model_of(tiny_dirs, "llama")
     hooked = LeanDecoder(model, 8, fused=True)
     hooked.layers[1].self_attn.o_proj.register_forward_pre_hook(lambda m, a: None)

@@ -61,7 +61,7 @@ def test_int4_prefill_is_the_kernels_weights_in_one_dense_gemm(spec, out, cols):
 def test_int8_prefill_matches_its_kernel():
     layer = linear(40, 96)
     q = quantize_rtn(layer.weight.data, QuantSpec(bits=8, group_size=-1))
-    kernel, _ = kernel_for("x", layer, q)
+    kernel, _ = kernel_for("x", layer, q, "torch")
     assert isinstance(kernel, Int8Linear)
     x = torch.randn(kernels.PREFILL_ROWS, 96)
     got = kernel(x)

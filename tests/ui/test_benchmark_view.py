@@ -64,12 +64,12 @@ def test_a_streamed_model_is_refused_before_work_with_the_gguf_route(
 
 @pytest.mark.skipif(bool(__import__("studio.core.q4_native", fromlist=["x"]).unavailable()),
                     reason="no native kernel here")
-def test_both_int4_kernels_side_by_side(qtbot, state, tiny_llama):
-    """"Both": the int4 configuration on the studio's kernel (its native decode step) and on
+def test_both_kernel_sets_side_by_side(qtbot, state, tiny_llama):
+    """"Both": the int4 configuration on the studio's kernels (its native decode step) and on
     torch's, each a row of its own, in Compare too."""
     view = view_for(qtbot, state, tiny_llama)
     view.set_checked(["int4"])
-    view.int4_kernel.setCurrentIndex(view.int4_kernel.findData("native,torch"))
+    view.kernel_set.setCurrentIndex(view.kernel_set.findData("native,torch"))
     view.prompt_tokens.setValue(6)
     view.new_tokens.setValue(3)
     view.repeat.setValue(1)
@@ -80,6 +80,6 @@ def test_both_int4_kernels_side_by_side(qtbot, state, tiny_llama):
     native, torch_row = (view.table.item(r, 7).text() for r in range(2))
     assert native.startswith("q4native g32") and torch_row.startswith("int4pack g32")
     assert "decode step native" in view.table.item(0, 8).text()
-    assert view.table.item(1, 0).text().endswith("(torch int4 kernel)")
+    assert view.table.item(1, 0).text().endswith("(torch kernels)")
     names = {run["variant"] for run in state.session.runs if run.get("kind") == "bench"}
     assert len(names) == 2 and not state.failures
