@@ -49,8 +49,8 @@ def test_variant_with_misfit_layers_reports_fallbacks(tiny_llama):
     assert all("one scale per output channel" in k.note for k in result.fallbacks)
     if not unavailable():   # the studio's kernels take 6-bit codes in groups of 32
         [native] = run(bench_job([variant_target("w6", model, qtensors)], 384, 4, 2, 1))
-        assert not native.fallbacks and set(native.to_dict()["kernel_summary"]) == {
-            "q8native g32"}
+        assert not native.fallbacks   # (the float lm_head stays an fp32 dense layer)
+        assert native.to_dict()["kernel_summary"]["q8native g32"] == len(qtensors)
 
 
 def test_cancelled_bench_reports_nothing(tiny_llama):
