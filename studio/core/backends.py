@@ -50,7 +50,7 @@ def _torch_build() -> dict:
     return {"torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "machine": platform.machine(),
-            "native_int4": q4_native.unavailable() or q4_native.describe()}
+            "native_kernels": q4_native.unavailable() or q4_native.describe()}
 
 
 def _llama_probe() -> bool:
