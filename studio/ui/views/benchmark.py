@@ -23,7 +23,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio.core.bench import BASE_CONFIGS, base_targets, bench_job, gguf_target, variant_target
+from studio.core.bench import (BASE_CONFIGS, base_targets, bench_job, gguf_target,
+                               variant_bench_target)
 from studio.core.errors import StudioError
 from studio.core.runs import bench_run, describe_baseline, describe_gguf, describe_variant
 from studio.ui.widgets import GgufFiles, check_item
@@ -163,8 +164,7 @@ class BenchmarkView(QWidget):
             for key in keys:
                 if key.startswith("variant:"):
                     variant = self.state.session.variants[key.split(":", 1)[1]]
-                    targets.append(variant_target(variant.name, variant.model,
-                                                  variant.qtensors, variant.size_bytes))
+                    targets.append(variant_bench_target(variant))   # sized as everywhere
                     owners[variant.name] = variant
                 elif GgufFiles.path_of(key):
                     targets.append(gguf_target(GgufFiles.path_of(key)))
