@@ -286,6 +286,7 @@ class PlanSize:
     bits_per_weight: float   # the body: block linears, other quantized layers but the ends
     size_bytes: int          # the whole model as an exporter stores it
     quantized: int           # layers the plan quantizes
+    breakdown: dict = field(default_factory=dict)  # size_bytes in Variant.size_breakdown's parts
 
     @property
     def size_mb(self) -> float:
@@ -303,7 +304,9 @@ def plan_size(handle, plan: Plan) -> PlanSize:
     # quantized apart, each is stored.
     shared = tied_specs(handle.layers, quantized)
     weight_ids = {id(handle.module(n).weight) for n in quantized}
-    total = 0.0
+    ends = {id(m.weight) for m in (getattr(model, g, lambda: None)() for g in (
+        "get_input_embeddings", "get_output_embeddings")) if m is not None}
+    parts = {"quantized": 0.0, "embedding": 0.0, "float": 0}
     bits = weights = 0.0
     for info in handle.layers:
         spec = quantized.get(info.name)
@@ -311,12 +314,18 @@ def plan_size(handle, plan: Plan) -> PlanSize:
             continue
         numel = info.shape[0] * info.shape[1]
         if spec is not None:
-            total += storage_bits_per_weight(spec, info.shape[1]) * numel / 8
+            end = id(handle.module(info.name).weight) in ends
+            parts["embedding" if end else "quantized"] += (
+                storage_bits_per_weight(spec, info.shape[1]) * numel / 8)
         if info.role not in ("embedding", "lm_head") and (spec is not None or info.quantizable):
             bits += storage_bits_per_weight(spec, info.shape[1]) * numel
             weights += numel
-    total += sum(float_bytes(t) for t in stored_floats(model) if id(t) not in weight_ids)
-    return PlanSize(bits / weights if weights else 16.0, int(total), len(quantized))
+    for tensor in stored_floats(model):
+        if id(tensor) not in weight_ids:
+            parts["embedding" if id(tensor) in ends else "float"] += float_bytes(tensor)
+    parts = {key: int(value) for key, value in parts.items()}
+    return PlanSize(bits / weights if weights else 16.0, sum(parts.values()), len(quantized),
+                    parts)
 
 
 def plan_title(handle, plan: Plan) -> str:

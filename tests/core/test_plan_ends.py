@@ -84,3 +84,14 @@ def test_plan_command_keeps_the_head_setting(tiny_dirs, tmp_path, capsys):
     assert main(["plan", str(tiny_dirs["llama"]), "--budget-bpw", "4", "--lm-head", "w9",
                  "--out", str(out)]) == 2
     assert "not a setting for the embedding / lm_head" in capsys.readouterr().err
+
+
+def test_the_plan_meter_splits_the_size_as_a_variant_does(tiny_llama):
+    from studio.core.quantize import quantize_job
+
+    [end] = ends_of(tiny_llama.layers)
+    plan = with_end(Plan(W4), end, W8)
+    size = plan_size(tiny_llama, plan)
+    variant = run(quantize_job(tiny_llama, plan, None, None, "split"))
+    assert size.breakdown == variant.size_breakdown
+    assert size.size_bytes == variant.size_bytes == sum(size.breakdown.values())

@@ -461,7 +461,6 @@ class PlanView(QWidget):
             return
         plan = self.state.session.plan
         specs = effective_specs(plan, handle.layers)   # a tied pair: one matrix, both rows
-        self.ends.show_plan(plan, handle.layers, self.gguf_native.isChecked())
         self.table.setRowCount(len(handle.layers))
         for row, info in enumerate(handle.layers):
             spec = specs[info.name]
@@ -477,6 +476,7 @@ class PlanView(QWidget):
             for col, text in enumerate(cells):
                 self.table.setItem(row, col, _item(text, align_right=col in (1, 4, 5)))
         self.size = plan_size(handle, plan)
+        self.ends.show_plan(plan, handle.layers, self.gguf_native.isChecked(), self.size)
         result = self.state.session.results.get("sensitivity")
         self.loss, why = (None, "measure sensitivity to predict it")
         if result is not None:

@@ -34,12 +34,14 @@ class PlanEnds(QWidget):
         self.ends: list[End] = []
         self.boxes: list[QComboBox] = []
         self.native = False
+        self.share = QLabel()   # what the ends weigh in the plan's size
         self.row = QHBoxLayout(self)
         self.row.setContentsMargins(0, 0, 0, 0)
         self.setToolTip(TOOLTIP)
 
-    def show_plan(self, plan, layers, native: bool) -> None:
-        """Rebuild for the model's ends, each showing what `plan` does with it."""
+    def show_plan(self, plan, layers, native: bool, size=None) -> None:
+        """Rebuild for the model's ends, each showing what `plan` does with it; `size` (the
+        plan's `allocate.PlanSize`) says what they weigh."""
         ends = ends_of(layers) if layers is not None else []
         if ends != self.ends or native != self.native or not self.boxes and ends:
             self._build(ends, native)
@@ -56,6 +58,10 @@ class PlanEnds(QWidget):
                 index = box.count() - 1
             box.setCurrentIndex(index)
             box.blockSignals(False)
+        if size is not None and size.size_bytes:
+            ends = size.breakdown.get("embedding", 0)
+            self.share.setText(f"{ends / 2**20:.2f} MB of the plan's {size.size_mb:.2f} MB "
+                               f"({100 * ends / size.size_bytes:.0f}%)")
 
     def _choices(self):
         return NATIVE_CHOICES if self.native else CHOICES
@@ -82,6 +88,8 @@ class PlanEnds(QWidget):
             self.row.addWidget(QLabel(end.title))
             self.row.addWidget(box)
             self.boxes.append(box)
+        self.share = QLabel()
+        self.row.addWidget(self.share)
         self.row.addStretch(1)
 
     def _picked(self, end: End, box: QComboBox, index: int) -> None:
