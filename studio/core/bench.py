@@ -157,9 +157,10 @@ def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
                 f"{label}{extra}{suffix}", _rtn_builder(model, names, head, spec, prefill),
                 details={"quantized": f"RTN W{spec.bits} "
                          f"{'per-channel' if spec.group_size == -1 else f'g{spec.group_size}'}"
-                         f"{extra} (on the fly, for speed only)"}, model=model,
-                size_breakdown=planned_breakdown(
-                    model, {name: spec for name in [*names, *([head] if head else [])]})))
+                         f"{extra} (on the fly, for speed only)"}, model=model))
+            # sized as a variant of the same plan would be
+            targets[-1].size_breakdown = planned_breakdown(
+                model, {name: spec for name in [*names, *([head] if head else [])]})
     return targets
 
 
