@@ -337,8 +337,20 @@ def plan_title(handle, plan: Plan) -> str:
     ends = {i.name: i for i in handle.layers if i.role in ("embedding", "lm_head")}
     if plan.default is not None and all(not r.regex and r.pattern in ends for r in plan.rules):
         # a uniform body with its embedding / lm_head set apart: "RTN W4 g128, lm_head W8 ch sym"
-        parts = [f"{ends[r.pattern].role} {r.spec.grid_label if r.spec else 'fp16'}"
-                 for r in plan.rules]
+        from studio.core.plan_ends import end_setting, ends_of
+
+        parts = []
+        for end in ends_of(handle.layers):   # a tied pair set alike is one matrix: one part
+            if any(r.pattern in end.names for r in plan.rules):
+                spec, apart = end_setting(plan, handle.layers, end)
+                if apart:
+                    parts += [f"{ends[r.pattern].role} {r.spec.grid_label if r.spec else 'fp16'}"
+                              for r in plan.rules if r.pattern in end.names]
+                else:
+                    parts.append(f"{end.roles[0]} {spec.grid_label if spec else 'fp16'}")
+        parts += [f"{ends[r.pattern].role} {r.spec.grid_label if r.spec else 'fp16'}"
+                  for r in plan.rules if r.pattern not in {n for e in ends_of(handle.layers)
+                                                           for n in e.names}]
         return ", ".join([plan.default.label, *parts])
     methods = sorted({s.method for s in plan.resolve(handle.layers).values() if s is not None})
     size = plan_size(handle, plan)

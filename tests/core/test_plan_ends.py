@@ -95,3 +95,19 @@ def test_the_plan_meter_splits_the_size_as_a_variant_does(tiny_llama):
     variant = run(quantize_job(tiny_llama, plan, None, None, "split"))
     assert size.breakdown == variant.size_breakdown
     assert size.size_bytes == variant.size_bytes == sum(size.breakdown.values())
+
+
+def test_a_tied_pair_set_alike_is_named_once(tiny_llama, tiny_dirs):
+    from studio.core.allocate import plan_title
+    from studio.core.plan import with_ends
+
+    [end] = ends_of(tiny_llama.layers)
+    from_tab = with_end(Plan(W4), end, W8)                        # both names: the Plan tab
+    from_cli = with_ends(Plan(W4), tiny_llama.layers, W8, None)   # the head only: quantize
+    assert plan_title(tiny_llama, from_tab) == plan_title(tiny_llama, from_cli) == \
+        "RTN W4 g32, lm_head W8 ch sym"
+    apart = from_tab.with_rule(Rule("model.embed_tokens", W4))
+    assert plan_title(tiny_llama, apart) == "RTN W4 g32, lm_head W8 ch sym, embedding W4 g32"
+    qwen2 = run(open_model_job(tiny_dirs["qwen2"]))
+    untied = with_ends(Plan(W4), qwen2.layers, W8, W4)
+    assert plan_title(qwen2, untied) == "RTN W4 g32, lm_head W8 ch sym, embedding W4 g32"
