@@ -5,7 +5,8 @@
         [--parts decode,bandwidth,prefill,eval] [--no-compile] [--quick]
 
 1. decode: at 1 thread, int4 g32 / g64 / g128 (RTN, lm_head on the kernel too) on the torch
-   path (lean decoder, q/k/v and gate/up fused; eager, and with the step compiled by
+   path with the studio's int4 kernel (q4_native; int4 g32 on torch's own int4 kernel beside
+   it) (lean decoder, q/k/v and gate/up fused; eager, and with the step compiled by
    torch.compile unless --no-compile: each compile takes minutes on a busy 2-core machine,
    its time is not in the figures) against llama.cpp's decode of a Q4_0 GGUF of the same model (made from the model's
    GGUF with llama.cpp's own quantizer, through the `cyllama` binding, in this run) and against
@@ -127,12 +128,15 @@ def part_decode(handle, args, vocab) -> None:
     targets = base_targets(handle.model, ("fp32",), layer_names=names)
     for group in (32, 64, 128):
         targets += base_targets(handle.model, ("int4",), group_size=group, layer_names=names)
+    # torch's own int4 kernel beside the studio's (q4_native), same layers and codes
+    targets += base_targets(handle.model, ("int4",), group_size=32, layer_names=names,
+                            int4="torch")
     gguf = q4_0_gguf(args.model, args.gguf)
     reason = get_backend("llama.cpp").unavailable_reason()
     if gguf is not None:
         targets.append(gguf_target(gguf, f"llama.cpp {gguf.name}"))
     results = run(bench_job(targets, vocab, args.prompt_tokens, args.new_tokens, args.repeat, 1))
-    int4 = results[1:4]
+    int4 = results[1:5]
     if args.compile:
         compiled = []
         for group in (32, 64, 128):
@@ -144,7 +148,7 @@ def part_decode(handle, args, vocab) -> None:
                                  args.repeat, 1, compile=True))
         print(f"(compiling and measuring the compiled steps: {time.perf_counter() - started:.0f} s; "
               f"modes: {', '.join(r.details.get('decode_step', '?') for r in compiled)})")
-        results = results[:4] + compiled + results[4:]
+        results = results[:5] + compiled + results[5:]
         int4 += compiled
     print(f"\n== 1. decode at 1 thread ({args.prompt_tokens}-token prompt, {args.new_tokens} new "
           f"tokens, median (min-max) of {args.repeat})")
@@ -156,7 +160,7 @@ def part_decode(handle, args, vocab) -> None:
     print(f"{'':<4}{'int4':<22}{'vs llama.cpp Q4_0 (target >= 2.5x)':>28}"
           f"{'vs fp32 eager (target >= 3.5x)':>34}")
     for r in int4:
-        label = r.name.split(" +")[0] + (" compiled" if r.name.endswith("compiled") else "")
+        label = r.name.replace(" + lm_head", "")
         print(f"{'':<4}{label:<22}{ratio(r, llama):>28}{ratio(r, fp32):>34}")
 
 

@@ -8,13 +8,16 @@ cd "$(dirname "$0")/.."
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 
-# Qt's X11/EGL/font libraries (Debian names). Skipped when they are present or apt is not ours.
+# Qt's X11/EGL/font libraries, and a C compiler for the studio's int4 decode kernel (built on
+# first use; without one, torch's slower kernel runs). Debian names. Skipped when they are
+# present or apt is not ours.
 qt_libs="libegl1 libgl1 libfontconfig1 libdbus-1-3 libxkbcommon0 libxkbcommon-x11-0 libxcb-cursor0
  libxcb-icccm4 libxcb-keysyms1 libxcb-image0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0
  libxcb-randr0 libxcb-xkb1"
+compiler="gcc libc6-dev"
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     missing=""
-    for p in $qt_libs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+    for p in $qt_libs $compiler; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
     if [ -n "$missing" ]; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
     fi

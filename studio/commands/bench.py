@@ -37,6 +37,11 @@ def add_arguments(parser) -> None:
                         help="decode through a torch.compile'd step (Llama-family models; "
                              "compiled once per model and length before the warm-up, which "
                              "can take minutes; eager with the reason where it cannot)")
+    parser.add_argument("--int4-kernel", default="native",
+                        help="comma-separated int4 kernels for 4-bit layers: native (the "
+                             "studio's, built with the machine's C compiler on first use; "
+                             "torch's where it cannot build), torch (torch's int4pack); "
+                             "both: each 4-bit configuration measured on each")
     parser.add_argument("--gguf", action="append", default=[], metavar="FILE",
                         help="a GGUF file for the llama.cpp backend (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -46,6 +51,7 @@ def run(args) -> int:
     from studio.core.backends import get_backend, gguf_of, no_gguf_message
     from studio.core.bench import base_targets, bench_job, gguf_target, variant_bench_target
     from studio.core.errors import StudioError
+    from studio.core.kernels import INT4_KERNELS
 
     backends = _configs(args.backend, default=("torch",))
     for name in backends:
@@ -71,11 +77,22 @@ def run(args) -> int:
     target = open_target(args.model)
     handle = target.handle
     configs = _configs(args.configs, default=() if target.variant is not None else ("fp32",))
+    kernels = _configs(args.int4_kernel, default=("native",))
+    unknown = [k for k in kernels if k not in INT4_KERNELS]
+    if unknown or not kernels:
+        raise StudioError(f"Unknown int4 kernel {', '.join(unknown)}; choose from "
+                          f"{', '.join(INT4_KERNELS)}.")
     targets = []
     if target.variant is not None and "torch" in backends:
-        targets.append(variant_bench_target(target.variant))
+        targets += [variant_bench_target(target.variant, int4=kernel) for kernel in kernels]
     targets += base_targets(handle.model, configs, args.group_size, not args.no_lm_head,
-                            layer_names=[layer.name for layer in handle.quantizable])
+                            layer_names=[layer.name for layer in handle.quantizable],
+                            int4=kernels[0])
+    if "int4" in configs:
+        for kernel in kernels[1:]:
+            targets += base_targets(handle.model, ("int4",), args.group_size,
+                                    not args.no_lm_head, int4=kernel,
+                                    layer_names=[layer.name for layer in handle.quantizable])
     targets += [gguf_target(path) for path in ggufs]
     if not targets:
         raise StudioError("Nothing to measure: give a MODEL, a VARIANT, or --configs.")

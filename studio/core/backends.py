@@ -45,9 +45,12 @@ class Backend:
 
 
 def _torch_build() -> dict:
+    from studio.core import q4_native
+
     return {"torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "machine": platform.machine()}
+            "machine": platform.machine(),
+            "native_int4": q4_native.unavailable() or q4_native.describe()}
 
 
 def _llama_probe() -> bool:

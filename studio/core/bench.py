@@ -122,14 +122,14 @@ class BenchResult:
 
 def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
                  lm_head: bool = True, size_bytes: int | None = None,
-                 layer_names: list[str] | None = None, prefill: str = "dense"
-                 ) -> list[BenchTarget]:
+                 layer_names: list[str] | None = None, prefill: str = "dense",
+                 int4: str = "native") -> list[BenchTarget]:
     """fp32 / bf16 / int8 / int4 targets built from a float model.
 
     int8 is W8 per-channel symmetric, int4 is W4 asymmetric in groups of `group_size`, both
     round-to-nearest on `layer_names` (the quantizable block layers) and, when `lm_head`, on
-    the output head too (the largest single matmul: in float it caps the speed-up). `prefill`:
-    see `kernels.kernel_model`.
+    the output head too (the largest single matmul: in float it caps the speed-up). `prefill`
+    and `int4` (which int4 kernel): see `kernels.kernel_model`.
     """
     refuse_streamed(model)
     unknown = [c for c in configs if c not in BASE_CONFIGS]
@@ -153,8 +153,10 @@ def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
             label = "int8" if config == "int8" else f"int4 g{group_size}"
             extra = " + lm_head" if head else ""
             suffix = "" if prefill == "dense" else f" ({prefill} prefill)"
+            if config == "int4" and int4 != "native":
+                suffix += f" ({int4} int4 kernel)"
             targets.append(BenchTarget(
-                f"{label}{extra}{suffix}", _rtn_builder(model, names, head, spec, prefill),
+                f"{label}{extra}{suffix}", _rtn_builder(model, names, head, spec, prefill, int4),
                 details={"quantized": f"RTN W{spec.bits} "
                          f"{'per-channel' if spec.group_size == -1 else f'g{spec.group_size}'}"
                          f"{extra} (on the fly, for speed only)"}, model=model))
@@ -187,21 +189,26 @@ def refuse_streamed(model: nn.Module) -> None:
 
 
 def variant_target(name: str, model: nn.Module, qtensors: dict, size_bytes: int | None = None,
-                   details: dict | None = None, prefill: str = "dense") -> BenchTarget:
-    """A quantized variant on its kernels (its de-quantized `model` and its `qtensors`)."""
+                   details: dict | None = None, prefill: str = "dense",
+                   int4: str = "native") -> BenchTarget:
+    """A quantized variant on its kernels (its de-quantized `model` and its `qtensors`); named
+    for its int4 kernel when that is not the default one."""
     refuse_streamed(model)
-    return BenchTarget(name, lambda: kernel_model(model, qtensors, prefill), size_bytes,
-                       {"prefill": prefill, **(details or {})}, model=model)
+    if int4 != "native":
+        name += f" ({int4} int4 kernel)"
+    return BenchTarget(name, lambda: kernel_model(model, qtensors, prefill, int4), size_bytes,
+                       {"prefill": prefill, "int4_kernel": int4, **(details or {})},
+                       model=model)
 
 
-def variant_bench_target(variant, prefill: str = "dense") -> BenchTarget:
+def variant_bench_target(variant, prefill: str = "dense", int4: str = "native") -> BenchTarget:
     """`variant_target` for a Variant, sized as everywhere else: `Variant.size_bytes` (what an
     export stores, the embedding / lm_head included) with its breakdown, not its folder (codes
     in int32 words, fp32 scales, the base's tensors left out) nor its runtime tensors."""
     target = variant_target(variant.name, variant.model, variant.qtensors, None,
                             {"bits_per_weight": round(variant.bits_per_weight, 4),
                              "model_bits_per_weight": round(variant.model_bits_per_weight, 4),
-                             "calibration": variant.calibration}, prefill)
+                             "calibration": variant.calibration}, prefill, int4)
     target.size_breakdown = variant.size_breakdown
     return target
 
@@ -241,12 +248,12 @@ def gguf_kernels(path) -> list[KernelChoice]:
             if name != "token_embd.weight" or tied]
 
 
-def _rtn_builder(model, names, head, spec, prefill="dense"):
+def _rtn_builder(model, names, head, spec, prefill="dense", int4="native"):
     def build():
         qtensors = {}
         for name in names + ([head] if head else []):
             qtensors[name] = quantize_rtn(weight_matrix(model.get_submodule(name)), spec)
-        return kernel_model(model, qtensors, prefill)
+        return kernel_model(model, qtensors, prefill, int4)
     return build
 
 
@@ -328,7 +335,7 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
             lean, step_mode = None, None
             if target.backend == "torch" and lean_supported(model):
                 lean = LeanRun(model, prompt_tokens + new_tokens)
-                step_mode = "eager"
+                step_mode = lean.mode
                 if compile:
                     yield Progress(base, steps, f"{target.name}: compiling the decode step "
                                                 f"(once per model and length)")
@@ -420,13 +427,24 @@ class LeanRun:
     run: prefill rewrites the prompt's positions, later ones are never read) and its step."""
 
     def __init__(self, model: nn.Module, max_len: int) -> None:
+        from studio.core.native_step import NativeStep
+        from studio.core.q4_native import NativeInt4Linear
+
         self.decoder = LeanDecoder(model, max_len, fused=True)
-        self.step = self.decoder.forward
+        self.step, self.mode = self.decoder.forward, "eager"
+        problem = NativeStep.problem(self.decoder)
+        if problem is None:
+            self.step, self.mode = NativeStep(self.decoder), NativeStep.mode
+        elif any(isinstance(m, NativeInt4Linear) for m in model.modules()):
+            self.mode = f"eager (not the native step: {problem})"
 
     def compile(self, position: int) -> str:
-        """Compile the step (its first call) at `position`; the mode it ended in."""
+        """Compile the step (its first call) at `position`; the mode it ended in. The native
+        step is already one call per token: it is kept, not compiled."""
         from studio.core.compiled import CompiledStep
 
+        if self.mode == getattr(self.step, "mode", None):
+            return f"{self.mode}; not compiled (no torch ops left to fuse)"
         step = CompiledStep(self.decoder)
         with torch.inference_mode():
             step(torch.zeros(1, 1, dtype=torch.long), position)

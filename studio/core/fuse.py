@@ -8,6 +8,8 @@ split afterwards: three calls become one for q/k/v, two become one for gate/up.
 * int4 kernel layers (same group, same input width): their packed rows are blocks of whole
   output rows (`kernels.int4_block_n`), so the fused buffer is the row blocks one after the
   other; scales and zeros concatenate along the output axis.
+* native int4 layers (same group and input width): codes, scales and mins are whole rows,
+  concatenated.
 * int8 kernel layers without a zero-point term: rows and per-row scales concatenate.
 * float Linear layers of one dtype: weights (and biases) concatenate.
 
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from studio.core.kernels import Int4Linear, Int8Linear
+from studio.core.q4_native import NativeInt4Linear
 
 
 class Fused:
@@ -44,6 +47,8 @@ def fuse(modules: list[nn.Module]) -> Fused | None:
     kind = kinds.pop()
     if kind is Int4Linear:
         return _fuse_int4(modules)
+    if kind is NativeInt4Linear:
+        return _fuse_native(modules)
     if kind is Int8Linear:
         return _fuse_int8(modules)
     if kind is nn.Linear:
@@ -77,6 +82,25 @@ def _fuse_int4(modules: list[Int4Linear]) -> Fused | None:
     start = 0
     for m, size in zip(modules, sizes):   # the originals read the fused bytes: no second copy
         m.packed = packed[start:start + size]
+        start += size
+    return Fused(fused, sizes)
+
+
+def _fuse_native(modules: list[NativeInt4Linear]) -> Fused | None:
+    first = modules[0]
+    if any(m.group != first.group or m.in_features != first.in_features for m in modules):
+        return None
+    bias = _biases(modules)
+    if bias is False:
+        return None
+    tensors = {name: torch.cat([m.tensors()[name] for m in modules]) for name in first.tensors()}
+    fused = NativeInt4Linear(tensors, first.group, first.in_features, bias, first.prefill_rows,
+                             first.prefill_dtype)
+    sizes = [m.out_features for m in modules]
+    start = 0
+    for m, size in zip(modules, sizes):   # rows are whole: the originals read slices
+        for name, tensor in tensors.items():
+            setattr(m, name, tensor[start:start + size])
         start += size
     return Fused(fused, sizes)
 

@@ -47,6 +47,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from studio.core import q4_native
 from studio.core.layers import move_pre_hooks, replace_module, weight_matrix
 from studio.core.quant.coded import CodedEmbedding, CodedLinear
 from studio.core.quant import formats
@@ -55,6 +56,8 @@ from studio.core.quant.grid import QTensor, expand_groups
 log = logging.getLogger(__name__)
 
 KERNEL_GROUPS = (128, 64, 32)
+NATIVE = "q4native"   # the studio's own int4 kernel (q4_native.c), as reports name it
+INT4_KERNELS = ("native", "torch")
 INT4_TILES = 2  # inner k tiles for the CPU packing; the CPU kernel accepts any of 1, 2, 4, 8
 # Calls with this many token rows or more take the dense prefill path. De-quantizing costs
 # about what 20-30 rows cost on the int4 kernel (demo layers, this 2-core AVX2 machine, loaded:
@@ -218,13 +221,27 @@ def make_int4(q: QTensor, bias: torch.Tensor | None) -> tuple[Int4Linear, str]:
     kernel_zero = scale * (8.0 - zero)
     scales_zeros = torch.stack([scale.t(), kernel_zero.t()], dim=-1).to(torch.bfloat16).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), INT4_TILES)
-    notes = []
-    if q.bits < 4:
-        notes.append(f"{q.bits}-bit codes held in 4 bits")
+    notes = [_held_in_4_bits(q)]
     if q.group_size != group:
         what = "per-channel rows" if q.group_size >= cols else f"g{q.group_size} groups"
         notes.append(f"{what} run as g{group} blocks")
-    return Int4Linear(packed, scales_zeros, group, cols, out, bias), "; ".join(notes)
+    return Int4Linear(packed, scales_zeros, group, cols, out, bias), "; ".join(filter(None, notes))
+
+
+def make_native(q: QTensor, bias: torch.Tensor | None
+                ) -> tuple[q4_native.NativeInt4Linear | None, str]:
+    """The layer on the studio's own int4 kernel, or (None, why not)."""
+    if q4_native.unavailable():
+        return None, q4_native.unavailable()
+    tensors, group, why = q4_native.pack(q)
+    if tensors is None:
+        return None, why
+    return q4_native.NativeInt4Linear(tensors, group, q.shape[1], bias, PREFILL_ROWS,
+                                      PREFILL_DTYPE), ""
+
+
+def _held_in_4_bits(q: QTensor) -> str:
+    return f"{q.bits}-bit codes held in 4 bits" if q.bits < 4 else ""
 
 
 def make_int8(q: QTensor, bias: torch.Tensor | None) -> tuple[Int8Linear, str]:
@@ -243,9 +260,11 @@ def make_int8(q: QTensor, bias: torch.Tensor | None) -> tuple[Int8Linear, str]:
     return Int8Linear(weight.contiguous(), scales, offset, bias), note
 
 
-def kernel_for(name: str, module: nn.Module, q: QTensor
+def kernel_for(name: str, module: nn.Module, q: QTensor, int4: str = "native"
                ) -> tuple[nn.Module | None, KernelChoice]:
-    """The kernel module for one quantized layer, or (None, fallback choice with the reason)."""
+    """The kernel module for one quantized layer, or (None, fallback choice with the reason).
+    `int4`: "native" (the studio's kernel, `q4_native`, where it builds and takes the layer;
+    torch's otherwise, with the reason) or "torch" (always torch's int4pack)."""
     out, cols = q.shape
     fmt = formats.format_of(q)
     if not fmt.kernels:  # a codebook / vector layer: no low-bit CPU kernel takes its tables
@@ -257,8 +276,15 @@ def kernel_for(name: str, module: nn.Module, q: QTensor
     per_channel = q.group_size >= cols
     reason = ""
     try:
+        native_why = ""
+        if q.bits <= 4 and int4 == "native":
+            kernel, native_why = make_native(q, bias)
+            if kernel is not None:
+                return kernel, KernelChoice(name, f"{NATIVE} g{kernel.group}", q.bits,
+                                            _buffer_bytes(kernel), _held_in_4_bits(q))
         if q.bits <= 4 and int4_group(q) is not None:
             kernel, note = make_int4(q, bias)
+            note = "; ".join(filter(None, [note, native_why and f"not native: {native_why}"]))
             return kernel, KernelChoice(name, f"int4pack g{kernel.group}", q.bits,
                                         _buffer_bytes(kernel), note)
         if per_channel:
@@ -292,17 +318,19 @@ def float_model(model: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, list[K
     return copy_, _dense_choices(copy_, label, set())
 
 
-def kernel_model(model: nn.Module, qtensors: dict[str, QTensor], prefill: str = "dense"
-                 ) -> tuple[nn.Module, list[KernelChoice]]:
+def kernel_model(model: nn.Module, qtensors: dict[str, QTensor], prefill: str = "dense",
+                 int4: str = "native") -> tuple[nn.Module, list[KernelChoice]]:
     """A float32 copy of `model` whose quantized layers (`qtensors`) run on low-bit kernels.
 
     `model` is the variant's de-quantized float model; layers without a kernel keep its
     de-quantized weights, so the results match it either way. `prefill`: "dense" (calls of
     PREFILL_ROWS rows or more de-quantize once and run a dense GEMM) or "kernel" (always the
-    low-bit kernel).
+    low-bit kernel). `int4`: which int4 kernel runs 4-bit layers (`kernel_for`).
     """
     if prefill not in PREFILL_MODES:
         raise ValueError(f"prefill must be one of {PREFILL_MODES}, not {prefill!r}")
+    if int4 not in INT4_KERNELS:
+        raise ValueError(f"int4 must be one of {INT4_KERNELS}, not {int4!r}")
     result = copy.deepcopy(model).float()
     result.eval()
     choices: list[KernelChoice] = []
@@ -312,7 +340,7 @@ def kernel_model(model: nn.Module, qtensors: dict[str, QTensor], prefill: str = 
             choices.append(KernelChoice(name, "coded rows", q.bits, 0,
                                         "embedding: each looked-up row de-quantized"))
             continue
-        kernel, choice = kernel_for(name, module, q)
+        kernel, choice = kernel_for(name, module, q, int4)
         if kernel is not None:
             if prefill == "kernel":
                 kernel.prefill_rows = None

@@ -7,6 +7,9 @@ from studio.core.errors import Cancelled, StudioError
 from studio.core.jobs import CancelToken, run
 from studio.core.plan import QuantSpec
 from studio.core.quant.grid import quantize_rtn
+from studio.core.q4_native import unavailable
+
+INT4 = "int4pack" if unavailable() else "q4native"   # the int4 kernel that runs here
 
 
 def targets_for(handle, configs=("fp32", "int4")):
@@ -27,7 +30,7 @@ def test_bench_measures_each_target(tiny_llama):
         assert data["kernel_summary"] and data["new_tokens"] == 4
     fp32, bf16, int8, int4 = results
     assert set(fp32.to_dict()["kernel_summary"]) == {"fp32 dense"}
-    assert set(int4.to_dict()["kernel_summary"]) == {"int4pack g32"}
+    assert set(int4.to_dict()["kernel_summary"]) == {f"{INT4} g32"}
     assert set(int8.to_dict()["kernel_summary"]) == {"int8pack"}
     # Fewer bytes per token as the weights shrink.
     assert fp32.weights_read_mb > bf16.weights_read_mb > int8.weights_read_mb > int4.weights_read_mb
@@ -87,7 +90,7 @@ def test_cli_bench_model_and_variant(tiny_dirs, tiny_llama, tmp_path, capsys):
     save_variant(variant, tmp_path / "w4g64")
     assert main(["bench", str(tmp_path / "w4g64"), *args]) == 0
     out = capsys.readouterr().out
-    assert "w4g64" in out and "int4pack" in out
+    assert "w4g64" in out and INT4 in out
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -125,7 +128,7 @@ def test_other_architectures_run_on_kernels_through_transformers(tiny_dirs, arch
                            layer_names=[i.name for i in handle.quantizable])
     fp32, int4 = run(bench_job(targets, 384, prompt_tokens=6, new_tokens=3, repeat=1, threads=1))
     assert int4.decode_tok_s > 0 and int4.to_dict()["decode_loop"] == "transformers"
-    assert "int4pack g32" in int4.to_dict()["kernel_summary"]
+    assert f"{INT4} g32" in int4.to_dict()["kernel_summary"]
     # The kernel model computes what the de-quantized float model computes (GPT-2's Conv1D
     # weights are stored transposed: a mix-up would show here).
     import copy

@@ -22,11 +22,13 @@ def greedy(lean, prompt, count=4):
 
 
 def int4_model(tiny_dirs, arch):
+    """On torch's int4 kernel: the studio's own runs its native step, which is not compiled."""
     from studio.core.models import open_model_job
 
     handle = run(open_model_job(tiny_dirs[arch]))
     names = [i.name for i in handle.quantizable]
-    return handle, base_targets(handle.model, ("int4",), layer_names=names)[0].build()[0]
+    return handle, base_targets(handle.model, ("int4",), layer_names=names,
+                                int4="torch")[0].build()[0]
 
 
 @pytest.mark.skipif(compiled.compile_problem() is not None, reason="torch.compile cannot run")
@@ -54,7 +56,7 @@ def test_without_a_compiler_the_step_runs_eager_with_the_reason(tiny_dirs, monke
     assert lean.compile(6) == "eager (no C++ compiler (g++) here)"
     torch.testing.assert_close(greedy(lean, prompt), eager, rtol=0, atol=0)
     names = [i.name for i in handle.quantizable]
-    targets = base_targets(handle.model, ("int4",), layer_names=names)
+    targets = base_targets(handle.model, ("int4",), layer_names=names, int4="torch")
     jobs = list(bench_job(targets, 384, 6, 3, 1, compile=True))
     assert any("compiling the decode step" in p.message for p in jobs)
     (result,) = run(bench_job(targets, 384, 6, 3, 1, compile=True))

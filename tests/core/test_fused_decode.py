@@ -9,7 +9,9 @@ import torch
 from studio.core.bench import LeanDecoder, base_targets
 from studio.core.fuse import fuse
 from studio.core.jobs import run
+from studio.core import q4_native
 from studio.core.kernels import Int4Linear, Int8Linear
+from studio.core.q4_native import NativeInt4Linear
 
 
 def steps(decoder, prompt, count=5):
@@ -43,16 +45,20 @@ def test_fused_decode_equals_unfused_and_the_eager_forward(tiny_dirs, arch):
         torch.testing.assert_close(eager_after, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_fusing_shares_the_weights_and_refuses_what_it_cannot(tiny_llama):
-    model, _ = base_targets(tiny_llama.model, ("int4",),
+@pytest.mark.parametrize("int4", [
+    "torch", pytest.param("native", marks=pytest.mark.skipif(bool(q4_native.unavailable()),
+                                                             reason="no native kernel here"))])
+def test_fusing_shares_the_weights_and_refuses_what_it_cannot(tiny_llama, int4):
+    model, _ = base_targets(tiny_llama.model, ("int4",), int4=int4,
                             layer_names=[i.name for i in tiny_llama.quantizable])[0].build()
     attention = model.model.layers[0].self_attn
     q = attention.q_proj
-    assert isinstance(q, Int4Linear)
+    assert isinstance(q, Int4Linear if int4 == "torch" else NativeInt4Linear)
     fused = fuse([attention.q_proj, attention.k_proj, attention.v_proj])
     assert fused is not None and fused.sizes == [q.out_features, attention.k_proj.out_features,
                                                  attention.v_proj.out_features]
-    assert q.packed.data_ptr() == fused.module.packed.data_ptr()     # no second copy
+    buffer = "packed" if int4 == "torch" else "codes"
+    assert getattr(q, buffer).data_ptr() == getattr(fused.module, buffer).data_ptr()  # one copy
     dense = copy.deepcopy(tiny_llama.model.model.layers[0].self_attn)
     assert fuse([attention.q_proj, dense.k_proj]) is None            # mixed kinds
     dense.q_proj.register_forward_pre_hook(lambda m, args: None)

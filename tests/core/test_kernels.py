@@ -5,8 +5,10 @@ import pytest
 import torch
 from torch import nn
 
+from studio.core import q4_native
 from studio.core.kernels import Int4Linear, Int8Linear, kernel_for, kernel_model
 from studio.core.plan import QuantSpec
+from studio.core.q4_native import NativeInt4Linear
 from studio.core.quant.grid import quantize_rtn
 
 
@@ -19,14 +21,23 @@ def layer(out, cols, bias=False, seed=0):
     return linear
 
 
-def check_kernel_matches_float(linear, spec, kind, group=None):
+needs_native = pytest.mark.skipif(bool(q4_native.unavailable()),
+                                  reason=f"native kernel: {q4_native.unavailable()}")
+
+
+def check_kernel_matches_float(linear, spec, kind, group=None, int4="torch"):
+    """The kernel's product against the de-quantized float one: torch's kernels see bf16
+    inputs (the expected side rounds x the same way); the native one quantizes x to int8 per
+    32 values, an error the 1e-2 bound covers (measured ~5e-3)."""
     q = quantize_rtn(linear.weight.data, spec)
-    kernel, choice = kernel_for("x", linear, q)
+    kernel, choice = kernel_for("x", linear, q, int4)
     assert isinstance(kernel, kind), choice
     if group is not None:
-        assert choice.kernel == f"int4pack g{group}"
+        name = "q4native" if kind is NativeInt4Linear else "int4pack"
+        assert choice.kernel == f"{name} g{group}"
     x = torch.randn(5, 3, linear.in_features)
-    expected = x.to(torch.bfloat16).float() @ q.dequantize().t()
+    rounded = x if kind is NativeInt4Linear else x.to(torch.bfloat16).float()
+    expected = rounded @ q.dequantize().t()
     if linear.bias is not None:
         expected = expected + linear.bias
     got = kernel(x).float()
@@ -49,6 +60,58 @@ def test_int4_kernel_matches_dequantized(spec, cols, group):
     assert not choice.fallback
 
 
+@needs_native
+@pytest.mark.parametrize("spec, cols, group", [
+    (QuantSpec(bits=4, group_size=32), 128, 32),
+    (QuantSpec(bits=4, group_size=64, symmetric=True), 128, 64),
+    (QuantSpec(bits=4, group_size=128), 192, 64),     # ragged g128 over 192 runs as g64
+    (QuantSpec(bits=4, group_size=-1), 96, 96),       # per-channel rows: one group per row
+    (QuantSpec(bits=3, group_size=32), 128, 32),      # 3-bit codes held in 4 bits
+    (QuantSpec(bits=2, group_size=64), 128, 64),
+])
+def test_native_int4_kernel_matches_dequantized(spec, cols, group):
+    choice = check_kernel_matches_float(layer(48, cols, bias=True), spec, NativeInt4Linear,
+                                        group, int4="native")
+    assert not choice.fallback
+
+
+@needs_native
+def test_native_prefill_is_the_dequantized_product():
+    """Many rows go through one de-quantized GEMM: the float product, but for the fp16
+    rounding of scales and mins (relative 5e-4 at most per weight)."""
+    linear = layer(64, 128, bias=True)
+    q = quantize_rtn(linear.weight.data, QuantSpec(bits=4, group_size=32))
+    kernel, _ = kernel_for("x", linear, q, "native")
+    x = torch.randn(1, 40, 128)
+    expected = x @ q.dequantize().t() + linear.bias
+    assert kernel.prefill_rows <= 40
+    assert ((kernel(x) - expected).norm() / expected.norm()).item() < 1e-3
+
+
+def test_without_the_native_kernel_layers_stay_on_torch_and_say_why(monkeypatch):
+    monkeypatch.setattr(q4_native, "unavailable", lambda: "no C compiler on this machine")
+    linear = layer(48, 128)
+    kernel, choice = kernel_for("x", linear, quantize_rtn(linear.weight.data,
+                                                          QuantSpec(bits=4, group_size=32)))
+    assert isinstance(kernel, Int4Linear) and not choice.fallback
+    assert "not native: no C compiler" in choice.note
+
+
+def test_the_portable_c_path_matches_the_avx2_one(tmp_path):
+    """The library built without AVX2 (the path for CPUs without it) gives the same products."""
+    if q4_native.compiler() is None:
+        pytest.skip("no C compiler")
+    portable = q4_native.build(q4_native.compiler(), tmp_path, ("-march=x86-64",))
+    linear = layer(40, 192)
+    q = quantize_rtn(linear.weight.data, QuantSpec(bits=4, group_size=64))
+    tensors, group, _ = q4_native.pack(q)
+    x = torch.randn(3, 192)
+    fast = q4_native.matmul(tensors, group, x, None)
+    slow = q4_native.matmul(tensors, group, x, None, library=q4_native.open_library(portable))
+    assert not q4_native.open_library(portable).q4_has_avx2()
+    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("spec", [QuantSpec(bits=8, group_size=-1, symmetric=True),
                                   QuantSpec(bits=8, group_size=-1),      # asymmetric zeros
                                   QuantSpec(bits=6, group_size=-1)])
@@ -68,7 +131,10 @@ def test_misfits_fall_back_with_a_reason(spec, cols, why):
     assert choice.fallback and choice.kernel == "fp32 dense" and why in choice.note
 
 
-def test_kernel_model_logits_match_dequantized_float_path(tiny_llama):
+@pytest.mark.parametrize("int4", [
+    "torch", pytest.param("native", marks=needs_native)])
+def test_kernel_model_logits_match_dequantized_float_path(tiny_llama, int4):
+    int4_name = "q4native" if int4 == "native" else "int4pack"
     base = tiny_llama.model
     names = [info.name for info in tiny_llama.quantizable] + ["lm_head"]
     for spec in (QuantSpec(bits=4, group_size=32), QuantSpec(bits=8, group_size=-1)):
@@ -78,9 +144,9 @@ def test_kernel_model_logits_match_dequantized_float_path(tiny_llama):
                                                   requires_grad=False)  # untie before writing
         for n, q in qtensors.items():
             dequantized.get_submodule(n).weight.data.copy_(q.dequantize())
-        fast, choices = kernel_model(dequantized, qtensors)
+        fast, choices = kernel_model(dequantized, qtensors, int4=int4)
         kernels = {c.kernel for c in choices if c.layer in qtensors}
-        assert kernels == ({"int4pack g32"} if spec.bits == 4 else {"int8pack"})
+        assert kernels == ({f"{int4_name} g32"} if spec.bits == 4 else {"int8pack"})
         assert not any(c.fallback for c in choices)
         ids = torch.randint(0, 384, (2, 40), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
@@ -90,7 +156,7 @@ def test_kernel_model_logits_match_dequantized_float_path(tiny_llama):
         agree = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
         assert rel < 0.03, (spec, rel)
         assert agree > 0.9, (spec, agree)
-        assert isinstance(fast.lm_head, (Int4Linear, Int8Linear))
+        assert isinstance(fast.lm_head, (Int4Linear, Int8Linear, NativeInt4Linear))
         # The embedding the head was tied to still looks tokens up in float32.
         assert fast.get_input_embeddings().weight.dtype == torch.float32
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from studio.core import kernels
+from studio.core import q4_native
 from studio.core.kernels import Int4Linear, Int8Linear, kernel_for, kernel_model
 from studio.core.plan import QuantSpec
 from studio.core.quant.grid import quantize_rtn
@@ -42,7 +43,7 @@ def kernel_formula(kernel: Int4Linear, q) -> torch.Tensor:
 def test_int4_prefill_is_the_kernels_weights_in_one_dense_gemm(spec, out, cols):
     layer = linear(out, cols)
     q = quantize_rtn(layer.weight.data, spec)
-    kernel, _ = kernel_for("x", layer, q)
+    kernel, _ = kernel_for("x", layer, q, "torch")
     assert isinstance(kernel, Int4Linear) and kernel.prefill_rows == kernels.PREFILL_ROWS
     formula = kernel_formula(kernel, q)
     assert torch.allclose(kernel.dequantized(torch.float32).t(), formula, rtol=0,
@@ -71,7 +72,8 @@ def test_int8_prefill_matches_its_kernel():
 
 def test_decode_rows_stay_on_the_kernel(monkeypatch):
     layer = linear(64, 128)
-    kernel, _ = kernel_for("x", layer, quantize_rtn(layer.weight.data, QuantSpec(4, 32)))
+    kernel, _ = kernel_for("x", layer, quantize_rtn(layer.weight.data, QuantSpec(4, 32)),
+                           "torch")
     calls = []
     real = Int4Linear.dequantized
     monkeypatch.setattr(Int4Linear, "dequantized", lambda self, *a: calls.append(1) or real(self))
@@ -107,3 +109,16 @@ def test_prefill_logits_equal_the_kernel_path_and_the_reference(tiny_dirs, arch)
     for other in (want, kernel_got):
         assert ((got - other).norm() / other.norm()).item() < 1e-2
     assert got.argmax() == want.argmax()
+
+
+@pytest.mark.skipif(bool(q4_native.unavailable()), reason="no native kernel here")
+def test_native_decode_rows_stay_on_the_native_kernel(monkeypatch):
+    layer = linear(64, 128)
+    kernel, _ = kernel_for("x", layer, quantize_rtn(layer.weight.data, QuantSpec(4, 32)))
+    calls = []
+    real = q4_native.dequantize
+    monkeypatch.setattr(q4_native, "dequantize", lambda *a: calls.append(1) or real(*a))
+    one = kernel(torch.randn(1, 1, 128))
+    assert calls == []
+    many = kernel(torch.randn(1, kernels.PREFILL_ROWS, 128))
+    assert calls == [1] and one.shape == (1, 1, 64) and many.shape == (1, kernels.PREFILL_ROWS, 64)

@@ -60,3 +60,26 @@ def test_a_streamed_model_is_refused_before_work_with_the_gguf_route(
     text = view.summary.text()
     assert "streamed" in text and "GGUF" in text and "--weights memory" in text
     assert not state.failures
+
+
+@pytest.mark.skipif(bool(__import__("studio.core.q4_native", fromlist=["x"]).unavailable()),
+                    reason="no native kernel here")
+def test_both_int4_kernels_side_by_side(qtbot, state, tiny_llama):
+    """"Both": the int4 configuration on the studio's kernel (its native decode step) and on
+    torch's, each a row of its own, in Compare too."""
+    view = view_for(qtbot, state, tiny_llama)
+    view.set_checked(["int4"])
+    view.int4_kernel.setCurrentIndex(view.int4_kernel.findData("native,torch"))
+    view.prompt_tokens.setValue(6)
+    view.new_tokens.setValue(3)
+    view.repeat.setValue(1)
+    view.threads.setValue(1)
+    with qtbot.waitSignal(view.run_benchmark().done, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: view.table.rowCount() == 2)
+    native, torch_row = (view.table.item(r, 7).text() for r in range(2))
+    assert native.startswith("q4native g32") and torch_row.startswith("int4pack g32")
+    assert "decode step native" in view.table.item(0, 8).text()
+    assert view.table.item(1, 0).text().endswith("(torch int4 kernel)")
+    names = {run["variant"] for run in state.session.runs if run.get("kind") == "bench"}
+    assert len(names) == 2 and not state.failures

@@ -41,7 +41,7 @@ class CodeFormat:
 
 FORMATS: dict[str, CodeFormat] = {f.name: f for f in (
     CodeFormat("affine", "integer grid (scale x (code - zero))", "studio.core.quant.grid:QTensor",
-               kernels=("int4pack", "int8pack"), exports=("gguf", "compressed-tensors", "hf")),
+               kernels=("q4native", "int4pack", "int8pack"), exports=("gguf", "compressed-tensors", "hf")),
     CodeFormat("codebook", "lookup table (non-uniform levels)",
                "studio.core.quant.codebook:CodebookTensor", kernels=(), exports=("hf",),
                why_not="it stores integer grids (scale x (code - zero)) only, not a lookup "

@@ -9,6 +9,7 @@ import torch
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QCheckBox,
+    QComboBox,
     QFormLayout,
     QHBoxLayout,
     QHeaderView,
@@ -33,6 +34,8 @@ RESULT_COLUMNS = ("Configuration", "Prefill ms (min-max)", "Decode tok/s (min-ma
                   "Weights/token MB", "Size MB", "Peak RSS MB", "Threads", "Kernels",
                   "Backend (build)")
 KERNEL_COLUMNS = ("Layer", "Kernel", "Bits", "Weight KB", "Note")
+INT4_CHOICES = {"native": "the studio's (C, int8 activations)", "torch": "torch's int4pack",
+                "native,torch": "both, side by side"}
 CONFIG_LABELS = {"fp32": "baseline fp32", "bf16": "baseline bf16",
                  "int8": "baseline int8 (RTN, for speed)", "int4": "baseline int4 g32 (RTN, for speed)"}
 
@@ -50,6 +53,9 @@ class BenchmarkView(QWidget):
         self.repeat = QSpinBox(minimum=1, maximum=20, value=3)
         self.threads = QSpinBox(minimum=1, maximum=max(1, torch.get_num_threads() * 2),
                                 value=torch.get_num_threads())
+        self.int4_kernel = QComboBox()
+        for key, label in INT4_CHOICES.items():
+            self.int4_kernel.addItem(label, key)
         self.compile = QCheckBox("Compile the decode step (torch.compile; minutes, once per "
                                  "model and length)")
         self.add_gguf_button = QPushButton("Add GGUF file (llama.cpp)...")
@@ -68,10 +74,12 @@ class BenchmarkView(QWidget):
         form.addRow("New tokens (decode, batch 1)", self.new_tokens)
         form.addRow("Repeats (after a warm-up)", self.repeat)
         form.addRow("Threads", self.threads)
+        form.addRow("int4 kernel", self.int4_kernel)
         form.addRow(self.compile)
         form.addRow(self.run_button)
-        self.summary = QLabel("Tick what to measure. Quantized variants run on int8/int4 CPU "
-                              "kernels with bf16 activations.")
+        self.summary = QLabel("Tick what to measure. Quantized variants run on low-bit CPU "
+                              "kernels: 4-bit layers on the int4 kernel chosen above, 8-bit ones "
+                              "on torch's int8 kernel.")
         self.summary.setWordWrap(True)
         form.addRow(self.summary)
         left = QWidget()
@@ -157,15 +165,21 @@ class BenchmarkView(QWidget):
             self.summary.setText("Tick at least one configuration or variant.")
             return None
         configs = [k for k in BASE_CONFIGS if k in keys]
+        kernels = self.int4_kernel.currentData().split(",")
+        names = [layer.name for layer in handle.quantizable]
         try:   # refused before any work: e.g. a streamed model (bench.refuse_streamed)
-            targets = base_targets(handle.model, configs,
-                                   layer_names=[layer.name for layer in handle.quantizable])
+            targets = base_targets(handle.model, configs, layer_names=names, int4=kernels[0])
+            if "int4" in configs:
+                for kernel in kernels[1:]:
+                    targets += base_targets(handle.model, ("int4",), layer_names=names,
+                                            int4=kernel)
             owners = {t.name: None for t in targets}   # target name -> variant (None: baseline)
             for key in keys:
                 if key.startswith("variant:"):
                     variant = self.state.session.variants[key.split(":", 1)[1]]
-                    targets.append(variant_bench_target(variant))   # sized as everywhere
-                    owners[variant.name] = variant
+                    for kernel in kernels:   # sized as everywhere: its size_breakdown
+                        targets.append(variant_bench_target(variant, int4=kernel))
+                        owners[targets[-1].name] = variant
                 elif GgufFiles.path_of(key):
                     targets.append(gguf_target(GgufFiles.path_of(key)))
         except StudioError as exc:
@@ -189,8 +203,8 @@ class BenchmarkView(QWidget):
                 continue
             variant = owners.get(result.name)
             data = result.to_dict()
-            if variant is not None:
-                what = describe_variant(variant)
+            if variant is not None:   # on another int4 kernel: a row of its own in Compare
+                what = {**describe_variant(variant), "variant": result.name}
             elif result.name == "fp32":
                 what = describe_baseline(handle)
             elif result.backend != "torch":

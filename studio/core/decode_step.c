@@ -1,0 +1,132 @@
+/* One decode step of a Llama-family model's blocks in one call (native_step.py drives it).
+ *
+ * Per token, eager torch runs ~50 small ops per block (norms, rotary embedding, attention,
+ * splits, residual adds), each with microseconds of dispatch: on a 135M model that is more
+ * time than the int4 matmuls themselves. Here a block is: RMSNorm, the fused q/k/v product,
+ * the rotary embedding (HF's rotate-half convention, with the cos/sin torch's rotary module
+ * made for this position, so every RoPE scaling variant is already in them), the new key and
+ * value written into the decoder's own cache, attention of the one query over the cache
+ * (grouped KV heads as HF's repeat_kv: query head h reads KV head h / (heads / kv_heads)),
+ * the output product, RMSNorm, the fused gate/up product, SiLU(gate) * up, the down product;
+ * each product on the int4 kernel, everything in float32 as the torch path computes it.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "q4_native.h"
+
+typedef struct {
+    q4_layer qkv, o, gate_up, down;
+    const float *norm1, *norm2;   /* RMSNorm weights [hidden] */
+    float *keys, *values;         /* this block's cache [kv_heads, max_len, head_dim] */
+} q4_block;
+
+typedef struct {
+    int hidden, heads, kv_heads, head_dim, inter, max_len;
+    float eps, scaling;
+} q4_shape;
+
+static void rms_norm(const float *x, const float *weight, int n, float eps, float *out) {
+    float sum = 0.0f;
+    #pragma omp simd reduction(+:sum)
+    for (int i = 0; i < n; i++) sum += x[i] * x[i];
+    float scale = 1.0f / sqrtf(sum / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = weight[i] * (x[i] * scale);
+}
+
+/* x [head_dim] rotated in place: x * cos + rotate_half(x) * sin. */
+static void rotate(float *x, const float *cos, const float *sin, int head_dim) {
+    int half = head_dim / 2;
+    for (int i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+static float dot(const float *a, const float *b, int n) {
+    float sum = 0.0f;
+    #pragma omp simd reduction(+:sum)
+    for (int i = 0; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+/* out [head_dim] = softmax(q . keys[0..length) * scaling) . values */
+static void attend(const float *q, const float *keys, const float *values, int length,
+                   int head_dim, float scaling, float *scores, float *out) {
+    float top = -INFINITY;
+    for (int t = 0; t < length; t++) {
+        scores[t] = dot(q, keys + (size_t)t * head_dim, head_dim) * scaling;
+        if (scores[t] > top) top = scores[t];
+    }
+    float total = 0.0f;
+    for (int t = 0; t < length; t++) {
+        scores[t] = expf(scores[t] - top);
+        total += scores[t];
+    }
+    memset(out, 0, sizeof(float) * (size_t)head_dim);
+    for (int t = 0; t < length; t++) {
+        float p = scores[t] / total;
+        const float *v = values + (size_t)t * head_dim;
+        for (int i = 0; i < head_dim; i++) out[i] += p * v[i];
+    }
+}
+
+static void block_step(const q4_block *b, const q4_shape *s, float *x, const float *cos,
+                       const float *sin, int position, float *work, const q4_scratch *scratch,
+                       int threads) {
+    int hd = s->head_dim, q_size = s->heads * hd, kv_size = s->kv_heads * hd;
+    float *h = work, *qkv = h + s->hidden, *attn = qkv + q_size + 2 * kv_size;
+    float *gate_up = attn + q_size, *act = gate_up + 2 * s->inter, *delta = act + s->inter;
+    float *scores = delta + s->hidden;
+
+    rms_norm(x, b->norm1, s->hidden, s->eps, h);
+    q4_gemv(&b->qkv, h, qkv, scratch, threads);
+    float *q = qkv, *k = qkv + q_size, *v = k + kv_size;
+    for (int head = 0; head < s->heads; head++) rotate(q + head * hd, cos, sin, hd);
+    for (int head = 0; head < s->kv_heads; head++) {
+        rotate(k + head * hd, cos, sin, hd);
+        size_t at = ((size_t)head * s->max_len + position) * hd;
+        memcpy(b->keys + at, k + head * hd, sizeof(float) * (size_t)hd);
+        memcpy(b->values + at, v + head * hd, sizeof(float) * (size_t)hd);
+    }
+    int group = s->heads / s->kv_heads;
+    for (int head = 0; head < s->heads; head++) {
+        size_t cache = (size_t)(head / group) * s->max_len * hd;
+        attend(q + head * hd, b->keys + cache, b->values + cache, position + 1, hd,
+               s->scaling, scores, attn + head * hd);
+    }
+    q4_gemv(&b->o, attn, delta, scratch, threads);
+    for (int i = 0; i < s->hidden; i++) x[i] += delta[i];
+
+    rms_norm(x, b->norm2, s->hidden, s->eps, h);
+    q4_gemv(&b->gate_up, h, gate_up, scratch, threads);
+    for (int i = 0; i < s->inter; i++) {
+        float g = gate_up[i];
+        act[i] = g / (1.0f + expf(-g)) * gate_up[s->inter + i];
+    }
+    q4_gemv(&b->down, act, delta, scratch, threads);
+    for (int i = 0; i < s->hidden; i++) x[i] += delta[i];
+}
+
+/* x [hidden] (the token's embedding, replaced by the last block's output) through `count`
+ * blocks at `position`. Returns 0, or -1 when out of memory. */
+int q4_decode_blocks(const q4_block *blocks, int count, const q4_shape *s, float *x,
+                     const float *cos, const float *sin, int position, int threads) {
+    int q_size = s->heads * s->head_dim, kv_size = s->kv_heads * s->head_dim;
+    size_t floats = (size_t)s->hidden * 2 + q_size * 2 + 2 * kv_size + 3 * (size_t)s->inter
+                    + s->max_len;
+    float *work = malloc(sizeof(float) * floats);
+    int widest = s->inter > s->hidden ? s->inter : s->hidden;
+    if (q_size > widest) widest = q_size;
+    q4_scratch scratch;
+    if (!work || q4_scratch_alloc(&scratch, widest)) {
+        free(work);
+        return -1;
+    }
+    for (int i = 0; i < count; i++)
+        block_step(&blocks[i], s, x, cos, sin, position, work, &scratch, threads);
+    q4_scratch_free(&scratch);
+    free(work);
+    return 0;
+}

@@ -1,0 +1,24 @@
+/* The int4 kernel's calls that decode_step.c shares (q4_native.c defines them). */
+#ifndef Q4_NATIVE_H
+#define Q4_NATIVE_H
+#include <stdint.h>
+
+/* One int4 layer in the kernel's layout (see q4_native.c). */
+typedef struct {
+    const uint8_t *codes;
+    const uint16_t *scales, *mins;
+    const float *bias;   /* NULL when the layer has none */
+    int n, k, group;
+} q4_layer;
+
+/* What one input row becomes: int8 codes, block scales, their sums per block and group. */
+typedef struct {
+    int8_t *xq;
+    float *d, *ds, *dsg;
+} q4_scratch;
+
+int q4_scratch_alloc(q4_scratch *s, int k);
+void q4_scratch_free(q4_scratch *s);
+void q4_gemv(const q4_layer *w, const float *x, float *y, const q4_scratch *s, int threads);
+
+#endif

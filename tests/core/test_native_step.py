@@ -1,0 +1,83 @@
+"""The native decode step (decode_step.c: every block of a token in one C call) computes what
+the eager lean step computes on the same int4 layers.
+
+Tolerance: each step's logits within 1e-2 relative (norm) of the eager step's, and the same
+greedy token. Both quantize each product's input to int8 per 32 values; the C norms and
+attention round float sums in another order, so now and then a value rounds to the other int8
+code, and that difference grows through the blocks (on the demo's 30 blocks: ~1% of the
+logits, the same distance as either path's from the float model; on these 2-block models
+it stays near 1e-3).
+"""
+import pytest
+import torch
+
+from studio.core import q4_native
+from studio.core.bench import LeanDecoder, LeanRun, base_targets, bench_job
+from studio.core.jobs import run
+from studio.core.native_step import NativeStep
+
+pytestmark = pytest.mark.skipif(bool(q4_native.unavailable()),
+                                reason=f"native kernel: {q4_native.unavailable()}")
+
+
+def model_of(tiny_dirs, arch, config="int4"):
+    from studio.core.models import open_model_job
+
+    handle = run(open_model_job(tiny_dirs[arch]))
+    names = [i.name for i in handle.quantizable]
+    return handle, base_targets(handle.model, (config,), layer_names=names)[0].build()[0]
+
+
+def greedy(step, decoder, prompt, count=8):
+    """Logits of the prompt's last token and `count` greedy steps after it (fed the eager
+    path's tokens, so both sides see the same inputs)."""
+    logits = [decoder.forward(prompt, 0)]
+    position = prompt.shape[1]
+    for _ in range(count):
+        logits.append(step(logits[-1].argmax(-1, keepdim=True), position))
+        position += 1
+    return logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_native_step_equals_the_eager_step(tiny_dirs, arch):
+    _, model = model_of(tiny_dirs, arch)
+    prompt = torch.randint(3, 384, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        eager_decoder = LeanDecoder(model, 16, fused=True)
+        eager = greedy(eager_decoder.forward, eager_decoder, prompt)
+        decoder = LeanDecoder(model, 16, fused=True)
+        assert NativeStep.problem(decoder) is None
+        native = greedy(NativeStep(decoder), decoder, prompt)
+    for i, (a, b) in enumerate(zip(native, eager)):
+        assert ((a - b).norm() / b.norm()).item() < 1e-2, i
+        assert a.argmax() == b.argmax(), i
+
+
+def test_the_benchmark_decodes_through_it_and_says_so(tiny_dirs):
+    handle, _ = model_of(tiny_dirs, "llama")
+    names = [i.name for i in handle.quantizable]
+    targets = base_targets(handle.model, ("fp32", "int4"), layer_names=names)
+    fp32, int4 = run(bench_job(targets, 384, prompt_tokens=6, new_tokens=4, repeat=1, threads=1))
+    assert int4.details["decode_step"] == NativeStep.mode and int4.decode_tok_s > 0
+    assert fp32.details["decode_step"] == "eager"
+    (compiled,) = run(bench_job(targets[1:], 384, 6, 3, 1, compile=True))
+    assert compiled.details["decode_step"].startswith(NativeStep.mode + "; not compiled")
+
+
+def test_models_it_cannot_run_stay_eager_and_say_why(tiny_dirs, monkeypatch):
+    _, int8 = model_of(tiny_dirs, "llama", "int8")
+    assert "not one native int4 layer" in NativeStep.problem(LeanDecoder(int8, 8, fused=True))
+    _, model = model_of(tiny_dirs, "llama")
+    hooked = LeanDecoder(model, 8, fused=True)
+    hooked.layers[1].self_attn.o_proj.register_forward_pre_hook(lambda m, a: None)
+    assert NativeStep.problem(hooked) == "block 1's o_proj has hooks"
+    monkeypatch.setattr(q4_native, "unavailable", lambda: "no C compiler on this machine")
+    assert "unavailable: no C compiler" in LeanRun(model, 8).mode
+
+
+def test_a_position_outside_the_cache_is_refused(tiny_dirs):
+    _, model = model_of(tiny_dirs, "qwen2")
+    step = NativeStep(LeanDecoder(model, 8, fused=True))
+    with pytest.raises(ValueError, match="outside the cache"):
+        step(torch.tensor([[5]]), 8)
