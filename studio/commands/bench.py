@@ -138,7 +138,7 @@ def _configs(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-SIZE_MARKS = {"disk": "", "memory": "*", "variant": "+"}
+SIZE_MARKS = {"disk": "", "memory": "*", "stored": "+", "variant": "+"}
 
 
 def print_table(runs: list[dict]) -> None:
@@ -167,9 +167,10 @@ def print_table(runs: list[dict]) -> None:
     marks = {r["size_source"] for r in runs}
     if "memory" in marks:
         print("* size of the tensors in memory (not saved on disk)")
-    if "variant" in marks:
-        print("+ the variant's size as a GGUF export stores it (codes, scales and zero points; "
-              "other matrices in 16 bits, vectors in 32), the size quantize and Compare give")
+    if marks & {"stored", "variant"}:
+        print("+ the size as a GGUF export stores it (codes, scales and zero points; other "
+              "matrices in 16 bits, vectors in 32), the size quantize, Compare and export give; "
+              "the tensors as they run here are runtime_mb in --json")
     for r in runs:
         parts = r.get("size_breakdown")
         if parts:

@@ -1,6 +1,7 @@
 """compression-studio plan MODEL (--budget-bpw X | --budget-mb M) [--method M]
 [--bits 2,3,4,5,6,8] [--group-sizes 32,64,128] [--kl-bits 4] [--kl-group 128] [--gguf-native]
-[--calib FILE] [--windows N] [--seqlen L] [--proxy-only] --out plan.json [--json]
+[--lm-head SPEC] [--embedding SPEC] [--calib FILE] [--windows N] [--seqlen L] [--proxy-only]
+--out plan.json [--json]
 [--llama-cpp FILE] [--llm-compressor FILE] [--sensitivity FILE]
 
 Measures every layer's sensitivity at every option (each width at each group size; KL end to
@@ -59,6 +60,16 @@ def add_arguments(parser) -> None:
                              "multiples of 32 stay fp16 (replaces --bits and --group-sizes)")
     parser.add_argument("--no-full-precision", action="store_true",
                         help="never keep a layer in 16 bits")
+    from studio.core.plan import EMBEDDING_DEFAULT, HEAD_DEFAULT
+
+    parser.add_argument("--lm-head", default=HEAD_DEFAULT, metavar="SPEC",
+                        help=f"the output head (and a tied embedding, one matrix), kept at this "
+                             f"setting by the allocator and counted in the budget: keep, w8, "
+                             f"w4g32, w6g64sym ... as quantize takes it (default {HEAD_DEFAULT}; "
+                             f"q8_0/q5_0/q4_0 widths with --gguf-native)")
+    parser.add_argument("--embedding", default=EMBEDDING_DEFAULT, metavar="SPEC",
+                        help=f"an untied input embedding, the same words "
+                             f"(default {EMBEDDING_DEFAULT})")
     add_calibration_arguments(parser, DEFAULT_KL_WINDOWS, DEFAULT_SEQLEN, what="sensitivity sweep")
     parser.add_argument("--proxy-only", action="store_true",
                         help="allocate with the layer-output proxy only (fast, no KL sweep)")
@@ -74,6 +85,8 @@ def run(args) -> int:
     from studio.core.allocate import (allocate, budget_bits, loss_table, method_takes, plan_size,
                                       table_for)
     from studio.core.export.gguf_types import BLOCK
+    from studio.core.plan import Plan, end_spec, with_ends
+    from studio.core.plan_ends import describe
     from studio.core.plan_export import llama_cpp_export, llm_compressor_export
     from studio.core.sensitivity import (DEFAULT_BITS, DEFAULT_GROUPS, DEFAULT_KL_GROUP,
                                          gguf_native_options, kl_columns, option_label,
@@ -95,19 +108,24 @@ def run(args) -> int:
                else sweep_options(menu["bits"], menu["group_sizes"], args.symmetric))
     kl_options = [] if args.proxy_only else [
         options[j] for j in kl_columns(options, menu["kl_bits"], menu["kl_group"])]
+    head, embedding = (end_spec(word, args.gguf_native) for word in (args.lm_head, args.embedding))
     quiet = args.json and not sys.stderr.isatty()
     handle = open_model(args.model, quiet)
+    # The embedding / lm_head are not chosen by the allocator: they stay at this setting,
+    # counted in the budget, and the written plan carries it.
+    ends = with_ends(Plan(default=None, architecture=handle.architecture), handle.layers,
+                     head, embedding)
     # A budget nothing can meet is refused before minutes of measuring.
     planned = [o.with_(method=args.method) for o in options if method_takes(args.method, o)]
     if not planned:
         raise StudioError(f"{args.method} takes none of the widths of the menu; choose "
                           f"--bits among {', '.join(map(str, registry.get(args.method).bits))}.")
-    budget_bits(table_for(handle, planned + ([] if args.no_full_precision else [None])),
-                args.budget_bpw, args.budget_mb)
+    budget_bits(table_for(handle, planned + ([] if args.no_full_precision else [None]),
+                          plan=ends), args.budget_bpw, args.budget_mb)
     result = sweep(handle, args, menu, options, kl_options, quiet)
     kind = "proxy" if args.proxy_only else "kl"
     table = loss_table(result, handle, kind=kind, full_precision=not args.no_full_precision,
-                       method=args.method, gguf_native=args.gguf_native)
+                       method=args.method, gguf_native=args.gguf_native, plan=ends)
     answer = allocate(table, budget_bpw=args.budget_bpw, budget_mb=args.budget_mb)
     answer.plan.save(args.out)
     size = plan_size(handle, answer.plan)
@@ -131,6 +149,7 @@ def run(args) -> int:
         "bits_per_weight": round(size.bits_per_weight, 4), "size_bytes": size.size_bytes,
         "size_mb": round(size.size_mb, 3), "predicted_loss": answer.loss,
         "lower_bound": answer.lower_bound, "exact": answer.exact, "layers_by_option": counts,
+        "ends": describe(answer.plan, handle.layers),
         "layers": {n: None if s is None else option_label(s) for n, s in answer.choices.items()},
         "sensitivity": {"options": result.labels,
                         "kl_options": [result.labels[j] for j in result.kl_options],
@@ -151,6 +170,7 @@ def run(args) -> int:
           f"-> {args.out}")
     gap = "exact optimum" if answer.exact else f"within {answer.gap:.3g} of the optimum"
     print(f"predicted {kind} loss {answer.loss:.4g} ({gap})")
+    print(f"kept as set, counted in the size: {describe(answer.plan, handle.layers)}")
     measured = ", ".join(result.labels[j] for j in result.kl_options)
     print(f"sensitivity: {len(result.layers)} layers x {len(result.options)} options on "
           f"{result.text_label}; proxy {result.proxy_seconds:.1f} s"

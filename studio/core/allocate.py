@@ -63,6 +63,8 @@ class LossTable:
     architecture: str | None = None
     allowed: np.ndarray | None = None    # [layers, options] False: that layer cannot take it
                                          # (None: every option fits every layer)
+    fixed_rules: tuple = ()              # the plan's rules for the embedding / lm_head, kept
+                                         # by every answer and counted in fixed_bytes
 
     def __post_init__(self) -> None:
         self.loss = np.asarray(self.loss, dtype=np.float64)
@@ -192,29 +194,34 @@ def allocate(table: LossTable, budget_bpw: float | None = None, budget_mb: float
     bits = int(costs[np.arange(len(picks)), picks].sum())
     loss = float(table.loss[np.arange(len(picks)), picks].sum())
     choices = {name: table.options[j] for name, j in zip(table.names, picks)}
-    return Allocation(choices=choices, plan=plan_from_choices(choices, table.architecture),
+    plan = plan_from_choices(choices, table.architecture, table.fixed_rules)
+    return Allocation(choices=choices, plan=plan,
                       bits=bits, bpw=bits / table.weights,
                       size_bytes=table.bits_to_bytes(bits), loss=loss,
                       lower_bound=float(bound_curve[room // unit]), budget_bits=budget,
                       pareto=_pareto(table, best, choice, up, costs, unit))
 
 
-def plan_from_choices(choices: dict[str, QuantSpec | None], architecture: str | None) -> Plan:
-    """One exact-name rule per layer, so the plan reads the same whatever its default."""
+def plan_from_choices(choices: dict[str, QuantSpec | None], architecture: str | None,
+                      fixed_rules: tuple = ()) -> Plan:
+    """One exact-name rule per layer, so the plan reads the same whatever its default; the
+    embedding / lm_head rules the allocator kept (`LossTable.fixed_rules`) follow them."""
     specs = [s for s in choices.values() if s is not None]
     default = max(specs, key=specs.count) if specs else None  # the most common choice
-    return Plan(default=default, rules=tuple(Rule(n, s) for n, s in choices.items()),
-                architecture=architecture)
+    return Plan(default=default, rules=tuple(Rule(n, s) for n, s in choices.items())
+                + tuple(fixed_rules), architecture=architecture)
 
 
 # --- from a model and its sensitivity results ------------------------------------------------
 
 def loss_table(result, handle, kind: str = "auto", full_precision: bool = True,
-               method: str | None = None, gguf_native: bool = False) -> LossTable:
+               method: str | None = None, gguf_native: bool = False,
+               plan: Plan | None = None) -> LossTable:
     """The allocator's table from sensitivity results (checked against `handle` first): one
     column per measured option (plus full precision); `method` overrides the method the plan's
     specs carry. `gguf_native` restricts the options to the GGUF-native menu (Q4_0, Q5_0, Q8_0,
-    priced at their GGUF bytes), which the results must have measured."""
+    priced at their GGUF bytes), which the results must have measured. The embedding and
+    lm_head stay as `plan` sets them (the sweep does not measure them), counted in the size."""
     result.check_model(handle)
     if gguf_native:
         native = gguf_native_options()
@@ -235,7 +242,7 @@ def loss_table(result, handle, kind: str = "auto", full_precision: bool = True,
     if full_precision:
         options.append(None)
         loss = np.concatenate([loss, np.zeros((len(loss), 1))], axis=1)
-    return table_for(handle, options, loss)
+    return table_for(handle, options, loss, plan)
 
 
 def method_takes(method: str, option: QuantSpec | None) -> bool:
@@ -248,10 +255,14 @@ def _widths(method: str) -> tuple[int, ...]:
     return registry.get(method).bits
 
 
-def table_for(handle, options: list[QuantSpec | None], loss: np.ndarray | None = None
-              ) -> LossTable:
+def table_for(handle, options: list[QuantSpec | None], loss: np.ndarray | None = None,
+              plan: Plan | None = None) -> LossTable:
     """A table over the handle's quantizable layers (zero loss when none is given: enough to
-    check a budget before any sweep runs)."""
+    check a budget before any sweep runs). The embedding / lm_head are not chosen: they keep
+    `plan`'s rules for them (`plan_ends.end_rules`; none: kept as stored), and their bytes at
+    that setting are part of the fixed bytes, so a budget in MB is the whole model's."""
+    from studio.core.plan_ends import end_rules
+
     layers = handle.quantizable
     if loss is None:
         loss = np.zeros((len(layers), len(options)))
@@ -263,9 +274,11 @@ def table_for(handle, options: list[QuantSpec | None], loss: np.ndarray | None =
                               f"{BLOCK}-weight GGUF blocks, so a GGUF-native plan can only keep "
                               f"it in 16 bits: allow full precision.")
     covered = 2 * sum(i.shape[0] * i.shape[1] for i in layers)  # their 16-bit bytes in plan_size
+    ends = end_rules(plan, handle.layers) if plan is not None else ()
+    fixed = plan_size(handle, Plan(default=None, rules=ends)).size_bytes - covered
     return LossTable([i.name for i in layers], [tuple(i.shape) for i in layers], options, loss,
-                     fixed_bytes=plan_size(handle, Plan(default=None)).size_bytes - covered,
-                     architecture=handle.architecture, allowed=allowed)
+                     fixed_bytes=fixed, architecture=handle.architecture, allowed=allowed,
+                     fixed_rules=ends)
 
 
 @dataclass(frozen=True)
@@ -273,6 +286,7 @@ class PlanSize:
     bits_per_weight: float   # the body: block linears, other quantized layers but the ends
     size_bytes: int          # the whole model as an exporter stores it
     quantized: int           # layers the plan quantizes
+    breakdown: dict = field(default_factory=dict)  # size_bytes in Variant.size_breakdown's parts
 
     @property
     def size_mb(self) -> float:
@@ -290,7 +304,9 @@ def plan_size(handle, plan: Plan) -> PlanSize:
     # quantized apart, each is stored.
     shared = tied_specs(handle.layers, quantized)
     weight_ids = {id(handle.module(n).weight) for n in quantized}
-    total = 0.0
+    ends = {id(m.weight) for m in (getattr(model, g, lambda: None)() for g in (
+        "get_input_embeddings", "get_output_embeddings")) if m is not None}
+    parts = {"quantized": 0.0, "embedding": 0.0, "float": 0}
     bits = weights = 0.0
     for info in handle.layers:
         spec = quantized.get(info.name)
@@ -298,12 +314,18 @@ def plan_size(handle, plan: Plan) -> PlanSize:
             continue
         numel = info.shape[0] * info.shape[1]
         if spec is not None:
-            total += storage_bits_per_weight(spec, info.shape[1]) * numel / 8
+            end = id(handle.module(info.name).weight) in ends
+            parts["embedding" if end else "quantized"] += (
+                storage_bits_per_weight(spec, info.shape[1]) * numel / 8)
         if info.role not in ("embedding", "lm_head") and (spec is not None or info.quantizable):
             bits += storage_bits_per_weight(spec, info.shape[1]) * numel
             weights += numel
-    total += sum(float_bytes(t) for t in stored_floats(model) if id(t) not in weight_ids)
-    return PlanSize(bits / weights if weights else 16.0, int(total), len(quantized))
+    for tensor in stored_floats(model):
+        if id(tensor) not in weight_ids:
+            parts["embedding" if id(tensor) in ends else "float"] += float_bytes(tensor)
+    parts = {key: int(value) for key, value in parts.items()}
+    return PlanSize(bits / weights if weights else 16.0, sum(parts.values()), len(quantized),
+                    parts)
 
 
 def plan_title(handle, plan: Plan) -> str:
@@ -315,8 +337,20 @@ def plan_title(handle, plan: Plan) -> str:
     ends = {i.name: i for i in handle.layers if i.role in ("embedding", "lm_head")}
     if plan.default is not None and all(not r.regex and r.pattern in ends for r in plan.rules):
         # a uniform body with its embedding / lm_head set apart: "RTN W4 g128, lm_head W8 ch sym"
-        parts = [f"{ends[r.pattern].role} {r.spec.grid_label if r.spec else 'fp16'}"
-                 for r in plan.rules]
+        from studio.core.plan_ends import end_setting, ends_of
+
+        parts = []
+        for end in ends_of(handle.layers):   # a tied pair set alike is one matrix: one part
+            if any(r.pattern in end.names for r in plan.rules):
+                spec, apart = end_setting(plan, handle.layers, end)
+                if apart:
+                    parts += [f"{ends[r.pattern].role} {r.spec.grid_label if r.spec else 'fp16'}"
+                              for r in plan.rules if r.pattern in end.names]
+                else:
+                    parts.append(f"{end.roles[0]} {spec.grid_label if spec else 'fp16'}")
+        parts += [f"{ends[r.pattern].role} {r.spec.grid_label if r.spec else 'fp16'}"
+                  for r in plan.rules if r.pattern not in {n for e in ends_of(handle.layers)
+                                                           for n in e.names}]
         return ", ".join([plan.default.label, *parts])
     methods = sorted({s.method for s in plan.resolve(handle.layers).values() if s is not None})
     size = plan_size(handle, plan)

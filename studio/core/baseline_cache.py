@@ -74,7 +74,11 @@ class BaselineSummary:
     def kl(self, logits: torch.Tensor) -> torch.Tensor:
         """KL(baseline || model) per predicted position [b, seqlen - 1] for the model's logits
         [b, seqlen, vocab] on the same windows: over the top K plus one bucket for the rest."""
-        logq = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        return self.kl_of(F.log_softmax(logits[:, :-1].float(), dim=-1))
+
+    def kl_of(self, logq: torch.Tensor) -> torch.Tensor:
+        """`kl` from the model's log-probabilities [b, seqlen - 1, vocab] (`metrics.log_probs`),
+        when the caller has them already."""
         idx = self.top_ids.long()
         logp = self.top_logp
         logq_k = logq.gather(-1, idx)

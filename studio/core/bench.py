@@ -11,10 +11,12 @@ quantized variant on its own kernels (`studio.core.kernels`). Each is measured t
   per-step plumbing; other models through their transformers forward);
 * repeated `repeat` times after one warm-up run: median, min and max are reported;
 * memory: the process's peak RSS while the target runs (psutil, sampled). It counts all the
-  process holds (the baseline the app keeps open too), so `model_mb`, the bytes of the target's
-  own tensors, is given beside it for comparing targets;
-* size: a variant's `size_bytes` (as an export stores it: the one size quantize, Compare and
-  export report, with its breakdown), a file's bytes on disk, else the bytes its tensors hold.
+  process holds (the baseline the app keeps open too), so `runtime_mb`, the bytes of the
+  target's own tensors as they run (floats in fp32, kernel layouts), is given beside it;
+* size (`size_mb` = `model_mb`): what the target weighs as an export stores it, with its
+  breakdown (quantized layers / embedding and lm_head / other floats), the one size quantize,
+  Compare and export report: a variant's `size_breakdown`, and the same count for the float
+  and on-the-fly int8 / int4 models (`variant.planned_breakdown`); a GGUF's bytes on disk.
 
 Targets run on a backend (`studio.core.backends`): torch (the above), or llama.cpp for a GGUF
 file (`gguf_target`), timed the same way with the same prompt ids and lengths. Every result
@@ -46,6 +48,7 @@ from studio.core.layers import model_bytes, weight_matrix
 from studio.core.memory import estimate_bench, guard
 from studio.core.plan import QuantSpec
 from studio.core.quant.grid import quantize_rtn
+from studio.core.variant import planned_breakdown
 
 BASE_CONFIGS = ("fp32", "bf16", "int8", "int4")
 INT8_SPEC = QuantSpec(bits=8, group_size=-1, symmetric=True)
@@ -61,7 +64,8 @@ class BenchTarget:
     details: dict = field(default_factory=dict)  # shown next to the figures (plan, source...)
     backend: str = "torch"
     model: nn.Module | None = None   # the model a torch target's build copies (memory guard)
-    size_source: str = "disk"       # what size_bytes is: "disk" (a file) or "variant"
+    size_source: str = "disk"       # what size_bytes is: "disk" (a file) or "stored"
+    size_breakdown: dict | None = None   # size as an export stores it, in parts
 
 
 @dataclass
@@ -74,7 +78,7 @@ class BenchResult:
     peak_rss_mb: float
     model_mb: float
     size_mb: float
-    size_source: str              # "disk" or "memory"
+    size_source: str              # "stored" (as an export stores it), "disk" or "memory"
     weights_read_mb: float        # weight bytes every decode step reads
     threads: int
     repeat: int
@@ -85,6 +89,8 @@ class BenchResult:
     backend: str = "torch"
     build: dict = field(default_factory=dict)   # versions / CPU flags of what ran it
     error: str | None = None                    # why an optional target gave no figures
+    runtime_mb: float = 0.0                     # the target's tensors as they run
+    size_breakdown: dict | None = None          # size_mb in parts (torch targets)
 
     @property
     def fallbacks(self) -> list[KernelChoice]:
@@ -100,8 +106,10 @@ class BenchResult:
                 "prefill_ms_range": [round(v, 2) for v in self.prefill_ms_range],
                 "decode_tok_s": round(self.decode_tok_s, 2),
                 "decode_tok_s_range": [round(v, 2) for v in self.decode_tok_s_range],
-                "peak_rss_mb": round(self.peak_rss_mb, 1), "model_mb": round(self.model_mb, 1),
+                "peak_rss_mb": round(self.peak_rss_mb, 1), "model_mb": round(self.model_mb, 2),
                 "size_mb": round(self.size_mb, 2), "size_source": self.size_source,
+                "runtime_mb": round(self.runtime_mb, 1),
+                **({"size_breakdown": self.size_breakdown} if self.size_breakdown else {}),
                 "weights_read_mb": round(self.weights_read_mb, 2), "threads": self.threads,
                 "repeat": self.repeat, "prompt_tokens": self.prompt_tokens,
                 "new_tokens": self.new_tokens, "kernel_summary": kernel_summary(self.kernels),
@@ -138,6 +146,8 @@ def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
         elif config == "bf16":
             targets.append(BenchTarget("bf16", lambda: float_model(model, torch.bfloat16),
                                        model=model))
+        if config in ("fp32", "bf16"):
+            targets[-1].size_breakdown = planned_breakdown(model, {})
         else:
             spec = INT8_SPEC if config == "int8" else QuantSpec(bits=4, group_size=group_size)
             label = "int8" if config == "int8" else f"int4 g{group_size}"
@@ -150,6 +160,9 @@ def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
                 details={"quantized": f"RTN W{spec.bits} "
                          f"{'per-channel' if spec.group_size == -1 else f'g{spec.group_size}'}"
                          f"{extra} (on the fly, for speed only)"}, model=model))
+            # sized as a variant of the same plan would be
+            targets[-1].size_breakdown = planned_breakdown(
+                model, {name: spec for name in [*names, *([head] if head else [])]})
     return targets
 
 
@@ -192,12 +205,11 @@ def variant_bench_target(variant, prefill: str = "dense", kernels: str = "native
     """`variant_target` for a Variant, sized as everywhere else: `Variant.size_bytes` (what an
     export stores, the embedding / lm_head included) with its breakdown, not its folder (codes
     in int32 words, fp32 scales, the base's tensors left out) nor its runtime tensors."""
-    target = variant_target(variant.name, variant.model, variant.qtensors, variant.size_bytes,
+    target = variant_target(variant.name, variant.model, variant.qtensors, None,
                             {"bits_per_weight": round(variant.bits_per_weight, 4),
                              "model_bits_per_weight": round(variant.model_bits_per_weight, 4),
-                             "size_breakdown": variant.size_breakdown,
                              "calibration": variant.calibration}, prefill, kernels)
-    target.size_source = "variant"
+    target.size_breakdown = variant.size_breakdown
     return target
 
 
@@ -339,7 +351,11 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
                     if run_index:
                         prefill.append(1000 * seconds_prefill)
                         decode.append(new_tokens / seconds_decode)
-            size = target.size_bytes
+            # The size: a file's bytes when the target is one, else as an export stores it.
+            stored = sum(target.size_breakdown.values()) if target.size_breakdown else None
+            size = target.size_bytes if target.size_bytes is not None else stored
+            source = (target.size_source if target.size_bytes is not None
+                      else "stored" if stored is not None else "memory")
             in_memory = model_bytes(model) if isinstance(model, nn.Module) else size or 0
             loop = ("llama.cpp" if target.backend != "torch" else
                     "lean (q/k/v, gate/up fused where the layers allow)" if lean_supported(model) else "transformers")
@@ -349,9 +365,10 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
                 decode_tok_s=statistics.median(decode), decode_tok_s_range=(min(decode), max(decode)),
                 # a llama.cpp runner reports its own process's peak
                 peak_rss_mb=(getattr(model, "peak_rss", 0) or rss.peak) / 2**20,
-                model_mb=in_memory / 2**20,
+                model_mb=(size if size is not None else in_memory) / 2**20,
                 size_mb=(size if size is not None else in_memory) / 2**20,
-                size_source=target.size_source if size is not None else "memory",
+                size_source=source, runtime_mb=in_memory / 2**20,
+                size_breakdown=target.size_breakdown,
                 weights_read_mb=sum(c.weight_bytes for c in choices) / 2**20,
                 threads=torch.get_num_threads(), repeat=repeat, prompt_tokens=prompt_tokens,
                 new_tokens=new_tokens, kernels=choices,

@@ -298,11 +298,12 @@ class _Tally:
         self.first: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def add(self, ids: torch.Tensor, logits: torch.Tensor, base: BaselineSummary | None):
-        nll = metrics.token_nll(logits, ids)
+        logp = metrics.log_probs(logits)    # one softmax over the vocabulary for NLL and KL
+        nll = metrics.nll_of(logp, ids)
         kl = agree = None
         if base is not None:
             # Position t's logits predict token t + 1; the last position predicts nothing here.
-            kl = base.kl(logits).flatten()
+            kl = base.kl_of(logp).flatten()
             agree = (logits[:, :-1].argmax(-1) == base.argmax).float().sum().item()
         self._add(nll, base, kl, agree)
 

@@ -10,7 +10,16 @@ import torch.nn.functional as F
 
 def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Per-token negative log-likelihood of ids[:, 1:] given logits[:, :-1] -> [batch, seq-1]."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return nll_of(log_probs(logits), ids)
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax of the positions that predict a next token (logits[:, :-1]), in float32."""
+    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def nll_of(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`token_nll` from `log_probs`: one softmax over the vocabulary serves NLL and KL."""
     return -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 

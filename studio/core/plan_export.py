@@ -8,6 +8,12 @@ the studio's exact grid (k-quants use 256-weight super-blocks with their own sca
 length is not a multiple of 256 cannot hold k-quants: llama-quantize then falls back to another
 type, and the export says which, so nobody is surprised by the file size. A GGUF-native spec
 (`grid.native_gguf_type`) names its own legacy type (q4_0, q5_0, q8_0), which it is exactly.
+The ends are written only when the plan sets them (else llama-quantize's own choice for them
+stands, Q6_K / Q8_0 for the output), anchored (`^output\.weight$`: llama.cpp searches, and
+"output.weight" is inside every blk.N.attn_output.weight). A tied pair is one GGUF tensor,
+`token_embd.weight` (no `output.weight`: llama.cpp reads the output from it), so it is one line;
+planned apart, the GGUF still holds one matrix and the lm_head's type is used (its error
+reaches every logit), with a note.
 
 llm-compressor: a recipe stage with one modifier per method (each method declares its
 llm-compressor modifier in the registry, `Quantizer.llm_compressor`: QuantizationModifier for
@@ -74,33 +80,67 @@ def ggml_type(spec: QuantSpec | None) -> str:
 
 
 def llama_cpp_overrides(handle, plan: Plan) -> list[tuple[str, str]]:
-    """[(regex, ggml type)] for every layer the plan decides, in model order."""
+    """[(regex, ggml type)] for every block layer in model order, then the ends the plan
+    sets (see the module notes)."""
+    from studio.core.plan_ends import end_names
+
     specs = _resolved(handle, plan)
+    ends = end_names(handle.layers)
     pairs = []
     for info in handle.layers:
-        if info.name not in specs or (specs[info.name] is None and not info.quantizable):
-            continue  # an embedding / lm_head the plan leaves alone: llama.cpp's default applies
+        if info.name in ends or (specs[info.name] is None and not info.quantizable):
+            continue  # the ends below; a layer outside the blocks the plan leaves alone
         pattern = re.escape(gguf_name(info)) + r"\.weight"
         pairs.append((pattern, ggml_type(specs[info.name])))
-    return pairs
+    return pairs + [(f"^{re.escape(name)}\\.weight$", ggml_type(spec))
+                    for name, spec, _ in end_overrides(handle, plan)]
+
+
+def end_overrides(handle, plan: Plan) -> list[tuple[str, QuantSpec | None, str]]:
+    """(GGUF tensor name, spec, note) for each end the plan sets: "token_embd" once for a
+    tied pair (the lm_head's spec when the two are planned apart, noted), else "output" and
+    "token_embd" each."""
+    from studio.core.plan_ends import end_setting, ends_of
+
+    out = []
+    for end in ends_of(handle.layers):
+        if not any(r.matches(n) for r in plan.rules for n in end.names):
+            continue   # not set: llama-quantize's own choice for it stands
+        spec, apart = end_setting(plan, handle.layers, end)
+        if end.tied:
+            note = (f"The plan sets the tied {' and '.join(end.names)} apart, but a GGUF holds "
+                    f"them as one tensor (token_embd.weight): it takes the lm_head's "
+                    f"{ggml_type(spec)}." if apart else "")
+            out.append(("token_embd", spec, note))
+        else:
+            out.append((GGUF_GLOBAL[end.roles[0]], spec, ""))
+    return out
 
 
 def llama_cpp_export(handle, plan: Plan) -> Export:
     """One PATTERN=TYPE line per tensor (a --tensor-type-file), with notes on fallbacks."""
+    from studio.core.plan_ends import end_names
+
     specs = _resolved(handle, plan)
     pairs = llama_cpp_overrides(handle, plan)
-    notes = []
+    ends = end_overrides(handle, plan)
+    rows = {GGUF_GLOBAL[i.role]: i.shape[1] for i in handle.layers if i.role in GGUF_GLOBAL}
+    written = [(info.name, specs[info.name], info.shape[1]) for info in handle.layers
+               if info.name not in end_names(handle.layers) and specs[info.name] is not None]
+    written += [(f"{name}.weight", spec, rows[name]) for name, spec, _ in ends if spec]
+    notes = [note for _, _, note in ends if note]
     fallback: dict[tuple[str, str], int] = {}
-    for info in handle.layers:
-        spec = specs.get(info.name)
-        if spec is None:
-            continue
+    for name, spec, width in written:
         kind = ggml_type(spec)
-        if kind in KQUANT_FALLBACK and info.shape[1] % QK_K:
+        if kind in KQUANT_FALLBACK and width % QK_K:
             key = (kind, KQUANT_FALLBACK[kind])
             fallback[key] = fallback.get(key, 0) + 1
         if spec.bits == 7:
-            notes.append(f"{info.name}: 7 bits has no ggml type; q8_0 is used.")
+            notes.append(f"{name}: 7 bits has no ggml type; q8_0 is used.")
+    for name, spec, _ in ends:
+        flag = "--token-embedding-type" if name == "token_embd" else "--output-tensor-type"
+        notes.append(f"{name}.weight -> {ggml_type(spec)} (the same as llama-quantize {flag} "
+                     f"{ggml_type(spec)}).")
     for (kind, other), count in sorted(fallback.items()):
         notes.append(f"{count} tensor(s) planned as {kind} have rows that are not a multiple of "
                      f"{QK_K}; llama-quantize will store them as {other} instead.")

@@ -184,6 +184,32 @@ class Variant:
         }
 
 
+def planned_breakdown(model: nn.Module, specs: dict[str, QuantSpec]) -> dict[str, int]:
+    """`Variant.size_breakdown` of `model` with the layers of `specs` quantized at their
+    specs, counted without quantizing anything (the affine grid's price; a tied head's matrix
+    once): what the benchmark's on-the-fly int8 / int4 models, and a float model ({}), weigh
+    as an export stores them."""
+    ends = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        if module is not None and module._parameters.get("weight") is not None:
+            ends.add(id(module.weight))
+    parts = {"quantized": 0.0, "embedding": 0.0, "float": 0}
+    coded = set()
+    for name, spec in specs.items():
+        module = get_module(model, name)
+        if id(module.weight) in coded:   # a tied pair named twice: one matrix
+            continue
+        coded.add(id(module.weight))
+        w = weight_matrix(module)
+        cost = storage_bits_per_weight(spec, w.shape[1]) * w.numel() / 8
+        parts["embedding" if id(module.weight) in ends else "quantized"] += cost
+    for tensor in stored_floats(model):
+        if id(tensor) not in coded:
+            parts["embedding" if id(tensor) in ends else "float"] += float_bytes(tensor)
+    return {key: int(value) for key, value in parts.items()}
+
+
 def stored_floats(model: nn.Module) -> list[torch.Tensor]:
     """The float tensors a file of the model holds: parameters and persistent buffers, a
     shared (tied) tensor once; rotary tables and other non-persistent buffers are rebuilt by

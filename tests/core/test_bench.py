@@ -153,3 +153,43 @@ def test_other_architectures_run_on_kernels_through_transformers(tiny_dirs, arch
     with torch.no_grad():
         expected, got = reference(ids).logits, model(ids).logits.float()
     assert ((got - expected).norm() / expected.norm()).item() < 0.02
+
+
+def test_bench_size_is_the_size_quantize_compare_and_export_give(tiny_dirs, tmp_path, capsys):
+    """One size: bench's model_mb / size_mb are the variant's size_breakdown (not its runtime
+    tensors), and the on-the-fly int8 / int4 models are counted the same way as a variant
+    of their plan."""
+    import json
+
+    from studio.cli import main
+    from studio.core.models import open_model_job
+    from studio.core.plan import Plan, Rule
+    from studio.core.quantize import quantize_job
+    from studio.core.runs import describe_variant
+    from studio.core.variant import load_variant
+
+    folder, out = str(tiny_dirs["llama"]), tmp_path / "v"
+    assert main(["quantize", folder, "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "--lm-head", "w8", "--out", str(out), "--json"]) == 0
+    made = json.loads(capsys.readouterr().out)
+    args = ["--prompt-tokens", "4", "--new-tokens", "2", "--repeat", "1", "--threads", "1"]
+    assert main(["bench", str(out), *args, "--json"]) == 0
+    benched = json.loads(capsys.readouterr().out)
+    assert benched["size_breakdown"] == made["size_breakdown"]
+    assert benched["size_source"] == "stored"
+    assert benched["model_mb"] == benched["size_mb"] == round(made["size_bytes"] / 2**20, 2)
+    assert benched["runtime_mb"] > benched["model_mb"]      # fp32 floats as they run
+    handle = run(open_model_job(folder))
+    variant = load_variant(out, handle)
+    assert describe_variant(variant)["size_mb"] == made["size_bytes"] / 2**20   # Compare
+
+    # The on-the-fly int4 (+ lm_head) model weighs what an RTN variant of its plan weighs.
+    spec = QuantSpec(bits=4, group_size=32)
+    [int4] = base_targets(handle.model, ("int4",), group_size=32,
+                          layer_names=[i.name for i in handle.quantizable])
+    plan = Plan(spec).with_rule(Rule("lm_head", spec))
+    same = run(quantize_job(handle, plan, None, None, "int4 + head"))
+    assert int4.size_breakdown == same.size_breakdown and same.shared   # the tied matrix once
+    [fp32] = base_targets(handle.model, ("fp32",))
+    from studio.core.runs import describe_baseline
+    assert sum(fp32.size_breakdown.values()) / 2**20 == describe_baseline(handle)["size_mb"]

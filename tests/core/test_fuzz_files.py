@@ -9,7 +9,8 @@ from tests.fuzz.harness import Kind, fuzz_kind, make_kinds
 
 # (iterations, seconds cap) per kind: the whole pass stays under ~45 s on a busy machine
 BUDGET = {"gguf": (500, 6), "safetensors": (500, 6), "config": (120, 9), "recipe": (400, 5),
-          "sensitivity": (300, 6), "variant": (250, 9), "session": (250, 6)}
+          "sensitivity": (300, 6), "variant": (250, 9), "variant_tied": (200, 6),
+          "session": (250, 6)}
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +44,32 @@ def test_the_harness_reports_what_is_not_a_studio_error(tmp_path):
     stats = fuzz_kind(Kind("naive", [path], naive_loader, json_like=True), iterations=200)
     assert stats.findings and stats.accepted
     assert json.loads(path.read_text())["a"] == [1, 2, 3]  # restored after the run
+
+
+def test_a_hostile_alias_in_a_tied_variant_is_refused_by_name(kinds):
+    """variant.json's "codes_of" (a tied embedding holding its lm_head's codes) pointing at
+    itself, at a layer of another shape, at another alias, or at nothing: a clear refusal."""
+    kind = kinds["variant_tied"]
+    [path] = kind.files
+    original = path.read_text()
+    doc = json.loads(original)
+    layers = doc["layers"]
+    [follower] = [n for n, info in layers.items() if "codes_of" in info]
+    leader = layers[follower]["codes_of"]
+    block = next(n for n in layers if n not in (follower, leader))
+    cases = [({follower: {"codes_of": follower}}, "holds the codes of"),
+             ({follower: {"codes_of": "no.such.layer"}}, "holds the codes of"),
+             ({follower: {"codes_of": 7}}, "holds the codes of"),
+             ({follower: {"codes_of": block}}, "does not quantize at that shape"),
+             ({leader: {"codes_of": follower}}, "holds the codes of")]
+    try:
+        for edit, message in cases:
+            changed = json.loads(original)
+            for name, fields in edit.items():
+                changed["layers"][name].update(fields)
+            path.write_text(json.dumps(changed))
+            with pytest.raises(StudioError, match=message):
+                kind.load()
+    finally:
+        path.write_text(original)
+    kind.load()

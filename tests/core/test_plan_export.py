@@ -88,3 +88,90 @@ def test_plan_for_another_architecture_is_refused(tiny_llama):
     plan = Plan(default=QuantSpec(bits=4), architecture="GPT2LMHeadModel")
     with pytest.raises(StudioError, match="written for GPT2LMHeadModel"):
         llama_cpp_export(tiny_llama, plan)
+
+
+def _gguf_of(handle, folder, plan):
+    """`handle` quantized by `plan` and exported as GGUF by the studio (as llama.cpp's
+    converter names the tensors: a tied pair as token_embd only)."""
+    from studio.core.export.base import ExportOptions
+    from studio.core.export.gguf import GGUF
+    from studio.core.jobs import run
+    from studio.core.quantize import quantize_job
+
+    folder.mkdir(parents=True, exist_ok=True)
+    variant = run(quantize_job(handle, plan, None, None, "for llama.cpp"))
+    return run(GGUF.write_job(variant, handle, ExportOptions(), None, folder)).file
+
+
+def _hits(text, names):
+    """{line's type: [tensors its pattern finds]} as llama-quantize searches (std::regex_search,
+    first matching pattern wins)."""
+    hits = {}
+    for line in text.splitlines():
+        pattern, kind = line.rsplit("=", 1)
+        hits[pattern] = (kind, [n for n in names if re.search(pattern, n)])
+    return hits
+
+
+NATIVE_Q4 = QuantSpec(4, 32, True, scale_dtype="fp16")
+
+
+def test_the_ends_map_to_llama_cpp_names_a_tied_pair_once(tiny_llama, tiny_dirs, tmp_path):
+    from gguf import GGUFReader
+
+    from studio.core.jobs import run
+    from studio.core.models import open_model_job
+    from studio.core.plan import end_spec
+
+    # Untied (Qwen2): output and token_embd each, anchored: "output\.weight" alone would also
+    # hit every blk.N.attn_output.weight.
+    qwen2 = run(open_model_job(tiny_dirs["qwen2"]))
+    plan = Plan(NATIVE_Q4).with_rule(Rule("lm_head", end_spec("w8")))
+    plan = plan.with_rule(Rule("model.embed_tokens", QuantSpec(bits=4, group_size=64)))
+    names = [t.name for t in GGUFReader(_gguf_of(qwen2, tmp_path / "q", Plan(NATIVE_Q4))).tensors]
+    hits = _hits(llama_cpp_export(qwen2, plan).text, names)
+    assert hits[r"^output\.weight$"] == ("q8_0", ["output.weight"])
+    assert hits[r"^token_embd\.weight$"] == ("q4_K", ["token_embd.weight"])
+    assert all(len(found) == 1 for _, found in hits.values())
+
+    # Tied (the tiny Llama): one matrix, one line, token_embd; nothing names output.weight.
+    names = [t.name for t in GGUFReader(_gguf_of(tiny_llama, tmp_path / "l",
+                                                 Plan(NATIVE_Q4))).tensors]
+    assert "output.weight" not in names
+    plan = Plan(NATIVE_Q4).with_rule(Rule("model.embed_tokens", end_spec("w8")))
+    export = llama_cpp_export(tiny_llama, plan)
+    hits = _hits(export.text, names)
+    assert [p for p in hits if "token_embd" in p or "output" in p and "attn" not in p] == [
+        r"^token_embd\.weight$"]
+    assert hits[r"^token_embd\.weight$"] == ("q8_0", ["token_embd.weight"])
+    assert not any("apart" in note for note in export.notes)
+    # Planned apart, the GGUF still holds one tensor: the lm_head's type, and a note.
+    apart = plan.with_rule(Rule("lm_head", QuantSpec(bits=6, group_size=32)))
+    export = llama_cpp_export(tiny_llama, apart)
+    assert _hits(export.text, names)[r"^token_embd\.weight$"][0] == "q6_K"
+    assert any("one tensor (token_embd.weight)" in note for note in export.notes)
+    # Ends the plan does not set are left to llama-quantize's own choice.
+    assert "token_embd" not in llama_cpp_export(tiny_llama, Plan(NATIVE_Q4)).text
+
+
+@pytest.mark.skipif(not __import__("studio.core.export.llama_cpp", fromlist=["x"]).available(),
+                    reason="cyllama is not installed")
+def test_llama_quantize_takes_the_tied_head_type(tiny_llama, tmp_path):
+    """llama.cpp's own quantizer, given the type the export names for the tied pair, writes it
+    once as token_embd and the result runs."""
+    import torch
+    from gguf import GGUFReader
+
+    from studio.core.export import llama_cpp
+    from studio.core.plan import end_spec
+
+    source = _gguf_of(tiny_llama, tmp_path / "src", Plan(NATIVE_Q4))
+    plan = Plan(NATIVE_Q4).with_rule(Rule("lm_head", end_spec("w8")))
+    kind, _ = _hits(llama_cpp_export(tiny_llama, plan).text, [])[r"^token_embd\.weight$"]
+    out = llama_cpp.quantize_file(source, tmp_path / "out.gguf", "Q4_0",
+                                  token_embedding_type=kind)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(out)).tensors}
+    assert types["token_embd.weight"] == "Q8_0" and "output.weight" not in types
+    assert types["blk.0.attn_q.weight"] == "Q4_0"
+    logits = llama_cpp.logits(out, torch.arange(3, 19).reshape(1, 16))
+    assert logits.shape == (1, 16, 384) and torch.isfinite(logits).all()

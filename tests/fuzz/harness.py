@@ -43,6 +43,7 @@ class Kind:
     load: Callable[[], object]        # reads the (mutated) file(s) in place
     json_like: bool = False
     header_bytes: int = 4096          # binary kinds: most mutations land in the header
+    focus: str | None = None          # a JSON key most edits aim at (its values, its siblings)
 
 
 @dataclass
@@ -150,6 +151,13 @@ def make_kinds(root: Path, model_folder: Path, handle) -> dict[str, Kind]:
     variant = run(quantize_job(handle, Plan(default=QuantSpec(bits=4, group_size=32)), None,
                                None, "fuzz"))
     vfolder = save_variant(variant, root / "variant")
+    # A tied lm_head / embedding quantized once: the embedding holds the head's codes
+    # ("codes_of" in variant.json), an alias a damaged or hostile file can point anywhere.
+    tied = run(quantize_job(handle, Plan(default=QuantSpec(bits=4, group_size=32),
+                                         rules=(Rule("lm_head", QuantSpec(8, -1, True)),)),
+                            None, None, "fuzz tied"))
+    assert tied.shared, "the fuzz model's head is not tied"
+    tfolder = save_variant(tied, root / "variant-tied")
 
     from studio.core.session import Session
     from studio.core.session_file import save_session
@@ -170,11 +178,29 @@ def make_kinds(root: Path, model_folder: Path, handle) -> dict[str, Kind]:
                                                           "quantized.safetensors",
                                                           "floats.safetensors")],
                         lambda: load_variant(vfolder, handle), json_like=True, header_bytes=2048),
+        "variant_tied": Kind("variant_tied", [tfolder / "variant.json"],
+                             lambda: _use_variant(tfolder, handle), json_like=True,
+                             focus="codes_of"),
         "session": Kind("session", [session_folder / "session.json",
                                     session_folder / "arrays.safetensors"],
                         lambda: _use_session(session_folder, handle), json_like=True,
                         header_bytes=2048),
     }
+
+
+def _use_variant(folder: Path, handle) -> None:
+    """Load, then run what a loaded variant is used for: a forward pass (both ends of a tied
+    pair read the codes) and its size."""
+    import torch
+
+    from studio.core.variant import load_variant
+
+    variant = load_variant(folder, handle)
+    with torch.no_grad():
+        logits = variant.model(torch.arange(1, 9).reshape(1, 8)).logits
+    if not torch.isfinite(logits).all():
+        raise AssertionError("a loaded variant gives non-finite logits")
+    variant.size_breakdown
 
 
 def _use_sensitivity(path: Path, handle) -> None:
@@ -291,6 +317,32 @@ def mutate_json(data: bytes, rng: random.Random) -> tuple[bytes, str]:
     return _dump(doc), f"{_label(path)} = {str(parent[path[-1]])[:40]!r}"
 
 
+def mutate_focus(data: bytes, rng: random.Random, key: str) -> tuple[bytes, str]:
+    """Edits aimed at `key` (e.g. variant.json's "codes_of", a layer holding another's codes):
+    its value replaced by a sibling's name (itself, a layer of another shape, one that is an
+    alias too), a hostile value, or removed; or the key added to a sibling (an alias chain, a
+    leader aliased back)."""
+    doc = json.loads(data)
+    holders = [p for p in _paths(doc, ()) if p[-1] == key]
+    if not holders:
+        return mutate_json(data, rng)
+    path = rng.choice(holders)
+    owner, table = path[:-1], _at(doc, path[:-2])     # the entry holding it, and its siblings
+    names = list(table) if isinstance(table, dict) else []
+    op = rng.choice(["name", "name", "hostile", "delete", "add"])
+    if op == "delete":
+        del _at(doc, owner)[key]
+        return _dump(doc), f"deleted {_label(path)}"
+    if op == "add" and names:
+        other = rng.choice(names)
+        if isinstance(table[other], dict):
+            table[other][key] = rng.choice(names + [path[-2]])
+            return _dump(doc), f"{other}.{key} = {table[other][key]!r}"
+    value = rng.choice(names) if op == "name" and names else rng.choice(HOSTILE_JSON)
+    _at(doc, owner)[key] = value
+    return _dump(doc), f"{_label(path)} = {str(value)[:40]!r}"
+
+
 def _paths(node, prefix):
     if isinstance(node, dict):
         for key, value in node.items():
@@ -333,7 +385,9 @@ def fuzz_kind(kind: Kind, seed: int = 0, iterations: int | None = None,
                 break
             target = rng.choice(kind.files)
             data = originals[target]
-            if kind.json_like and target.suffix == ".json" and rng.random() < 0.7:
+            if kind.focus and target.suffix == ".json" and rng.random() < 0.6:
+                mutant, how = mutate_focus(data, rng, kind.focus)
+            elif kind.json_like and target.suffix == ".json" and rng.random() < 0.7:
                 mutant, how = mutate_json(data, rng)
             else:
                 mutant, how = mutate_bytes(data, rng, kind.header_bytes)

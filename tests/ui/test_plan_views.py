@@ -235,3 +235,55 @@ def test_gguf_native_checkbox_restricts_edits_and_allocation(qtbot, state, tiny_
     # Unticked, edits take any grid again.
     view.gguf_native.setChecked(False)
     assert view.group.isEnabled() and "GGUF:" not in view.meter.text()
+
+
+def test_the_ends_are_one_shared_choice_and_allocation_keeps_them(qtbot, state, tiny_llama,
+                                                                  tiny_result, tmp_path):
+    from studio.core.allocate import plan_size
+    from studio.core.quantize import quantize_job
+
+    view = PlanView(state)
+    qtbot.addWidget(view)
+    state.set_model(tiny_llama)
+    [box] = view.ends.boxes    # a tied pair: one choice
+    [end] = view.ends.ends
+    assert end.tied
+    box.setCurrentIndex(box.findData("w8"))
+    box.activated.emit(box.currentIndex())
+    plan = state.session.plan
+    assert plan.spec_for("lm_head") == plan.spec_for("model.embed_tokens")
+    assert plan.spec_for("lm_head").label == "RTN W8 ch sym"
+    rows = {view.table.item(r, 0).text(): r for r in range(view.table.rowCount())}
+    for name in end.names:
+        assert view.table.item(rows[name], 4).text() == "8"
+    variant = run(quantize_job(tiny_llama, plan, None, None, "ends"))
+    assert variant.shared == {"model.embed_tokens": "lm_head"}
+    assert view.size.size_bytes == variant.size_bytes
+
+    # One side picked in the table: both follow (one matrix), and the row says so.
+    view.table.clearSelection()
+    view.table.selectRow(rows["model.embed_tokens"])
+    view.bits.setValue(4)
+    view.group.setCurrentIndex(view.group.findData(32))
+    view.apply_to_selected()
+    assert state.session.plan.spec_for("lm_head").bits == 4
+    assert "both follow" in view.message.text()
+    assert box.currentText().startswith("W4 g32")
+
+    # The allocator keeps the ends as planned and counts them in the size.
+    state.publish("sensitivity", tiny_result)
+    view.loss_kind.setCurrentIndex(1)     # proxy
+    view.target.setValue(4.0)
+    assert view.auto_allocate() is not None
+    _wait_job(qtbot, view)
+    allocated = state.session.plan
+    assert allocated.spec_for("lm_head").bits == 4 == allocated.spec_for("model.embed_tokens").bits
+    assert plan_size(tiny_llama, allocated).size_bytes == int(view.allocation.size_bytes)
+    assert "counted in the size: lm_head + embedding" in view.message.text()
+    view._save(str(tmp_path / "plan.json"))
+    assert Plan.load(tmp_path / "plan.json") == allocated
+    box.setCurrentIndex(box.findData("keep"))
+    box.activated.emit(box.currentIndex())
+    assert state.session.plan.spec_for("lm_head") is None
+    view._load(str(tmp_path / "plan.json"))
+    assert box.currentText().startswith("W4 g32")

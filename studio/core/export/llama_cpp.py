@@ -231,9 +231,22 @@ def tensor_kernels(path: str | Path) -> list[tuple[str, str, int | None, int]]:
 
 
 def quantize_file(source: str | Path, target: str | Path, ftype: str = "Q4_0",
-                  threads: int = 1) -> Path:
+                  threads: int = 1, token_embedding_type: str | None = None,
+                  output_tensor_type: str | None = None) -> Path:
     """llama.cpp's own quantizer (llama-quantize) on a GGUF: `ftype` names a LLAMA_FTYPE
-    (MOSTLY_Q4_0 is 2, ...). For benchmarks: the anchor users know."""
+    (MOSTLY_Q4_0 is 2, ...). For benchmarks: the anchor users know. The two ends take a ggml
+    type name ("q8_0", "q6_K", "f16"), as llama-quantize's --token-embedding-type and
+    --output-tensor-type do."""
+    from gguf import GGMLQuantizationType
+
+    ends = {}
+    for key, name in (("token_embedding_type", token_embedding_type),
+                      ("output_tensor_type", output_tensor_type)):
+        if name is not None:
+            try:
+                ends[key] = int(GGMLQuantizationType[name.upper()])
+            except KeyError:
+                raise StudioError(f"{name!r} is not a ggml type name.") from None
     ftypes = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15}
     if ftype not in ftypes:
         raise StudioError(f"Unknown llama.cpp type {ftype}; choose from {', '.join(ftypes)}.")
@@ -244,7 +257,7 @@ def quantize_file(source: str | Path, target: str | Path, ftype: str = "Q4_0",
     worker.name = Path(source).name
     try:
         worker.call(f"quantize to {ftype}", op="quantize", source=str(source), target=str(tmp),
-                    ftype=ftypes[ftype], threads=threads)
+                    ftype=ftypes[ftype], threads=threads, **ends)
     except StudioError:
         tmp.unlink(missing_ok=True)
         raise

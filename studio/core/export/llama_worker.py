@@ -120,10 +120,16 @@ class Session:
         ids = self.model.get_vocab().tokenize(text, add_special, False)
         reply(self.out, {"ids": [int(i) for i in ids]})
 
-    def quantize(self, source: str, target: str, ftype: int, threads: int) -> None:
+    def quantize(self, source: str, target: str, ftype: int, threads: int,
+                 token_embedding_type: int | None = None,
+                 output_tensor_type: int | None = None) -> None:
         params = self.cy.LlamaModelQuantizeParams()
         params.ftype = ftype
         params.nthread = threads
+        if token_embedding_type is not None:
+            params.token_embedding_type = token_embedding_type
+        if output_tensor_type is not None:
+            params.output_tensor_type = output_tensor_type
         params.allow_requantize = True       # the demo ships already quantized (Q4_1)
         self.cy.model_quantize(source, target, params)
         reply(self.out, {})

@@ -24,7 +24,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio.core.bench import BASE_CONFIGS, base_targets, bench_job, gguf_target, variant_target
+from studio.core.bench import (BASE_CONFIGS, base_targets, bench_job, gguf_target,
+                               variant_bench_target)
 from studio.core.errors import StudioError
 from studio.core.runs import bench_run, describe_baseline, describe_gguf, describe_variant
 from studio.ui.widgets import GgufFiles, check_item
@@ -177,10 +178,8 @@ class BenchmarkView(QWidget):
             for key in keys:
                 if key.startswith("variant:"):
                     variant = self.state.session.variants[key.split(":", 1)[1]]
-                    for kernel in kernels:
-                        targets.append(variant_target(variant.name, variant.model,
-                                                      variant.qtensors, variant.size_bytes,
-                                                      kernels=kernel))
+                    for kernel in kernels:   # sized as everywhere: its size_breakdown
+                        targets.append(variant_bench_target(variant, kernels=kernel))
                         owners[targets[-1].name] = variant
                 elif GgufFiles.path_of(key):
                     targets.append(gguf_target(GgufFiles.path_of(key)))

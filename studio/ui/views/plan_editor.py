@@ -39,10 +39,12 @@ from studio.core.errors import StudioError
 from studio.core.export.gguf_types import BLOCK, fits_rows
 from studio.core.jobs import Progress
 from studio.core.plan import GROUP_SIZES, Plan, QuantSpec, Rule
+from studio.core.plan_ends import describe, effective_specs, ends_of, with_end
 from studio.core.plan_rules import NOT_NATIVE, RULE_HELP, parse_rule  # noqa: F401 (re-exported)
 from studio.core.quant import registry
 from studio.core.quant.grid import native_gguf_type
 from studio.ui.layout import column
+from studio.ui.views.plan_head import PlanEnds
 from studio.ui.widgets import Refused, guarded, method_tooltips
 
 COLUMNS = ("Layer", "Block", "Role", "Shape", "Bits", "Group", "Method", "Sym", "Scales", "Skip",
@@ -99,6 +101,8 @@ class PlanView(QWidget):
             "needs a GGUF-native sensitivity sweep), and a variant of the plan exports to GGUF "
             "with no rounding.")
         self.gguf_native.toggled.connect(self._native_toggled)
+        self.ends = PlanEnds()   # the lm_head / embedding (a tied pair: one choice)
+        self.ends.chosen.connect(self._end_chosen)
         apply_selected = QPushButton("Apply to selected")
         apply_selected.clicked.connect(self.apply_to_selected)
         set_default = QPushButton("Set as default")
@@ -179,6 +183,7 @@ class PlanView(QWidget):
         layout.addWidget(self.meter)
         layout.addWidget(self.message)
         layout.addLayout(files)
+        layout.addWidget(self.ends)
         layout.addWidget(split, 1)
 
         state.modelChanged.connect(self._model_changed)
@@ -253,10 +258,20 @@ class PlanView(QWidget):
         if not ok:
             return
         plan = self.state.session.plan
+        tied = [end for end in ends_of(self.state.handle.layers)
+                if end.tied and set(end.names) & set(names)]
+        for end in tied:   # one side of a tied pair is the whole matrix: both follow
+            names += [n for n in end.names if n not in names]
         for name in names:
             plan = plan.with_rule(Rule(name, spec))
         label = "16-bit (skipped)" if spec is None else spec.label
-        self._set_plan(plan, f"{len(names)} layer(s) -> {label}.")
+        self._set_plan(plan, f"{len(names)} layer(s) -> {label}."
+                       + (" The tied embedding and lm_head are one matrix: both follow."
+                          if tied else ""))
+
+    def _end_chosen(self, end, spec: QuantSpec | None) -> None:
+        label = "kept 16-bit" if spec is None else spec.label
+        self._set_plan(with_end(self.state.session.plan, end, spec), f"{end.title} -> {label}.")
 
     def set_default(self) -> None:
         ok, spec = self._checked_spec()
@@ -293,7 +308,7 @@ class PlanView(QWidget):
         plan = self.state.session.plan
         method = plan.default.method if plan.default is not None else None
         return loss_table(result, self.state.handle, kind=kind, method=method,
-                          gguf_native=self.gguf_native.isChecked()), result
+                          gguf_native=self.gguf_native.isChecked(), plan=plan), result
 
     def auto_allocate(self):
         from studio.core.allocate import allocate
@@ -337,9 +352,11 @@ class PlanView(QWidget):
         solver = "exact optimum" if answer.exact else f"within {answer.gap:.3g} of the optimum"
         # Every layer gets an exact rule; the user's default stays for anything else.
         plan = Plan(self.state.session.plan.default, answer.plan.rules, architecture)
+        ends = describe(plan, self.state.handle.layers)
         self._set_plan(plan, f"Auto-allocated: {answer.bpw:.3f} bits/weight, "
                                     f"{answer.size_mb:.2f} MB, predicted loss {answer.loss:.4g} "
-                                    f"({solver}).")
+                                    f"({solver})." + (f" Kept as set and counted in the size: "
+                                                      f"{ends}." if ends else ""))
         self._draw_pareto()
 
     def measure_points(self):
@@ -443,11 +460,11 @@ class PlanView(QWidget):
             self.meter.setText("No model open.")
             return
         plan = self.state.session.plan
-        specs = plan.resolve(handle.layers)
+        specs = effective_specs(plan, handle.layers)   # a tied pair: one matrix, both rows
         self.table.setRowCount(len(handle.layers))
         for row, info in enumerate(handle.layers):
             spec = specs[info.name]
-            origin = _origin(plan, info)
+            origin = _origin(plan, info, handle.layers)
             cells = [info.name, "" if info.block is None else str(info.block), info.role,
                      "x".join(map(str, info.shape)),
                      "16" if spec is None else str(spec.bits),
@@ -459,6 +476,7 @@ class PlanView(QWidget):
             for col, text in enumerate(cells):
                 self.table.setItem(row, col, _item(text, align_right=col in (1, 4, 5)))
         self.size = plan_size(handle, plan)
+        self.ends.show_plan(plan, handle.layers, self.gguf_native.isChecked(), self.size)
         result = self.state.session.results.get("sensitivity")
         self.loss, why = (None, "measure sensitivity to predict it")
         if result is not None:
@@ -566,8 +584,14 @@ def _gguf_mix(handle, specs: dict) -> str:
                if stray else ""))
 
 
-def _origin(plan: Plan, info) -> str:
-    """Which part of the plan decides this layer: an exact rule, a regex, or the default."""
+def _origin(plan: Plan, info, layers) -> str:
+    """Which part of the plan decides this layer: an exact rule, a regex, the default, or (a
+    tied embedding) the lm_head whose matrix it is."""
+    partner = next((i for i in layers if i.tied_to == info.name
+                    or (info.tied_to and i.name == info.tied_to)), None)
+    if partner is not None and not any(r.matches(info.name) for r in plan.rules) \
+            and plan.spec_for(partner.name, default_applies=False) is not None:
+        return f"tied: the {partner.role}'s matrix"
     for rule in plan.rules:
         if not rule.regex and rule.pattern == info.name:
             return "layer rule"

@@ -1,0 +1,103 @@
+"""The Plan tab's row for the model's ends: the lm_head and the embedding, or one choice for a
+tied pair (one matrix), each set to keep / W8 per channel / a grouped width. The plan table
+below lists the same layers, so any bits / group / method can be set there as well; this row
+is the quick choice llama-quantize offers as --output-tensor-type / --token-embedding-type.
+"""
+from __future__ import annotations
+
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QWidget
+
+from studio.core.errors import StudioError
+from studio.core.plan import end_spec
+from studio.core.plan_ends import End, end_setting, ends_of
+
+# (command-line word, label): what `quantize --lm-head` takes, most kept first.
+CHOICES = (("keep", "keep 16-bit"), ("w8", "W8 per channel (int8 kernel)"),
+           ("w6g32sym", "W6 g32 sym"), ("w5g32", "W5 g32"), ("w4g32", "W4 g32 (int4 kernel)"),
+           ("w4g128", "W4 g128"))
+NATIVE_CHOICES = (("keep", "keep 16-bit"), ("w8", "Q8_0"), ("w5", "Q5_0"), ("w4", "Q4_0"))
+TOOLTIP = ("The output head's error reaches every logit, so llama.cpp keeps it above the "
+           "body's width (Q6_K / Q8_0); W8 per channel is near-lossless, halves the 16-bit "
+           "matrix and runs on the int8 kernel. A tied embedding is the same matrix: one "
+           "choice, stored once. An untied embedding is read one row per token: quantizing "
+           "it saves size, not time. The allocator keeps these as set and counts them in its "
+           "budget. The table below sets any bits / group / method on these rows too.")
+
+
+class PlanEnds(QWidget):
+    """One combo box per End; emits `chosen(end, spec)` when the user picks a setting."""
+    chosen = Signal(object, object)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ends: list[End] = []
+        self.boxes: list[QComboBox] = []
+        self.native = False
+        self.share = QLabel()   # what the ends weigh in the plan's size
+        self.row = QHBoxLayout(self)
+        self.row.setContentsMargins(0, 0, 0, 0)
+        self.setToolTip(TOOLTIP)
+
+    def show_plan(self, plan, layers, native: bool, size=None) -> None:
+        """Rebuild for the model's ends, each showing what `plan` does with it; `size` (the
+        plan's `allocate.PlanSize`) says what they weigh."""
+        ends = ends_of(layers) if layers is not None else []
+        if ends != self.ends or native != self.native or not self.boxes and ends:
+            self._build(ends, native)
+        for end, box in zip(self.ends, self.boxes):
+            spec, apart = end_setting(plan, layers, end)
+            box.blockSignals(True)
+            while box.count() > len(self._choices()):   # a custom setting shown last time
+                box.removeItem(box.count() - 1)
+            index = next((i for i in range(box.count())
+                          if self._spec(box.itemData(i)) == spec), -1)
+            if index < 0 or apart:
+                how = "keep 16-bit" if spec is None else spec.label
+                box.addItem(f"{how} (set in the table{', untied' if apart else ''})", None)
+                index = box.count() - 1
+            box.setCurrentIndex(index)
+            box.blockSignals(False)
+        if size is not None and size.size_bytes:
+            ends = size.breakdown.get("embedding", 0)
+            self.share.setText(f"{ends / 2**20:.2f} MB of the plan's {size.size_mb:.2f} MB "
+                               f"({100 * ends / size.size_bytes:.0f}%)")
+
+    def _choices(self):
+        return NATIVE_CHOICES if self.native else CHOICES
+
+    def _spec(self, word):
+        return None if word is None else end_spec(word, self.native, "fp16" if self.native
+                                                  else "fp32")
+
+    def _build(self, ends: list[End], native: bool) -> None:
+        while self.row.count():
+            widget = self.row.takeAt(0).widget()
+            if widget is not None:
+                widget.deleteLater()
+        self.ends, self.native, self.boxes = ends, native, []
+        if not ends:
+            return
+        self.row.addWidget(QLabel("<b>Ends</b>"))
+        for end in ends:
+            box = QComboBox()
+            for word, label in self._choices():
+                box.addItem(label, word)
+            box.setToolTip(TOOLTIP)
+            box.activated.connect(lambda index, e=end, b=box: self._picked(e, b, index))
+            self.row.addWidget(QLabel(end.title))
+            self.row.addWidget(box)
+            self.boxes.append(box)
+        self.share = QLabel()
+        self.row.addWidget(self.share)
+        self.row.addStretch(1)
+
+    def _picked(self, end: End, box: QComboBox, index: int) -> None:
+        word = box.itemData(index)
+        if word is None and index >= len(self._choices()):
+            return   # the custom entry: already the plan's
+        try:
+            spec = self._spec(word)
+        except StudioError:   # (the menus only hold valid words)
+            return
+        self.chosen.emit(end, spec)
