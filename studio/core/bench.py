@@ -473,7 +473,11 @@ def _timed_lean(lean: LeanRun, prompt: torch.Tensor, new_tokens: int, progress: 
 
 # --- a lean decode loop for Llama-family models --------------------------------------------
 
-LEAN_MODEL_TYPES = ("llama", "qwen2")
+# Llama's block (pre-norm, rotary, one MLP) and its relatives that differ only where the lean
+# decoder follows them: Mistral's sliding window, Qwen3's per-head q/k norms, Gemma's scaled
+# embedding and (1 + w) norms (the model's own modules). Gemma 2/3 (soft-capping, extra norms)
+# and Phi-3 (fused projections under other names) run through transformers.
+LEAN_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3", "gemma")
 
 
 def lean_supported(model: nn.Module) -> bool:
@@ -481,6 +485,13 @@ def lean_supported(model: nn.Module) -> bool:
     return (getattr(config, "model_type", None) in LEAN_MODEL_TYPES
             and not getattr(config, "use_sliding_window", False)
             and hasattr(getattr(model, "model", None), "rotary_emb"))
+
+
+def sliding_window(config) -> int | None:
+    """Mistral's window (a query sees its last `window` keys, itself included), else None."""
+    window = getattr(config, "sliding_window", None)
+    uses = getattr(config, "use_sliding_window", config.model_type == "mistral")
+    return int(window) if window and uses else None
 
 
 class LeanDecoder:
@@ -510,6 +521,7 @@ class LeanDecoder:
         config = model.config
         self.head_dim = attention.head_dim
         self.scaling = attention.scaling
+        self.window = sliding_window(model.config)
         self.gqa = config.num_attention_heads != config.num_key_value_heads
         embedding = self.inner.embed_tokens   # (a coded one: its dtype, no table made)
         dtype = getattr(embedding, "weight_dtype", None) or embedding.weight.dtype
@@ -545,6 +557,18 @@ class LeanDecoder:
         gate, up = self.gate_up[i](h)
         return mlp.down_proj(mlp.act_fn(gate) * up)
 
+    def _visible(self, position: int, count: int) -> tuple[int, torch.Tensor | None]:
+        """The first cached key the queries see, and a mask when the causal flag is not enough
+        (a prompt longer than the sliding window: query i sees keys i - window + 1 .. i)."""
+        end = position + count
+        if self.window is None or end <= self.window:
+            return 0, None
+        if count == 1:
+            return end - self.window, None
+        rows = torch.arange(count)[:, None]
+        cols = torch.arange(end)[None, :]
+        return 0, (cols <= rows) & (rows - cols < self.window)
+
     def forward(self, ids: torch.Tensor, position: int) -> torch.Tensor:
         """Logits [1, vocab] of the last of `ids` [1, T], which sit at `position`..."""
         count = ids.shape[1]
@@ -557,15 +581,19 @@ class LeanDecoder:
             attention = layer.self_attn
             h = layer.input_layernorm(x)
             q, k, v = self.project_qkv(i, h)
-            q = q.view(1, count, -1, self.head_dim).transpose(1, 2)
-            k = k.view(1, count, -1, self.head_dim).transpose(1, 2)
+            q = q.view(1, count, -1, self.head_dim)
+            k = k.view(1, count, -1, self.head_dim)
+            if hasattr(attention, "q_norm"):   # Qwen3: per-head norms before the rotation
+                q, k = attention.q_norm(q), attention.k_norm(k)
+            q, k = self.rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             v = v.view(1, count, -1, self.head_dim).transpose(1, 2)
-            q, k = self.rotate(q, k, cos, sin)
             self.keys[i, :, :, position:end] = k
             self.values[i, :, :, position:end] = v
+            start, mask = self._visible(position, count)
             out = torch.nn.functional.scaled_dot_product_attention(
-                q, self.keys[i, :, :, :end], self.values[i, :, :, :end], is_causal=count > 1,
-                scale=self.scaling, enable_gqa=self.gqa)
+                q, self.keys[i, :, :, start:end], self.values[i, :, :, start:end],
+                attn_mask=mask, is_causal=count > 1 and mask is None, scale=self.scaling,
+                enable_gqa=self.gqa)
             x = x + attention.o_proj(out.transpose(1, 2).reshape(1, count, -1))
             h = layer.post_attention_layernorm(x)
             x = x + self.mlp(i, h)

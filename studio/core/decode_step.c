@@ -27,6 +27,7 @@ typedef struct {
 
 typedef struct {
     int hidden, heads, kv_heads, head_dim, inter, max_len;
+    int window;   /* Mistral's sliding window: a query sees its last `window` keys; 0: all */
     float eps, scaling;
 } q4_shape;
 
@@ -103,9 +104,10 @@ static void block_step(const q4_block *b, const q4_shape *s, float *x, const flo
         memcpy(b->values + at, v + head * hd, sizeof(float) * (size_t)hd);
     }
     int group = s->heads / s->kv_heads;
+    int first = s->window > 0 && position + 1 > s->window ? position + 1 - s->window : 0;
     for (int head = 0; head < s->heads; head++) {
-        size_t cache = (size_t)(head / group) * s->max_len * hd;
-        attend(q + head * hd, b->keys + cache, b->values + cache, position + 1, hd,
+        size_t cache = ((size_t)(head / group) * s->max_len + first) * hd;
+        attend(q + head * hd, b->keys + cache, b->values + cache, position + 1 - first, hd,
                s->scaling, scores, attn + head * hd);
     }
     q4_gemv(&b->o, attn, delta, scratch, threads);

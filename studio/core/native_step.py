@@ -7,9 +7,10 @@ same KV cache (the LeanDecoder's tensors, so a torch prefill and native steps sh
 cos/sin torch's rotary module makes for the position; the embedding lookup, the final norm and
 the output head stay in torch (one call each).
 
-It takes a model whose every block is: RMSNorm weights (Llama's and Qwen2's, float32), q/k/v and
+It takes a model whose every block is: RMSNorm (Llama's, Qwen2's, Mistral's; float32), q/k/v and
 gate/up fused into native layers (`fuse.py`; 4- or 8-bit, each product its own width, so a
-mixed-precision plan runs too), o_proj and down_proj native, SiLU, no hooks. `NativeStep.problem(decoder)` says in a sentence why another model cannot, and the
+mixed-precision plan runs too), o_proj and down_proj native, SiLU, no hooks; Mistral's
+sliding window is kept (a query attends to its last `window` keys). `NativeStep.problem(decoder)` says in a sentence why another model cannot, and the
 benchmark then runs the eager step and says why.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ class _Block(ctypes.Structure):
 class _Shape(ctypes.Structure):
     _fields_ = [("hidden", ctypes.c_int), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int),
                 ("head_dim", ctypes.c_int), ("inter", ctypes.c_int), ("max_len", ctypes.c_int),
-                ("eps", ctypes.c_float), ("scaling", ctypes.c_float)]
+                ("window", ctypes.c_int), ("eps", ctypes.c_float), ("scaling", ctypes.c_float)]
 
 
 def _is_silu(act) -> bool:
@@ -49,6 +50,17 @@ def _is_silu(act) -> bool:
     probe = torch.linspace(-4, 4, 9)
     with torch.no_grad():
         return torch.allclose(act(probe), nn.functional.silu(probe))
+
+
+def _is_rms_norm(norm) -> bool:
+    """Llama's RMSNorm, by what it computes (Gemma's (1 + w) and float32 checks included)."""
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32 or eps is None:
+        return False
+    probe = torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = weight * (probe * torch.rsqrt(probe.pow(2).mean(-1, keepdim=True) + eps))
+        return torch.allclose(norm(probe), expected, rtol=1e-5, atol=1e-6)
 
 
 def _qkv(layer) -> list:
@@ -98,11 +110,12 @@ class NativeStep:
                     return f"block {i}'s {what} has hooks"
             if not _is_silu(getattr(mlp, "act_fn", None)):
                 return f"block {i}'s activation is not SiLU"
+            if hasattr(layer.self_attn, "q_norm"):
+                return f"block {i} normalizes q and k per head (Qwen3), which the step does not"
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                if type(norm).__name__ not in ("LlamaRMSNorm", "Qwen2RMSNorm"):
-                    return f"block {i}'s norm is a {type(norm).__name__}, not an RMSNorm"
-                if norm.weight.dtype != torch.float32:
-                    return f"block {i}'s norm weights are not float32"
+                if not _is_rms_norm(norm):
+                    return (f"block {i}'s {type(norm).__name__} is not x / rms(x) * weight in "
+                            f"float32")
         return None
 
     def __init__(self, decoder) -> None:
@@ -116,6 +129,7 @@ class NativeStep:
             heads=first.self_attn.q_proj.out_features // decoder.head_dim,
             kv_heads=keys.shape[2], head_dim=decoder.head_dim,
             inter=first.mlp.gate_proj.out_features, max_len=keys.shape[3],
+            window=decoder.window or 0,
             eps=float(norm.variance_epsilon), scaling=float(decoder.scaling))
         blocks = []
         for i, layer in enumerate(decoder.layers):

@@ -99,22 +99,27 @@ def test_cli_bench_model_and_variant(tiny_dirs, tiny_llama, tmp_path, capsys):
     assert "w4g64" in out and INT4 in out
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_lean_decoder_gives_the_models_own_logits(tiny_dirs, arch):
+@pytest.mark.parametrize("arch, prompt_length", [
+    ("llama", 12), ("qwen2", 12), ("gemma", 12), ("qwen3", 12),
+    ("mistral", 12),    # window 16: the decode steps pass it
+    ("mistral", 20),    # a prompt longer than the window: the prefill's mask
+])
+def test_lean_decoder_gives_the_models_own_logits(family_dirs, arch, prompt_length):
     from studio.core.bench import LeanDecoder, lean_supported
     from studio.core.models import open_model_job
 
-    handle = run(open_model_job(tiny_dirs[arch]))
+    handle = run(open_model_job(family_dirs[arch]))
     int4 = base_targets(handle.model, ("int4",), layer_names=[i.name for i in handle.quantizable])
     for model in (handle.model, int4[0].build()[0]):
         assert lean_supported(model)
-        prompt = torch.randint(3, 384, (1, 12), generator=torch.Generator().manual_seed(0))
+        prompt = torch.randint(3, 384, (1, prompt_length),
+                               generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
-            decoder = LeanDecoder(model, 20)
+            decoder = LeanDecoder(model, prompt_length + 8)
             lean = [decoder.forward(prompt, 0)]
             out = model(input_ids=prompt, use_cache=True)
             ref = [out.logits[:, -1]]
-            for position in range(12, 18):
+            for position in range(prompt_length, prompt_length + 6):
                 token = ref[-1].argmax(-1, keepdim=True)
                 lean.append(decoder.forward(token, position))
                 out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)

@@ -40,14 +40,15 @@ def greedy(step, decoder, prompt, count=8):
 
 
 @pytest.mark.parametrize("arch, config", [("llama", "int4"), ("qwen2", "int4"),
-                                          ("llama", "int8")])
-def test_native_step_equals_the_eager_step(tiny_dirs, arch, config):
-    _, model = model_of(tiny_dirs, arch, config)
-    prompt = torch.randint(3, 384, (1, 7), generator=torch.Generator().manual_seed(0))
+                                          ("llama", "int8"), ("mistral", "int4")])
+def test_native_step_equals_the_eager_step(family_dirs, arch, config):
+    _, model = model_of(family_dirs, arch, config)
+    length = 12     # + 8 steps: past Mistral's window of 16
+    prompt = torch.randint(3, 384, (1, length), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        eager_decoder = LeanDecoder(model, 16, fused=True)
+        eager_decoder = LeanDecoder(model, length + 9, fused=True)
         eager = greedy(eager_decoder.forward, eager_decoder, prompt)
-        decoder = LeanDecoder(model, 16, fused=True)
+        decoder = LeanDecoder(model, length + 9, fused=True)
         assert NativeStep.problem(decoder) is None
         native = greedy(NativeStep(decoder), decoder, prompt)
     for i, (a, b) in enumerate(zip(native, eager)):
@@ -88,6 +89,13 @@ def test_a_mixed_precision_block_runs_its_layers_one_after_another(tiny_dirs):
         native = greedy(NativeStep(decoder), decoder, prompt, 4)
     for a, b in zip(native, eager):
         assert ((a - b).norm() / b.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("arch, why", [("qwen3", "normalizes q and k per head"),
+                                       ("gemma", "activation is not SiLU")])
+def test_relatives_the_step_does_not_follow_are_named(family_dirs, arch, why):
+    _, model = model_of(family_dirs, arch)
+    assert why in NativeStep.problem(LeanDecoder(model, 8, fused=True))
 
 
 def test_models_it_cannot_run_stay_eager_and_say_why(tiny_dirs, monkeypatch):
