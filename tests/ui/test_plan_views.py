@@ -144,7 +144,8 @@ def test_invalid_edits_are_refused_and_the_plan_is_unchanged(qtbot, state, tiny_
 
 
 def test_auto_allocation_meets_the_target_and_draws_the_curve(qtbot, state, tiny_llama,
-                                                              tiny_result, tmp_path):
+                                                              tiny_result, tmp_path,
+                                                              monkeypatch):
     view = PlanView(state)
     qtbot.addWidget(view)
     state.set_model(tiny_llama)
@@ -158,6 +159,19 @@ def test_auto_allocation_meets_the_target_and_draws_the_curve(qtbot, state, tiny
     assert view.loss == pytest.approx(view.allocation.loss)
     x, y = view.curve.getData()
     assert len(x) > 3 and np.all(np.diff(x) > 0)
+    # Measured points: quantized and scored in a job; the text is tokenized off the UI thread.
+    import threading
+
+    from studio.core import text
+    tokenized_on = []
+    real = text.text_windows
+    monkeypatch.setattr(text, "text_windows", lambda *a, **k: (
+        tokenized_on.append(threading.current_thread()), real(*a, **k))[1])
+    assert view.measure_points() is not None
+    _wait_job(qtbot, view)
+    assert tokenized_on and threading.main_thread() not in tokenized_on
+    assert len(view.measured) == 4 and "Measured:" in view.message.text()
+    assert len(view.points.getData()[0]) == 4
     # An impossible target is refused and the plan stays as it was.
     plan = state.session.plan
     view.target.setValue(1.0)
