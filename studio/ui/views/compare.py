@@ -37,7 +37,8 @@ from studio.core.runs import (  # noqa: F401  (re-exported: the views' tests rea
     describe_variant,
     export_run_job,
     latest_protocol,
-    layer_errors,
+    layer_errors_job,
+    recorded_errors,
     merged_rows,
     pareto_front,
     run_all_job,
@@ -62,6 +63,7 @@ class CompareView(QWidget):
         super().__init__()
         self.state = state
         self._errors: dict[tuple, tuple] = {}  # (name, id) -> layer_errors(...), cached
+        self._errors_asked: set[tuple] = set()  # keys being computed on the details worker
         self.rows: list[dict] = []
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels([header for _, header, _ in COLUMNS])
@@ -261,10 +263,11 @@ class CompareView(QWidget):
         if handle is None:
             return
         what, worst = "error", []
+        self._ask_errors(handle)
         for i, (name, variant) in enumerate(self.state.session.variants.items()):
             key = (name, id(variant))
             if key not in self._errors:
-                self._errors[key] = layer_errors(variant, handle)
+                continue   # being computed: drawn when it arrives
             layers, errors, what = self._errors[key]
             if not len(errors):
                 continue
@@ -281,6 +284,42 @@ class CompareView(QWidget):
         self.errors.setLabel("left", what)
         self.errors.setToolTip("Largest errors: " + "; ".join(worst) if worst else "")
         self._move_error_marker()
+
+    def _ask_errors(self, handle) -> None:
+        """Compute the per-layer errors of variants that have none cached, on the details
+        worker (a variant whose method recorded no output errors is de-quantized layer by
+        layer: seconds, which on the UI thread froze the window after a GPTQ run)."""
+        missing = []
+        for name, variant in self.state.session.variants.items():
+            key = (name, id(variant))
+            if key in self._errors or key in self._errors_asked:
+                continue
+            recorded = recorded_errors(variant)
+            if recorded is not None:
+                self._errors[key] = recorded
+            else:
+                missing.append((key, variant))
+        if not missing:
+            return
+        self._errors_asked.update(key for key, _ in missing)
+
+        def job():
+            out = {}
+            for key, variant in missing:
+                out[key] = yield from layer_errors_job(variant, handle)
+            return out
+
+        def arrived(results: dict) -> None:
+            self._errors_asked.difference_update(results)
+            if handle is self.state.handle:
+                self._errors.update(results)
+                self._draw_errors()
+
+        def failed(*_) -> None:
+            self._errors_asked.difference_update(key for key, _ in missing)
+
+        self.errors_job = self.state.details.submit("Per-layer errors", job, arrived,
+                                                    on_failed=failed)
 
     def _error_clicked(self, _item, points, *_) -> None:
         if len(points):
