@@ -160,6 +160,15 @@ def watch_stalls(app, threshold: float = 0.3) -> None:
                 for f in ours or frames[-6:]:
                     print(f"    {f.filename.split('/studio/')[-1]}:{f.lineno} {f.name}: "
                           f"{f.line}", file=sys.stderr)
+                # The UI thread may only be waiting for the GIL: show what the others run.
+                names = {t.ident: t.name for t in threading.enumerate()}
+                for ident, other in sys._current_frames().items():
+                    if ident in (ui, threading.get_ident()):
+                        continue
+                    tail = traceback.extract_stack(other)[-3:]
+                    where = " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno} {f.name}"
+                                        for f in reversed(tail))
+                    print(f"  [{names.get(ident, ident)}] {where}", file=sys.stderr)
     threading.Thread(target=look, daemon=True).start()
 
 
