@@ -39,7 +39,7 @@ from studio.core.outliers import (
     smoothing_preview,
     token_norm_profile,
 )
-from studio.ui.layout import column
+from studio.ui.layout import FlowLayout, column, labelled
 from studio.ui.widgets import NeedsRun, SortItem, fmt, make_table, plot, rows_table
 from studio.ui.workers import LatestOnly
 
@@ -98,15 +98,13 @@ class ActivationsView(QWidget):
         self._set_path(self.path)
         self.run_button = QPushButton("Run capture")
         self.run_button.clicked.connect(self.start)
-        self.settings = QHBoxLayout()
-        self.settings.addWidget(QLabel("Calibration:"))
-        self.settings.addWidget(self.source, 1)
+        self.settings = FlowLayout()   # wraps on a narrow screen
+        self.settings.addWidget(labelled("Calibration:", self.source))
         self.settings.addWidget(self.builtin)
         self.settings.addWidget(self.pick)
         for label, widget in (("windows", self.windows), ("tokens", self.seqlen),
                               ("seed", self.seed)):
-            self.settings.addWidget(QLabel(label))
-            self.settings.addWidget(widget)
+            self.settings.addWidget(labelled(label, widget))
         self.settings.addWidget(self.run_button)
         self.status = QLabel("No capture yet: choose a text and press Run capture.")
         self.status.setWordWrap(True)

@@ -42,7 +42,7 @@ from studio.core.plan import GROUP_SIZES, Plan, QuantSpec, Rule
 from studio.core.plan_rules import NOT_NATIVE, RULE_HELP, parse_rule  # noqa: F401 (re-exported)
 from studio.core.quant import registry
 from studio.core.quant.grid import native_gguf_type
-from studio.ui.layout import column
+from studio.ui.layout import FlowLayout, column
 from studio.ui.widgets import Refused, guarded, method_tooltips
 
 COLUMNS = ("Layer", "Block", "Role", "Shape", "Bits", "Group", "Method", "Sym", "Scales", "Skip",
@@ -68,6 +68,7 @@ class PlanView(QWidget):
 
         self.meter = QLabel()
         self.meter.setTextFormat(Qt.TextFormat.RichText)
+        self.meter.setWordWrap(True)
         self.message = QLabel()
         self.message.setWordWrap(True)
 
@@ -126,7 +127,7 @@ class PlanView(QWidget):
                                        "curve, and measure their KL and perplexity")
         self.measure_button.clicked.connect(self.measure_points)
 
-        files = QHBoxLayout()
+        files = FlowLayout()   # rows wrap on a narrow screen
         files.addWidget(self.gguf_native)
         files.addSpacing(12)
         for label, slot in (("Save recipe…", self._save), ("Load recipe…", self._load),
@@ -155,7 +156,7 @@ class PlanView(QWidget):
         self.pareto_note = QLabel("Auto-allocate to see the curve.")
         self.pareto_note.setWordWrap(True)
 
-        edit = QHBoxLayout()
+        edit = FlowLayout()
         for widget in (QLabel("Bits"), self.bits, self.group, self.method, self.symmetric,
                        self.skip, apply_selected, set_default, clear):
             edit.addWidget(widget)
@@ -164,7 +165,7 @@ class PlanView(QWidget):
         rules.addWidget(QLabel("Rule"))
         rules.addWidget(self.rule, 1)
         rules.addWidget(apply_rule)
-        auto = QHBoxLayout()
+        auto = FlowLayout()
         for widget in (QLabel("Target"), self.target, self.target_kind, QLabel("minimising"),
                        self.loss_kind, allocate, self.measure_button):
             auto.addWidget(widget)

@@ -36,7 +36,7 @@ from studio.core.sensitivity import (DEFAULT_BITS, DEFAULT_GROUPS, DEFAULT_KL_BI
                                      same_grid, sensitivity_job, sweep_options)
 from studio.core.text import BUILTIN, text_windows
 from studio.ui import settings
-from studio.ui.layout import column
+from studio.ui.layout import FlowLayout, column, labelled
 from studio.ui.widgets import NeedsRun, guarded
 
 KEY = "sensitivity"
@@ -137,14 +137,12 @@ class SensitivityView(QWidget):
         self.ranking = QTextBrowser()
         self.ranking.setMinimumWidth(300)
 
-        bar = QHBoxLayout()
-        for widget in (QLabel("Widths"), self.widths, QLabel("groups"), self.groups,
-                       self.gguf_native,
-                       QLabel("KL at widths"), self.kl_widths, self.kl_group, QLabel("windows"),
-                       self.kl_windows, QLabel("tokens"), self.seqlen, self.text_button,
-                       self.run_button, self.cancel_button, save, load):
+        bar = FlowLayout()   # wraps on a narrow screen
+        for widget in (labelled("Widths", self.widths), labelled("groups", self.groups),
+                       self.gguf_native, labelled("KL at widths", self.kl_widths, self.kl_group),
+                       labelled("windows", self.kl_windows), labelled("tokens", self.seqlen),
+                       self.text_button, self.run_button, self.cancel_button, save, load):
             bar.addWidget(widget)
-        bar.addStretch(1)
         show = QHBoxLayout()
         show.addWidget(QLabel("Colour by"))
         show.addWidget(self.metric_box)
