@@ -132,8 +132,8 @@ def layer_table(proxy, row_height: int = 22) -> QTableView:
     table.verticalHeader().setVisible(False)
     table.verticalHeader().setDefaultSectionSize(row_height)
     table.horizontalHeader().setStretchLastSection(True)
-    # Columns fit the rows near the top, not every row (each fit read all 212 of the demo's).
-    table.horizontalHeader().setResizeContentsPrecision(64)
+    # Columns fit the rows near the top (32), not every row (each fit read all 212 of the demo's).
+    table.horizontalHeader().setResizeContentsPrecision(32)
     return table
 
 

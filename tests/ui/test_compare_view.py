@@ -102,7 +102,9 @@ def test_per_layer_errors_without_recorded_ones_are_computed_off_the_ui_thread(
         threads.append(threading.current_thread()), real(*a))[1])
     view = CompareView(state)
     qtbot.addWidget(view)
-    view.refresh()
+    view.refresh()          # hidden: the charts wait until the tab is shown
+    assert not view.errors.getPlotItem().listDataItems() and not threads
+    view.show()
     qtbot.waitUntil(lambda: len(view.errors.getPlotItem().listDataItems()) == 2, timeout=20000)
     assert len(threads) == len(variant.qtensors)
     assert threading.main_thread() not in threads

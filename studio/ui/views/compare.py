@@ -64,6 +64,7 @@ class CompareView(QWidget):
         self.state = state
         self._errors: dict[tuple, tuple] = {}  # (name, id) -> layer_errors(...), cached
         self._errors_asked: set[tuple] = set()  # keys being computed on the details worker
+        self._charts_stale = False              # runs changed while the tab was hidden
         self.rows: list[dict] = []
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels([header for _, header, _ in COLUMNS])
@@ -180,10 +181,7 @@ class CompareView(QWidget):
         rows = compare_rows(self.state.session.runs, self.state.handle)
         self.rows = rows
         self._fill_table(rows)
-        self._draw_bars(rows)
-        self._draw_scatter(self.size_scatter, rows, "size_mb", "lower")
-        self._draw_scatter(self.speed_scatter, rows, "decode_tok_s", "higher")
-        self._draw_errors()
+        self._draw_charts()
         self.run_all_button.setEnabled(bool(self.state.session.variants))
         measured = len(self.state.session.runs)
         if self.state.handle is None:
@@ -194,6 +192,24 @@ class CompareView(QWidget):
         else:
             self.status.setText(f"{measured} runs over {len(rows)} rows. Ratios are against "
                                 f"the baseline; its perplexity comes from the same windows.")
+
+    def _draw_charts(self) -> None:
+        """Bars, scatters and per-layer errors, only while the tab is shown: redrawn behind
+        another tab after every evaluation and benchmark, they held the UI thread (~0.3-1 s
+        under load); showEvent draws them when the user comes."""
+        if not self.isVisible():
+            self._charts_stale = True
+            return
+        self._charts_stale = False
+        self._draw_bars(self.rows)
+        self._draw_scatter(self.size_scatter, self.rows, "size_mb", "lower")
+        self._draw_scatter(self.speed_scatter, self.rows, "decode_tok_s", "higher")
+        self._draw_errors()
+
+    def showEvent(self, event) -> None:  # noqa: N802 (Qt API)
+        super().showEvent(event)
+        if self._charts_stale:
+            self._draw_charts()
 
     def _fill_table(self, rows: list[dict]) -> None:
         self.table.setRowCount(len(rows))
