@@ -24,7 +24,7 @@ from PySide6.QtWidgets import (
 from studio.core.errors import StudioError
 from studio.core.layers import ROLES
 from studio.core.stats import SUMMARY_STATS
-from studio.ui.widgets import SORT_KEY, RowsModel, fmt, layer_table, sortable
+from studio.ui.widgets import SORT_KEY, RowsModel, fit_columns, fmt, layer_table, sortable
 
 BASE_COLUMNS = ("#", "Layer", "Block", "Role", "Params")
 NAME, BLOCK, ROLE = 1, 2, 3
@@ -187,7 +187,7 @@ class LayerList(QWidget):
     def _fit_columns(self) -> None:
         """Every column to its contents, except the layer name, which gives way so that Block,
         Role and Params stay in view at the dock's width (the full name is its tooltip)."""
-        self.table.resizeColumnsToContents()
+        fit_columns(self.table, self.model)
         others = sum(self.table.columnWidth(c) for c in range(len(BASE_COLUMNS)) if c != NAME)
         scrollbar = self.table.style().pixelMetric(QStyle.PixelMetric.PM_ScrollBarExtent)
         room = self.table.width() - 2 * self.table.frameWidth() - scrollbar - others

@@ -98,6 +98,21 @@ class RowsModel(QAbstractTableModel):
         return None
 
 
+def fit_columns(table: QTableView, model: RowsModel, rows: int = 32) -> None:
+    """Each column to its header and the texts of its first `rows` rows, measured here from
+    the rows' own strings: Qt's resizeColumnsToContents asks the model for ~8 roles of every
+    cell through Python (0.1 s on the demo's 212 layers, 0.3+ s under load)."""
+    metrics = table.fontMetrics()
+    header = table.horizontalHeader()
+    header_metrics = header.fontMetrics()
+    for c, name in enumerate(model.columns):
+        texts = [row[c][0] for row in model.rows[:rows]]
+        longest = max(texts, key=len, default="")
+        width = max(metrics.horizontalAdvance(longest) + 12,
+                    header_metrics.horizontalAdvance(name) + 24)   # room for the sort arrow
+        table.setColumnWidth(c, width)
+
+
 def rows_table(columns, tips: dict[str, str] | None = None
                ) -> tuple[QTableView, RowsModel, QSortFilterProxyModel]:
     """`make_table` over a RowsModel: for tables refilled whole (every layer of a model)."""

@@ -40,7 +40,7 @@ from studio.core.outliers import (
     token_norm_profile,
 )
 from studio.ui.layout import FlowLayout, column, labelled
-from studio.ui.widgets import NeedsRun, SortItem, fmt, make_table, plot, rows_table
+from studio.ui.widgets import NeedsRun, SortItem, fit_columns, fmt, make_table, plot, rows_table
 from studio.ui.workers import LatestOnly
 
 KEY = "activations"
@@ -283,7 +283,7 @@ class ActivationsView(QWidget):
                          (fmt(g.ratio), min(g.ratio, 1e300)),
                          (str(len(g.channels)), len(g.channels)), (channels, None)])
         self.table_model.set_rows(rows)   # one reset, not a signal per row
-        self.table.resizeColumnsToContents()
+        fit_columns(self.table, self.table_model)
         wanted = self.group.layers[0] if self.group else self.state.selected_layer
         if not self._select_group_of(wanted) and self.groups:
             self.show_group(self.groups[0])

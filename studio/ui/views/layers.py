@@ -15,7 +15,7 @@ from PySide6.QtWidgets import (
 
 from studio.core.layers import ROLES
 from studio.ui.layout import column
-from studio.ui.widgets import SORT_KEY, RowsModel, layer_table
+from studio.ui.widgets import SORT_KEY, RowsModel, fit_columns, layer_table
 from studio.ui.workers import LatestOnly
 
 COLUMNS = ("#", "Layer", "Block", "Role", "Kind", "Shape", "Parameters", "dtype", "Size (KiB)",
@@ -109,7 +109,7 @@ class LayersView(QWidget):
             for order, info in enumerate(handle.layers)])
         if handle is None:
             return
-        self.table.resizeColumnsToContents()
+        fit_columns(self.table, self.model)
         self._update_count()
         self._show_model_summary(handle)
 

@@ -22,7 +22,7 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core.stats import SUMMARY_STATS, weight_stats_job
-from studio.ui.widgets import NeedsRun, fmt, plot, role_color, rows_table, short_name
+from studio.ui.widgets import NeedsRun, fit_columns, fmt, plot, role_color, rows_table, short_name
 from studio.ui.widgets import sortable as _sortable
 
 KEY = "weight_stats"
@@ -188,7 +188,7 @@ class WeightsView(QWidget):
              + [("yes" if s.quantizable else f"no ({s.kind}{', tied' if s.tied_to else ''})",
                  None)]
              for order, s in enumerate(rows)])
-        self.table.resizeColumnsToContents()
+        fit_columns(self.table, self.table_model)
         self.table.setColumnWidth(1, min(self.table.columnWidth(1), 260))
         self.status.setText(f"{len(self.names)} quantizable layers of {stats.model} "
                             f"(+{len(rows) - len(self.names)} embedding / lm_head rows in the table). "
