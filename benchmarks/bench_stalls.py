@@ -36,6 +36,10 @@ def main() -> None:
     args = [a for i, a in enumerate(sys.argv[1:], 1)
             if not a.startswith("--") and sys.argv[i - 1] != "--steps"]
     source, full = (args[0] if args else "demo"), "--full" in sys.argv
+    # What `ui/app.py` preloads on a thread before the window is usable (the llama.cpp binding's
+    # library among it): loaded here before the probe starts, as a user's window has it.
+    from studio.core.backends import get_backend
+    get_backend("llama.cpp").available()
     window = MainWindow()
     window.resize(1400, 900)
     window.show()
