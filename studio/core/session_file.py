@@ -149,8 +149,18 @@ class SavedSession:
 
 
 def model_fingerprint(handle) -> str:
+    """The open model's fingerprint, computed once per handle: every autosave asked for it,
+    reading a sample of every layer again (a streamed model reads them from disk)."""
     from studio.core.sensitivity import ModelIdentity
-    return ModelIdentity.of(handle).fingerprint
+
+    cached = getattr(handle, "_session_fingerprint", None)
+    if cached is None:
+        cached = ModelIdentity.of(handle).fingerprint
+        try:
+            handle._session_fingerprint = cached
+        except AttributeError:   # a handle that takes no new attribute: computed each time
+            pass
+    return cached
 
 
 def save_session(session, path: str | Path, window: dict | None = None) -> SavedSession:
