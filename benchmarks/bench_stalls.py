@@ -36,6 +36,10 @@ def main() -> None:
     args = [a for i, a in enumerate(sys.argv[1:], 1)
             if not a.startswith("--") and sys.argv[i - 1] != "--steps"]
     source, full = (args[0] if args else "demo"), "--full" in sys.argv
+    # What `ui/app.py` preloads on a thread before the window is usable (the llama.cpp binding's
+    # library among it): loaded here before the probe starts, as a user's window has it.
+    from studio.core.backends import get_backend
+    get_backend("llama.cpp").available()
     window = MainWindow()
     window.resize(1400, 900)
     window.show()
@@ -160,6 +164,15 @@ def watch_stalls(app, threshold: float = 0.3) -> None:
                 for f in ours or frames[-6:]:
                     print(f"    {f.filename.split('/studio/')[-1]}:{f.lineno} {f.name}: "
                           f"{f.line}", file=sys.stderr)
+                # The UI thread may only be waiting for the GIL: show what the others run.
+                names = {t.ident: t.name for t in threading.enumerate()}
+                for ident, other in sys._current_frames().items():
+                    if ident in (ui, threading.get_ident()):
+                        continue
+                    tail = traceback.extract_stack(other)[-3:]
+                    where = " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno} {f.name}"
+                                        for f in reversed(tail))
+                    print(f"  [{names.get(ident, ident)}] {where}", file=sys.stderr)
     threading.Thread(target=look, daemon=True).start()
 
 

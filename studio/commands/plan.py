@@ -2,14 +2,16 @@
 [--bits 2,3,4,5,6,8] [--group-sizes 32,64,128] [--kl-bits 4] [--kl-group 128] [--gguf-native]
 [--lm-head SPEC] [--embedding SPEC] [--calib FILE] [--windows N] [--seqlen L] [--proxy-only]
 --out plan.json [--json]
-[--llama-cpp FILE] [--llm-compressor FILE] [--sensitivity FILE]
+[--llama-cpp FILE] [--llm-compressor FILE] [--sensitivity FILE] [--measure-points N]
 
 Measures every layer's sensitivity at every option (each width at each group size; KL end to
 end at the --kl-bits widths only, the rest predicted from the proxy), or re-uses a saved sweep
 that covers those options, then writes the plan that minimises the total predicted loss within
 the budget. --gguf-native makes the options the GGUF types a studio grid is exactly (Q4_0,
 Q5_0, Q8_0: 4, 5, 8 bits symmetric at group 32 with fp16 scales) and fp16, priced at their
-GGUF bytes, so a variant of the plan exports to GGUF with no rounding.
+GGUF bytes, so a variant of the plan exports to GGUF with no rounding. --measure-points N
+quantizes the plan and N - 1 more points of its size/loss curve and measures each one's KL and
+perplexity against the baseline (8 x 128 tokens of the built-in text), to check the prediction.
 """
 from __future__ import annotations
 
@@ -78,6 +80,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, metavar="PLAN.json", help="the recipe to write")
     parser.add_argument("--llama-cpp", metavar="FILE", help="also write llama.cpp overrides")
     parser.add_argument("--llm-compressor", metavar="FILE", help="also write a recipe YAML")
+    parser.add_argument("--measure-points", type=int, default=0, metavar="N",
+                        help="quantize the plan and N-1 more points of its curve and measure "
+                             "their KL and perplexity (default 0: none)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -109,6 +114,8 @@ def run(args) -> int:
     kl_options = [] if args.proxy_only else [
         options[j] for j in kl_columns(options, menu["kl_bits"], menu["kl_group"])]
     head, embedding = (end_spec(word, args.gguf_native) for word in (args.lm_head, args.embedding))
+    if args.measure_points < 0:
+        raise StudioError(f"--measure-points takes a count of 0 or more, not {args.measure_points}.")
     quiet = args.json and not sys.stderr.isatty()
     handle = open_model(args.model, quiet)
     # The embedding / lm_head are not chosen by the allocator: they stay at this setting,
@@ -129,6 +136,7 @@ def run(args) -> int:
     answer = allocate(table, budget_bpw=args.budget_bpw, budget_mb=args.budget_mb)
     answer.plan.save(args.out)
     size = plan_size(handle, answer.plan)
+    points = measure(handle, table, answer, args.measure_points, quiet)
     exports = {}
     for flag, export in (("llama_cpp", llama_cpp_export), ("llm_compressor", llm_compressor_export)):
         path = getattr(args, flag)
@@ -160,6 +168,7 @@ def run(args) -> int:
         "pareto": {"bpw": answer.pareto.bpw, "size_mb": answer.pareto.mb,
                    "loss": answer.pareto.loss},
         "exports": exports,
+        "measured_points": [p.to_dict() for p in points],
     }
     if args.json:
         print_json(report)
@@ -177,6 +186,9 @@ def run(args) -> int:
           + (f", KL at {measured} on {result.kl_windows} x {result.seqlen} tokens "
              f"{result.kl_seconds:.1f} s (other options predicted from the proxy)"
              if result.has_kl else ""))
+    for p in points:
+        print(f"measured at {p.bpw:.3f} bits/weight: KL {p.kl:.4f} nats/token "
+              f"(predicted {p.predicted:.4g}), perplexity {p.ppl:.2f}")
     for flag, info in exports.items():
         print(f"{flag.replace('_', '-')}: {info['path']}")
         for note in info["notes"]:
@@ -209,3 +221,18 @@ def sweep(handle, args, menu, options, kl_options, quiet):
     if args.sensitivity:
         result.save(args.sensitivity)
     return result
+
+
+def measure(handle, table, answer, count: int, quiet: bool) -> list:
+    """--measure-points: the plan and count - 1 more points of its curve, quantized and
+    measured against the baseline (none when count is 0)."""
+    from studio.core import plan_points
+    from studio.core.text import text_windows
+
+    if count == 0:
+        return []
+    windows, _ = text_windows(handle.tokenizer, None, plan_points.SEQLEN, plan_points.WINDOWS,
+                              seed=plan_points.SEED)
+    targets = plan_points.point_targets(answer, count)
+    return run_with_progress(plan_points.measure_points_job(handle, table, targets, windows),
+                             quiet)

@@ -1,10 +1,11 @@
-"""De-quantize a GGUF file into a plain safetensors model folder, in a child process.
+"""De-quantize a GGUF file into a plain safetensors model folder.
 
-The conversion is one long blocking call and needs about twice the model's memory while it
+The architectures `gguf_fast` covers are read in this process, as a job (no second import of
+torch and transformers). Anything else goes through transformers' GGUF loader, in a child
+process: that conversion is one long blocking call and needs about twice the model's memory while it
 runs. Running it in a child process lets the user cancel it at any moment (the process is
 killed, the half-written folder removed) and gives that memory back to the system when it
-ends. Inside, `gguf_fast.convert_fast` reads the tensors directly (the architectures it
-covers); anything else goes through transformers' GGUF loader (`convert_with_transformers`).
+ends (`convert_with_transformers`; the child takes `gguf_fast` too with `convert`).
 
     python -m studio.core.gguf_convert FILE.gguf OUT_FOLDER
 """
@@ -19,15 +20,28 @@ import tempfile
 import time
 from pathlib import Path
 
-from studio.core.errors import ModelLoadError
+from studio.core.errors import ModelLoadError, StudioError
 from studio.core.jobs import Job, Progress
 
 log = logging.getLogger(__name__)
 
 
 def convert_job(path: Path, folder: Path) -> Job[None]:
-    """Run the conversion in a child process, yielding progress until it ends; cancel kills it."""
+    """The GGUF's cached folder: read here for the architectures `gguf_fast` covers (a job of
+    its own, cancellable between tensors), else in a child process, yielding progress until it
+    ends; cancel kills it."""
+    from studio.core import gguf_fast
+
     _remove_stale_temporaries(folder)
+    if gguf_fast.supported(path) and not os.environ.get("STUDIO_GGUF_SLOW_PATH"):
+        try:
+            yield from gguf_fast.convert_fast_job(path, folder)
+        except StudioError:
+            raise
+        except Exception as exc:   # what the child's last line of stderr said, as before
+            raise ModelLoadError(f"{path.name} could not be de-quantized: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        return
     started = time.perf_counter()
     # stderr goes to a file, not a pipe: a chatty child would block on a full pipe.
     errors_file = tempfile.TemporaryFile("w+")

@@ -12,6 +12,10 @@ weights are the loader's bit for bit (tests compare them on a tiny GGUF and the 
 
 Architectures whose config the legacy reader patches by hand (t5, stablelm, lfm2, MoE...) are
 not `FAST_ARCHS`: they keep the transformers path (`gguf_convert.convert_with_transformers`).
+
+`convert_fast_job` runs in the opening process (a job: progress per tensor, cancelled between
+tensors, nothing written until every tensor is read): a child process paid torch's and
+transformers' imports and the model class's a second time, about a third of a first open.
 """
 from __future__ import annotations
 
@@ -40,6 +44,13 @@ def supported(path: Path) -> bool:
 
 def convert_fast(path: Path, folder: Path) -> None:
     """The cached folder for `path` (config, weights, tokenizer), written atomically."""
+    from studio.core.jobs import run
+
+    run(convert_fast_job(path, folder))
+
+
+def convert_fast_job(path: Path, folder: Path):
+    """`convert_fast` as a job: yields Progress per tensor read; cancelled, it writes nothing."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -53,7 +64,8 @@ def convert_fast(path: Path, folder: Path) -> None:
         config = AutoConfig.for_model(**config_dict)   # what AutoConfig.from_pretrained makes
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
-        tensors = read_tensors(path, metadata["general.architecture"], skeleton, config_dict)
+        tensors = yield from read_tensors_job(path, metadata["general.architecture"], skeleton,
+                                              config_dict)
         config.architectures = [type(skeleton).__name__]
         config.dtype = torch.float32
         tokenizer = None
@@ -154,6 +166,13 @@ def gguf_to_hf_names(skeleton, architecture: str) -> dict[str, str]:
 
 def read_tensors(path: Path, architecture: str, skeleton, config_dict: dict) -> dict:
     """{HF state-dict key: float32 tensor} for every GGUF tensor the model has a name for."""
+    from studio.core.jobs import run
+
+    return run(read_tensors_job(path, architecture, skeleton, config_dict))
+
+
+def read_tensors_job(path: Path, architecture: str, skeleton, config_dict: dict):
+    """`read_tensors` as a job: one Progress per tensor de-quantized (two threads at a time)."""
     import torch
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
@@ -183,7 +202,17 @@ def read_tensors(path: Path, architecture: str, skeleton, config_dict: dict) -> 
             return None
         return mapping[result.name], torch.from_numpy(np.array(result.weights, dtype=np.float32))
 
-    with ThreadPoolExecutor(WORKERS) as pool:
-        pairs = [pair for pair in pool.map(one, entries) if pair is not None]
+    from studio.core.jobs import Progress
+
+    pairs = []
+    pool = ThreadPoolExecutor(WORKERS)
+    try:
+        for i, pair in enumerate(pool.map(one, entries)):
+            yield Progress(i, len(entries), f"De-quantizing {path.name}: tensor {i + 1} of "
+                                            f"{len(entries)} (first open only, cached after)")
+            if pair is not None:
+                pairs.append(pair)
+    finally:   # cancelled: the tensors not started are dropped
+        pool.shutdown(wait=True, cancel_futures=True)
     # A tied head has no tensor of its own in the file: save_pretrained would not write it.
     return dict(pairs)

@@ -48,3 +48,22 @@ def weight_columns_job(handle, layers: list[str]) -> Job[np.ndarray]:
 
     yield Progress(0, 1, f"Reading the weights of {', '.join(layers)}")
     return weight_columns(handle, layers)
+
+
+@dataclass(frozen=True)
+class WeightSummary:
+    """One layer's weight range, as the Layers tab's details pane shows it."""
+    low: float
+    high: float
+    std: float
+    max_over_median: float   # abs-max / median |w|: how far the largest weight sticks out
+
+
+def weight_summary_job(handle, name: str) -> Job[WeightSummary]:
+    """A layer's min, max, std and abs-max over median |w| (a median of the demo's embedding,
+    28 M weights, takes about a second: not a job for the UI thread)."""
+    yield Progress(0, 1, f"Reading {name}")
+    w = handle.weight(name).float()
+    absw = w.abs()
+    ratio = (absw.max() / absw.median().clamp_min(1e-12)).item()
+    return WeightSummary(w.min().item(), w.max().item(), w.std().item(), ratio)

@@ -169,13 +169,33 @@ def pareto_front(xs: np.ndarray, ys: np.ndarray, x_better: str) -> np.ndarray:
 def layer_errors(variant, base_handle) -> tuple[list[str], np.ndarray, str]:
     """(layers, errors, what) per quantized layer: the method's output error where it was
     measured for every layer, else the weight's relative error against the baseline."""
+    from studio.core.jobs import run
+
+    return run(layer_errors_job(variant, base_handle))
+
+
+def layer_errors_job(variant, base_handle) -> Job[tuple[list[str], np.ndarray, str]]:
+    """`layer_errors` as a job: without recorded output errors, every layer is de-quantized
+    (seconds on a real model), so the window runs it on a worker, one step per layer."""
+    recorded = recorded_errors(variant)
+    if recorded is not None:
+        return recorded
+    names = list(variant.qtensors)
+    errors = []
+    for i, name in enumerate(names):
+        yield Progress(i, len(names), f"Per-layer errors of {variant.name}")
+        errors.append(metrics.relative_error(base_handle.weight(name),
+                                             variant.qtensors[name].dequantize()))
+    return names, np.array(errors, np.float32), "weight relative error"
+
+
+def recorded_errors(variant) -> tuple[list[str], np.ndarray, str] | None:
+    """`layer_errors` when the method recorded every layer's output error (instant), else None."""
     names = list(variant.qtensors)
     recorded = {e["layer"]: e.get("error") for e in variant.layer_errors if "layer" in e}
     if names and all(recorded.get(n) is not None for n in names):
         return names, np.array([recorded[n] for n in names], np.float32), "output error"
-    errors = [metrics.relative_error(base_handle.weight(n), variant.qtensors[n].dequantize())
-              for n in names]
-    return names, np.array(errors, np.float32), "weight relative error"
+    return None
 
 
 def worst_layers(names: list[str], errors: np.ndarray, count: int = 10

@@ -63,6 +63,12 @@ def encode(value: Any, arrays: dict, types: dict[type, str]) -> Any:
     import numpy as np   # (here, not at the top: the window's shell imports this module)
     import torch
 
+    # Imported once, not at every node: in the window, PySide6 hooks `import` in Python
+    # (shibokensupport's feature_import), and an autosave walks thousands of nodes.
+    return _encode(value, arrays, types, np, torch)
+
+
+def _encode(value: Any, arrays: dict, types: dict[type, str], np, torch) -> Any:
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
@@ -78,13 +84,13 @@ def encode(value: Any, arrays: dict, types: dict[type, str]) -> Any:
         arrays[key] = tensor.clone()
         return {"__array__": key, "numpy": isinstance(value, np.ndarray)}
     if isinstance(value, (list, tuple)):
-        items = [encode(v, arrays, types) for v in value]
+        items = [_encode(v, arrays, types, np, torch) for v in value]
         return items if isinstance(value, list) else {"__tuple__": items}
     if isinstance(value, dict):
-        return {"__dict__": [[encode(k, arrays, types), encode(v, arrays, types)]
-                             for k, v in value.items()]}
+        return {"__dict__": [[_encode(k, arrays, types, np, torch),
+                              _encode(v, arrays, types, np, torch)] for k, v in value.items()]}
     if dataclasses.is_dataclass(value) and type(value) in types:
-        fields = {f.name: encode(getattr(value, f.name), arrays, types)
+        fields = {f.name: _encode(getattr(value, f.name), arrays, types, np, torch)
                   for f in dataclasses.fields(value) if f.init}
         return {"__type__": types[type(value)], "fields": fields}
     raise _Unsupported(type(value).__name__)
@@ -143,8 +149,18 @@ class SavedSession:
 
 
 def model_fingerprint(handle) -> str:
+    """The open model's fingerprint, computed once per handle: every autosave asked for it,
+    reading a sample of every layer again (a streamed model reads them from disk)."""
     from studio.core.sensitivity import ModelIdentity
-    return ModelIdentity.of(handle).fingerprint
+
+    cached = getattr(handle, "_session_fingerprint", None)
+    if cached is None:
+        cached = ModelIdentity.of(handle).fingerprint
+        try:
+            handle._session_fingerprint = cached
+        except AttributeError:   # a handle that takes no new attribute: computed each time
+            pass
+    return cached
 
 
 def save_session(session, path: str | Path, window: dict | None = None) -> SavedSession:

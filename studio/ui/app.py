@@ -101,6 +101,10 @@ def preload(then) -> None:
         try:
             for name in PRELOAD:
                 importlib.import_module(name)
+            # The llama.cpp binding loads its library on first use (~0.35 s): here, not when
+            # the Evaluate and Benchmark views list their backends on the UI thread.
+            from studio.core.backends import get_backend
+            get_backend("llama.cpp").available()
         except Exception:   # whatever failed fails again, reported, when the views are built
             logging.getLogger(__name__).exception("preloading the core failed")
         finally:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 from PySide6.QtCore import QSortFilterProxyModel, Qt
-from PySide6.QtGui import QStandardItemModel
 from PySide6.QtWidgets import (
     QComboBox,
     QDockWidget,
@@ -25,7 +24,7 @@ from PySide6.QtWidgets import (
 from studio.core.errors import StudioError
 from studio.core.layers import ROLES
 from studio.core.stats import SUMMARY_STATS
-from studio.ui.widgets import SORT_KEY, SortItem, fmt, layer_table, sortable
+from studio.ui.widgets import SORT_KEY, RowsModel, fit_columns, fmt, layer_table, sortable
 
 BASE_COLUMNS = ("#", "Layer", "Block", "Role", "Params")
 NAME, BLOCK, ROLE = 1, 2, 3
@@ -66,7 +65,7 @@ class LayerList(QWidget):
         super().__init__()
         self.state = state
         self.columns: list[str] = []
-        self.model = QStandardItemModel(0, 0)
+        self.model = RowsModel(tooltip_column=NAME)
         self.proxy = _Filter()
         self.proxy.setSourceModel(self.model)
 
@@ -188,39 +187,36 @@ class LayerList(QWidget):
     def _fit_columns(self) -> None:
         """Every column to its contents, except the layer name, which gives way so that Block,
         Role and Params stay in view at the dock's width (the full name is its tooltip)."""
-        self.table.resizeColumnsToContents()
+        fit_columns(self.table, self.model)
         others = sum(self.table.columnWidth(c) for c in range(len(BASE_COLUMNS)) if c != NAME)
         scrollbar = self.table.style().pixelMetric(QStyle.PixelMetric.PM_ScrollBarExtent)
         room = self.table.width() - 2 * self.table.frameWidth() - scrollbar - others
         self.table.setColumnWidth(NAME, max(90, min(self.table.columnWidth(NAME), room, 230)))
 
     def _fill(self, handle, columns, tips, stats, scores, plan_bits) -> None:
-        self.model.removeRows(0, self.model.rowCount())
-        self.model.setColumnCount(len(columns))
-        self.model.setHorizontalHeaderLabels(columns)
-        for c, tip in enumerate(tips):
-            self.model.horizontalHeaderItem(c).setToolTip(tip)
+        """Every row at once (one model reset): the demo's 212 rows appended one by one held
+        the UI thread at each open and each new result."""
         self.columns = columns
         self._fill_blocks(handle)
-        if handle is None:
-            return
-        for position, info in enumerate(handle.layers):
-            row = [SortItem(str(position), position), _named(info.name),
-                   SortItem("" if info.block is None else str(info.block),
-                            -1 if info.block is None else info.block),
-                   SortItem(info.role), SortItem(f"{info.params:,}", info.params)]
+        rows = []
+        for position, info in enumerate(handle.layers if handle is not None else ()):
+            row = [(str(position), position), (info.name, None),
+                   ("" if info.block is None else str(info.block),
+                    -1 if info.block is None else info.block),
+                   (info.role, None), (f"{info.params:,}", info.params)]
             if stats is not None:
                 s = stats.layers.get(info.name)
-                row += [SortItem(fmt(getattr(s, key)), sortable(getattr(s, key))) if s is not None
-                        else SortItem("", -1e300) for key in SUMMARY_STATS]
+                row += [(fmt(getattr(s, key)), sortable(getattr(s, key))) if s is not None
+                        else ("", -1e300) for key in SUMMARY_STATS]
             if scores:
                 score = scores.get(info.name)
-                row.append(SortItem("" if score is None else f"{score:.3g}",
-                                    -1e300 if score is None else score))
+                row.append(("" if score is None else f"{score:.3g}",
+                            -1e300 if score is None else score))
             if plan_bits:
                 bits = plan_bits.get(info.name, 16)
-                row.append(SortItem(str(bits), bits))
-            self.model.appendRow(row)
+                row.append((str(bits), bits))
+            rows.append(row)
+        self.model.set_rows(rows, columns, tips)
 
     def _plan_bits(self, handle) -> dict[str, int]:
         if handle is None:
@@ -251,12 +247,10 @@ class LayerList(QWidget):
         current = self.table.currentIndex()
         if current.isValid() and self.proxy.index(current.row(), NAME).data() == name:
             return
-        matches = self.model.findItems(name, Qt.MatchFlag.MatchExactly, NAME)
-        if matches:
-            index = self.proxy.mapFromSource(matches[0].index())
-            if index.isValid():
-                self.table.setCurrentIndex(index)
-                self.table.scrollTo(index)
+        index = self.proxy.mapFromSource(self.model.find(name, NAME))
+        if index.isValid():
+            self.table.setCurrentIndex(index)
+            self.table.scrollTo(index)
 
     def _row_changed(self, current, _previous) -> None:
         if current.isValid():
@@ -284,12 +278,6 @@ def sensitivity_scores(result) -> dict[str, float]:
                                                        abs(options[j].group_size - 128)))
         values = np.asarray(result.proxy_error, dtype=float)[:, col]
     return {name: float(v) for name, v in zip(result.layers, values) if np.isfinite(v)}
-
-
-def _named(name: str) -> SortItem:
-    item = SortItem(name)
-    item.setToolTip(name)
-    return item
 
 
 class _Listed:

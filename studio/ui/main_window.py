@@ -21,6 +21,7 @@ from PySide6.QtWidgets import (
     QMainWindow,
     QProgressBar,
     QPushButton,
+    QSizePolicy,
     QTabWidget,
     QTextBrowser,
 )
@@ -251,7 +252,11 @@ class MainWindow(QMainWindow):
         self.cancel_button.clicked.connect(self.cancel_job)
         for widget in (self.job_label, self.progress, self.cancel_button):
             widget.setVisible(False)
-        bar.addWidget(self.model_label)
+        # On a narrow screen the model's line gives way (its full text is its tooltip) and a
+        # job's line is capped, so the progress, Cancel and memory stay in view.
+        self.model_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.job_label.setMaximumWidth(360)
+        bar.addWidget(self.model_label, 1)
         bar.addPermanentWidget(self.job_label)
         bar.addPermanentWidget(self.progress)
         bar.addPermanentWidget(self.cancel_button)
@@ -334,6 +339,7 @@ class MainWindow(QMainWindow):
         self.model_label.setText(f"{handle.name} · {handle.architecture} · "
                                  f"{handle.param_count / 1e6:.1f}M params · "
                                  f"{handle.size_bytes / 2**20:.1f} MiB{text}")
+        self.model_label.setToolTip(self.model_label.text())
 
     # --- jobs -----------------------------------------------------------------------------------
     def _job_started(self, handle: JobHandle) -> None:

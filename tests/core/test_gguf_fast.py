@@ -83,3 +83,26 @@ def test_an_architecture_outside_the_fast_path_keeps_transformers_loader(tmp_pat
     writer.close()
     assert not gguf_fast.supported(tmp_path / "m.gguf")
     assert not gguf_fast.supported(tmp_path / "missing.gguf")
+
+
+def test_a_fast_gguf_opens_in_this_process_and_a_cancel_writes_nothing(tiny_dirs, tmp_path,
+                                                                        monkeypatch):
+    """No child process for an architecture gguf_fast covers (it paid the imports again); the
+    job stops between tensors and leaves no folder behind."""
+    import subprocess
+
+    from studio.core.gguf_convert import convert_job
+
+    handle = run(open_model_job(tiny_dirs["llama"]))
+    variant = run(quantize_job(handle, Plan(QuantSpec(4, 32, True)), None, None, "inproc"))
+    written = run(GGUF.write_job(variant, handle, ExportOptions(dtype="f16"), None, tmp_path))
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a child was started"))
+    job = convert_job(written.file, tmp_path / "cut")
+    steps = [next(job) for _ in range(3)]
+    assert all("tensor" in p.message for p in steps)
+    job.close()                                   # what a cancel does
+    assert not (tmp_path / "cut").exists()
+    assert not list(tmp_path.glob(".cut.*"))
+    run(convert_job(written.file, tmp_path / "whole"))
+    gguf_fast.convert_fast(written.file, tmp_path / "direct")
+    assert_same_folders(tmp_path / "whole", tmp_path / "direct")

@@ -38,13 +38,32 @@ def test_plan_lists_options_and_reuses_a_covering_sweep(tiny_dirs, tmp_path, cap
     assert " x W4 g" in text.splitlines()[0]   # the mix counts layers per option label
 
 
+def test_measured_points_quantize_the_plan_and_points_of_its_curve(tiny_dirs, tmp_path, capsys):
+    model, sens = str(tiny_dirs["llama"]), tmp_path / "sens.json"
+    out = tmp_path / "plan.json"
+    args = ["plan", model, "--budget-bpw", "4.5", *SMALL, "--sensitivity", str(sens),
+            "--out", str(out), "--json"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["measured_points"] == []
+    assert main(args + ["--measure-points", "2"]) == 0   # the saved sweep is re-used
+    report = json.loads(capsys.readouterr().out)
+    first, other = report["measured_points"]
+    # The first point is the plan itself, quantized: its size and prediction are the plan's.
+    assert abs(first["bpw"] - report["bits_per_weight"]) < 1e-3
+    assert first["predicted"] == report["predicted_loss"]
+    assert min(report["pareto"]["bpw"]) - 1e-9 <= other["bpw"]
+    for point in (first, other):
+        assert point["kl"] > 0 and 1 < point["ppl"] < float("inf")
+
+
 def test_bad_options_exit_2_before_the_model_is_opened(tmp_path, capsys):
     missing = str(tmp_path / "no-model")  # never opened: the options are refused first
     cases = [(["--kl-bits", "7"], "W7 g128, which is not among the options"),
              (["--group-sizes", "32,100"], "group sizes among"),
              (["--bits", "2,x"], "whole numbers"),
              (["--bits", "1,4"], "Bits must be"),
-             (["--group-sizes", "64", "--kl-group", "64,32"], "one group size")]
+             (["--group-sizes", "64", "--kl-group", "64,32"], "one group size"),
+             (["--measure-points", "-1"], "a count of 0 or more")]
     for extra, message in cases:
         assert main(["plan", missing, "--budget-bpw", "4", *extra,
                      "--out", str(tmp_path / "p.json")]) == 2, extra

@@ -30,6 +30,7 @@ def state_with_runs(qtbot, tiny_llama):
     ])
     yield state, variant
     state.runner.wait()
+    state.details.wait()
 
 
 def test_compare_view_renders_two_runs(qtbot, state_with_runs, tmp_path):
@@ -57,6 +58,7 @@ def test_compare_view_renders_two_runs(qtbot, state_with_runs, tmp_path):
     # Bars, scatters, the histogram of one quantized layer (read on the details worker) and the
     # per-layer errors are drawn.
     qtbot.waitUntil(lambda: len(view.histogram.getPlotItem().listDataItems()) == 2, timeout=20000)
+    qtbot.waitUntil(lambda: len(view.errors.getPlotItem().listDataItems()) == 2, timeout=20000)
     for plot in (view.ppl_bars, view.speed_bars, view.size_scatter, view.speed_scatter,
                  view.histogram, view.errors):
         assert plot.getPlotItem().listDataItems() or plot.getPlotItem().items, plot
@@ -82,6 +84,34 @@ def test_compare_view_renders_two_runs(qtbot, state_with_runs, tmp_path):
     view.clear_runs()
     assert view.table.rowCount() == 1                      # the baseline is always a row
     assert view.table.item(0, 0).text() == "baseline"
+
+
+def test_per_layer_errors_without_recorded_ones_are_computed_off_the_ui_thread(
+        qtbot, state_with_runs, monkeypatch):
+    """A variant whose method recorded no output errors is de-quantized layer by layer to
+    rank its layers: on the details worker, drawn when the figures arrive."""
+    import threading
+
+    from studio.core import runs
+    from studio.ui.views.compare import CompareView
+
+    state, variant = state_with_runs
+    variant.layer_errors = []            # as a method that records none leaves it
+    threads = []
+    real = runs.metrics.relative_error
+    monkeypatch.setattr(runs.metrics, "relative_error", lambda *a: (
+        threads.append(threading.current_thread()), real(*a))[1])
+    view = CompareView(state)
+    qtbot.addWidget(view)
+    view.refresh()          # hidden: the charts wait until the tab is shown
+    assert not view.errors.getPlotItem().listDataItems() and not threads
+    view.show()
+    qtbot.waitUntil(lambda: len(view.errors.getPlotItem().listDataItems()) == 2, timeout=20000)
+    assert len(threads) == len(variant.qtensors)
+    assert threading.main_thread() not in threads
+    assert view.errors.getPlotItem().getAxis("left").labelText == "weight relative error"
+    view.refresh()                       # cached: not computed again
+    assert len(threads) == len(variant.qtensors)
 
 
 def test_pareto_front():

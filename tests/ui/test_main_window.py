@@ -9,7 +9,17 @@ def open_and_wait(qtbot, window, source):
     qtbot.wait(50)  # let the queued result reach the window
 
 
-def test_opens_a_model_and_lists_its_layers(qtbot, window, tiny_dirs):
+def test_opens_a_model_and_lists_its_layers(qtbot, window, tiny_dirs, monkeypatch):
+    import threading
+
+    from studio.core import layer_details
+    read_on = []
+    real = layer_details.weight_summary_job
+
+    def spy(*args):
+        read_on.append(threading.current_thread())
+        return (yield from real(*args))
+    monkeypatch.setattr(layer_details, "weight_summary_job", spy)
     open_and_wait(qtbot, window, tiny_dirs["qwen2"])
     handle = window.state.handle
     assert handle is not None and handle.architecture == "Qwen2ForCausalLM"
@@ -27,7 +37,11 @@ def test_opens_a_model_and_lists_its_layers(qtbot, window, tiny_dirs):
     view.select("model.layers.1.mlp.down_proj")
     assert window.state.selected_layer == "model.layers.1.mlp.down_proj"
     assert "model.layers.1.mlp.down_proj" in view.details.toPlainText()
-    assert "std" in view.details.toPlainText()
+    # The weight range is read on the details worker and shown when it arrives.
+    qtbot.waitUntil(lambda: "…" not in view.details.toPlainText(), timeout=20000)
+    w = handle.weight("model.layers.1.mlp.down_proj").float()
+    assert f"{w.std().item():.4g}" in view.details.toPlainText()
+    assert read_on and threading.main_thread() not in read_on
 
 
 def test_sorting_by_parameters(qtbot, window, tiny_dirs):

@@ -37,7 +37,15 @@ class _Click:
         return self._pos
 
 
-def test_sensitivity_view_measures_and_a_click_assigns_an_option(qtbot, state, tiny_llama):
+def test_sensitivity_view_measures_and_a_click_assigns_an_option(qtbot, state, tiny_llama,
+                                                                 monkeypatch):
+    import threading
+
+    from studio.ui.views import sensitivity
+    tokenized_on = []
+    real = sensitivity.text_windows
+    monkeypatch.setattr(sensitivity, "text_windows", lambda *a, **k: (
+        tokenized_on.append(threading.current_thread()), real(*a, **k))[1])
     view = SensitivityView(state)
     qtbot.addWidget(view)
     state.set_model(tiny_llama)
@@ -53,6 +61,8 @@ def test_sensitivity_view_measures_and_a_click_assigns_an_option(qtbot, state, t
     _wait_job(qtbot, view)
     result = state.session.results["sensitivity"]
     assert result.labels == ["W2 g64", "W2 g32", "W3 g64", "W3 g32"] and result.has_kl
+    # The text was tokenized by the job, not on the UI thread.
+    assert tokenized_on and threading.main_thread() not in tokenized_on
     assert view.image.image.shape == (4, len(tiny_llama.quantizable))
     assert not state.failures
     # One row per option; the one measured end to end is starred, and the legend says so.
@@ -88,6 +98,8 @@ def test_sensitivity_view_refuses_bad_fields_before_any_work(qtbot, state, tiny_
         assert view.start() is None, text
         assert message in view.status.text(), text
         field.setText(before)
+    view.text_path = "/no/such/text.txt"
+    assert view.start() is None and "does not exist" in view.status.text()
     assert view.job is None and "sensitivity" not in state.session.results
 
 
@@ -144,7 +156,8 @@ def test_invalid_edits_are_refused_and_the_plan_is_unchanged(qtbot, state, tiny_
 
 
 def test_auto_allocation_meets_the_target_and_draws_the_curve(qtbot, state, tiny_llama,
-                                                              tiny_result, tmp_path):
+                                                              tiny_result, tmp_path,
+                                                              monkeypatch):
     view = PlanView(state)
     qtbot.addWidget(view)
     state.set_model(tiny_llama)
@@ -158,6 +171,19 @@ def test_auto_allocation_meets_the_target_and_draws_the_curve(qtbot, state, tiny
     assert view.loss == pytest.approx(view.allocation.loss)
     x, y = view.curve.getData()
     assert len(x) > 3 and np.all(np.diff(x) > 0)
+    # Measured points: quantized and scored in a job; the text is tokenized off the UI thread.
+    import threading
+
+    from studio.core import text
+    tokenized_on = []
+    real = text.text_windows
+    monkeypatch.setattr(text, "text_windows", lambda *a, **k: (
+        tokenized_on.append(threading.current_thread()), real(*a, **k))[1])
+    assert view.measure_points() is not None
+    _wait_job(qtbot, view)
+    assert tokenized_on and threading.main_thread() not in tokenized_on
+    assert len(view.measured) == 4 and "Measured:" in view.message.text()
+    assert len(view.points.getData()[0]) == 4
     # An impossible target is refused and the plan stays as it was.
     plan = state.session.plan
     view.target.setValue(1.0)

@@ -124,7 +124,7 @@ def test_autosave_writes_in_the_background(qtbot, make_window, tiny_dirs, monkey
     real = session_file.autosave
 
     def slow(session, window_state):
-        calls.append(threading.current_thread().name)
+        calls.append(threading.current_thread())
         assert release.wait(20), "the window never let the save go on"
         return real(session, window_state)
 
@@ -134,5 +134,6 @@ def test_autosave_writes_in_the_background(qtbot, make_window, tiny_dirs, monkey
     window.sessions.autosave()        # asked again meanwhile: one more save after this one
     release.set()
     qtbot.waitUntil(lambda: len(calls) == 2 and window.sessions._saving is None, timeout=20000)
-    assert calls == ["studio-autosave"] * 2
+    assert [t.name for t in calls] == ["studio-autosave"] * 2
+    assert calls[0] is calls[1]       # one writer thread, fed by a queue (no start per save)
     assert window.sessions.last_autosave == session_file.autosave_path()

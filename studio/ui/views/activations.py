@@ -39,8 +39,8 @@ from studio.core.outliers import (
     smoothing_preview,
     token_norm_profile,
 )
-from studio.ui.layout import column
-from studio.ui.widgets import NeedsRun, SortItem, fmt, make_table, plot
+from studio.ui.layout import FlowLayout, column, labelled
+from studio.ui.widgets import NeedsRun, SortItem, fit_columns, fmt, make_table, plot, rows_table
 from studio.ui.workers import LatestOnly
 
 KEY = "activations"
@@ -98,15 +98,13 @@ class ActivationsView(QWidget):
         self._set_path(self.path)
         self.run_button = QPushButton("Run capture")
         self.run_button.clicked.connect(self.start)
-        self.settings = QHBoxLayout()
-        self.settings.addWidget(QLabel("Calibration:"))
-        self.settings.addWidget(self.source, 1)
+        self.settings = FlowLayout()   # wraps on a narrow screen
+        self.settings.addWidget(labelled("Calibration:", self.source))
         self.settings.addWidget(self.builtin)
         self.settings.addWidget(self.pick)
         for label, widget in (("windows", self.windows), ("tokens", self.seqlen),
                               ("seed", self.seed)):
-            self.settings.addWidget(QLabel(label))
-            self.settings.addWidget(widget)
+            self.settings.addWidget(labelled(label, widget))
         self.settings.addWidget(self.run_button)
         self.status = QLabel("No capture yet: choose a text and press Run capture.")
         self.status.setWordWrap(True)
@@ -117,7 +115,7 @@ class ActivationsView(QWidget):
         self.k.setToolTip("a channel is an outlier when its abs-max exceeds k x the median channel")
         self.k.valueChanged.connect(self._refresh_outliers)
         self.k_note = QLabel()
-        self.table, self.table_model, self.proxy = make_table(OUTLIER_COLUMNS)
+        self.table, self.table_model, self.proxy = rows_table(OUTLIER_COLUMNS)
         self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
         self.table.selectionModel().currentRowChanged.connect(self._outlier_row_changed)
 
@@ -262,7 +260,7 @@ class ActivationsView(QWidget):
         self._say_what_is_missing(name, any(name in g.layers for g in self.groups))
 
     def _refresh_outliers(self) -> None:
-        self.table_model.removeRows(0, self.table_model.rowCount())
+        self.table_model.set_rows([])
         self.groups = []
         if self.capture is None:
             self._clear_inspector()
@@ -275,16 +273,17 @@ class ActivationsView(QWidget):
             return
         count = sum(1 for g in self.groups if len(g.channels))
         self.k_note.setText(f"{count} of {len(self.groups)} inputs have outlier channels")
+        rows = []
         for order, g in enumerate(self.groups):
             channels = ", ".join(str(c) for c in g.channels[:12])
             if len(g.channels) > 12:
                 channels += f", … (+{len(g.channels) - 12})"
-            self.table_model.appendRow([
-                SortItem(str(order), order), SortItem(g.label),
-                SortItem(str(g.width), g.width), SortItem(fmt(g.median), g.median),
-                SortItem(fmt(g.peak), g.peak), SortItem(fmt(g.ratio), min(g.ratio, 1e300)),
-                SortItem(str(len(g.channels)), len(g.channels)), SortItem(channels)])
-        self.table.resizeColumnsToContents()
+            rows.append([(str(order), order), (g.label, None), (str(g.width), g.width),
+                         (fmt(g.median), g.median), (fmt(g.peak), g.peak),
+                         (fmt(g.ratio), min(g.ratio, 1e300)),
+                         (str(len(g.channels)), len(g.channels)), (channels, None)])
+        self.table_model.set_rows(rows)   # one reset, not a signal per row
+        fit_columns(self.table, self.table_model)
         wanted = self.group.layers[0] if self.group else self.state.selected_layer
         if not self._select_group_of(wanted) and self.groups:
             self.show_group(self.groups[0])
@@ -292,8 +291,7 @@ class ActivationsView(QWidget):
     def _select_group_of(self, layer: str | None) -> bool:
         for order, g in enumerate(self.groups):
             if layer in g.layers:
-                matches = self.table_model.findItems(str(order), Qt.MatchFlag.MatchExactly, 0)
-                index = self.proxy.mapFromSource(matches[0].index())
+                index = self.proxy.mapFromSource(self.table_model.find(str(order), 0))
                 if self.table.currentIndex().row() != index.row():
                     self.table.setCurrentIndex(index)
                     self.table.scrollTo(index)

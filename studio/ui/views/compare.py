@@ -37,7 +37,8 @@ from studio.core.runs import (  # noqa: F401  (re-exported: the views' tests rea
     describe_variant,
     export_run_job,
     latest_protocol,
-    layer_errors,
+    layer_errors_job,
+    recorded_errors,
     merged_rows,
     pareto_front,
     run_all_job,
@@ -62,6 +63,8 @@ class CompareView(QWidget):
         super().__init__()
         self.state = state
         self._errors: dict[tuple, tuple] = {}  # (name, id) -> layer_errors(...), cached
+        self._errors_asked: set[tuple] = set()  # keys being computed on the details worker
+        self._charts_stale = False              # runs changed while the tab was hidden
         self.rows: list[dict] = []
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels([header for _, header, _ in COLUMNS])
@@ -178,10 +181,7 @@ class CompareView(QWidget):
         rows = compare_rows(self.state.session.runs, self.state.handle)
         self.rows = rows
         self._fill_table(rows)
-        self._draw_bars(rows)
-        self._draw_scatter(self.size_scatter, rows, "size_mb", "lower")
-        self._draw_scatter(self.speed_scatter, rows, "decode_tok_s", "higher")
-        self._draw_errors()
+        self._draw_charts()
         self.run_all_button.setEnabled(bool(self.state.session.variants))
         measured = len(self.state.session.runs)
         if self.state.handle is None:
@@ -192,6 +192,24 @@ class CompareView(QWidget):
         else:
             self.status.setText(f"{measured} runs over {len(rows)} rows. Ratios are against "
                                 f"the baseline; its perplexity comes from the same windows.")
+
+    def _draw_charts(self) -> None:
+        """Bars, scatters and per-layer errors, only while the tab is shown: redrawn behind
+        another tab after every evaluation and benchmark, they held the UI thread (~0.3-1 s
+        under load); showEvent draws them when the user comes."""
+        if not self.isVisible():
+            self._charts_stale = True
+            return
+        self._charts_stale = False
+        self._draw_bars(self.rows)
+        self._draw_scatter(self.size_scatter, self.rows, "size_mb", "lower")
+        self._draw_scatter(self.speed_scatter, self.rows, "decode_tok_s", "higher")
+        self._draw_errors()
+
+    def showEvent(self, event) -> None:  # noqa: N802 (Qt API)
+        super().showEvent(event)
+        if self._charts_stale:
+            self._draw_charts()
 
     def _fill_table(self, rows: list[dict]) -> None:
         self.table.setRowCount(len(rows))
@@ -261,10 +279,11 @@ class CompareView(QWidget):
         if handle is None:
             return
         what, worst = "error", []
+        self._ask_errors(handle)
         for i, (name, variant) in enumerate(self.state.session.variants.items()):
             key = (name, id(variant))
             if key not in self._errors:
-                self._errors[key] = layer_errors(variant, handle)
+                continue   # being computed: drawn when it arrives
             layers, errors, what = self._errors[key]
             if not len(errors):
                 continue
@@ -281,6 +300,42 @@ class CompareView(QWidget):
         self.errors.setLabel("left", what)
         self.errors.setToolTip("Largest errors: " + "; ".join(worst) if worst else "")
         self._move_error_marker()
+
+    def _ask_errors(self, handle) -> None:
+        """Compute the per-layer errors of variants that have none cached, on the details
+        worker (a variant whose method recorded no output errors is de-quantized layer by
+        layer: seconds, which on the UI thread froze the window after a GPTQ run)."""
+        missing = []
+        for name, variant in self.state.session.variants.items():
+            key = (name, id(variant))
+            if key in self._errors or key in self._errors_asked:
+                continue
+            recorded = recorded_errors(variant)
+            if recorded is not None:
+                self._errors[key] = recorded
+            else:
+                missing.append((key, variant))
+        if not missing:
+            return
+        self._errors_asked.update(key for key, _ in missing)
+
+        def job():
+            out = {}
+            for key, variant in missing:
+                out[key] = yield from layer_errors_job(variant, handle)
+            return out
+
+        def arrived(results: dict) -> None:
+            self._errors_asked.difference_update(results)
+            if handle is self.state.handle:
+                self._errors.update(results)
+                self._draw_errors()
+
+        def failed(*_) -> None:
+            self._errors_asked.difference_update(key for key, _ in missing)
+
+        self.errors_job = self.state.details.submit("Per-layer errors", job, arrived,
+                                                    on_failed=failed)
 
     def _error_clicked(self, _item, points, *_) -> None:
         if len(points):

@@ -103,6 +103,7 @@ class EvaluateView(QWidget):
                         "the baseline: <span style='background:#ff8080'>&nbsp;rose&nbsp;</span> "
                         "<span style='background:#8080ff'>&nbsp;fell&nbsp;</span> (saturates at "
                         f"±{SATURATION:g} nats).")
+        legend.setWordWrap(True)
         token_box = QWidget()
         token_layout = QVBoxLayout(token_box)
         token_layout.setContentsMargins(0, 0, 0, 0)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from PySide6.QtCore import QSortFilterProxyModel, Qt
-from PySide6.QtGui import QStandardItem, QStandardItemModel
 from PySide6.QtWidgets import (
     QComboBox,
     QHBoxLayout,
@@ -16,24 +15,12 @@ from PySide6.QtWidgets import (
 
 from studio.core.layers import ROLES
 from studio.ui.layout import column
-from studio.ui.widgets import layer_table
+from studio.ui.widgets import SORT_KEY, RowsModel, fit_columns, layer_table
+from studio.ui.workers import LatestOnly
 
 COLUMNS = ("#", "Layer", "Block", "Role", "Kind", "Shape", "Parameters", "dtype", "Size (KiB)",
            "Quantized by default")
 
-
-SORT_KEY = Qt.ItemDataRole.UserRole + 1
-
-
-class _Item(QStandardItem):
-    """A read-only cell whose sort key is its number when it has one, else its text."""
-
-    def __init__(self, text: str, number: float | None = None) -> None:
-        super().__init__(text)
-        self.setEditable(False)
-        self.setData(text if number is None else number, SORT_KEY)
-        if number is not None:
-            self.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
 
 
 class _Filter(QSortFilterProxyModel):
@@ -61,8 +48,8 @@ class LayersView(QWidget):
     def __init__(self, state) -> None:
         super().__init__()
         self.state = state
-        self.model = QStandardItemModel(0, len(COLUMNS))
-        self.model.setHorizontalHeaderLabels(COLUMNS)
+        self.model = RowsModel(COLUMNS, tooltip_column=1)
+        self.latest = LatestOnly(state.details)   # a layer's weight summary, off the UI thread
         self.proxy = _Filter()
         self.proxy.setSourceModel(self.model)
         self.proxy.setSortRole(SORT_KEY)
@@ -111,21 +98,18 @@ class LayersView(QWidget):
                                  "Hugging Face model folder or a GGUF file.</p>")
 
     def set_model(self, handle) -> None:
-        self.model.removeRows(0, self.model.rowCount())
+        self.latest.forget()
+        self.model.set_rows([] if handle is None else [
+            [(str(order), order), (info.name, None),
+             ("" if info.block is None else str(info.block), -1 if info.block is None else info.block),
+             (info.role, None), (info.kind + (" (tied)" if info.tied_to else ""), None),
+             (" x ".join(str(d) for d in info.shape), None),
+             (f"{info.params:,}", info.params), (info.dtype, None),
+             (f"{info.bytes / 1024:,.1f}", info.bytes), ("yes" if info.quantizable else "no", None)]
+            for order, info in enumerate(handle.layers)])
         if handle is None:
             return
-        for order, info in enumerate(handle.layers):
-            shape = " x ".join(str(d) for d in info.shape)
-            block = "" if info.block is None else str(info.block)
-            kind = info.kind + (" (tied)" if info.tied_to else "")
-            self.model.appendRow([
-                _Item(str(order), order), _Item(info.name), _Item(block, -1 if info.block is None else info.block),
-                _Item(info.role), _Item(kind), _Item(shape),
-                _Item(f"{info.params:,}", info.params), _Item(info.dtype),
-                _Item(f"{info.bytes / 1024:,.1f}", info.bytes),
-                _Item("yes" if info.quantizable else "no"),
-            ])
-        self.table.resizeColumnsToContents()
+        fit_columns(self.table, self.model)
         self._update_count()
         self._show_model_summary(handle)
 
@@ -157,20 +141,29 @@ class LayersView(QWidget):
             f"<p>Select a layer to see its details.</p>")
 
     def _show_details(self, name: str) -> None:
+        """The layer's facts at once; its weight range when the details worker has read it."""
+        from studio.core.layer_details import weight_summary_job
+
         handle = self.state.handle
         if handle is None:
             return
         info = handle.layer(name)
-        w = handle.weight(name)   # (streamed: this layer alone is read from its file)
-        absw = w.abs()
         rows = [("Role", info.role), ("Kind", info.kind), ("Block", info.block),
                 ("Shape (out x in)", " x ".join(map(str, info.shape))),
                 ("Parameters", f"{info.params:,}"), ("dtype", info.dtype),
                 ("Size", f"{info.bytes / 1024:,.1f} KiB"),
                 ("Quantized by default", "yes" if info.quantizable else "no (only if a rule names it)"),
-                ("Tied to", info.tied_to or "—"),
-                ("min / max", f"{w.min().item():.4g} / {w.max().item():.4g}"),
-                ("std", f"{w.float().std().item():.4g}"),
-                ("abs-max / median |w|", f"{(absw.max() / absw.median().clamp_min(1e-12)).item():.1f}")]
+                ("Tied to", info.tied_to or "—")]
+        self._details_html(name, rows + [("min / max", "…"), ("std", "…"),
+                                         ("abs-max / median |w|", "…")])
+
+        def arrived(s) -> None:
+            self._details_html(name, rows + [("min / max", f"{s.low:.4g} / {s.high:.4g}"),
+                                             ("std", f"{s.std:.4g}"),
+                                             ("abs-max / median |w|", f"{s.max_over_median:.1f}")])
+        self.latest.request(name, f"Weights of {name}", lambda: weight_summary_job(handle, name),
+                            arrived)
+
+    def _details_html(self, name: str, rows: list[tuple]) -> None:
         table = "".join(f"<tr><td><b>{k}</b></td><td>{v}</td></tr>" for k, v in rows)
         self.details.setHtml(f"<h3>{name}</h3><table cellspacing='4'>{table}</table>")

@@ -43,7 +43,7 @@ from studio.core.plan_ends import describe, effective_specs, ends_of, with_end
 from studio.core.plan_rules import NOT_NATIVE, RULE_HELP, parse_rule  # noqa: F401 (re-exported)
 from studio.core.quant import registry
 from studio.core.quant.grid import native_gguf_type
-from studio.ui.layout import column
+from studio.ui.layout import FlowLayout, column
 from studio.ui.views.plan_head import PlanEnds
 from studio.ui.widgets import Refused, guarded, method_tooltips
 
@@ -70,6 +70,7 @@ class PlanView(QWidget):
 
         self.meter = QLabel()
         self.meter.setTextFormat(Qt.TextFormat.RichText)
+        self.meter.setWordWrap(True)
         self.message = QLabel()
         self.message.setWordWrap(True)
 
@@ -130,7 +131,7 @@ class PlanView(QWidget):
                                        "curve, and measure their KL and perplexity")
         self.measure_button.clicked.connect(self.measure_points)
 
-        files = QHBoxLayout()
+        files = FlowLayout()   # rows wrap on a narrow screen
         files.addWidget(self.gguf_native)
         files.addSpacing(12)
         for label, slot in (("Save recipe…", self._save), ("Load recipe…", self._load),
@@ -159,7 +160,7 @@ class PlanView(QWidget):
         self.pareto_note = QLabel("Auto-allocate to see the curve.")
         self.pareto_note.setWordWrap(True)
 
-        edit = QHBoxLayout()
+        edit = FlowLayout()
         for widget in (QLabel("Bits"), self.bits, self.group, self.method, self.symmetric,
                        self.skip, apply_selected, set_default, clear):
             edit.addWidget(widget)
@@ -168,7 +169,7 @@ class PlanView(QWidget):
         rules.addWidget(QLabel("Rule"))
         rules.addWidget(self.rule, 1)
         rules.addWidget(apply_rule)
-        auto = QHBoxLayout()
+        auto = FlowLayout()
         for widget in (QLabel("Target"), self.target, self.target_kind, QLabel("minimising"),
                        self.loss_kind, allocate, self.measure_button):
             auto.addWidget(widget)
@@ -360,11 +361,9 @@ class PlanView(QWidget):
         self._draw_pareto()
 
     def measure_points(self):
-        """Quantize the chosen plan and three more optimal points, measure KL and perplexity."""
-        from studio.core import metrics
-        from studio.core.allocate import allocate, plan_size
-        from studio.core.evaluate import window_logits
-        from studio.core.quantize import quantize_job
+        """Quantize the chosen plan and three more optimal points, measure KL and perplexity
+        (core.plan_points, on a short text)."""
+        from studio.core import plan_points
         from studio.core.text import text_windows
 
         handle = self.state.handle
@@ -375,33 +374,19 @@ class PlanView(QWidget):
             return None
         try:
             table, _ = self._table()
-            windows, label = text_windows(handle.tokenizer, None, 128, 8, seed=1)
         except StudioError as exc:
             self.say(str(exc), error=True)
             return None
-        curve = self.allocation.pareto
-        targets = [self.allocation.bpw] + [float(np.quantile(curve.bpw, q))
-                                           for q in (0.2, 0.5, 0.8)]
+        targets = plan_points.point_targets(self.allocation)
 
-        def job():
-            base = [logits for _, _, logits in window_logits(handle.model, windows)]
-            out = []
-            for i, bpw in enumerate(targets):
-                yield Progress(i, len(targets), f"Measuring the plan at {bpw:.2f} bits/weight")
-                answer = allocate(table, budget_bpw=max(bpw, curve.bpw.min()))
-                variant = yield from quantize_job(handle, answer.plan, None, None, "measure")
-                kl = nll = 0.0
-                tokens = 0
-                for (_, ids, logits), ref in zip(window_logits(variant.model, windows), base):
-                    kl += metrics.kl_divergence(ref, logits).sum().item()
-                    nll += metrics.token_nll(logits, ids).sum().item()
-                    tokens += ids.numel()
-                out.append({"bpw": plan_size(handle, answer.plan).bits_per_weight,
-                            "predicted": answer.loss, "kl": kl / tokens,
-                            "ppl": metrics.perplexity(nll, tokens - len(windows))})
-            return out
+        def job():  # the text is tokenized here, off the UI thread
+            windows, _ = text_windows(handle.tokenizer, None, plan_points.SEQLEN,
+                                      plan_points.WINDOWS, seed=plan_points.SEED)
+            points = yield from plan_points.measure_points_job(handle, table, targets, windows)
+            return [p.to_dict() for p in points]
 
-        self.say(f"Measuring {len(targets)} points on {label} (8 x 128 tokens)…")
+        self.say(f"Measuring {len(targets)} points on the built-in text "
+                 f"({plan_points.WINDOWS} x {plan_points.SEQLEN} tokens)…")
         return self._submit("Measure plan points", job, self._measured)
 
     def _measured(self, points: list[dict]) -> None:

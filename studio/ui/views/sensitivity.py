@@ -34,9 +34,9 @@ from studio.core.sensitivity import (DEFAULT_BITS, DEFAULT_GROUPS, DEFAULT_KL_BI
                                      SensitivityResult, gguf_native_options, kl_columns,
                                      option_label, parse_group_sizes, parse_widths,
                                      same_grid, sensitivity_job, sweep_options)
-from studio.core.text import text_windows
+from studio.core.text import BUILTIN, text_windows
 from studio.ui import settings
-from studio.ui.layout import column
+from studio.ui.layout import FlowLayout, column, labelled
 from studio.ui.widgets import NeedsRun, guarded
 
 KEY = "sensitivity"
@@ -137,14 +137,12 @@ class SensitivityView(QWidget):
         self.ranking = QTextBrowser()
         self.ranking.setMinimumWidth(300)
 
-        bar = QHBoxLayout()
-        for widget in (QLabel("Widths"), self.widths, QLabel("groups"), self.groups,
-                       self.gguf_native,
-                       QLabel("KL at widths"), self.kl_widths, self.kl_group, QLabel("windows"),
-                       self.kl_windows, QLabel("tokens"), self.seqlen, self.text_button,
-                       self.run_button, self.cancel_button, save, load):
+        bar = FlowLayout()   # wraps on a narrow screen
+        for widget in (labelled("Widths", self.widths), labelled("groups", self.groups),
+                       self.gguf_native, labelled("KL at widths", self.kl_widths, self.kl_group),
+                       labelled("windows", self.kl_windows), labelled("tokens", self.seqlen),
+                       self.text_button, self.run_button, self.cancel_button, save, load):
             bar.addWidget(widget)
-        bar.addStretch(1)
         show = QHBoxLayout()
         show.addWidget(QLabel("Colour by"))
         show.addWidget(self.metric_box)
@@ -186,8 +184,8 @@ class SensitivityView(QWidget):
             options = gguf_native_options() if native else sweep_options(bits, groups)
             kl_cols = kl_columns(options, kl_bits, kl_group) if kl_windows > 0 else []
             count = max(kl_windows, DEFAULT_PROXY_WINDOWS)
-            windows, label = text_windows(handle.tokenizer, self.text_path, self.seqlen.value(),
-                                          count, seed=0)
+            if self.text_path and not Path(self.text_path).is_file():
+                raise StudioError(f"Text file {self.text_path} does not exist.")
         except StudioError as exc:
             self.status.setText(str(exc))
             return None
@@ -195,11 +193,19 @@ class SensitivityView(QWidget):
         self.live = None
         self.live_options, self.live_kl = options, kl_cols
         measured = ", ".join(option_label(options[j]) for j in kl_cols) or "none (proxy only)"
+        text_path, seqlen = self.text_path, self.seqlen.value()
+        label = Path(text_path).name if text_path else BUILTIN
         self.status.setText(f"Measuring {len(handle.quantizable)} layers x {len(options)} options "
                             f"on {label}; end to end at {measured}…")
-        factory = guarded(lambda: sensitivity_job(
-            handle, windows, bits=bits, group_sizes=groups, kl_bits=kl_bits, kl_group=kl_group,
-            gguf_native=native, kl_windows=kl_windows, text_label=label))
+
+        def job():
+            # Tokenized here, on the worker: a long text took ~0.5 s of the UI thread.
+            windows, label = text_windows(handle.tokenizer, text_path, seqlen, count, seed=0)
+            return (yield from sensitivity_job(
+                handle, windows, bits=bits, group_sizes=groups, kl_bits=kl_bits,
+                kl_group=kl_group, gguf_native=native, kl_windows=kl_windows, text_label=label))
+
+        factory = guarded(job)
         self.job = self.state.submit("Sensitivity", factory, on_result=self._finished,
                                      on_progress=self._progress)
         self.job.done.connect(self._job_done)

@@ -22,7 +22,7 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core.stats import SUMMARY_STATS, weight_stats_job
-from studio.ui.widgets import NeedsRun, SortItem, fmt, make_table, plot, role_color, short_name
+from studio.ui.widgets import NeedsRun, fit_columns, fmt, plot, role_color, rows_table, short_name
 from studio.ui.widgets import sortable as _sortable
 
 KEY = "weight_stats"
@@ -38,6 +38,8 @@ class WeightsView(QWidget):
         self.names: list[str] = []          # quantizable layers, overview order
         self.job = None
         self.pending = False                # a model is open but its statistics are not
+        self._overview_stale = False        # statistics arrived while the tab was hidden
+        self._legend_roles: list[str] = []
 
         self.status = QLabel("No model open.")
         self.stat = QComboBox()
@@ -65,7 +67,7 @@ class WeightsView(QWidget):
         tips = {label: why[0].upper() + why[1:] for label, why in SUMMARY_STATS.values()}
         tips.update(Quantized="Whether the plan's default applies to it (a linear layer inside "
                               "a decoder block)")
-        self.table, self.table_model, self.proxy = make_table(COLUMNS, tips)
+        self.table, self.table_model, self.proxy = rows_table(COLUMNS, tips)
         self.table.selectionModel().currentRowChanged.connect(self._row_changed)
         self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
 
@@ -136,6 +138,8 @@ class WeightsView(QWidget):
 
     def showEvent(self, event) -> None:  # noqa: N802 (Qt API)
         super().showEvent(event)
+        if self._overview_stale:
+            self._draw_overview()
         if self.pending:
             self.start()
 
@@ -167,25 +171,24 @@ class WeightsView(QWidget):
     # --- drawing --------------------------------------------------------------------------
     def set_stats(self, stats) -> None:
         self.stats = stats
-        self.table_model.removeRows(0, self.table_model.rowCount())
         if stats is None:
+            self.table_model.set_rows([])
             self.names = []
             self.scatter.clear()
+            self._overview_stale = False
             self.status.setText("No model open." if self.state.handle is None else "")
             return
         self.names = [s.name for s in stats.quantizable]
         rows = list(stats.layers.values())
-        for order, s in enumerate(rows):
-            shape = " x ".join(str(d) for d in s.shape)
-            block = "" if s.block is None else str(s.block)
-            self.table_model.appendRow(
-                [SortItem(str(order), order), SortItem(s.name), SortItem(block, -1 if s.block is None else s.block),
-                 SortItem(s.role), SortItem(shape, s.shape[0] * s.shape[1])]
-                + [SortItem(fmt(getattr(s, key)), _sortable(getattr(s, key)))
-                   for key in SUMMARY_STATS]
-                + [SortItem("yes" if s.quantizable else
-                            f"no ({s.kind}{', tied' if s.tied_to else ''})")])
-        self.table.resizeColumnsToContents()
+        self.table_model.set_rows(
+            [[(str(order), order), (s.name, None),
+              ("" if s.block is None else str(s.block), -1 if s.block is None else s.block),
+              (s.role, None), (" x ".join(str(d) for d in s.shape), s.shape[0] * s.shape[1])]
+             + [(fmt(getattr(s, key)), _sortable(getattr(s, key))) for key in SUMMARY_STATS]
+             + [("yes" if s.quantizable else f"no ({s.kind}{', tied' if s.tied_to else ''})",
+                 None)]
+             for order, s in enumerate(rows)])
+        fit_columns(self.table, self.table_model)
         self.table.setColumnWidth(1, min(self.table.columnWidth(1), 260))
         self.status.setText(f"{len(self.names)} quantizable layers of {stats.model} "
                             f"(+{len(rows) - len(self.names)} embedding / lm_head rows in the table). "
@@ -194,26 +197,37 @@ class WeightsView(QWidget):
         self.show_layer(self.state.selected_layer or (self.names[0] if self.names else None))
 
     def _draw_overview(self) -> None:
+        """The per-layer scatter. Drawn only while the tab is shown (the overview is marked
+        stale otherwise and drawn by showEvent): its setData and legend took ~1 s of the UI
+        thread on the demo when statistics arrived behind another tab."""
         if self.stats is None:
             return
+        if not self.isVisible():
+            self._overview_stale = True
+            return
+        self._overview_stale = False
         key = self.stat.currentData()
         label, why = SUMMARY_STATS[key]
         values = self.stats.column(key).astype(np.float64)
         log = self.log_overview.isChecked()
         if log:
-            values = np.log10(np.where(values > 0, values, np.nan))
-        values = np.where(np.isfinite(values), values, np.nan)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                values = np.log10(np.where(values > 0, values, np.nan))
         roles = [self.stats.layers[n].role for n in self.names]
-        self.scatter.setData(
-            [{"pos": (i, v), "data": name, "brush": pg.mkBrush(role_color(role))}
-             for i, (name, role, v) in enumerate(zip(self.names, roles, values))
-             if np.isfinite(v)])
+        shown = np.flatnonzero(np.isfinite(values))
+        # One brush per role, shared by its points: pyqtgraph renders a symbol per distinct
+        # brush, so a fresh brush per point drew 210 symbols instead of 7.
+        brushes = {role: pg.mkBrush(role_color(role)) for role in dict.fromkeys(roles)}
+        self.scatter.setData(x=shown.astype(np.float64), y=values[shown],
+                             data=[self.names[i] for i in shown],
+                             brush=[brushes[roles[i]] for i in shown])
         self.overview.setTitle(f"{label} per layer: {why}", color="k", size="10pt")
         self.overview.setLabel("left", f"log10 {label}" if log else label)
-        self.legend.clear()
-        for role in dict.fromkeys(roles):
-            self.legend.addItem(pg.ScatterPlotItem(brush=pg.mkBrush(role_color(role)), pen=None,
-                                                   size=8), role)
+        if list(brushes) != self._legend_roles:   # the legend's labels are costly to rebuild
+            self._legend_roles = list(brushes)
+            self.legend.clear()
+            for role, brush in brushes.items():
+                self.legend.addItem(pg.ScatterPlotItem(brush=brush, pen=None, size=8), role)
         blocks = [self.stats.layers[n].block for n in self.names]
         first = {}
         for i, block in enumerate(blocks):
@@ -267,9 +281,8 @@ class WeightsView(QWidget):
         current = self.table.currentIndex()
         if current.isValid() and self.proxy.index(current.row(), 1).data() == name:
             return
-        matches = self.table_model.findItems(name, Qt.MatchFlag.MatchExactly, 1)
-        if matches:
-            index = self.proxy.mapFromSource(matches[0].index())
+        index = self.proxy.mapFromSource(self.table_model.find(name, 1))
+        if index.isValid():
             self.table.setCurrentIndex(index)
             self.table.scrollTo(index)
 

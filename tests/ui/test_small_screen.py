@@ -1,0 +1,33 @@
+"""The window fits a 1366 x 768 laptop screen: toolbar rows wrap instead of widening it."""
+from studio.ui.layout import FlowLayout
+
+
+def test_the_window_fits_a_laptop_screen(qtbot, window):
+    window.resize(1366, 740)
+    window.show()
+    qtbot.waitExposed(window)
+    assert window.minimumSizeHint().width() <= 1366 - 150   # room left for the dock to widen
+    assert window.minimumSizeHint().height() <= 740
+    for title, view in window.views.items():
+        assert view.minimumSizeHint().width() <= 900, title
+    assert window.width() <= 1366
+
+
+def test_a_flow_layout_wraps_its_row_and_keeps_every_widget_inside(qtbot):
+    from PySide6.QtWidgets import QPushButton, QWidget
+
+    host = QWidget()
+    qtbot.addWidget(host)
+    flow = FlowLayout(host)
+    buttons = [QPushButton(f"button number {i}") for i in range(8)]
+    for button in buttons:
+        flow.addWidget(button)
+    one_row = flow.sizeHint()
+    host.resize(one_row.width() // 3, 300)
+    host.show()
+    qtbot.waitExposed(host)
+    tops = {b.geometry().top() for b in buttons}
+    assert len(tops) >= 3                                  # wrapped onto several rows
+    assert all(b.geometry().right() <= host.width() for b in buttons)
+    assert flow.heightForWidth(host.width()) > one_row.height() * 2
+    assert flow.minimumSize().width() < one_row.width() // 3
