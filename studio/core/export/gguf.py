@@ -37,6 +37,7 @@ from studio.core.export.gguf_types import TYPES
 from studio.core.export.tensors import float_tensors
 from studio.core.files import safe_name
 from studio.core.jobs import Job, Progress
+from studio.core.streaming import real
 
 FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0",
               "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "F32": "ALL_F32"}
@@ -175,7 +176,7 @@ class GgufFormat(ExportFormat):
         mapped, _ = map_names(variant, handle, source.arch)
         entries = ordered_entries(mapped, reader)
         choices = {name: choose(qt, options) for name, qt in variant.qtensors.items()}
-        floats = float_tensors(variant)
+        floats = float_tensors(variant, lazy=True)   # read one at a time as they are written
         file_type = getattr(gguf.LlamaFileType, FILE_TYPES[dominant_type(variant, choices)])
 
         yield Progress(0, len(entries) + 1, "Writing the metadata")
@@ -399,7 +400,7 @@ def tensor_data(entry: Entry, variant, choices, floats, options: ExportOptions) 
         if choice.how == "q8_0":
             return gguf_pack.requantize_q8_0(w)
         return float_bytes(w, choice.stored_as)
-    value = floats[entry.key].detach().float()
+    value = real(floats[entry.key]).detach().float()
     if entry.heads:
         value = value[torch.from_numpy(gguf_pack.llama_row_order(value.shape[0], entry.heads))]
     if entry.plus_one:
