@@ -214,6 +214,9 @@ class CompressedTensorsFormat(ExportFormat):
         return Written(file=folder, layer_bytes=layer_bytes)
 
     def reload_job(self, written: Written, handle) -> Job[Reloaded]:
+        if getattr(handle, "streamed", False):   # re-opened whole it would be float32
+            from studio.core.export.streamed_reload import compressed_tensors_job
+            return (yield from compressed_tensors_job(written.file, Path(handle.folder)))
         return (yield from open_checkpoint_job(written.file, Path(handle.folder)))
 
     def usage(self, file: str) -> str:

@@ -107,6 +107,14 @@ class GgufFormat(ExportFormat):
         if source.problem:
             return Preflight([], problems=[source.problem])
         problems, notes = [], []
+        if getattr(handle, "streamed", False):
+            from studio.core.export import llama_cpp
+            from studio.core.export.streamed_reload import needs_llama_cpp
+            if not llama_cpp.available():
+                problems.append(needs_llama_cpp())
+            notes.append("Verified the streamed way: each tensor de-quantized by gguf-py "
+                         "against the variant's, one at a time, and the logits from llama.cpp "
+                         "running the file.")
         if source.kind == "folder":
             problems += gguf_meta.config_problems(variant.model.config, source.arch)
             notes += gguf_meta.config_notes(variant.model.config, source.arch)
@@ -214,7 +222,7 @@ class GgufFormat(ExportFormat):
         finally:
             writer.close()
         yield Progress(len(entries) + 1, len(entries) + 1, f"Wrote {path.name}")
-        return Written(file=path, layer_bytes=layer_bytes)
+        return Written(file=path, layer_bytes=layer_bytes, entries=entries)
 
     # --- re-opening --------------------------------------------------------------------------
 
@@ -224,6 +232,14 @@ class GgufFormat(ExportFormat):
         from studio.core.gguf_convert import convert_job
         from studio.core.models import load_model, load_tokenizer, read_config
 
+        if getattr(handle, "streamed", False):
+            # re-opened whole it would be a float32 model: read a tensor at a time instead,
+            # the logits from llama.cpp (streamed_reload)
+            from studio.core.export.streamed_reload import gguf_job
+            reloaded = yield from gguf_job(written.file, written.entries)
+            reloaded.tokenizer_equal, reloaded.tokenizer_detail = tokenizer_check(
+                written.file, handle, None)
+            return reloaded
         yield Progress(0, 3, "Re-opening the GGUF with transformers' GGUF loader")
         # (a loaded model may still map its files: where that blocks deleting them, the
         # temporary folder is left for the system to clean rather than failing the export)
@@ -236,14 +252,7 @@ class GgufFormat(ExportFormat):
             reloaded_tokenizer = load_tokenizer(folder)[0]
         yield Progress(3, 3, "Comparing the tokenizer")
         source = source_of(handle)
-        reader = GGUFReader(written.file)
-        if source.kind == "gguf":
-            equal, detail = tokenizer_keys_equal(source_reader(source.path), reader)
-        else:
-            equal, detail = gguf_vocab.tokenizer_equal(reader, handle.tokenizer, source.path)
-        if equal and handle.tokenizer is not None:
-            equal, how = gguf_vocab.encodes_alike(reloaded_tokenizer, handle.tokenizer)
-            detail = f"{detail}; {how}"
+        equal, detail = tokenizer_check(written.file, handle, reloaded_tokenizer)
         reloaded = Reloaded(model=model, tokenizer_equal=equal, tokenizer_detail=detail)
         from studio.core.export import llama_cpp
         if source.kind == "folder" and gguf_meta.rope_freqs_needed(handle.model.config,
@@ -274,6 +283,23 @@ GGUF = GgufFormat()
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+def tokenizer_check(file: Path, handle, reloaded_tokenizer) -> tuple[bool | None, str]:
+    """The written file's tokenizer keys against the source's; with the tokenizer a loader
+    built from the file, also that both encode alike."""
+    from gguf import GGUFReader
+
+    source = source_of(handle)
+    reader = GGUFReader(file)
+    if source.kind == "gguf":
+        equal, detail = tokenizer_keys_equal(source_reader(source.path), reader)
+    else:
+        equal, detail = gguf_vocab.tokenizer_equal(reader, handle.tokenizer, source.path)
+    if equal and handle.tokenizer is not None and reloaded_tokenizer is not None:
+        equal, how = gguf_vocab.encodes_alike(reloaded_tokenizer, handle.tokenizer)
+        detail = f"{detail}; {how}"
+    return equal, detail
+
 
 def vocabulary_note(tokenizer, folder: Path) -> str:
     if gguf_vocab.vocabulary_kind(tokenizer, folder) == "spm":
