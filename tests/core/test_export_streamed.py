@@ -128,3 +128,22 @@ def test_an_exports_reads_do_not_grow_with_depth(tmp_path, tiny_tokenizer_obj, m
             peaks[fmt, layers] = streaming.peak_read_bytes()
     for fmt in FORMATS:
         assert 0 < peaks[fmt, 2] == peaks[fmt, 8], peaks
+
+
+def test_large_float_tensors_are_converted_and_compared_in_chunks_alike(
+        streamed_variant, tmp_path, monkeypatch):
+    """The chunked conversion (GGUF) and comparison give the whole-tensor bytes and figures
+    (the tiny model's tensors are below the chunk sizes unless they are made small)."""
+    from studio.core.export import gguf, job
+
+    handle, variant = streamed_variant
+    whole = run(export_job(variant, handle, "gguf", tmp_path / "whole",
+                           ExportOptions(dtype="bf16")))
+    monkeypatch.setattr(gguf, "FLOAT_ROWS_ELEMENTS", 100)
+    monkeypatch.setattr(job, "COMPARE_CHUNK", 100)
+    chunked = run(export_job(variant, handle, "gguf", tmp_path / "chunked",
+                             ExportOptions(dtype="bf16")))
+    assert (tmp_path / "whole" / "v.gguf").read_bytes() == \
+        (tmp_path / "chunked" / "v.gguf").read_bytes()
+    assert chunked.max_float_diff == whole.max_float_diff
+    assert chunked.layers == whole.layers

@@ -37,8 +37,9 @@ from studio.core.export.gguf_types import TYPES
 from studio.core.export.tensors import float_tensors
 from studio.core.files import safe_name
 from studio.core.jobs import Job, Progress
-from studio.core.streaming import real
+from studio.core.streaming import StoredParameter
 
+FLOAT_ROWS_ELEMENTS = 1 << 22   # a float tensor is converted this many elements at a time
 FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0",
               "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "F32": "ALL_F32"}
 
@@ -426,12 +427,24 @@ def tensor_data(entry: Entry, variant, choices, floats, options: ExportOptions) 
         if choice.how == "q8_0":
             return gguf_pack.requantize_q8_0(w)
         return float_bytes(w, choice.stored_as)
-    value = real(floats[entry.key]).detach().float()
+    value = floats[entry.key]
+    # a streamed tensor read as stored (an embedding of 128256 x 3072: 0.75 GiB in bf16, not
+    # 1.5 in float32), then converted a block of rows at a time into the file's type
+    value = (value.read(value.dtype) if isinstance(value, StoredParameter) else value).detach()
     if entry.heads:
         value = value[torch.from_numpy(gguf_pack.llama_row_order(value.shape[0], entry.heads))]
     if entry.plus_one:
-        value = value + 1.0
-    return float_bytes(value, float_type(value, options))
+        value = value.float() + 1.0
+    kind = float_type(value, options)
+    if value.dim() != 2 or value.numel() <= FLOAT_ROWS_ELEMENTS:
+        return float_bytes(value, kind)
+    rows = max(1, FLOAT_ROWS_ELEMENTS // value.shape[1])
+    first = float_bytes(value[:rows], kind)
+    out = np.empty((value.shape[0], *first.shape[1:]), dtype=first.dtype)
+    out[:rows] = first
+    for i in range(rows, value.shape[0], rows):
+        out[i: i + rows] = float_bytes(value[i: i + rows], kind)
+    return out
 
 
 def tokenizer_keys_equal(source, written) -> tuple[bool, str]:

@@ -198,15 +198,18 @@ def _base_layout(file: Path, tensor, entry) -> torch.Tensor:
     if raw.size != int(tensor.n_bytes):
         raise StudioError(f"{Path(file).name} ends inside {tensor.name}.")
     data = raw.view(tensor.data.dtype).reshape(tensor.data.shape)
-    values = torch.from_numpy(np.ascontiguousarray(
-        dequantize(data, tensor.tensor_type), dtype=np.float32))
+    if tensor.tensor_type.name in ("F16", "F32"):   # as stored (the comparison widens it)
+        values = torch.from_numpy(data)
+    else:
+        values = torch.from_numpy(np.ascontiguousarray(
+            dequantize(data, tensor.tensor_type), dtype=np.float32))
     if entry.heads:   # undo llama's q/k row permutation (gguf_pack.llama_row_order)
         from studio.core.export.gguf_pack import llama_row_order
 
         order = llama_row_order(values.shape[0], entry.heads)
         values = values[torch.from_numpy(np.argsort(order))]
     if entry.plus_one:
-        values = values - 1.0
+        values = values.float() - 1.0
     return values
 
 
