@@ -110,6 +110,11 @@ class CompressedTensorsFormat(ExportFormat):
         schemes = list(by_layer.values())
         notes = ["Load it with compressed-tensors >= 0.17 (older versions misread 3, 5, 6 and "
                  "7-bit packing) and transformers >= 5."]
+        if getattr(handle, "streamed", False):
+            notes.append("Verified the streamed way: the model transformers builds from the "
+                         "export's config, run a layer at a time, each quantized layer "
+                         "de-compressed from the file by compressed-tensors as it runs; every "
+                         "weight and float tensor compared one at a time.")
         float_type = TORCH_DTYPES[options.dtype]
         f32 = [n for n in by_layer if scale_dtype(variant.qtensors[n], float_type) != float_type]
         if f32:
