@@ -275,8 +275,8 @@ def _streamed_export_parts(model, s: dict, tokens: int, forward_read: int) -> di
     phases = {
         # read as stored, converted into the file's type a block of rows at a time
         "writing": 2 * stored * largest + 3 * 4 * FLOAT_ROWS_ELEMENTS,
-        # the variant's and the file's, both as stored, compared a chunk at a time
-        "comparing floats": 2 * stored * largest + 3 * 4 * COMPARE_CHUNK,
+        # compared a chunk at a time as read (a GGUF's float tensor is read whole, as stored)
+        "comparing floats": stored * largest + 4 * 4 * COMPARE_CHUNK,
         # the variant's codes and weights, the file's de-compressed weights, their difference
         "comparing a layer": 5 * 4 * s["largest_linear"],
     }

@@ -132,18 +132,20 @@ def test_an_exports_reads_do_not_grow_with_depth(tmp_path, tiny_tokenizer_obj, m
 
 def test_large_float_tensors_are_converted_and_compared_in_chunks_alike(
         streamed_variant, tmp_path, monkeypatch):
-    """The chunked conversion (GGUF) and comparison give the whole-tensor bytes and figures
-    (the tiny model's tensors are below the chunk sizes unless they are made small)."""
+    """The chunked conversion (GGUF), reads and comparison give the whole-tensor bytes and
+    figures (the tiny model's tensors are below the chunk sizes unless they are made small)."""
     from studio.core.export import gguf, job
 
     handle, variant = streamed_variant
-    whole = run(export_job(variant, handle, "gguf", tmp_path / "whole",
-                           ExportOptions(dtype="bf16")))
+    whole = {fmt: run(export_job(variant, handle, fmt, tmp_path / f"whole-{fmt}",
+                                 ExportOptions(dtype="bf16"))) for fmt in FORMATS}
     monkeypatch.setattr(gguf, "FLOAT_ROWS_ELEMENTS", 100)
     monkeypatch.setattr(job, "COMPARE_CHUNK", 100)
-    chunked = run(export_job(variant, handle, "gguf", tmp_path / "chunked",
-                             ExportOptions(dtype="bf16")))
-    assert (tmp_path / "whole" / "v.gguf").read_bytes() == \
-        (tmp_path / "chunked" / "v.gguf").read_bytes()
-    assert chunked.max_float_diff == whole.max_float_diff
-    assert chunked.layers == whole.layers
+    for fmt in FORMATS:
+        chunked = run(export_job(variant, handle, fmt, tmp_path / f"chunked-{fmt}",
+                                 ExportOptions(dtype="bf16")))
+        name = "v.gguf" if fmt == "gguf" else "model.safetensors"
+        assert (tmp_path / f"whole-{fmt}" / name).read_bytes() == \
+            (tmp_path / f"chunked-{fmt}" / name).read_bytes()
+        assert chunked.max_float_diff == whole[fmt].max_float_diff
+        assert chunked.layers == whole[fmt].layers

@@ -141,15 +141,13 @@ def compressed_tensors_job(folder: Path, source: Path) -> Job[Reloaded]:
 
 
 class _ModelFloats(Mapping):
-    """A streamed model's float tensors by state-dict key, read one per lookup."""
+    """A streamed model's float tensors by state-dict key, unread (meta, with their store)."""
 
     def __init__(self, model) -> None:
         self._state = model.state_dict(keep_vars=True)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        from studio.core.streaming import real
-
-        return real(self._state[key]).detach()
+        return self._state[key]   # a StoredParameter: the comparison reads it a chunk at a time
 
     def __iter__(self):
         return iter(self._state)
