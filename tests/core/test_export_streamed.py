@@ -149,3 +149,18 @@ def test_large_float_tensors_are_converted_and_compared_in_chunks_alike(
             (tmp_path / f"chunked-{fmt}" / name).read_bytes()
         assert chunked.max_float_diff == whole[fmt].max_float_diff
         assert chunked.layers == whole[fmt].layers
+
+
+def test_a_streamed_variants_size_figures_read_no_codes(streamed_variant, monkeypatch):
+    """The export's report asks for the variant's sizes: from the layers' shapes, never every
+    layer's codes decoded at once (a 3B model's took ~3 GiB)."""
+    from studio.core import variant_stream
+
+    _, variant = streamed_variant
+    expected = (variant.size_bytes, variant.model_bits_per_weight, variant.bits_per_weight)
+
+    def no_reads(*args):
+        raise AssertionError("codes were read for a size figure")
+    monkeypatch.setattr(variant_stream, "read_layer", no_reads)
+    assert (variant.size_bytes, variant.model_bits_per_weight) == expected[:2]
+    assert variant.size_breakdown["quantized"] > 0
