@@ -212,6 +212,8 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
         p["residual stream figures"] = 12 * (s["blocks"] + 1) * tokens
     elif kind == "sensitivity":
         p.update(_sensitivity_parts(s, windows, seqlen, proxy_windows, proxy_tokens))
+    elif kind == "export" and streamed:
+        p.update(_streamed_export_parts(model, s, tokens, p["largest layer read"]))
     elif kind == "export":
         # written a tensor at a time, then re-opened by the consumer's loader as a float32
         # model (a GGUF is first de-quantized in a child process: `guard_convert`) whose
@@ -255,6 +257,38 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
     if kind == "sensitivity" and windows:
         est.offers.append("the proxy-only sweep (no KL windows)")
     return est
+
+
+def _streamed_export_parts(model, s: dict, tokens: int, forward_read: int) -> dict[str, int]:
+    """A streamed variant's export (export/safetensors_stream, export/streamed_reload): written
+    and verified a tensor at a time, so its peak is the largest of its phases, each holding
+    one tensor or one layer. The verification's forwards (the variant's, then the re-opened
+    file's: the largest layer read, logits, activations) are counted by the caller; what a
+    phase needs beyond them is counted here."""
+    from studio.core.export.gguf import FLOAT_ROWS_ELEMENTS
+    from studio.core.export.job import COMPARE_CHUNK
+
+    stored = max((p.element_size() for p in model.parameters()), default=4)
+    largest = s["largest_layer"]
+    logits = 2 * 3 * 4 * tokens * s["vocab"]
+    activations = FORWARD_COPIES * 4 * tokens * (s["hidden"] + s["intermediate"])
+    phases = {
+        # read as stored, converted into the file's type a block of rows at a time
+        "writing": 2 * stored * largest + 3 * 4 * FLOAT_ROWS_ELEMENTS,
+        # compared a chunk at a time as read (a GGUF's float tensor is read whole, as stored)
+        "comparing floats": stored * largest + 4 * 4 * COMPARE_CHUNK,
+        # the variant's codes and weights, the file's de-compressed weights, their difference
+        "comparing a layer": 5 * 4 * s["largest_linear"],
+    }
+    phase = max(phases, key=phases.get)
+    return {
+        "logits of both": logits,
+        "activations": activations,
+        # compressed-tensors keeps each layer's scales and zero points between its two passes
+        "scales kept while writing": s["coded"] // 16,
+        f"{phase} (beyond the forwards)": max(0, phases[phase]
+                                              - (forward_read + logits + activations)),
+    }
 
 
 # Settings a refused job could lower, per kind: (name, how the offer names it, least value).

@@ -142,6 +142,21 @@ class WeightStore:
         self.bytes_read += count * size
         return out.reshape(shape)
 
+    def read_flat(self, key: str, start: int, count: int,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Elements [start, start + count) of tensor `key` flattened, as `dtype` (default: as
+        stored): a large tensor compared a chunk at a time is never read whole."""
+        file, offset, stored, shape = self.entries[key]
+        source = FLOAT_DTYPES[stored]
+        size = torch.empty(0, dtype=source).element_size()
+        count = max(0, min(count, math.prod(shape) - start))
+        raw = np.fromfile(file, dtype=np.uint8, count=count * size, offset=offset + start * size)
+        if raw.size != count * size:
+            raise ModelLoadError(f"{file.name} ended before {key} did: the file changed since "
+                                 f"it was opened.")
+        self.bytes_read += count * size
+        return torch.from_numpy(raw).view(source).to(dtype or source)
+
     def identity(self) -> str:
         """Names, sizes and times of the files: what a cache key needs instead of every byte."""
         parts = []

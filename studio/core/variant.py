@@ -81,6 +81,11 @@ class Variant:
         seen: set[int] = set()
         unique = {}
         aliases = getattr(self.qtensors, "aliases", {})   # (codes kept in files: named)
+        if hasattr(self.qtensors, "lazy"):
+            # codes kept in files: their StoredCodes (shape and format known, values read
+            # only if asked), not every layer decoded at once (~3 GiB for a 3B model)
+            return {name: self.qtensors.lazy(name) for name in self.qtensors
+                    if name not in aliases}
         for name, qt in self.qtensors.items():
             if name not in aliases and id(qt) not in seen:
                 seen.add(id(qt))

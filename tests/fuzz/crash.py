@@ -328,6 +328,14 @@ def _phase_fork(kind: str, phase: str, target: str) -> list:
                     calls.append(1)
                     _die()
                 safetensors.torch.save_file = save_file
+                # an export writes its model file a tensor at a time (safetensors_stream)
+                from studio.core.export import safetensors_stream
+                streamed_write = safetensors_stream.write
+
+                def write(*args, **kwargs):
+                    yield from streamed_write(*args, **kwargs)
+                    _die()
+                safetensors_stream.write = write
             elif phase == "before-swap":
                 files._swap_into_place = lambda new, target: _die()
             elif phase == "after-swap":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -72,13 +73,14 @@ class Written:
     file: Path                  # what a consumer opens: the .gguf file, or the model folder
     layer_bytes: dict[str, int]  # bytes on disk of each quantized layer's tensors
     notes: list[str] = field(default_factory=list)
+    entries: list = field(default_factory=list)  # GGUF: the file's tensors (gguf_tensors.Entry)
 
 
 @dataclass
 class Reloaded:
     """An export opened by its consumer's library: a float32 model with the base model's
     module names, and what the tokenizer check found."""
-    model: nn.Module
+    model: nn.Module | None        # None: only `logits` runs the file (a streamed GGUF check)
     tokenizer_equal: bool | None   # None: the source had no tokenizer to compare
     tokenizer_detail: str = ""
     # Quantized layers' weights [out, in] as the consumer library de-quantizes them, where the
@@ -89,6 +91,9 @@ class Reloaded:
     logits: Callable[[torch.Tensor], torch.Tensor] | None = None
     logits_by: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # The float tensors the file holds by the base model's keys, where they are not the
+    # model's state_dict (a streamed re-open reads them one per lookup; None: the state_dict)
+    floats: Mapping[str, torch.Tensor] | None = None
 
 
 class ExportFormat:

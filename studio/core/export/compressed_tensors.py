@@ -27,11 +27,14 @@ from studio.core.export.ct_layout import (PACKED, Scheme, layer_tensors, quantiz
                                           scheme_for, zeros_are_codes)
 from studio.core.export.hf_folder import (copy_tokenizer_files, export_config, reload_folder_job,
                                           tokenizer_files_equal)
+from studio.core.export import safetensors_stream
+from studio.core.export.safetensors_stream import TensorSpec
 from studio.core.export.tensors import TORCH_DTYPES, float_tensors
 from studio.core.jobs import Job, Progress
 from studio.core.layers import get_module, is_conv1d, is_linear
 
 PROGRESS_EVERY = 8         # layers between progress reports while packing
+KEPT_BYTES = 1 << 22       # tensors up to this size are kept from the first pass, not remade
 VLLM_PACKED_BITS = (4, 8)  # vLLM's weight-only (WNA16) kernels
 VLLM_W8A8 = Scheme(8, None, True, 8)  # the one activation-quantized int scheme vLLM runs
 
@@ -107,6 +110,11 @@ class CompressedTensorsFormat(ExportFormat):
         schemes = list(by_layer.values())
         notes = ["Load it with compressed-tensors >= 0.17 (older versions misread 3, 5, 6 and "
                  "7-bit packing) and transformers >= 5."]
+        if getattr(handle, "streamed", False):
+            notes.append("Verified the streamed way: the model transformers builds from the "
+                         "export's config, run a layer at a time, each quantized layer "
+                         "de-compressed from the file by compressed-tensors as it runs; every "
+                         "weight and float tensor compared one at a time.")
         float_type = TORCH_DTYPES[options.dtype]
         f32 = [n for n in by_layer if scale_dtype(variant.qtensors[n], float_type) != float_type]
         if f32:
@@ -143,28 +151,65 @@ class CompressedTensorsFormat(ExportFormat):
 
     def write_job(self, variant, handle, options: ExportOptions, preflight: Preflight,
                   folder: Path) -> Job[Written]:
+        """model.safetensors written a tensor at a time (`safetensors_stream`), in two passes
+        over the layers: the first makes each layer's tensors to learn their dtypes and
+        shapes (the header comes first) and keeps the small ones (scales, zero points,
+        shapes: about 1/16 of the codes); the second makes each layer's packed codes again
+        when the file reaches them. So a streamed variant's codes are read a layer at a time
+        and never gathered (they would be ~1.5 GiB for a 3B model), and the file is byte for
+        byte what `save_file` writes from the same tensors."""
         import compressed_tensors
-        from safetensors.torch import save_file
 
         float_type = TORCH_DTYPES[options.dtype]
         names = list(variant.qtensors)
-        total = len(names) + 2
-        tensors = float_state(variant, float_type)
+        floats = float_state(variant)
+        specs = {key: TensorSpec(float_type if value.is_floating_point() else value.dtype,
+                                 tuple(value.shape)) for key, value in floats.items()}
         schemes: dict[str, Scheme] = {}
+        scale_types: dict[str, torch.dtype] = {}
         layer_bytes: dict[str, int] = {}
+        kept: dict[str, torch.Tensor] = {}
+        total = 2 * len(names) + 1
         for i, name in enumerate(names):
             if i % PROGRESS_EVERY == 0:
                 yield Progress(i, total, f"Packing {name}")
             qt = variant.qtensors[name]
-            if is_embedding(handle, name):  # de-quantized, as the preflight said
-                local = {"weight": qt.dequantize().to(float_type)}
-            else:
-                schemes[name] = layer_scheme(variant, name)
-                local = layer_tensors(qt, schemes[name], scale_dtype(qt, float_type))
-            tensors.update({f"{name}.{key}": value for key, value in local.items()})
+            if not is_embedding(handle, name):   # (an embedding is written de-quantized)
+                schemes[name] = layer_scheme(variant, name, qt)
+                scale_types[name] = scale_dtype(qt, float_type)
+            local = layer_local(qt, schemes.get(name), scale_types.get(name), float_type)
+            for key, value in local.items():
+                specs[f"{name}.{key}"] = TensorSpec.of(value)
+                if value.numel() * value.element_size() <= KEPT_BYTES:
+                    # a copy: a small tensor may be a view that keeps the layer's decoded
+                    # storage alive (~100 MB a block on the 3B, measured)
+                    kept[f"{name}.{key}"] = value.clone()
             layer_bytes[name] = sum(t.numel() * t.element_size() for t in local.values())
-        yield Progress(len(names), total, "Writing model.safetensors")
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+            del qt, local
+        made: dict[str, dict[str, torch.Tensor]] = {}   # the last layer made again
+
+        def produce(key: str) -> torch.Tensor:
+            if key in kept:
+                return kept.pop(key)
+            if key in floats:
+                return float_value(floats[key], float_type)
+            name, _, part = key.rpartition(".")
+            if name not in made:
+                made.clear()
+                made[name] = layer_local(variant.qtensors[name], schemes.get(name),
+                                         scale_types.get(name), float_type)
+            return made[name][part]
+
+        path = folder / "model.safetensors"
+        done = len(names)
+        yield Progress(done, total, f"Writing {path.name}")
+        for key in safetensors_stream.write(path, specs, produce, {"format": "pt"}):
+            name = key.rpartition(".")[0]
+            if name in layer_bytes and key.endswith((".weight_packed", ".weight")):
+                done += 1
+                if done % PROGRESS_EVERY == 0:
+                    yield Progress(min(done, total - 1), total, f"Writing {name}")
+        made.clear()
         config = export_config(variant.model, float_type)
         if variant.shared:   # one tied matrix: stored quantized as the head, de-quantized as
             config.tie_word_embeddings = False   # the embedding (no other form loads)
@@ -176,6 +221,9 @@ class CompressedTensorsFormat(ExportFormat):
         return Written(file=folder, layer_bytes=layer_bytes)
 
     def reload_job(self, written: Written, handle) -> Job[Reloaded]:
+        if getattr(handle, "streamed", False):   # re-opened whole it would be float32
+            from studio.core.export.streamed_reload import compressed_tensors_job
+            return (yield from compressed_tensors_job(written.file, Path(handle.folder)))
         return (yield from open_checkpoint_job(written.file, Path(handle.folder)))
 
     def usage(self, file: str) -> str:
@@ -188,9 +236,18 @@ class CompressedTensorsFormat(ExportFormat):
                 "# vLLM (GPU): vllm serve path/to/this/folder")
 
 
-def layer_scheme(variant, name: str) -> Scheme:
-    return scheme_for(variant.qtensors[name], variant.specs[name].symmetric,
-                      variant.act_bits.get(name))
+def layer_scheme(variant, name: str, qt=None) -> Scheme:
+    qt = variant.qtensors[name] if qt is None else qt
+    return scheme_for(qt, variant.specs[name].symmetric, variant.act_bits.get(name))
+
+
+def layer_local(qt, scheme: Scheme | None, scales: torch.dtype | None,
+                float_type: torch.dtype) -> dict[str, torch.Tensor]:
+    """One layer's tensors by local name: packed as `scheme`, or (no scheme: an embedding)
+    de-quantized in the export's float type, as the preflight said."""
+    if scheme is None:
+        return {"weight": qt.dequantize().to(float_type)}
+    return layer_tensors(qt, scheme, scales)
 
 
 def is_embedding(handle, name: str) -> bool:
@@ -211,17 +268,31 @@ def zero_point_bug(qt, scheme: Scheme) -> bool:
             and qt.shape[1] > scheme.group_size)
 
 
-def float_state(variant, float_type: torch.dtype) -> dict[str, torch.Tensor]:
-    """The variant's float tensors in the export's type, each storage once (a tied lm_head is
-    written as the embedding it shares, which transformers ties again)."""
+def float_state(variant) -> dict[str, torch.Tensor]:
+    """The variant's float tensors, each storage once (a tied lm_head is written as the
+    embedding it shares, which transformers ties again), not yet read: a streamed model's stay
+    StoredParameters until the file reaches them (`float_value`)."""
+    from studio.core.streaming import StoredParameter
+
     state, seen = {}, set()
-    for key, value in float_tensors(variant).items():
-        identity = (value.data_ptr(), tuple(value.shape))
+    for key, value in float_tensors(variant, lazy=True).items():
+        identity = (id(value) if isinstance(value, StoredParameter)
+                    else (value.data_ptr(), tuple(value.shape)))
         if value.numel() and identity in seen:
             continue
         seen.add(identity)
-        state[key] = (value.to(float_type) if value.is_floating_point() else value).contiguous()
+        state[key] = value
     return state
+
+
+def float_value(value: torch.Tensor, float_type: torch.dtype) -> torch.Tensor:
+    """A tensor of `float_state` as written: floats in the export's type (a stored one read
+    straight into it, so a large embedding exists once), others as they are."""
+    from studio.core.streaming import StoredParameter
+
+    if isinstance(value, StoredParameter):
+        return value.read(float_type)
+    return (value.to(float_type) if value.is_floating_point() else value).contiguous()
 
 
 def unquantized_linears(variant) -> list[str]:

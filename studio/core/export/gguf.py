@@ -37,7 +37,9 @@ from studio.core.export.gguf_types import TYPES
 from studio.core.export.tensors import float_tensors
 from studio.core.files import safe_name
 from studio.core.jobs import Job, Progress
+from studio.core.streaming import StoredParameter
 
+FLOAT_ROWS_ELEMENTS = 1 << 22   # a float tensor is converted this many elements at a time
 FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0",
               "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "F32": "ALL_F32"}
 
@@ -106,6 +108,14 @@ class GgufFormat(ExportFormat):
         if source.problem:
             return Preflight([], problems=[source.problem])
         problems, notes = [], []
+        if getattr(handle, "streamed", False):
+            from studio.core.export import llama_cpp
+            from studio.core.export.streamed_reload import needs_llama_cpp
+            if not llama_cpp.available():
+                problems.append(needs_llama_cpp())
+            notes.append("Verified the streamed way: each tensor de-quantized by gguf-py "
+                         "against the variant's, one at a time, and the logits from llama.cpp "
+                         "running the file.")
         if source.kind == "folder":
             problems += gguf_meta.config_problems(variant.model.config, source.arch)
             notes += gguf_meta.config_notes(variant.model.config, source.arch)
@@ -175,7 +185,7 @@ class GgufFormat(ExportFormat):
         mapped, _ = map_names(variant, handle, source.arch)
         entries = ordered_entries(mapped, reader)
         choices = {name: choose(qt, options) for name, qt in variant.qtensors.items()}
-        floats = float_tensors(variant)
+        floats = float_tensors(variant, lazy=True)   # read one at a time as they are written
         file_type = getattr(gguf.LlamaFileType, FILE_TYPES[dominant_type(variant, choices)])
 
         yield Progress(0, len(entries) + 1, "Writing the metadata")
@@ -213,7 +223,7 @@ class GgufFormat(ExportFormat):
         finally:
             writer.close()
         yield Progress(len(entries) + 1, len(entries) + 1, f"Wrote {path.name}")
-        return Written(file=path, layer_bytes=layer_bytes)
+        return Written(file=path, layer_bytes=layer_bytes, entries=entries)
 
     # --- re-opening --------------------------------------------------------------------------
 
@@ -223,6 +233,14 @@ class GgufFormat(ExportFormat):
         from studio.core.gguf_convert import convert_job
         from studio.core.models import load_model, load_tokenizer, read_config
 
+        if getattr(handle, "streamed", False):
+            # re-opened whole it would be a float32 model: read a tensor at a time instead,
+            # the logits from llama.cpp (streamed_reload)
+            from studio.core.export.streamed_reload import gguf_job
+            reloaded = yield from gguf_job(written.file, written.entries)
+            reloaded.tokenizer_equal, reloaded.tokenizer_detail = tokenizer_check(
+                written.file, handle, None)
+            return reloaded
         yield Progress(0, 3, "Re-opening the GGUF with transformers' GGUF loader")
         # (a loaded model may still map its files: where that blocks deleting them, the
         # temporary folder is left for the system to clean rather than failing the export)
@@ -235,14 +253,7 @@ class GgufFormat(ExportFormat):
             reloaded_tokenizer = load_tokenizer(folder)[0]
         yield Progress(3, 3, "Comparing the tokenizer")
         source = source_of(handle)
-        reader = GGUFReader(written.file)
-        if source.kind == "gguf":
-            equal, detail = tokenizer_keys_equal(source_reader(source.path), reader)
-        else:
-            equal, detail = gguf_vocab.tokenizer_equal(reader, handle.tokenizer, source.path)
-        if equal and handle.tokenizer is not None:
-            equal, how = gguf_vocab.encodes_alike(reloaded_tokenizer, handle.tokenizer)
-            detail = f"{detail}; {how}"
+        equal, detail = tokenizer_check(written.file, handle, reloaded_tokenizer)
         reloaded = Reloaded(model=model, tokenizer_equal=equal, tokenizer_detail=detail)
         from studio.core.export import llama_cpp
         if source.kind == "folder" and gguf_meta.rope_freqs_needed(handle.model.config,
@@ -273,6 +284,23 @@ GGUF = GgufFormat()
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+def tokenizer_check(file: Path, handle, reloaded_tokenizer) -> tuple[bool | None, str]:
+    """The written file's tokenizer keys against the source's; with the tokenizer a loader
+    built from the file, also that both encode alike."""
+    from gguf import GGUFReader
+
+    source = source_of(handle)
+    reader = GGUFReader(file)
+    if source.kind == "gguf":
+        equal, detail = tokenizer_keys_equal(source_reader(source.path), reader)
+    else:
+        equal, detail = gguf_vocab.tokenizer_equal(reader, handle.tokenizer, source.path)
+    if equal and handle.tokenizer is not None and reloaded_tokenizer is not None:
+        equal, how = gguf_vocab.encodes_alike(reloaded_tokenizer, handle.tokenizer)
+        detail = f"{detail}; {how}"
+    return equal, detail
+
 
 def vocabulary_note(tokenizer, folder: Path) -> str:
     if gguf_vocab.vocabulary_kind(tokenizer, folder) == "spm":
@@ -399,12 +427,24 @@ def tensor_data(entry: Entry, variant, choices, floats, options: ExportOptions) 
         if choice.how == "q8_0":
             return gguf_pack.requantize_q8_0(w)
         return float_bytes(w, choice.stored_as)
-    value = floats[entry.key].detach().float()
+    value = floats[entry.key]
+    # a streamed tensor read as stored (an embedding of 128256 x 3072: 0.75 GiB in bf16, not
+    # 1.5 in float32), then converted a block of rows at a time into the file's type
+    value = (value.read(value.dtype) if isinstance(value, StoredParameter) else value).detach()
     if entry.heads:
         value = value[torch.from_numpy(gguf_pack.llama_row_order(value.shape[0], entry.heads))]
     if entry.plus_one:
-        value = value + 1.0
-    return float_bytes(value, float_type(value, options))
+        value = value.float() + 1.0
+    kind = float_type(value, options)
+    if value.dim() != 2 or value.numel() <= FLOAT_ROWS_ELEMENTS:
+        return float_bytes(value, kind)
+    rows = max(1, FLOAT_ROWS_ELEMENTS // value.shape[1])
+    first = float_bytes(value[:rows], kind)
+    out = np.empty((value.shape[0], *first.shape[1:]), dtype=first.dtype)
+    out[:rows] = first
+    for i in range(rows, value.shape[0], rows):
+        out[i: i + rows] = float_bytes(value[i: i + rows], kind)
+    return out
 
 
 def tokenizer_keys_equal(source, written) -> tuple[bool, str]:

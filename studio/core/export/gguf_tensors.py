@@ -141,7 +141,7 @@ def variant_keys(variant, handle) -> list[str]:
     """State-dict keys the file holds, in the base checkpoint's order: every float tensor and
     every quantized weight; a tied, unquantized lm_head only once (as the embedding)."""
     model = variant.model
-    wanted = set(float_tensors(variant)) | {f"{n}.weight" for n in variant.qtensors}
+    wanted = set(float_tensors(variant, lazy=True)) | {f"{n}.weight" for n in variant.qtensors}
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {id(m): n for n, m in model.named_modules()}
     if out is not None and names.get(id(out)) not in variant.qtensors:

@@ -118,7 +118,7 @@ def export_job(variant, handle, format_name: str, out: str | Path,
             seconds = time.perf_counter() - started  # the export itself, not the evaluation
             evaluation = None
             if eval_windows is not None:
-                evaluation = yield from compare_perplexity_job(variant, reloaded.model,
+                evaluation = yield from compare_perplexity_job(variant, reloaded,
                                                                eval_windows, eval_protocol)
             del reloaded
             result = ExportResult(
@@ -218,7 +218,7 @@ def verify_job(variant, handle, reloaded: Reloaded, preflight, options: ExportOp
         layers.append({"name": name, "stored_as": target.stored_as if target else "",
                        "exact": exact, "max_weight_diff": diff, "relative_error": rel})
     yield Progress(len(names), len(names) + 2, "Comparing the other tensors")
-    float_diff = _compare_floats(variant, model, options.dtype, failures)
+    float_diff = _compare_floats(variant, reloaded, options.dtype, failures)
     yield Progress(len(names) + 1, len(names) + 2, "Comparing logits")
     logit_diff, top1, scale = logits_agreement(variant.model, model, verify_windows(handle),
                                                reloaded.logits)
@@ -251,27 +251,67 @@ def _reloaded_weight(model, name: str) -> torch.Tensor | None:
     return weight.data if isinstance(weight, torch.Tensor) else None
 
 
-def _compare_floats(variant, model, dtype: str, failures: list[str]) -> float:
-    """Tensors the variant keeps as floats, against the reloaded model's of the same name."""
-    reloaded = model.state_dict()
-    worst = 0.0
-    for key, value in float_tensors(variant).items():
+def _compare_floats(variant, reloaded: Reloaded, dtype: str, failures: list[str]) -> float:
+    """Tensors the variant keeps as floats, against the reloaded model's of the same name,
+    one at a time (a streamed variant's and a streamed re-open's are read as they come).
+    A tied tensor the file holds once (a GGUF's token_embd as the head) is compared once."""
+    floats = (reloaded.floats if reloaded.floats is not None
+              else reloaded.model.state_dict())
+    worst, compared = 0.0, set()
+    for key, value in float_tensors(variant, lazy=True).items():
         if not value.is_floating_point():
             continue
-        if key not in reloaded:
-            failures.append(f"{key} is missing from the reloaded model.")
+        identity = _identity(value)
+        if key not in floats:
+            if identity not in compared:
+                failures.append(f"{key} is missing from the reloaded model.")
             continue
-        got = reloaded[key]
+        got = floats[key]
         if got.shape != value.shape:
             failures.append(f"{key} is {list(got.shape)} in the reloaded file, "
                             f"{list(value.shape)} in the variant.")
             continue
-        rel = metrics.relative_error(value, got)
+        rel, diff = float_difference(value, got)
         if rel > ROUNDING_BOUND[dtype] + 1e-12 and rel > 1e-10:
             failures.append(f"{key} differs from the variant's by {rel:.3g} (relative), more "
                             f"than one rounding to {dtype}.")
-        worst = max(worst, (got.float() - value.float()).abs().max().item())
+        worst = max(worst, diff)
+        compared.add(identity)
     return worst
+
+
+def _identity(tensor: torch.Tensor) -> tuple:
+    """What tied tensors share: the parameter object of a streamed one, else the storage."""
+    from studio.core.streaming import StoredParameter
+
+    if isinstance(tensor, StoredParameter):
+        return ("stored", id(tensor))
+    return (tensor.data_ptr(), tuple(tensor.shape))
+
+
+COMPARE_CHUNK = 1 << 22   # elements compared at a time
+
+
+def float_difference(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    """(relative squared error as metrics.relative_error, max |difference|), a chunk at a
+    time, a streamed tensor read a chunk at a time from its file: a 128256 x 3072 embedding
+    compared at once would take four float32 copies (6 GiB)."""
+    error = norm = worst = 0.0
+    for start in range(0, reference.numel(), COMPARE_CHUNK):
+        x = _chunk(reference, start).float()
+        d = _chunk(other, start).float() - x
+        error += d.pow(2).sum().item()
+        norm += x.pow(2).sum().item()
+        worst = max(worst, d.abs().max().item())
+    return error / max(norm, 1e-30), worst
+
+
+def _chunk(tensor: torch.Tensor, start: int) -> torch.Tensor:
+    from studio.core.streaming import StoredParameter
+
+    if isinstance(tensor, StoredParameter):
+        return tensor.store.read_flat(tensor.key, start, COMPARE_CHUNK)
+    return tensor.reshape(-1)[start: start + COMPARE_CHUNK]
 
 
 def verify_windows(handle) -> torch.Tensor:
@@ -301,14 +341,18 @@ def logits_agreement(reference, model, windows: torch.Tensor, logits=None
             ref.abs().max().item())
 
 
-def compare_perplexity_job(variant, model, windows: torch.Tensor, protocol: str | None
-                           ) -> Job[dict]:
-    """Perplexity of the reloaded export and of the variant on the same windows."""
+def compare_perplexity_job(variant, reloaded: Reloaded, windows: torch.Tensor,
+                           protocol: str | None) -> Job[dict]:
+    """Perplexity of the reloaded export and of the variant on the same windows (the export's
+    from its runtime's own job where only that runs the file: a streamed GGUF's llama.cpp)."""
     from studio.core.evaluate import perplexity
 
     started = time.perf_counter()
     yield Progress(0, 2, f"Perplexity of the reloaded export ({windows.shape[0]} windows)")
-    exported, tokens = perplexity(model, windows)
+    if reloaded.model is None:
+        exported, tokens = yield from reloaded.extra["perplexity_job"](windows)
+    else:
+        exported, tokens = perplexity(reloaded.model, windows)
     yield Progress(1, 2, f"Perplexity of the variant ({windows.shape[0]} windows)")
     studio, _ = perplexity(variant.model, windows)
     return {"protocol": protocol, "windows": int(windows.shape[0]),

@@ -14,8 +14,11 @@ from studio.core.layers import get_module, is_conv1d
 TORCH_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
 
 
-def float_tensors(variant) -> dict[str, torch.Tensor]:
-    """name -> tensor of everything the variant stores as floats (not the quantized weights)."""
+def float_tensors(variant, lazy: bool = False) -> dict[str, torch.Tensor]:
+    """name -> tensor of everything the variant stores as floats (not the quantized weights).
+    `lazy`: a streamed model's tensors stay unread StoredParameters (meta tensors with their
+    shape and stored dtype; `streaming.real` or their `read` gives the values), so a writer
+    holds one at a time."""
     from studio.core.streaming import StoredParameter
 
     quantized = {f"{name}.weight" for name in variant.qtensors}
@@ -25,9 +28,9 @@ def float_tensors(variant) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         if key in quantized:
             continue
-        if isinstance(value, StoredParameter):
+        if isinstance(value, StoredParameter) and not lazy:
             value = read.setdefault(id(value), value.read(value.dtype))
-        out[key] = value.detach()
+        out[key] = value if isinstance(value, StoredParameter) else value.detach()
     return out
 
 

@@ -1,0 +1,93 @@
+"""A safetensors file written one tensor at a time, byte for byte what `save_file` writes.
+
+`safetensors.torch.save_file` needs every tensor in memory at once; an export of a streamed
+variant (a 3B model: ~1.5 GiB of packed codes, ~0.75 GiB of embedding) must not gather them.
+The format lets a writer know the header before any data: each tensor's name, dtype and shape
+fix its offsets. So the caller declares every tensor first (`TensorSpec`), then the writer asks
+for each tensor's values in file order and writes them, holding one at a time.
+
+The layout is safetensors' own (checked against `save_file` by a test): the header is compact
+JSON, `__metadata__` first, then the tensors in data order; it is padded with spaces to a
+multiple of 8 bytes; the data are sorted by dtype, widest first (safetensors' dtype order,
+descending), then by name, so every tensor stays aligned to its element size.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+# safetensors' Dtype enum order (the data are sorted by it, descending)
+DTYPE_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32",
+               "U32", "F32", "F64", "I64", "U64")
+NAMES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8",
+         torch.float8_e5m2: "F8_E5M2", torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16",
+         torch.uint16: "U16", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
+         torch.uint32: "U32", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64",
+         torch.uint64: "U64"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty(0, dtype=self.dtype).element_size()
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> "TensorSpec":
+        return cls(tensor.dtype, tuple(tensor.shape))
+
+
+def file_order(specs: dict[str, TensorSpec]) -> list[str]:
+    """The order safetensors writes tensors in: widest dtype first, then by name."""
+    return sorted(specs, key=lambda k: (-DTYPE_ORDER.index(NAMES[specs[k].dtype]), k))
+
+
+def header_bytes(specs: dict[str, TensorSpec], metadata: dict[str, str] | None) -> bytes:
+    """The 8-byte length and the padded JSON header for tensors `specs`."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for key in file_order(specs):
+        spec = specs[key]
+        header[key] = {"dtype": NAMES[spec.dtype], "shape": list(spec.shape),
+                       "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def write(path: Path, specs: dict[str, TensorSpec],
+          produce: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None
+          ) -> Iterator[str]:
+    """Write the file, asking `produce(key)` for each tensor in file order; yields each key
+    as it is written (for progress). A produced tensor must match its spec: the header was
+    written from the specs."""
+    with open(path, "wb") as out:
+        out.write(header_bytes(specs, metadata))
+        for key in file_order(specs):
+            tensor = produce(key)
+            if TensorSpec.of(tensor) != specs[key]:
+                raise ValueError(f"{key} was declared {specs[key]}, produced "
+                                 f"{TensorSpec.of(tensor)}.")
+            out.write(_raw(tensor))
+            del tensor
+            yield key
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes, little-endian as safetensors stores them (no copy when contiguous)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy() if flat.dtype != torch.bool
+                      else flat.to(torch.uint8).numpy())
