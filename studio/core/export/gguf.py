@@ -228,7 +228,6 @@ class GgufFormat(ExportFormat):
     # --- re-opening --------------------------------------------------------------------------
 
     def reload_job(self, written: Written, handle) -> Job[Reloaded]:
-        from gguf import GGUFReader
 
         from studio.core.gguf_convert import convert_job
         from studio.core.models import load_model, load_tokenizer, read_config
