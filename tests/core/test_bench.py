@@ -6,8 +6,8 @@ from studio.core.bench import base_targets, bench_job, variant_target
 from studio.core.errors import Cancelled, StudioError
 from studio.core.jobs import CancelToken, run
 from studio.core.plan import QuantSpec
-from studio.core.quant.grid import quantize_rtn
 from studio.core.q4_native import unavailable
+from studio.core.quant.grid import quantize_rtn
 
 INT4 = "int4pack" if unavailable() else "q4native"   # the low-bit kernels that run here
 INT8 = "int8pack" if unavailable() else "q8native"
@@ -105,7 +105,7 @@ def test_cli_bench_model_and_variant(tiny_dirs, tiny_llama, tmp_path, capsys):
     ("mistral", 20),    # a prompt longer than the window: the prefill's mask
 ])
 def test_lean_decoder_gives_the_models_own_logits(family_dirs, arch, prompt_length):
-    from studio.core.bench import LeanDecoder, lean_supported
+    from studio.core.lean_decoder import LeanDecoder, lean_supported
     from studio.core.models import open_model_job
 
     handle = run(open_model_job(family_dirs[arch]))
@@ -130,7 +130,7 @@ def test_lean_decoder_gives_the_models_own_logits(family_dirs, arch, prompt_leng
 
 @pytest.mark.parametrize("arch", ["gpt2", "opt"])
 def test_other_architectures_run_on_kernels_through_transformers(tiny_dirs, arch):
-    from studio.core.bench import lean_supported
+    from studio.core.lean_decoder import lean_supported
     from studio.core.models import open_model_job
 
     handle = run(open_model_job(tiny_dirs[arch]))

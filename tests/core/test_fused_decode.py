@@ -6,11 +6,12 @@ import copy
 import pytest
 import torch
 
-from studio.core.bench import LeanDecoder, base_targets
+from studio.core import q4_native
+from studio.core.bench import base_targets
 from studio.core.fuse import fuse
 from studio.core.jobs import run
-from studio.core import q4_native
 from studio.core.kernels import Int4Linear, Int8Linear
+from studio.core.lean_decoder import LeanDecoder
 from studio.core.q4_native import NativeLinear
 
 

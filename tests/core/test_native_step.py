@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from studio.core import q4_native
-from studio.core.bench import LeanDecoder, LeanRun, base_targets, bench_job
+from studio.core.bench import LeanRun, base_targets, bench_job
 from studio.core.jobs import run
+from studio.core.lean_decoder import LeanDecoder
 from studio.core.native_step import NativeStep
 
 pytestmark = pytest.mark.skipif(bool(q4_native.unavailable()),

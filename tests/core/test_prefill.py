@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from studio.core import kernels
-from studio.core import q4_native
+from studio.core import kernels, q4_native
 from studio.core.kernels import Int4Linear, Int8Linear, kernel_for, kernel_model
 from studio.core.plan import QuantSpec
 from studio.core.quant.grid import quantize_rtn
@@ -85,8 +84,8 @@ def test_decode_rows_stay_on_the_kernel(monkeypatch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_prefill_logits_equal_the_kernel_path_and_the_reference(tiny_dirs, arch):
-    from studio.core.bench import LeanDecoder
     from studio.core.jobs import run
+    from studio.core.lean_decoder import LeanDecoder
     from studio.core.models import open_model_job
 
     handle = run(open_model_job(tiny_dirs[arch]))
