@@ -230,8 +230,9 @@ def make_int4(q: QTensor, bias: torch.Tensor | None) -> tuple[Int4Linear, str]:
 def make_native(q: QTensor, bias: torch.Tensor | None
                 ) -> tuple[q4_native.NativeLinear | None, str]:
     """The layer on the studio's own kernel (4- or 8-bit layout), or (None, why not)."""
-    if q4_native.unavailable():
-        return None, q4_native.unavailable()
+    why = q4_native.unavailable()
+    if why:
+        return None, why
     tensors, group, why = q4_native.pack(q)
     if tensors is None:
         return None, why

@@ -3,6 +3,7 @@ measured with the same settings, or shown unavailable with the install command."
 import pytest
 from PySide6.QtCore import Qt
 
+from studio.core import q4_native
 from studio.core.export import llama_cpp
 from tests.core.test_llama_backend import write_tiny_gguf
 
@@ -14,6 +15,17 @@ def view_for(qtbot, state, handle):
     view = BenchmarkView(state)
     qtbot.addWidget(view)
     return view
+
+
+def measure(qtbot, view, prompt_tokens, rows):
+    """Run the ticked targets at tiny lengths, one thread, and wait for their `rows`."""
+    view.prompt_tokens.setValue(prompt_tokens)
+    view.new_tokens.setValue(3)
+    view.repeat.setValue(1)
+    view.threads.setValue(1)
+    with qtbot.waitSignal(view.run_benchmark().done, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: view.table.rowCount() == rows)
 
 
 def test_without_the_binding_gguf_entries_are_disabled_with_the_install_command(
@@ -33,13 +45,7 @@ def test_a_gguf_is_measured_beside_the_torch_path(qtbot, state, tiny_llama, tmp_
     view = view_for(qtbot, state, tiny_llama)
     view.add_gguf(gguf)
     view.set_checked(["fp32", f"gguf:{gguf}"])
-    view.prompt_tokens.setValue(8)
-    view.new_tokens.setValue(3)
-    view.repeat.setValue(1)
-    view.threads.setValue(1)
-    with qtbot.waitSignal(view.run_benchmark().done, timeout=60_000):
-        pass
-    qtbot.waitUntil(lambda: view.table.rowCount() == 2)
+    measure(qtbot, view, prompt_tokens=8, rows=2)
     assert view.table.item(1, 8).text().startswith("llama.cpp (cyllama")
     assert "llama.cpp Q4_0" in view.table.item(1, 7).text()
     assert view.table.item(0, 8).text().startswith("torch (")
@@ -62,21 +68,14 @@ def test_a_streamed_model_is_refused_before_work_with_the_gguf_route(
     assert not state.failures
 
 
-@pytest.mark.skipif(bool(__import__("studio.core.q4_native", fromlist=["x"]).unavailable()),
-                    reason="no native kernel here")
+@pytest.mark.skipif(bool(q4_native.unavailable()), reason="no native kernel here")
 def test_both_kernel_sets_side_by_side(qtbot, state, tiny_llama):
     """"Both": the int4 configuration on the studio's kernels (its native decode step) and on
     torch's, each a row of its own, in Compare too."""
     view = view_for(qtbot, state, tiny_llama)
     view.set_checked(["int4"])
     view.kernel_set.setCurrentIndex(view.kernel_set.findData("native,torch"))
-    view.prompt_tokens.setValue(6)
-    view.new_tokens.setValue(3)
-    view.repeat.setValue(1)
-    view.threads.setValue(1)
-    with qtbot.waitSignal(view.run_benchmark().done, timeout=60_000):
-        pass
-    qtbot.waitUntil(lambda: view.table.rowCount() == 2)
+    measure(qtbot, view, prompt_tokens=6, rows=2)
     native, torch_row = (view.table.item(r, 7).text() for r in range(2))
     assert native.startswith("q4native g32") and torch_row.startswith("int4pack g32")
     assert "decode step native" in view.table.item(0, 8).text()

@@ -44,7 +44,7 @@ from studio.core.plan_rules import NOT_NATIVE, RULE_HELP, parse_rule  # noqa: F4
 from studio.core.quant import registry
 from studio.core.quant.grid import native_gguf_type
 from studio.ui.layout import FlowLayout, column
-from studio.ui.views.plan_head import PlanEnds
+from studio.ui.plan_ends_row import PlanEnds
 from studio.ui.widgets import Refused, guarded, method_tooltips
 
 COLUMNS = ("Layer", "Block", "Role", "Shape", "Bits", "Group", "Method", "Sym", "Scales", "Skip",
