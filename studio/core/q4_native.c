@@ -58,16 +58,39 @@ static void quantize_row(const float *x, int k, int8_t *xq, float *d, float *ds)
     }
 }
 
-/* Block b's float factor for one row in groups of 32: its scale times x's block scale d[b]. */
-static void row_factors(const uint16_t *scales, int blocks, const float *d, float *factor) {
-    int b = 0;
+/* Block b's weight for one row and one input: the row's scale for b's group times the input's
+ * block scale d[b], for every block of the row (f[blocks]). */
+static void row_factors(const uint16_t *scales, int groups, int per_group, const float *d,
+                        float *f) {
+    int blocks = groups * per_group, b = 0;
 #if Q4_AVX2
-    for (; b + 8 <= blocks; b += 8) {
-        __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + b)));
-        _mm256_storeu_ps(factor + b, _mm256_mul_ps(s, _mm256_loadu_ps(d + b)));
+    if (per_group == 1) {
+        for (; b + 8 <= blocks; b += 8)
+            _mm256_storeu_ps(f + b, _mm256_mul_ps(
+                _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + b))),
+                _mm256_loadu_ps(d + b)));
+    } else if (per_group == 2 || per_group == 4) {
+        /* 8 blocks span 4 or 2 groups: their scales spread over the 8 lanes. */
+        const __m256i spread = per_group == 2 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)
+                                              : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+        for (; b + 8 <= blocks && b / per_group + 4 <= groups; b += 8) {
+            __m256 s = _mm256_cvtph_ps(_mm_loadl_epi64((const __m128i *)(scales
+                                                                         + b / per_group)));
+            _mm256_storeu_ps(f + b, _mm256_mul_ps(_mm256_permutevar8x32_ps(s, spread),
+                                                  _mm256_loadu_ps(d + b)));
+        }
+    } else {
+        for (int g = 0; g < groups; g++) {
+            float scale = half_to_float(scales[g]);
+            __m256 s = _mm256_set1_ps(scale);
+            int end = b + per_group;
+            for (; b + 8 <= end; b += 8)
+                _mm256_storeu_ps(f + b, _mm256_mul_ps(s, _mm256_loadu_ps(d + b)));
+            for (; b < end; b++) f[b] = scale * d[b];
+        }
     }
 #endif
-    for (; b < blocks; b++) factor[b] = half_to_float(scales[b]) * d[b];
+    for (; b < blocks; b++) f[b] = half_to_float(scales[b / per_group]) * d[b];
 }
 
 /* The min term of one row: sum over groups of min * (sum of x in the group), dsg per group. */
@@ -88,25 +111,33 @@ static float row_mins(const uint16_t *mins, int groups, const float *dsg) {
 }
 
 #if Q4_AVX2
-/* Block b of a row (32 codes) against x's block b: 8 partial integer sums as floats. */
-static inline __m256 block_dot(const uint8_t *row, int bits, int b, const int8_t *xq) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i x = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));
-    __m256i products;
+static inline float hsum(__m256 v) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    half = _mm_add_ss(half, _mm_movehdup_ps(half));
+    return _mm_cvtss_f32(half);
+}
+
+/* Block b of a row as 32 unsigned bytes for maddubs: 4-bit codes unpacked, 8-bit codes as
+ * |code| (their sign goes onto x, `signed_x`). */
+static inline __m256i block_codes(const uint8_t *row, int bits, int b) {
     if (bits == 4) {
         __m128i raw = _mm_loadu_si128((const __m128i *)(row + 16 * b));
-        __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw),
-                                     _mm256_set1_epi8(0x0f));
-        products = _mm256_maddubs_epi16(q, x);
-    } else {
-        __m256i q = _mm256_loadu_si256((const __m256i *)(row + 32 * b));
-        products = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+        return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw),
+                                _mm256_set1_epi8(0x0f));
     }
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones));
+    return _mm256_loadu_si256((const __m256i *)(row + 32 * b));
+}
+
+/* The block's 8 partial integer sums (as floats) of codes q times activations x. */
+static inline __m256 block_sums(__m256i q, int bits, __m256i x) {
+    __m256i products = bits == 4
+        ? _mm256_maddubs_epi16(q, x)
+        : _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(products, _mm256_set1_epi16(1)));
 }
 #else
-static int block_dot(const uint8_t *row, int bits, int b, const int8_t *xq) {
-    const int8_t *x = xq + 32 * b;
+static int block_sum(const uint8_t *row, int bits, int b, const int8_t *x) {
     int dot = 0;
     if (bits == 4) {
         const uint8_t *c = row + 16 * b;
@@ -119,110 +150,187 @@ static int block_dot(const uint8_t *row, int bits, int b, const int8_t *xq) {
 }
 #endif
 
-#if Q4_AVX2
-static inline float hsum(__m256 v) {
-    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    half = _mm_add_ss(half, _mm_movehdup_ps(half));
-    return _mm_cvtss_f32(half);
-}
-#endif
-
-/* One output: a row's codes against the quantized x, each block weighted by factor[b]. */
-static float row_dot(const uint8_t *row, int bits, int blocks, const int8_t *xq,
-                     const float *factor) {
+/* One output: a row's codes against one quantized input, block b weighted by f[b]; two
+ * independent sums, so consecutive blocks' latencies overlap. */
+static float row_dot(const uint8_t *row, int bits, int blocks, const int8_t *xq, const float *f) {
 #if Q4_AVX2
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int b = 0;
     for (; b + 2 <= blocks; b += 2) {
-        acc0 = _mm256_fmadd_ps(block_dot(row, bits, b, xq), _mm256_broadcast_ss(factor + b),
-                               acc0);
-        acc1 = _mm256_fmadd_ps(block_dot(row, bits, b + 1, xq),
-                               _mm256_broadcast_ss(factor + b + 1), acc1);
+        __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));
+        __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 32 * b + 32));
+        acc0 = _mm256_fmadd_ps(block_sums(block_codes(row, bits, b), bits, x0),
+                               _mm256_broadcast_ss(f + b), acc0);
+        acc1 = _mm256_fmadd_ps(block_sums(block_codes(row, bits, b + 1), bits, x1),
+                               _mm256_broadcast_ss(f + b + 1), acc1);
     }
     if (b < blocks)
-        acc0 = _mm256_fmadd_ps(block_dot(row, bits, b, xq), _mm256_broadcast_ss(factor + b),
-                               acc0);
+        acc0 = _mm256_fmadd_ps(block_sums(block_codes(row, bits, b), bits,
+                                          _mm256_loadu_si256((const __m256i *)(xq + 32 * b))),
+                               _mm256_broadcast_ss(f + b), acc0);
     return hsum(_mm256_add_ps(acc0, acc1));
 #else
     float total = 0.0f;
-    for (int b = 0; b < blocks; b++) total += (float)block_dot(row, bits, b, xq) * factor[b];
+    for (int b = 0; b < blocks; b++) total += (float)block_sum(row, bits, b, xq + 32 * b) * f[b];
     return total;
 #endif
 }
 
-/* One output for groups of several blocks (g64, g128, per-channel): each group's blocks
- * weighted by x's block scales, then the group's sum by its scale, so no per-block factor is
- * made for each row. */
-static float row_dot_grouped(const uint8_t *row, int bits, const uint16_t *scales, int groups,
-                             int per_group, const int8_t *xq, const float *d) {
-#if Q4_AVX2
-    __m256 total = _mm256_setzero_ps();
-    for (int g = 0; g < groups; g++) {
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-        int b = g * per_group, end = b + per_group;
-        for (; b + 2 <= end; b += 2) {
-            acc0 = _mm256_fmadd_ps(block_dot(row, bits, b, xq), _mm256_broadcast_ss(d + b),
-                                   acc0);
-            acc1 = _mm256_fmadd_ps(block_dot(row, bits, b + 1, xq),
-                                   _mm256_broadcast_ss(d + b + 1), acc1);
+/* A tile of outputs: NR weight rows from r against MB quantized input rows from j, written to
+ * y [rows, ldy]. Each block's codes are unpacked once for all MB inputs and each input block
+ * loaded once for all NR rows, and the NR x MB sums are independent chains, so the CPU
+ * overlaps their latencies. A block's weight is its row's group scale times x's block scale. */
+static inline __attribute__((always_inline)) void tile(
+        const q4_layer *w, const q4_scratch *s, int r, int j, int NR, int MB, int BITS,
+        float *y, int ldy, float *factors) {
+    int k = w->k, blocks = k / 32, groups = k / w->group, per_group = w->group / 32;
+    size_t row_bytes = (size_t)k / 8 * BITS;
+    const uint8_t *rows[2];
+    const float *f[2][4];
+    for (int i = 0; i < NR; i++) {
+        rows[i] = w->codes + (size_t)(r + i) * row_bytes;
+        for (int m = 0; m < MB; m++) {
+            float *out = factors + (size_t)(i * MB + m) * blocks;
+            row_factors(w->scales + (size_t)(r + i) * groups, groups, per_group,
+                        s->d + (size_t)(j + m) * blocks, out);
+            f[i][m] = out;
         }
-        if (b < end)
-            acc0 = _mm256_fmadd_ps(block_dot(row, bits, b, xq), _mm256_broadcast_ss(d + b),
-                                   acc0);
-        total = _mm256_fmadd_ps(_mm256_add_ps(acc0, acc1),
-                                _mm256_set1_ps(half_to_float(scales[g])), total);
     }
-    return hsum(total);
+#if Q4_AVX2
+    __m256 acc[2][4];
+    #pragma GCC unroll 4
+    for (int i = 0; i < NR; i++)
+        #pragma GCC unroll 4
+        for (int m = 0; m < MB; m++) acc[i][m] = _mm256_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        __m256i q[2];
+        #pragma GCC unroll 4
+        for (int i = 0; i < NR; i++) q[i] = block_codes(rows[i], BITS, b);
+        #pragma GCC unroll 4
+        for (int m = 0; m < MB; m++) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(s->xq + (size_t)(j + m) * k
+                                                             + 32 * b));
+            #pragma GCC unroll 4
+            for (int i = 0; i < NR; i++)
+                acc[i][m] = _mm256_fmadd_ps(block_sums(q[i], BITS, x),
+                                            _mm256_broadcast_ss(f[i][m] + b), acc[i][m]);
+        }
+    }
 #else
-    float total = 0.0f;
-    for (int g = 0; g < groups; g++) {
-        float group_sum = 0.0f;
-        for (int b = g * per_group; b < (g + 1) * per_group; b++)
-            group_sum += (float)block_dot(row, bits, b, xq) * d[b];
-        total += group_sum * half_to_float(scales[g]);
-    }
-    return total;
+    float acc[2][4] = {{0}};
+    for (int b = 0; b < blocks; b++)
+        for (int m = 0; m < MB; m++)
+            for (int i = 0; i < NR; i++)
+                acc[i][m] += (float)block_sum(rows[i], BITS, b,
+                                              s->xq + (size_t)(j + m) * k + 32 * b)
+                             * f[i][m][b];
 #endif
+    #pragma GCC unroll 4
+    for (int i = 0; i < NR; i++)
+        #pragma GCC unroll 4
+        for (int m = 0; m < MB; m++) {
+#if Q4_AVX2
+            float dot = hsum(acc[i][m]);
+#else
+            float dot = acc[i][m];
+#endif
+            y[(size_t)(j + m) * ldy + r + i] =
+                dot + row_mins(w->mins + (size_t)(r + i) * groups, groups,
+                               s->dsg + (size_t)(j + m) * groups)
+                + (w->bias ? w->bias[r + i] : 0.0f);
+        }
 }
 
-/* y [N] = W x (+ bias) for one input row, rows split over `threads` OpenMP threads (in
- * torch's process this is torch's own runtime: the same libgomp). */
-void q4_gemv(const q4_layer *w, const float *x, float *y, const q4_scratch *s, int threads) {
-    int k = w->k, n = w->n, blocks = k / 32, groups = k / w->group, per_group = w->group / 32;
-    quantize_row(x, k, s->xq, s->d, s->ds);
-    for (int g = 0; g < groups; g++) {
-        s->dsg[g] = 0.0f;
-        for (int j = 0; j < per_group; j++) s->dsg[g] += s->ds[g * per_group + j];
+/* Tile shapes the compiler specializes (NR, MB and BITS constant, every loop over them
+ * unrolled): two rows for up to four inputs, one row for what is left over. */
+#define TILE(NR, MB) (w->bits == 4 ? tile(w, s, r, j, NR, MB, 4, y, w->n, factors) \
+                                   : tile(w, s, r, j, NR, MB, 8, y, w->n, factors))
+static void tile_any(const q4_layer *w, const q4_scratch *s, int r, int nr, int j, int mb,
+                     float *y, float *factors) {
+    switch (nr * 8 + mb) {
+    case 2 * 8 + 1: TILE(2, 1); break;
+    case 2 * 8 + 2: TILE(2, 2); break;
+    case 2 * 8 + 3: TILE(2, 3); break;
+    case 2 * 8 + 4: TILE(2, 4); break;
+    case 1 * 8 + 1: TILE(1, 1); break;
+    case 1 * 8 + 2: TILE(1, 2); break;
+    case 1 * 8 + 3: TILE(1, 3); break;
+    default: TILE(1, 4); break;
     }
+}
+
+/* Quantizes m input rows into s (int8 per block of 32, the block sums per group). */
+static void quantize_rows(const q4_layer *w, const float *x, int m, const q4_scratch *s) {
+    int k = w->k, blocks = k / 32, groups = k / w->group, per_group = w->group / 32;
+    for (int j = 0; j < m; j++) {
+        float *ds = s->ds + (size_t)j * blocks, *dsg = s->dsg + (size_t)j * groups;
+        quantize_row(x + (size_t)j * k, k, s->xq + (size_t)j * k, s->d + (size_t)j * blocks, ds);
+        for (int g = 0; g < groups; g++) {
+            dsg[g] = 0.0f;
+            for (int i = 0; i < per_group; i++) dsg[g] += ds[g * per_group + i];
+        }
+    }
+}
+
+/* y [N] = W x (+ bias) for the one input row already quantized into s: the rows of W shared
+ * among the calling team's threads (an orphaned `omp for`: one thread outside a team runs them
+ * all). `factors`: this thread's room for one row's block weights. */
+static void gemv_rows(const q4_layer *w, const q4_scratch *s, float *y, float *factors) {
+    int n = w->n, k = w->k, blocks = k / 32, groups = k / w->group, per_group = w->group / 32;
+    size_t row_bytes = (size_t)k / 8 * w->bits;
+    #pragma omp for schedule(static)
+    for (int r = 0; r < n; r++) {
+        const uint8_t *row = w->codes + r * row_bytes;
+        float dot;
+        if (groups == 1) {   /* per channel: x's block scales are the weights */
+            dot = row_dot(row, w->bits, blocks, s->xq, s->d) * half_to_float(w->scales[r]);
+        } else {
+            row_factors(w->scales + (size_t)r * groups, groups, per_group, s->d, factors);
+            dot = row_dot(row, w->bits, blocks, s->xq, factors);
+        }
+        y[r] = dot + row_mins(w->mins + (size_t)r * groups, groups, s->dsg)
+               + (w->bias ? w->bias[r] : 0.0f);
+    }
+}
+
+/* y [M, N] = x [M, K] @ W.T (+ bias), M at most the scratch's rows, rows of W split over
+ * `threads` OpenMP threads (in torch's process this is torch's own runtime: the same
+ * libgomp). One input (decode) runs row by row; several run in tiles of two weight rows by
+ * up to four inputs, so each thread reads its weight rows from memory once for all M. */
+void q4_gemm(const q4_layer *w, const float *x, int m, float *y, const q4_scratch *s,
+             int threads) {
+    int n = w->n, k = w->k;
+    quantize_rows(w, x, m, s);
     /* Small products are not worth waking a thread for (a futex wake-up costs more). */
-    if ((long)n * k < (1L << 18)) threads = 1;
+    if ((long)n * k * m < (1L << 18)) threads = 1;
     #pragma omp parallel num_threads(threads)
     {
-        float factor[blocks];
-        #pragma omp for schedule(static)
-        for (int r = 0; r < n; r++) {
-            const uint8_t *row = w->codes + (size_t)r * (k / 8 * w->bits);
-            const uint16_t *row_scales = w->scales + (size_t)r * groups;
-            float dot;
-            if (per_group == 1) {
-                row_factors(row_scales, blocks, s->d, factor);
-                dot = row_dot(row, w->bits, blocks, s->xq, factor);
-            } else {
-                dot = row_dot_grouped(row, w->bits, row_scales, groups, per_group, s->xq, s->d);
-            }
-            y[r] = dot + row_mins(w->mins + (size_t)r * groups, groups, s->dsg)
-                   + (w->bias ? w->bias[r] : 0.0f);
+        float factors[8 * (k / 32)];   /* one per block, weight row and input of a tile */
+        if (m == 1) {
+            gemv_rows(w, s, y, factors);
+        } else {
+            #pragma omp for schedule(static)
+            for (int t = 0; t < (n + 1) / 2; t++)
+                for (int j = 0; j < m; j += 4)
+                    tile_any(w, s, 2 * t, n - 2 * t < 2 ? 1 : 2, j, m - j < 4 ? m - j : 4, y,
+                             factors);
         }
     }
 }
 
-int q4_scratch_alloc(q4_scratch *s, int k) {
-    int blocks = k / 32 + 1;
-    s->xq = malloc((size_t)k);
-    s->d = malloc(sizeof(float) * (size_t)blocks);
-    s->ds = malloc(sizeof(float) * (size_t)blocks);
-    s->dsg = malloc(sizeof(float) * (size_t)blocks);
+void q4_gemv_team(const q4_layer *w, const float *x, float *y, const q4_scratch *s,
+                  float *factors) {
+    #pragma omp single
+    quantize_rows(w, x, 1, s);
+    gemv_rows(w, s, y, factors);
+}
+
+int q4_scratch_alloc(q4_scratch *s, int k, int m) {
+    size_t blocks = (size_t)m * (k / 32) + 1;
+    s->xq = malloc((size_t)m * k);
+    s->d = malloc(sizeof(float) * blocks);
+    s->ds = malloc(sizeof(float) * blocks);
+    s->dsg = malloc(sizeof(float) * blocks);
     if (s->xq && s->d && s->ds && s->dsg) return 0;
     q4_scratch_free(s);
     return -1;
@@ -233,15 +341,18 @@ void q4_scratch_free(q4_scratch *s) {
     s->xq = NULL; s->d = s->ds = s->dsg = NULL;
 }
 
-/* y [M, N] = x [M, K] @ W.T (+ bias [N] when not NULL). Returns 0, or -1 when out of memory. */
+/* y [M, N] = x [M, K] @ W.T (+ bias [N] when not NULL), in chunks of up to 32 input rows.
+ * Returns 0, or -1 when out of memory. */
 int q4_matmul(const uint8_t *codes, const uint16_t *scales, const uint16_t *mins,
               const float *bias, int bits, int n, int k, int group, const float *x, int m,
               float *y, int threads) {
+    enum { CHUNK = 32 };
     q4_layer w = { codes, scales, mins, bias, bits, n, k, group };
     q4_scratch s;
-    if (q4_scratch_alloc(&s, k)) return -1;
-    for (int row = 0; row < m; row++)
-        q4_gemv(&w, x + (size_t)row * k, y + (size_t)row * n, &s, threads);
+    if (q4_scratch_alloc(&s, k, m < CHUNK ? m : CHUNK)) return -1;
+    for (int row = 0; row < m; row += CHUNK)
+        q4_gemm(&w, x + (size_t)row * k, m - row < CHUNK ? m - row : CHUNK,
+                y + (size_t)row * n, &s, threads);
     q4_scratch_free(&s);
     return 0;
 }

@@ -17,8 +17,14 @@ typedef struct {
     float *d, *ds, *dsg;
 } q4_scratch;
 
-int q4_scratch_alloc(q4_scratch *s, int k);
+int q4_scratch_alloc(q4_scratch *s, int k, int m);   /* m input rows */
 void q4_scratch_free(q4_scratch *s);
-void q4_gemv(const q4_layer *w, const float *x, float *y, const q4_scratch *s, int threads);
+void q4_gemm(const q4_layer *w, const float *x, int m, float *y, const q4_scratch *s,
+             int threads);
+/* y = W x, called by every thread of an OpenMP team (or by one thread outside any): x is
+ * quantized into s once, W's rows are shared out; `factors`: the thread's own room for
+ * k / 32 floats. Ends with the team's barrier. */
+void q4_gemv_team(const q4_layer *w, const float *x, float *y, const q4_scratch *s,
+                  float *factors);
 
 #endif

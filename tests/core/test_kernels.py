@@ -105,11 +105,31 @@ def test_the_portable_c_path_matches_the_avx2_one(tmp_path):
     linear = layer(40, 192)
     q = quantize_rtn(linear.weight.data, QuantSpec(bits=4, group_size=64))
     tensors, group, _ = q4_native.pack(q)
-    x = torch.randn(3, 192)
-    fast = q4_native.matmul(tensors, group, x, None)
-    slow = q4_native.matmul(tensors, group, x, None, library=q4_native.open_library(portable))
+    for x in (torch.randn(1, 192), torch.randn(7, 192)):   # one row, and tiles of rows
+        fast = q4_native.matmul(tensors, group, x, None)
+        slow = q4_native.matmul(tensors, group, x, None,
+                                library=q4_native.open_library(portable))
+        assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-5)
     assert not q4_native.open_library(portable).q4_has_avx2()
-    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=32),
+                                  QuantSpec(bits=4, group_size=64),
+                                  QuantSpec(bits=4, group_size=-1),
+                                  QuantSpec(bits=8, group_size=-1)])
+def test_a_short_prompts_rows_each_get_their_own_product(spec):
+    """Up to 31 rows run in tiles (two weight rows by up to four inputs, the weights read once
+    for all of them): every row equals its own one-row product, for row counts that leave
+    every remainder, over an odd number of outputs."""
+    linear = layer(37, 192, bias=True)
+    tensors, group, _ = q4_native.pack(quantize_rtn(linear.weight.data, spec))
+    x = torch.randn(11, 192)
+    one_by_one = torch.cat([q4_native.matmul(tensors, group, x[i:i + 1], linear.bias.data)
+                            for i in range(11)])
+    for rows in (2, 3, 4, 5, 11):
+        together = q4_native.matmul(tensors, group, x[:rows], linear.bias.data)
+        assert torch.allclose(together, one_by_one[:rows], rtol=1e-5, atol=1e-5), rows
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(bits=8, group_size=-1, symmetric=True),

@@ -57,6 +57,25 @@ def test_native_step_equals_the_eager_step(family_dirs, arch, config):
         assert a.argmax() == b.argmax(), i
 
 
+def test_threads_share_out_the_step_without_changing_it(family_dirs):
+    """One thread team per token: rows and heads are shared out, each computed whole by one
+    thread, so the logits are the same bits at one thread and at three (more than the cores,
+    so threads interleave)."""
+    _, model = model_of(family_dirs, "llama")
+    prompt = torch.randint(3, 384, (1, 10), generator=torch.Generator().manual_seed(1))
+    runs, threads = [], torch.get_num_threads()
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            with torch.inference_mode():
+                decoder = LeanDecoder(model, 20, fused=True)
+                runs.append(greedy(NativeStep(decoder), decoder, prompt, count=6))
+    finally:
+        torch.set_num_threads(threads)
+    for one, three in zip(*runs):
+        assert torch.equal(one, three)
+
+
 def test_the_benchmark_decodes_through_it_and_says_so(tiny_dirs):
     handle, _ = model_of(tiny_dirs, "llama")
     names = [i.name for i in handle.quantizable]
