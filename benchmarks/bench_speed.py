@@ -10,8 +10,10 @@
    torch.compile unless --no-compile: each compile takes minutes on a busy 2-core machine,
    its time is not in the figures) against llama.cpp's decode of a Q4_0 GGUF of the same model (made from the model's
    GGUF with llama.cpp's own quantizer, through the `cyllama` binding, in this run) and against
-   fp32 eager (the lean decoder on float32 weights). Same random prompt ids and lengths.
-2. bandwidth: fp32 and bf16 decode against their memory-bandwidth limit, at each thread count:
+   fp32 eager (the lean decoder on float32 weights; fp32 through the native step beside it).
+   Same random prompt ids and lengths.
+2. bandwidth: fp32 (native step and eager) and bf16 decode against their memory-bandwidth
+   limit, at each thread count:
    a decode step reads every weight once, so tokens/s <= copy bandwidth / weight bytes per
    token (bandwidth: a 512 MiB tensor copy, bytes read + written per second, best of 5).
 3. prefill: a `--prompt-tokens` prefill on the int4 g32 model (dense prefill path, and the
@@ -125,7 +127,9 @@ def ratio(a, b) -> str:
 
 def part_decode(handle, args, vocab) -> None:
     names = [layer.name for layer in handle.quantizable]
-    targets = base_targets(handle.model, ("fp32",), layer_names=names)
+    targets = base_targets(handle.model, ("fp32",), layer_names=names, kernels="torch")
+    targets += base_targets(handle.model, ("fp32",), layer_names=names)
+    targets[-1].name = "fp32 (native step)"
     for group in (32, 64, 128):
         targets += base_targets(handle.model, ("int4",), group_size=group, layer_names=names)
     # torch's own int4 kernel beside the studio's (q4_native), same layers and codes
@@ -136,7 +140,7 @@ def part_decode(handle, args, vocab) -> None:
     if gguf is not None:
         targets.append(gguf_target(gguf, f"llama.cpp {gguf.name}"))
     results = run(bench_job(targets, vocab, args.prompt_tokens, args.new_tokens, args.repeat, 1))
-    int4 = results[1:5]
+    int4 = results[2:6]
     if args.compile:
         compiled = []
         for group in (32, 64, 128):
@@ -148,7 +152,7 @@ def part_decode(handle, args, vocab) -> None:
                                  args.repeat, 1, compile=True))
         print(f"(compiling and measuring the compiled steps: {time.perf_counter() - started:.0f} s; "
               f"modes: {', '.join(r.details.get('decode_step', '?') for r in compiled)})")
-        results = results[:5] + compiled + results[5:]
+        results = results[:6] + compiled + results[6:]
         int4 += compiled
     print(f"\n== 1. decode at 1 thread ({args.prompt_tokens}-token prompt, {args.new_tokens} new "
           f"tokens, median (min-max) of {args.repeat})")
@@ -159,7 +163,7 @@ def part_decode(handle, args, vocab) -> None:
     llama = results[-1] if results[-1].backend == "llama.cpp" else None
     print(f"{'':<4}{'int4':<22}{'vs llama.cpp Q4_0 (target >= 2.5x)':>28}"
           f"{'vs fp32 eager (target >= 3.5x)':>34}")
-    for r in int4:
+    for r in [*int4, results[1]]:
         label = r.name.replace(" + lm_head", "")
         print(f"{'':<4}{label:<22}{ratio(r, llama):>28}{ratio(r, fp32):>34}")
 
@@ -168,6 +172,8 @@ def part_bandwidth_prefill(handle, args, vocab, parts) -> None:
     names = [layer.name for layer in handle.quantizable]
     for threads in args.threads:
         targets = base_targets(handle.model, ("fp32", "bf16"), layer_names=names)
+        targets[0].name = "fp32 (native step)"
+        targets += base_targets(handle.model, ("fp32",), layer_names=names, kernels="torch")
         if "prefill" in parts:
             targets += base_targets(handle.model, ("int4",), group_size=32, layer_names=names)
             targets += base_targets(handle.model, ("int4",), group_size=32, layer_names=names,
@@ -178,9 +184,9 @@ def part_bandwidth_prefill(handle, args, vocab, parts) -> None:
             bandwidth = copy_bandwidth(threads)
             print(f"\n== 2. fp32 / bf16 decode against the memory-bandwidth limit, {threads} "
                   f"thread(s); copy bandwidth {bandwidth:.1f} GB/s (target >= 60%)")
-            table(results[:2], bandwidth)
+            table(results[:3], bandwidth)
         if "prefill" in parts:
-            fp32, bf16, w4, w4_kernel = results
+            fp32, bf16, _, w4, w4_kernel = results
             print(f"\n== 3. prefill of {args.prompt_tokens} tokens, {threads} thread(s) "
                   f"(target: W4 no slower than bf16, i.e. ratio <= 1.00)")
             table(results)

@@ -67,6 +67,7 @@ class BenchTarget:
     model: nn.Module | None = None   # the model a torch target's build copies (memory guard)
     size_source: str = "disk"       # what size_bytes is: "disk" (a file) or "stored"
     size_breakdown: dict | None = None   # size as an export stores it, in parts
+    native_step: bool = True   # decode through the native step where it can run the model
 
 
 @dataclass
@@ -142,8 +143,11 @@ def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
     targets = []
     for config in configs:
         if config == "fp32":
-            targets.append(BenchTarget("fp32", lambda: float_model(model, torch.float32),
-                                       size_bytes, model=model))
+            # the native step reads float32 weights too; torch's kernels: the eager step
+            native = kernels == "native"
+            targets.append(BenchTarget("fp32" if native else "fp32 (eager)",
+                                       lambda: float_model(model, torch.float32), size_bytes,
+                                       model=model, native_step=native))
         elif config == "bf16":
             targets.append(BenchTarget("bf16", lambda: float_model(model, torch.bfloat16),
                                        model=model))
@@ -199,7 +203,7 @@ def variant_target(name: str, model: nn.Module, qtensors: dict, size_bytes: int 
         name += f" ({kernels} kernels)"
     return BenchTarget(name, lambda: kernel_model(model, qtensors, prefill, kernels), size_bytes,
                        {"prefill": prefill, "kernel_set": kernels, **(details or {})},
-                       model=model)
+                       model=model, native_step=kernels == "native")
 
 
 def variant_bench_target(variant, prefill: str = "dense", kernels: str = "native") -> BenchTarget:
@@ -335,7 +339,7 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
                     continue
             lean, step_mode = None, None
             if target.backend == "torch" and lean_supported(model):
-                lean = LeanRun(model, prompt_tokens + new_tokens)
+                lean = LeanRun(model, prompt_tokens + new_tokens, target.native_step)
                 step_mode = lean.mode
                 if compile:
                     yield Progress(base, steps, f"{target.name}: compiling the decode step "
@@ -425,15 +429,16 @@ def timed_generation(model, prompt: torch.Tensor, new_tokens: int, progress: Pro
 
 class LeanRun:
     """A target's lean decoder (fused q/k/v and gate/up; its static KV cache reused by every
-    run: prefill rewrites the prompt's positions, later ones are never read) and its step."""
+    run: prefill rewrites the prompt's positions, later ones are never read) and its step:
+    the native step where it can run the model and `native`, else the eager one."""
 
-    def __init__(self, model: nn.Module, max_len: int) -> None:
+    def __init__(self, model: nn.Module, max_len: int, native: bool = True) -> None:
         from studio.core.native_step import NativeStep
         from studio.core.q4_native import NativeLinear
 
         self.decoder = LeanDecoder(model, max_len, fused=True)
         self.step, self.mode = self.decoder.forward, "eager"
-        problem = NativeStep.problem(self.decoder)
+        problem = NativeStep.problem(self.decoder) if native else "torch's kernels chosen"
         if problem is None:
             self.step, self.mode = NativeStep(self.decoder), NativeStep.mode
         elif any(isinstance(m, NativeLinear) for m in model.modules()):

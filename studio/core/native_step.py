@@ -8,8 +8,10 @@ cos/sin torch's rotary module makes for the position; the embedding lookup, the 
 the output head stay in torch (one call each).
 
 It takes a model whose every block is: RMSNorm (Llama's, Qwen2's, Mistral's; float32), q/k/v and
-gate/up fused into native layers (`fuse.py`; 4- or 8-bit, each product its own width, so a
-mixed-precision plan runs too), o_proj and down_proj native, SiLU, no hooks; Mistral's
+gate/up fused (`fuse.py`), each product a native layer (4- or 8-bit, each its own width, so a
+mixed-precision plan runs too) or a float32 Linear (a layer the plan keeps, or a float32
+model: its decode then reads the weights at memory speed, without torch's per-op cost), SiLU,
+no hooks; Mistral's
 sliding window is kept (a query attends to its last `window` keys). `NativeStep.problem(decoder)` says in a sentence why another model cannot, and the
 benchmark then runs the eager step and says why.
 """
@@ -77,10 +79,22 @@ def _parts(fused, modules: list) -> list:
     return [fused.module] if fused is not None else modules
 
 
-def _layer(module: NativeLinear) -> _Layer:
+def _runs_natively(module) -> bool:
+    """A native low-bit layer, or a float32 Linear the step reads as it is."""
+    if isinstance(module, NativeLinear):
+        return True
+    return (type(module) is nn.Linear and module.weight.dtype == torch.float32
+            and module.weight.is_contiguous()
+            and (module.bias is None or module.bias.dtype == torch.float32))
+
+
+def _layer(module: NativeLinear | nn.Linear) -> _Layer:
+    bias = None if module.bias is None else module.bias.data_ptr()
+    if isinstance(module, nn.Linear):   # float32 weights [n, k] in place of codes (bits 32)
+        return _Layer(module.weight.data_ptr(), None, None, bias, 32, module.out_features,
+                      module.in_features, module.in_features)
     return _Layer(module.codes.data_ptr(), module.scales.data_ptr(), module.mins.data_ptr(),
-                  None if module.bias is None else module.bias.data_ptr(), module.bits,
-                  module.out_features, module.in_features, module.group)
+                  bias, module.bits, module.out_features, module.in_features, module.group)
 
 
 class NativeStep:
@@ -104,8 +118,9 @@ class NativeStep:
                      "o_proj": [layer.self_attn.o_proj],
                      "down_proj": [getattr(mlp, "down_proj", None)]}
             for what, modules in parts.items():
-                if not all(isinstance(m, NativeLinear) for m in modules):
-                    return f"block {i}'s {what} is not on the native kernels"
+                if not all(_runs_natively(m) for m in modules):
+                    return (f"block {i}'s {what} is neither on the native kernels nor a "
+                            f"float32 Linear")
                 if any(m._forward_pre_hooks or m._forward_hooks for m in modules):
                     return f"block {i}'s {what} has hooks"
             if not _is_silu(getattr(mlp, "act_fn", None)):

@@ -318,8 +318,33 @@ void q4_gemm(const q4_layer *w, const float *x, int m, float *y, const q4_scratc
     }
 }
 
+/* A float32 row against x: four sums, so consecutive loads' latencies overlap. */
+static float float_dot(const float *row, const float *x, int k) {
+    int i = 0;
+    float total = 0.0f;
+#if Q4_AVX2
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    for (; i + 32 <= k; i += 32) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(x + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
+        acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 16), _mm256_loadu_ps(x + i + 16), acc2);
+        acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 24), _mm256_loadu_ps(x + i + 24), acc3);
+    }
+    total = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+#endif
+    for (; i < k; i++) total += row[i] * x[i];
+    return total;
+}
+
 void q4_gemv_team(const q4_layer *w, const float *x, float *y, const q4_scratch *s,
                   float *factors) {
+    if (w->bits == 32) {   /* a layer kept in float32: codes are its weights [n, k] */
+        const float *weight = (const float *)w->codes;
+        #pragma omp for schedule(static)
+        for (int r = 0; r < w->n; r++)
+            y[r] = float_dot(weight + (size_t)r * w->k, x, w->k) + (w->bias ? w->bias[r] : 0.0f);
+        return;
+    }
     #pragma omp single
     quantize_rows(w, x, 1, s);
     gemv_rows(w, s, y, factors);

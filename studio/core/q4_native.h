@@ -3,7 +3,8 @@
 #define Q4_NATIVE_H
 #include <stdint.h>
 
-/* One 4- or 8-bit layer in the kernel's layout (see q4_native.c). */
+/* One 4- or 8-bit layer in the kernel's layout (see q4_native.c), or (bits 32, for the decode
+ * step only) a float32 layer whose codes are its weights [n, k]. */
 typedef struct {
     const uint8_t *codes;
     const uint16_t *scales, *mins;
@@ -22,7 +23,7 @@ void q4_scratch_free(q4_scratch *s);
 void q4_gemm(const q4_layer *w, const float *x, int m, float *y, const q4_scratch *s,
              int threads);
 /* y = W x, called by every thread of an OpenMP team (or by one thread outside any): x is
- * quantized into s once, W's rows are shared out; `factors`: the thread's own room for
+ * quantized into s once (not for a float32 layer), W's rows are shared out; `factors`: the thread's own room for
  * k / 32 floats. Ends with the team's barrier. */
 void q4_gemv_team(const q4_layer *w, const float *x, float *y, const q4_scratch *s,
                   float *factors);

@@ -13,6 +13,9 @@ import torch
 
 from studio.core import q4_native
 from studio.core.bench import LeanRun, base_targets, bench_job
+from studio.core.kernels import kernel_model
+from studio.core.plan import QuantSpec
+from studio.core.quant.grid import quantize_rtn
 from studio.core.jobs import run
 from studio.core.lean_decoder import LeanDecoder
 from studio.core.native_step import NativeStep
@@ -82,9 +85,44 @@ def test_the_benchmark_decodes_through_it_and_says_so(tiny_dirs):
     targets = base_targets(handle.model, ("fp32", "int4"), layer_names=names)
     fp32, int4 = run(bench_job(targets, 384, prompt_tokens=6, new_tokens=4, repeat=1, threads=1))
     assert int4.details["decode_step"] == NativeStep.mode and int4.decode_tok_s > 0
-    assert fp32.details["decode_step"] == "eager"
+    assert fp32.details["decode_step"] == NativeStep.mode    # float32 weights read natively
+    (eager,) = run(bench_job(base_targets(handle.model, ("fp32",), layer_names=names,
+                                          kernels="torch"), 384, 6, 4, 1, threads=1))
+    assert eager.details["decode_step"] == "eager"
     (compiled,) = run(bench_job(targets[1:], 384, 6, 3, 1, compile=True))
     assert compiled.details["decode_step"].startswith(NativeStep.mode + "; not compiled")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_float32_model_steps_natively_with_its_own_logits(family_dirs, arch):
+    """float32 Linears are read as they are (no int8 activations): the step equals the eager
+    float forward within float rounding (1e-4), and a block mixing a float layer with native
+    ones (a layer a plan keeps) runs too."""
+    handle, _ = model_of(family_dirs, arch)
+    model = base_targets(handle.model, ("fp32",))[0].build()[0]
+    prompt = torch.randint(3, 384, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        eager_decoder = LeanDecoder(model, 16, fused=True)
+        eager = greedy(eager_decoder.forward, eager_decoder, prompt, 6)
+        decoder = LeanDecoder(model, 16, fused=True)
+        assert NativeStep.problem(decoder) is None
+        native = greedy(NativeStep(decoder), decoder, prompt, 6)
+    for a, b in zip(native, eager):
+        assert ((a - b).norm() / b.norm()).item() < 1e-4
+    kept = ("o_proj", "up_proj")   # a plan keeps these in float; the rest run at 4 bits
+    qtensors = {i.name: quantize_rtn(handle.model.get_submodule(i.name).weight.data,
+                                     QuantSpec(bits=4, group_size=32))
+                for i in handle.quantizable if not i.name.endswith(kept)}
+    mixed, _ = kernel_model(handle.model, qtensors)
+    with torch.inference_mode():
+        eager_decoder = LeanDecoder(mixed, 16, fused=True)
+        eager = greedy(eager_decoder.forward, eager_decoder, prompt, 6)
+        decoder = LeanDecoder(mixed, 16, fused=True)
+        assert NativeStep.problem(decoder) is None
+        assert type(decoder.layers[0].self_attn.o_proj) is torch.nn.Linear
+        native = greedy(NativeStep(decoder), decoder, prompt, 6)
+    for a, b in zip(native, eager):
+        assert ((a - b).norm() / b.norm()).item() < 1e-2
 
 
 def test_a_mixed_precision_block_runs_its_layers_one_after_another(tiny_dirs):
@@ -123,7 +161,7 @@ def test_models_it_cannot_run_stay_eager_and_say_why(tiny_dirs, monkeypatch):
     names = [i.name for i in handle.quantizable]
     on_torch = base_targets(handle.model, ("int4",), layer_names=names,
                             kernels="torch")[0].build()[0]
-    assert "not on the native kernels" in NativeStep.problem(
+    assert "neither on the native kernels nor a float32 Linear" in NativeStep.problem(
         LeanDecoder(on_torch, 8, fused=True))
     _, model = model_of(tiny_dirs, "llama")
     hooked = LeanDecoder(model, 8, fused=True)
