@@ -33,18 +33,20 @@ from torch import nn
 
 from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress
-from studio.core.layers import (get_module, is_linear, move_pre_hooks, read_weight_matrix,
+from studio.core.layers import (get_module, move_pre_hooks, read_weight_matrix,
                                  replace_module, replace_weight_matrix, weight_matrix)
 from studio.core.memory import guard_job, release_freed_memory
 from studio.core.plan import Plan, QuantSpec, tied_specs
 from studio.core.quant import layout, registry, smoothquant
 from studio.core.quant.coded import coded_layer
 from studio.core.quant.blocks import (FAST_DTYPE, BlockInputs, Replay, capture_block_inputs,
-                                      decoder_blocks, run_block, run_block_until)
-from studio.core.quant.gptq import (HessianAccumulator, output_energy,
-                                     relative_output_error)
+                                      decoder_blocks, run_block)
+from studio.core.quant.entry_points import (call_entry, checked_block, layer_result,
+                                            quantizers_of, shared_hessian_results)
 from studio.core.quant.grid import QTensor
-from studio.core.quant.registry import LayerCalibration, Quantizer
+from studio.core.quant.hessians import BATCH, gather_hessians, input_groups
+from studio.core.quant.layer_errors import layer_errors
+from studio.core.quant.registry import LayerCalibration
 from studio.core.quant.rtn import quantize_weight
 from studio.core.streaming import materialise, real, stored_bytes_per_block, streams, watch
 from studio.core.variant import Variant, untie_if_needed
@@ -55,7 +57,6 @@ log = logging.getLogger(__name__)
 MIN_CALIB_TOKENS = 512    # below this a Hessian or an activation statistic means little
 MIN_CALIB_SEQLEN = 16
 ERROR_WINDOWS = 8         # windows used to measure errors of layers that need no calibration
-BATCH = 4                 # windows per block run (8 took ~100 MB more of temporaries, no faster)
 # Activations Replay may keep to skip recomputation, as a share of the float32 model's size:
 # with the block's inputs, the codes and a batch's temporaries beside them, the job then needs
 # no more than about one more model's worth of memory. Only small models reach it (the demo
@@ -325,62 +326,6 @@ class _State:
                         detail=dict(entry))
 
 
-def layer_errors(w_pre: torch.Tensor, w_now: torch.Tensor, w_q: torch.Tensor, spec: QuantSpec,
-                 w_base: torch.Tensor, hessian: torch.Tensor) -> tuple[float, float]:
-    """(error, RTN error) of one layer's output on the inputs that built `hessian`.
-
-    `w_pre` is the weight when the inputs were measured, `w_now` the float weight just before
-    rounding, `w_q` its de-quantized rounding, `w_base` the baseline's. A fold between measuring and rounding (AWQ's scales) or
-    before measuring (SmoothQuant's) scales the weight's rows and columns: it is recovered by
-    least squares, so both errors are taken in the measured inputs' coordinates:
-    error = |X W_eff - X W_pre| with W_eff the rounded weight with the fold undone, and the RTN
-    error = |X RTN(W_base)' - X W_pre| with RTN(W_base)' carrying the fold already in W_pre.
-    """
-    q = unfold(w_q, two_sided_scale(w_now, w_pre))
-    energy = output_energy(w_pre, hessian)
-    error = relative_output_error(w_pre, q, hessian, energy)
-    rtn_spec = QuantSpec(spec.bits, spec.group_size, spec.symmetric, registry.REFERENCE,
-                         scale_dtype=spec.scale_dtype)
-    rtn = quantize_weight(w_base.float(), rtn_spec).dequantize()
-    prior = two_sided_scale(w_pre, w_base)
-    if prior is not None:
-        rtn = prior[0][:, None] * rtn * prior[1][None, :]
-    return error, relative_output_error(w_pre, rtn, hessian, energy)
-
-
-def two_sided_scale(new: torch.Tensor, old: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Row and column factors (r, c) with new ~= diag(r) old diag(c), or None if unchanged.
-
-    Folding scales into a weight multiplies its columns (scales from the preceding norm) and
-    its rows (scales moved into the next linear); a few alternating least-squares steps find
-    both."""
-    new, old = new.float(), old.float()
-    if new.shape != old.shape or torch.equal(new, old):
-        return None
-    r = torch.ones(old.shape[0])
-    c = torch.ones(old.shape[1])
-    for _ in range(4):
-        a = old * r[:, None]
-        c = _ls_factor(new, a, dim=0)
-        a = old * c[None, :]
-        r = _ls_factor(new, a, dim=1)
-    return r, c
-
-
-def _ls_factor(new: torch.Tensor, old: torch.Tensor, dim: int) -> torch.Tensor:
-    den = (old * old).sum(dim=dim)
-    s = (new * old).sum(dim=dim) / den.clamp_min(1e-30)
-    return torch.where(den > 0, s, torch.ones_like(s))
-
-
-def unfold(q: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    if scales is None:
-        return q
-    r, c = (torch.where(f != 0, f, torch.ones_like(f)) for f in scales)
-    return q / r[:, None] / c[None, :]
-
-
 def quantize_block(block: nn.Module, block_name: str, index: int, count: int,
                    inputs: BlockInputs | None, specs: dict[str, QuantSpec], state: _State,
                    want_outputs: bool = False) -> Job[torch.Tensor | None]:
@@ -402,12 +347,12 @@ def quantize_block(block: nn.Module, block_name: str, index: int, count: int,
     w_pre = {r: weight_matrix(block.get_submodule(r)).float().clone() for r in later}
 
     from_block: dict[str, object] = {}   # "block inputs" methods (AWQ): the block at once
-    for quantizer in _quantizers_of(later.values(), "block inputs"):
+    for quantizer in quantizers_of(later.values(), "block inputs"):
         mine = {f"{block_name}.{r}": s for r, s in later.items() if s.method == quantizer.name}
-        got = yield from relay(_entry(quantizer, block_name, quantizer.quantize, block,
-                                      block_name, inputs, mine),
+        got = yield from relay(call_entry(quantizer, block_name, quantizer.quantize, block,
+                                          block_name, inputs, mine),
                                len(state.qtensors) + 1, state.total)
-        from_block.update(_checked_block(quantizer, got, mine, block, block_name))
+        from_block.update(checked_block(quantizer, got, mine, block, block_name))
     for r, spec in later.items():
         full = f"{block_name}.{r}"
         module = block.get_submodule(r)
@@ -417,7 +362,7 @@ def quantize_block(block: nn.Module, block_name: str, index: int, count: int,
         else:
             calib = LayerCalibration(hessians[r], tokens) \
                 if quantizer.calibration == "activations" else None
-            qt, note = _layer_result(quantizer, full, module, _entry(
+            qt, note = layer_result(quantizer, full, module, call_entry(
                 quantizer, full, quantizer.quantize, weight_matrix(module).float(), spec, calib))
         yield state.record(full, index, spec, qt, module, w_pre[r], hessians.get(r), note)
     del hessians, w_pre
@@ -444,10 +389,10 @@ def quantize_block(block: nn.Module, block_name: str, index: int, count: int,
         calib = LayerCalibration(h, tokens)
         weights = {r: weight_matrix(block.get_submodule(r)).float().clone() for r in todo}
         results = {}
-        for quantizer in _quantizers_of((rel[r] for r in todo), "hessian"):
+        for quantizer in quantizers_of((rel[r] for r in todo), "hessian"):
             names = [r for r in todo if rel[r].method == quantizer.name]
-            results.update(zip(names, _hessian_results(quantizer, block_name, names, weights,
-                                                        calib, rel, block)))
+            results.update(zip(names, shared_hessian_results(
+                quantizer, block_name, names, weights, calib, rel, block)))
         for r in todo:
             qt, note = results[r]
             yield state.record(f"{block_name}.{r}", index, rel[r], qt, block.get_submodule(r),
@@ -461,132 +406,6 @@ def quantize_block(block: nn.Module, block_name: str, index: int, count: int,
         return run_block(block, inputs, BATCH, FAST_DTYPE, out=inputs.hidden)
 
 
-def _quantizers_of(specs, calibration: str) -> list[Quantizer]:
-    """The methods of `specs` with that calibration, each once, in the registry's order."""
-    wanted = {s.method for s in specs if s.quantizer.calibration == calibration}
-    return [q for q in registry.all_quantizers() if q.name in wanted]
-
-
-def _hessian_results(quantizer: Quantizer, block_name: str, names: list[str],
-                     weights: dict[str, torch.Tensor], calib: LayerCalibration,
-                     rel: dict[str, QuantSpec], block: nn.Module) -> list[tuple[object, str]]:
-    """[(coded tensor, note)] for layers `names` sharing one Hessian."""
-    where = ", ".join(f"{block_name}.{r}" for r in names)
-    if quantizer.quantize_shared is not None:
-        got = _entry(quantizer, where, quantizer.quantize_shared, [weights[r] for r in names],
-                     calib, [rel[r] for r in names])
-        if not isinstance(got, (list, tuple)) or len(got) != len(names):
-            raise registry.QuantizerFailed(f"{quantizer.title} ({quantizer.origin}) returned "
-                                           f"{type(got).__name__} for {len(names)} layers.")
-        return [_layer_result(quantizer, f"{block_name}.{r}", block.get_submodule(r), item)
-                for r, item in zip(names, got)]
-    return [_layer_result(quantizer, f"{block_name}.{r}", block.get_submodule(r),
-                          _entry(quantizer, f"{block_name}.{r}", quantizer.quantize,
-                                 weights[r], rel[r], calib)) for r in names]
-
-
-def _entry(quantizer: Quantizer, where: str, function, *args):
-    """Call a method's entry point; a plug-in's failure becomes a StudioError naming the
-    method, the plug-in and the layer (the job stops; the baseline was never touched)."""
-    if quantizer.origin == "built-in":
-        return function(*args)
-    try:
-        return function(*args)
-    except StudioError:
-        raise
-    except Exception as exc:
-        raise registry.QuantizerFailed(
-            f"{quantizer.title} ({quantizer.origin}) failed on {where}: "
-            f"{type(exc).__name__}: {exc}") from exc
-
-
-def _layer_result(quantizer: Quantizer, name: str, module: nn.Module, got) -> tuple[object, str]:
-    """(coded tensor, note) from what an entry point returned, checked against the layer."""
-    qt, note = got if isinstance(got, tuple) else (got, "")
-    registry.check_result(quantizer, name, qt, tuple(weight_matrix(module).shape))
-    return qt, str(note or "")
-
-
-def _checked_block(quantizer: Quantizer, got, specs: dict[str, QuantSpec], block: nn.Module,
-                   block_name: str) -> dict[str, object]:
-    """What a "block inputs" entry point returned: one coded tensor per layer asked for."""
-    if not isinstance(got, dict) or set(got) != set(specs):
-        raise registry.QuantizerFailed(f"{quantizer.title} ({quantizer.origin}) did not return "
-                                       f"one result per layer of {block_name}.")
-    for name, qt in got.items():
-        module = block.get_submodule(name[len(block_name) + 1:])
-        registry.check_result(quantizer, name, qt, tuple(weight_matrix(module).shape))
-    return got
-
-
-def input_groups(block: nn.Module, inputs: BlockInputs) -> list[list[str]]:
-    """The block's linears grouped by the input they read, in the order the block runs them
-    (found by running one window): [[q, k, v], [o], [gate, up], [down]] for Llama."""
-    order: list[tuple[str, torch.Tensor]] = []
-
-    def hook(rel):
-        def seen(module, args):
-            order.append((rel, args[0]))
-        return seen
-
-    handles = [m.register_forward_pre_hook(hook(r)) for r, m in block.named_modules()
-               if is_linear(m)]
-    try:
-        run_block(block, BlockInputs(inputs.hidden[:1], inputs.kwargs, inputs.args), 1)
-    finally:
-        for h in handles:
-            h.remove()
-    groups: list[tuple[torch.Tensor, list[str]]] = []
-    for rel, x in order:
-        for tensor, names in groups:
-            if tensor is x:
-                names.append(rel)
-                break
-        else:
-            groups.append((x, [rel]))
-    return [names for _, names in groups]
-
-
-def gather_hessians(block: nn.Module, inputs: BlockInputs, names: list[str],
-                    max_windows: int | None, stop_at: str | None = None,
-                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """H = 2/n X X^T of each named linear's inputs while the block runs on `inputs` (the first
-    `max_windows` of them), stopping at `stop_at`'s input when given. Linears reading the same
-    input tensor share one accumulator."""
-    if max_windows is not None:
-        inputs = BlockInputs(inputs.hidden[:max_windows], inputs.kwargs, inputs.args)
-    owner: dict[str, HessianAccumulator] = {}
-    batch_seen: list[tuple[torch.Tensor, HessianAccumulator]] = []
-
-    def hook(rel):
-        def add(module, args):
-            x = args[0]
-            for tensor, acc in batch_seen:
-                if tensor is x:  # another linear already added this very input
-                    owner.setdefault(rel, acc)
-                    return
-            acc = owner.setdefault(rel, HessianAccumulator(x.shape[-1]))
-            acc.add(x)
-            batch_seen.append((x, acc))
-        return add
-
-    def new_batch(module, args, kwargs):
-        batch_seen.clear()
-
-    handles = [block.register_forward_pre_hook(new_batch, with_kwargs=True)]
-    handles += [block.get_submodule(r).register_forward_pre_hook(hook(r)) for r in names]
-    try:
-        if stop_at is None:
-            run_block(block, inputs, BATCH, dtype)
-        else:
-            run_block_until(block, inputs, block.get_submodule(stop_at), BATCH, dtype)
-    finally:
-        for h in handles:
-            h.remove()
-        batch_seen.clear()
-    return {r: owner[r].hessian() for r in names if r in owner}
-
-
 def quantize_outside(model: nn.Module, name: str, spec: QuantSpec, state: _State) -> Job[None]:
     """A layer outside the blocks (embedding, lm_head): its own method when that needs no
     calibration, else RTN on its weight matrix (the note says so)."""
@@ -594,7 +413,7 @@ def quantize_outside(model: nn.Module, name: str, spec: QuantSpec, state: _State
     materialise(module)   # (streamed: the layer's own float32 copy)
     quantizer = spec.quantizer
     if quantizer.calibration == "none" and not quantizer.smoothing:
-        qt, note = _layer_result(quantizer, name, module, _entry(
+        qt, note = layer_result(quantizer, name, module, call_entry(
             quantizer, name, quantizer.quantize, weight_matrix(module).float(), spec, None))
     else:
         note = f"outside the blocks, so {registry.REFERENCE.upper()} instead of {spec.method}"
