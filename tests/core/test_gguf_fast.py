@@ -133,3 +133,7 @@ def test_the_first_open_is_guarded_by_the_path_that_will_run(tiny_dirs, tmp_path
         run(open_model_job(written.file))
     monkeypatch.setattr(memory, "available", lambda: here.added + 2**20)
     assert run(open_model_job(written.file)).layers
+    # Cached: the folder was written after the check; the header is not parsed again.
+    from studio.core import models
+    monkeypatch.setattr(models, "check_gguf", lambda p: pytest.fail("checked again"))
+    assert run(open_model_job(written.file)).layers
