@@ -21,6 +21,7 @@ from studio.ui.errors import get_reporter
 AUTOSAVE_MINUTES = 5
 # An autosave waits between its steps while a job runs, at most this long, then goes on beside it.
 WAIT_FOR_JOB_SECONDS = 120
+AFTER_JOB_MS = 1500            # the autosave after a job starts this long after it
 
 
 class SessionActions(QObject):
@@ -143,7 +144,10 @@ class SessionActions(QObject):
 
     def _job_done(self, handle) -> None:
         if not handle.token.cancelled and self._dirty:
-            self.autosave()
+            # A moment after the job: the views first redraw what it published (the save's
+            # Python beside their redraw lengthened the UI thread's waits for the GIL), and a
+            # job started meanwhile is waited for (`_wait_for_jobs`).
+            QTimer.singleShot(AFTER_JOB_MS, self, lambda: self._dirty and self.autosave())
 
     def autosave(self) -> None:
         """Autosave in a background thread: writing a new variant's files takes seconds (0.6-2.6 s
