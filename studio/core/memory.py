@@ -216,7 +216,7 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
         p.update(_streamed_export_parts(model, s, tokens, p["largest layer read"]))
     elif kind == "export":
         # written a tensor at a time, then re-opened by the consumer's loader as a float32
-        # model (a GGUF is first de-quantized in a child process: `guard_convert`) whose
+        # model (a GGUF is first de-quantized: `estimate_convert`) whose
         # logits are compared with the variant's on `windows` x `seqlen` tokens
         p["re-opened model in float32"] = 4 * (s["params"] + s["coded"])
         # the variant's layers de-quantized for the weight and logit comparisons
