@@ -40,6 +40,10 @@ def main() -> None:
     # library among it): loaded here before the probe starts, as a user's window has it.
     from studio.core.backends import get_backend
     get_backend("llama.cpp").available()
+    # ...and what it imports behind the usable window (`app.PRELOAD_BEHIND`), as a user's
+    # window has them a few seconds after start.
+    from studio.ui.app import preload_behind
+    preload_behind().join()
     window = MainWindow()
     window.resize(1400, 900)
     window.show()

@@ -319,13 +319,18 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
     old_threads = torch.get_num_threads()
     steps = len(targets) * (repeat + 2)
     results: list[BenchResult] = []
+    # Everything alive now is left out of the collections below (`gc.freeze`): a full
+    # collection walks every tracked object with the GIL held, 0.8 s in a process holding the
+    # demo (460 k objects) and longer in the window, which waited for it. What the targets
+    # make is still collected.
+    gc.freeze()
     try:
         if threads is not None:
             torch.set_num_threads(max(1, int(threads)))
         for index, target in enumerate(targets):
             base = index * (repeat + 2)
             yield Progress(base, steps, f"Building {target.name}")
-            gc.collect()
+            gc.collect()             # the last target's model, its cycles included
             backend = get_backend(target.backend)
             if target.backend == "torch":
                 model, choices = target.build()
@@ -385,6 +390,7 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
         yield Progress(steps, steps, "Benchmark done")
     finally:
         torch.set_num_threads(old_threads)
+        gc.unfreeze()
     return results
 
 

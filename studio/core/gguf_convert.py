@@ -26,6 +26,13 @@ from studio.core.jobs import Job, Progress
 log = logging.getLogger(__name__)
 
 
+def in_process(path: Path) -> bool:
+    """Whether `convert_job` reads `path` here (`gguf_fast`) rather than in a child process."""
+    from studio.core import gguf_fast
+
+    return gguf_fast.supported(path) and not os.environ.get("STUDIO_GGUF_SLOW_PATH")
+
+
 def convert_job(path: Path, folder: Path) -> Job[None]:
     """The GGUF's cached folder: read here for the architectures `gguf_fast` covers (a job of
     its own, cancellable between tensors), else in a child process, yielding progress until it
@@ -33,7 +40,7 @@ def convert_job(path: Path, folder: Path) -> Job[None]:
     from studio.core import gguf_fast
 
     _remove_stale_temporaries(folder)
-    if gguf_fast.supported(path) and not os.environ.get("STUDIO_GGUF_SLOW_PATH"):
+    if in_process(path):
         try:
             yield from gguf_fast.convert_fast_job(path, folder)
         except StudioError:

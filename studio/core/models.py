@@ -6,6 +6,8 @@ so the next open of the same file is a plain folder load.
 """
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import importlib.util
 import logging
@@ -72,12 +74,14 @@ class ModelHandle:
     def name(self) -> str:
         return "demo (SmolLM2-135M-Instruct)" if self.source == "demo" else Path(self.source).name
 
-    @property
+    # Counted once: a handle's model never changes shape, and views ask for these on the UI
+    # thread (the Compare table's baseline row walked every parameter at each refresh).
+    @functools.cached_property
     def size_bytes(self) -> int:
         """Bytes of the weights as held: float32 in memory, or as stored when streamed."""
         return model_bytes(self.model)
 
-    @property
+    @functools.cached_property
     def param_count(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
 
@@ -168,11 +172,15 @@ def open_model_job(source: str | Path, weights: str | None = None) -> Job[ModelH
     if kind == "gguf":
         yield Progress(0, 4, f"Checking {path.name}")
         check_gguf_architecture(path)  # from the header alone, before the slow full read
-        summary = check_gguf(path)
         folder = gguf_cache_folder(path)
         if not (folder / "config.json").is_file():
+            # Every claim of the header checked before the file is read. A cached folder was
+            # written from this file after the same check (its name holds the file's size and
+            # time): a cached open does not parse the header's vocabulary again (~0.3-2 s).
+            summary = check_gguf(path)
+            from studio.core.gguf_convert import in_process
             from studio.core.memory import guard_convert
-            guard_convert(summary.param_count, path.name)
+            guard_convert(summary, path.stat().st_size, path.name, in_process(path))
             yield from convert_job(path, folder)
         notes.append(f"Weights de-quantized from {path.name}; cached in {folder}.")
     else:

@@ -174,3 +174,31 @@ def token_norm_profile(capture: ActivationCapture) -> dict[str, np.ndarray]:
     flat = capture.stream_norm.reshape(capture.stream_norm.shape[0], -1)
     return {"max": flat.max(axis=1).astype(np.float32),
             "median": np.median(flat, axis=1).astype(np.float32)}
+
+
+# --- as jobs, for the window's details worker -----------------------------------------------
+# A capture of many windows makes these seconds of NumPy with the GIL held in stretches: the
+# Activations view asks for them on the details worker instead of computing them when a
+# capture is published.
+
+def outliers_job(capture: ActivationCapture, k: float) -> "Job[list[OutlierGroup]]":
+    from studio.core.jobs import Progress
+
+    yield Progress(0, 1, "Finding outlier channels")
+    return find_outliers(capture, k)
+
+
+@dataclass
+class MassiveFindings:
+    profile: dict[str, np.ndarray]           # token_norm_profile
+    massive: list[MassiveActivation]
+
+
+def massive_job(capture: ActivationCapture,
+                factor: float = DEFAULT_MASSIVE_FACTOR) -> "Job[MassiveFindings]":
+    from studio.core.jobs import Progress
+
+    yield Progress(0, 2, "Token norms along the residual stream")
+    profile = token_norm_profile(capture)
+    yield Progress(1, 2, "Finding massive activations")
+    return MassiveFindings(profile, massive_activations(capture, factor))

@@ -24,7 +24,7 @@ from typing import Any
 
 from studio.core.errors import ModelLoadError, StudioError
 from studio.core.files import atomic_dir, read_json, safe_name
-from studio.core.jobs import Job, Progress
+from studio.core.jobs import Job, Progress, run
 from studio.core.typecheck import wrong_fields
 
 SESSION_FORMAT = "compression-studio-session"
@@ -58,17 +58,18 @@ class _Unsupported(Exception):
     pass
 
 
-def encode(value: Any, arrays: dict, types: dict[type, str]) -> Any:
+def encode(value: Any, arrays: "dict | _Arrays", types: dict[type, str]) -> Any:
     """`value` as JSON, arrays moved into `arrays` (name -> tensor)."""
     import numpy as np   # (here, not at the top: the window's shell imports this module)
     import torch
 
     # Imported once, not at every node: in the window, PySide6 hooks `import` in Python
     # (shibokensupport's feature_import), and an autosave walks thousands of nodes.
+    arrays = arrays if isinstance(arrays, _Arrays) else _Arrays(arrays)
     return _encode(value, arrays, types, np, torch)
 
 
-def _encode(value: Any, arrays: dict, types: dict[type, str], np, torch) -> Any:
+def _encode(value: Any, arrays: "_Arrays", types: dict[type, str], np, torch) -> Any:
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
@@ -80,9 +81,7 @@ def _encode(value: Any, arrays: dict, types: dict[type, str], np, torch) -> Any:
             else value.detach().cpu().contiguous()
         if isinstance(value, np.ndarray) and value.dtype == object:
             raise _Unsupported("an object array")
-        key = f"a{len(arrays)}"
-        arrays[key] = tensor.clone()
-        return {"__array__": key, "numpy": isinstance(value, np.ndarray)}
+        return {"__array__": arrays.add(tensor.clone()), "numpy": isinstance(value, np.ndarray)}
     if isinstance(value, (list, tuple)):
         items = [_encode(v, arrays, types, np, torch) for v in value]
         return items if isinstance(value, list) else {"__tuple__": items}
@@ -163,8 +162,60 @@ def model_fingerprint(handle) -> str:
     return cached
 
 
+class EncodeCache:
+    """Each published result encoded once: results are never changed once published, so an
+    autosave after every job re-encodes only what is new. Keyed by the session key and held by
+    the value itself (an id alone could be reused by another object); used from one thread."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[Any, Any, dict, str | None]] = {}
+        self.encoded = 0                 # how many results were encoded (not taken from here)
+
+    def result(self, key: str, value: Any, types: dict[type, str]) -> tuple[Any, dict]:
+        """(JSON, arrays) of one result; raises _Unsupported for a type a session cannot hold."""
+        entry = self._entries.get(key)
+        if entry is None or entry[0] is not value:
+            arrays: dict = {}
+            try:
+                doc, error = encode(value, _Arrays(arrays, f"{len(key)}:{key}/"), types), None
+            except _Unsupported as exc:
+                doc, error = None, str(exc)
+            entry = self._entries[key] = (value, doc, arrays, error)
+            self.encoded += 1
+        _, doc, arrays, error = entry
+        if error is not None:
+            raise _Unsupported(error)
+        return doc, arrays
+
+    def keep_only(self, keys) -> None:
+        """Forget results no longer in the session (a model closed, a result replaced)."""
+        for key in set(self._entries) - set(keys):
+            del self._entries[key]
+
+
+class _Arrays:
+    """Where `encode` puts arrays: names carry a prefix (a result's key), so that results
+    encoded apart never name two arrays alike."""
+
+    def __init__(self, target: dict, prefix: str = "") -> None:
+        self.target, self.prefix = target, prefix
+
+    def add(self, tensor) -> str:
+        name = f"{self.prefix}a{len(self.target)}"
+        self.target[name] = tensor
+        return name
+
+
 def save_session(session, path: str | Path, window: dict | None = None) -> SavedSession:
     """Write `session` (a `session.Session` with a model) and `window` (JSON values) to `path`."""
+    return run(save_session_job(session, path, window))
+
+
+def save_session_job(session, path: str | Path, window: dict | None = None,
+                     cache: EncodeCache | None = None) -> Job[SavedSession]:
+    """`save_session` in steps: one per result, the arrays, one per variant. The autosave writer
+    pauses between steps while a job runs, so it does not take the interpreter from the job and
+    the window (every busy Python thread lengthens the window's waits for the GIL)."""
     from safetensors.torch import save_file
 
     from studio.core.variant import save_variant
@@ -173,16 +224,23 @@ def save_session(session, path: str | Path, window: dict | None = None) -> Saved
     handle = session.handle
     if handle is None:
         raise StudioError("Open a model first: a session is about one model.")
+    cache = cache or EncodeCache()
     types = {cls: name for name, cls in result_types().items()}
+    steps = len(session.results) + 3 + len(session.variants)
     arrays: dict = {}
     results, skipped = {}, []
-    for key, value in session.results.items():
+    for i, (key, value) in enumerate(session.results.items()):
+        yield Progress(i, steps, f"Encoding {key}")
         try:
-            results[key] = encode(value, arrays, types)
+            results[key], own = cache.result(key, value, types)
+            arrays.update(own)
         except _Unsupported as exc:
             skipped.append(f"{key} ({exc})")
+    cache.keep_only(session.results)
+    yield Progress(len(session.results), steps, "Encoding the runs")
+    rest = _Arrays(arrays, "session/")
     try:
-        runs = encode(session.runs, arrays, types)
+        runs = encode(session.runs, rest, types)
     except _Unsupported as exc:
         runs, skipped = [], skipped + [f"runs ({exc})"]
     variants = {name: f"variants/{safe_name(name)}" for name in session.variants}
@@ -191,15 +249,18 @@ def save_session(session, path: str | Path, window: dict | None = None) -> Saved
         "model": {"source": handle.source, "architecture": handle.architecture,
                   "fingerprint": model_fingerprint(handle)},
         "plan": session.plan.to_json(), "results": results, "runs": runs,
-        "variants": variants, "window": encode(window or {}, arrays, types),
+        "variants": variants, "window": encode(window or {}, rest, types),
     }
     import json
     with atomic_dir(path) as tmp:
+        yield Progress(len(session.results) + 1, steps, "Writing the results")
         (tmp / "session.json").write_text(json.dumps(doc, indent=1, allow_nan=True))
         save_file(arrays, str(tmp / "arrays.safetensors"))
-        for name, folder in variants.items():
+        for i, (name, folder) in enumerate(variants.items()):
+            yield Progress(len(session.results) + 2 + i, steps, f"Writing variant {name}")
             if not _link_unchanged(session.variants[name], path / folder, tmp / folder):
                 save_variant(session.variants[name], tmp / folder)
+    yield Progress(steps, steps, f"Saved {path.name}")
     return SavedSession(path, skipped)
 
 
@@ -356,8 +417,10 @@ def end_run() -> None:
     _marker().unlink(missing_ok=True)
 
 
-def autosave(session, window: dict | None = None) -> SavedSession | None:
-    """Save `session` as the autosave (nothing when no model is open)."""
+def autosave(session, window: dict | None = None, cache: EncodeCache | None = None,
+             between_steps=None) -> SavedSession | None:
+    """Save `session` as the autosave (nothing when no model is open). `cache`: the encodings
+    of earlier autosaves; `between_steps(progress)` runs between the save's steps."""
     if session.handle is None:
         return None
-    return save_session(session, autosave_path(), window)
+    return run(save_session_job(session, autosave_path(), window, cache), between_steps)

@@ -1,8 +1,10 @@
 """QApplication set-up, error hooks, and `main()` for the window."""
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
+import threading
 import time
 
 _START = time.perf_counter()
@@ -15,6 +17,12 @@ PRELOAD = ("numpy", "torch", "transformers", "studio.core.models", "studio.core.
            "studio.core.activations", "studio.core.outliers", "studio.core.sensitivity",
            "studio.core.runs", "studio.core.evaluate", "studio.core.bench", "studio.core.plan",
            "studio.core.quant.registry", "studio.core.export")
+# What opening a model imports (transformers' model loading pulls in torch._dynamo and
+# torch.distributed.tensor: 1-3 s): imported on a thread once the window is usable, so that an
+# open does not import them on the worker while the window waits for the interpreter's lock.
+PRELOAD_BEHIND = ("transformers.modeling_utils", "transformers.masking_utils",
+                  "transformers.models.auto.modeling_auto",
+                  "transformers.tokenization_utils_tokenizers", "safetensors.torch")
 
 
 def main(source: str | None = None, screenshot: str | None = None, tab: str | None = None,
@@ -59,6 +67,7 @@ def main(source: str | None = None, screenshot: str | None = None, tab: str | No
         configure_plots()
         window.build()
         window.statusBar().clearMessage()
+        preload_behind()
         if session:
             window.sessions.open(session)
         elif not source and not screenshot:
@@ -86,6 +95,21 @@ def configure_plots() -> None:
     import pyqtgraph as pg
 
     pg.setConfigOptions(antialias=True, background="w", foreground="k")
+
+
+def preload_behind(names=PRELOAD_BEHIND) -> threading.Thread:
+    """Import `names` on a thread, nothing waiting for them (an open started meanwhile finds
+    them half-imported and waits on Python's import lock, as it would have imported them)."""
+    def work() -> None:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception:   # imported again, and reported, by whatever needs it
+                logging.getLogger(__name__).warning("preloading %s failed", name, exc_info=True)
+
+    thread = threading.Thread(target=work, name="preload-behind", daemon=True)
+    thread.start()
+    return thread
 
 
 def preload(then) -> None:

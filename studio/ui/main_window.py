@@ -399,6 +399,7 @@ class MainWindow(QMainWindow):
         for runner in (self.state.runner, self.state.details):
             runner.cancel_all()
             runner.wait(5000)
+        self.sessions.stop()
         store = settings.settings()
         store.setValue("window/geometry", self.saveGeometry())
         store.setValue("window/state", self.saveState())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import queue
 import threading
+import time
 from pathlib import Path
 
 from PySide6.QtCore import QObject, QTimer, Signal
@@ -18,6 +19,9 @@ from studio.core.session import Session
 from studio.ui.errors import get_reporter
 
 AUTOSAVE_MINUTES = 5
+# An autosave waits between its steps while a job runs, at most this long, then goes on beside it.
+WAIT_FOR_JOB_SECONDS = 120
+AFTER_JOB_MS = 1500            # the autosave after a job starts this long after it
 
 
 class SessionActions(QObject):
@@ -34,10 +38,14 @@ class SessionActions(QObject):
         self._dirty = False
         self._saving: Session | None = None   # the snapshot being written, if any
         self._again = False
-        # One long-lived writer thread, fed through a queue: starting a thread per autosave
-        # made the UI thread wait (Thread.start) while the new one took the GIL, 0.3 s under load.
+        # One long-lived writer thread, fed through a queue, started now, before the window is
+        # used: starting a thread makes the UI thread wait (Thread.start) while the new one
+        # takes the GIL, 0.3 s under load.
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
+        self._encoded = session_file.EncodeCache()   # the writer's own: results encoded once
+        self._writer = threading.Thread(target=self._write_forever, name="studio-autosave",
+                                        daemon=True)
+        self._writer.start()
         self._autosaved.connect(self._autosave_done)
         self.state.runner.jobDone.connect(self._job_done)
         self.state.resultsChanged.connect(self._changed)
@@ -136,7 +144,10 @@ class SessionActions(QObject):
 
     def _job_done(self, handle) -> None:
         if not handle.token.cancelled and self._dirty:
-            self.autosave()
+            # A moment after the job: the views first redraw what it published (the save's
+            # Python beside their redraw lengthened the UI thread's waits for the GIL), and a
+            # job started meanwhile is waited for (`_wait_for_jobs`).
+            QTimer.singleShot(AFTER_JOB_MS, self, lambda: self._dirty and self.autosave())
 
     def autosave(self) -> None:
         """Autosave in a background thread: writing a new variant's files takes seconds (0.6-2.6 s
@@ -154,21 +165,35 @@ class SessionActions(QObject):
                            runs=list(session.runs))
         window, self._dirty = self.window_state(), False
         self._saving = snapshot
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write_forever, name="studio-autosave",
-                                            daemon=True)
-            self._writer.start()
         self._requests.put((snapshot, window))
 
     def _write_forever(self) -> None:
         while True:
-            snapshot, window = self._requests.get()
+            request = self._requests.get()
+            if request is None:          # the window closed
+                return
+            snapshot, window = request
             try:
-                saved = session_file.autosave(snapshot, window)
+                saved = session_file.autosave(snapshot, window, self._encoded,
+                                              self._wait_for_jobs(time.monotonic()))
             except Exception as exc:  # an autosave must never take the window down
                 self._autosaved.emit(None, exc)
             else:
                 self._autosaved.emit(saved, None)
+
+    def stop(self) -> None:
+        """The window closes: the writer ends after the save it is writing, if any."""
+        self._requests.put(None)
+
+    def _wait_for_jobs(self, since: float):
+        """Between the save's steps, on the writer thread: wait while a job runs (up to
+        WAIT_FOR_JOB_SECONDS after the save began). Every busy Python thread lengthens the UI
+        thread's waits for the GIL; the save's encoding beside a job stalled the window 0.3-1.5 s
+        under load. Sleeping holds no GIL."""
+        def wait(_progress) -> None:
+            while self.state.runner.active and time.monotonic() - since < WAIT_FOR_JOB_SECONDS:
+                time.sleep(0.05)
+        return wait
 
     def _autosave_done(self, saved, error) -> None:
         self._saving = None

@@ -106,3 +106,34 @@ def test_a_fast_gguf_opens_in_this_process_and_a_cancel_writes_nothing(tiny_dirs
     run(convert_job(written.file, tmp_path / "whole"))
     gguf_fast.convert_fast(written.file, tmp_path / "direct")
     assert_same_folders(tmp_path / "whole", tmp_path / "direct")
+
+
+def test_the_first_open_is_guarded_by_the_path_that_will_run(tiny_dirs, tmp_path, monkeypatch):
+    """The in-process conversion holds the float32 weights once, the file's pages and the tensor
+    being de-quantized; transformers' loader in a child holds about two float32 copies."""
+    from studio.core import memory
+    from studio.core.errors import NotEnoughMemory
+    from studio.core.file_checks import gguf_summary
+
+    handle = run(open_model_job(tiny_dirs["llama"]))
+    variant = run(quantize_job(handle, Plan(QuantSpec(4, 32, True)), None, None, "guarded"))
+    written = run(GGUF.write_job(variant, handle, ExportOptions(dtype="f16"), None, tmp_path))
+    summary = gguf_summary(written.file)
+    size = written.file.stat().st_size
+    here = memory.estimate_convert(summary, size, "x", in_process=True)
+    child = memory.estimate_convert(summary, size, "x", in_process=False)
+    largest = max(t.n_elements for t in summary.tensors)
+    assert here.added == 4 * summary.param_count + size + 8 * largest
+    assert child.added == 8 * summary.param_count
+    # The open asks for the in-process figure (this architecture is read here) and is refused
+    # with it when less is free.
+    monkeypatch.setenv("COMPRESSION_STUDIO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(memory, "available", lambda: here.added - 1)
+    with pytest.raises(NotEnoughMemory, match="De-quantizing"):
+        run(open_model_job(written.file))
+    monkeypatch.setattr(memory, "available", lambda: here.added + 2**20)
+    assert run(open_model_job(written.file)).layers
+    # Cached: the folder was written after the check; the header is not parsed again.
+    from studio.core import models
+    monkeypatch.setattr(models, "check_gguf", lambda p: pytest.fail("checked again"))
+    assert run(open_model_job(written.file)).layers

@@ -180,3 +180,24 @@ def test_autosave_and_crash_marker(session, tmp_path, monkeypatch):
     end_run()                                       # a clean exit
     assert start_run() is None
     end_run()
+
+
+def test_autosaves_encode_each_published_result_once(session, tmp_path, monkeypatch):
+    from studio.core.session_file import EncodeCache
+
+    monkeypatch.setenv("COMPRESSION_STUDIO_CACHE", str(tmp_path / "cache"))
+    cache, steps = EncodeCache(), []
+    results = {"weight_stats": session.results["weight_stats"], "k": (1, 2)}
+    autosave(Session(handle=session.handle, results=dict(results)), None, cache, steps.append)
+    assert cache.encoded == 2
+    assert len(steps) >= len(results) + 2          # a step per result, the runs, the write
+    # The next autosave, after a job published one new result: only that one is encoded...
+    results["activations"] = session.results["activations"]
+    autosave(Session(handle=session.handle, results=dict(results)), None, cache)
+    assert cache.encoded == 3
+    # ...and a result replaced by a new object is encoded again, not taken from the cache.
+    results["k"] = (3, 4)
+    autosave(Session(handle=session.handle, results=dict(results)), None, cache)
+    assert cache.encoded == 4
+    restored = run(open_session_job(autosave_path()))
+    same(restored.session.results, results)

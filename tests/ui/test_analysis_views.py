@@ -74,7 +74,8 @@ def test_activations_view_capture_outliers_and_preview(qtbot, state, tiny_llama)
     _capture(qtbot, state, view)
     capture = state.session.results["activations"]
     assert capture.windows == 2 and capture.seqlen == 32
-    assert view.table_model.rowCount() == len(capture.inputs)
+    # found on the details worker, shown when they come
+    qtbot.waitUntil(lambda: view.table_model.rowCount() == len(capture.inputs), timeout=20000)
 
     name = "model.layers.1.mlp.up_proj"
     state.select_layer(name)
@@ -90,13 +91,41 @@ def test_activations_view_capture_outliers_and_preview(qtbot, state, tiny_llama)
     assert "activations" in view.ranges.text()
 
     view.k.setValue(1.5)
-    assert sum(len(g.channels) for g in view.groups) > 0
+    qtbot.waitUntil(lambda: sum(len(g.channels) for g in view.groups) > 0, timeout=20000)
     view.k.setValue(0.0)  # refused with a sentence, not a crash
     assert "positive" in view.k_note.text() and view.table_model.rowCount() == 0
     view.k.setValue(20.0)
-    assert view.table_model.rowCount() == len(capture.inputs)
+    qtbot.waitUntil(lambda: view.table_model.rowCount() == len(capture.inputs), timeout=20000)
+    qtbot.waitUntil(lambda: view.profile_max.getData()[1] is not None, timeout=20000)
     assert view.profile_max.getData()[1].shape == (capture.stream_norm.shape[0],)
     assert not state.failures
+
+
+def test_outliers_and_massive_activations_are_found_off_the_ui_thread(qtbot, state, tiny_llama,
+                                                                     monkeypatch):
+    """A published capture used to be searched on the UI thread (seconds for a large one)."""
+    import threading
+
+    from studio.core import outliers
+
+    threads = []
+    for name in ("find_outliers", "massive_activations", "token_norm_profile"):
+        real = getattr(outliers, name)
+
+        def spy(*args, _real=real, **kwargs):
+            threads.append(threading.current_thread() is threading.main_thread())
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(outliers, name, spy)
+    view = ActivationsView(state)
+    qtbot.addWidget(view)
+    state.set_model(tiny_llama)
+    _capture(qtbot, state, view)
+    capture = state.session.results["activations"]
+    qtbot.waitUntil(lambda: view.table_model.rowCount() == len(capture.inputs), timeout=20000)
+    qtbot.waitUntil(lambda: "massive" in view.massive_note.text().lower()
+                    or "exceeds" in view.massive_note.text(), timeout=20000)
+    qtbot.waitUntil(lambda: not view.massive_note.text().startswith("Finding"), timeout=20000)
+    assert len(threads) == 3 and not any(threads)
 
 
 def test_activations_view_reports_bad_text_and_keeps_nothing(qtbot, state, tiny_llama, tmp_path):

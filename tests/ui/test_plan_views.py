@@ -313,3 +313,31 @@ def test_the_ends_are_one_shared_choice_and_allocation_keeps_them(qtbot, state, 
     assert state.session.plan.spec_for("lm_head") is None
     view._load(str(tmp_path / "plan.json"))
     assert box.currentText().startswith("W4 g32")
+
+
+def test_plan_table_refresh_touches_only_what_changed(qtbot, state, tiny_llama, tiny_result,
+                                                      monkeypatch):
+    """A new sensitivity result redrew every cell of the plan table and re-measured the plan's
+    size on the UI thread (0.2 s on the demo): now unchanged cells and an unchanged plan's size
+    are kept."""
+    from studio.core import allocate
+    from studio.core.plan import QuantSpec
+
+    view = PlanView(state)
+    qtbot.addWidget(view)
+    state.set_model(tiny_llama)
+    measured = []
+    real = allocate.plan_size
+    monkeypatch.setattr(allocate, "plan_size", lambda *a: (measured.append(1), real(*a))[1])
+    names = [view.table.item(r, 0) for r in range(view.table.rowCount())]
+    bits = [view.table.item(r, 4) for r in range(view.table.rowCount())]
+    state.publish("sensitivity", tiny_result)
+    assert measured == []
+    assert [view.table.item(r, 0) for r in range(view.table.rowCount())] == names
+    assert [view.table.item(r, 4) for r in range(view.table.rowCount())] == bits
+    assert view._set_plan(Plan(QuantSpec(3, 32), architecture=tiny_llama.architecture), "3 bits")
+    assert measured == [1] and view.size.quantized > 0
+    assert [view.table.item(r, 0) for r in range(view.table.rowCount())] == names   # same names
+    row = next(r for r in range(view.table.rowCount())
+               if view.table.item(r, 0).text() == tiny_llama.quantizable[0].name)
+    assert view.table.item(row, 4).text() == "3" and view.table.item(row, 4) is not bits[row]

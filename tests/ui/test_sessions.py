@@ -123,10 +123,10 @@ def test_autosave_writes_in_the_background(qtbot, make_window, tiny_dirs, monkey
     release, calls = threading.Event(), []
     real = session_file.autosave
 
-    def slow(session, window_state):
+    def slow(session, window_state, *rest):
         calls.append(threading.current_thread())
         assert release.wait(20), "the window never let the save go on"
-        return real(session, window_state)
+        return real(session, window_state, *rest)
 
     monkeypatch.setattr(session_file, "autosave", slow)
     window.sessions.last_autosave = None
@@ -137,3 +137,35 @@ def test_autosave_writes_in_the_background(qtbot, make_window, tiny_dirs, monkey
     assert [t.name for t in calls] == ["studio-autosave"] * 2
     assert calls[0] is calls[1]       # one writer thread, fed by a queue (no start per save)
     assert window.sessions.last_autosave == session_file.autosave_path()
+
+
+def test_autosave_waits_while_a_job_runs(qtbot, make_window, tiny_dirs):
+    """A save's encoding beside a job competes for the GIL with the job and the window: the
+    writer waits between its steps until the job is done."""
+    import threading
+
+    from studio.core.jobs import Progress
+
+    window = make_window()
+    open_and_wait(qtbot, window, tiny_dirs["llama"])
+    qtbot.waitUntil(lambda: window.sessions._saving is None, timeout=20000)
+    saved = session_file.autosave_path() / "session.json"
+    before = saved.stat().st_mtime_ns if saved.exists() else None
+    release = threading.Event()
+
+    def blocking_job():
+        yield Progress(0, 1, "holding the worker")
+        assert release.wait(20)
+        return None
+
+    job = window.state.submit("a long job", blocking_job)
+    qtbot.waitUntil(lambda: job.running, timeout=5000)
+    window.state.publish("k", (1, 2))
+    window.sessions.autosave()
+    qtbot.wait(600)
+    assert window.sessions._saving is not None                     # still waiting
+    assert (saved.stat().st_mtime_ns if saved.exists() else None) == before
+    release.set()
+    qtbot.waitUntil(lambda: window.sessions._saving is None, timeout=20000)
+    assert saved.stat().st_mtime_ns != before
+    assert "k" in session_file.read_session(session_file.autosave_path())[0]["results"]

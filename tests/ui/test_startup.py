@@ -103,3 +103,28 @@ def test_only_the_newest_detail_request_is_answered(qtbot, state):
     qtbot.waitUntil(lambda: third.is_done, timeout=10000)
     assert first.token.cancelled and second.token.cancelled   # the user moved on
     assert answered == ["c"]
+
+
+OPEN_AFTER_PRELOAD = textwrap.dedent("""
+    import sys
+    from studio.ui.app import preload_behind
+    preload_behind().join()
+    before = set(sys.modules)
+    from studio.core.jobs import run
+    from studio.core.models import open_model_job
+    run(open_model_job(sys.argv[1]))
+    heavy = ("torch._dynamo", "torch.distributed.tensor", "transformers.modeling_utils",
+             "transformers.masking_utils", "transformers.core_model_loading")
+    print(sorted(m for m in set(sys.modules) - before if m.startswith(heavy)))
+""")
+
+
+def test_what_an_open_imports_is_preloaded_behind_the_window(tmp_path, tiny_dirs):
+    """transformers' model loading imports torch._dynamo and torch.distributed.tensor (1-3 s
+    of imports holding the interpreter's lock in stretches): the window imports them once it
+    is usable, so an open does not do it on the worker."""
+    env = {**os.environ, "COMPRESSION_STUDIO_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", OPEN_AFTER_PRELOAD, str(tiny_dirs["llama"])],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

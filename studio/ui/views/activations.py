@@ -34,13 +34,13 @@ from studio.core.errors import StudioError
 from studio.core.outliers import (
     DEFAULT_K,
     DEFAULT_MASSIVE_FACTOR,
-    find_outliers,
-    massive_activations,
+    check_k,
+    massive_job,
+    outliers_job,
     smoothing_preview,
-    token_norm_profile,
 )
 from studio.ui.layout import FlowLayout, column, labelled
-from studio.ui.widgets import NeedsRun, SortItem, fit_columns, fmt, make_table, plot, rows_table
+from studio.ui.widgets import NeedsRun, fit_columns, fmt, plot, rows_table
 from studio.ui.workers import LatestOnly
 
 KEY = "activations"
@@ -62,6 +62,10 @@ class ActivationsView(QWidget):
         self.group = None                 # the OutlierGroup in the inspector
         self.weight_cols: np.ndarray | None = None
         self.details = LatestOnly(state.details)
+        # Outliers and massive activations are found on the details worker too (seconds of
+        # NumPy for a large capture), each drawn when it comes unless the capture changed.
+        self.outlier_finder = LatestOnly(state.details)
+        self.massive_finder = LatestOnly(state.details)
 
         self._build_settings()
         self._build_outliers()
@@ -176,7 +180,7 @@ class ActivationsView(QWidget):
         self.tokens_plot.addItem(self.tokens_hot)
         self.massive_note = QLabel()
         self.massive_note.setWordWrap(True)
-        self.massive_table, self.massive_model, self.massive_proxy = make_table(MASSIVE_COLUMNS)
+        self.massive_table, self.massive_model, self.massive_proxy = rows_table(MASSIVE_COLUMNS)
         self.massive_table.selectionModel().currentRowChanged.connect(self._massive_row_changed)
         plots = column(self.profile, self.tokens_plot)
         right = column(self.massive_note, self.massive_table)
@@ -256,21 +260,32 @@ class ActivationsView(QWidget):
                                 f"{len(capture.inputs)} layer inputs of {capture.model}.")
         self._refresh_outliers()
         self._refresh_massive()
-        name = self.state.selected_layer
-        self._say_what_is_missing(name, any(name in g.layers for g in self.groups))
 
     def _refresh_outliers(self) -> None:
         self.table_model.set_rows([])
         self.groups = []
-        if self.capture is None:
+        capture = self.capture
+        if capture is None:
+            self.outlier_finder.forget()
             self._clear_inspector()
+            self._say_what_is_missing(self.state.selected_layer, False)
             return
         try:
-            self.groups = find_outliers(self.capture, self.k.value())
+            k = check_k(self.k.value())
         except StudioError as exc:
+            self.outlier_finder.forget()
             self.k_note.setText(f"<span style='color:#c00'>{exc}</span>")
             self._clear_inspector()
             return
+        self.k_note.setText("Finding outlier channels...")
+        self.outlier_finder.request((id(capture), k), "Outlier channels",
+                                    lambda: outliers_job(capture, k),
+                                    lambda groups: self._show_outliers(capture, groups))
+
+    def _show_outliers(self, capture, groups) -> None:
+        if capture is not self.capture:
+            return
+        self.groups = groups
         count = sum(1 for g in self.groups if len(g.channels))
         self.k_note.setText(f"{count} of {len(self.groups)} inputs have outlier channels")
         rows = []
@@ -287,6 +302,8 @@ class ActivationsView(QWidget):
         wanted = self.group.layers[0] if self.group else self.state.selected_layer
         if not self._select_group_of(wanted) and self.groups:
             self.show_group(self.groups[0])
+        name = self.state.selected_layer
+        self._say_what_is_missing(name, any(name in g.layers for g in self.groups))
 
     def _select_group_of(self, layer: str | None) -> bool:
         for order, g in enumerate(self.groups):
@@ -413,33 +430,44 @@ class ActivationsView(QWidget):
 
     # --- massive activations --------------------------------------------------------------
     def _refresh_massive(self) -> None:
-        self.massive_model.removeRows(0, self.massive_model.rowCount())
-        if self.capture is None:
-            self.massive = []
-            self.profile_max.setData([])
-            self.profile_med.setData([])
-            self.tokens_curve.setData([])
-            self.tokens_hot.clear()
+        self.massive_model.set_rows([])
+        self.massive = []
+        self.profile_max.setData([])
+        self.profile_med.setData([])
+        self.tokens_curve.setData([])
+        self.tokens_hot.clear()
+        capture = self.capture
+        if capture is None:
+            self.massive_finder.forget()
             self.massive_note.setText("")
             return
-        profile = token_norm_profile(self.capture)
+        self.massive_note.setText("Finding massive activations...")
+        self.massive_finder.request(id(capture), "Massive activations",
+                                    lambda: massive_job(capture, DEFAULT_MASSIVE_FACTOR),
+                                    lambda found: self._show_massive(capture, found))
+
+    def _show_massive(self, capture, found) -> None:
+        if capture is not self.capture:
+            return
+        profile = found.profile
         self.profile_max.setData(np.log10(np.maximum(profile["max"], 1e-6)))
         self.profile_med.setData(np.log10(np.maximum(profile["median"], 1e-6)))
         names = self.capture.stream_names
         step = max(1, len(names) // 12)
         self.profile.getAxis("bottom").setTicks(
             [[(i, "emb" if i == 0 else str(i - 1)) for i in range(0, len(names), step)]])
-        self.massive = massive_activations(self.capture, DEFAULT_MASSIVE_FACTOR)
+        self.massive = found.massive
+        rows = []
         for m in self.massive:
             first, last = names[m.rows[0]], names[m.rows[-1]]
-            self.massive_model.appendRow([
-                SortItem(repr(m.token)), SortItem(str(m.window), m.window),
-                SortItem(str(m.position), m.position), SortItem(str(m.channel), m.channel),
-                SortItem(fmt(m.value), m.value), SortItem(f"{m.ratio:.0f}", m.ratio),
-                SortItem(_short_stream(m.stream), m.row),
-                SortItem(f"{len(m.rows)} streams ({_short_stream(first)} … "
-                         f"{_short_stream(last)})", len(m.rows))])
-        self.massive_table.resizeColumnsToContents()
+            rows.append([(repr(m.token), None), (str(m.window), m.window),
+                         (str(m.position), m.position), (str(m.channel), m.channel),
+                         (fmt(m.value), m.value), (f"{m.ratio:.0f}", m.ratio),
+                         (_short_stream(m.stream), m.row),
+                         (f"{len(m.rows)} streams ({_short_stream(first)} … "
+                          f"{_short_stream(last)})", len(m.rows))])
+        self.massive_model.set_rows(rows)   # one reset, not a QStandardItem per cell
+        fit_columns(self.massive_table, self.massive_model)
         self.massive_table.sortByColumn(5, Qt.SortOrder.DescendingOrder)
         channels = sorted({m.channel for m in self.massive})
         positions = sorted({m.position for m in self.massive})
