@@ -38,7 +38,10 @@ def double_kl(base_logits, logits):
 
 def test_shapes_and_monotone_in_bits(llama_result, tiny_llama):
     r = llama_result
-    assert r.layers == [i.name for i in tiny_llama.quantizable]
+    # The block layers, then the tied lm_head + embedding as one unit (one matrix).
+    assert r.layers == [i.name for i in tiny_llama.quantizable] + ["lm_head"]
+    assert r.ends == [("lm_head", "model.embed_tokens")] and r.body_rows == len(r.layers) - 1
+    assert r.shapes[-1] == tuple(tiny_llama.model.lm_head.weight.shape)
     assert r.labels == ["W2 g64", "W2 g32", "W4 g64", "W4 g32", "W8 g64", "W8 g32"]
     assert [r.labels[j] for j in r.kl_options] == ["W2 g32", "W8 g32"]
     assert r.proxy_error.shape == r.sqnr_db.shape == (len(r.layers), 6)
@@ -58,13 +61,17 @@ def test_kl_sweep_equals_running_the_whole_model(llama_result, tiny_llama, windo
     ids = windows[:4]
     with torch.no_grad():
         base = tiny_llama.model(input_ids=ids, use_cache=False).logits
-    for row in (0, len(r.layers) - 1):
+    for row in (0, r.body_rows - 1, r.body_rows):
         name = r.layers[row]
         model = copy.deepcopy(tiny_llama.model)
         module = model.get_submodule(name)
         spec = r.options[r.kl_options[0]]
         assert option_label(spec) == "W2 g32"
-        set_weight_matrix(module, quantize_weight(module.weight.data, spec).dequantize())
+        if name == "lm_head":   # the tied matrix, changed in place: both ends read it
+            assert module.weight is model.model.embed_tokens.weight
+            module.weight.data.copy_(quantize_weight(module.weight.data, spec).dequantize())
+        else:
+            set_weight_matrix(module, quantize_weight(module.weight.data, spec).dequantize())
         with torch.no_grad():
             logits = model(input_ids=ids, use_cache=False).logits
         assert r.kl[row, 0] == pytest.approx(double_kl(base, logits), rel=1e-3)
