@@ -151,6 +151,10 @@ def llama_cpp_export(handle, plan: Plan) -> Export:
         flag = "--token-embedding-type" if name == "token_embd" else "--output-tensor-type"
         notes.append(f"{name}.weight -> {ggml_type(spec)} (the same as llama-quantize {flag} "
                      f"{ggml_type(spec)}).")
+    if any(pattern == f"^{POSITION_EMBD}\\.weight$" for pattern, _ in pairs):
+        notes.append(f"{POSITION_EMBD}.weight: llama-quantize never quantizes positional "
+                     f"embeddings (llama-quant.cpp is_quantizable): its line records the plan "
+                     f"but llama-quantize keeps the table as it is.")
     for (kind, other), count in sorted(fallback.items()):
         notes.append(f"{count} tensor(s) planned as {kind} have rows that are not a multiple of "
                      f"{QK_K}; llama-quantize will store them as {other} instead.")

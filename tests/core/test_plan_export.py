@@ -189,7 +189,9 @@ def test_a_positional_embedding_is_position_embd(tiny_dirs, tmp_path):
 
     gpt2 = run(open_model_job(tiny_dirs["gpt2"]))
     plan = Plan(NATIVE_Q4).with_rule(Rule("transformer.wpe", end_spec("w8")))
-    lines = llama_cpp_export(gpt2, plan).text
+    export = llama_cpp_export(gpt2, plan)
+    lines = export.text
+    assert any("never quantizes positional" in note for note in export.notes)
     names_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, 2)
     names = [names_map.get_name(f"{i.name}.weight", try_suffixes=(".weight",))
              for i in gpt2.layers if i.name != "lm_head"]   # tied: one token_embd
