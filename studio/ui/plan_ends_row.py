@@ -57,8 +57,8 @@ class PlanEnds(QWidget):
                 box.removeItem(box.count() - 1)
             index = next((i for i in range(box.count()) if box.itemData(i) != "auto"
                           and self._spec(box.itemData(i)) == spec), -1)
-            now = "keep 16-bit" if spec is None else spec.label
-            box.setItemText(self._auto_index(), f"auto (Auto-allocate chooses; now {now})")
+            now = "16-bit" if spec is None else spec.grid_label
+            box.setItemText(self._auto_index(), f"auto (allocator; now {now})")
             if end in self.auto:
                 index = self._auto_index()
             elif index < 0 or apart:
