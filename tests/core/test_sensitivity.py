@@ -258,3 +258,23 @@ def test_damaged_tables_are_refused(llama_result):
         dataclasses.replace(llama_result, proxy_error=llama_result.proxy_error[:, :2])
     with pytest.raises(StudioError, match="kl table"):
         dataclasses.replace(llama_result, kl_options=[0])
+
+
+def test_an_untied_model_has_its_head_and_embedding_measured_apart(tiny_dirs):
+    """Each end's KL equals the model re-run with only that matrix quantized."""
+    qwen2 = run(open_model_job(tiny_dirs["qwen2"]))
+    ids = text_windows(qwen2.tokenizer, None, 16, 2, seed=0)[0]
+    r = run(sensitivity_job(qwen2, ids, bits=(2,), group_sizes=(32,), kl_bits=(2,),
+                            kl_group=32, kl_windows=2))
+    assert r.ends == [("lm_head",), ("model.embed_tokens",)]
+    assert r.layers[r.body_rows:] == ["lm_head", "model.embed_tokens"]
+    with torch.no_grad():
+        base = qwen2.model(input_ids=ids, use_cache=False).logits
+    for row, name in ((r.body_rows, "lm_head"), (r.body_rows + 1, "model.embed_tokens")):
+        model = copy.deepcopy(qwen2.model)
+        weight = model.get_submodule(name).weight
+        weight.data.copy_(quantize_weight(weight.data, r.options[0]).dequantize())
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+        assert r.kl[row, 0] == pytest.approx(double_kl(base, logits), rel=1e-3)
+        assert r.proxy_error[row, 0] > 0
