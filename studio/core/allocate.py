@@ -203,7 +203,7 @@ def allocate(table: LossTable, budget_bpw: float | None = None, budget_mb: float
     bits = int(costs[np.arange(len(picks)), picks].sum())
     loss = float(table.loss[np.arange(len(picks)), picks].sum())
     choices = {name: table.options[j] for name, j in zip(table.names, picks)}
-    plan = plan_from_rows(choices, table.architecture, table.fixed_rules, table.units)
+    plan = plan_from_choices(choices, table.architecture, table.fixed_rules, table.units)
     return Allocation(choices=choices, plan=plan,
                       bits=bits, bpw=bits / table.weights,
                       size_bytes=table.bits_to_bytes(bits), loss=loss,
@@ -212,16 +212,11 @@ def allocate(table: LossTable, budget_bpw: float | None = None, budget_mb: float
 
 
 def plan_from_choices(choices: dict[str, QuantSpec | None], architecture: str | None,
-                      fixed_rules: tuple = ()) -> Plan:
+                      fixed_rules: tuple = (), units: dict | None = None) -> Plan:
     """One exact-name rule per layer, so the plan reads the same whatever its default; the
-    embedding / lm_head rules the allocator kept (`LossTable.fixed_rules`) follow them."""
-    return plan_from_rows(choices, architecture, fixed_rules)
-
-
-def plan_from_rows(choices: dict[str, QuantSpec | None], architecture: str | None,
-                   fixed_rules: tuple = (), units: dict | None = None) -> Plan:
-    """`plan_from_choices`, with the ends the allocator chose (`units`: row -> its layers)
-    written as RTN rules on each of their layers (quantize runs RTN outside the blocks)."""
+    embedding / lm_head rules the allocator kept (`LossTable.fixed_rules`) follow them, and
+    the ends it chose (`units`: row -> its layers) are RTN rules on each of their layers
+    (quantize runs RTN outside the blocks)."""
     from studio.core.quant.registry import REFERENCE
 
     units = units or {}
