@@ -1,6 +1,6 @@
 """compression-studio plan MODEL (--budget-bpw X | --budget-mb M) [--method M]
 [--bits 2,3,4,5,6,8] [--group-sizes 32,64,128] [--kl-bits 4] [--kl-group 128] [--gguf-native]
-[--lm-head SPEC] [--embedding SPEC] [--calib FILE] [--windows N] [--seqlen L] [--proxy-only]
+[--lm-head SPEC|auto] [--embedding SPEC|auto] [--calib FILE] [--windows N] [--seqlen L] [--proxy-only]
 --out plan.json [--json]
 [--llama-cpp FILE] [--llm-compressor FILE] [--sensitivity FILE] [--measure-points N]
 
@@ -68,9 +68,11 @@ def add_arguments(parser) -> None:
                         help=f"the output head (and a tied embedding, one matrix), kept at this "
                              f"setting by the allocator and counted in the budget: keep, w8, "
                              f"w4g32, w6g64sym ... as quantize takes it (default {HEAD_DEFAULT}; "
-                             f"q8_0/q5_0/q4_0 widths with --gguf-native)")
+                             f"q8_0/q5_0/q4_0 widths with --gguf-native); auto: the allocator "
+                             f"chooses it among the options from its measured loss (a "
+                             f"--budget-bpw then counts it among the weights)")
     parser.add_argument("--embedding", default=EMBEDDING_DEFAULT, metavar="SPEC",
-                        help=f"an untied input embedding, the same words "
+                        help=f"an untied input embedding, the same words, auto included "
                              f"(default {EMBEDDING_DEFAULT})")
     add_calibration_arguments(parser, DEFAULT_KL_WINDOWS, DEFAULT_SEQLEN, what="sensitivity sweep")
     parser.add_argument("--proxy-only", action="store_true",
@@ -113,7 +115,12 @@ def run(args) -> int:
                else sweep_options(menu["bits"], menu["group_sizes"], args.symmetric))
     kl_options = [] if args.proxy_only else [
         options[j] for j in kl_columns(options, menu["kl_bits"], menu["kl_group"])]
-    head, embedding = (end_spec(word, args.gguf_native) for word in (args.lm_head, args.embedding))
+    auto_roles = {role for role, word in (("lm_head", args.lm_head),
+                                          ("embedding", args.embedding))
+                  if word.strip().lower() == "auto"}
+    head, embedding = (None if role in auto_roles else end_spec(word, args.gguf_native)
+                       for role, word in (("lm_head", args.lm_head),
+                                          ("embedding", args.embedding)))
     if args.measure_points < 0:
         raise StudioError(f"--measure-points takes a count of 0 or more, not {args.measure_points}.")
     quiet = args.json and not sys.stderr.isatty()
@@ -122,17 +129,18 @@ def run(args) -> int:
     # counted in the budget, and the written plan carries it.
     ends = with_ends(Plan(default=None, architecture=handle.architecture), handle.layers,
                      head, embedding)
+    auto = [i.name for i in handle.layers if i.role in auto_roles]
     # A budget nothing can meet is refused before minutes of measuring.
     planned = [o.with_(method=args.method) for o in options if method_takes(args.method, o)]
     if not planned:
         raise StudioError(f"{args.method} takes none of the widths of the menu; choose "
                           f"--bits among {', '.join(map(str, registry.get(args.method).bits))}.")
     budget_bits(table_for(handle, planned + ([] if args.no_full_precision else [None]),
-                          plan=ends), args.budget_bpw, args.budget_mb)
-    result = sweep(handle, args, menu, options, kl_options, quiet)
+                          plan=ends, auto=auto), args.budget_bpw, args.budget_mb)
+    result = sweep(handle, args, menu, options, kl_options, quiet, auto)
     kind = "proxy" if args.proxy_only else "kl"
     table = loss_table(result, handle, kind=kind, full_precision=not args.no_full_precision,
-                       method=args.method, gguf_native=args.gguf_native, plan=ends)
+                       method=args.method, gguf_native=args.gguf_native, plan=ends, auto=auto)
     answer = allocate(table, budget_bpw=args.budget_bpw, budget_mb=args.budget_mb)
     answer.plan.save(args.out)
     size = plan_size(handle, answer.plan)
@@ -158,6 +166,7 @@ def run(args) -> int:
         "size_mb": round(size.size_mb, 3), "predicted_loss": answer.loss,
         "lower_bound": answer.lower_bound, "exact": answer.exact, "layers_by_option": counts,
         "ends": describe(answer.plan, handle.layers),
+        "ends_chosen": sorted(table.units),
         "layers": {n: None if s is None else option_label(s) for n, s in answer.choices.items()},
         "sensitivity": {"options": result.labels,
                         "kl_options": [result.labels[j] for j in result.kl_options],
@@ -179,7 +188,8 @@ def run(args) -> int:
           f"-> {args.out}")
     gap = "exact optimum" if answer.exact else f"within {answer.gap:.3g} of the optimum"
     print(f"predicted {kind} loss {answer.loss:.4g} ({gap})")
-    print(f"kept as set, counted in the size: {describe(answer.plan, handle.layers)}")
+    how = "chosen by the allocator" if table.units else "kept as set"
+    print(f"ends ({how}, counted in the size): {describe(answer.plan, handle.layers)}")
     measured = ", ".join(result.labels[j] for j in result.kl_options)
     print(f"sensitivity: {len(result.layers)} layers x {len(result.options)} options on "
           f"{result.text_label}; proxy {result.proxy_seconds:.1f} s"
@@ -196,9 +206,11 @@ def run(args) -> int:
     return 0
 
 
-def sweep(handle, args, menu, options, kl_options, quiet):
+def sweep(handle, args, menu, options, kl_options, quiet, auto=()):
     """The sensitivity results: a saved sweep covering `options` (and measuring `kl_options`
-    end to end unless proxy-only), else a new one over `menu` (saved when asked)."""
+    end to end unless proxy-only, and the ends named in `auto`), else a new one over `menu`
+    (saved when asked)."""
+    from studio.core.allocate import chosen_ends
     from studio.core.sensitivity import (DEFAULT_PROXY_WINDOWS, SensitivityResult, same_grid,
                                          sensitivity_job)
     from studio.core.text import text_windows
@@ -209,7 +221,9 @@ def sweep(handle, args, menu, options, kl_options, quiet):
         measured = [saved.options[j] for j in saved.kl_options]
         covered = all(saved.column(o) is not None for o in options)
         kl_covered = all(any(same_grid(o, m) for m in measured) for o in kl_options)
-        if covered and kl_covered:
+        ends_covered = all(saved.end_row(e.names) is not None
+                           for e in chosen_ends(handle, auto))
+        if covered and kl_covered and ends_covered:
             return saved.subset(options)
     kl_windows = 0 if args.proxy_only else args.windows
     windows, label = text_windows(handle.tokenizer, args.calib, args.seqlen,

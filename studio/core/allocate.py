@@ -10,6 +10,13 @@ type choice).
 An option a layer cannot take (a GGUF-native one on rows that are not whole 32-weight GGUF
 blocks) is never chosen for it (`LossTable.allowed`).
 
+The model's ends (lm_head, embedding; a tied pair is one matrix) are kept at the plan's setting
+and counted in the fixed bytes, unless the user asks the allocator to choose them ("auto"):
+each such end is then one more row (`LossTable.units`: the row's layers, both sides of a tied
+pair), priced once, with the loss the sensitivity sweep measured for it, and written into the
+plan as RTN rules on each of its layers. A budget in bits per weight then counts them among
+the chosen weights.
+
 The solver is a dynamic programme over a discretised budget. When every cost is a multiple of
 the budget unit (small models, the tests) it is exact. Otherwise costs are rounded *up* to the
 unit, so the answer always fits the real budget; a second programme with costs rounded *down*
@@ -65,6 +72,8 @@ class LossTable:
                                          # (None: every option fits every layer)
     fixed_rules: tuple = ()              # the plan's rules for the embedding / lm_head, kept
                                          # by every answer and counted in fixed_bytes
+    units: dict = field(default_factory=dict)  # row name -> its layers, for an end the
+                                         # allocator chooses (a tied pair: both names)
 
     def __post_init__(self) -> None:
         self.loss = np.asarray(self.loss, dtype=np.float64)
@@ -194,7 +203,7 @@ def allocate(table: LossTable, budget_bpw: float | None = None, budget_mb: float
     bits = int(costs[np.arange(len(picks)), picks].sum())
     loss = float(table.loss[np.arange(len(picks)), picks].sum())
     choices = {name: table.options[j] for name, j in zip(table.names, picks)}
-    plan = plan_from_choices(choices, table.architecture, table.fixed_rules)
+    plan = plan_from_choices(choices, table.architecture, table.fixed_rules, table.units)
     return Allocation(choices=choices, plan=plan,
                       bits=bits, bpw=bits / table.weights,
                       size_bytes=table.bits_to_bytes(bits), loss=loss,
@@ -203,25 +212,36 @@ def allocate(table: LossTable, budget_bpw: float | None = None, budget_mb: float
 
 
 def plan_from_choices(choices: dict[str, QuantSpec | None], architecture: str | None,
-                      fixed_rules: tuple = ()) -> Plan:
+                      fixed_rules: tuple = (), units: dict | None = None) -> Plan:
     """One exact-name rule per layer, so the plan reads the same whatever its default; the
-    embedding / lm_head rules the allocator kept (`LossTable.fixed_rules`) follow them."""
-    specs = [s for s in choices.values() if s is not None]
+    embedding / lm_head rules the allocator kept (`LossTable.fixed_rules`) follow them, and
+    the ends it chose (`units`: row -> its layers) are RTN rules on each of their layers
+    (quantize runs RTN outside the blocks)."""
+    from studio.core.quant.registry import REFERENCE
+
+    units = units or {}
+    specs = [s for n, s in choices.items() if s is not None and n not in units]
     default = max(specs, key=specs.count) if specs else None  # the most common choice
-    return Plan(default=default, rules=tuple(Rule(n, s) for n, s in choices.items())
-                + tuple(fixed_rules), architecture=architecture)
+    rules = []
+    for name, spec in choices.items():
+        for layer in units.get(name, (name,)):
+            end_spec = spec.with_(method=REFERENCE) if name in units and spec else spec
+            rules.append(Rule(layer, end_spec))
+    return Plan(default=default, rules=tuple(rules) + tuple(fixed_rules),
+                architecture=architecture)
 
 
 # --- from a model and its sensitivity results ------------------------------------------------
 
 def loss_table(result, handle, kind: str = "auto", full_precision: bool = True,
                method: str | None = None, gguf_native: bool = False,
-               plan: Plan | None = None) -> LossTable:
+               plan: Plan | None = None, auto=()) -> LossTable:
     """The allocator's table from sensitivity results (checked against `handle` first): one
     column per measured option (plus full precision); `method` overrides the method the plan's
     specs carry. `gguf_native` restricts the options to the GGUF-native menu (Q4_0, Q5_0, Q8_0,
     priced at their GGUF bytes), which the results must have measured. The embedding and
-    lm_head stay as `plan` sets them (the sweep does not measure them), counted in the size."""
+    lm_head stay as `plan` sets them, counted in the size, except the ends named in `auto`
+    (any of their layer names), which the allocator chooses from their measured loss."""
     result.check_model(handle)
     if gguf_native:
         native = gguf_native_options()
@@ -231,6 +251,15 @@ def loss_table(result, handle, kind: str = "auto", full_precision: bool = True,
                               "Sensitivity tab, or plan --gguf-native).")
         result = result.subset(native)
     loss = np.asarray(result.loss(kind), dtype=np.float64)
+    rows = list(range(result.body_rows))
+    for end in chosen_ends(handle, auto):
+        row = result.end_row(end.names)
+        if row is None:
+            raise StudioError(f"The sensitivity sweep did not measure the {end.title}, so the "
+                              f"allocator cannot choose its width: run the sweep again (it "
+                              f"now measures the model's ends), or set the width yourself.")
+        rows.append(row)
+    loss = loss[rows]
     # Options the plan's method cannot take (NF4 at 5 bits) drop out.
     method = result.method if method is None else method
     keep = [j for j, o in enumerate(result.options) if method_takes(method, o)]
@@ -242,7 +271,15 @@ def loss_table(result, handle, kind: str = "auto", full_precision: bool = True,
     if full_precision:
         options.append(None)
         loss = np.concatenate([loss, np.zeros((len(loss), 1))], axis=1)
-    return table_for(handle, options, loss, plan)
+    return table_for(handle, options, loss, plan, auto)
+
+
+def chosen_ends(handle, auto) -> list:
+    """The ends (`plan_ends.End`) the allocator chooses: those with a layer named in `auto`."""
+    from studio.core.plan_ends import ends_of
+
+    auto = set(auto)
+    return [end for end in ends_of(handle.layers) if auto & set(end.names)]
 
 
 def method_takes(method: str, option: QuantSpec | None) -> bool:
@@ -256,14 +293,17 @@ def _widths(method: str) -> tuple[int, ...]:
 
 
 def table_for(handle, options: list[QuantSpec | None], loss: np.ndarray | None = None,
-              plan: Plan | None = None) -> LossTable:
+              plan: Plan | None = None, auto=()) -> LossTable:
     """A table over the handle's quantizable layers (zero loss when none is given: enough to
-    check a budget before any sweep runs). The embedding / lm_head are not chosen: they keep
-    `plan`'s rules for them (`plan_ends.end_rules`; none: kept as stored), and their bytes at
-    that setting are part of the fixed bytes, so a budget in MB is the whole model's."""
+    check a budget before any sweep runs), then one row per end named in `auto`
+    (`chosen_ends`). The other ends are not chosen: they keep `plan`'s rules for them
+    (`plan_ends.end_rules`; none: kept as stored), and their bytes at that setting are part of
+    the fixed bytes, so a budget in MB is the whole model's."""
     from studio.core.plan_ends import end_rules
 
-    layers = handle.quantizable
+    chosen = chosen_ends(handle, auto)
+    by_name = {i.name: i for i in handle.layers}
+    layers = handle.quantizable + [by_name[end.names[0]] for end in chosen]
     if loss is None:
         loss = np.zeros((len(layers), len(options)))
     allowed = np.array([[option_fits(o, i.shape[1]) for o in options] for i in layers],
@@ -274,11 +314,13 @@ def table_for(handle, options: list[QuantSpec | None], loss: np.ndarray | None =
                               f"{BLOCK}-weight GGUF blocks, so a GGUF-native plan can only keep "
                               f"it in 16 bits: allow full precision.")
     covered = 2 * sum(i.shape[0] * i.shape[1] for i in layers)  # their 16-bit bytes in plan_size
-    ends = end_rules(plan, handle.layers) if plan is not None else ()
+    unit_names = {n for end in chosen for n in end.names}
+    ends = tuple(r for r in (end_rules(plan, handle.layers) if plan is not None else ())
+                 if r.pattern not in unit_names)
     fixed = plan_size(handle, Plan(default=None, rules=ends)).size_bytes - covered
     return LossTable([i.name for i in layers], [tuple(i.shape) for i in layers], options, loss,
                      fixed_bytes=fixed, architecture=handle.architecture, allowed=allowed,
-                     fixed_rules=ends)
+                     fixed_rules=ends, units={end.names[0]: end.names for end in chosen})
 
 
 @dataclass(frozen=True)
@@ -362,16 +404,20 @@ def predicted_loss(result, plan: Plan, kind: str = "auto") -> tuple[float | None
     """Sum of the per-layer loss of each layer's planned option (0 for full precision).
 
     Options are matched on their grid (bits, group size, symmetric, scale dtype), whatever the
-    method.
-    None, with the reason, when the plan uses a grid the sweep did not measure.
+    method. None, with the reason, when the plan puts a layer on a grid the sweep did not
+    measure. The model's ends (the rows after the layers) count when the sweep measured
+    their planned option; at another (W8 per channel, say) they add nothing, as when the
+    allocator keeps them fixed.
     """
     loss = result.loss(kind)
     total = 0.0
     for row, name in enumerate(result.layers):
-        spec = plan.spec_for(name)
+        spec = plan.spec_for(name, default_applies=row < result.body_rows)
         if spec is None:
             continue
         col = result.column(spec)
+        if col is None and row >= result.body_rows:
+            continue
         if col is None:
             return None, (f"{name} is planned at {option_label(spec)}, which the sweep did not "
                           f"measure")

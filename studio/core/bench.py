@@ -45,7 +45,7 @@ from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress
 from studio.core.kernels import KernelChoice, float_model, kernel_model, kernel_summary
 from studio.core.layers import model_bytes, weight_matrix
-from studio.core.lean_decoder import LeanDecoder, lean_supported
+from studio.core.lean_decoder import LeanDecoder, lean_problem, lean_supported
 from studio.core.memory import estimate_bench, guard
 from studio.core.plan import QuantSpec
 from studio.core.quant.grid import quantize_rtn
@@ -350,6 +350,8 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
                     yield Progress(base, steps, f"{target.name}: compiling the decode step "
                                                 f"(once per model and length)")
                     step_mode = lean.compile(prompt_tokens)
+            elif target.backend == "torch":   # shown with the figures: why not the lean loop
+                step_mode = f"transformers' forward ({lean_problem(model)})"
             prefill, decode = [], []
             with RssPeak() as rss:
                 for run_index in range(repeat + 1):  # run 0 warms up and is not counted

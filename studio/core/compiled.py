@@ -42,7 +42,7 @@ class CompiledStep:
 
     def __init__(self, decoder) -> None:
         self.decoder = decoder
-        self.reason = compile_problem()
+        self.reason = compile_problem() or decoder.plain_problem
         self.compiled = None if self.reason else torch.compile(self._step, dynamic=False)
         self.positions = torch.arange(decoder.keys.shape[3])
 

@@ -109,6 +109,8 @@ class NativeStep:
         why = q4_native.unavailable()
         if why:
             return f"the native kernel is unavailable: {why}"
+        if decoder.native_problem:   # what the decoder knows the step does not read
+            return decoder.native_problem
         if decoder.keys.dtype != torch.float32:
             return "its KV cache is not float32"
         for i, layer in enumerate(decoder.layers):

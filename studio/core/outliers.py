@@ -15,6 +15,7 @@ import torch
 
 from studio.core.activations import ActivationCapture, InputStats
 from studio.core.errors import StudioError
+from studio.core.jobs import Job, Progress
 from studio.core.quant.scales import smoothing_scales
 
 DEFAULT_K = 20.0
@@ -181,9 +182,7 @@ def token_norm_profile(capture: ActivationCapture) -> dict[str, np.ndarray]:
 # Activations view asks for them on the details worker instead of computing them when a
 # capture is published.
 
-def outliers_job(capture: ActivationCapture, k: float) -> "Job[list[OutlierGroup]]":
-    from studio.core.jobs import Progress
-
+def outliers_job(capture: ActivationCapture, k: float) -> Job[list[OutlierGroup]]:
     yield Progress(0, 1, "Finding outlier channels")
     return find_outliers(capture, k)
 
@@ -195,9 +194,7 @@ class MassiveFindings:
 
 
 def massive_job(capture: ActivationCapture,
-                factor: float = DEFAULT_MASSIVE_FACTOR) -> "Job[MassiveFindings]":
-    from studio.core.jobs import Progress
-
+                factor: float = DEFAULT_MASSIVE_FACTOR) -> Job[MassiveFindings]:
     yield Progress(0, 2, "Token norms along the residual stream")
     profile = token_norm_profile(capture)
     yield Progress(1, 2, "Finding massive activations")

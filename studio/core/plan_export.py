@@ -12,6 +12,7 @@ The ends are written only when the plan sets them (else llama-quantize's own cho
 stands, Q6_K / Q8_0 for the output), anchored (`^output\.weight$`: llama.cpp searches, and
 "output.weight" is inside every blk.N.attn_output.weight). A tied pair is one GGUF tensor,
 `token_embd.weight` (no `output.weight`: llama.cpp reads the output from it), so it is one line;
+another embedding (GPT-2's positional wpe) is `position_embd`, anchored too;
 planned apart, the GGUF still holds one matrix and the lm_head's type is used (its error
 reaches every logit), with a note.
 
@@ -39,6 +40,9 @@ GGUF_ROLES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
               "qkv": "attn_qkv", "gate": "ffn_gate", "up": "ffn_up", "gate_up": "ffn_up",
               "down": "ffn_down"}
 GGUF_GLOBAL = {"embedding": "token_embd", "lm_head": "output"}
+# An embedding that is not the token one (GPT-2's wpe, read by position): llama.cpp's
+# LLM_TENSOR_POS_EMBD, the name gguf-py's tensor map gives transformer.wpe.
+POSITION_EMBD = "position_embd"
 # Bits -> ggml type; 7 bits has no ggml type and takes q8_0.
 GGML_TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 5: "q5_K", 6: "q6_K", 7: "q8_0", 8: "q8_0"}
 # What llama-quantize uses instead when a row is not a multiple of 256 (llama-quant.cpp).
@@ -61,8 +65,12 @@ def _resolved(handle, plan: Plan) -> dict[str, QuantSpec | None]:
 
 # --- llama.cpp -------------------------------------------------------------------------------
 
-def gguf_name(info) -> str:
-    """The GGUF tensor name (without ".weight") of a layer, or a StudioError saying why not."""
+def gguf_name(info, token_ends: set[str] | None = None) -> str:
+    """The GGUF tensor name (without ".weight") of a layer, or a StudioError saying why not.
+    `token_ends`: the model's ends (`plan_ends.end_names`); an embedding outside them is a
+    positional table, `position_embd`."""
+    if info.role == "embedding" and token_ends is not None and info.name not in token_ends:
+        return POSITION_EMBD
     if info.role in GGUF_GLOBAL:
         return GGUF_GLOBAL[info.role]
     if info.block is None or info.role not in GGUF_ROLES:
@@ -90,7 +98,9 @@ def llama_cpp_overrides(handle, plan: Plan) -> list[tuple[str, str]]:
     for info in handle.layers:
         if info.name in ends or (specs[info.name] is None and not info.quantizable):
             continue  # the ends below; a layer outside the blocks the plan leaves alone
-        pattern = re.escape(gguf_name(info)) + r"\.weight"
+        name = gguf_name(info, ends)
+        # Names outside the blocks are anchored: a bare one could be inside another's.
+        pattern = (f"^{name}\\.weight$" if info.block is None else re.escape(name) + r"\.weight")
         pairs.append((pattern, ggml_type(specs[info.name])))
     return pairs + [(f"^{re.escape(name)}\\.weight$", ggml_type(spec))
                     for name, spec, _ in end_overrides(handle, plan)]
@@ -141,6 +151,10 @@ def llama_cpp_export(handle, plan: Plan) -> Export:
         flag = "--token-embedding-type" if name == "token_embd" else "--output-tensor-type"
         notes.append(f"{name}.weight -> {ggml_type(spec)} (the same as llama-quantize {flag} "
                      f"{ggml_type(spec)}).")
+    if any(pattern == f"^{POSITION_EMBD}\\.weight$" for pattern, _ in pairs):
+        notes.append(f"{POSITION_EMBD}.weight: llama-quantize never quantizes positional "
+                     f"embeddings (llama-quant.cpp is_quantizable): its line records the plan "
+                     f"but llama-quantize keeps the table as it is.")
     for (kind, other), count in sorted(fallback.items()):
         notes.append(f"{count} tensor(s) planned as {kind} have rows that are not a multiple of "
                      f"{QK_K}; llama-quantize will store them as {other} instead.")

@@ -22,6 +22,17 @@ decoder block and the final log-probabilities. A layer in block i then only need
 i..end re-run (a copy of block i carrying the quantized weight, then the untouched blocks),
 so the user's model is never modified, not even for a moment.
 
+The model's ends are measured too, so the allocator can choose their width (`plan --lm-head
+auto`): each `plan_ends.End` (the lm_head, an untied embedding, or a tied pair as one unit,
+since quantizing the shared matrix changes both ends) is one more row after the layers, named
+by its first layer and listed in `ends`. Its proxy is the head's relative output error on the
+captured final hidden states (on a seeded sample of `END_ROWS` of its rows: quantization is
+row by row, so each sampled row's error is exact, and a 262k-row head would otherwise cost
+more than every block linear together) plus, for an embedding, the relative error of the rows
+the text looks up. The capture stops at the head's input, so no logits are computed for the
+proxy. Its KL runs the whole model with the quantized matrix substituted
+(`torch.func.functional_call`, tied parameters kept tied), the user's model untouched.
+
 Results carry the identity of the model they were measured on (architecture, layer names and a
 weight fingerprint); using them with another model is refused.
 """
@@ -32,7 +43,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +71,7 @@ DEFAULT_SEQLEN = 32        # KL window length: kept the demo's old 3-width sweep
 DEFAULT_KL_WINDOWS = 8
 DEFAULT_PROXY_TOKENS = 512
 DEFAULT_PROXY_WINDOWS = 8   # the proxy's forward passes; its rows are sampled from these
+END_ROWS = 4096             # rows of an lm_head in its proxy sample (module notes)
 RESULT_FORMAT = "compression-studio-sensitivity"
 RESULT_VERSION = 2          # 2: a menu of options (bits x group sizes), KL at a few of them
 TINY_PROXY = 1e-30          # below this a proxy error is "exact": no ratio is taken against it
@@ -124,10 +136,18 @@ class SensitivityResult:
     proxy_tokens: int
     proxy_seconds: float
     kl_seconds: float
+    # The model's ends measured as units (`plan_ends.End.names`), one row each after the
+    # layers, each row named by its unit's first layer (empty: a sweep of the layers only).
+    ends: list[tuple[str, ...]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         """Shapes that disagree (a damaged file) are refused here, before anything reads them."""
         self.options = list(self.options)
+        self.ends = [tuple(names) for names in self.ends]
+        body = len(self.layers) - len(self.ends)
+        if body < 0 or any(not names or self.layers[body + k] != names[0]
+                           for k, names in enumerate(self.ends)):
+            raise StudioError("The rows of the model's ends do not match the ends listed.")
         self.kl_options = [int(j) for j in self.kl_options]
         table = (len(self.layers), len(self.options))
         if np.shape(self.proxy_error) != table or np.shape(self.sqnr_db) != table:
@@ -216,6 +236,18 @@ class SensitivityResult:
     def check_model(self, handle) -> None:
         self.identity.check(handle)
 
+    @property
+    def body_rows(self) -> int:
+        """How many rows are block (quantizable) layers; the ends' rows follow them."""
+        return len(self.layers) - len(self.ends)
+
+    def end_row(self, names) -> int | None:
+        """The row of the end unit made of `names` (a tied pair: both), or None if unmeasured."""
+        for k, measured in enumerate(self.ends):
+            if tuple(measured) == tuple(names):
+                return self.body_rows + k
+        return None
+
     def to_json(self) -> dict:
         arr = lambda a: None if a is None else np.asarray(a, dtype=float).tolist()  # noqa: E731
         return {"format": RESULT_FORMAT, "version": RESULT_VERSION,
@@ -231,7 +263,8 @@ class SensitivityResult:
                 "kl": arr(self.kl), "ppl": arr(self.ppl),
                 "base_ppl": self.base_ppl, "text_label": self.text_label, "seqlen": self.seqlen,
                 "kl_windows": self.kl_windows, "proxy_tokens": self.proxy_tokens,
-                "proxy_seconds": self.proxy_seconds, "kl_seconds": self.kl_seconds}
+                "proxy_seconds": self.proxy_seconds, "kl_seconds": self.kl_seconds,
+                "ends": [list(names) for names in self.ends]}
 
     @classmethod
     def from_json(cls, data: dict) -> "SensitivityResult":
@@ -258,7 +291,8 @@ class SensitivityResult:
                    kl=arr(data["kl"]), ppl=arr(data["ppl"]), base_ppl=data["base_ppl"],
                    text_label=data["text_label"], seqlen=data["seqlen"],
                    kl_windows=data["kl_windows"], proxy_tokens=data["proxy_tokens"],
-                   proxy_seconds=data["proxy_seconds"], kl_seconds=data["kl_seconds"])
+                   proxy_seconds=data["proxy_seconds"], kl_seconds=data["kl_seconds"],
+                   ends=[tuple(names) for names in data.get("ends", [])])
         result.check_consistent()
         return result
 
@@ -298,7 +332,7 @@ def sensitivity_job(handle, windows: torch.Tensor, bits=DEFAULT_BITS, group_size
                     kl_windows: int = DEFAULT_KL_WINDOWS,
                     proxy_windows: int = DEFAULT_PROXY_WINDOWS,
                     proxy_tokens: int = DEFAULT_PROXY_TOKENS, text_label: str = "",
-                    seed: int = 0) -> Job[SensitivityResult]:
+                    seed: int = 0, measure_ends: bool = True) -> Job[SensitivityResult]:
     """Measure every quantizable layer at every option (see the module notes).
 
     Options are every width in `bits` at every size in `group_sizes` (-1: per-channel). The
@@ -310,6 +344,8 @@ def sensitivity_job(handle, windows: torch.Tensor, bits=DEFAULT_BITS, group_size
 
     Options are measured with RTN whatever `method` says: GPTQ / AWQ lower every layer's error
     but rarely reorder which layers suffer most, and `method` is recorded for the plans.
+
+    `measure_ends`: the model's ends too (`plan_ends.ends_of`), one row each after the layers.
 
     `windows` [count, seqlen] feed both sweeps: the proxy captures layer inputs from (up to
     `proxy_windows` of) them, the KL sweep scores the first `kl_windows` (0: proxy only).
@@ -329,6 +365,7 @@ def sensitivity_job(handle, windows: torch.Tensor, bits=DEFAULT_BITS, group_size
     layers = handle.quantizable
     if not layers:
         raise StudioError("This model has no quantizable layers.")
+    ends = measured_ends(handle) if measure_ends else []
     identity = ModelIdentity.of(handle)
     proxy_ids = windows[: max(1, proxy_windows)]
     guard_job(handle, "sensitivity", windows=kl_windows if kl_cols else 0,
@@ -336,32 +373,73 @@ def sensitivity_job(handle, windows: torch.Tensor, bits=DEFAULT_BITS, group_size
               proxy_tokens=proxy_tokens)
 
     start = time.perf_counter()
-    yield Progress(0, len(layers), "Proxy: capturing layer inputs")
-    inputs = capture_layer_inputs(handle, [i.name for i in layers], proxy_ids, proxy_tokens, seed)
-    proxy = np.zeros((len(layers), len(options)))
-    sqnr = np.zeros_like(proxy)
+    rows = len(layers) + len(ends)
+    yield Progress(0, rows, "Proxy: capturing layer inputs")
+    heads = [end.names[0] for end in ends if "lm_head" in end.roles]
+    inputs = capture_layer_inputs(handle, [i.name for i in layers] + heads, proxy_ids,
+                                  proxy_tokens, seed)
+    proxy = np.zeros((rows, len(options)))
     for row, info in enumerate(layers):
-        yield Progress(row, len(layers), f"Proxy: {info.name}")
+        yield Progress(row, rows, f"Proxy: {info.name}")
         w = handle.weight(info.name).float()
         x = inputs.pop(info.name)
         energy = (x @ w.T).pow(2).sum().item()
         for col, spec in enumerate(options):
             proxy[row, col] = output_error(x, w, quantized_values(w, spec), energy)
-            sqnr[row, col] = -10 * math.log10(proxy[row, col]) if proxy[row, col] > 0 else math.inf
+    looked_up = proxy_ids.reshape(-1)[kept_positions(proxy_ids, proxy_tokens, seed)]
+    for k, end in enumerate(ends):
+        yield Progress(len(layers) + k, rows, f"Proxy: {end.title}")
+        proxy[len(layers) + k] = end_proxy(handle, end, inputs.pop(end.names[0], None),
+                                           looked_up, options, seed)
+    sqnr = np.where(proxy > 0, -10 * np.log10(np.where(proxy > 0, proxy, 1.0)), math.inf)
     proxy_seconds = time.perf_counter() - start
 
     kl = ppl = base_ppl = None
     start = time.perf_counter()
     if kl_cols:
         kl, ppl, base_ppl = yield from kl_sweep(handle, layers, [options[j] for j in kl_cols],
-                                                windows[:kl_windows], kl_cols)
+                                                windows[:kl_windows], kl_cols, ends)
     return SensitivityResult(
-        identity=identity, layers=[i.name for i in layers], shapes=[i.shape for i in layers],
+        identity=identity, layers=[i.name for i in layers] + [e.names[0] for e in ends],
+        shapes=[i.shape for i in layers] + [end_shape(handle, e) for e in ends],
         options=options, method=method, proxy_error=proxy, sqnr_db=sqnr, kl_options=kl_cols,
         kl=kl, ppl=ppl, base_ppl=base_ppl, text_label=text_label,
         seqlen=int(windows.shape[1]), kl_windows=kl_windows if kl_cols else 0,
         proxy_tokens=proxy_tokens, proxy_seconds=proxy_seconds,
-        kl_seconds=time.perf_counter() - start if kl_cols else 0.0)
+        kl_seconds=time.perf_counter() - start if kl_cols else 0.0,
+        ends=[e.names for e in ends])
+
+
+def measured_ends(handle) -> list:
+    """The model's ends the sweep measures (`plan_ends.ends_of`: a tied pair is one unit)."""
+    from studio.core.plan_ends import ends_of
+
+    return ends_of(handle.layers)
+
+
+def end_shape(handle, end) -> tuple[int, int]:
+    return tuple(next(i.shape for i in handle.layers if i.name == end.names[0]))
+
+
+def end_proxy(handle, end, x: torch.Tensor | None, ids: torch.Tensor,
+              options: list[QuantSpec], seed: int) -> np.ndarray:
+    """The proxy of one end unit at every option (module notes): the head's relative output
+    error on its captured inputs `x` over a seeded sample of its rows, plus, for an embedding
+    (a tied pair has both), the relative error of the rows the tokens `ids` look up."""
+    w = handle.weight(end.names[0]).float()
+    errors = np.zeros(len(options))
+    if "lm_head" in end.roles and x is not None:
+        generator = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(w.shape[0], generator=generator)[:END_ROWS].sort().values
+        sample = w[rows]
+        energy = (x @ sample.T).pow(2).sum().item()
+        errors += [output_error(x, sample, quantized_values(sample, o), energy) for o in options]
+    if "embedding" in end.roles:
+        looked = w[ids]
+        energy = looked.pow(2).sum().item()
+        errors += [(quantized_values(looked, o) - looked).pow(2).sum().item() / max(energy, 1e-30)
+                   for o in options]
+    return errors
 
 
 def output_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor,
@@ -383,9 +461,7 @@ def capture_layer_inputs(handle, names: list[str], windows: torch.Tensor, tokens
     Positions are drawn once (seeded) over all windows and only those rows are kept, so memory
     stays at `tokens` rows per layer however much text goes through.
     """
-    generator = torch.Generator().manual_seed(seed)
-    keep = torch.randperm(windows.numel(), generator=generator)[: min(tokens, windows.numel())]
-    keep = keep.sort().values
+    keep = kept_positions(windows, tokens, seed)
     seen: dict[str, torch.Tensor] = {}
 
     def hook(name):
@@ -412,6 +488,13 @@ def capture_layer_inputs(handle, names: list[str], windows: torch.Tensor, tokens
     return seen
 
 
+def kept_positions(windows: torch.Tensor, tokens: int, seed: int) -> torch.Tensor:
+    """The flat token positions the proxy keeps (seeded, sorted)."""
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(windows.numel(), generator=generator)[: min(tokens, windows.numel())]
+    return keep.sort().values
+
+
 # --- the end-to-end sweep --------------------------------------------------------------------
 
 def final_head(model: nn.Module):
@@ -430,11 +513,13 @@ def final_head(model: nn.Module):
         raise StudioError(f"{type(model).__name__}: the studio cannot find its final norm and "
                           f"output layer, so it cannot re-run its last blocks in isolation.")
 
-    def apply(hidden: torch.Tensor) -> torch.Tensor:
+    def apply(hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits; `weight`: the head's matrix to use instead of its own."""
         h = norm(hidden)
         if project is not None:
             h = project(h)
-        logits = head(h).float()
+        logits = (head(h) if weight is None
+                  else torch.nn.functional.linear(h, weight.to(h.dtype), head.bias)).float()
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
@@ -474,10 +559,12 @@ class BaselineScores:
         return kl, self.nll(logits, self.lse + log_ratio.float())
 
 
-def kl_sweep(handle, layers, specs, ids: torch.Tensor, columns: list[int] | None = None):
-    """Job part: (kl [layers, specs], ppl [layers, specs], baseline ppl) on windows `ids`.
+def kl_sweep(handle, layers, specs, ids: torch.Tensor, columns: list[int] | None = None,
+             ends: list = ()):
+    """Job part: (kl [layers + ends, specs], ppl [layers + ends, specs], baseline ppl) on
+    windows `ids`; `ends` (`plan_ends.End` units) follow the layers.
 
-    Each measurement's Progress.detail is (layer row, column, KL), the column being
+    Each layer measurement's Progress.detail is (layer row, column, KL), the column being
     `columns[spec index]` (the option's column in the result) when given."""
     columns = list(range(len(specs))) if columns is None else columns
     model = handle.model
@@ -498,9 +585,9 @@ def kl_sweep(handle, layers, specs, ids: torch.Tensor, columns: list[int] | None
     del reference
 
     block_index = {name: i for i, name in enumerate(_block_names(prefix, blocks))}
-    kl = np.zeros((len(layers), len(specs)))
+    kl = np.zeros((len(layers) + len(ends), len(specs)))
     ppl = np.zeros_like(kl)
-    total = len(layers) * len(specs)
+    total = (len(layers) + len(ends)) * len(specs)
     current_block, scratch = None, None
     for row, info in enumerate(layers):
         b = _owning_block(info.name, block_index)
@@ -521,7 +608,59 @@ def kl_sweep(handle, layers, specs, ids: torch.Tensor, columns: list[int] | None
                            f"KL: {info.name} at {option_label(spec)}",
                            detail=(row, columns[col], kl[row, col]))
         set_weight_matrix(module, original)
+    for k, end in enumerate(ends):
+        row = len(layers) + k
+        for col, spec in enumerate(specs):
+            with torch.no_grad():
+                logits = end_logits(model, end, spec, ids, hidden, inputs, blocks, head)
+                kl[row, col], nll = base.score(logits)
+            del logits
+            ppl[row, col] = metrics.perplexity(nll, base.predicted)
+            yield Progress(row * len(specs) + col + 1, total,
+                           f"KL: {end.title} at {option_label(spec)}")
     return kl, ppl, metrics.perplexity(base.nll(base.logits, base.lse), base.predicted)
+
+
+def end_logits(model, end, spec, ids, hidden, inputs, blocks, head) -> torch.Tensor:
+    """The logits with only the end unit `end` quantized at `spec`, on the same path as the
+    baseline's: the cached last hidden states through a quantized head, or, when the unit
+    holds the embedding (a tied pair: both sides change), the blocks re-run from what the
+    quantized embedding gives block 0."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    weight = params[f"{end.names[0]}.weight"]
+    wq = quantized_values(weight.detach().float(), spec)
+    h = hidden[-1]
+    if "embedding" in end.roles:
+        h = embedded(model, ids, {f"{n}.weight": wq.to(params[f"{n}.weight"].dtype)
+                                  for n in end.names}, blocks[0])
+        for index, block in enumerate(blocks):
+            h = call_block(block, h, inputs.at(index))
+    return head(h, wq if "lm_head" in end.roles else None)
+
+
+def embedded(model, ids: torch.Tensor, params: dict, first_block) -> torch.Tensor:
+    """What block 0 receives [n, seq, d] when the model runs with `params` substituted
+    (`torch.func.functional_call`: nothing of the model is changed, tied weights stay tied),
+    one window at a time as `capture_block_inputs` captured the baseline's."""
+    from torch.func import functional_call
+
+    grabbed = []
+
+    def grab(module, args, kwargs):
+        grabbed.append((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach())
+        raise _Captured
+
+    hook = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for row in ids:
+            try:
+                functional_call(model, params, args=(),
+                                kwargs={"input_ids": row[None], "use_cache": False})
+            except _Captured:
+                pass
+    finally:
+        hook.remove()
+    return torch.cat(grabbed)
 
 
 def _block_names(prefix: str, blocks: nn.ModuleList) -> list[str]:

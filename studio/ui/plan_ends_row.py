@@ -2,6 +2,8 @@
 tied pair (one matrix), each set to keep / W8 per channel / a grouped width. The plan table
 below lists the same layers, so any bits / group / method can be set there as well; this row
 is the quick choice llama-quantize offers as --output-tensor-type / --token-embedding-type.
+"auto" leaves the width to Auto-allocate, which chooses it from the end's measured loss like
+any layer's (`allocate.loss_table(auto=)`); until then the plan keeps what it has.
 """
 from __future__ import annotations
 
@@ -15,14 +17,16 @@ from studio.core.plan_ends import End, end_setting, ends_of
 # (command-line word, label): what `quantize --lm-head` takes, most kept first.
 CHOICES = (("keep", "keep 16-bit"), ("w8", "W8 per channel (int8 kernel)"),
            ("w6g32sym", "W6 g32 sym"), ("w5g32", "W5 g32"), ("w4g32", "W4 g32 (int4 kernel)"),
-           ("w4g128", "W4 g128"))
-NATIVE_CHOICES = (("keep", "keep 16-bit"), ("w8", "Q8_0"), ("w5", "Q5_0"), ("w4", "Q4_0"))
+           ("w4g128", "W4 g128"), ("auto", "auto (Auto-allocate chooses)"))
+NATIVE_CHOICES = (("keep", "keep 16-bit"), ("w8", "Q8_0"), ("w5", "Q5_0"), ("w4", "Q4_0"),
+                  ("auto", "auto (Auto-allocate chooses)"))
 TOOLTIP = ("The output head's error reaches every logit, so llama.cpp keeps it above the "
            "body's width (Q6_K / Q8_0); W8 per channel is near-lossless, halves the 16-bit "
            "matrix and runs on the int8 kernel. A tied embedding is the same matrix: one "
            "choice, stored once. An untied embedding is read one row per token: quantizing "
            "it saves size, not time. The allocator keeps these as set and counts them in its "
-           "budget. The table below sets any bits / group / method on these rows too.")
+           "budget; 'auto' lets it choose their width from their measured sensitivity, like "
+           "any layer's. The table below sets any bits / group / method on these rows too.")
 
 
 class PlanEnds(QWidget):
@@ -32,6 +36,7 @@ class PlanEnds(QWidget):
     def __init__(self) -> None:
         super().__init__()
         self.ends: list[End] = []
+        self.auto: set[End] = set()   # the ends Auto-allocate chooses
         self.boxes: list[QComboBox] = []
         self.native = False
         self.share = QLabel()   # what the ends weigh in the plan's size
@@ -50,9 +55,13 @@ class PlanEnds(QWidget):
             box.blockSignals(True)
             while box.count() > len(self._choices()):   # a custom setting shown last time
                 box.removeItem(box.count() - 1)
-            index = next((i for i in range(box.count())
-                          if self._spec(box.itemData(i)) == spec), -1)
-            if index < 0 or apart:
+            index = next((i for i in range(box.count()) if box.itemData(i) != "auto"
+                          and self._spec(box.itemData(i)) == spec), -1)
+            now = "16-bit" if spec is None else spec.grid_label
+            box.setItemText(self._auto_index(), f"auto (allocator; now {now})")
+            if end in self.auto:
+                index = self._auto_index()
+            elif index < 0 or apart:
                 how = "keep 16-bit" if spec is None else spec.label
                 box.addItem(f"{how} (set in the table{', untied' if apart else ''})", None)
                 index = box.count() - 1
@@ -63,8 +72,15 @@ class PlanEnds(QWidget):
             self.share.setText(f"{ends / 2**20:.2f} MB of the plan's {size.size_mb:.2f} MB "
                                f"({100 * ends / size.size_bytes:.0f}%)")
 
+    def auto_names(self) -> list[str]:
+        """The layers of the ends set to auto (`allocate.loss_table(auto=)`)."""
+        return [name for end in self.auto for name in end.names]
+
     def _choices(self):
         return NATIVE_CHOICES if self.native else CHOICES
+
+    def _auto_index(self) -> int:
+        return [word for word, _ in self._choices()].index("auto")
 
     def _spec(self, word):
         return None if word is None else end_spec(word, self.native, "fp16" if self.native
@@ -75,6 +91,8 @@ class PlanEnds(QWidget):
             widget = self.row.takeAt(0).widget()
             if widget is not None:
                 widget.deleteLater()
+        if ends != self.ends:
+            self.auto = set()
         self.ends, self.native, self.boxes = ends, native, []
         if not ends:
             return
@@ -96,6 +114,10 @@ class PlanEnds(QWidget):
         word = box.itemData(index)
         if word is None and index >= len(self._choices()):
             return   # the custom entry: already the plan's
+        if word == "auto":
+            self.auto.add(end)
+            return
+        self.auto.discard(end)
         try:
             spec = self._spec(word)
         except StudioError:   # (the menus only hold valid words)

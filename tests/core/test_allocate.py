@@ -209,7 +209,10 @@ def test_predicted_loss_names_the_layer_and_option_not_measured(tiny_llama):
     plan = Plan(default=QuantSpec(bits=4, group_size=32, method="awq"))
     total, why = predicted_loss(result, plan, "proxy")
     column = result.labels.index("W4 g32")
-    assert why == "" and total == pytest.approx(result.proxy_error[:, column].sum())
+    # The default covers the block layers; the tied head (the last row) is not planned.
+    assert result.layers[result.body_rows:] == ["lm_head"]
+    assert why == "" and total == pytest.approx(
+        result.proxy_error[: result.body_rows, column].sum())
     unmeasured = plan.with_rule(Rule(name, QuantSpec(bits=4, group_size=64)))
     total, why = predicted_loss(result, unmeasured, "proxy")
     assert total is None and why == f"{name} is planned at W4 g64, which the sweep did not measure"

@@ -103,12 +103,21 @@ def test_cli_bench_model_and_variant(tiny_dirs, tiny_llama, tmp_path, capsys):
     ("llama", 12), ("qwen2", 12), ("gemma", 12), ("qwen3", 12),
     ("mistral", 12),    # window 16: the decode steps pass it
     ("mistral", 20),    # a prompt longer than the window: the prefill's mask
+    ("gemma2", 12),     # soft-capping, four norms a block, sliding layers past their window
+    ("gemma2", 20),
+    ("gemma3", 12),     # q/k norms, local and global rotary bases
+    ("gemma3", 20),
+    ("phi3", 12),       # qkv_proj and gate_up_proj
 ])
 def test_lean_decoder_gives_the_models_own_logits(family_dirs, arch, prompt_length):
     from studio.core.lean_decoder import LeanDecoder, lean_supported
     from studio.core.models import open_model_job
 
     handle = run(open_model_job(family_dirs[arch]))
+    if arch == "gemma2":   # caps a tiny random model's small scores and logits actually reach
+        for layer in handle.model.model.layers:
+            layer.self_attn.attn_logit_softcapping = 0.01
+        handle.model.config.final_logit_softcapping = 0.5
     int4 = base_targets(handle.model, ("int4",), layer_names=[i.name for i in handle.quantizable])
     for model in (handle.model, int4[0].build()[0]):
         assert lean_supported(model)
@@ -139,6 +148,8 @@ def test_other_architectures_run_on_kernels_through_transformers(tiny_dirs, arch
                            layer_names=[i.name for i in handle.quantizable])
     fp32, int4 = run(bench_job(targets, 384, prompt_tokens=6, new_tokens=3, repeat=1, threads=1))
     assert int4.decode_tok_s > 0 and int4.to_dict()["decode_loop"] == "transformers"
+    assert int4.to_dict()["decode_step"] == (f"transformers' forward (the lean decoder does not "
+                                             f"follow {arch} blocks)")
     assert f"{INT4} g32" in int4.to_dict()["kernel_summary"]
     # The kernel model computes what the de-quantized float model computes (GPT-2's Conv1D
     # weights are stored transposed: a mix-up would show here).
@@ -222,3 +233,23 @@ def test_the_benchmark_collects_only_what_it_made(tiny_llama, monkeypatch):
     next(job)
     job.close()                                     # a cancel
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize("arch, why", [
+    ("gemma2", "different sliding windows"), ("gemma3", "different sliding windows"),
+    ("phi3", "one qkv_proj")])
+def test_the_lean_families_beyond_llama_bench_on_the_eager_step_with_the_reason(
+        family_dirs, arch, why):
+    from studio.core import q4_native
+    from studio.core.models import open_model_job
+
+    if q4_native.unavailable():   # the reason is given where the layers are native
+        pytest.skip(q4_native.unavailable())
+
+    handle = run(open_model_job(family_dirs[arch]))
+    [int4] = base_targets(handle.model, ("int4",),
+                          layer_names=[i.name for i in handle.quantizable])
+    [result] = run(bench_job([int4], 384, prompt_tokens=6, new_tokens=3, repeat=1, threads=1))
+    report = result.to_dict()
+    assert result.decode_tok_s > 0 and report["decode_loop"].startswith("lean")
+    assert report["decode_step"].startswith("eager") and why in report["decode_step"]

@@ -3,6 +3,7 @@ the plan's setting for them and counts it in its budget, plan files round-trip i
 import json
 
 import numpy as np
+import pytest
 
 from studio.core.allocate import allocate, plan_size, spec_bits, table_for
 from studio.core.jobs import run
@@ -110,3 +111,84 @@ def test_a_tied_pair_set_alike_is_named_once(tiny_llama, tiny_dirs):
     qwen2 = run(open_model_job(tiny_dirs["qwen2"]))
     untied = with_ends(Plan(W4), qwen2.layers, W8, W4)
     assert plan_title(qwen2, untied) == "RTN W4 g32, lm_head W8 ch sym, embedding W4 g32"
+
+
+@pytest.fixture(scope="module")
+def proxy_result(tiny_llama):
+    """A proxy sweep of the tiny tied Llama: its layers, then the tied pair as one row."""
+    from studio.core.sensitivity import sensitivity_job
+    from studio.core.text import text_windows
+
+    windows = text_windows(tiny_llama.tokenizer, None, 16, 2, seed=0)[0]
+    return run(sensitivity_job(tiny_llama, windows, bits=(2, 4, 8), group_sizes=(32,),
+                               kl_windows=0))
+
+
+def test_the_allocator_chooses_the_tied_head_when_asked(tiny_llama, proxy_result, tmp_path):
+    from studio.core.allocate import loss_table
+    from studio.core.quantize import quantize_job
+
+    [end] = ends_of(tiny_llama.layers)
+    kept = loss_table(proxy_result, tiny_llama, kind="proxy", plan=Plan(None))
+    auto = loss_table(proxy_result, tiny_llama, kind="proxy", plan=with_end(Plan(None), end, W8),
+                      auto=["lm_head"])
+    assert auto.names == kept.names + ["lm_head"] and auto.units == {"lm_head": end.names}
+    assert auto.fixed_rules == ()   # the plan's W8 on the pair is the allocator's to change
+    rows, cols = tiny_llama.module("lm_head").weight.shape
+    assert kept.fixed_bytes - auto.fixed_bytes == 2 * rows * cols   # one matrix, not two
+    assert np.array_equal(auto.loss[-1, :-1], proxy_result.proxy_error[-1])
+
+    # Room for the head at W8 and every layer at its narrowest, barely.
+    costs = auto.costs
+    w8 = [o.bits if o else 16 for o in auto.options].index(8)
+    room = costs.min(axis=1).sum() - costs[-1].min() + costs[-1, w8]
+    tight = (auto.fixed_bytes + 1.02 * room / 8) / 2 ** 20
+    auto.loss[-1] *= 1e-6             # the head now costs least loss per byte: lowered first
+    cheap = allocate(auto, budget_mb=tight)
+    assert cheap.choices["lm_head"] == QuantSpec(bits=2, group_size=32, method="rtn")
+    auto.loss[-1] *= 1e12             # now it costs most: kept wide while the body is lowered
+    dear = allocate(auto, budget_mb=tight)
+    assert dear.choices["lm_head"] in (None, QuantSpec(bits=8, group_size=32, method="rtn"))
+    assert dear.choices != cheap.choices
+
+    for answer in (cheap, dear):
+        spec, apart = end_setting(answer.plan, tiny_llama.layers, end)
+        assert spec == answer.choices["lm_head"] and not apart   # one rule on each side
+        answer.plan.save(tmp_path / "plan.json")
+        assert Plan.load(tmp_path / "plan.json") == answer.plan
+        size = plan_size(tiny_llama, answer.plan)
+        assert size.size_bytes == int(answer.size_bytes) and size.size_mb <= tight
+        variant = run(quantize_job(tiny_llama, answer.plan, None, None, "auto head"))
+        assert variant.size_bytes == size.size_bytes
+
+
+def test_auto_ends_need_a_sweep_that_measured_them(tiny_llama):
+    from studio.core.allocate import loss_table
+    from studio.core.errors import StudioError
+    from studio.core.sensitivity import sensitivity_job
+    from studio.core.text import text_windows
+
+    windows = text_windows(tiny_llama.tokenizer, None, 16, 1, seed=0)[0]
+    layers_only = run(sensitivity_job(tiny_llama, windows, bits=(4,), group_sizes=(32,),
+                                      kl_windows=0, measure_ends=False))
+    assert layers_only.ends == [] and layers_only.body_rows == len(tiny_llama.quantizable)
+    loss_table(layers_only, tiny_llama, kind="proxy")   # fixed ends: fine
+    with pytest.raises(StudioError, match="did not measure the lm_head"):
+        loss_table(layers_only, tiny_llama, kind="proxy", auto=["lm_head"])
+
+
+def test_plan_command_lets_the_allocator_choose_the_head(tiny_dirs, tmp_path, capsys):
+    from studio.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(tiny_dirs["llama"]), "--budget-mb", "0.1", "--bits", "2,4,8",
+                 "--group-sizes", "32", "--proxy-only", "--windows", "2", "--seqlen", "16",
+                 "--lm-head", "auto", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ends_chosen"] == ["lm_head"]
+    plan = Plan.load(out)
+    handle = run(open_model_job(tiny_dirs["llama"]))
+    spec, apart = end_setting(plan, handle.layers, ends_of(handle.layers)[0])
+    assert not apart and report["layers"]["lm_head"] == (None if spec is None else
+                                                         f"W{spec.bits} g32")
+    assert report["size_bytes"] == plan_size(handle, plan).size_bytes <= 0.1 * 2 ** 20

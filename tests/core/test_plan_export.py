@@ -175,3 +175,32 @@ def test_llama_quantize_takes_the_tied_head_type(tiny_llama, tmp_path):
     assert types["blk.0.attn_q.weight"] == "Q4_0"
     logits = llama_cpp.logits(out, torch.arange(3, 19).reshape(1, 16))
     assert logits.shape == (1, 16, 384) and torch.isfinite(logits).all()
+
+
+def test_a_positional_embedding_is_position_embd(tiny_dirs, tmp_path):
+    """GPT-2's wpe set by a rule is llama.cpp's position_embd, not a second token_embd line
+    (which would also retype the token embedding). Tensor names from gguf-py's own map, as
+    llama.cpp's converter writes them (the studio's GGUF export does not take GPT-2)."""
+    import gguf
+
+    from studio.core.jobs import run
+    from studio.core.models import open_model_job
+    from studio.core.plan import end_spec
+
+    gpt2 = run(open_model_job(tiny_dirs["gpt2"]))
+    plan = Plan(NATIVE_Q4).with_rule(Rule("transformer.wpe", end_spec("w8")))
+    export = llama_cpp_export(gpt2, plan)
+    lines = export.text
+    assert any("never quantizes positional" in note for note in export.notes)
+    names_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, 2)
+    names = [names_map.get_name(f"{i.name}.weight", try_suffixes=(".weight",))
+             for i in gpt2.layers if i.name != "lm_head"]   # tied: one token_embd
+    assert {"position_embd.weight", "token_embd.weight"} <= set(names)
+    hits = _hits(lines, names)
+    assert hits[r"^position_embd\.weight$"] == ("q8_0", ["position_embd.weight"])
+    assert not any("token_embd.weight" in found for _, found in hits.values())
+    # With the tied head + token embedding set too, each table keeps its own line.
+    both = plan.with_rule(Rule("lm_head", end_spec("w4g32")))
+    hits = _hits(llama_cpp_export(gpt2, both).text, names)
+    assert hits[r"^token_embd\.weight$"] == ("q4_K", ["token_embd.weight"])
+    assert hits[r"^position_embd\.weight$"][1] == ["position_embd.weight"]

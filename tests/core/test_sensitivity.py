@@ -38,7 +38,10 @@ def double_kl(base_logits, logits):
 
 def test_shapes_and_monotone_in_bits(llama_result, tiny_llama):
     r = llama_result
-    assert r.layers == [i.name for i in tiny_llama.quantizable]
+    # The block layers, then the tied lm_head + embedding as one unit (one matrix).
+    assert r.layers == [i.name for i in tiny_llama.quantizable] + ["lm_head"]
+    assert r.ends == [("lm_head", "model.embed_tokens")] and r.body_rows == len(r.layers) - 1
+    assert r.shapes[-1] == tuple(tiny_llama.model.lm_head.weight.shape)
     assert r.labels == ["W2 g64", "W2 g32", "W4 g64", "W4 g32", "W8 g64", "W8 g32"]
     assert [r.labels[j] for j in r.kl_options] == ["W2 g32", "W8 g32"]
     assert r.proxy_error.shape == r.sqnr_db.shape == (len(r.layers), 6)
@@ -58,13 +61,17 @@ def test_kl_sweep_equals_running_the_whole_model(llama_result, tiny_llama, windo
     ids = windows[:4]
     with torch.no_grad():
         base = tiny_llama.model(input_ids=ids, use_cache=False).logits
-    for row in (0, len(r.layers) - 1):
+    for row in (0, r.body_rows - 1, r.body_rows):
         name = r.layers[row]
         model = copy.deepcopy(tiny_llama.model)
         module = model.get_submodule(name)
         spec = r.options[r.kl_options[0]]
         assert option_label(spec) == "W2 g32"
-        set_weight_matrix(module, quantize_weight(module.weight.data, spec).dequantize())
+        if name == "lm_head":   # the tied matrix, changed in place: both ends read it
+            assert module.weight is model.model.embed_tokens.weight
+            module.weight.data.copy_(quantize_weight(module.weight.data, spec).dequantize())
+        else:
+            set_weight_matrix(module, quantize_weight(module.weight.data, spec).dequantize())
         with torch.no_grad():
             logits = model(input_ids=ids, use_cache=False).logits
         assert r.kl[row, 0] == pytest.approx(double_kl(base, logits), rel=1e-3)
@@ -251,3 +258,23 @@ def test_damaged_tables_are_refused(llama_result):
         dataclasses.replace(llama_result, proxy_error=llama_result.proxy_error[:, :2])
     with pytest.raises(StudioError, match="kl table"):
         dataclasses.replace(llama_result, kl_options=[0])
+
+
+def test_an_untied_model_has_its_head_and_embedding_measured_apart(tiny_dirs):
+    """Each end's KL equals the model re-run with only that matrix quantized."""
+    qwen2 = run(open_model_job(tiny_dirs["qwen2"]))
+    ids = text_windows(qwen2.tokenizer, None, 16, 2, seed=0)[0]
+    r = run(sensitivity_job(qwen2, ids, bits=(2,), group_sizes=(32,), kl_bits=(2,),
+                            kl_group=32, kl_windows=2))
+    assert r.ends == [("lm_head",), ("model.embed_tokens",)]
+    assert r.layers[r.body_rows:] == ["lm_head", "model.embed_tokens"]
+    with torch.no_grad():
+        base = qwen2.model(input_ids=ids, use_cache=False).logits
+    for row, name in ((r.body_rows, "lm_head"), (r.body_rows + 1, "model.embed_tokens")):
+        model = copy.deepcopy(qwen2.model)
+        weight = model.get_submodule(name).weight
+        weight.data.copy_(quantize_weight(weight.data, r.options[0]).dequantize())
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+        assert r.kl[row, 0] == pytest.approx(double_kl(base, logits), rel=1e-3)
+        assert r.proxy_error[row, 0] > 0

@@ -63,7 +63,8 @@ def test_sensitivity_view_measures_and_a_click_assigns_an_option(qtbot, state, t
     assert result.labels == ["W2 g64", "W2 g32", "W3 g64", "W3 g32"] and result.has_kl
     # The text was tokenized by the job, not on the UI thread.
     assert tokenized_on and threading.main_thread() not in tokenized_on
-    assert view.image.image.shape == (4, len(tiny_llama.quantizable))
+    # A column per layer, then one for the tied lm_head + embedding (measured as one unit).
+    assert view.image.image.shape == (4, len(tiny_llama.quantizable) + 1)
     assert not state.failures
     # One row per option; the one measured end to end is starred, and the legend says so.
     ticks = [label for _, label in view.plot.getAxis("left")._tickLevels[0]]
@@ -314,6 +315,24 @@ def test_the_ends_are_one_shared_choice_and_allocation_keeps_them(qtbot, state, 
     view._load(str(tmp_path / "plan.json"))
     assert box.currentText().startswith("W4 g32")
 
+    # "auto": Auto-allocate chooses the pair's width from its measured loss, one matrix.
+    box.setCurrentIndex(box.findData("auto"))
+    box.activated.emit(box.currentIndex())
+    assert view.ends.auto_names() == list(end.names)
+    assert state.session.plan.spec_for("lm_head").bits == 4    # unchanged until allocated
+    tiny = tiny_result.ends == [end.names] and tiny_result.options
+    assert tiny
+    view.target.setValue(2.5)                                  # bits per weight, head counted
+    assert view.auto_allocate() is not None
+    _wait_job(qtbot, view)
+    chosen = state.session.plan
+    head = chosen.spec_for("lm_head")
+    assert head == chosen.spec_for("model.embed_tokens")
+    assert head is None or (head.method == "rtn" and tiny_result.column(head) is not None)
+    assert view.allocation.choices["lm_head"] == (head and head.with_(method="rtn"))
+    assert plan_size(tiny_llama, chosen).size_bytes == int(view.allocation.size_bytes) \
+        == view.size.size_bytes
+    assert box.currentData() == "auto" and "now" in box.currentText()
 
 def test_plan_table_refresh_touches_only_what_changed(qtbot, state, tiny_llama, tiny_result,
                                                       monkeypatch):

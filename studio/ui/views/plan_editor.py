@@ -310,7 +310,8 @@ class PlanView(QWidget):
         plan = self.state.session.plan
         method = plan.default.method if plan.default is not None else None
         return loss_table(result, self.state.handle, kind=kind, method=method,
-                          gguf_native=self.gguf_native.isChecked(), plan=plan), result
+                          gguf_native=self.gguf_native.isChecked(), plan=plan,
+                          auto=self.ends.auto_names()), result
 
     def auto_allocate(self):
         from studio.core.allocate import allocate
@@ -357,7 +358,7 @@ class PlanView(QWidget):
         ends = describe(plan, self.state.handle.layers)
         self._set_plan(plan, f"Auto-allocated: {answer.bpw:.3f} bits/weight, "
                                     f"{answer.size_mb:.2f} MB, predicted loss {answer.loss:.4g} "
-                                    f"({solver})." + (f" Kept as set and counted in the size: "
+                                    f"({solver})." + (f" Ends, counted in the size: "
                                                       f"{ends}." if ends else ""))
         self._draw_pareto()
 
