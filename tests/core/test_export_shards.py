@@ -17,6 +17,7 @@ from studio.core.export.safetensors_stream import TensorSpec
 from studio.core.jobs import run
 from studio.core.plan import Plan, QuantSpec
 from studio.core.quantize import quantize_job
+from tests.core.test_export_streamed import never_whole, streamed_variant  # noqa: F401
 
 LIMIT = 30_000   # bytes: the tiny Llama's f16 export in several shards, its embedding alone
 
@@ -147,3 +148,20 @@ def test_a_shard_that_fails_leaves_nothing(tiny_llama, symmetric_variant, tmp_pa
                            ExportOptions(shard_size=LIMIT)))
         assert len(calls) == 2
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["hf", "compressed-tensors"])
+def test_a_streamed_variant_exports_in_shards_verified_a_layer_at_a_time(
+        streamed_variant, fmt, tmp_path, monkeypatch):
+    handle, variant = streamed_variant
+    never_whole(monkeypatch)
+    whole = run(export_job(variant, handle, fmt, tmp_path / "whole", ExportOptions()))
+    split = run(export_job(variant, handle, fmt, tmp_path / "split",
+                           ExportOptions(shard_size=LIMIT)))
+    assert whole.verified and split.verified
+    assert split.max_weight_diff == whole.max_weight_diff
+    assert split.max_logit_diff == whole.max_logit_diff
+    one, many = tensors_of(tmp_path / "whole"), tensors_of(tmp_path / "split")
+    assert len({f for f, _ in many.values()}) > 2 and one.keys() == many.keys()
+    for key, (_, tensor) in one.items():
+        assert torch.equal(tensor, many[key][1]), key
