@@ -165,13 +165,14 @@ def estimate_open(params: int, streamed: bool, vocab_bytes: int = 0,
 
 def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1, seqlen: int = 512,
                  variant: bool = False, proxy_windows: int = 0, proxy_tokens: int = 0,
-                 beside=()) -> Estimate:
+                 beside=(), runtime: int = 0) -> Estimate:
     """A job's peak on `handle` (a ModelHandle or a model): kind is stats, quantize, eval,
     capture, sensitivity, export (`handle`: the variant's model). `windows` are the
     calibration windows (quantize, capture), the windows of one forward (eval, export) or the
     KL sweep's windows (sensitivity, whose proxy part reads `proxy_windows` and keeps
     `proxy_tokens` rows of every layer's input). `beside`: the models the job runs beside
-    this one (an evaluation's baseline), whose weights count as held."""
+    this one (an evaluation's baseline), whose weights count as held. `runtime`: an export's
+    consumer running in a process of its own (`ExportFormat.runtime_bytes`)."""
     model = getattr(handle, "model", handle)
     s = model_shape(model)
     streamed = s["streamed"]
@@ -214,6 +215,8 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
         p.update(_sensitivity_parts(s, windows, seqlen, proxy_windows, proxy_tokens))
     elif kind == "export" and streamed:
         p.update(_streamed_export_parts(model, s, tokens, p["largest layer read"]))
+        if runtime:   # llama.cpp computing the file's logits, the file mapped in its process
+            p["the consumer's own process"] = runtime
     elif kind == "export":
         # written a tensor at a time, then re-opened by the consumer's loader as a float32
         # model (a GGUF is first de-quantized in a child process: `guard_convert`) whose

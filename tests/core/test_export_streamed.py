@@ -179,3 +179,26 @@ def test_a_streamed_variants_size_figures_read_no_codes(streamed_variant, monkey
     monkeypatch.setattr(variant_stream, "read_layer", no_reads)
     assert (variant.size_bytes, variant.model_bits_per_weight) == expected[:2]
     assert variant.size_breakdown["quantized"] > 0
+
+
+def test_the_guard_counts_the_gguf_llama_cpp_maps(streamed_variant, tmp_path, monkeypatch):
+    """A streamed GGUF's logits come from llama.cpp in its own process, which maps the whole
+    file: the guard counts the file's tensors (sized before writing, exactly) and that
+    process's runtime beside the studio's own peak."""
+    from gguf import GGUFReader
+
+    from studio.core import memory
+    from studio.core.export import get_format
+    from studio.core.export.gguf import LLAMA_CPP_RUNTIME
+
+    handle, variant = streamed_variant
+    fmt, options = get_format("gguf"), ExportOptions(dtype="f16")
+    runtime = fmt.runtime_bytes(variant, handle, options, fmt.preflight(variant, handle, options))
+    seen = []
+    original = memory.estimate_job
+    monkeypatch.setattr(memory, "estimate_job", lambda *a, **k: seen.append(
+        original(*a, **k)) or seen[-1])
+    result = run(export_job(variant, handle, "gguf", tmp_path / "out", options))
+    tensors = sum(int(t.n_bytes) for t in GGUFReader(result.file).tensors)
+    assert runtime - LLAMA_CPP_RUNTIME == tensors
+    assert seen[0].parts["the consumer's own process"] == runtime

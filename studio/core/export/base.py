@@ -118,6 +118,11 @@ class ExportFormat:
     def reload_job(self, written: Written, handle) -> Job[Reloaded]:
         raise NotImplementedError
 
+    def runtime_bytes(self, variant, handle, options: ExportOptions, preflight: Preflight) -> int:
+        """Memory a process of the consumer's own holds while the export is verified (the
+        memory guard counts it beside the studio's own): none unless a format runs one."""
+        return 0
+
     def usage(self, file: str) -> str:
         """A line or two showing how to load the export (for its README)."""
         raise NotImplementedError
