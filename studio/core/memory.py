@@ -35,6 +35,8 @@ FORWARD_COPIES = 6
 # Python, torch and transformers' model code, resident before any weight (measured: 440-460
 # MiB after opening the demo, whose weights are not yet paged in, or a streamed 3B model).
 RUNTIME = 440 * 2 ** 20
+# Copies of a layer's weight while its error figures are computed (fitted, `_error_figure_parts`)
+ERROR_TERM_COPIES = 4
 # Copies of a layer's weight while weight statistics run on it (float32, |w|, sorted sample...).
 STATS_COPIES = 3
 
@@ -244,6 +246,8 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
             # held)
             p["replay stash"] = min(4 * carried * (3 * s["hidden"] + s["intermediate"]),
                                     8 * s["block_params"] if streamed else 2 * s["params"])
+        if windows and not hessian:
+            p.update(_error_figure_parts(s))
         codes = s["quantizable"] // 2 + s["quantizable"] // 16
         # streamed: a block's codes go to their file when the block is done (variant_stream)
         p["codes"] = -(-codes // max(1, s["blocks"])) if streamed else codes
@@ -292,6 +296,22 @@ def _streamed_export_parts(model, s: dict, tokens: int, forward_read: int) -> di
         f"{phase} (beyond the forwards)": max(0, phases[phase]
                                               - (forward_read + logits + activations)),
     }
+
+
+def _error_figure_parts(s: dict) -> dict[str, int]:
+    """What a block quantized from its inputs as they arrive (RTN, AWQ, SmoothQuant: not
+    GPTQ, whose own parts count its Hessians) keeps for its layers' error figures
+    (`quantize.quantize_block`): every linear's weight before rounding, the statistics of each
+    input the block's linears read (for a Llama-like block: attention input and output, MLP
+    input at the hidden width, the down projection's at the intermediate), and one layer's
+    error terms being computed. Missing before: the guard under-estimated RTN with its error
+    windows on the 3B by 24% (2058 MiB estimated, 2698 measured)."""
+    return {"weights before rounding (error figures)": 4 * s["block_params"],
+            "input statistics (error figures)": 4 * (3 * s["hidden"] ** 2
+                                                     + s["intermediate"] ** 2),
+            # W - Q, (W - Q) H, W H and their products for the layer and its RTN reference
+            # (fitted on the 2-block cut of the 3B: 2539 MiB peak during down_proj)
+            "error terms of a layer": ERROR_TERM_COPIES * 4 * s["largest_linear"]}
 
 
 # Settings a refused job could lower, per kind: (name, how the offer names it, least value).
