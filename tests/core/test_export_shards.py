@@ -152,7 +152,7 @@ def test_a_shard_that_fails_leaves_nothing(tiny_llama, symmetric_variant, tmp_pa
 
 @pytest.mark.parametrize("fmt", ["hf", "compressed-tensors"])
 def test_a_streamed_variant_exports_in_shards_verified_a_layer_at_a_time(
-        streamed_variant, fmt, tmp_path, monkeypatch):
+        streamed_variant, fmt, tmp_path, monkeypatch):  # noqa: F811  (the imported fixture)
     handle, variant = streamed_variant
     never_whole(monkeypatch)
     whole = run(export_job(variant, handle, fmt, tmp_path / "whole", ExportOptions()))
