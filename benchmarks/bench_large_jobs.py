@@ -199,12 +199,15 @@ def _bench(job, handle, model) -> dict:
 
 def _export(job, handle, model) -> dict:
     """The variant `STUDIO_LARGE_VARIANT` (default gptq) exported as `STUDIO_LARGE_FORMAT`
-    (default gguf) into a scratch folder, verified as the CLI does."""
+    (default gguf) into a scratch folder, verified as the CLI does, in shards of
+    `STUDIO_LARGE_SHARD` (default 5GB; safetensors formats)."""
     import shutil
     import tempfile
 
     from studio.core import memory
+    from studio.core.export.base import ExportOptions
     from studio.core.export.job import export_job
+    from studio.core.export.shards import parse_size
     from studio.core.variant import load_variant
 
     method = os.environ.get("STUDIO_LARGE_VARIANT", "gptq")
@@ -214,10 +217,14 @@ def _export(job, handle, model) -> dict:
 
     estimate = memory.estimate_job(variant.model, "export", windows=1,   # as export_job asks
                                    seqlen=VERIFY_WINDOWS * VERIFY_SEQLEN).total
+    options = ExportOptions(shard_size=parse_size(os.environ.get("STUDIO_LARGE_SHARD", "5GB")))
     scratch = Path(tempfile.mkdtemp(prefix="bench-export-"))
     try:
-        result, record = _timed(export_job(variant, handle, fmt, scratch / "out"), estimate)
-        record.update(format=fmt, variant=method, bytes=result.bytes)
+        result, record = _timed(export_job(variant, handle, fmt, scratch / "out", options),
+                                estimate)
+        record.update(format=fmt, variant=method, bytes=result.bytes,
+                      shard_size=options.shard_size,
+                      files=sorted(f.name for f in (scratch / "out").iterdir()))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return record

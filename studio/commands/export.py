@@ -1,4 +1,5 @@
-"""compression-studio export VARIANT --format gguf|compressed-tensors|hf --out PATH [--json]
+"""compression-studio export VARIANT --format gguf|compressed-tensors|hf --out PATH
+                          [--shard-size 5GB] [--json]
 
 Writes the variant in a format other tools load, re-opens it with that tool's library, checks
 weights, logits and tokenizer against the variant, and only then moves it into place."""
@@ -11,6 +12,7 @@ from studio.core.errors import StudioError
 from studio.core.evaluate import DEFAULT_SEQLEN, DEFAULT_WINDOWS
 from studio.core.export import format_names
 from studio.core.export.base import FLOAT_DTYPES, INEXACT_POLICIES, ExportOptions
+from studio.core.export.shards import DEFAULT_SHARD_SIZE, describe_size, parse_size
 
 NAME = "export"
 HELP = "export a VARIANT as GGUF, compressed-tensors or a plain Hugging Face checkpoint, verified"
@@ -32,6 +34,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--asym4", default="q5_0", choices=("q5_0", "q4_1"),
                         help="GGUF: 4-bit asymmetric layers as q5_0 (exact, default) or q4_1 "
                              "(smaller; its fp16 offset rounds)")
+    parser.add_argument("--shard-size", default=describe_size(DEFAULT_SHARD_SIZE), metavar="SIZE",
+                        help="safetensors formats: at most SIZE of tensors per file, split "
+                             "into model-0000i-of-0000N.safetensors and an index as "
+                             "transformers does (e.g. 2GB, 500MB, 4GiB; default "
+                             f"{describe_size(DEFAULT_SHARD_SIZE)})")
     parser.add_argument("--base", metavar="MODEL",
                         help="the base model, when it moved since the variant was made")
     parser.add_argument("--force", action="store_true", help="replace PATH if it exists")
@@ -49,7 +56,8 @@ def run(args) -> int:
     from studio.core.export.job import check_destination, export_job
     from studio.core.variant import load_variant, read_variant_meta
 
-    options = ExportOptions(dtype=args.dtype, inexact=args.inexact, gguf_asym4=args.asym4)
+    options = ExportOptions(dtype=args.dtype, inexact=args.inexact, gguf_asym4=args.asym4,
+                            shard_size=parse_size(args.shard_size))
     if not Path(args.variant).is_dir():
         raise StudioError(f"{args.variant} is not a variant folder.")
     meta = read_variant_meta(args.variant)

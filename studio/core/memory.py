@@ -35,6 +35,8 @@ FORWARD_COPIES = 6
 # Python, torch and transformers' model code, resident before any weight (measured: 440-460
 # MiB after opening the demo, whose weights are not yet paged in, or a streamed 3B model).
 RUNTIME = 440 * 2 ** 20
+# Copies of a layer's weight while its error figures are computed (fitted, `_error_figure_parts`)
+ERROR_TERM_COPIES = 4
 # Copies of a layer's weight while weight statistics run on it (float32, |w|, sorted sample...).
 STATS_COPIES = 3
 
@@ -165,13 +167,14 @@ def estimate_open(params: int, streamed: bool, vocab_bytes: int = 0,
 
 def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1, seqlen: int = 512,
                  variant: bool = False, proxy_windows: int = 0, proxy_tokens: int = 0,
-                 beside=()) -> Estimate:
+                 beside=(), runtime: int = 0) -> Estimate:
     """A job's peak on `handle` (a ModelHandle or a model): kind is stats, quantize, eval,
     capture, sensitivity, export (`handle`: the variant's model). `windows` are the
     calibration windows (quantize, capture), the windows of one forward (eval, export) or the
     KL sweep's windows (sensitivity, whose proxy part reads `proxy_windows` and keeps
     `proxy_tokens` rows of every layer's input). `beside`: the models the job runs beside
-    this one (an evaluation's baseline), whose weights count as held."""
+    this one (an evaluation's baseline), whose weights count as held. `runtime`: an export's
+    consumer running in a process of its own (`ExportFormat.runtime_bytes`)."""
     model = getattr(handle, "model", handle)
     s = model_shape(model)
     streamed = s["streamed"]
@@ -214,6 +217,8 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
         p.update(_sensitivity_parts(s, windows, seqlen, proxy_windows, proxy_tokens))
     elif kind == "export" and streamed:
         p.update(_streamed_export_parts(model, s, tokens, p["largest layer read"]))
+        if runtime:   # llama.cpp computing the file's logits, the file mapped in its process
+            p["the consumer's own process"] = runtime
     elif kind == "export":
         # written a tensor at a time, then re-opened by the consumer's loader as a float32
         # model (a GGUF is first de-quantized: `estimate_convert`) whose
@@ -241,6 +246,8 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
             # held)
             p["replay stash"] = min(4 * carried * (3 * s["hidden"] + s["intermediate"]),
                                     8 * s["block_params"] if streamed else 2 * s["params"])
+        if windows and not hessian:
+            p.update(_error_figure_parts(s))
         codes = s["quantizable"] // 2 + s["quantizable"] // 16
         # streamed: a block's codes go to their file when the block is done (variant_stream)
         p["codes"] = -(-codes // max(1, s["blocks"])) if streamed else codes
@@ -289,6 +296,22 @@ def _streamed_export_parts(model, s: dict, tokens: int, forward_read: int) -> di
         f"{phase} (beyond the forwards)": max(0, phases[phase]
                                               - (forward_read + logits + activations)),
     }
+
+
+def _error_figure_parts(s: dict) -> dict[str, int]:
+    """What a block quantized from its inputs as they arrive (RTN, AWQ, SmoothQuant: not
+    GPTQ, whose own parts count its Hessians) keeps for its layers' error figures
+    (`quantize.quantize_block`): every linear's weight before rounding, the statistics of each
+    input the block's linears read (for a Llama-like block: attention input and output, MLP
+    input at the hidden width, the down projection's at the intermediate), and one layer's
+    error terms being computed. Missing before: the guard under-estimated RTN with its error
+    windows on the 3B by 24% (2058 MiB estimated, 2698 measured)."""
+    return {"weights before rounding (error figures)": 4 * s["block_params"],
+            "input statistics (error figures)": 4 * (3 * s["hidden"] ** 2
+                                                     + s["intermediate"] ** 2),
+            # W - Q, (W - Q) H, W H and their products for the layer and its RTN reference
+            # (fitted on the 2-block cut of the 3B: 2539 MiB peak during down_proj)
+            "error terms of a layer": ERROR_TERM_COPIES * 4 * s["largest_linear"]}
 
 
 # Settings a refused job could lower, per kind: (name, how the offer names it, least value).

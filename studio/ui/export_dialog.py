@@ -28,7 +28,9 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core.export import all_formats, get_format
+from studio.core.errors import StudioError
 from studio.core.export.base import FLOAT_DTYPES, ExportOptions
+from studio.core.export.shards import DEFAULT_SHARD_SIZE, describe_size, parse_size
 from studio.core.files import safe_name
 from studio.core.jobs import Progress
 
@@ -59,6 +61,10 @@ class ExportDialog(QDialog):
         self.asym4 = QComboBox()
         self.asym4.addItem("Q5_0 (exact, 5.5 bits/weight)", "q5_0")
         self.asym4.addItem("Q4_1 (5.0 bits/weight, offset rounded to fp16)", "q4_1")
+        self.shard_size = QLineEdit(describe_size(DEFAULT_SHARD_SIZE))
+        self.shard_size.setToolTip("At most this much of tensors per safetensors file: a larger "
+                                   "export is split into model-0000i-of-0000N.safetensors and "
+                                   "an index, as transformers does (e.g. 2GB, 500MB, 4GiB).")
         self.destination = QLineEdit()
         browse = QPushButton("Browse…")
         browse.clicked.connect(self.choose_destination)
@@ -73,6 +79,7 @@ class ExportDialog(QDialog):
         form.addRow("Float tensors", self.dtype)
         form.addRow("Layers without an exact type", self.inexact)
         form.addRow("GGUF 4-bit asymmetric as", self.asym4)
+        form.addRow("Largest safetensors file", self.shard_size)
         form.addRow("Destination folder", where)
 
         self.summary = QLabel(wordWrap=True)
@@ -110,6 +117,7 @@ class ExportDialog(QDialog):
 
         for combo in (self.format, self.dtype, self.inexact, self.asym4):
             combo.currentIndexChanged.connect(self.options_changed)
+        self.shard_size.editingFinished.connect(self.options_changed)
         self.destination.setText(str(Path.home() / safe_name(variant.name)))
         self.options_changed()
 
@@ -120,17 +128,25 @@ class ExportDialog(QDialog):
                 f"{s['bits_per_weight']:.3f} bits/weight (estimate)")
 
     def options(self) -> ExportOptions:
+        """The options as set; a shard size that does not read raises StudioError."""
         return ExportOptions(dtype=self.dtype.currentData(), inexact=self.inexact.currentData(),
-                             gguf_asym4=self.asym4.currentData())
+                             gguf_asym4=self.asym4.currentData(),
+                             shard_size=parse_size(self.shard_size.text()))
 
     def options_changed(self) -> None:
         fmt = get_format(self.format.currentData())
         self.description.setText(f"{fmt.description} Verified by re-opening it with "
                                  f"{fmt.consumer}.")
         self.asym4.setEnabled(fmt.name == "gguf")
+        self.shard_size.setEnabled(fmt.name != "gguf")
         self.export_button.setEnabled(False)
+        try:
+            options = self.options()
+        except StudioError as exc:
+            self.summary.setText(f"<span style='color:#c82828'>{escape(str(exc))}</span>")
+            return
         self.summary.setText("Checking how each layer will be stored…")
-        variant, handle, options = self.variant, self.state.handle, self.options()
+        variant, handle = self.variant, self.state.handle
         self.state.submit(f"Check the {fmt.name} export", lambda: _preflight_job(
             fmt, variant, handle, options), on_result=self._checked)
 
@@ -170,6 +186,11 @@ class ExportDialog(QDialog):
         if not self.destination.text().strip():
             self.status.setText("Choose a destination folder first.")
             return
+        try:
+            options = self.options()
+        except StudioError as exc:
+            self.status.setText(f"<span style='color:#c82828'>{escape(str(exc))}</span>")
+            return
         if force is None:
             force = False
             if out.exists():
@@ -178,7 +199,7 @@ class ExportDialog(QDialog):
                 if answer != QMessageBox.StandardButton.Yes:
                     return
                 force = True
-        variant, handle, options = self.variant, self.state.handle, self.options()
+        variant, handle = self.variant, self.state.handle
         fmt = self.format.currentData()
         known = _known_metrics(self.state.session.runs, variant.name)
         self.export_button.setEnabled(False)

@@ -33,7 +33,8 @@ def test_export_prints_one_json_object(variant_dir, tmp_path, capsys, fmt):
 def test_an_export_is_a_model_eval_reads_back(variant_dir, tmp_path, capsys):
     out = tmp_path / "export"
     assert main(["export", str(variant_dir), "--format", "hf", "--out", str(out),
-                 "--dtype", "f32"]) == 0
+                 "--dtype", "f32", "--shard-size", "20KB"]) == 0
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 2   # read back through its index
     capsys.readouterr()
     assert main(["eval", str(out), "--windows", "2", "--seqlen", "64", "--json"]) == 0
     from_export = json.loads(capsys.readouterr().out)
@@ -50,6 +51,7 @@ def test_bad_input_exits_2_with_one_line(variant_dir, tiny_dirs, tmp_path, capsy
         [str(variant_dir), "--format", "hf", "--out", str(taken)],          # exists
         [str(tiny_dirs["llama"]), "--format", "hf", "--out", str(tmp_path / "x")],  # no variant
         [str(variant_dir), "--format", "onnx", "--out", str(tmp_path / "x")],
+        [str(variant_dir), "--format", "hf", "--out", str(tmp_path / "x"), "--shard-size", "5XB"],
     ]
     for args in cases:
         capsys.readouterr()

@@ -15,7 +15,7 @@ from studio.core.plan import Plan, QuantSpec
 from studio.core.quantize import quantize_job
 from tests.core.test_streaming import sharded
 
-FORMATS = ("compressed-tensors", "gguf")
+FORMATS = ("compressed-tensors", "gguf", "hf")
 
 
 def test_the_streaming_writer_writes_what_save_file_writes(tmp_path):
@@ -54,11 +54,12 @@ def streamed_variant(tmp_path_factory, tiny_tokenizer_obj):
 def never_whole(monkeypatch):
     """The whole-model re-openers fail the test if called."""
     from studio.core import gguf_convert
-    from studio.core.export import compressed_tensors
+    from studio.core.export import compressed_tensors, hf
 
     def whole(*args, **kwargs):
         raise AssertionError("the export was re-opened whole")
     monkeypatch.setattr(compressed_tensors, "open_checkpoint_job", whole)
+    monkeypatch.setattr(hf, "reload_folder_job", whole)
     monkeypatch.setattr(gguf_convert, "convert_job", whole)
 
 
@@ -68,15 +69,18 @@ def test_a_streamed_variant_is_verified_without_reopening_it_whole(streamed_vari
     handle, variant = streamed_variant
     never_whole(monkeypatch)
     result = run(export_job(variant, handle, fmt, tmp_path / "out", ExportOptions(dtype="f16")))
-    # compressed-tensors holds the codes exactly; GGUF rounds these scales to fp16
-    assert result.verified and result.max_weight_diff <= (1e-4 if fmt == "gguf" else 0.0)
+    # compressed-tensors holds the codes exactly; GGUF rounds these scales to fp16, a plain
+    # checkpoint the de-quantized weights
+    assert result.verified and result.max_weight_diff <= (0.0 if fmt == "compressed-tensors"
+                                                          else 1e-3)
     assert len(result.layers) == len(variant.qtensors)
     assert result.max_logit_diff < 1e-2 and result.tokenizer_equal
     assert result.logits_by == ("llama.cpp" if fmt == "gguf" else "")
 
 
 def break_one_layer(monkeypatch, fmt):
-    """The writer changes one code of model.layers.1.mlp.down_proj."""
+    """The writer changes one code (one weight, a plain checkpoint) of
+    model.layers.1.mlp.down_proj."""
     if fmt == "gguf":
         from studio.core.export import gguf
         original = gguf.tensor_data
@@ -88,6 +92,17 @@ def break_one_layer(monkeypatch, fmt):
                 data.reshape(-1)[-1] ^= 0x10   # a code of the last block
             return data
         monkeypatch.setattr(gguf, "tensor_data", tampered)
+    elif fmt == "hf":
+        from studio.core.export import hf
+        original = hf.dense_weight
+
+        def tampered(variant, handle, name):
+            w = original(variant, handle, name)
+            if name == "model.layers.1.mlp.down_proj":
+                w = w.clone()
+                w[0, 0] += w.abs().max()
+            return w
+        monkeypatch.setattr(hf, "dense_weight", tampered)
     else:
         from studio.core.export import compressed_tensors
         original = compressed_tensors.layer_local
@@ -164,3 +179,26 @@ def test_a_streamed_variants_size_figures_read_no_codes(streamed_variant, monkey
     monkeypatch.setattr(variant_stream, "read_layer", no_reads)
     assert (variant.size_bytes, variant.model_bits_per_weight) == expected[:2]
     assert variant.size_breakdown["quantized"] > 0
+
+
+def test_the_guard_counts_the_gguf_llama_cpp_maps(streamed_variant, tmp_path, monkeypatch):
+    """A streamed GGUF's logits come from llama.cpp in its own process, which maps the whole
+    file: the guard counts the file's tensors (sized before writing, exactly) and that
+    process's runtime beside the studio's own peak."""
+    from gguf import GGUFReader
+
+    from studio.core import memory
+    from studio.core.export import get_format
+    from studio.core.export.gguf import LLAMA_CPP_RUNTIME
+
+    handle, variant = streamed_variant
+    fmt, options = get_format("gguf"), ExportOptions(dtype="f16")
+    runtime = fmt.runtime_bytes(variant, handle, options, fmt.preflight(variant, handle, options))
+    seen = []
+    original = memory.estimate_job
+    monkeypatch.setattr(memory, "estimate_job", lambda *a, **k: seen.append(
+        original(*a, **k)) or seen[-1])
+    result = run(export_job(variant, handle, "gguf", tmp_path / "out", options))
+    tensors = sum(int(t.n_bytes) for t in GGUFReader(result.file).tensors)
+    assert runtime - LLAMA_CPP_RUNTIME == tensors
+    assert seen[0].parts["the consumer's own process"] == runtime

@@ -89,3 +89,30 @@ def test_evaluation_offers_fewer_windows_per_pass(tiny_llama, monkeypatch):
     with pytest.raises(NotEnoughMemory) as info:
         memory.guard_job(tiny_llama.model, "eval", free=free, windows=8, seqlen=SEQLEN)
     assert 1 <= _offered(str(info.value), "windows per forward pass") < 8
+
+
+def test_rtn_with_error_windows_counts_what_its_error_figures_keep(tiny_llama):
+    """RTN measures each layer's output error on a few windows: the block's weights before
+    rounding, the statistics of each input and one layer's error terms stay beside the
+    block (24% under the measured peak on the 3B without them)."""
+    from studio.core.quantize import quantize_job, ERROR_WINDOWS
+    from studio.core.plan import Plan, QuantSpec
+    from studio.core.text import builtin_text, calibration_windows, tokenize
+
+    shape = memory.model_shape(tiny_llama.model)
+    with_errors = memory.estimate_job(tiny_llama, "quantize", method="rtn", windows=ERROR_WINDOWS,
+                                      seqlen=SEQLEN)
+    without = memory.estimate_job(tiny_llama, "quantize", method="rtn", windows=0, seqlen=SEQLEN)
+    gptq = memory.estimate_job(tiny_llama, "quantize", method="gptq", windows=ERROR_WINDOWS,
+                               seqlen=SEQLEN)
+    kept = with_errors.parts["weights before rounding (error figures)"]
+    assert kept == 4 * shape["block_params"]
+    assert with_errors.parts["input statistics (error figures)"] == 4 * (
+        3 * shape["hidden"] ** 2 + shape["intermediate"] ** 2)
+    assert not any("error figures" in part for part in [*without.parts, *gptq.parts])
+    # and the job it describes does keep them: its error figures are there
+    ids = tokenize(tiny_llama.tokenizer, builtin_text()[:20_000])
+    windows = calibration_windows(ids, SEQLEN, ERROR_WINDOWS, seed=0)
+    variant = run(quantize_job(tiny_llama, Plan(QuantSpec(4, 32, False, "rtn")), windows,
+                               "text", "rtn"))
+    assert all(e["error"] is not None for e in variant.layer_errors if e["block"] is not None)

@@ -44,6 +44,28 @@ def test_export_verifies_and_reports(qtbot, state, tiny_llama, variant, tmp_path
     assert json.loads((tmp_path / "out" / "report.json").read_text())["verified"]
 
 
+def test_the_shard_size_splits_the_files_and_a_bad_one_is_said(qtbot, state, tiny_llama,
+                                                              variant, tmp_path):
+    dialog = _dialog(qtbot, state, tiny_llama, variant, "compressed-tensors")
+    dialog.shard_size.setText("5 parsecs")
+    dialog.shard_size.editingFinished.emit()
+    assert not dialog.export_button.isEnabled() and "shard size" in dialog.summary.text()
+    dialog.shard_size.setText("30KB")
+    dialog.shard_size.editingFinished.emit()
+    qtbot.waitUntil(lambda: dialog.export_button.isEnabled() and not state.runner.active,
+                    timeout=60000)
+    dialog.destination.setText(str(tmp_path / "out"))
+    with qtbot.waitSignal(state.resultsChanged, timeout=120000,
+                          check_params_cb=lambda key: key == "exports"):
+        dialog.start_export()
+    qtbot.waitUntil(lambda: dialog.job is None, timeout=10000)
+    assert dialog.result.verified and dialog.result.options["shard_size"] == "30KB"
+    assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) > 2
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    dialog.format.setCurrentIndex(dialog.format.findData("gguf"))
+    assert not dialog.shard_size.isEnabled()   # one .gguf file
+
+
 def test_an_existing_destination_is_replaced_only_when_the_user_agrees(
         qtbot, state, tiny_llama, variant, tmp_path, monkeypatch):
     dialog = _dialog(qtbot, state, tiny_llama, variant, "hf")

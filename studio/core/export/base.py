@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from studio.core.errors import StudioError
+from studio.core.export.shards import DEFAULT_SHARD_SIZE, describe_size
 from studio.core.jobs import Job
 
 FLOAT_DTYPES = ("f16", "bf16", "f32")
@@ -27,6 +28,7 @@ class ExportOptions:
     dtype: str = "f16"          # tensors that are not quantized: f16 | bf16 | f32
     inexact: str = "refuse"     # a layer no exact type holds: refuse the export, or take the nearest
     gguf_asym4: str = "q5_0"    # GGUF, 4-bit asymmetric layers: q5_0 (exact) or q4_1 (smaller)
+    shard_size: int = DEFAULT_SHARD_SIZE   # safetensors formats: bytes of tensors per file
 
     def __post_init__(self) -> None:
         if self.dtype not in FLOAT_DTYPES:
@@ -38,9 +40,13 @@ class ExportOptions:
         if self.gguf_asym4 not in ("q5_0", "q4_1"):
             raise StudioError(f"4-bit asymmetric layers go to GGUF as q5_0 or q4_1, "
                               f"not {self.gguf_asym4!r}.")
+        if not isinstance(self.shard_size, int) or self.shard_size <= 0:
+            raise StudioError(f"The shard size is a positive number of bytes, not "
+                              f"{self.shard_size!r}.")
 
     def to_dict(self) -> dict:
-        return {"dtype": self.dtype, "inexact": self.inexact, "gguf_asym4": self.gguf_asym4}
+        return {"dtype": self.dtype, "inexact": self.inexact, "gguf_asym4": self.gguf_asym4,
+                "shard_size": describe_size(self.shard_size)}
 
 
 @dataclass
@@ -111,6 +117,11 @@ class ExportFormat:
 
     def reload_job(self, written: Written, handle) -> Job[Reloaded]:
         raise NotImplementedError
+
+    def runtime_bytes(self, variant, handle, options: ExportOptions, preflight: Preflight) -> int:
+        """Memory a process of the consumer's own holds while the export is verified (the
+        memory guard counts it beside the studio's own): none unless a format runs one."""
+        return 0
 
     def usage(self, file: str) -> str:
         """A line or two showing how to load the export (for its README)."""

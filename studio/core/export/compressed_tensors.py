@@ -13,6 +13,7 @@ initialise a compressed Embedding): it is refused, or written de-quantized under
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -27,9 +28,9 @@ from studio.core.export.ct_layout import (PACKED, Scheme, layer_tensors, quantiz
                                           scheme_for, zeros_are_codes)
 from studio.core.export.hf_folder import (copy_tokenizer_files, export_config, reload_folder_job,
                                           tokenizer_files_equal)
-from studio.core.export import safetensors_stream
+from studio.core.export import shards
 from studio.core.export.safetensors_stream import TensorSpec
-from studio.core.export.tensors import TORCH_DTYPES, float_tensors
+from studio.core.export.tensors import TORCH_DTYPES, float_state, float_value
 from studio.core.jobs import Job, Progress
 from studio.core.layers import get_module, is_conv1d, is_linear
 
@@ -151,13 +152,14 @@ class CompressedTensorsFormat(ExportFormat):
 
     def write_job(self, variant, handle, options: ExportOptions, preflight: Preflight,
                   folder: Path) -> Job[Written]:
-        """model.safetensors written a tensor at a time (`safetensors_stream`), in two passes
+        """The weights written a tensor at a time (`shards.write`: model.safetensors, or
+        shards of at most `options.shard_size` bytes and their index), in two passes
         over the layers: the first makes each layer's tensors to learn their dtypes and
         shapes (the header comes first) and keeps the small ones (scales, zero points,
         shapes: about 1/16 of the codes); the second makes each layer's packed codes again
         when the file reaches them. So a streamed variant's codes are read a layer at a time
         and never gathered (they would be ~1.5 GiB for a 3B model), and the file is byte for
-        byte what `save_file` writes from the same tensors."""
+        byte what `save_file` writes from the same tensors. A layer's tensors share a shard."""
         import compressed_tensors
 
         float_type = TORCH_DTYPES[options.dtype]
@@ -168,6 +170,7 @@ class CompressedTensorsFormat(ExportFormat):
         schemes: dict[str, Scheme] = {}
         scale_types: dict[str, torch.dtype] = {}
         layer_bytes: dict[str, int] = {}
+        numel: dict[str, int] = {}   # weights of each quantized layer (the index's count)
         kept: dict[str, torch.Tensor] = {}
         total = 2 * len(names) + 1
         for i, name in enumerate(names):
@@ -185,6 +188,7 @@ class CompressedTensorsFormat(ExportFormat):
                     # storage alive (~100 MB a block on the 3B, measured)
                     kept[f"{name}.{key}"] = value.clone()
             layer_bytes[name] = sum(t.numel() * t.element_size() for t in local.values())
+            numel[name] = qt.numel()
             del qt, local
         made: dict[str, dict[str, torch.Tensor]] = {}   # the last layer made again
 
@@ -200,10 +204,13 @@ class CompressedTensorsFormat(ExportFormat):
                                          scale_types.get(name), float_type)
             return made[name][part]
 
-        path = folder / "model.safetensors"
+        units = shards.state_units(specs, lambda key: layer if (layer := key.rpartition(".")[0])
+                                   in schemes else None)
+        parameters = sum(math.prod(specs[key].shape) for key in floats) + sum(numel.values())
         done = len(names)
-        yield Progress(done, total, f"Writing {path.name}")
-        for key in safetensors_stream.write(path, specs, produce, {"format": "pt"}):
+        yield Progress(done, total, "Writing the weights")
+        for key in shards.write(folder, specs, units, produce, options.shard_size, parameters,
+                                {"format": "pt"}):
             name = key.rpartition(".")[0]
             if name in layer_bytes and key.endswith((".weight_packed", ".weight")):
                 done += 1
@@ -266,33 +273,6 @@ def zero_point_bug(qt, scheme: Scheme) -> bool:
     return (scheme.format == PACKED and not scheme.symmetric and scheme.bits == 4
             and scheme.group_size is not None and qt.shape[0] * 4 <= 32
             and qt.shape[1] > scheme.group_size)
-
-
-def float_state(variant) -> dict[str, torch.Tensor]:
-    """The variant's float tensors, each storage once (a tied lm_head is written as the
-    embedding it shares, which transformers ties again), not yet read: a streamed model's stay
-    StoredParameters until the file reaches them (`float_value`)."""
-    from studio.core.streaming import StoredParameter
-
-    state, seen = {}, set()
-    for key, value in float_tensors(variant, lazy=True).items():
-        identity = (id(value) if isinstance(value, StoredParameter)
-                    else (value.data_ptr(), tuple(value.shape)))
-        if value.numel() and identity in seen:
-            continue
-        seen.add(identity)
-        state[key] = value
-    return state
-
-
-def float_value(value: torch.Tensor, float_type: torch.dtype) -> torch.Tensor:
-    """A tensor of `float_state` as written: floats in the export's type (a stored one read
-    straight into it, so a large embedding exists once), others as they are."""
-    from studio.core.streaming import StoredParameter
-
-    if isinstance(value, StoredParameter):
-        return value.read(float_type)
-    return (value.to(float_type) if value.is_floating_point() else value).contiguous()
 
 
 def unquantized_linears(variant) -> list[str]:
@@ -361,7 +341,7 @@ def decoded_reload_job(folder: Path, source: Path) -> Job[Reloaded]:
     yield Progress(0, 2, "De-compressing the export with compressed-tensors")
     # Scales in float32, as transformers' own path has them (the float32 model's parameters).
     tensors = {key: value.float() if key.endswith(".weight_scale") else value
-               for key, value in load_file(str(folder / "model.safetensors")).items()}
+               for file in shards.weight_files(folder) for key, value in load_file(str(file)).items()}
     try:
         decoder = CompressedTensorsDequantizer(folder, dtype=torch.float32)
         dense = decoder.validate(tensors)

@@ -9,18 +9,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from studio.core import metrics
+from studio.core.export import shards
 from studio.core.export.base import ExportFormat, ExportOptions, LayerTarget, Preflight, Written
 from studio.core.export.hf_folder import copy_tokenizer_files, export_config, reload_folder_job
-from studio.core.export.tensors import TORCH_DTYPES, dense_state_dict
+from studio.core.export.safetensors_stream import TensorSpec
+from studio.core.export.tensors import TORCH_DTYPES, dense_weight, float_state, float_value
 from studio.core.jobs import Job, Progress
+from studio.core.layers import get_module, is_conv1d
+
+PROGRESS_EVERY = 16   # tensors between progress reports while writing
 
 
 class HfFormat(ExportFormat):
     name = "hf"
     title = "Hugging Face checkpoint (de-quantized)"
-    description = ("config.json + model.safetensors with the de-quantized weights in f16, bf16 "
-                   "or f32, and the source's tokenizer files: opens in any tool.")
+    description = ("config.json + model.safetensors (shards and their index above the shard "
+                   "size) with the de-quantized weights in f16, bf16 or f32, and the source's "
+                   "tokenizer files: opens in any tool.")
     consumer = "transformers"
 
     def preflight(self, variant, handle, options: ExportOptions) -> Preflight:
@@ -43,24 +51,50 @@ class HfFormat(ExportFormat):
 
     def write_job(self, variant, handle, options: ExportOptions, preflight: Preflight,
                   folder: Path) -> Job[Written]:
-        yield Progress(0, 2, "De-quantizing the weights")
-        state = dense_state_dict(variant, handle, options.dtype)
-        yield Progress(1, 2, "Writing model.safetensors")
-        config = export_config(variant.model, TORCH_DTYPES[options.dtype])
-        original = variant.model.config
-        try:  # save_pretrained writes the model's own config: give it the export's for the call
-            variant.model.config = config
-            variant.model.save_pretrained(folder, state_dict=state)
-        finally:
-            variant.model.config = original
+        """The weights written a tensor at a time (`shards.write`), each quantized layer
+        de-quantized when its file reaches it: a streamed variant is never gathered (a 3B
+        model would be 6 GiB of f16), and the files are those `save_pretrained` writes from
+        the same tensors (tied ones once), split into shards of at most `options.shard_size`
+        bytes."""
+        float_type = TORCH_DTYPES[options.dtype]
+        floats = float_state(variant)
+        specs = {key: TensorSpec(float_type if value.is_floating_point() else value.dtype,
+                                 tuple(value.shape)) for key, value in floats.items()}
+        for name, qt in variant.qtensors.items():
+            shape = tuple(qt.shape)
+            if is_conv1d(get_module(handle.model, name)):   # GPT-2 stores [in, out]
+                shape = shape[::-1]
+            specs[f"{name}.weight"] = TensorSpec(float_type, shape)
+
+        def produce(key: str) -> torch.Tensor:
+            if key in floats:
+                return float_value(floats[key], float_type)
+            return dense_weight(variant, handle, key.removesuffix(".weight")).to(float_type)
+
+        units = shards.state_units(specs)
+        total = len(specs)
+        yield Progress(0, total + 1, "Writing the weights")
+        for done, key in enumerate(shards.write(folder, specs, units, produce,
+                                                options.shard_size, parameter_count(specs),
+                                                {"format": "pt"}), start=1):
+            if done % PROGRESS_EVERY == 0:
+                yield Progress(done, total + 1, f"Writing {key}")
+        config = export_config(variant.model, float_type)
+        config.architectures = [type(variant.model).__name__]   # as save_pretrained sets it
+        config.save_pretrained(folder)
+        if variant.model.can_generate():   # as save_pretrained writes it (the source's wins)
+            variant.model.generation_config.save_pretrained(folder)
         copy_tokenizer_files(Path(handle.folder), folder)
         size = {"f16": 2, "bf16": 2, "f32": 4}[options.dtype]
         layer_bytes = {name: qt.numel() * size for name, qt in variant.qtensors.items()}
-        yield Progress(2, 2, "Written")
+        yield Progress(total + 1, total + 1, "Written")
         return Written(file=folder, layer_bytes=layer_bytes)
 
     def reload_job(self, written: Written, handle) -> Job:
-        return reload_folder_job(written.file, Path(handle.folder), "checkpoint")
+        if getattr(handle, "streamed", False):   # re-opened whole it would be float32
+            from studio.core.export.streamed_reload import checkpoint_job
+            return (yield from checkpoint_job(written.file, Path(handle.folder)))
+        return (yield from reload_folder_job(written.file, Path(handle.folder), "checkpoint"))
 
     def usage(self, file: str) -> str:
         return ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -68,3 +102,10 @@ class HfFormat(ExportFormat):
 
 
 HF = HfFormat()
+
+
+def parameter_count(specs: dict[str, TensorSpec]) -> int:
+    """The index's `total_parameters`: every value the checkpoint holds (tied ones once)."""
+    import math
+
+    return sum(math.prod(spec.shape) for spec in specs.values())

@@ -11,6 +11,9 @@ time:
   stored. The model is the one transformers builds from the export's config.json, on the meta
   device (`streaming.streamed_model`): the logits check runs it a layer at a time, as the
   variant runs.
+- a plain checkpoint (`hf`): the folder (one file or shards and their index) becomes a
+  `WeightStore` and the model transformers builds from its config.json, streamed: its weights
+  are read as stored, as any streamed model's are.
 - GGUF: each tensor is de-quantized by gguf-py from the file's memory map, one at a time, and
   mapped back to the base model's layout (the q/k row order, Gemma's norm + 1), and the logits
   come from llama.cpp running the file in its own process (the file's real runtime).
@@ -58,9 +61,12 @@ class DecodedStore(WeightStore):
     def _raw(self, keys: list[str]) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 
-        file = self.entries[keys[0]][0]
-        with safe_open(str(file), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in keys}
+        out = {}
+        for file in {self.entries[key][0] for key in keys}:   # (another writer's shards may
+            with safe_open(str(file), framework="pt") as handle:   # split a layer)
+                out.update({key: handle.get_tensor(key) for key in keys
+                            if self.entries[key][0] == file})
+        return out
 
     def check_dtypes(self) -> None:
         """Integer tensors are the quantized layers' parts, read through the de-compressor."""
@@ -154,6 +160,37 @@ class _ModelFloats(Mapping):
 
     def __len__(self) -> int:
         return len(self._state)
+
+
+# --- a plain checkpoint -----------------------------------------------------------------------
+
+def checkpoint_job(folder: Path, source: Path) -> Job[Reloaded]:
+    """The plain checkpoint in `folder` as a streamed model of its own config (the shards
+    checked against their index first, as any streamed open does)."""
+    from transformers import AutoConfig
+
+    from studio.core.export.hf_folder import tokenizer_files_equal
+    from studio.core.layers import get_module, is_conv1d
+    from studio.core.streaming import StoredParameter, streamed_model
+
+    yield Progress(0, 1, "Re-opening the checkpoint a layer at a time")
+    try:
+        model = streamed_model(AutoConfig.from_pretrained(folder, trust_remote_code=False),
+                               WeightStore(folder))
+    except (StudioError, OSError, ValueError) as exc:
+        raise StudioError(f"The exported checkpoint does not open: {exc}") from None
+
+    def weight(name: str) -> torch.Tensor:   # in the studio's [out, in] layout
+        module = get_module(model, name)
+        value = module.weight.read()
+        return value.t() if is_conv1d(module) else value
+
+    names = [name for name, module in model.named_modules()
+             if isinstance(getattr(module, "weight", None), StoredParameter)]
+    equal, detail = tokenizer_files_equal(source, folder)
+    yield Progress(1, 1, "Re-opened the checkpoint")
+    return Reloaded(model=model, tokenizer_equal=equal, tokenizer_detail=detail,
+                    weights=_Lookup(weight, names), floats=_ModelFloats(model))
 
 
 # --- GGUF ------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 tied ones once under each name the base model's checkpoint uses) except the weights of quantized
 layers, which the writers take from `variant.qtensors` as codes. `dense_weight` gives a quantized
 layer's de-quantized weight in the module's own layout (GPT-2's Conv1D stores [in, out]).
+`float_state` and `float_value` give the float tensors a file holds, each read when written.
 """
 from __future__ import annotations
 
@@ -40,12 +41,29 @@ def dense_weight(variant, handle, name: str) -> torch.Tensor:
     return w.t().contiguous() if is_conv1d(get_module(handle.model, name)) else w
 
 
-def dense_state_dict(variant, handle, dtype: str) -> dict[str, torch.Tensor]:
-    """The whole variant as float tensors of `dtype` under the checkpoint's names."""
-    target = TORCH_DTYPES[dtype]
-    state = {k: v.to(target) if v.is_floating_point() else v
-             for k, v in float_tensors(variant).items()}
-    for name in variant.qtensors:
-        state[f"{name}.weight"] = dense_weight(variant, handle, name).to(target)
+def float_state(variant) -> dict[str, torch.Tensor]:
+    """The variant's float tensors, each storage once (a tied lm_head is written as the
+    embedding it shares, which transformers ties again, as `save_pretrained` drops the alias),
+    not yet read: a streamed model's stay StoredParameters until the file reaches them
+    (`float_value`)."""
+    from studio.core.streaming import StoredParameter
+
+    state, seen = {}, set()
+    for key, value in float_tensors(variant, lazy=True).items():
+        identity = (id(value) if isinstance(value, StoredParameter)
+                    else (value.data_ptr(), tuple(value.shape)))
+        if value.numel() and identity in seen:
+            continue
+        seen.add(identity)
+        state[key] = value
     return state
 
+
+def float_value(value: torch.Tensor, float_type: torch.dtype) -> torch.Tensor:
+    """A tensor of `float_state` as written: floats in the export's type (a stored one read
+    straight into it, so a large embedding exists once), others as they are."""
+    from studio.core.streaming import StoredParameter
+
+    if isinstance(value, StoredParameter):
+        return value.read(float_type)
+    return (value.to(float_type) if value.is_floating_point() else value).contiguous()
