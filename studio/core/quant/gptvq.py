@@ -65,6 +65,7 @@ class VQSettings:
     kmeans_iters: int = 25
     update_iters: int = 4        # conjugate-gradient steps of the table update
     damp: float = 0.01
+    rows: int = 0                # rows per table; 0: as few as `table_bpw` allows
 
     @property
     def entries(self) -> int:
@@ -85,7 +86,9 @@ def flat_index(indices: torch.Tensor, tables_shape, rows: int, columns: int) -> 
 
 def row_block_size(out: int, cols: int, columns: int, settings: VQSettings) -> int:
     """Rows per table: as few as keep every table within the budget (one table per column
-    block over all rows at the least)."""
+    block over all rows at the least), unless the settings fix them."""
+    if settings.rows > 0:
+        return min(settings.rows, out)
     col_blocks = -(-cols // columns)
     table_bits = settings.entries * settings.dim * TABLE_BITS
     row_blocks = max(1, min(out, int(out * cols * settings.table_bpw
@@ -252,8 +255,10 @@ def _assign(XM, C, M) -> tuple[torch.Tensor, torch.Tensor]:
     G, P, R, d = XM.shape
     # |(x - c)|_M^2 - |x|_M^2 = c M c^T - 2 (x M) c^T: the second for all positions of a
     # table in one product
-    norms = ((C[:, None] @ M[None]) * C[:, None]).sum(-1)    # [G, P, K]
-    dist = torch.bmm(XM.reshape(G, P * R, d), C.transpose(1, 2)).reshape(G, P, R, -1)
+    K = C.shape[1]
+    outer = (C[..., :, None] * C[..., None, :]).reshape(G, K, d * d)
+    norms = (outer @ M.reshape(P, d * d).T).transpose(1, 2)   # c M_p c^T: [G, P, K]
+    dist = torch.bmm(XM.reshape(G, P * R, d), C.transpose(1, 2)).reshape(G, P, R, K)
     dist.mul_(-2).add_(norms[:, :, None, :])
     cost, assign = dist.min(dim=-1)
     return assign, cost
