@@ -221,7 +221,7 @@ def _kmeans(X, valid, L, M, K, iters, C=None) -> torch.Tensor:
     XMw = (XM * weight[..., None]).reshape(-1, d)
     before = float("inf")
     for _ in range(iters):
-        assign, cost = _assign(XM, C, M)
+        assign, cost = _assign_1d(X, C, M) if d == 1 else _assign(XM, C, M)
         total = base + (cost * weight).sum().item()
         C = _centroids(XMw, weight, M, assign, C)
         if before - total <= TOLERANCE * abs(total):
@@ -264,19 +264,30 @@ def _assign(XM, C, M) -> tuple[torch.Tensor, torch.Tensor]:
     return assign, cost
 
 
+def _assign_1d(X, C, M) -> tuple[torch.Tensor, torch.Tensor]:
+    """The E-step for scalars: a scalar metric does not change which entry is nearest, so a
+    bucket search between the sorted entries' midpoints finds it (n log K, not n K)."""
+    G, P, R, _ = X.shape
+    order = C[..., 0].argsort(dim=1)                                       # [G, K]
+    levels = C[..., 0].gather(1, order)
+    bounds = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
+    x = X.reshape(G, P * R)
+    where = torch.searchsorted(bounds, x.contiguous())
+    q = levels.gather(1, where).reshape(G, P, R)
+    cost = (q * q - 2 * X[..., 0] * q) * M[:, 0, 0][None, :, None]       # c M c - 2 x M c
+    return order.gather(1, where).reshape(G, P, R), cost
+
+
 def _centroids(XMw, weight, M, assign, C) -> torch.Tensor:
     """M-step under per-position metrics: c_k = (sum M_n)^-1 sum M_n x_n over the vectors
-    assigned to k; an entry nobody chose keeps its place. The metric depends on the position
-    alone, so sum M_n is the count of each (entry, position) times M_p."""
+    assigned to k; an entry nobody chose keeps its place."""
     G, K, d = C.shape
-    P = M.shape[0]
+    P, R = M.shape[0], assign.shape[2]
     picked = (assign + K * torch.arange(G)[:, None, None]).reshape(-1)    # [G P R]
-    key = picked.reshape(G, P, -1) * P + torch.arange(P)[None, :, None]
-    counts = torch.bincount(key.reshape(-1), weights=weight.reshape(-1),
-                            minlength=G * K * P).reshape(G * K, P).float()
-    S = (counts @ M.reshape(P, d * d)).reshape(G, K, d, d)
+    Mn = (M.reshape(1, P, 1, d * d) * weight[..., None]).reshape(-1, d * d)
+    S = torch.zeros(G * K, d * d).index_add_(0, picked, Mn).reshape(G, K, d, d)
     T = torch.zeros(G * K, d).index_add_(0, picked, XMw).reshape(G, K, d)
-    used = counts.sum(1).reshape(G, K) > 0
+    used = torch.zeros(G * K).index_add_(0, picked, weight.reshape(-1)).reshape(G, K) > 0
     eye = torch.eye(d)
     solved = torch.linalg.solve(S + (~used)[..., None, None] * eye, T[..., None])[..., 0]
     return torch.where(used[..., None], solved, C)
