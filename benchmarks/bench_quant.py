@@ -14,7 +14,7 @@ calibration, so it is run once.
 
 --runs replaces the methods x bits grid with the listed runs, any registered method (plug-ins
 included), e.g. issue 14's codebook rows at equal bits per weight:
-    --runs rtn:4:64,nf4:4:64,kmeans:4:-1,kmeans:4:-1:weighting=none
+    --runs rtn:4:64,nf4:4:64,kmeans:4:-1,kmeans:4:-1:feedback=false
 (GROUP -1 = per-channel; asymmetric grids, as the rest of the table); the Hessian methods':
     --runs seqmse:4:128,rtn:4:-1,seqmse:4:-1,gptvq:3:128:table_bpw=0.125,gptq:2:64,gptvq:2:128:table_bpw=0.25
 (the bpw column counts GPTVQ's fp16 tables, as `Variant.bits_per_weight` does).
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
 
 
 def run_spec(item: str) -> QuantSpec:
-    """"kmeans:4:-1:weighting=none" -> QuantSpec(4, -1, method="kmeans", options=...)."""
+    """"kmeans:4:-1:feedback=false" -> QuantSpec(4, -1, method="kmeans", options=...)."""
     from studio.commands.quantize import parse_options
 
     method, bits, group, *options = item.split(":")

@@ -74,14 +74,15 @@ def test_weighted_kmeans_finds_the_weighted_means(codebooks):
     assert torch.equal(c.gather(1, nearest(few, c)), few)
 
 
-def test_kmeans_beats_rtn_on_every_layer_and_counts_its_tables(codebooks, tiny_llama):
+@pytest.mark.parametrize("feedback", [True, False])
+def test_kmeans_beats_rtn_on_every_layer_and_counts_its_tables(codebooks, tiny_llama, feedback):
     """Each layer's output error on the calibration inputs (the driver's record) is below
-    plain RTN's on the same per-channel 4-bit grid."""
+    plain RTN's on the same per-channel grid, with error feedback and without."""
     from studio.core.text import text_windows
 
     windows, label = text_windows(tiny_llama.tokenizer, None, 64, 8, seed=0)
-    variant = run(quantize_job(tiny_llama, Plan(QuantSpec(3, -1, method="kmeans")), windows,
-                               label, "kmeans"))
+    spec = QuantSpec(3, -1, method="kmeans", options={"feedback": feedback})
+    variant = run(quantize_job(tiny_llama, Plan(spec), windows, label, "kmeans"))
     assert len(variant.layer_errors) == len(tiny_llama.quantizable)
     for entry in variant.layer_errors:
         assert entry["error"] < entry["rtn_error"], entry
@@ -133,3 +134,36 @@ def test_plan_with_a_codebook_method_uses_only_its_widths(codebooks, tiny_dirs, 
     assert specs and all(s.method == "nf4" and s.bits in (2, 3, 4) for s in specs)
     assert any(r.pattern == "lm_head" for r in plan.rules)
     assert result["bits_per_weight"] <= 3.9
+
+
+def test_error_feedback_lowers_the_output_error_on_correlated_inputs(codebooks):
+    """Inputs that move together (as a model's do) are what GPTQ's feedback exploits: the
+    rounding error of one column is largely undone by the next ones."""
+    from studio.core.quant.gptq import HessianAccumulator, relative_output_error
+    from studio.core.quant.registry import LayerCalibration
+    from studio_codebooks.kmeans import quantize_kmeans
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4096, 16, generator=gen) @ torch.randn(16, 96, generator=gen) \
+        + 0.1 * torch.randn(4096, 96, generator=gen)
+    acc = HessianAccumulator(96)
+    acc.add(x[None])
+    h = acc.hessian()
+    w = torch.randn(48, 96, generator=gen)
+    errors = {}
+    for feedback in (False, True):
+        spec = QuantSpec(3, -1, method="kmeans", options={"feedback": feedback})
+        qt, _ = quantize_kmeans(w, spec, LayerCalibration(h, 4096))
+        assert qt.table.shape == (48, 1, 8)
+        errors[feedback] = relative_output_error(w, qt.dequantize(), h)
+    assert errors[True] < 0.5 * errors[False]
+
+
+def test_feedback_needs_the_hessian_weighting(codebooks):
+    from studio.core.errors import StudioError
+    from studio.core.quant.registry import LayerCalibration
+    from studio_codebooks.kmeans import quantize_kmeans
+
+    spec = QuantSpec(4, -1, method="kmeans", options={"weighting": "none"})
+    with pytest.raises(StudioError, match="feedback=false"):
+        quantize_kmeans(torch.randn(4, 32), spec, LayerCalibration(torch.eye(32), 10))
