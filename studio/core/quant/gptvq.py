@@ -283,7 +283,7 @@ def _centroids(XMw, weight, M, assign, C) -> torch.Tensor:
     """M-step under per-position metrics: c_k = (sum M_n)^-1 sum M_n x_n over the vectors
     assigned to k; an entry nobody chose keeps its place."""
     G, K, d = C.shape
-    P, R = M.shape[0], assign.shape[2]
+    P = M.shape[0]
     picked = (assign + K * torch.arange(G)[:, None, None]).reshape(-1)    # [G P R]
     Mn = (M.reshape(1, P, 1, d * d) * weight[..., None]).reshape(-1, d * d)
     S = torch.zeros(G * K, d * d).index_add_(0, picked, Mn).reshape(G, K, d, d)
