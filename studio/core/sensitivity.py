@@ -57,7 +57,7 @@ from studio.core.files import read_json, write_text_atomic
 from studio.core.jobs import Job, Progress
 from studio.core.layers import set_weight_matrix, weight_matrix
 from studio.core.memory import guard_job
-from studio.core.streaming import materialise
+from studio.core.streaming import materialise, real
 from studio.core.plan import QuantSpec
 from studio.core.quant.blocks import call_block, capture_block_inputs, decoder_blocks
 from studio.core.quant.registry import REFERENCE
@@ -627,7 +627,7 @@ def end_logits(model, end, spec, ids, hidden, inputs, blocks, head) -> torch.Ten
     holds the embedding (a tied pair: both sides change), the blocks re-run from what the
     quantized embedding gives block 0."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    weight = params[f"{end.names[0]}.weight"]
+    weight = real(params[f"{end.names[0]}.weight"])   # a streamed model's: read from its file
     wq = quantized_values(weight.detach().float(), spec)
     h = hidden[-1]
     if "embedding" in end.roles:
