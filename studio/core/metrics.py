@@ -50,3 +50,11 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB (higher is better)."""
     err = relative_error(reference, approx)
     return float("inf") if err == 0 else -10.0 * math.log10(err)
+
+
+def output_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor,
+                 ref_energy: float | None = None) -> float:
+    """||X (Wq - W)^T||^2 / ||X W^T||^2: the layer's relative output error on inputs X."""
+    if ref_energy is None:
+        ref_energy = (x @ w.T).pow(2).sum().item()
+    return (x @ (wq - w).T).pow(2).sum().item() / max(ref_energy, 1e-30)

@@ -22,16 +22,7 @@ decoder block and the final log-probabilities. A layer in block i then only need
 i..end re-run (a copy of block i carrying the quantized weight, then the untouched blocks),
 so the user's model is never modified, not even for a moment.
 
-The model's ends are measured too, so the allocator can choose their width (`plan --lm-head
-auto`): each `plan_ends.End` (the lm_head, an untied embedding, or a tied pair as one unit,
-since quantizing the shared matrix changes both ends) is one more row after the layers, named
-by its first layer and listed in `ends`. Its proxy is the head's relative output error on the
-captured final hidden states (on a seeded sample of `END_ROWS` of its rows: quantization is
-row by row, so each sampled row's error is exact, and a 262k-row head would otherwise cost
-more than every block linear together) plus, for an embedding, the relative error of the rows
-the text looks up. The capture stops at the head's input, so no logits are computed for the
-proxy. Its KL runs the whole model with the quantized matrix substituted
-(`torch.func.functional_call`, tied parameters kept tied), the user's model untouched.
+The model's ends (lm_head, embedding) are measured too: `sensitivity_ends`.
 
 Results carry the identity of the model they were measured on (architecture, layer names and a
 weight fingerprint); using them with another model is refused.
@@ -57,11 +48,13 @@ from studio.core.files import read_json, write_text_atomic
 from studio.core.jobs import Job, Progress
 from studio.core.layers import set_weight_matrix, weight_matrix
 from studio.core.memory import guard_job
-from studio.core.streaming import materialise, real
+from studio.core.streaming import materialise
 from studio.core.plan import QuantSpec
 from studio.core.quant.blocks import call_block, capture_block_inputs, decoder_blocks
 from studio.core.quant.registry import REFERENCE
 from studio.core.quant.rtn import quantized_values
+from studio.core.metrics import output_error
+from studio.core.sensitivity_ends import end_logits, end_proxy, end_shape, measured_ends
 from studio.core.sweep_options import (DEFAULT_BITS, DEFAULT_GROUPS,  # noqa: F401 (re-exported)
                                        DEFAULT_KL_BITS, DEFAULT_KL_GROUP, gguf_native_options,
                                        kl_columns, option_label, parse_group_sizes,
@@ -71,7 +64,6 @@ DEFAULT_SEQLEN = 32        # KL window length: kept the demo's old 3-width sweep
 DEFAULT_KL_WINDOWS = 8
 DEFAULT_PROXY_TOKENS = 512
 DEFAULT_PROXY_WINDOWS = 8   # the proxy's forward passes; its rows are sampled from these
-END_ROWS = 4096             # rows of an lm_head in its proxy sample (module notes)
 RESULT_FORMAT = "compression-studio-sensitivity"
 RESULT_VERSION = 2          # 2: a menu of options (bits x group sizes), KL at a few of them
 TINY_PROXY = 1e-30          # below this a proxy error is "exact": no ratio is taken against it
@@ -410,46 +402,6 @@ def sensitivity_job(handle, windows: torch.Tensor, bits=DEFAULT_BITS, group_size
         ends=[e.names for e in ends])
 
 
-def measured_ends(handle) -> list:
-    """The model's ends the sweep measures (`plan_ends.ends_of`: a tied pair is one unit)."""
-    from studio.core.plan_ends import ends_of
-
-    return ends_of(handle.layers)
-
-
-def end_shape(handle, end) -> tuple[int, int]:
-    return tuple(next(i.shape for i in handle.layers if i.name == end.names[0]))
-
-
-def end_proxy(handle, end, x: torch.Tensor | None, ids: torch.Tensor,
-              options: list[QuantSpec], seed: int) -> np.ndarray:
-    """The proxy of one end unit at every option (module notes): the head's relative output
-    error on its captured inputs `x` over a seeded sample of its rows, plus, for an embedding
-    (a tied pair has both), the relative error of the rows the tokens `ids` look up."""
-    w = handle.weight(end.names[0]).float()
-    errors = np.zeros(len(options))
-    if "lm_head" in end.roles and x is not None:
-        generator = torch.Generator().manual_seed(seed)
-        rows = torch.randperm(w.shape[0], generator=generator)[:END_ROWS].sort().values
-        sample = w[rows]
-        energy = (x @ sample.T).pow(2).sum().item()
-        errors += [output_error(x, sample, quantized_values(sample, o), energy) for o in options]
-    if "embedding" in end.roles:
-        looked = w[ids]
-        energy = looked.pow(2).sum().item()
-        errors += [(quantized_values(looked, o) - looked).pow(2).sum().item() / max(energy, 1e-30)
-                   for o in options]
-    return errors
-
-
-def output_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor,
-                 ref_energy: float | None = None) -> float:
-    """||X (Wq - W)^T||^2 / ||X W^T||^2: the layer's relative output error on inputs X."""
-    if ref_energy is None:
-        ref_energy = (x @ w.T).pow(2).sum().item()
-    return (x @ (wq - w).T).pow(2).sum().item() / max(ref_energy, 1e-30)
-
-
 class _Captured(Exception):
     """Every layer has its input: the rest of the forward (final norm, lm_head) is not needed."""
 
@@ -619,48 +571,6 @@ def kl_sweep(handle, layers, specs, ids: torch.Tensor, columns: list[int] | None
             yield Progress(row * len(specs) + col + 1, total,
                            f"KL: {end.title} at {option_label(spec)}")
     return kl, ppl, metrics.perplexity(base.nll(base.logits, base.lse), base.predicted)
-
-
-def end_logits(model, end, spec, ids, hidden, inputs, blocks, head) -> torch.Tensor:
-    """The logits with only the end unit `end` quantized at `spec`, on the same path as the
-    baseline's: the cached last hidden states through a quantized head, or, when the unit
-    holds the embedding (a tied pair: both sides change), the blocks re-run from what the
-    quantized embedding gives block 0."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    weight = real(params[f"{end.names[0]}.weight"])   # a streamed model's: read from its file
-    wq = quantized_values(weight.detach().float(), spec)
-    h = hidden[-1]
-    if "embedding" in end.roles:
-        h = embedded(model, ids, {f"{n}.weight": wq.to(params[f"{n}.weight"].dtype)
-                                  for n in end.names}, blocks[0])
-        for index, block in enumerate(blocks):
-            h = call_block(block, h, inputs.at(index))
-    return head(h, wq if "lm_head" in end.roles else None)
-
-
-def embedded(model, ids: torch.Tensor, params: dict, first_block) -> torch.Tensor:
-    """What block 0 receives [n, seq, d] when the model runs with `params` substituted
-    (`torch.func.functional_call`: nothing of the model is changed, tied weights stay tied),
-    one window at a time as `capture_block_inputs` captured the baseline's."""
-    from torch.func import functional_call
-
-    grabbed = []
-
-    def grab(module, args, kwargs):
-        grabbed.append((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach())
-        raise _Captured
-
-    hook = first_block.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for row in ids:
-            try:
-                functional_call(model, params, args=(),
-                                kwargs={"input_ids": row[None], "use_cache": False})
-            except _Captured:
-                pass
-    finally:
-        hook.remove()
-    return torch.cat(grabbed)
 
 
 def _block_names(prefix: str, blocks: nn.ModuleList) -> list[str]:
