@@ -36,7 +36,8 @@ def add_arguments(parser) -> None:
     add_model_argument(parser)
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget-bpw", type=float, metavar="X",
-                        help="average bits per weight of the block linears (scales counted)")
+                        help="average bits per weight of the block linears (scales "
+                             "counted), and of the ends set to auto")
     budget.add_argument("--budget-mb", type=float, metavar="M",
                         help="size of the whole model in MB (2^20 bytes)")
     parser.add_argument("--method", choices=registry.names(), default=registry.REFERENCE,
@@ -143,7 +144,7 @@ def run(args) -> int:
                        method=args.method, gguf_native=args.gguf_native, plan=ends, auto=auto)
     answer = allocate(table, budget_bpw=args.budget_bpw, budget_mb=args.budget_mb)
     answer.plan.save(args.out)
-    size = plan_size(handle, answer.plan)
+    size = plan_size(handle, answer.plan, auto)   # its bits/weight counted as the budget's
     points = measure(handle, table, answer, args.measure_points, quiet)
     exports = {}
     for flag, export in (("llama_cpp", llama_cpp_export), ("llm_compressor", llm_compressor_export)):
@@ -162,7 +163,9 @@ def run(args) -> int:
         "out": str(args.out), "method": args.method, "loss": kind,
         "gguf_native": args.gguf_native,
         "budget": {"bpw": args.budget_bpw, "mb": args.budget_mb},
-        "bits_per_weight": round(size.bits_per_weight, 4), "size_bytes": size.size_bytes,
+        "bits_per_weight": round(size.bits_per_weight, 4),
+        "budget_bits_per_weight": round(size.budget_bpw, 4),
+        "budget_counts": ["body", *size.counted_ends], "size_bytes": size.size_bytes,
         "size_mb": round(size.size_mb, 3), "predicted_loss": answer.loss,
         "lower_bound": answer.lower_bound, "exact": answer.exact, "layers_by_option": counts,
         "ends": describe(answer.plan, handle.layers),
@@ -184,7 +187,7 @@ def run(args) -> int:
         return 0
     mix = ", ".join(f"{n} x {k}" for k, n in counts.items())
     native = " (GGUF-native: exports to GGUF with no rounding)" if args.gguf_native else ""
-    print(f"plan{native}: {size.bits_per_weight:.3f} bits/weight, {size.size_mb:.2f} MB; {mix} "
+    print(f"plan{native}: {size.bits_text}, {size.size_mb:.2f} MB; {mix} "
           f"-> {args.out}")
     gap = "exact optimum" if answer.exact else f"within {answer.gap:.3g} of the optimum"
     print(f"predicted {kind} loss {answer.loss:.4g} ({gap})")

@@ -302,8 +302,7 @@ def table_for(handle, options: list[QuantSpec | None], loss: np.ndarray | None =
     from studio.core.plan_ends import end_rules
 
     chosen = chosen_ends(handle, auto)
-    by_name = {i.name: i for i in handle.layers}
-    layers = handle.quantizable + [by_name[end.names[0]] for end in chosen]
+    layers = budget_layers(handle, auto)
     if loss is None:
         loss = np.zeros((len(layers), len(options)))
     allowed = np.array([[option_fits(o, i.shape[1]) for o in options] for i in layers],
@@ -323,22 +322,46 @@ def table_for(handle, options: list[QuantSpec | None], loss: np.ndarray | None =
                      fixed_rules=ends, units={end.names[0]: end.names for end in chosen})
 
 
+def budget_layers(handle, auto=()) -> list:
+    """The layers a budget in bits per weight counts (LayerInfo): every quantizable layer, then
+    one per end the allocator chooses (`chosen_ends`: a tied pair's one matrix once, as its
+    lm_head). The allocator's rows are these, and `plan_size(auto=)` averages over the same
+    ones, so the bits per weight an allocation reaches is the figure the plan meter shows."""
+    by_name = {i.name: i for i in handle.layers}
+    return handle.quantizable + [by_name[end.names[0]] for end in chosen_ends(handle, auto)]
+
+
 @dataclass(frozen=True)
 class PlanSize:
     bits_per_weight: float   # the body: block linears, other quantized layers but the ends
     size_bytes: int          # the whole model as an exporter stores it
     quantized: int           # layers the plan quantizes
     breakdown: dict = field(default_factory=dict)  # size_bytes in Variant.size_breakdown's parts
+    budget_bpw: float = 16.0  # over `budget_layers(auto)`: what a --budget-bpw counts
+    counted_ends: tuple = ()  # the ends budget_bpw counts besides the body ("lm_head + embedding")
 
     @property
     def size_mb(self) -> float:
         return self.size_bytes / MB
 
+    @property
+    def bits_text(self) -> str:
+        """The bits per weight a budget reaches, in words: with ends chosen by the allocator,
+        over the body and them (the body alone beside it, as quantize reports it)."""
+        if not self.counted_ends:
+            return f"{self.budget_bpw:.3f} bits/weight"
+        return (f"{self.budget_bpw:.3f} bits/weight over the body and the "
+                f"{' and the '.join(self.counted_ends)} (the body alone "
+                f"{self.bits_per_weight:.3f})")
 
-def plan_size(handle, plan: Plan) -> PlanSize:
+
+def plan_size(handle, plan: Plan, auto=()) -> PlanSize:
     """What a variant made with `plan` will weigh: the same count as Variant.size_bytes and
     Variant.bits_per_weight (quantized layers at grid.storage_bits_per_weight, every other tensor,
-    shared ones once, in 16 bits), computed without quantizing anything."""
+    shared ones once, in 16 bits), computed without quantizing anything. `budget_bpw` averages
+    over the layers a bits-per-weight budget counts with the ends named in `auto` chosen by the
+    allocator (`budget_layers`), each priced as the allocator prices it (`spec_bits`)."""
+    from studio.core.plan_ends import effective_specs
     specs = plan.resolve(handle.layers)
     model = handle.model
     quantized = {n: s for n, s in specs.items() if s is not None}
@@ -366,8 +389,12 @@ def plan_size(handle, plan: Plan) -> PlanSize:
         if id(tensor) not in weight_ids:
             parts["embedding" if id(tensor) in ends else "float"] += float_bytes(tensor)
     parts = {key: int(value) for key, value in parts.items()}
+    counted, effective = budget_layers(handle, auto), effective_specs(plan, handle.layers)
+    counted_bits = sum(spec_bits(tuple(i.shape), effective[i.name]) for i in counted)
+    counted_weights = sum(i.shape[0] * i.shape[1] for i in counted)
     return PlanSize(bits / weights if weights else 16.0, sum(parts.values()), len(quantized),
-                    parts)
+                    parts, counted_bits / counted_weights if counted_weights else 16.0,
+                    tuple(" + ".join(end.roles) for end in chosen_ends(handle, auto)))
 
 
 def plan_title(handle, plan: Plan) -> str:

@@ -65,7 +65,9 @@ def measure_points_job(handle, table, targets: list[float], windows):
             nll += metrics.token_nll(logits, ids).sum().item()
             tokens += ids.numel()
         del variant
-        points.append(MeasuredPoint(bpw=plan_size(handle, answer.plan).bits_per_weight,
+        # at the bits per weight the curve is drawn in (the ends the table chooses counted)
+        auto = [n for names in table.units.values() for n in names]
+        points.append(MeasuredPoint(bpw=plan_size(handle, answer.plan, auto).budget_bpw,
                                     predicted=answer.loss, kl=kl / tokens,
                                     ppl=metrics.perplexity(nll, tokens - len(windows))))
     return points

@@ -30,8 +30,11 @@ TOOLTIP = ("The output head's error reaches every logit, so llama.cpp keeps it a
 
 
 class PlanEnds(QWidget):
-    """One combo box per End; emits `chosen(end, spec)` when the user picks a setting."""
+    """One combo box per End; emits `chosen(end, spec)` when the user picks a setting, and
+    `auto_changed` when an end is set to auto or back (a bpw budget then counts it: the meter
+    re-reads `auto_names`)."""
     chosen = Signal(object, object)
+    auto_changed = Signal()
 
     def __init__(self) -> None:
         super().__init__()
@@ -115,9 +118,13 @@ class PlanEnds(QWidget):
         if word is None and index >= len(self._choices()):
             return   # the custom entry: already the plan's
         if word == "auto":
-            self.auto.add(end)
+            if end not in self.auto:
+                self.auto.add(end)
+                self.auto_changed.emit()
             return
-        self.auto.discard(end)
+        if end in self.auto:
+            self.auto.discard(end)
+            self.auto_changed.emit()
         try:
             spec = self._spec(word)
         except StudioError:   # (the menus only hold valid words)

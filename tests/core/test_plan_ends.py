@@ -9,7 +9,8 @@ from studio.core.allocate import allocate, plan_size, spec_bits, table_for
 from studio.core.jobs import run
 from studio.core.models import open_model_job
 from studio.core.plan import Plan, QuantSpec, Rule, end_spec
-from studio.core.plan_ends import describe, effective_specs, end_rules, end_setting, ends_of, with_end
+from studio.core.plan_ends import (describe, effective_specs, end_names, end_rules, end_setting,
+                                    ends_of, with_end)
 
 W8 = end_spec("w8")
 W4 = QuantSpec(bits=4, group_size=32)
@@ -192,3 +193,35 @@ def test_plan_command_lets_the_allocator_choose_the_head(tiny_dirs, tmp_path, ca
     assert not apart and report["layers"]["lm_head"] == (None if spec is None else
                                                          f"W{spec.bits} g32")
     assert report["size_bytes"] == plan_size(handle, plan).size_bytes <= 0.1 * 2 ** 20
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])   # a tied pair; an untied head and embedding
+def test_a_bpw_budget_with_auto_ends_is_the_meters_and_quantizes_figure(arch, tiny_dirs):
+    """The allocator's bits per weight counted the ends it chose among the weights while the
+    plan meter averaged the body alone (2.998 against 3.122 in the window): both now average
+    over `budget_layers`, and the size is quantize's to the byte."""
+    from studio.core.allocate import loss_table
+    from studio.core.quantize import quantize_job
+    from studio.core.sensitivity import sensitivity_job
+    from studio.core.text import text_windows
+
+    handle = run(open_model_job(tiny_dirs[arch]))
+    windows = text_windows(handle.tokenizer, None, 16, 2, seed=0)[0]
+    result = run(sensitivity_job(handle, windows, bits=(2, 4, 8), group_sizes=(32,),
+                                 kl_windows=0))
+    auto = sorted(end_names(handle.layers))
+    table = loss_table(result, handle, kind="proxy", plan=Plan(None), auto=auto)
+    answer = allocate(table, budget_bpw=3.0)
+    size = plan_size(handle, answer.plan, auto)
+    assert size.budget_bpw == answer.bpw <= 3.0
+    assert size.size_bytes == int(answer.size_bytes)
+    assert f"{answer.bpw:.3f} bits/weight over the body and the" in size.bits_text
+    variant = run(quantize_job(handle, answer.plan, None, None, "auto ends"))
+    assert variant.size_bytes == size.size_bytes
+    assert variant.bits_per_weight == pytest.approx(size.bits_per_weight, abs=1e-9)
+    # The ends are chosen, not left as stored: the two figures differ by what they cost.
+    assert size.budget_bpw != pytest.approx(size.bits_per_weight)
+    # Without auto ends the budget is the body's, as quantize reports it.
+    fixed = allocate(loss_table(result, handle, kind="proxy", plan=Plan(None)), budget_bpw=3.0)
+    assert plan_size(handle, fixed.plan).budget_bpw == fixed.bpw == pytest.approx(
+        plan_size(handle, fixed.plan).bits_per_weight)

@@ -332,6 +332,10 @@ def test_the_ends_are_one_shared_choice_and_allocation_keeps_them(qtbot, state, 
     assert view.allocation.choices["lm_head"] == (head and head.with_(method="rtn"))
     assert plan_size(tiny_llama, chosen).size_bytes == int(view.allocation.size_bytes) \
         == view.size.size_bytes
+    # The meter counts the pair among the weights, as the budget did: one figure.
+    assert view.size.budget_bpw == view.allocation.bpw <= 2.5
+    assert f"{view.allocation.bpw:.3f} bits/weight over the body and the lm_head" \
+        in view.meter.text()
     assert box.currentData() == "auto" and "now" in box.currentText()
 
 def test_plan_table_refresh_touches_only_what_changed(qtbot, state, tiny_llama, tiny_result,

@@ -105,6 +105,7 @@ class PlanView(QWidget):
         self.gguf_native.toggled.connect(self._native_toggled)
         self.ends = PlanEnds()   # the lm_head / embedding (a tied pair: one choice)
         self.ends.chosen.connect(self._end_chosen)
+        self.ends.auto_changed.connect(self.refresh)
         apply_selected = QPushButton("Apply to selected")
         apply_selected.clicked.connect(self.apply_to_selected)
         set_default = QPushButton("Set as default")
@@ -469,8 +470,9 @@ class PlanView(QWidget):
                 old = self.table.item(row, col)
                 if old is None or old.text() != text:
                     self.table.setItem(row, col, _item(text, align_right=col in (1, 4, 5)))
-        if self._sized[0] is not handle or self._sized[1] != plan:
-            self._sized = (handle, plan, plan_size(handle, plan))
+        auto = self.ends.auto_names()   # the ends Auto-allocate chooses count in its bpw
+        if self._sized[0] is not handle or self._sized[1] != (plan, auto):
+            self._sized = (handle, (plan, auto), plan_size(handle, plan, auto))
         self.size = self._sized[2]
         self.ends.show_plan(plan, handle.layers, self.gguf_native.isChecked(), self.size)
         result = self.state.session.results.get("sensitivity")
@@ -483,7 +485,7 @@ class PlanView(QWidget):
         default = "16-bit" if plan.default is None else plan.default.label
         native = (f" · {_gguf_mix(handle, specs)}" if self.gguf_native.isChecked() else "")
         self.meter.setText(
-            f"<b>{self.size.bits_per_weight:.3f}</b> bits/weight (scales and zeros counted) · "
+            f"<b>{self.size.bits_text}</b> (scales and zeros counted) · "
             f"<b>{self.size.size_mb:.2f}</b> MB ({self.size.size_bytes:,} bytes) · "
             f"predicted loss <b>{loss}</b> · default {default} · {len(plan.rules)} rule(s) · "
             f"{self.size.quantized} layers quantized{native}")
