@@ -94,7 +94,7 @@ def run(args) -> int:
                                       table_for)
     from studio.core.export.gguf_types import BLOCK
     from studio.core.plan import Plan, end_spec, with_ends
-    from studio.core.plan_ends import describe
+    from studio.core.plan_ends import describe, method_notes
     from studio.core.plan_export import llama_cpp_export, llm_compressor_export
     from studio.core.sensitivity import (DEFAULT_BITS, DEFAULT_GROUPS, DEFAULT_KL_GROUP,
                                          gguf_native_options, kl_columns, option_label,
@@ -129,7 +129,7 @@ def run(args) -> int:
     # The embedding / lm_head are not chosen by the allocator: they stay at this setting,
     # counted in the budget, and the written plan carries it.
     ends = with_ends(Plan(default=None, architecture=handle.architecture), handle.layers,
-                     head, embedding)
+                     head, embedding, method=args.method)
     auto = [i.name for i in handle.layers if i.role in auto_roles]
     # A budget nothing can meet is refused before minutes of measuring.
     planned = [o.with_(method=args.method) for o in options if method_takes(args.method, o)]
@@ -170,6 +170,7 @@ def run(args) -> int:
         "lower_bound": answer.lower_bound, "exact": answer.exact, "layers_by_option": counts,
         "ends": describe(answer.plan, handle.layers),
         "ends_chosen": sorted(table.units),
+        "ends_method": method_notes(answer.plan, handle.layers),
         "layers": {n: None if s is None else option_label(s) for n, s in answer.choices.items()},
         "sensitivity": {"options": result.labels,
                         "kl_options": [result.labels[j] for j in result.kl_options],
@@ -193,6 +194,8 @@ def run(args) -> int:
     print(f"predicted {kind} loss {answer.loss:.4g} ({gap})")
     how = "chosen by the allocator" if table.units else "kept as set"
     print(f"ends ({how}, counted in the size): {describe(answer.plan, handle.layers)}")
+    for note in method_notes(answer.plan, handle.layers):
+        print(f"  {note}")
     measured = ", ".join(result.labels[j] for j in result.kl_options)
     print(f"sensitivity: {len(result.layers)} layers x {len(result.options)} options on "
           f"{result.text_label}; proxy {result.proxy_seconds:.1f} s"

@@ -91,6 +91,9 @@ def run(args) -> int:
           f"over the whole model "
           f"-> {args.out}")
     print(size_line(variant))
+    for entry in variant.layer_errors:   # how the ends ran (plan_ends.end_method)
+        if entry["block"] is None and entry["note"]:
+            print(f"{entry['layer']}: {entry['note']}")
     if summary["calibration"]:
         print(f"calibration: {summary['calibration']} ({args.windows} x {args.seqlen} tokens, "
               f"seed {args.seed})")

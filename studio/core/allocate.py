@@ -74,6 +74,7 @@ class LossTable:
                                          # by every answer and counted in fixed_bytes
     units: dict = field(default_factory=dict)  # row name -> its layers, for an end the
                                          # allocator chooses (a tied pair: both names)
+    unit_roles: dict = field(default_factory=dict)  # row name -> its roles (plan_ends.End)
 
     def __post_init__(self) -> None:
         self.loss = np.asarray(self.loss, dtype=np.float64)
@@ -203,7 +204,8 @@ def allocate(table: LossTable, budget_bpw: float | None = None, budget_mb: float
     bits = int(costs[np.arange(len(picks)), picks].sum())
     loss = float(table.loss[np.arange(len(picks)), picks].sum())
     choices = {name: table.options[j] for name, j in zip(table.names, picks)}
-    plan = plan_from_choices(choices, table.architecture, table.fixed_rules, table.units)
+    plan = plan_from_choices(choices, table.architecture, table.fixed_rules, table.units,
+                             table.unit_roles)
     return Allocation(choices=choices, plan=plan,
                       bits=bits, bpw=bits / table.weights,
                       size_bytes=table.bits_to_bytes(bits), loss=loss,
@@ -212,21 +214,25 @@ def allocate(table: LossTable, budget_bpw: float | None = None, budget_mb: float
 
 
 def plan_from_choices(choices: dict[str, QuantSpec | None], architecture: str | None,
-                      fixed_rules: tuple = (), units: dict | None = None) -> Plan:
+                      fixed_rules: tuple = (), units: dict | None = None,
+                      roles: dict | None = None) -> Plan:
     """One exact-name rule per layer, so the plan reads the same whatever its default; the
     embedding / lm_head rules the allocator kept (`LossTable.fixed_rules`) follow them, and
-    the ends it chose (`units`: row -> its layers) are RTN rules on each of their layers
-    (quantize runs RTN outside the blocks)."""
-    from studio.core.quant.registry import REFERENCE
+    the ends it chose (`units`: row -> its layers) are rules on each of their layers, in the
+    plan's method where the end can run it, else RTN on the chosen grid
+    (`plan_ends.in_method`)."""
+    from studio.core.plan_ends import End, in_method
 
     units = units or {}
     specs = [s for n, s in choices.items() if s is not None and n not in units]
     default = max(specs, key=specs.count) if specs else None  # the most common choice
     rules = []
     for name, spec in choices.items():
+        if name in units:
+            end = End(name, tuple(units[name]), tuple((roles or {}).get(name, ("lm_head",))))
+            spec = in_method(spec, end, spec)
         for layer in units.get(name, (name,)):
-            end_spec = spec.with_(method=REFERENCE) if name in units and spec else spec
-            rules.append(Rule(layer, end_spec))
+            rules.append(Rule(layer, spec))
     return Plan(default=default, rules=tuple(rules) + tuple(fixed_rules),
                 architecture=architecture)
 
@@ -319,7 +325,8 @@ def table_for(handle, options: list[QuantSpec | None], loss: np.ndarray | None =
     fixed = plan_size(handle, Plan(default=None, rules=ends)).size_bytes - covered
     return LossTable([i.name for i in layers], [tuple(i.shape) for i in layers], options, loss,
                      fixed_bytes=fixed, architecture=handle.architecture, allowed=allowed,
-                     fixed_rules=ends, units={end.names[0]: end.names for end in chosen})
+                     fixed_rules=ends, units={end.names[0]: end.names for end in chosen},
+                     unit_roles={end.names[0]: end.roles for end in chosen})
 
 
 def budget_layers(handle, auto=()) -> list:

@@ -290,16 +290,29 @@ def end_spec(word: str, gguf_native: bool = False, scale_dtype: str = "fp32"
 
 
 def with_ends(plan: Plan, layers, head: QuantSpec | None,
-              embedding: QuantSpec | None) -> Plan:
+              embedding: QuantSpec | None, method: str | None = None) -> Plan:
     """`plan` with rules for the lm_head and an untied input embedding (a tied one is the
-    head's matrix and follows it); a layer the plan already names keeps its rule."""
+    head's matrix and follows it); a layer the plan already names keeps its rule. Each end
+    takes the plan's method (`method`, else its default's) where it can run it, else RTN on
+    the grid (`plan_ends.in_method`)."""
+    from studio.core.plan_ends import end_of, in_method
+
+    body = plan.default if method is None else QuantSpec(
+        bits=min(registry_bits(method)), method=method)
     named = lambda name: any(r.matches(name) for r in plan.rules)  # noqa: E731
     for info in layers:
         spec = head if info.role == "lm_head" else embedding if info.role == "embedding" else None
         tied = info.role == "embedding" and any(i.tied_to == info.name for i in layers)
         if spec is not None and not tied and not named(info.name):
-            plan = plan.with_rule(Rule(info.name, spec))
+            end = end_of(layers, info.name)
+            plan = plan.with_rule(Rule(info.name, spec if end is None
+                                       else in_method(spec, end, body)))
     return plan
+
+
+def registry_bits(method: str) -> tuple[int, ...]:
+    from studio.core.quant import registry
+    return registry.get(method).bits
 
 
 def tied_specs(layers, specs: dict[str, QuantSpec]) -> dict[str, str]:

@@ -102,3 +102,85 @@ def describe(plan: Plan, layers) -> str:
         how = "kept 16-bit" if spec is None else spec.grid_label
         parts.append(f"{end.title} {how}" + (" (planned apart: untied)" if apart else ""))
     return "; ".join(parts)
+
+
+# --- which method an end runs --------------------------------------------------------------
+# The ends sit outside the blocks, so a method that learns from a block (AWQ folds scales into
+# the block's norms; SmoothQuant migrates a block's activations) cannot run there. A method
+# that learns from the layer's own inputs (GPTQ's Hessian, SeqMSE, an "activations" weighting)
+# can run on an untied lm_head: its inputs are the final hidden states, collected with the
+# other calibration statistics. A tied pair stays one matrix quantized with RTN on the
+# method's grid: the head's inputs say nothing of the embedding rows the same matrix is read
+# as, and GPTQ's error feedback moves every weight of a row to serve the head alone. An
+# untied embedding is looked up, not multiplied: no inputs to learn from, so RTN.
+
+def end_method(end: End, method: str) -> tuple[str, str]:
+    """(the method `end` runs under a plan of `method`, a note saying how, "" when plain)."""
+    from studio.core.quant import registry
+
+    quantizer = registry.get(method)
+    if quantizer.calibration == "none" and not quantizer.smoothing:
+        return method, ""
+    rtn = f"{registry.REFERENCE.upper()} on {quantizer.title}'s grid"
+    if end.tied:
+        return registry.REFERENCE, (f"{rtn}: tied, the one matrix is also the embedding, "
+                                    f"which the head's inputs say nothing of")
+    if "lm_head" not in end.roles:
+        return registry.REFERENCE, f"{rtn}: an embedding is looked up, not multiplied"
+    if quantizer.calibration in ("hessian", "activations"):
+        return method, f"{quantizer.title} on the final hidden states"
+    return registry.REFERENCE, (f"{rtn}: {quantizer.title} learns from a whole block, and the "
+                                f"head is outside the blocks")
+
+
+def end_of(layers, name: str) -> End | None:
+    """The End a layer belongs to (None: not an end)."""
+    return next((end for end in ends_of(layers) if name in end.names), None)
+
+
+def in_method(spec: QuantSpec | None, end: End, body: QuantSpec | None) -> QuantSpec | None:
+    """An end's grid `spec` under the plan's method (`body`'s): the method itself where the
+    end can run it (`end_method`) at that width, else RTN on the grid, so the plan says what
+    quantize will run."""
+    from studio.core.quant.registry import REFERENCE
+
+    if spec is None or body is None:
+        return spec
+    method, _ = end_method(end, body.method)
+    if method != body.method or spec.bits not in body.quantizer.bits:
+        return spec.with_(method=REFERENCE, options={})
+    return spec.with_(method=method, options=dict(body.options))
+
+
+def body_method(plan: Plan, layers) -> str | None:
+    """The plan's method: its default's, else the most common among its other layers."""
+    if plan.default is not None:
+        return plan.default.method
+    names = end_names(layers)
+    methods = [s.method for n, s in plan.resolve(layers).items()
+               if s is not None and n not in names]
+    return max(methods, key=methods.count) if methods else None
+
+
+def method_notes(plan: Plan, layers) -> list[str]:
+    """How each quantized end runs under the plan's method, in words ("lm_head: GPTQ on the
+    final hidden states"; "lm_head + embedding (tied: one matrix): RTN on GPTQ's grid: tied,
+    ..."), for the CLI and the Plan tab."""
+    from studio.core.quant.registry import REFERENCE
+
+    specs = effective_specs(plan, layers)
+    body = body_method(plan, layers)
+    notes = []
+    for end in ends_of(layers):
+        spec = specs[end.names[0]]
+        if spec is None:
+            continue
+        # A spec of another method than RTN runs it or falls back (the note says which); an
+        # RTN end under another plan method notes why when the method could not run there.
+        ran, note = end_method(end, spec.method if spec.method != REFERENCE or not body
+                               else body)
+        if spec.method == REFERENCE and ran != REFERENCE:
+            note = ""
+        if note:
+            notes.append(f"{end.title}: {note}")
+    return notes

@@ -14,8 +14,12 @@ blocks, and run the quantized block to get the next block's inputs. Inside a blo
 SmoothQuant smooths each block just before it is quantized, from the float model's activations
 (carried through the blocks as they were, so the scales are the ones `smoothquant.prepare`
 finds smoothing the whole model first, as the reference does). Layers outside the blocks
-(embeddings, lm_head) are quantized only when a rule names them, with RTN (GPTQ / AWQ need the
-block structure; the message says so).
+(embeddings, lm_head) are quantized only when a rule names them, after the blocks: an untied
+lm_head under a method that learns from a layer's inputs (GPTQ, SeqMSE, ...) runs it on the
+final hidden states (the last quantized block's outputs through the final norm: its Hessian
+is collected like any layer's); a tied pair, an embedding, or a method that learns from a whole
+block (AWQ, SmoothQuant) get RTN on the method's grid (`plan_ends.end_method`, the note says
+why).
 
 For every layer the job reports its relative output error on its calibration inputs and the
 error plain RTN of the original weight would give on the same inputs (Progress.detail).
@@ -37,6 +41,7 @@ from studio.core.layers import (get_module, move_pre_hooks, read_weight_matrix,
                                  replace_module, replace_weight_matrix, weight_matrix)
 from studio.core.memory import guard_job, release_freed_memory
 from studio.core.plan import Plan, QuantSpec, tied_specs
+from studio.core.plan_ends import End, end_method, end_of
 from studio.core.quant import layout, registry, smoothquant
 from studio.core.quant.coded import coded_layer
 from studio.core.quant.blocks import (FAST_DTYPE, BlockInputs, Replay, capture_block_inputs,
@@ -78,6 +83,7 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
     prefix, base_blocks = decoder_blocks(handle.model)
     shared = tied_specs(handle.layers, specs)   # {embedding: lm_head}: one matrix
     outside = [n for n in specs if not n.startswith(prefix + ".") and n not in shared]
+    learning_head = head_that_learns(handle, specs, outside, shared)
     total = len(specs) + 2
     sq = {n: s for n, s in specs.items() if s.quantizer.smoothing}
     yield Progress(0, total, "Copying the model")
@@ -113,17 +119,24 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
         outputs = yield from quantize_block(blocks[index], block_name, index, len(blocks),
                                             None if inputs is None else inputs.at(index),
                                             mine, state,
-                                            want_outputs=index + 1 < len(blocks))
+                                            want_outputs=index + 1 < len(blocks)
+                                            or learning_head is not None)
         if mine:
             share_settled(blocks[index], base_blocks[index], block_name, state.qtensors)
             flush_codes(state.qtensors)
         if outputs is not None:
             inputs = inputs.with_hidden(outputs)
         release_freed_memory()
+    head_calib = None
+    if learning_head is not None and inputs is not None:
+        yield Progress(len(state.qtensors) + 1, total, f"Hessian of {learning_head}'s inputs")
+        head_calib = head_calibration(model, inputs.hidden)
     del inputs
     release_freed_memory()
     for layer in outside:
-        yield from quantize_outside(model, layer, specs[layer], state)
+        yield from quantize_outside(model, layer, specs[layer], state,
+                                    head_calib if layer == learning_head else None,
+                                    own_end(handle, layer, shared))
     for follower, leader in shared.items():
         if isinstance(state.qtensors, CodeStore):
             state.qtensors.alias(follower, leader)   # stored once, in the leader's file
@@ -406,19 +419,69 @@ def quantize_block(block: nn.Module, block_name: str, index: int, count: int,
         return run_block(block, inputs, BATCH, FAST_DTYPE, out=inputs.hidden)
 
 
-def quantize_outside(model: nn.Module, name: str, spec: QuantSpec, state: _State) -> Job[None]:
+def own_end(handle, name: str, shared: dict[str, str]):
+    """The End `name` is quantized as: a tied pair planned alike is one matrix (both sides);
+    planned apart (each stored), each side is its own end."""
+    end = end_of(handle.layers, name)
+    if end is None or not end.tied or name in shared or name in shared.values():
+        return end
+    index = end.names.index(name)
+    return End(end.roles[index], (name,), (end.roles[index],))
+
+
+def head_that_learns(handle, specs: dict[str, QuantSpec], outside: list[str],
+                     shared: dict[str, str]) -> str | None:
+    """The lm_head when its spec's method learns from its inputs and can run there (its own
+    matrix: `plan_ends.end_method`), so the job collects its inputs' Hessian; else None."""
+    for name in outside:
+        end = own_end(handle, name, shared)
+        spec = specs[name]
+        if (end is not None and "lm_head" in end.roles and spec.quantizer.calibration != "none"
+                and end_method(end, spec.method)[0] == spec.method):
+            return name
+    return None
+
+
+def head_calibration(model: nn.Module, hidden: torch.Tensor) -> LayerCalibration:
+    """H = 2/n X X^T of what the lm_head reads: the last block's outputs `hidden` [n, seq, d]
+    (from the quantized blocks, as GPTQ takes every layer's inputs) through the final norm."""
+    from studio.core.quant.gptq import HessianAccumulator
+    from studio.core.sensitivity import head_input
+
+    to_head = head_input(model)
+    accumulator = None
+    with torch.no_grad():
+        for batch in hidden.split(BATCH):
+            x = to_head(batch.float())
+            accumulator = accumulator or HessianAccumulator(x.shape[-1])
+            accumulator.add(x)
+    return LayerCalibration(accumulator.hessian(), accumulator.count)
+
+
+def quantize_outside(model: nn.Module, name: str, spec: QuantSpec, state: _State,
+                     calib: LayerCalibration | None = None, end=None) -> Job[None]:
     """A layer outside the blocks (embedding, lm_head): its own method when that needs no
-    calibration, else RTN on its weight matrix (the note says so)."""
+    calibration, or learns from the layer's inputs and `calib` holds the head's; else RTN on
+    the method's grid (the note says why: `plan_ends.end_method`)."""
     module = get_module(model, name)
     materialise(module)   # (streamed: the layer's own float32 copy)
     quantizer = spec.quantizer
+    runs, note = end_method(end, spec.method) if end is not None else (spec.method, "")
+    w_pre = None
     if quantizer.calibration == "none" and not quantizer.smoothing:
         qt, note = layer_result(quantizer, name, module, call_entry(
             quantizer, name, quantizer.quantize, weight_matrix(module).float(), spec, None))
+    elif runs == spec.method and calib is not None:
+        w_pre = weight_matrix(module).float()
+        qt, own = layer_result(quantizer, name, module, call_entry(
+            quantizer, name, quantizer.quantize, w_pre, spec, calib))
+        note = "; ".join(n for n in (note, own) if n)
     else:
-        note = f"outside the blocks, so {registry.REFERENCE.upper()} instead of {spec.method}"
+        note = note or (f"outside the blocks, so {registry.REFERENCE.upper()} instead of "
+                        f"{spec.method}")
         qt = quantize_weight(weight_matrix(module), spec, mse_clip=False)
-    yield state.record(name, None, spec, qt, module, None, None, note, install=False)
+    yield state.record(name, None, spec, qt, module, w_pre,
+                       None if calib is None else calib.hessian, note, install=False)
 
 
 def changed_floats(model: nn.Module, base: nn.Module,

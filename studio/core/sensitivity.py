@@ -451,6 +451,24 @@ def kept_positions(windows: torch.Tensor, tokens: int, seed: int) -> torch.Tenso
 
 def final_head(model: nn.Module):
     """hidden after the last block -> logits: the final norm, projection and lm_head."""
+    to_head = head_input(model)
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def apply(hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits; `weight`: the head's matrix to use instead of its own."""
+        h = to_head(hidden)
+        logits = (head(h) if weight is None
+                  else torch.nn.functional.linear(h, weight.to(h.dtype), head.bias)).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+    return apply
+
+
+def head_input(model: nn.Module):
+    """hidden after the last block -> what the lm_head reads: the final norm (and OPT's
+    projection). The quantize job takes the head's Hessian from it."""
     norm = None
     for path in FINAL_NORMS:
         try:
@@ -460,21 +478,13 @@ def final_head(model: nn.Module):
             continue
     head = model.get_output_embeddings()
     project = getattr(getattr(getattr(model, "model", None), "decoder", None), "project_out", None)
-    cap = getattr(model.config, "final_logit_softcapping", None)
     if norm is None or head is None:
         raise StudioError(f"{type(model).__name__}: the studio cannot find its final norm and "
                           f"output layer, so it cannot re-run its last blocks in isolation.")
 
-    def apply(hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """The logits; `weight`: the head's matrix to use instead of its own."""
+    def apply(hidden: torch.Tensor) -> torch.Tensor:
         h = norm(hidden)
-        if project is not None:
-            h = project(h)
-        logits = (head(h) if weight is None
-                  else torch.nn.functional.linear(h, weight.to(h.dtype), head.bias)).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return project(h) if project is not None else h
     return apply
 
 

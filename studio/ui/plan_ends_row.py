@@ -12,7 +12,7 @@ from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QWidget
 
 from studio.core.errors import StudioError
 from studio.core.plan import end_spec
-from studio.core.plan_ends import End, end_setting, ends_of
+from studio.core.plan_ends import End, end_setting, ends_of, in_method, method_notes
 
 # (command-line word, label): what `quantize --lm-head` takes, most kept first.
 CHOICES = (("keep", "keep 16-bit"), ("w8", "W8 per channel (int8 kernel)"),
@@ -26,7 +26,11 @@ TOOLTIP = ("The output head's error reaches every logit, so llama.cpp keeps it a
            "choice, stored once. An untied embedding is read one row per token: quantizing "
            "it saves size, not time. The allocator keeps these as set and counts them in its "
            "budget; 'auto' lets it choose their width from their measured sensitivity, like "
-           "any layer's. The table below sets any bits / group / method on these rows too.")
+           "any layer's. The table below sets any bits / group / method on these rows too.\n"
+           "Method: an untied lm_head runs the plan's method when it learns from a layer's "
+           "inputs (GPTQ on the final hidden states' Hessian); a tied pair, an embedding, and "
+           "methods that learn from a whole block (AWQ, SmoothQuant) get RTN on the method's "
+           "grid.")
 
 
 class PlanEnds(QWidget):
@@ -42,6 +46,7 @@ class PlanEnds(QWidget):
         self.auto: set[End] = set()   # the ends Auto-allocate chooses
         self.boxes: list[QComboBox] = []
         self.native = False
+        self.body = None        # the plan's default spec: its method is the ends' too
         self.share = QLabel()   # what the ends weigh in the plan's size
         self.row = QHBoxLayout(self)
         self.row.setContentsMargins(0, 0, 0, 0)
@@ -53,13 +58,17 @@ class PlanEnds(QWidget):
         ends = ends_of(layers) if layers is not None else []
         if ends != self.ends or native != self.native or not self.boxes and ends:
             self._build(ends, native)
+        self.body = plan.default
+        notes = {note.split(": ")[0]: note for note in method_notes(plan, layers or [])}
         for end, box in zip(self.ends, self.boxes):
             spec, apart = end_setting(plan, layers, end)
+            box.setToolTip(TOOLTIP + (f"\nNow: {notes[end.title]}." if end.title in notes
+                                      else ""))
             box.blockSignals(True)
             while box.count() > len(self._choices()):   # a custom setting shown last time
                 box.removeItem(box.count() - 1)
             index = next((i for i in range(box.count()) if box.itemData(i) != "auto"
-                          and self._spec(box.itemData(i)) == spec), -1)
+                          and _grid(self._spec(box.itemData(i), end)) == _grid(spec)), -1)
             now = "16-bit" if spec is None else spec.grid_label
             box.setItemText(self._auto_index(), f"auto (allocator; now {now})")
             if end in self.auto:
@@ -85,9 +94,12 @@ class PlanEnds(QWidget):
     def _auto_index(self) -> int:
         return [word for word, _ in self._choices()].index("auto")
 
-    def _spec(self, word):
-        return None if word is None else end_spec(word, self.native, "fp16" if self.native
-                                                  else "fp32")
+    def _spec(self, word, end: End):
+        """The word's grid in the plan's method where the end can run it (`in_method`)."""
+        if word is None:
+            return None
+        return in_method(end_spec(word, self.native, "fp16" if self.native else "fp32"), end,
+                         self.body)
 
     def _build(self, ends: list[End], native: bool) -> None:
         while self.row.count():
@@ -126,7 +138,12 @@ class PlanEnds(QWidget):
             self.auto.discard(end)
             self.auto_changed.emit()
         try:
-            spec = self._spec(word)
+            spec = self._spec(word, end)
         except StudioError:   # (the menus only hold valid words)
             return
         self.chosen.emit(end, spec)
+
+
+def _grid(spec):
+    """A spec's grid, whatever its method: the menu names grids (the method is the plan's)."""
+    return None if spec is None else spec.with_(method="rtn", options={})

@@ -8,7 +8,7 @@ import pytest
 from studio.core.allocate import allocate, plan_size, spec_bits, table_for
 from studio.core.jobs import run
 from studio.core.models import open_model_job
-from studio.core.plan import Plan, QuantSpec, Rule, end_spec
+from studio.core.plan import Plan, QuantSpec, Rule, end_spec, with_ends
 from studio.core.plan_ends import (describe, effective_specs, end_names, end_rules, end_setting,
                                     ends_of, with_end)
 
@@ -225,3 +225,71 @@ def test_a_bpw_budget_with_auto_ends_is_the_meters_and_quantizes_figure(arch, ti
     fixed = allocate(loss_table(result, handle, kind="proxy", plan=Plan(None)), budget_bpw=3.0)
     assert plan_size(handle, fixed.plan).budget_bpw == fixed.bpw == pytest.approx(
         plan_size(handle, fixed.plan).bits_per_weight)
+
+
+def _head_inputs(model, windows):
+    """What the lm_head reads, and what the last block gives, on the float model."""
+    seen = {}
+    head = model.get_output_embeddings()
+    last = model.model.layers[-1] if hasattr(model, "model") and hasattr(model.model, "layers") \
+        else model.model.decoder.layers[-1]
+    hooks = [head.register_forward_pre_hook(lambda m, a: seen.setdefault("head", a[0])),
+             last.register_forward_hook(lambda m, a, out: seen.setdefault(
+                 "last", out[0] if isinstance(out, tuple) else out))]
+    try:
+        import torch
+        with torch.no_grad():
+            model(input_ids=windows, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen["head"], seen["last"]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "opt", "gemma2"])
+def test_the_heads_hessian_is_that_of_what_it_reads(arch, family_dirs):
+    """The lm_head's calibration comes from the last block's outputs through the final norm
+    (and soft-capping plays no part): 2/n X X^T of the head's own inputs."""
+    import torch
+
+    from studio.core.quantize import head_calibration
+    from studio.core.text import text_windows
+
+    handle = run(open_model_job(family_dirs[arch]))
+    windows = text_windows(handle.tokenizer, None, 16, 3, seed=0)[0]
+    x, last = _head_inputs(handle.model, windows)
+    calib = head_calibration(handle.model, last)
+    x = x.reshape(-1, x.shape[-1]).double()
+    assert calib.tokens == x.shape[0]
+    torch.testing.assert_close(calib.hessian.double(), 2 * x.T @ x / x.shape[0],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_an_untied_head_runs_gptq_and_a_tied_pair_rtn_on_its_grid(tiny_llama, tiny_dirs):
+    """Under a GPTQ plan the untied head is GPTQ'd on the final hidden states (a lower error
+    on them than RTN's); the tied pair keeps RTN on GPTQ's grid, and the plan says so."""
+    from studio.core.plan_ends import method_notes
+    from studio.core.quantize import quantize_job
+    from studio.core.text import text_windows
+
+    gptq = QuantSpec(bits=4, group_size=32, method="gptq")
+    qwen2 = run(open_model_job(tiny_dirs["qwen2"]))
+    plan = with_ends(Plan(gptq), qwen2.layers, end_spec("w4g32"), end_spec("w4g32"))
+    assert plan.spec_for("lm_head").method == "gptq"             # the plan's method
+    assert plan.spec_for("model.embed_tokens").method == "rtn"   # looked up: RTN
+    assert method_notes(plan, qwen2.layers) == [
+        "lm_head: GPTQ on the final hidden states",
+        "embedding: RTN on GPTQ's grid: an embedding is looked up, not multiplied"]
+    windows = text_windows(qwen2.tokenizer, None, 32, 16, seed=0)[0]
+    variant = run(quantize_job(qwen2, plan, windows, "text", "gptq head"))
+    head = next(e for e in variant.layer_errors if e["layer"] == "lm_head")
+    assert head["method"] == "gptq" and "final hidden states" in head["note"]
+    assert head["error"] < head["rtn_error"]
+
+    tied = with_ends(Plan(gptq), tiny_llama.layers, end_spec("w4g32"), None)
+    assert tied.spec_for("lm_head").method == "rtn"
+    [note] = method_notes(tied, tiny_llama.layers)
+    assert note.startswith("lm_head + embedding (tied: one matrix): RTN on GPTQ's grid: tied")
+    awq = with_ends(Plan(gptq.with_(method="awq")), qwen2.layers, end_spec("w4g32"), None)
+    assert awq.spec_for("lm_head").method == "rtn"
+    assert "AWQ learns from a whole block" in method_notes(awq, qwen2.layers)[0]
