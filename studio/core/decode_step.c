@@ -1,4 +1,5 @@
-/* One decode step of a Llama-family model's blocks in one call (native_step.py drives it).
+/* One decode step of a Llama-family model's blocks in one call (native_step.py drives it);
+ * Qwen3's per-head q/k norms, Phi-3's fused layers and Gemma's GELU and (1 + w) norms too.
  *
  * Per token, eager torch runs ~50 small ops per block (norms, rotary embedding, attention,
  * splits, residual adds), each with microseconds of dispatch: on a 135M model that is more
@@ -24,14 +25,16 @@
 typedef struct {
     q4_layer qkv[3], o, gate_up[2], down;
     int qkv_parts, gate_up_parts;
-    const float *norm1, *norm2;   /* RMSNorm weights [hidden] */
+    const float *norm1, *norm2;   /* RMSNorm weights [hidden] (Gemma's 1 + w, made once) */
     float *keys, *values;         /* this block's cache [kv_heads, max_len, head_dim] */
+    const float *q_norm, *k_norm; /* Qwen3's per-head RMSNorm weights [head_dim], or NULL */
 } q4_block;
 
 typedef struct {
     int hidden, heads, kv_heads, head_dim, inter, max_len;
     int window;   /* Mistral's sliding window: a query sees its last `window` keys; 0: all */
     float eps, scaling;
+    int act;      /* the MLP's activation: 0 SiLU (Llama), 1 GELU, tanh approximation (Gemma) */
 } q4_shape;
 
 static void rms_norm(const float *x, const float *weight, int n, float eps, float *out) {
@@ -114,8 +117,12 @@ static void block_step(const q4_block *b, const q4_shape *s, float *x, const flo
     products(b->qkv, b->qkv_parts, h, qkv, scratch, factors);
     #pragma omp single
     {
-        for (int head = 0; head < s->heads; head++) rotate(q + head * hd, cos, sin, hd);
+        for (int head = 0; head < s->heads; head++) {
+            if (b->q_norm) rms_norm(q + head * hd, b->q_norm, hd, s->eps, q + head * hd);
+            rotate(q + head * hd, cos, sin, hd);
+        }
         for (int head = 0; head < s->kv_heads; head++) {
+            if (b->k_norm) rms_norm(k + head * hd, b->k_norm, hd, s->eps, k + head * hd);
             rotate(k + head * hd, cos, sin, hd);
             size_t at = ((size_t)head * s->max_len + position) * hd;
             memcpy(b->keys + at, k + head * hd, sizeof(float) * (size_t)hd);
@@ -141,7 +148,10 @@ static void block_step(const q4_block *b, const q4_shape *s, float *x, const flo
     #pragma omp for schedule(static)
     for (int i = 0; i < s->inter; i++) {
         float g = gate_up[i];
-        act[i] = g / (1.0f + expf(-g)) * gate_up[s->inter + i];
+        float a = s->act == 1
+            ? 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)))
+            : g / (1.0f + expf(-g));
+        act[i] = a * gate_up[s->inter + i];
     }
     q4_gemv_team(&b->down, act, delta, scratch, factors);
     #pragma omp single

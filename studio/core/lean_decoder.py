@@ -114,12 +114,8 @@ class LeanDecoder:
 
     @property
     def native_problem(self) -> str | None:
-        """What of this model the native step (`native_step.py`, which reads q_proj / k_proj /
-        v_proj, gate_proj / up_proj and one window) does not take, before it looks: None when
-        it may."""
-        attention = self.layers[0].self_attn
-        if not hasattr(attention, "q_proj"):
-            return "its q/k/v are one qkv_proj (Phi-3), which the step does not read"
+        """What of this model the native step (`native_step.py`, which takes one window and the
+        plain pre-norm block) does not take, before it looks: None when it may."""
         if any(w != self.window for w in self.windows):
             return "its blocks have different sliding windows (Gemma 2/3)"
         if any(self.softcaps) or self.final_softcap:
@@ -138,8 +134,7 @@ class LeanDecoder:
             return "its per-head q/k norms (Qwen3, Gemma 3) are not in the compiled step"
         if any(self.windows):
             return "its sliding window is not in the compiled step"
-        why = self.native_problem
-        return None if why is None or "qkv_proj" in why else why
+        return self.native_problem
 
     @property
     def fused_calls(self) -> int:

@@ -7,13 +7,17 @@ same KV cache (the LeanDecoder's tensors, so a torch prefill and native steps sh
 cos/sin torch's rotary module makes for the position; the embedding lookup, the final norm and
 the output head stay in torch (one call each).
 
-It takes a model whose every block is: RMSNorm (Llama's, Qwen2's, Mistral's; float32), q/k/v and
-gate/up fused (`fuse.py`), each product a native layer (4- or 8-bit, each its own width, so a
-mixed-precision plan runs too) or a float32 Linear (a layer the plan keeps, or a float32
-model: its decode then reads the weights at memory speed, without torch's per-op cost), SiLU,
-no hooks; Mistral's
-sliding window is kept (a query attends to its last `window` keys). `NativeStep.problem(decoder)` says in a sentence why another model cannot, and the
-benchmark then runs the eager step and says why.
+It takes a model whose every block is: RMSNorm in float32 (Llama's x / rms(x) * w, or Gemma's
+x / rms(x) * (1 + w), read as its 1 + w made once), optionally per-head q/k RMSNorms before the
+rotation (Qwen3), q/k/v and gate/up fused (`fuse.py`, or Phi-3's own qkv_proj / gate_up_proj),
+each product a native layer (4- or 8-bit, each its own width, so a mixed-precision plan runs
+too) or a float32 Linear (a layer the plan keeps, or a float32 model: its decode then reads the
+weights at memory speed, without torch's per-op cost), SiLU or tanh-approximated GELU
+(Gemma), a rotation over the whole head, no hooks; Mistral's sliding window is kept (a query
+attends to its last `window` keys). Gemma's embedding scale is the embedding module's own.
+`NativeStep.problem(decoder)` says in a sentence why another model cannot (Gemma 2/3's extra
+norms, soft-capping and per-layer windows, Phi-3's partial rotation), and the benchmark then
+runs the eager step and says why.
 """
 from __future__ import annotations
 
@@ -36,41 +40,68 @@ class _Block(ctypes.Structure):
     _fields_ = [("qkv", _Layer * 3), ("o", _Layer), ("gate_up", _Layer * 2), ("down", _Layer),
                 ("qkv_parts", ctypes.c_int), ("gate_up_parts", ctypes.c_int),
                 ("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p),
-                ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p)]
+                ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p),
+                ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p)]
 
 
 class _Shape(ctypes.Structure):
     _fields_ = [("hidden", ctypes.c_int), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int),
                 ("head_dim", ctypes.c_int), ("inter", ctypes.c_int), ("max_len", ctypes.c_int),
-                ("window", ctypes.c_int), ("eps", ctypes.c_float), ("scaling", ctypes.c_float)]
+                ("window", ctypes.c_int), ("eps", ctypes.c_float), ("scaling", ctypes.c_float),
+                ("act", ctypes.c_int)]
+
+SILU, GELU_TANH = 0, 1   # q4_shape.act
 
 
-def _is_silu(act) -> bool:
-    """By what it computes: transformers names its SiLU class differently across versions."""
+def _activation(act) -> int | None:
+    """SILU or GELU_TANH by what `act` computes (transformers names its classes differently
+    across versions), else None."""
     if not callable(act):
-        return False
+        return None
     probe = torch.linspace(-4, 4, 9)
     with torch.no_grad():
-        return torch.allclose(act(probe), nn.functional.silu(probe))
+        got = act(probe)
+        for code, reference in ((SILU, nn.functional.silu(probe)),
+                                (GELU_TANH, nn.functional.gelu(probe, approximate="tanh"))):
+            if torch.allclose(got, reference, rtol=1e-5, atol=1e-6):
+                return code
+    return None
 
 
-def _is_rms_norm(norm) -> bool:
-    """Llama's RMSNorm, by what it computes (Gemma's (1 + w) and float32 checks included)."""
-    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+def _act_fn(mlp):
+    return getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
+
+
+def _norm_eps(norm) -> float | None:
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+
+
+def _norm_weight(norm) -> torch.Tensor | None:
+    """The float32 weight the step multiplies by, by what `norm` computes: Llama's w, or
+    Gemma's 1 + w (made here, once); None when it is neither."""
+    weight, eps = getattr(norm, "weight", None), _norm_eps(norm)
     if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32 or eps is None:
-        return False
+        return None
     probe = torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = weight * (probe * torch.rsqrt(probe.pow(2).mean(-1, keepdim=True) + eps))
-        return torch.allclose(norm(probe), expected, rtol=1e-5, atol=1e-6)
+        unit = probe * torch.rsqrt(probe.pow(2).mean(-1, keepdim=True) + eps)
+        got = norm(probe)
+        for candidate in (weight, 1.0 + weight):
+            if torch.allclose(got, candidate * unit, rtol=1e-5, atol=1e-6):
+                return candidate.detach().contiguous()
+    return None
 
 
 def _qkv(layer) -> list:
     attention = layer.self_attn
+    if not hasattr(attention, "q_proj"):   # Phi-3: one qkv_proj, q then k then v
+        return [attention.qkv_proj]
     return [attention.q_proj, attention.k_proj, attention.v_proj]
 
 
 def _gate_up(mlp) -> list:
+    if hasattr(mlp, "gate_up_proj"):       # Phi-3: gate then up in one product
+        return [mlp.gate_up_proj]
     return [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]
 
 
@@ -125,14 +156,24 @@ class NativeStep:
                             f"float32 Linear")
                 if any(m._forward_pre_hooks or m._forward_hooks for m in modules):
                     return f"block {i}'s {what} has hooks"
-            if not _is_silu(getattr(mlp, "act_fn", None)):
-                return f"block {i}'s activation is not SiLU"
-            if hasattr(layer.self_attn, "q_norm"):
-                return f"block {i} normalizes q and k per head (Qwen3), which the step does not"
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                if not _is_rms_norm(norm):
-                    return (f"block {i}'s {type(norm).__name__} is not x / rms(x) * weight in "
-                            f"float32")
+            if _activation(_act_fn(mlp)) is None:
+                return f"block {i}'s activation is neither SiLU nor GELU (tanh)"
+            norms = [layer.input_layernorm, layer.post_attention_layernorm]
+            if hasattr(layer.self_attn, "q_norm"):   # Qwen3: per head, before the rotation
+                norms += [layer.self_attn.q_norm, layer.self_attn.k_norm]
+            eps = _norm_eps(norms[0])
+            for norm in norms:
+                if _norm_weight(norm) is None:
+                    return (f"block {i}'s {type(norm).__name__} is not x / rms(x) * w (or "
+                            f"* (1 + w)) in float32")
+                if _norm_eps(norm) != eps:
+                    return f"block {i}'s norms do not share one epsilon"
+        first = decoder.layers[0]
+        hidden = first.input_layernorm.weight.shape[0]
+        cos, _ = decoder.inner.rotary_emb(torch.zeros(1, 1, hidden), torch.tensor([[0]]))
+        if cos.shape[-1] != decoder.head_dim:
+            return (f"it rotates {cos.shape[-1]} of each head's {decoder.head_dim} dimensions "
+                    f"(a partial rotary factor), which the step does not")
         return None
 
     def __init__(self, decoder) -> None:
@@ -142,22 +183,33 @@ class NativeStep:
         norm = first.input_layernorm
         keys = decoder.keys
         self.shape = _Shape(
-            hidden=norm.weight.shape[0],
-            heads=first.self_attn.q_proj.out_features // decoder.head_dim,
+            hidden=norm.weight.shape[0], heads=decoder.heads,
             kv_heads=keys.shape[2], head_dim=decoder.head_dim,
-            inter=first.mlp.gate_proj.out_features, max_len=keys.shape[3],
+            inter=sum(m.out_features for m in _gate_up(first.mlp)) // 2, max_len=keys.shape[3],
             window=decoder.window or 0,
-            eps=float(norm.variance_epsilon), scaling=float(decoder.scaling))
+            eps=float(_norm_eps(norm)), scaling=float(decoder.scaling),
+            act=_activation(_act_fn(first.mlp)))
+        self.norms = []   # the weights the C side reads (Gemma's 1 + w lives only here)
+
+        def weight(norm) -> int | None:
+            if norm is None:
+                return None
+            self.norms.append(_norm_weight(norm))
+            return self.norms[-1].data_ptr()
+
         blocks = []
         for i, layer in enumerate(decoder.layers):
             qkv = _parts(decoder.qkv[i], _qkv(layer))
             gate_up = _parts(decoder.gate_up[i], _gate_up(layer.mlp))
+            attention = layer.self_attn
             blocks.append(_Block(
-                (_Layer * 3)(*map(_layer, qkv)), _layer(layer.self_attn.o_proj),
+                (_Layer * 3)(*map(_layer, qkv)), _layer(attention.o_proj),
                 (_Layer * 2)(*map(_layer, gate_up)), _layer(layer.mlp.down_proj),
-                len(qkv), len(gate_up), layer.input_layernorm.weight.data_ptr(),
-                layer.post_attention_layernorm.weight.data_ptr(),
-                keys[i, 0].data_ptr(), decoder.values[i, 0].data_ptr()))
+                len(qkv), len(gate_up), weight(layer.input_layernorm),
+                weight(layer.post_attention_layernorm),
+                keys[i, 0].data_ptr(), decoder.values[i, 0].data_ptr(),
+                weight(getattr(attention, "q_norm", None)),
+                weight(getattr(attention, "k_norm", None))))
         self.blocks = (_Block * len(blocks))(*blocks)
 
     def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:

@@ -149,8 +149,35 @@ def test_a_mixed_precision_block_runs_its_layers_one_after_another(tiny_dirs):
         assert ((a - b).norm() / b.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("arch, why", [("qwen3", "normalizes q and k per head"),
-                                       ("gemma", "activation is not SiLU")])
+@pytest.mark.parametrize("arch", ["qwen3", "phi3", "gemma"])
+@pytest.mark.parametrize("config", ["fp32", "int4"])
+def test_qwen3_phi3_and_gemma_step_natively_with_the_models_own_logits(family_dirs, arch,
+                                                                        config):
+    """Qwen3's per-head q/k norms, Phi-3's fused qkv_proj / gate_up_proj, Gemma's GELU, (1 + w)
+    norms and scaled embedding: each step's logits against the model's own forward over the
+    whole sequence so far (float32 within 1e-4; int4, whose step quantizes its inputs to int8,
+    within 1e-2 and the same top token)."""
+    handle, _ = model_of(family_dirs, arch)
+    model = base_targets(handle.model, (config,),
+                         layer_names=[i.name for i in handle.quantizable])[0].build()[0]
+    prompt = torch.randint(3, 384, (1, 7), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        decoder = LeanDecoder(model, 16, fused=True)
+        assert NativeStep.problem(decoder) is None
+        step = NativeStep(decoder)
+        decoder.forward(prompt, 0)
+        ids = prompt
+        for position in range(7, 13):
+            token = torch.randint(3, 384, (1, 1), generator=torch.Generator().manual_seed(position))
+            ids = torch.cat([ids, token], dim=1)
+            native = step(token, position)
+            own = model(input_ids=ids, use_cache=False).logits[:, -1].float()
+            error = ((native - own).norm() / own.norm()).item()
+            assert error < (1e-4 if config == "fp32" else 1e-2), (position, error)
+            assert native.argmax() == own.argmax()
+
+
+@pytest.mark.parametrize("arch, why", [("gemma2", "different sliding windows (Gemma 2/3)")])
 def test_relatives_the_step_does_not_follow_are_named(family_dirs, arch, why):
     _, model = model_of(family_dirs, arch)
     assert why in NativeStep.problem(LeanDecoder(model, 8, fused=True))
