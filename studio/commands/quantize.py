@@ -61,6 +61,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from studio.core.allocate import plan_title
+    from studio.core.plan_ends import method_notes
     from studio.core.quantize import quantize_text_job
     from studio.core.variant import save_variant
 
@@ -83,6 +84,7 @@ def run(args) -> int:
                     "calibration": {"source": summary["calibration"], "windows": args.windows,
                                     "seqlen": args.seqlen, "seed": args.seed}
                     if summary["calibration"] else None,
+                    "ends_method": method_notes(plan, handle.layers),
                     "layer_errors": variant.layer_errors})
         return 0
     print(f"{name}: {summary['layers']} layers in {summary['seconds']:.1f} s, "
@@ -91,9 +93,8 @@ def run(args) -> int:
           f"over the whole model "
           f"-> {args.out}")
     print(size_line(variant))
-    for entry in variant.layer_errors:   # how the ends ran (plan_ends.end_method)
-        if entry["block"] is None and entry["note"]:
-            print(f"{entry['layer']}: {entry['note']}")
+    for note in method_notes(plan, handle.layers):   # how the ends ran (plan_ends.end_method)
+        print(f"ends: {note}")
     if summary["calibration"]:
         print(f"calibration: {summary['calibration']} ({args.windows} x {args.seqlen} tokens, "
               f"seed {args.seed})")

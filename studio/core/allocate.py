@@ -355,9 +355,13 @@ class PlanSize:
     def bits_text(self) -> str:
         """The bits per weight a budget reaches, in words: with ends chosen by the allocator,
         over the body and them (the body alone beside it, as quantize reports it)."""
+        return self.bits_words(f"{self.budget_bpw:.3f}")
+
+    def bits_words(self, figure: str) -> str:
+        """`bits_text` with the figure given as `figure` (the meter sets it in bold)."""
         if not self.counted_ends:
-            return f"{self.budget_bpw:.3f} bits/weight"
-        return (f"{self.budget_bpw:.3f} bits/weight over the body and the "
+            return f"{figure} bits/weight"
+        return (f"{figure} bits/weight over the body and the "
                 f"{' and the '.join(self.counted_ends)} (the body alone "
                 f"{self.bits_per_weight:.3f})")
 

@@ -334,7 +334,7 @@ def test_the_ends_are_one_shared_choice_and_allocation_keeps_them(qtbot, state, 
         == view.size.size_bytes
     # The meter counts the pair among the weights, as the budget did: one figure.
     assert view.size.budget_bpw == view.allocation.bpw <= 2.5
-    assert f"{view.allocation.bpw:.3f} bits/weight over the body and the lm_head" \
+    assert f"{view.allocation.bpw:.3f}</b> bits/weight over the body and the lm_head" \
         in view.meter.text()
     assert box.currentData() == "auto" and "now" in box.currentText()
 

@@ -485,7 +485,8 @@ class PlanView(QWidget):
         default = "16-bit" if plan.default is None else plan.default.label
         native = (f" · {_gguf_mix(handle, specs)}" if self.gguf_native.isChecked() else "")
         self.meter.setText(
-            f"<b>{self.size.bits_text}</b> (scales and zeros counted) · "
+            f"{self.size.bits_words(f'<b>{self.size.budget_bpw:.3f}</b>')} (scales and "
+            f"zeros counted) · "
             f"<b>{self.size.size_mb:.2f}</b> MB ({self.size.size_bytes:,} bytes) · "
             f"predicted loss <b>{loss}</b> · default {default} · {len(plan.rules)} rule(s) · "
             f"{self.size.quantized} layers quantized{native}")
