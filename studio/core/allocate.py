@@ -100,10 +100,15 @@ class LossTable:
         """[layers, options] exact storage bits (Python ints in an object-free int64 array).
         An option a layer cannot take is priced as that layer's cheapest allowed one, so it
         moves no bound; `choice_loss` keeps it from ever being chosen."""
-        costs = np.array([[spec_bits(s, o) for o in self.options] for s in self.shapes],
-                         dtype=np.int64)
+        costs = np.array([[spec_bits(s, self.priced(n, o)) for o in self.options]
+                          for n, s in zip(self.names, self.shapes)], dtype=np.int64)
         cheapest = np.where(self.allowed, costs, np.iinfo(np.int64).max).min(axis=1)
         return np.where(self.allowed, costs, cheapest[:, None])
+
+    def priced(self, name: str, option: QuantSpec | None) -> QuantSpec | None:
+        """The spec a row's option is written and stored as: an end's in the method it can run
+        (`unit_spec`: a codebook method's tied head is RTN, priced as RTN)."""
+        return unit_spec(name, option, self.units, self.unit_roles)
 
     @property
     def choice_loss(self) -> np.ndarray:
@@ -221,20 +226,27 @@ def plan_from_choices(choices: dict[str, QuantSpec | None], architecture: str | 
     the ends it chose (`units`: row -> its layers) are rules on each of their layers, in the
     plan's method where the end can run it, else RTN on the chosen grid
     (`plan_ends.in_method`)."""
-    from studio.core.plan_ends import End, in_method
-
     units = units or {}
     specs = [s for n, s in choices.items() if s is not None and n not in units]
     default = max(specs, key=specs.count) if specs else None  # the most common choice
     rules = []
     for name, spec in choices.items():
-        if name in units:
-            end = End(name, tuple(units[name]), tuple((roles or {}).get(name, ("lm_head",))))
-            spec = in_method(spec, end, spec)
+        spec = unit_spec(name, spec, units, roles or {})
         for layer in units.get(name, (name,)):
             rules.append(Rule(layer, spec))
     return Plan(default=default, rules=tuple(rules) + tuple(fixed_rules),
                 architecture=architecture)
+
+
+def unit_spec(name: str, spec: QuantSpec | None, units: dict, roles: dict) -> QuantSpec | None:
+    """A row's chosen spec as the plan writes it: for an end (`units`), in the plan's method
+    where the end can run it, else RTN on that grid (`plan_ends.in_method`)."""
+    from studio.core.plan_ends import End, in_method
+
+    if name not in units or spec is None:
+        return spec
+    end = End(name, tuple(units[name]), tuple(roles.get(name, ("lm_head",))))
+    return in_method(spec, end, spec)
 
 
 # --- from a model and its sensitivity results ------------------------------------------------
