@@ -146,4 +146,5 @@ class PlanEnds(QWidget):
 
 def _grid(spec):
     """A spec's grid, whatever its method: the menu names grids (the method is the plan's)."""
-    return None if spec is None else spec.with_(method="rtn", options={})
+    from studio.core.quant.registry import REFERENCE
+    return None if spec is None else spec.with_(method=REFERENCE, options={})
