@@ -14,12 +14,12 @@ blocks, and run the quantized block to get the next block's inputs. Inside a blo
 SmoothQuant smooths each block just before it is quantized, from the float model's activations
 (carried through the blocks as they were, so the scales are the ones `smoothquant.prepare`
 finds smoothing the whole model first, as the reference does). Layers outside the blocks
-(embeddings, lm_head) are quantized only when a rule names them, after the blocks: an untied
-lm_head under a method that learns from a layer's inputs (GPTQ, SeqMSE, ...) runs it on the
-final hidden states (the last quantized block's outputs through the final norm: its Hessian
-is collected like any layer's); a tied pair, an embedding, or a method that learns from a whole
-block (AWQ, SmoothQuant) get RTN on the method's grid (`plan_ends.end_method`, the note says
-why).
+(embeddings, lm_head) are quantized only when a rule names them, after the blocks: the
+lm_head (a tied pair as one matrix) under a method that learns from a layer's inputs (GPTQ,
+SeqMSE, ...) runs it on the final hidden states (the last quantized block's outputs through
+the final norm: its Hessian is collected like any layer's); an untied embedding, or a method
+that learns from a whole block (AWQ, SmoothQuant), gets RTN on the method's grid
+(`plan_ends.end_method`, the note says why).
 
 For every layer the job reports its relative output error on its calibration inputs and the
 error plain RTN of the original weight would give on the same inputs (Progress.detail).

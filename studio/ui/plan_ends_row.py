@@ -27,10 +27,10 @@ TOOLTIP = ("The output head's error reaches every logit, so llama.cpp keeps it a
            "it saves size, not time. The allocator keeps these as set and counts them in its "
            "budget; 'auto' lets it choose their width from their measured sensitivity, like "
            "any layer's. The table below sets any bits / group / method on these rows too.\n"
-           "Method: an untied lm_head runs the plan's method when it learns from a layer's "
-           "inputs (GPTQ on the final hidden states' Hessian); a tied pair, an embedding, and "
-           "methods that learn from a whole block (AWQ, SmoothQuant) get RTN on the method's "
-           "grid.")
+           "Method: the lm_head runs the plan's method when it learns from a layer's inputs "
+           "(GPTQ on the final hidden states' Hessian; a tied pair too, the embedding reading "
+           "the same matrix); an untied embedding and methods that learn from a whole block "
+           "(AWQ, SmoothQuant) get RTN on the method's grid.")
 
 
 class PlanEnds(QWidget):

@@ -265,9 +265,10 @@ def test_the_heads_hessian_is_that_of_what_it_reads(arch, family_dirs):
                                rtol=1e-4, atol=1e-5)
 
 
-def test_an_untied_head_runs_gptq_and_a_tied_pair_rtn_on_its_grid(tiny_llama, tiny_dirs):
-    """Under a GPTQ plan the untied head is GPTQ'd on the final hidden states (a lower error
-    on them than RTN's); the tied pair keeps RTN on GPTQ's grid, and the plan says so."""
+def test_the_head_runs_gptq_on_its_inputs_and_the_rest_rtn_on_the_grid(tiny_llama, tiny_dirs):
+    """Under a GPTQ plan the head is GPTQ'd on the final hidden states (a lower error on them
+    than RTN's), a tied pair as one matrix; an untied embedding and AWQ take RTN on the grid,
+    and the plan says so."""
     from studio.core.plan_ends import method_notes
     from studio.core.quantize import quantize_job
     from studio.core.text import text_windows
@@ -286,10 +287,17 @@ def test_an_untied_head_runs_gptq_and_a_tied_pair_rtn_on_its_grid(tiny_llama, ti
     assert head["method"] == "gptq" and "final hidden states" in head["note"]
     assert head["error"] < head["rtn_error"]
 
+    # A tied pair: GPTQ on the head's inputs, the embedding reading the same codes.
     tied = with_ends(Plan(gptq), tiny_llama.layers, end_spec("w4g32"), None)
-    assert tied.spec_for("lm_head").method == "rtn"
+    assert tied.spec_for("lm_head").method == "gptq"
     [note] = method_notes(tied, tiny_llama.layers)
-    assert note.startswith("lm_head + embedding (tied: one matrix): RTN on GPTQ's grid: tied")
+    assert note == ("lm_head + embedding (tied: one matrix): GPTQ on the final hidden states; "
+                    "the embedding reads the same matrix (tied)")
+    windows = text_windows(tiny_llama.tokenizer, None, 32, 16, seed=0)[0]
+    variant = run(quantize_job(tiny_llama, tied, windows, "text", "gptq tied"))
+    head = next(e for e in variant.layer_errors if e["layer"] == "lm_head")
+    assert head["method"] == "gptq" and head["error"] < head["rtn_error"]
+    assert variant.shared == {"model.embed_tokens": "lm_head"}
     awq = with_ends(Plan(gptq.with_(method="awq")), qwen2.layers, end_spec("w4g32"), None)
     assert awq.spec_for("lm_head").method == "rtn"
     assert "AWQ learns from a whole block" in method_notes(awq, qwen2.layers)[0]
