@@ -40,6 +40,7 @@ import psutil
 import torch
 from torch import nn
 
+from studio.core import garbage
 from studio.core.backends import get_backend, gguf_label
 from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress
@@ -330,7 +331,7 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
         for index, target in enumerate(targets):
             base = index * (repeat + 2)
             yield Progress(base, steps, f"Building {target.name}")
-            gc.collect()             # the last target's model, its cycles included
+            garbage.collect()        # the last target's model, its cycles included
             backend = get_backend(target.backend)
             if target.backend == "torch":
                 model, choices = target.build()
