@@ -10,15 +10,15 @@ from __future__ import annotations
 import gc
 from typing import Callable
 
-_collect: Callable[[], object] = gc.collect
+_collect: Callable[[], object] | None = None   # None: gc.collect
 
 
 def collect() -> None:
     """Collect every generation, on whatever thread the current collector uses."""
-    _collect()
+    (_collect or gc.collect)()
 
 
 def set_collector(collector: Callable[[], object] | None) -> None:
     """Route `collect` to `collector` (None: back to `gc.collect`)."""
     global _collect
-    _collect = collector or gc.collect
+    _collect = collector

@@ -7,13 +7,18 @@ same KV cache (the LeanDecoder's tensors, so a torch prefill and native steps sh
 cos/sin torch's rotary module makes for the position; the embedding lookup, the final norm and
 the output head stay in torch (one call each).
 
-It takes a model whose every block is: RMSNorm (Llama's, Qwen2's, Mistral's; float32), q/k/v and
+It takes a model whose every block is: RMSNorm (Llama's, Qwen2's, Mistral's), q/k/v and
 gate/up fused (`fuse.py`), each product a native layer (4- or 8-bit, each its own width, so a
-mixed-precision plan runs too) or a float32 Linear (a layer the plan keeps, or a float32
-model: its decode then reads the weights at memory speed, without torch's per-op cost), SiLU,
-no hooks; Mistral's
+mixed-precision plan runs too) or a float32 or bfloat16 Linear (a layer the plan keeps, or a
+float model: its decode then reads the weights at memory speed, without torch's per-op cost),
+SiLU, no hooks; Mistral's
 sliding window is kept (a query attends to its last `window` keys). `NativeStep.problem(decoder)` says in a sentence why another model cannot, and the
 benchmark then runs the eager step and says why.
+
+A bfloat16 model's step computes in float32 from its bfloat16 weights (as llama.cpp's BF16
+type does): its activations are not rounded to bfloat16 after every op as torch's are, so its
+logits are those of the same weights in float32, closer to them than the eager bf16 step's.
+Its KV cache is float32 (`LeanDecoder.cache_in`), its norm weights and biases float32 copies.
 """
 from __future__ import annotations
 
@@ -54,15 +59,20 @@ def _is_silu(act) -> bool:
         return torch.allclose(act(probe), nn.functional.silu(probe))
 
 
+FLOATS = {torch.float32: 32, torch.bfloat16: 16}   # a float Linear's dtype -> its `bits` in C
+
+
 def _is_rms_norm(norm) -> bool:
-    """Llama's RMSNorm, by what it computes (Gemma's (1 + w) and float32 checks included)."""
+    """Llama's RMSNorm, by what it computes (Gemma's (1 + w) is not), in float32 or bfloat16."""
     weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
-    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32 or eps is None:
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in FLOATS or eps is None:
         return False
     probe = torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0))
+    tolerance = 1e-5 if weight.dtype == torch.float32 else 2e-2
     with torch.no_grad():
-        expected = weight * (probe * torch.rsqrt(probe.pow(2).mean(-1, keepdim=True) + eps))
-        return torch.allclose(norm(probe), expected, rtol=1e-5, atol=1e-6)
+        expected = weight.float() * (probe * torch.rsqrt(probe.pow(2).mean(-1, keepdim=True) + eps))
+        got = norm(probe.to(weight.dtype)).float()
+        return torch.allclose(got, expected, rtol=tolerance, atol=tolerance * 0.1)
 
 
 def _qkv(layer) -> list:
@@ -80,19 +90,27 @@ def _parts(fused, modules: list) -> list:
 
 
 def _runs_natively(module) -> bool:
-    """A native low-bit layer, or a float32 Linear the step reads as it is."""
+    """A native low-bit layer, or a float32 / bfloat16 Linear the step reads as it is."""
     if isinstance(module, NativeLinear):
         return True
-    return (type(module) is nn.Linear and module.weight.dtype == torch.float32
-            and module.weight.is_contiguous()
-            and (module.bias is None or module.bias.dtype == torch.float32))
+    return (type(module) is nn.Linear and module.weight.dtype in FLOATS
+            and module.weight.is_contiguous())
 
 
-def _layer(module: NativeLinear | nn.Linear) -> _Layer:
-    bias = None if module.bias is None else module.bias.data_ptr()
-    if isinstance(module, nn.Linear):   # float32 weights [n, k] in place of codes (bits 32)
-        return _Layer(module.weight.data_ptr(), None, None, bias, 32, module.out_features,
-                      module.in_features, module.in_features)
+def _float32(tensor: torch.Tensor | None, keep: list) -> int | None:
+    """The address of `tensor` in float32 (a copy, kept alive in `keep`, when it is not)."""
+    if tensor is None:
+        return None
+    tensor = tensor.detach().float().contiguous()
+    keep.append(tensor)
+    return tensor.data_ptr()
+
+
+def _layer(module: NativeLinear | nn.Linear, keep: list) -> _Layer:
+    bias = _float32(module.bias, keep)
+    if isinstance(module, nn.Linear):   # float weights [n, k] in place of codes (bits 32 / 16)
+        return _Layer(module.weight.data_ptr(), None, None, bias, FLOATS[module.weight.dtype],
+                      module.out_features, module.in_features, module.in_features)
     return _Layer(module.codes.data_ptr(), module.scales.data_ptr(), module.mins.data_ptr(),
                   bias, module.bits, module.out_features, module.in_features, module.group)
 
@@ -111,8 +129,6 @@ class NativeStep:
             return f"the native kernel is unavailable: {why}"
         if decoder.native_problem:   # what the decoder knows the step does not read
             return decoder.native_problem
-        if decoder.keys.dtype != torch.float32:
-            return "its KV cache is not float32"
         for i, layer in enumerate(decoder.layers):
             mlp = layer.mlp
             parts = {"q/k/v": _parts(decoder.qkv[i], _qkv(layer)),
@@ -122,7 +138,7 @@ class NativeStep:
             for what, modules in parts.items():
                 if not all(_runs_natively(m) for m in modules):
                     return (f"block {i}'s {what} is neither on the native kernels nor a "
-                            f"float32 Linear")
+                            f"float32 / bfloat16 Linear")
                 if any(m._forward_pre_hooks or m._forward_hooks for m in modules):
                     return f"block {i}'s {what} has hooks"
             if not _is_silu(getattr(mlp, "act_fn", None)):
@@ -131,16 +147,17 @@ class NativeStep:
                 return f"block {i} normalizes q and k per head (Qwen3), which the step does not"
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 if not _is_rms_norm(norm):
-                    return (f"block {i}'s {type(norm).__name__} is not x / rms(x) * weight in "
-                            f"float32")
+                    return (f"block {i}'s {type(norm).__name__} is not x / rms(x) * weight")
         return None
 
     def __init__(self, decoder) -> None:
         self.decoder = decoder
         self.library = q4_native.library()
+        decoder.cache_in(torch.float32)      # the C side reads and writes float32 keys
         first = decoder.layers[0]
         norm = first.input_layernorm
         keys = decoder.keys
+        self.kept: list[torch.Tensor] = []   # float32 copies the C side points at
         self.shape = _Shape(
             hidden=norm.weight.shape[0],
             heads=first.self_attn.q_proj.out_features // decoder.head_dim,
@@ -148,15 +165,15 @@ class NativeStep:
             inter=first.mlp.gate_proj.out_features, max_len=keys.shape[3],
             window=decoder.window or 0,
             eps=float(norm.variance_epsilon), scaling=float(decoder.scaling))
-        blocks = []
+        blocks, keep = [], self.kept
         for i, layer in enumerate(decoder.layers):
-            qkv = _parts(decoder.qkv[i], _qkv(layer))
-            gate_up = _parts(decoder.gate_up[i], _gate_up(layer.mlp))
+            qkv = [_layer(m, keep) for m in _parts(decoder.qkv[i], _qkv(layer))]
+            gate_up = [_layer(m, keep) for m in _parts(decoder.gate_up[i], _gate_up(layer.mlp))]
             blocks.append(_Block(
-                (_Layer * 3)(*map(_layer, qkv)), _layer(layer.self_attn.o_proj),
-                (_Layer * 2)(*map(_layer, gate_up)), _layer(layer.mlp.down_proj),
-                len(qkv), len(gate_up), layer.input_layernorm.weight.data_ptr(),
-                layer.post_attention_layernorm.weight.data_ptr(),
+                (_Layer * 3)(*qkv), _layer(layer.self_attn.o_proj, keep),
+                (_Layer * 2)(*gate_up), _layer(layer.mlp.down_proj, keep),
+                len(qkv), len(gate_up), _float32(layer.input_layernorm.weight, keep),
+                _float32(layer.post_attention_layernorm.weight, keep),
                 keys[i, 0].data_ptr(), decoder.values[i, 0].data_ptr()))
         self.blocks = (_Block * len(blocks))(*blocks)
 
@@ -165,7 +182,8 @@ class NativeStep:
         if not 0 <= position < self.shape.max_len:   # the C side writes the cache there
             raise ValueError(f"position {position} is outside the cache "
                              f"(length {self.shape.max_len})")
-        x = decoder.inner.embed_tokens(token).float().contiguous()
+        embedded = decoder.inner.embed_tokens(token)
+        x = embedded.float().contiguous()
         cos, sin = decoder.inner.rotary_emb(x, torch.tensor([[position]]))
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
         status = self.library.q4_decode_blocks(
@@ -173,4 +191,4 @@ class NativeStep:
             cos.data_ptr(), sin.data_ptr(), position, torch.get_num_threads())
         if status:
             raise MemoryError("the native decode step could not allocate its buffers")
-        return decoder.head(decoder.inner.norm(x))[:, -1]
+        return decoder.head(decoder.inner.norm(x.to(embedded.dtype)))[:, -1]

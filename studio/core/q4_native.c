@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
+#include <string.h>
 #include "q4_native.h"
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -116,6 +117,12 @@ static inline float hsum(__m256 v) {
     half = _mm_add_ps(half, _mm_movehl_ps(half, half));
     half = _mm_add_ss(half, _mm_movehdup_ps(half));
     return _mm_cvtss_f32(half);
+}
+
+/* 8 bfloat16 values as float32: each the upper half of its float. */
+static inline __m256 bf16_widen(const uint16_t *p) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
 /* Block b of a row as 32 unsigned bytes for maddubs: 4-bit codes unpacked, 8-bit codes as
@@ -336,13 +343,40 @@ static float float_dot(const float *row, const float *x, int k) {
     return total;
 }
 
+/* A bfloat16 row against float32 x: a bfloat16 is a float32's upper half, so widening is a
+ * shift; the sums are float32, as in float_dot. */
+static float bf16_dot(const uint16_t *row, const float *x, int k) {
+    int i = 0;
+    float total = 0.0f;
+#if Q4_AVX2
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    for (; i + 32 <= k; i += 32) {
+        acc0 = _mm256_fmadd_ps(bf16_widen(row + i), _mm256_loadu_ps(x + i), acc0);
+        acc1 = _mm256_fmadd_ps(bf16_widen(row + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
+        acc2 = _mm256_fmadd_ps(bf16_widen(row + i + 16), _mm256_loadu_ps(x + i + 16), acc2);
+        acc3 = _mm256_fmadd_ps(bf16_widen(row + i + 24), _mm256_loadu_ps(x + i + 24), acc3);
+    }
+    total = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+#endif
+    for (; i < k; i++) {
+        uint32_t bits = (uint32_t)row[i] << 16;
+        float weight;
+        memcpy(&weight, &bits, sizeof weight);
+        total += weight * x[i];
+    }
+    return total;
+}
+
 void q4_gemv_team(const q4_layer *w, const float *x, float *y, const q4_scratch *s,
                   float *factors) {
-    if (w->bits == 32) {   /* a layer kept in float32: codes are its weights [n, k] */
-        const float *weight = (const float *)w->codes;
+    if (w->bits == 32 || w->bits == 16) {   /* a float layer: codes are its weights [n, k] */
         #pragma omp for schedule(static)
-        for (int r = 0; r < w->n; r++)
-            y[r] = float_dot(weight + (size_t)r * w->k, x, w->k) + (w->bias ? w->bias[r] : 0.0f);
+        for (int r = 0; r < w->n; r++) {
+            size_t at = (size_t)r * w->k;
+            float dot = w->bits == 32 ? float_dot((const float *)w->codes + at, x, w->k)
+                                      : bf16_dot((const uint16_t *)w->codes + at, x, w->k);
+            y[r] = dot + (w->bias ? w->bias[r] : 0.0f);
+        }
         return;
     }
     #pragma omp single

@@ -86,6 +86,9 @@ def test_the_benchmark_decodes_through_it_and_says_so(tiny_dirs):
     fp32, int4 = run(bench_job(targets, 384, prompt_tokens=6, new_tokens=4, repeat=1, threads=1))
     assert int4.details["decode_step"] == NativeStep.mode and int4.decode_tok_s > 0
     assert fp32.details["decode_step"] == NativeStep.mode    # float32 weights read natively
+    (bf16,) = run(bench_job(base_targets(handle.model, ("bf16",), layer_names=names), 384,
+                            6, 4, 1, threads=1))
+    assert bf16.details["decode_step"] == NativeStep.mode    # and bfloat16 ones
     (eager,) = run(bench_job(base_targets(handle.model, ("fp32",), layer_names=names,
                                           kernels="torch"), 384, 6, 4, 1, threads=1))
     assert eager.details["decode_step"] == "eager"
@@ -125,6 +128,37 @@ def test_a_float32_model_steps_natively_with_its_own_logits(family_dirs, arch):
         assert ((a - b).norm() / b.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_bfloat16_model_steps_natively_in_float32(family_dirs, arch):
+    """bfloat16 weights are widened to float32 and every sum is float32 (llama.cpp's BF16):
+    the blocks then compute what the same weights compute in float32 (the output head stays
+    in torch, in bfloat16), closer to that than the eager bfloat16 step, which rounds every
+    activation to bfloat16; the same greedy tokens. The prompt's keys go into a float32 cache
+    and are read back by the eager prefill in bfloat16, exactly."""
+    handle, _ = model_of(family_dirs, arch)
+    model = base_targets(handle.model, ("bf16",))[0].build()[0]
+    exact = base_targets(model, ("fp32",))[0].build()[0]     # the bf16 weights, in float32
+    prompt = torch.randint(3, 384, (1, 7), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        reference_decoder = LeanDecoder(exact, 16, fused=True)
+        reference = greedy(reference_decoder.forward, reference_decoder, prompt, 6)
+        eager_decoder = LeanDecoder(model, 16, fused=True)
+        eager = greedy(eager_decoder.forward, eager_decoder, prompt, 6)
+        decoder = LeanDecoder(model, 16, fused=True)
+        assert NativeStep.problem(decoder) is None
+        step = NativeStep(decoder)
+        assert decoder.keys.dtype == torch.float32
+        native = greedy(step, decoder, prompt, 6)
+    for i, (a, b, ref) in enumerate(zip(native, eager, reference)):
+        if i == 0:        # the prompt: the eager prefill on both sides
+            assert torch.equal(a, b)
+            continue
+        native_error = ((a.float() - ref).norm() / ref.norm()).item()
+        eager_error = ((b.float() - ref).norm() / ref.norm()).item()
+        assert native_error < 1e-2 and native_error < eager_error, (i, native_error, eager_error)
+        assert a.argmax() == ref.argmax(), i
+
+
 def test_a_mixed_precision_block_runs_its_layers_one_after_another(tiny_dirs):
     """q at 4 bits beside k/v at 8 cannot fuse: the step takes them as three products."""
     from studio.core.kernels import kernel_model
@@ -161,7 +195,7 @@ def test_models_it_cannot_run_stay_eager_and_say_why(tiny_dirs, monkeypatch):
     names = [i.name for i in handle.quantizable]
     on_torch = base_targets(handle.model, ("int4",), layer_names=names,
                             kernels="torch")[0].build()[0]
-    assert "neither on the native kernels nor a float32 Linear" in NativeStep.problem(
+    assert "neither on the native kernels nor a float32 / bfloat16 Linear" in NativeStep.problem(
         LeanDecoder(on_torch, 8, fused=True))
     _, model = model_of(tiny_dirs, "llama")
     hooked = LeanDecoder(model, 8, fused=True)
