@@ -176,6 +176,11 @@ class NativeStep:
                 _float32(layer.post_attention_layernorm.weight, keep),
                 keys[i, 0].data_ptr(), decoder.values[i, 0].data_ptr()))
         self.blocks = (_Block * len(blocks))(*blocks)
+        # A float head is read by the kernel too (torch's bfloat16 product is the slower).
+        head = decoder.head
+        native_head = (type(head) is nn.Linear and _runs_natively(head)
+                       and not (head._forward_pre_hooks or head._forward_hooks))
+        self.head = _layer(head, keep) if native_head else None
 
     def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
         decoder = self.decoder
@@ -191,4 +196,10 @@ class NativeStep:
             cos.data_ptr(), sin.data_ptr(), position, torch.get_num_threads())
         if status:
             raise MemoryError("the native decode step could not allocate its buffers")
-        return decoder.head(decoder.inner.norm(x.to(embedded.dtype)))[:, -1]
+        if self.head is None:
+            return decoder.head(decoder.inner.norm(x.to(embedded.dtype)))[:, -1]
+        h = decoder.inner.norm(x).float().contiguous()   # float32 x: the norm stays float32
+        logits = torch.empty(1, self.head.n)
+        self.library.q4_float_gemv(ctypes.byref(self.head), h.data_ptr(), logits.data_ptr(),
+                                   torch.get_num_threads())
+        return logits

@@ -210,3 +210,21 @@ def test_a_position_outside_the_cache_is_refused(tiny_dirs):
     step = NativeStep(LeanDecoder(model, 8, fused=True))
     with pytest.raises(ValueError, match="outside the cache"):
         step(torch.tensor([[5]]), 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [37, 96])
+def test_a_float_layer_on_the_kernel_equals_its_float32_product(dtype, k):
+    """The step's float products (and its output head): the weights as stored, widened to
+    float32, float32 sums; any width (a tail past the vector loop), a bias added."""
+    import ctypes
+
+    from studio.core.native_step import _layer
+
+    linear = torch.nn.Linear(k, 70).to(dtype)
+    x = torch.randn(1, k)
+    keep, y = [], torch.empty(1, 70)
+    q4_native.library().q4_float_gemv(ctypes.byref(_layer(linear, keep)), x.data_ptr(),
+                                      y.data_ptr(), 2)
+    expected = torch.nn.functional.linear(x, linear.weight.float(), linear.bias.float())
+    assert torch.allclose(y, expected, rtol=1e-5, atol=1e-5)
