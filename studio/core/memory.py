@@ -222,8 +222,12 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
     elif kind == "export":
         # written a tensor at a time, then re-opened by the consumer's loader as a float32
         # model (a GGUF is first de-quantized: `estimate_convert`) whose
-        # logits are compared with the variant's on `windows` x `seqlen` tokens
-        p["re-opened model in float32"] = 4 * (s["params"] + s["coded"])
+        # logits are compared with the variant's on `windows` x `seqlen` tokens; a split GGUF
+        # is read a tensor at a time instead and run by llama.cpp in its own process
+        if runtime:
+            p["the consumer's own process"] = runtime
+        else:
+            p["re-opened model in float32"] = 4 * (s["params"] + s["coded"])
         # the variant's layers de-quantized for the weight and logit comparisons
         p["de-quantized layers"] = 4 * s["quantizable"]
         p["logits of both"] = 2 * 3 * 4 * tokens * s["vocab"]
