@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     guard_p.add_argument("--models", nargs="*", default=["demo", str(CUT)])
     guard_p.add_argument("--jobs", nargs="*", default=list(GUARD_JOBS))
     guard_p.add_argument("--out", type=Path, help="append the JSON lines to this file")
+    guard_p.add_argument("--table", type=Path, nargs="*",
+                         help="only print the table of earlier runs' JSON lines")
     child_p = sub.add_parser("child")
     child_p.add_argument("job", choices=JOBS)
     child_p.add_argument("model")
@@ -81,7 +83,9 @@ def main(argv=None) -> int:
             make(LARGE)
         return 0
     if args.command == "guard":
-        from fit_guard import guard_table
+        from fit_guard import guard_table, print_table
+        if args.table:
+            return print_table(args.table)
         return guard_table(args.models, args.jobs, args.out, run_in_child)
     if args.command == "child":
         from bench_large_jobs import run_child

@@ -55,6 +55,17 @@ def guard_table(models: list[str], jobs: list[str], out: Path | None, run_in_chi
     return 0
 
 
+def print_table(files: list[Path]) -> int:
+    """The table of earlier runs' JSON lines (`--out`), the last run of each row kept."""
+    rows: dict[tuple, dict] = {}
+    for file in files:
+        for line in Path(file).read_text().splitlines():
+            for row in table_rows(json.loads(line)):
+                rows[row["model"], row["job"]] = row
+    print("\n".join(markdown(list(rows.values()))))
+    return 0
+
+
 def table_rows(record: dict) -> list[dict]:
     """A record's rows: the job's own peak against its estimate; an export's llama.cpp process
     against its part of the estimate."""
