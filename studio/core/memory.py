@@ -197,20 +197,27 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
             p["statistics temporaries"] = 2 * 4 * largest
     elif kind == "eval":
         logits = 4 * tokens * s["vocab"]   # one float32 copy (`windows`: those of one forward)
-        p["logits"] = 3 * logits
-        if streamed:
-            # the head's weight is let go once its product is made: the logits' other two
-            # copies (log-softmax, the scores) come after it. Counting all three beside the
-            # read over-estimated the 3B cut's evaluation by 25% (2891 MiB, 2322 measured).
-            p["logits"] = max(logits, 3 * logits - p["largest layer read"])
         p["activations"] = FORWARD_COPIES * 4 * tokens * (s["hidden"] + s["intermediate"])
-        if variant and not streamed:   # (`coded.expanded` holds them for the whole run)
-            p["de-quantized layers"] = 4 * s["quantizable"]
-        if beside:   # the baseline's log-probabilities beside the model's, for KL
-            p["baseline logits"] = 2 * 4 * tokens * s["vocab"]
-        if variant and streamed:   # a layer's codes read from its file and de-quantized as it
-            # runs (variant_stream.StoredCodes): the codes, their unpacked ints, the float32
-            p["layer de-quantized"] = 3 * 4 * s["largest_linear"]
+        if beside:   # the baseline's summary (NLL, top-256 ids and log-probs: baseline_cache),
+            # not its logits: they are gone once summarised
+            from studio.core.baseline_cache import TOP_K
+            p["baseline's top-K summary"] = 8 * TOP_K * tokens
+        if not streamed:
+            p["logits"] = 3 * logits
+            if variant:   # (`coded.expanded` holds them for the whole run)
+                p["de-quantized layers"] = 4 * s["quantizable"]
+        else:
+            # One layer at a time, so the peak is the largest of the forward's moments: the
+            # head's weight read with its product (let go before the log-softmax and the
+            # scores: counting all three copies beside the read over-estimated the 3B cut by
+            # 25%), the logits' three copies, or a variant's layer de-quantized as it runs
+            # (variant_stream.StoredCodes: the codes, their unpacked ints, the float32).
+            read = p.pop("largest layer read")
+            moments = {"largest layer read, with its logits": read + logits,
+                       "logits": 3 * logits,
+                       "layer de-quantized": 3 * 4 * s["largest_linear"] if variant else 0}
+            moment = max(moments, key=moments.get)
+            p[moment] = moments[moment]
     elif kind == "capture":
         from studio.core.activations import BATCH_TOKENS, MAX_SAMPLES
         batch = max(1, BATCH_TOKENS // seqlen) * seqlen   # tokens per forward (no logits)
