@@ -235,20 +235,54 @@ def _export(job, handle, model) -> dict:
     variant = load_variant(VARIANTS / f"{Path(model).name}-{method}", handle)
     from studio.core.export.job import VERIFY_SEQLEN, VERIFY_WINDOWS
 
-    estimate = memory.estimate_job(variant.model, "export", windows=1,   # as export_job asks
-                                   seqlen=VERIFY_WINDOWS * VERIFY_SEQLEN).total
     options = ExportOptions(shard_size=parse_size(os.environ.get("STUDIO_LARGE_SHARD", "5GB")))
     fmt_ = get_format(fmt)
     runtime = fmt_.runtime_bytes(variant, handle, options,
                                  fmt_.preflight(variant, handle, options))
+    # as export_job asks; the consumer's own process (llama.cpp) is compared apart
+    estimate = memory.estimate_job(variant.model, "export", windows=1,
+                                   seqlen=VERIFY_WINDOWS * VERIFY_SEQLEN,
+                                   runtime=runtime).total - runtime
     scratch = Path(tempfile.mkdtemp(prefix="bench-export-"))
+    sampler = _ChildrenPeak()
     try:
         result, record = _timed(export_job(variant, handle, fmt, scratch / "out", options),
                                 estimate)
+        record["consumer_peak_mib"] = round(sampler.stop() / MIB)
         record.update(format=fmt, variant=method, bytes=result.bytes,
                       runtime_estimate_mib=round(runtime / MIB),
                       shard_size=options.shard_size,
                       files=sorted(f.name for f in (scratch / "out").iterdir()))
     finally:
+        sampler.stop()
         shutil.rmtree(scratch, ignore_errors=True)
     return record
+
+
+class _ChildrenPeak:
+    """The largest RSS llama.cpp's worker process reaches, sampled every 20 ms. Neither
+    getrusage nor sampling every child tells it: a child's ru_maxrss starts at its parent's
+    high-water (exec keeps the old memory's peak), and a child caught between fork and exec
+    shows the parent's pages; so only a process already running llama_worker.py counts."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak, self.done = 0, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self.done.wait(0.02):
+            for child in me.children(recursive=True):
+                try:
+                    if any("llama_worker" in part for part in child.cmdline()):
+                        self.peak = max(self.peak, child.memory_info().rss)
+                except psutil.Error:
+                    pass
+
+    def stop(self) -> int:
+        self.done.set()
+        self.thread.join()
+        return self.peak

@@ -79,7 +79,7 @@ def table_rows(record: dict) -> list[dict]:
     if record.get("runtime_estimate_mib"):
         rows.append({"model": name, "job": f"{record['job']}: llama.cpp's process",
                      "streamed": record.get("streamed"),
-                     "peak": record.get("peak_rss_grandchildren_mib"),
+                     "peak": record.get("consumer_peak_mib"),
                      "estimate": record["runtime_estimate_mib"], "note": ""})
     return rows
 
