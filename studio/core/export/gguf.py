@@ -42,8 +42,12 @@ from studio.core.streaming import StoredParameter
 
 FLOAT_ROWS_ELEMENTS = 1 << 22   # a float tensor is converted this many elements at a time
 # llama.cpp's process beyond the file it maps: Python, the library, its compute and logits
-# buffers (fitted: 3117 MiB peak for the 3B's 2.6 GiB file on 2 x 64 tokens)
-LLAMA_CPP_RUNTIME = 512 * 2 ** 20
+# buffers, and buffers that grow with the output matrix (vocabulary x hidden). Fitted on three
+# runs (`bench_large.py guard`): the demo split 354 MiB peak with a 125 MiB file, the 3B's
+# 2-block cut 1372 with 887, the 3B 3117 with 2600 (the one constant of 512 before put the
+# demo 80% over)
+LLAMA_CPP_RUNTIME = 208 * 2 ** 20
+LLAMA_CPP_PER_OUTPUT_WEIGHT = 0.74   # bytes per vocabulary x hidden element
 FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0",
               "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "F32": "ALL_F32"}
 
@@ -207,7 +211,7 @@ class GgufFormat(ExportFormat):
         writing."""
         if not (getattr(handle, "streamed", False) or self.splits(variant, options, preflight)):
             return 0    # (verified through transformers' loader: `memory.guard_convert`)
-        return tensor_bytes(variant, options, preflight) + LLAMA_CPP_RUNTIME
+        return tensor_bytes(variant, options, preflight) + llama_cpp_runtime(variant.model)
 
     def splits(self, variant, options: ExportOptions, preflight: Preflight) -> bool:
         """Whether the file will be over the shard size, so written in several files."""
@@ -332,6 +336,13 @@ class GgufFormat(ExportFormat):
 
 
 GGUF = GgufFormat()
+
+
+def llama_cpp_runtime(model) -> int:
+    """llama.cpp's own memory beside the file it maps (`LLAMA_CPP_RUNTIME`)."""
+    embeddings = model.get_input_embeddings()
+    rows, width = embeddings.weight.shape
+    return LLAMA_CPP_RUNTIME + int(LLAMA_CPP_PER_OUTPUT_WEIGHT * rows * width)
 
 
 def describe_size_mb(size: int) -> str:
