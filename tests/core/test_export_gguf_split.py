@@ -4,7 +4,6 @@ those of the one-file export; llama.cpp opens the first file, finds the rest, an
 one-file export's logits; a missing part is refused; nothing is left when a file fails."""
 import errno
 
-import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
@@ -146,7 +145,9 @@ def test_a_failed_or_cancelled_split_export_leaves_nothing(tiny_llama, held_vari
 def test_the_split_keys_are_llama_cpps():
     assert gguf_split.split_name("m", 0, 3) == "m-00001-of-00003.gguf"
     assert gguf_split.SPLIT_NAME.match("a-b-00002-of-00010.gguf")["prefix"] == "a-b"
-    assert np.all([key.startswith("split.") for key in gguf_split.KEYS])
+    from gguf import Keys
+    assert gguf_split.KEYS == (Keys.Split.LLM_KV_SPLIT_NO, Keys.Split.LLM_KV_SPLIT_COUNT,
+                               Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
 
 
 def test_the_studio_says_it_opens_no_split_gguf(tiny_llama, held_variant, tmp_path):
