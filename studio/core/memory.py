@@ -196,15 +196,28 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
         else:   # |w| and the centred copy (the histogram's bins come after they are freed)
             p["statistics temporaries"] = 2 * 4 * largest
     elif kind == "eval":
-        p["logits"] = 3 * 4 * tokens * s["vocab"]   # `windows`: the windows of one forward
+        logits = 4 * tokens * s["vocab"]   # one float32 copy (`windows`: those of one forward)
         p["activations"] = FORWARD_COPIES * 4 * tokens * (s["hidden"] + s["intermediate"])
-        if variant and not streamed:   # (`coded.expanded` holds them for the whole run)
-            p["de-quantized layers"] = 4 * s["quantizable"]
-        if beside:   # the baseline's log-probabilities beside the model's, for KL
-            p["baseline logits"] = 2 * 4 * tokens * s["vocab"]
-        if variant and streamed:   # a layer's codes read from its file and de-quantized as it
-            # runs (variant_stream.StoredCodes): the codes, their unpacked ints, the float32
-            p["layer de-quantized"] = 3 * 4 * s["largest_linear"]
+        if beside:   # the baseline's summary (NLL, top-256 ids and log-probs: baseline_cache),
+            # not its logits: they are gone once summarised
+            from studio.core.baseline_cache import TOP_K
+            p["baseline's top-K summary"] = 8 * TOP_K * tokens
+        if not streamed:
+            p["logits"] = 3 * logits
+            if variant:   # (`coded.expanded` holds them for the whole run)
+                p["de-quantized layers"] = 4 * s["quantizable"]
+        else:
+            # One layer at a time, so the peak is the largest of the forward's moments: the
+            # head's weight read with its product (let go before the log-softmax and the
+            # scores: counting all three copies beside the read over-estimated the 3B cut by
+            # 25%), the logits' three copies, or a variant's layer de-quantized as it runs
+            # (variant_stream.StoredCodes: the codes, their unpacked ints, the float32).
+            read = p.pop("largest layer read")
+            moments = {"largest layer read, with its logits": read + logits,
+                       "logits": 3 * logits,
+                       "layer de-quantized": 3 * 4 * s["largest_linear"] if variant else 0}
+            moment = max(moments, key=moments.get)
+            p[moment] = moments[moment]
     elif kind == "capture":
         from studio.core.activations import BATCH_TOKENS, MAX_SAMPLES
         batch = max(1, BATCH_TOKENS // seqlen) * seqlen   # tokens per forward (no logits)
@@ -222,8 +235,12 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
     elif kind == "export":
         # written a tensor at a time, then re-opened by the consumer's loader as a float32
         # model (a GGUF is first de-quantized: `estimate_convert`) whose
-        # logits are compared with the variant's on `windows` x `seqlen` tokens
-        p["re-opened model in float32"] = 4 * (s["params"] + s["coded"])
+        # logits are compared with the variant's on `windows` x `seqlen` tokens; a split GGUF
+        # is read a tensor at a time instead and run by llama.cpp in its own process
+        if runtime:
+            p["the consumer's own process"] = runtime
+        else:
+            p["re-opened model in float32"] = 4 * (s["params"] + s["coded"])
         # the variant's layers de-quantized for the weight and logit comparisons
         p["de-quantized layers"] = 4 * s["quantizable"]
         p["logits of both"] = 2 * 3 * 4 * tokens * s["vocab"]
