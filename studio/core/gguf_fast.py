@@ -22,9 +22,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from studio.core.jobs import Job
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +52,37 @@ def convert_fast(path: Path, folder: Path) -> None:
     run(convert_fast_job(path, folder))
 
 
-def convert_fast_job(path: Path, folder: Path):
-    """`convert_fast` as a job: yields Progress per tensor read; cancelled, it writes nothing."""
+def convert_fast_job(path: Path, folder: Path) -> Job[Dequantized]:
+    """`convert_fast` as a job: yields Progress per tensor read; cancelled, it writes nothing.
+    Returns what it wrote, so that an open builds its model from the tensors in memory instead
+    of reading the folder back."""
+    done = yield from dequantize_job(path)
+    write_folder(done, folder)
+    return done
+
+
+@dataclass
+class Dequantized:
+    """A GGUF read into what a Hugging Face folder holds."""
+    config: object                   # transformers' PretrainedConfig
+    tensors: dict                    # {state-dict key: float32 tensor}; a tied head left out
+    tokenizer: object | None
+    can_generate: bool
+
+
+def dequantize_job(path: Path) -> Job[Dequantized]:
+    """The GGUF's config, float32 tensors and tokenizer, read in this process (nothing written)."""
     import torch
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations.gguf.reader import read_gguf_metadata
 
-    from studio.core.files import atomic_dir
+    from studio.core.model_build import no_init
 
     metadata, names = read_gguf_metadata(str(path))
     config_dict = gguf_config(metadata, names)
     with fast_config(path, config_dict):
         config = AutoConfig.for_model(**config_dict)   # what AutoConfig.from_pretrained makes
-        with torch.device("meta"):
+        with torch.device("meta"), no_init():
             skeleton = AutoModelForCausalLM.from_config(config)
         tensors = yield from read_tensors_job(path, metadata["general.architecture"], skeleton,
                                               config_dict)
@@ -73,13 +93,23 @@ def convert_fast_job(path: Path, folder: Path):
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         except Exception as exc:  # a GGUF without a usable vocabulary still gives weights
             log.warning("no tokenizer from %s: %s", path.name, exc)
+    return Dequantized(config, tensors, tokenizer, skeleton.can_generate())
+
+
+def write_folder(done: Dequantized, folder: Path) -> None:
+    """The model folder transformers' loader would save, written atomically."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from studio.core.files import atomic_dir
+
     with atomic_dir(folder) as tmp:
-        config.save_pretrained(tmp)
-        if skeleton.can_generate():
-            GenerationConfig.from_model_config(config).save_pretrained(tmp)
-        save_file(tensors, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        done.config.save_pretrained(tmp)
+        if done.can_generate:
+            GenerationConfig.from_model_config(done.config).save_pretrained(tmp)
+        save_file(done.tensors, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+        if done.tokenizer is not None:
+            done.tokenizer.save_pretrained(tmp)
 
 
 def gguf_config(metadata: dict, tensor_names) -> dict:
