@@ -21,13 +21,21 @@ from studio.core.errors import ModelLoadError
 
 def skeleton(config) -> nn.Module:
     """The model `config` describes, entirely on the meta device, its initialisers skipped
-    (on meta they still run, through decompositions: ~0.5 s for the demo)."""
+    (on meta they still run, through decompositions: ~0.5 s for the demo). Callers only read
+    it: the last one is kept for the next call with the same config object (an open checks
+    the blocks and counts the parameters of one skeleton)."""
     from transformers import AutoModelForCausalLM
 
+    if _last and _last[0] is config:
+        return _last[1]
     with torch.device("meta"), no_init():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     model.tie_weights()   # (transformers ties in the initialisation skipped here)
+    _last[:] = [config, model]
     return model
+
+
+_last: list = []   # [config, its skeleton]
 
 
 def model_from_tensors(config, tensors: dict[str, torch.Tensor], where: str) -> nn.Module:

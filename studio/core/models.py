@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from studio.core import memory
-from studio.core.architecture import check_gguf_architecture
+from studio.core.architecture import check_blocks, check_gguf_architecture
 from studio.core.errors import ModelLoadError
 from studio.core.file_checks import (GGUFSummary, check_no_remote_code, gguf_summary,
                                      safetensors_header, safetensors_numel)
@@ -207,6 +207,8 @@ def open_model_job(source: str | Path, weights: str | None = None) -> Job[ModelH
         yield Progress(0, 4, f"Checking {path.name}")
         check_gguf_architecture(path)  # from the header alone, before the slow full read
         folder = gguf_cache_folder(path)
+        from studio.core.gguf_fast import wait_for_cache
+        wait_for_cache(folder)   # (this process may still be writing it)
         if not (folder / "config.json").is_file():
             # Every claim of the header checked before the file is read. A cached folder was
             # written from this file after the same check (its name holds the file's size and
@@ -215,16 +217,25 @@ def open_model_job(source: str | Path, weights: str | None = None) -> Job[ModelH
             from studio.core.gguf_convert import in_process
             from studio.core.memory import guard_convert
             guard_convert(summary, path.stat().st_size, path.name, in_process(path))
-            converted = yield from convert_job(path, folder)
+            # Held in memory (no streaming from the folder): the folder is written behind.
+            behind = not choose_streaming(mode, None, 4 * summary.param_count)
+            converted = yield from convert_job(path, folder, behind=behind)
         notes.append(f"Weights de-quantized from {path.name}; cached in {folder}.")
     else:
         folder = path
     yield Progress(2, 4, f"Reading {folder.name}")
-    config = read_config(folder)
-    weight_bytes = folder_weight_bytes(folder, config)
-    check_safetensors(folder)
-    stream = choose_streaming(mode, folder, weight_bytes)
-    store = WeightStore(folder) if stream else None
+    if converted is not None and converted.tokenizer_future is not None:
+        # The folder is being written behind: the model comes from the tensors at hand.
+        config = converted.config
+        check_blocks(config, path.name)
+        weight_bytes = 4 * sum(t.numel() for t in converted.tensors.values())
+        stream, store = False, None
+    else:
+        config = read_config(folder)
+        weight_bytes = folder_weight_bytes(folder, config)
+        check_safetensors(folder)
+        stream = choose_streaming(mode, folder, weight_bytes)
+        store = WeightStore(folder) if stream else None
     check_config_size(folder, config, weight_bytes, memory=not stream)
     if stream:
         yield Progress(3, 4, "Reading the weights' headers (they stay in their files)")
@@ -234,11 +245,12 @@ def open_model_job(source: str | Path, weights: str | None = None) -> Job[ModelH
         notes.append(f"Weights stay in their files ({store.stored_bytes / 2**30:.2f} GiB as "
                      f"stored); each layer is read into float32 while a job computes on it.")
     else:
-        memory.guard(memory.estimate_open(weight_bytes // 4, False, tokenizer_bytes(folder)))
+        if converted is None:
+            memory.guard(memory.estimate_open(weight_bytes // 4, False, tokenizer_bytes(folder)))
         yield Progress(3, 4, "Loading weights")
         if kind == "gguf":
             # The studio's own folder (the model's keys, float32): no loader's name mapping
-            # needed; a first open hands over the tensors it has just de-quantized.
+            # needed; a first open takes the tensors it has just de-quantized.
             tensors = converted.tensors if converted is not None else folder_tensors(folder)
             model = model_from_tensors(config, tensors, folder.name)
         else:
@@ -249,12 +261,10 @@ def open_model_job(source: str | Path, weights: str | None = None) -> Job[ModelH
                          architecture=type(model).__name__, model_type=config.model_type,
                          source=str(source) if str(source) == "demo" else str(path),
                          folder=folder, layers=inventory(model), notes=notes, store=store)
-    why = tokenizer_problem(folder)
-    if why:
+    if converted is not None:
+        handle.defer_tokenizer(lambda: converted_tokenizer(converted, path))
+    elif why := tokenizer_problem(folder):
         notes.append(why)
-    elif converted is not None and converted.tokenizer is not None:
-        handle.defer_tokenizer(lambda: (converted.tokenizer, follow_gguf_bos(converted.tokenizer,
-                                                                              path)))
     else:
         handle.defer_tokenizer(lambda: tokenizer_for(folder, path if kind == "gguf" else None))
     handle.load_seconds = time.perf_counter() - start
@@ -262,12 +272,13 @@ def open_model_job(source: str | Path, weights: str | None = None) -> Job[ModelH
     return handle
 
 
-def choose_streaming(mode: str, folder: Path, weight_bytes: int) -> bool:
+def choose_streaming(mode: str, folder: Path | None, weight_bytes: int) -> bool:
     """Stream when asked, or (auto) when the float32 model would take more than STREAM_SHARE
-    of the memory available; only safetensors folders can stream."""
+    of the memory available; only safetensors folders can stream (None: one yet to be
+    written, as a GGUF's)."""
     if mode == "memory":
         return False
-    if not any(folder.glob("*.safetensors")):
+    if folder is not None and not any(folder.glob("*.safetensors")):
         if mode == "stream":
             raise ModelLoadError(f"{folder.name} has no safetensors weights: only those can "
                                  f"stay in their files (open it with --weights memory).")
@@ -364,6 +375,16 @@ def parse_tokenizer(folder: Path) -> tuple[object | None, str | None]:
     except Exception as exc:
         return None, (f"The tokenizer could not be loaded ({exc}); weight views work, but "
                       f"calibration, perplexity and generation are off.")
+
+
+def converted_tokenizer(converted, gguf: Path) -> tuple[object | None, list[str]]:
+    """A first open's deferred tokenizer: the one its conversion makes (`gguf_fast`)."""
+    future = converted.tokenizer_future
+    tokenizer = future.result() if future is not None else converted.tokenizer
+    if tokenizer is None:
+        return None, [f"{gguf.name} gave no tokenizer: weight views work, but calibration, "
+                      f"perplexity and generation are off."]
+    return tokenizer, follow_gguf_bos(tokenizer, gguf)
 
 
 def tokenizer_for(folder: Path, gguf: Path | None) -> tuple[object | None, list[str]]:

@@ -52,9 +52,9 @@ def test_tensors_that_do_not_fit_are_refused_by_name(tiny_dirs):
 
 def test_a_gguf_open_builds_from_its_tensors_and_defers_the_tokenizer(tiny_dirs, tmp_path,
                                                                       monkeypatch):
-    """First open: the model takes the tensors just de-quantized (the written folder is not read
-    back); cached open: the studio's folder without transformers' loader. Neither parses the
-    tokenizer: the first job that asks for it does, once."""
+    """First open: the model takes the tensors just de-quantized (the folder, written behind on
+    a thread, is not read back); cached open: the studio's folder without transformers' loader.
+    A cached open does not parse the tokenizer: the first job that asks for it does, once."""
     from transformers import AutoTokenizer
 
     from studio.core import models
@@ -79,7 +79,8 @@ def test_a_gguf_open_builds_from_its_tensors_and_defers_the_tokenizer(tiny_dirs,
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(counted))
     monkeypatch.setattr(models, "folder_tensors", lambda f: pytest.fail("read back"))
     first = run(models.open_model_job(written.file))
-    assert len(parsed) == 1               # the conversion's own, to write the cached folder
+    assert first.text_ready and first.tokenizer is not None
+    assert len(parsed) == 1               # the conversion's own, also written to the folder
     monkeypatch.undo()
     monkeypatch.setenv("COMPRESSION_STUDIO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(models, "load_model", lambda *a: pytest.fail("transformers' loader"))
@@ -94,3 +95,33 @@ def test_a_gguf_open_builds_from_its_tensors_and_defers_the_tokenizer(tiny_dirs,
     assert len(parsed) == 1
     cached.tokenizer
     assert len(parsed) == 1               # once
+
+
+def test_a_first_open_does_not_wait_for_its_cache(tiny_dirs, tmp_path, monkeypatch):
+    """The tokenizer and the cached folder are made behind the open; a later open of the same
+    file waits for them instead of de-quantizing again."""
+    import threading
+
+    from studio.core import gguf_fast, models
+    from studio.core.export.base import ExportOptions
+    from studio.core.export.gguf import GGUF
+    from studio.core.jobs import run
+    from studio.core.plan import Plan, QuantSpec
+    from studio.core.quantize import quantize_job
+
+    handle = run(models.open_model_job(tiny_dirs["llama"]))
+    variant = run(quantize_job(handle, Plan(QuantSpec(8, 32, True)), None, None, "behind"))
+    written = run(GGUF.write_job(variant, handle, ExportOptions(dtype="f16"), None, tmp_path))
+    monkeypatch.setenv("COMPRESSION_STUDIO_CACHE", str(tmp_path / "cache"))
+    release = threading.Event()
+    make = gguf_fast.gguf_tokenizer
+    monkeypatch.setattr(gguf_fast, "gguf_tokenizer",
+                        lambda *a: release.wait(60) and make(*a))
+    first = run(models.open_model_job(written.file))
+    assert not (first.folder / "config.json").exists()       # still being made
+    assert first.model(torch.tensor([[1, 2, 3]])).logits.shape[1] == 3
+    release.set()
+    monkeypatch.setattr(models, "check_gguf", lambda p: pytest.fail("de-quantized again"))
+    again = run(models.open_model_job(written.file))
+    assert (again.folder / "model.safetensors").is_file()
+    assert again.tokenizer("x y")["input_ids"] == first.tokenizer("x y")["input_ids"]
