@@ -249,9 +249,12 @@ def read_tensors_job(path: Path, architecture: str, skeleton, config_dict: dict)
     import torch
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+    )
 
     from studio.core.gguf_header import tensor_table
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config_dict)
     mapping = gguf_to_hf_names(skeleton, architecture)

@@ -25,12 +25,23 @@ from torch import nn
 from studio.core import memory
 from studio.core.architecture import check_blocks, check_gguf_architecture
 from studio.core.errors import ModelLoadError
-from studio.core.file_checks import (GGUFSummary, check_no_remote_code, gguf_summary,
-                                     safetensors_header, safetensors_numel)
+from studio.core.file_checks import (
+    GGUFSummary,
+    check_no_remote_code,
+    gguf_summary,
+    safetensors_header,
+    safetensors_numel,
+)
 from studio.core.files import cache_root, read_json  # noqa: F401 (cache_root: re-exported)
 from studio.core.gguf_convert import convert_job
 from studio.core.jobs import Job, Progress
-from studio.core.layers import LayerInfo, get_module, inventory, model_bytes, read_weight_matrix
+from studio.core.layers import (
+    LayerInfo,
+    get_module,
+    inventory,
+    model_bytes,
+    read_weight_matrix,
+)
 from studio.core.model_build import folder_tensors, model_from_tensors, skeleton
 from studio.core.streaming import WeightStore, real, streamed_model
 

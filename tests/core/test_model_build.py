@@ -93,7 +93,7 @@ def test_a_gguf_open_builds_from_its_tensors_and_defers_the_tokenizer(tiny_dirs,
     ids = cached.tokenizer("def f(x): return x")["input_ids"]
     assert ids == first.tokenizer("def f(x): return x")["input_ids"]
     assert len(parsed) == 1
-    cached.tokenizer
+    assert cached.tokenizer is not None
     assert len(parsed) == 1               # once
 
 
