@@ -429,17 +429,34 @@ def guard_convert(summary, file_bytes: int, what: str, in_process: bool) -> None
 
 def estimate_convert(summary, file_bytes: int, what: str, in_process: bool) -> Estimate:
     """De-quantizing a GGUF (`summary`: its header) to float32. In this process
-    (`gguf_fast`): the float32 weights once, the file's pages as they are read, and the tensor
-    being de-quantized twice (its codes widened, then float32); measured on the demo (134.5 M
-    parameters, a 94 MiB file): 775 MiB added, estimated 823. In a child process
-    (transformers' loader): about two float32 copies."""
+    (`gguf_fast`, two threads, tensors in file order): the float32 weights as they accumulate,
+    each tensor in flight twice while gguf-py de-quantizes it (its float32 result and an
+    intermediate of the same size), the file's pages, and the tokenizer made from the header's
+    vocabulary (TOKENIZER_PER_HEADER_BYTE, fitted on the demo). The model is then built on the
+    same tensors, and safetensors writes the cache from them: no second copy. Measured on the demo
+    (134.5 M parameters, a 94 MiB file, first open after the window's imports): 646 MiB added
+    (two runs: 645, 647), estimated 646. In a child process (transformers' loader): about two
+    float32 copies."""
     params = summary.param_count
     if not in_process:
         return Estimate(f"De-quantizing {what}", 0, {"float32 weights, twice": 8 * params})
-    largest = max((t.n_elements for t in summary.tensors), default=0)
+    sizes = [4 * t.n_elements for t in summary.tensors]
+    held, peak = 0, 0
+    for i, size in enumerate(sizes):   # the tensors before i held, i and the next in flight
+        peak = max(peak, held + 2 * sum(sizes[i: i + DEQUANTIZE_THREADS]))
+        held += size
     return Estimate(f"De-quantizing {what}", 0, {
-        "float32 weights": 4 * params, "the GGUF file, read": file_bytes,
-        "the tensor being de-quantized": 8 * largest})
+        "float32 weights, with the tensors being de-quantized": peak,
+        "the GGUF file, read": file_bytes,
+        "the tokenizer and the header's tables": TOKENIZER_PER_HEADER_BYTE * summary.data_start})
+
+
+# gguf_fast.WORKERS (not imported: this module is imported before torch)
+DEQUANTIZE_THREADS = 2
+# What a GGUF's tokenizer and the readers' tables hold per byte of its header (the vocabulary):
+# the demo's 1.70 MiB header, 36 MiB above its weights and file at the peak of a first open
+# (fitted on that one file: a vocabulary's strings and merges as Python and Rust objects).
+TOKENIZER_PER_HEADER_BYTE = 21
 
 
 # --- giving memory back ------------------------------------------------------------------------
