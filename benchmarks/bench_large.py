@@ -6,6 +6,9 @@ process, measuring wall time and peak RSS against the memory guard's estimate (i
                                                         # (rtn-noerr: RTN without error windows;
                                                         # eval-variant: $STUDIO_LARGE_VARIANT)
     python benchmarks/bench_large.py run --model demo   # the same jobs on the demo
+    python benchmarks/bench_large.py guard              # the memory guard's estimate beside
+                                                        # each job's measured peak (demo and
+                                                        # the 2-block cut, streamed)
 
 No multi-billion model can be downloaded here, so `make` writes one: Llama-3.2-3B's config
 (hidden 3072, 28 layers, 24 query / 8 key-value heads, intermediate 8192, vocabulary 128256,
@@ -45,6 +48,9 @@ CONFIG = {
     "bos_token_id": 1, "eos_token_id": 2,
 }
 SHARD_BYTES = 2 * 10 ** 9
+CUT = LARGE.with_name(f"{LARGE.name}-2blocks")   # `make --layers 2`: the same shapes, 2 blocks
+GUARD_JOBS = ("open", "stats", "rtn-noerr", "rtn", "eval", "eval-variant", "capture", "export",
+              "gptq")
 JOBS = ("open", "stats", "rtn", "rtn-noerr", "gptq", "eval", "eval-variant", "capture",
         "sensitivity", "bench", "export")
 
@@ -59,6 +65,12 @@ def main(argv=None) -> int:
     run_p.add_argument("jobs", nargs="*", default=[j for j in JOBS if j != "rtn-noerr"])
     run_p.add_argument("--model", default=str(LARGE))
     run_p.add_argument("--out", type=Path, help="append the JSON lines to this file")
+    guard_p = sub.add_parser("guard", help="the guard's estimate against each job's peak")
+    guard_p.add_argument("--models", nargs="*", default=["demo", str(CUT)])
+    guard_p.add_argument("--jobs", nargs="*", default=list(GUARD_JOBS))
+    guard_p.add_argument("--out", type=Path, help="append the JSON lines to this file")
+    guard_p.add_argument("--table", type=Path, nargs="*",
+                         help="only print the table of earlier runs' JSON lines")
     child_p = sub.add_parser("child")
     child_p.add_argument("job", choices=JOBS)
     child_p.add_argument("model")
@@ -70,6 +82,11 @@ def main(argv=None) -> int:
         else:
             make(LARGE)
         return 0
+    if args.command == "guard":
+        from fit_guard import guard_table, print_table
+        if args.table:
+            return print_table(args.table)
+        return guard_table(args.models, args.jobs, args.out, run_in_child)
     if args.command == "child":
         from bench_large_jobs import run_child
         print(json.dumps(run_child(args.job, args.model)), flush=True)

@@ -18,8 +18,16 @@ import torch
 MIB = 2 ** 20
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 VARIANTS = Path(os.environ.get("STUDIO_LARGE_VARIANTS", "/work/tmp_large/variants"))
-EVAL_WINDOWS = 4
-CALIB_WINDOWS, SEQLEN = 16, 512
+
+
+def _settings(name: str, default: str) -> tuple[int, int]:
+    """(windows, tokens per window) from $NAME ("16x512"): the guard table runs smaller."""
+    windows, seqlen = os.environ.get(name, default).lower().split("x")
+    return int(windows), int(seqlen)
+
+
+EVAL_WINDOWS, EVAL_SEQLEN = _settings("STUDIO_LARGE_EVAL", "4x512")
+CALIB_WINDOWS, SEQLEN = _settings("STUDIO_LARGE_CALIB", "16x512")
 
 
 def run_child(job: str, model: str) -> dict:
@@ -29,6 +37,9 @@ def run_child(job: str, model: str) -> dict:
     # this process's own peak (the parent's RUSAGE_CHILDREN is the largest of all its children)
     record["peak_rss_self_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                                         * 1024 / MIB)
+    # the largest process this one waited for (an export's llama.cpp worker)
+    record["peak_rss_grandchildren_mib"] = round(resource.getrusage(
+        resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / MIB)
     return record
 
 
@@ -41,8 +52,12 @@ def _run_child(job: str, model: str) -> dict:
     import transformers.models.llama.modeling_llama  # noqa: F401  (library import: runtime)
 
     record: dict = {}
+    made = []   # the estimate the open itself guards with (before any weight is read)
+    estimate_open = memory.estimate_open
+    memory.estimate_open = lambda *a, **k: made.append(estimate_open(*a, **k)) or made[-1]
     start = time.perf_counter()
     handle = run(open_model_job(model))
+    memory.estimate_open = estimate_open
     record["open_seconds"] = round(time.perf_counter() - start, 2)
     record["rss_after_open_mib"] = round(psutil.Process().memory_info().rss / MIB)
     record["streamed"] = handle.streamed
@@ -51,10 +66,10 @@ def _run_child(job: str, model: str) -> dict:
             for tensor in handle.model.parameters():
                 tensor.sum()
             record["rss_after_touching_mib"] = round(psutil.Process().memory_info().rss / MIB)
-        from studio.core.models import tokenizer_bytes
-        record["estimate_mib"] = round(memory.estimate_open(
-            0 if handle.streamed else handle.param_count, handle.streamed,
-            tokenizer_bytes(handle.folder), handle.layers).total / MIB)
+        record["estimate_mib"] = round(made[-1].total / MIB)
+        if handle.streamed:   # what the guard checks when opening a streamed model
+            record["note"] = ("estimate: the smallest job (one block and the largest layer in "
+                              "float32), not the open itself")
         return record
     runner = {"stats": _stats, "rtn": _quantize, "rtn-noerr": _quantize, "gptq": _quantize,
               "eval": _eval, "eval-variant": _eval_variant, "capture": _capture,
@@ -123,7 +138,10 @@ def _quantize(job, handle, model) -> dict:
         made = quantize_text_job(handle, _plan(job), DATA / "tinyshakespeare.txt",
                                  CALIB_WINDOWS, SEQLEN, 0, job)
     variant, record = _timed(made, estimate)
-    save_variant(variant, VARIANTS / f"{Path(model).name}-{job}")
+    # ($STUDIO_LARGE_SAVE_TO: elsewhere than the variants the other jobs read, e.g. the
+    # guard table's small-settings runs)
+    save_variant(variant, Path(os.environ.get("STUDIO_LARGE_SAVE_TO", VARIANTS))
+                 / f"{Path(model).name}-{job}")
     record["bits_per_weight"] = round(variant.bits_per_weight, 3)
     return record
 
@@ -132,9 +150,9 @@ def _eval(job, handle, model) -> dict:
     from studio.core import memory
     from studio.core.evaluate import evaluate_job
 
-    estimate = memory.estimate_job(handle, "eval", windows=1, seqlen=SEQLEN).total
+    estimate = memory.estimate_job(handle, "eval", windows=1, seqlen=EVAL_SEQLEN).total
     result, record = _timed(evaluate_job(handle.model, None, handle.tokenizer,
-                                         DATA / "wikitext2_test.txt", SEQLEN, EVAL_WINDOWS),
+                                         DATA / "wikitext2_test.txt", EVAL_SEQLEN, EVAL_WINDOWS),
                             estimate)
     record["ppl"] = result.ppl
     return record
@@ -147,10 +165,11 @@ def _eval_variant(job, handle, model) -> dict:
 
     method = os.environ.get("STUDIO_LARGE_VARIANT", "gptq")
     variant = load_variant(VARIANTS / f"{Path(model).name}-{method}", handle)
-    estimate = memory.estimate_job(variant.model, "eval", windows=1, seqlen=SEQLEN,
+    estimate = memory.estimate_job(variant.model, "eval", windows=1, seqlen=EVAL_SEQLEN,
                                    variant=True, beside=[handle.model]).total
     result, record = _timed(evaluate_job(variant.model, handle.model, handle.tokenizer,
-                                         DATA / "wikitext2_test.txt", SEQLEN, EVAL_WINDOWS),
+                                         DATA / "wikitext2_test.txt", EVAL_SEQLEN,
+                                         EVAL_WINDOWS),
                             estimate)
     record.update(ppl=result.ppl, base_ppl=result.base_ppl, kl=result.kl, variant=method)
     return record
@@ -205,6 +224,7 @@ def _export(job, handle, model) -> dict:
     import tempfile
 
     from studio.core import memory
+    from studio.core.export import get_format
     from studio.core.export.base import ExportOptions
     from studio.core.export.job import export_job
     from studio.core.export.shards import parse_size
@@ -215,16 +235,54 @@ def _export(job, handle, model) -> dict:
     variant = load_variant(VARIANTS / f"{Path(model).name}-{method}", handle)
     from studio.core.export.job import VERIFY_SEQLEN, VERIFY_WINDOWS
 
-    estimate = memory.estimate_job(variant.model, "export", windows=1,   # as export_job asks
-                                   seqlen=VERIFY_WINDOWS * VERIFY_SEQLEN).total
     options = ExportOptions(shard_size=parse_size(os.environ.get("STUDIO_LARGE_SHARD", "5GB")))
+    fmt_ = get_format(fmt)
+    runtime = fmt_.runtime_bytes(variant, handle, options,
+                                 fmt_.preflight(variant, handle, options))
+    # as export_job asks; the consumer's own process (llama.cpp) is compared apart
+    estimate = memory.estimate_job(variant.model, "export", windows=1,
+                                   seqlen=VERIFY_WINDOWS * VERIFY_SEQLEN,
+                                   runtime=runtime).total - runtime
     scratch = Path(tempfile.mkdtemp(prefix="bench-export-"))
+    sampler = _ChildrenPeak()
     try:
         result, record = _timed(export_job(variant, handle, fmt, scratch / "out", options),
                                 estimate)
+        record["consumer_peak_mib"] = round(sampler.stop() / MIB)
         record.update(format=fmt, variant=method, bytes=result.bytes,
+                      runtime_estimate_mib=round(runtime / MIB),
                       shard_size=options.shard_size,
                       files=sorted(f.name for f in (scratch / "out").iterdir()))
     finally:
+        sampler.stop()
         shutil.rmtree(scratch, ignore_errors=True)
     return record
+
+
+class _ChildrenPeak:
+    """The largest RSS llama.cpp's worker process reaches, sampled every 20 ms. Neither
+    getrusage nor sampling every child tells it: a child's ru_maxrss starts at its parent's
+    high-water (exec keeps the old memory's peak), and a child caught between fork and exec
+    shows the parent's pages; so only a process already running llama_worker.py counts."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak, self.done = 0, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self.done.wait(0.02):
+            for child in me.children(recursive=True):
+                try:
+                    if any("llama_worker" in part for part in child.cmdline()):
+                        self.peak = max(self.peak, child.memory_info().rss)
+                except psutil.Error:
+                    pass
+
+    def stop(self) -> int:
+        self.done.set()
+        self.thread.join()
+        return self.peak

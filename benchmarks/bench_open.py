@@ -2,6 +2,7 @@
 
     python benchmarks/bench_open.py            # all of them
     python benchmarks/bench_open.py window     # start -> window shown only, 5 fresh processes
+    python benchmarks/bench_open.py compare BASE_CHECKOUT [N]   # before/after, alternated
 
 Each figure comes from a fresh process, so imports and caches are measured as a user meets them.
 The first open de-quantizes the GGUF (`studio.core.gguf_fast` for the architectures it covers);
@@ -17,23 +18,70 @@ import sys
 import tempfile
 
 OPEN_AND_MEASURE = r"""
-import json, resource, time
+import importlib, json, resource, sys, time
 t = time.perf_counter()
+if sys.argv[1] == "warm":   # what the window imports on threads before the user opens a model
+    from studio.ui.app import PRELOAD, PRELOAD_BEHIND
+    for name in PRELOAD + PRELOAD_BEHIND:
+        importlib.import_module(name)
+imported = time.perf_counter() - t
 from studio.core.jobs import run
 from studio.core.models import open_model_job
+t_open = time.perf_counter()
 handle = run(open_model_job("demo"))
-print(json.dumps({"seconds": time.perf_counter() - t, "load_seconds": handle.load_seconds,
+opened = time.perf_counter() - t_open
+t_tok = time.perf_counter()
+handle.tokenizer   # deferred by newer code to the first job that needs it
+print(json.dumps({"seconds": time.perf_counter() - t - (time.perf_counter() - t_tok),
+                  "imports": imported, "open": opened,
+                  "tokenizer": time.perf_counter() - t_tok, "load_seconds": handle.load_seconds,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-def measure_open(cache: str, slow_path: bool = False) -> dict:
+def measure_open(cache: str, slow_path: bool = False, warm: bool = False,
+                 code: str | None = None) -> dict:
+    """One open of the demo in a fresh process. `warm`: the window's imports done first (the
+    window does them on threads while the user looks at it), so `open` is what a user waits
+    for after asking. `code`: the checkout to run (PYTHONPATH), for before/after runs."""
     env = {**os.environ, "COMPRESSION_STUDIO_CACHE": cache}
+    if code:
+        env["PYTHONPATH"] = code
     if slow_path:
         env["STUDIO_GGUF_SLOW_PATH"] = "1"
-    out = subprocess.run([sys.executable, "-c", OPEN_AND_MEASURE], env=env, check=True,
-                         capture_output=True, text=True).stdout
+    # (run from the checkout: `python -c` puts the working folder first on the path)
+    out = subprocess.run([sys.executable, "-c", OPEN_AND_MEASURE, "warm" if warm else "cold"],
+                         env=env, check=True, capture_output=True, text=True,
+                         cwd=code or None).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def compare(base: str, repeat: int) -> None:
+    """This checkout against `base`, alternated in fresh processes and fresh caches, so that a
+    busy machine weighs on both alike; medians and their ratios."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows: dict[str, dict[str, list[float]]] = {"base": {}, "this": {}}
+    for _ in range(repeat):
+        for name, code in (("base", base), ("this", here)):
+            with tempfile.TemporaryDirectory() as cache:
+                first = measure_open(cache, warm=True, code=code)
+                cold = measure_open(cache, code=code)
+                cached = measure_open(cache, warm=True, code=code)
+            for key, value in (("first open (imports done)", first["open"]),
+                               ("first open, peak RSS (MiB)", first["peak_rss_mb"]),
+                               ("cached open, fresh process", cold["seconds"]),
+                               ("cached open (imports done)", cached["open"]),
+                               ("then the tokenizer (first job)", cached["tokenizer"]),
+                               ("cached open, peak RSS (MiB)", cached["peak_rss_mb"])):
+                rows[name].setdefault(key, []).append(value)
+
+    def median(xs):
+        return sorted(xs)[len(xs) // 2]
+
+    print(f"{'':44} {'base':>8} {'this':>8} {'this/base':>9}   ({repeat} runs each, medians)")
+    for key in rows["this"]:
+        b, t = median(rows["base"][key]), median(rows["this"][key])
+        print(f"{key:44} {b:8.2f} {t:8.2f} {t / b if b else float('nan'):9.2f}")
 
 
 def measure_window(cache: str, png: str) -> str:
@@ -80,15 +128,23 @@ def main() -> None:
     if sys.argv[1:2] == ["window"]:
         main_window_only()
         return
+    if sys.argv[1:2] == ["compare"]:
+        compare(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 3)
+        return
     slow_path = "--slow-path" in sys.argv
     with tempfile.TemporaryDirectory() as cache:
         first = measure_open(cache, slow_path)
         cached = measure_open(cache)
+        warm = measure_open(cache, warm=True)
         window = measure_window(cache, os.path.join(cache, "window.png"))
     how = "transformers' loader" if slow_path else "direct de-quantization"
-    print(f"demo first open ({how}, then cached):           {first['seconds']:.1f} s")
-    print(f"demo cached open:                               {cached['seconds']:.1f} s "
-          f"(of which opening {cached['load_seconds']:.1f} s)")
+    print(f"demo first open ({how}, then cached):           {first['seconds']:.1f} s "
+          f"(imports {first['imports'] + first['seconds'] - first['open']:.1f} s, "
+          f"open {first['open']:.1f} s)")
+    print(f"demo cached open, fresh process:                {cached['seconds']:.1f} s "
+          f"(of which opening {cached['open']:.1f} s)")
+    print(f"demo cached open, imports done (as the window): {warm['open']:.1f} s; the "
+          f"tokenizer, at the first job that needs it: {warm['tokenizer']:.1f} s")
     print(f"peak RSS after opening the demo (cached):       {cached['peak_rss_mb']:.0f} MiB")
     print(f"peak RSS during the first open:                 {first['peak_rss_mb']:.0f} MiB")
     print(f"window (cached demo): {window}")

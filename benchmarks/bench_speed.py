@@ -12,7 +12,7 @@
    GGUF with llama.cpp's own quantizer, through the `cyllama` binding, in this run) and against
    fp32 eager (the lean decoder on float32 weights; fp32 through the native step beside it).
    Same random prompt ids and lengths.
-2. bandwidth: fp32 (native step and eager) and bf16 decode against their memory-bandwidth
+2. bandwidth: fp32 and bf16 decode (native step and eager) against their memory-bandwidth
    limit, at each thread count:
    a decode step reads every weight once, so tokens/s <= copy bandwidth / weight bytes per
    token (bandwidth: a 512 MiB tensor copy, bytes read + written per second, best of 5).
@@ -172,8 +172,9 @@ def part_bandwidth_prefill(handle, args, vocab, parts) -> None:
     names = [layer.name for layer in handle.quantizable]
     for threads in args.threads:
         targets = base_targets(handle.model, ("fp32", "bf16"), layer_names=names)
-        targets[0].name = "fp32 (native step)"
-        targets += base_targets(handle.model, ("fp32",), layer_names=names, kernels="torch")
+        targets[0].name, targets[1].name = "fp32 (native step)", "bf16 (native step)"
+        targets += base_targets(handle.model, ("fp32", "bf16"), layer_names=names,
+                                kernels="torch")
         if "prefill" in parts:
             targets += base_targets(handle.model, ("int4",), group_size=32, layer_names=names)
             targets += base_targets(handle.model, ("int4",), group_size=32, layer_names=names,
@@ -184,9 +185,9 @@ def part_bandwidth_prefill(handle, args, vocab, parts) -> None:
             bandwidth = copy_bandwidth(threads)
             print(f"\n== 2. fp32 / bf16 decode against the memory-bandwidth limit, {threads} "
                   f"thread(s); copy bandwidth {bandwidth:.1f} GB/s (target >= 60%)")
-            table(results[:3], bandwidth)
+            table(results[:4], bandwidth)
         if "prefill" in parts:
-            fp32, bf16, _, w4, w4_kernel = results
+            fp32, bf16, _, _, w4, w4_kernel = results
             print(f"\n== 3. prefill of {args.prompt_tokens} tokens, {threads} thread(s) "
                   f"(target: W4 no slower than bf16, i.e. ratio <= 1.00)")
             table(results)

@@ -10,7 +10,7 @@ from pathlib import Path
 from studio.commands.common import add_bos_argument, open_model, print_json, run_with_progress
 from studio.core.errors import StudioError
 from studio.core.evaluate import DEFAULT_SEQLEN, DEFAULT_WINDOWS
-from studio.core.export import format_names
+from studio.core.export import all_formats, format_names
 from studio.core.export.base import FLOAT_DTYPES, INEXACT_POLICIES, ExportOptions
 from studio.core.export.shards import DEFAULT_SHARD_SIZE, describe_size, parse_size
 
@@ -35,10 +35,10 @@ def add_arguments(parser) -> None:
                         help="GGUF: 4-bit asymmetric layers as q5_0 (exact, default) or q4_1 "
                              "(smaller; its fp16 offset rounds)")
     parser.add_argument("--shard-size", default=describe_size(DEFAULT_SHARD_SIZE), metavar="SIZE",
-                        help="safetensors formats: at most SIZE of tensors per file, split "
-                             "into model-0000i-of-0000N.safetensors and an index as "
-                             "transformers does (e.g. 2GB, 500MB, 4GiB; default "
-                             f"{describe_size(DEFAULT_SHARD_SIZE)})")
+                        help="at most SIZE of tensors per file (e.g. 2GB, 500MB, 4GiB; "
+                             f"default {describe_size(DEFAULT_SHARD_SIZE)}); a larger export is "
+                             "split: " + "; ".join(f"{f.name} into {f.splits_as}"
+                                                   for f in all_formats() if f.splits_as))
     parser.add_argument("--base", metavar="MODEL",
                         help="the base model, when it moved since the variant was made")
     parser.add_argument("--force", action="store_true", help="replace PATH if it exists")

@@ -59,16 +59,13 @@ def check_config(raw: dict, where: str) -> None:
 def check_blocks(config, where: str) -> None:
     """Refuse a model with no stack of decoder blocks holding linear layers, from its module tree
     built on the meta device (no weights read, no memory taken)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from studio.core.errors import StudioError
     from studio.core.layers import is_linear
+    from studio.core.model_build import skeleton
     from studio.core.quant.blocks import decoder_blocks
 
     try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        model = skeleton(config)
     except Exception as exc:  # transformers raises many kinds for a config it cannot build
         raise ModelLoadError(f"The model in {where} cannot be built from its config: "
                              f"{exc}") from None

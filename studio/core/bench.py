@@ -40,6 +40,7 @@ import psutil
 import torch
 from torch import nn
 
+from studio.core import garbage
 from studio.core.backends import get_backend, gguf_label
 from studio.core.errors import StudioError
 from studio.core.jobs import Job, Progress
@@ -142,15 +143,14 @@ def base_targets(model: nn.Module, configs=BASE_CONFIGS, group_size: int = 32,
     head = _head_name(model) if lm_head else None
     targets = []
     for config in configs:
-        if config == "fp32":
-            # the native step reads float32 weights too; torch's kernels: the eager step
+        if config in ("fp32", "bf16"):
+            # the native step reads float32 and bfloat16 weights too; torch's kernels: eager
             native = kernels == "native"
-            targets.append(BenchTarget("fp32" if native else "fp32 (eager)",
-                                       lambda: float_model(model, torch.float32), size_bytes,
+            dtype = torch.float32 if config == "fp32" else torch.bfloat16
+            targets.append(BenchTarget(config if native else f"{config} (eager)",
+                                       lambda dtype=dtype: float_model(model, dtype),
+                                       size_bytes if config == "fp32" else None,
                                        model=model, native_step=native))
-        elif config == "bf16":
-            targets.append(BenchTarget("bf16", lambda: float_model(model, torch.bfloat16),
-                                       model=model))
         if config in ("fp32", "bf16"):
             targets[-1].size_breakdown = planned_breakdown(model, {})
         else:
@@ -330,7 +330,7 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
         for index, target in enumerate(targets):
             base = index * (repeat + 2)
             yield Progress(base, steps, f"Building {target.name}")
-            gc.collect()             # the last target's model, its cycles included
+            garbage.collect()        # the last target's model, its cycles included
             backend = get_backend(target.backend)
             if target.backend == "torch":
                 model, choices = target.build()

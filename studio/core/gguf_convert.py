@@ -33,22 +33,26 @@ def in_process(path: Path) -> bool:
     return gguf_fast.supported(path) and not os.environ.get("STUDIO_GGUF_SLOW_PATH")
 
 
-def convert_job(path: Path, folder: Path) -> Job[None]:
+def convert_job(path: Path, folder: Path, behind: bool = False) -> Job[object | None]:
     """The GGUF's cached folder: read here for the architectures `gguf_fast` covers (a job of
-    its own, cancellable between tensors), else in a child process, yielding progress until it
-    ends; cancel kills it."""
+    its own, cancellable between tensors; returns what it read, a `gguf_fast.Dequantized`,
+    and with `behind` writes the folder on a thread after returning: `gguf_fast.write_behind`),
+    else in a child process, yielding progress until it ends (cancel kills it; returns None)."""
     from studio.core import gguf_fast
 
     _remove_stale_temporaries(folder)
     if in_process(path):
         try:
-            yield from gguf_fast.convert_fast_job(path, folder)
+            if not behind:
+                return (yield from gguf_fast.convert_fast_job(path, folder))
+            done = yield from gguf_fast.dequantize_job(path)
+            gguf_fast.write_behind(done, path, folder)
+            return done
         except StudioError:
             raise
         except Exception as exc:   # what the child's last line of stderr said, as before
             raise ModelLoadError(f"{path.name} could not be de-quantized: "
                                  f"{type(exc).__name__}: {exc}") from exc
-        return
     started = time.perf_counter()
     # stderr goes to a file, not a pipe: a chatty child would block on a full pipe.
     errors_file = tempfile.TemporaryFile("w+")

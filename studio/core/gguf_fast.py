@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from studio.core.jobs import Job
 
 log = logging.getLogger(__name__)
 
@@ -49,37 +53,106 @@ def convert_fast(path: Path, folder: Path) -> None:
     run(convert_fast_job(path, folder))
 
 
-def convert_fast_job(path: Path, folder: Path):
-    """`convert_fast` as a job: yields Progress per tensor read; cancelled, it writes nothing."""
+def convert_fast_job(path: Path, folder: Path) -> Job[Dequantized]:
+    """`convert_fast` as a job: yields Progress per tensor read; cancelled, it writes nothing.
+    Returns what it wrote."""
+    done = yield from dequantize_job(path)
+    done.tokenizer = gguf_tokenizer(path, done.config_dict)
+    write_folder(done, folder)
+    return done
+
+
+@dataclass
+class Dequantized:
+    """A GGUF read into what a Hugging Face folder holds."""
+    config: object                   # transformers' PretrainedConfig
+    config_dict: dict                # the dict it was made from (for the tokenizer's reader)
+    tensors: dict                    # {state-dict key: float32 tensor}; a tied head left out
+    can_generate: bool
+    tokenizer: object | None = None
+    tokenizer_future: Future | None = None   # set while `write_behind` makes it
+
+
+def dequantize_job(path: Path) -> Job[Dequantized]:
+    """The GGUF's config and float32 tensors, read in this process (nothing written)."""
     import torch
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig
     from transformers.integrations.gguf.reader import read_gguf_metadata
 
-    from studio.core.files import atomic_dir
+    from studio.core.model_build import skeleton as meta_model
 
     metadata, names = read_gguf_metadata(str(path))
     config_dict = gguf_config(metadata, names)
+    config = AutoConfig.for_model(**config_dict)   # what AutoConfig.from_pretrained makes
+    skeleton = meta_model(config)
+    tensors = yield from read_tensors_job(path, metadata["general.architecture"], skeleton,
+                                          config_dict)
+    config.architectures = [type(skeleton).__name__]
+    config.dtype = torch.float32
+    return Dequantized(config, config_dict, tensors, skeleton.can_generate())
+
+
+def gguf_tokenizer(path: Path, config_dict: dict):
+    """transformers' tokenizer for the GGUF's vocabulary (~2 s on the demo), or None."""
+    from transformers import AutoTokenizer
+
     with fast_config(path, config_dict):
-        config = AutoConfig.for_model(**config_dict)   # what AutoConfig.from_pretrained makes
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
-        tensors = yield from read_tensors_job(path, metadata["general.architecture"], skeleton,
-                                              config_dict)
-        config.architectures = [type(skeleton).__name__]
-        config.dtype = torch.float32
-        tokenizer = None
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         except Exception as exc:  # a GGUF without a usable vocabulary still gives weights
             log.warning("no tokenizer from %s: %s", path.name, exc)
+            return None
+
+
+def write_behind(done: Dequantized, path: Path, folder: Path) -> Future:
+    """Make the tokenizer, then write the cached folder, on a thread, while the model that was
+    built from `done`'s tensors is already in use (~3 s of a first open off its path). The
+    future gives the tokenizer. The thread is not a daemon: a process waits for it before it
+    exits, so a one-shot command still leaves the cache for the next open (`wait_for_cache`)."""
+    tokenizer: Future = Future()
+
+    def work() -> None:
+        done.tokenizer = gguf_tokenizer(path, done.config_dict)
+        tokenizer.set_result(done.tokenizer)
+        try:
+            write_folder(done, folder)
+        except Exception:   # the next open de-quantizes again; nothing else is lost
+            log.warning("the cache of %s was not written", path.name, exc_info=True)
+
+    thread = threading.Thread(target=work, name=f"cache {path.name}", daemon=False)
+    with _WRITERS_LOCK:
+        _WRITERS[folder] = thread
+    thread.start()
+    done.tokenizer_future = tokenizer
+    return tokenizer
+
+
+def wait_for_cache(folder: Path) -> None:
+    """Return once no thread of this process is writing `folder`."""
+    with _WRITERS_LOCK:
+        thread = _WRITERS.pop(folder, None)
+    if thread is not None:
+        thread.join()
+
+
+_WRITERS: dict[Path, threading.Thread] = {}
+_WRITERS_LOCK = threading.Lock()
+
+
+def write_folder(done: Dequantized, folder: Path) -> None:
+    """The model folder transformers' loader would save, written atomically."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from studio.core.files import atomic_dir
+
     with atomic_dir(folder) as tmp:
-        config.save_pretrained(tmp)
-        if skeleton.can_generate():
-            GenerationConfig.from_model_config(config).save_pretrained(tmp)
-        save_file(tensors, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        done.config.save_pretrained(tmp)
+        if done.can_generate:
+            GenerationConfig.from_model_config(done.config).save_pretrained(tmp)
+        save_file(done.tensors, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+        if done.tokenizer is not None:
+            done.tokenizer.save_pretrained(tmp)
 
 
 def gguf_config(metadata: dict, tensor_names) -> dict:
@@ -176,9 +249,12 @@ def read_tensors_job(path: Path, architecture: str, skeleton, config_dict: dict)
     import torch
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+    )
 
     from studio.core.gguf_header import tensor_table
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config_dict)
     mapping = gguf_to_hf_names(skeleton, architecture)

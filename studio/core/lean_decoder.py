@@ -112,6 +112,12 @@ class LeanDecoder:
             self.gate_up.append(fuse(parts) if fused and None not in parts
                                 and hasattr(mlp, "act_fn") else None)
 
+    def cache_in(self, dtype: torch.dtype) -> None:
+        """Hold the KV cache in `dtype` (the native step's float32, for a bfloat16 model: a
+        bfloat16 key is exact in float32, and attention reads it back in the model's dtype)."""
+        if self.keys.dtype != dtype:
+            self.keys, self.values = self.keys.to(dtype), self.values.to(dtype)
+
     @property
     def native_problem(self) -> str | None:
         """What of this model the native step (`native_step.py`, which takes one window and the
@@ -178,6 +184,8 @@ class LeanDecoder:
         end = position + count
         start, mask = self._visible(position, count, self.windows[i])
         keys, values = self.keys[i, :, :, start:end], self.values[i, :, :, start:end]
+        if keys.dtype != q.dtype:     # a float32 cache for the native step (`cache_in`)
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         scaling = self.layers[i].self_attn.scaling
         cap = self.softcaps[i]
         if not cap:

@@ -196,15 +196,28 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
         else:   # |w| and the centred copy (the histogram's bins come after they are freed)
             p["statistics temporaries"] = 2 * 4 * largest
     elif kind == "eval":
-        p["logits"] = 3 * 4 * tokens * s["vocab"]   # `windows`: the windows of one forward
+        logits = 4 * tokens * s["vocab"]   # one float32 copy (`windows`: those of one forward)
         p["activations"] = FORWARD_COPIES * 4 * tokens * (s["hidden"] + s["intermediate"])
-        if variant and not streamed:   # (`coded.expanded` holds them for the whole run)
-            p["de-quantized layers"] = 4 * s["quantizable"]
-        if beside:   # the baseline's log-probabilities beside the model's, for KL
-            p["baseline logits"] = 2 * 4 * tokens * s["vocab"]
-        if variant and streamed:   # a layer's codes read from its file and de-quantized as it
-            # runs (variant_stream.StoredCodes): the codes, their unpacked ints, the float32
-            p["layer de-quantized"] = 3 * 4 * s["largest_linear"]
+        if beside:   # the baseline's summary (NLL, top-256 ids and log-probs: baseline_cache),
+            # not its logits: they are gone once summarised
+            from studio.core.baseline_cache import TOP_K
+            p["baseline's top-K summary"] = 8 * TOP_K * tokens
+        if not streamed:
+            p["logits"] = 3 * logits
+            if variant:   # (`coded.expanded` holds them for the whole run)
+                p["de-quantized layers"] = 4 * s["quantizable"]
+        else:
+            # One layer at a time, so the peak is the largest of the forward's moments: the
+            # head's weight read with its product (let go before the log-softmax and the
+            # scores: counting all three copies beside the read over-estimated the 3B cut by
+            # 25%), the logits' three copies, or a variant's layer de-quantized as it runs
+            # (variant_stream.StoredCodes: the codes, their unpacked ints, the float32).
+            read = p.pop("largest layer read")
+            moments = {"largest layer read, with its logits": read + logits,
+                       "logits": 3 * logits,
+                       "layer de-quantized": 3 * 4 * s["largest_linear"] if variant else 0}
+            moment = max(moments, key=moments.get)
+            p[moment] = moments[moment]
     elif kind == "capture":
         from studio.core.activations import BATCH_TOKENS, MAX_SAMPLES
         batch = max(1, BATCH_TOKENS // seqlen) * seqlen   # tokens per forward (no logits)
@@ -222,8 +235,12 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
     elif kind == "export":
         # written a tensor at a time, then re-opened by the consumer's loader as a float32
         # model (a GGUF is first de-quantized: `estimate_convert`) whose
-        # logits are compared with the variant's on `windows` x `seqlen` tokens
-        p["re-opened model in float32"] = 4 * (s["params"] + s["coded"])
+        # logits are compared with the variant's on `windows` x `seqlen` tokens; a split GGUF
+        # is read a tensor at a time instead and run by llama.cpp in its own process
+        if runtime:
+            p["the consumer's own process"] = runtime
+        else:
+            p["re-opened model in float32"] = 4 * (s["params"] + s["coded"])
         # the variant's layers de-quantized for the weight and logit comparisons
         p["de-quantized layers"] = 4 * s["quantizable"]
         p["logits of both"] = 2 * 3 * 4 * tokens * s["vocab"]
@@ -412,17 +429,34 @@ def guard_convert(summary, file_bytes: int, what: str, in_process: bool) -> None
 
 def estimate_convert(summary, file_bytes: int, what: str, in_process: bool) -> Estimate:
     """De-quantizing a GGUF (`summary`: its header) to float32. In this process
-    (`gguf_fast`): the float32 weights once, the file's pages as they are read, and the tensor
-    being de-quantized twice (its codes widened, then float32); measured on the demo (134.5 M
-    parameters, a 94 MiB file): 775 MiB added, estimated 823. In a child process
-    (transformers' loader): about two float32 copies."""
+    (`gguf_fast`, two threads, tensors in file order): the float32 weights as they accumulate,
+    each tensor in flight twice while gguf-py de-quantizes it (its float32 result and an
+    intermediate of the same size), the file's pages, and the tokenizer made from the header's
+    vocabulary (TOKENIZER_PER_HEADER_BYTE, fitted on the demo). The model is then built on the
+    same tensors, and safetensors writes the cache from them: no second copy. Measured on the demo
+    (134.5 M parameters, a 94 MiB file, first open after the window's imports): 646 MiB added
+    (two runs: 645, 647), estimated 646. In a child process (transformers' loader): about two
+    float32 copies."""
     params = summary.param_count
     if not in_process:
         return Estimate(f"De-quantizing {what}", 0, {"float32 weights, twice": 8 * params})
-    largest = max((t.n_elements for t in summary.tensors), default=0)
+    sizes = [4 * t.n_elements for t in summary.tensors]
+    held, peak = 0, 0
+    for i, size in enumerate(sizes):   # the tensors before i held, i and the next in flight
+        peak = max(peak, held + 2 * sum(sizes[i: i + DEQUANTIZE_THREADS]))
+        held += size
     return Estimate(f"De-quantizing {what}", 0, {
-        "float32 weights": 4 * params, "the GGUF file, read": file_bytes,
-        "the tensor being de-quantized": 8 * largest})
+        "float32 weights, with the tensors being de-quantized": peak,
+        "the GGUF file, read": file_bytes,
+        "the tokenizer and the header's tables": TOKENIZER_PER_HEADER_BYTE * summary.data_start})
+
+
+# gguf_fast.WORKERS (not imported: this module is imported before torch)
+DEQUANTIZE_THREADS = 2
+# What a GGUF's tokenizer and the readers' tables hold per byte of its header (the vocabulary):
+# the demo's 1.70 MiB header, 36 MiB above its weights and file at the peak of a first open
+# (fitted on that one file: a vocabulary's strings and merges as Python and Rust objects).
+TOKENIZER_PER_HEADER_BYTE = 21
 
 
 # --- giving memory back ------------------------------------------------------------------------

@@ -7,14 +7,15 @@ so the next open of the same file is a plain folder load.
 from __future__ import annotations
 
 import functools
-
 import hashlib
 import importlib.util
 import logging
 import os
 import struct
+import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 import psutil
@@ -22,14 +23,26 @@ import torch
 from torch import nn
 
 from studio.core import memory
-from studio.core.architecture import check_gguf_architecture
+from studio.core.architecture import check_blocks, check_gguf_architecture
 from studio.core.errors import ModelLoadError
-from studio.core.file_checks import (GGUFSummary, check_no_remote_code, gguf_summary,
-                                     safetensors_header, safetensors_numel)
+from studio.core.file_checks import (
+    GGUFSummary,
+    check_no_remote_code,
+    gguf_summary,
+    safetensors_header,
+    safetensors_numel,
+)
 from studio.core.files import cache_root, read_json  # noqa: F401 (cache_root: re-exported)
 from studio.core.gguf_convert import convert_job
 from studio.core.jobs import Job, Progress
-from studio.core.layers import LayerInfo, get_module, inventory, model_bytes, read_weight_matrix
+from studio.core.layers import (
+    LayerInfo,
+    get_module,
+    inventory,
+    model_bytes,
+    read_weight_matrix,
+)
+from studio.core.model_build import folder_tensors, model_from_tensors, skeleton
 from studio.core.streaming import WeightStore, real, streamed_model
 
 log = logging.getLogger(__name__)
@@ -53,10 +66,14 @@ STREAM_SHARE = 0.5
 MAX_TOKENIZER_BYTES = 256 * 2**20
 
 
+# One tokenizer load at a time: two jobs (the worker and the details worker) may ask at once.
+_TOKENIZER_LOCK = threading.Lock()
+
+
 @dataclass
 class ModelHandle:
     model: nn.Module
-    tokenizer: object | None
+    tokenizer: InitVar[object | None]   # the `tokenizer` property below; None: no tokenizer
     architecture: str         # the model class, e.g. "LlamaForCausalLM"
     model_type: str           # the config's model_type, e.g. "llama"
     source: str               # what the user opened: a folder, a .gguf file, or "demo"
@@ -65,6 +82,28 @@ class ModelHandle:
     notes: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
     store: WeightStore | None = None   # set when the weights stream from their files
+
+    def __post_init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._tokenizer_loader: Callable[[], tuple[object | None, list[str]]] | None = None
+
+    def defer_tokenizer(self, loader: Callable[[], tuple[object | None, list[str]]]) -> None:
+        """Load the tokenizer when first asked for, with `loader` -> (tokenizer or None, notes).
+        Parsing a tokenizer takes 0.3-2 s and holds the interpreter's lock in Rust: the layer
+        list and weight statistics need none, so an open does not wait for it."""
+        self._tokenizer_loader = loader
+
+    def _get_tokenizer(self):
+        with _TOKENIZER_LOCK:
+            if self._tokenizer_loader is not None:
+                self._tokenizer, notes = self._tokenizer_loader()
+                self.notes.extend(notes)
+                self._tokenizer_loader = None
+        return self._tokenizer
+
+    def _set_tokenizer(self, tokenizer) -> None:
+        with _TOKENIZER_LOCK:
+            self._tokenizer, self._tokenizer_loader = tokenizer, None
 
     @property
     def streamed(self) -> bool:
@@ -87,7 +126,9 @@ class ModelHandle:
 
     @property
     def text_ready(self) -> bool:
-        return self.tokenizer is not None
+        """Whether text can be fed to the model; answered without loading a deferred tokenizer
+        (its files were there and of a sane size: a parse that fails later says why)."""
+        return self._tokenizer_loader is not None or self._tokenizer is not None
 
     def layer(self, name: str) -> LayerInfo:
         for info in self.layers:
@@ -106,6 +147,9 @@ class ModelHandle:
     @property
     def quantizable(self) -> list[LayerInfo]:
         return [info for info in self.layers if info.quantizable]
+
+
+ModelHandle.tokenizer = property(ModelHandle._get_tokenizer, ModelHandle._set_tokenizer)
 
 
 # --- where models come from ----------------------------------------------------------------
@@ -169,10 +213,13 @@ def open_model_job(source: str | Path, weights: str | None = None) -> Job[ModelH
     quiet_transformers()
     kind, path = resolve_source(source)
     notes: list[str] = []
+    converted = None
     if kind == "gguf":
         yield Progress(0, 4, f"Checking {path.name}")
         check_gguf_architecture(path)  # from the header alone, before the slow full read
         folder = gguf_cache_folder(path)
+        from studio.core.gguf_fast import wait_for_cache
+        wait_for_cache(folder)   # (this process may still be writing it)
         if not (folder / "config.json").is_file():
             # Every claim of the header checked before the file is read. A cached folder was
             # written from this file after the same check (its name holds the file's size and
@@ -181,16 +228,25 @@ def open_model_job(source: str | Path, weights: str | None = None) -> Job[ModelH
             from studio.core.gguf_convert import in_process
             from studio.core.memory import guard_convert
             guard_convert(summary, path.stat().st_size, path.name, in_process(path))
-            yield from convert_job(path, folder)
+            # Held in memory (no streaming from the folder): the folder is written behind.
+            behind = not choose_streaming(mode, None, 4 * summary.param_count)
+            converted = yield from convert_job(path, folder, behind=behind)
         notes.append(f"Weights de-quantized from {path.name}; cached in {folder}.")
     else:
         folder = path
     yield Progress(2, 4, f"Reading {folder.name}")
-    config = read_config(folder)
-    weight_bytes = folder_weight_bytes(folder, config)
-    check_safetensors(folder)
-    stream = choose_streaming(mode, folder, weight_bytes)
-    store = WeightStore(folder) if stream else None
+    if converted is not None and converted.tokenizer_future is not None:
+        # The folder is being written behind: the model comes from the tensors at hand.
+        config = converted.config
+        check_blocks(config, path.name)
+        weight_bytes = 4 * sum(t.numel() for t in converted.tensors.values())
+        stream, store = False, None
+    else:
+        config = read_config(folder)
+        weight_bytes = folder_weight_bytes(folder, config)
+        check_safetensors(folder)
+        stream = choose_streaming(mode, folder, weight_bytes)
+        store = WeightStore(folder) if stream else None
     check_config_size(folder, config, weight_bytes, memory=not stream)
     if stream:
         yield Progress(3, 4, "Reading the weights' headers (they stay in their files)")
@@ -200,31 +256,40 @@ def open_model_job(source: str | Path, weights: str | None = None) -> Job[ModelH
         notes.append(f"Weights stay in their files ({store.stored_bytes / 2**30:.2f} GiB as "
                      f"stored); each layer is read into float32 while a job computes on it.")
     else:
-        memory.guard(memory.estimate_open(weight_bytes // 4, False, tokenizer_bytes(folder)))
+        if converted is None:
+            memory.guard(memory.estimate_open(weight_bytes // 4, False, tokenizer_bytes(folder)))
         yield Progress(3, 4, "Loading weights")
-        model = load_model(folder, config)
-    tokenizer, why = load_tokenizer(folder)
-    if why:
-        notes.append(why)
-    if kind == "gguf" and tokenizer is not None:
-        notes.extend(follow_gguf_bos(tokenizer, path))
+        if kind == "gguf":
+            # The studio's own folder (the model's keys, float32): no loader's name mapping
+            # needed; a first open takes the tensors it has just de-quantized.
+            tensors = converted.tensors if converted is not None else folder_tensors(folder)
+            model = model_from_tensors(config, tensors, folder.name)
+        else:
+            model = load_model(folder, config)
     if not stream:   # (a streamed model's open reads no weight)
         notes.extend(grid_notes(model))
-    handle = ModelHandle(model=model, tokenizer=tokenizer,
+    handle = ModelHandle(model=model, tokenizer=None,
                          architecture=type(model).__name__, model_type=config.model_type,
                          source=str(source) if str(source) == "demo" else str(path),
                          folder=folder, layers=inventory(model), notes=notes, store=store)
+    if converted is not None:
+        handle.defer_tokenizer(lambda: converted_tokenizer(converted, path))
+    elif why := tokenizer_problem(folder):
+        notes.append(why)
+    else:
+        handle.defer_tokenizer(lambda: tokenizer_for(folder, path if kind == "gguf" else None))
     handle.load_seconds = time.perf_counter() - start
     yield Progress(4, 4, f"Opened {handle.name}")
     return handle
 
 
-def choose_streaming(mode: str, folder: Path, weight_bytes: int) -> bool:
+def choose_streaming(mode: str, folder: Path | None, weight_bytes: int) -> bool:
     """Stream when asked, or (auto) when the float32 model would take more than STREAM_SHARE
-    of the memory available; only safetensors folders can stream."""
+    of the memory available; only safetensors folders can stream (None: one yet to be
+    written, as a GGUF's)."""
     if mode == "memory":
         return False
-    if not any(folder.glob("*.safetensors")):
+    if folder is not None and not any(folder.glob("*.safetensors")):
         if mode == "stream":
             raise ModelLoadError(f"{folder.name} has no safetensors weights: only those can "
                                  f"stay in their files (open it with --weights memory).")
@@ -290,24 +355,56 @@ def load_model(folder: Path, config) -> nn.Module:
 
 
 def load_tokenizer(folder: Path) -> tuple[object | None, str | None]:
-    from transformers import AutoTokenizer
+    """(the folder's tokenizer, None) or (None, why there is none, for the user)."""
+    why = tokenizer_problem(folder)
+    if why:
+        return None, why
+    return parse_tokenizer(folder)
 
+
+def tokenizer_problem(folder: Path) -> str | None:
+    """Why the folder's tokenizer will not be loaded, from its files alone (no parse)."""
     has_files = any((folder / n).exists() for n in
                     ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json"))
     if not has_files:
-        return None, ("This model has no tokenizer: weight views work, but calibration, "
-                      "perplexity and generation are off.")
+        return ("This model has no tokenizer: weight views work, but calibration, "
+                "perplexity and generation are off.")
     too_big = [f.name for f in folder.iterdir() if f.name.startswith("tokenizer")
                and f.is_file() and f.stat().st_size > MAX_TOKENIZER_BYTES]
     if too_big:
-        return None, (f"The tokenizer was not loaded: {too_big[0]} is larger than "
-                      f"{MAX_TOKENIZER_BYTES // 2**20} MiB. Weight views work, but calibration, "
-                      f"perplexity and generation are off.")
+        return (f"The tokenizer was not loaded: {too_big[0]} is larger than "
+                f"{MAX_TOKENIZER_BYTES // 2**20} MiB. Weight views work, but calibration, "
+                f"perplexity and generation are off.")
+    return None
+
+
+def parse_tokenizer(folder: Path) -> tuple[object | None, str | None]:
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False), None
     except Exception as exc:
         return None, (f"The tokenizer could not be loaded ({exc}); weight views work, but "
                       f"calibration, perplexity and generation are off.")
+
+
+def converted_tokenizer(converted, gguf: Path) -> tuple[object | None, list[str]]:
+    """A first open's deferred tokenizer: the one its conversion makes (`gguf_fast`)."""
+    future = converted.tokenizer_future
+    tokenizer = future.result() if future is not None else converted.tokenizer
+    if tokenizer is None:
+        return None, [f"{gguf.name} gave no tokenizer: weight views work, but calibration, "
+                      f"perplexity and generation are off."]
+    return tokenizer, follow_gguf_bos(tokenizer, gguf)
+
+
+def tokenizer_for(folder: Path, gguf: Path | None) -> tuple[object | None, list[str]]:
+    """A handle's deferred tokenizer: parsed from `folder`, following `gguf`'s BOS flag."""
+    tokenizer, why = parse_tokenizer(folder)
+    notes = [why] if why else []
+    if gguf is not None and tokenizer is not None:
+        notes.extend(follow_gguf_bos(tokenizer, gguf))
+    return tokenizer, notes
 
 
 def follow_gguf_bos(tokenizer, path: Path) -> list[str]:
@@ -383,16 +480,13 @@ def check_config_size(folder: Path, config, weight_bytes: int, memory: bool = Tr
     """transformers builds the model the config describes before it reads any weight: a config
     claiming far more than the files hold would allocate it (and fill the rest at random).
     Count the config's parameters on the meta device (no memory) and compare."""
-    from transformers import AutoModelForCausalLM
-
     check_layer_count(config, folder.name)
     try:
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        meta = skeleton(config)
     except Exception as exc:  # a config transformers cannot build a model from
         raise ModelLoadError(f"The config in {folder.name} does not describe a model "
                              f"transformers can build: {exc}") from None
-    params = sum(p.numel() for p in skeleton.parameters())
+    params = sum(p.numel() for p in meta.parameters())
     if memory:  # (a streamed model needs one block's worth: memory.py's guard)
         check_memory(4 * params, folder.name)
     held = weight_bytes // 4  # float32 bytes -> parameters (.bin: an over-estimate)

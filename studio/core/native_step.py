@@ -7,17 +7,22 @@ same KV cache (the LeanDecoder's tensors, so a torch prefill and native steps sh
 cos/sin torch's rotary module makes for the position; the embedding lookup, the final norm and
 the output head stay in torch (one call each).
 
-It takes a model whose every block is: RMSNorm in float32 (Llama's x / rms(x) * w, or Gemma's
+It takes a model whose every block is: RMSNorm (Llama's x / rms(x) * w, or Gemma's
 x / rms(x) * (1 + w), read as its 1 + w made once), optionally per-head q/k RMSNorms before the
 rotation (Qwen3), q/k/v and gate/up fused (`fuse.py`, or Phi-3's own qkv_proj / gate_up_proj),
 each product a native layer (4- or 8-bit, each its own width, so a mixed-precision plan runs
-too) or a float32 Linear (a layer the plan keeps, or a float32 model: its decode then reads the
+too) or a float32 or bfloat16 Linear (a layer the plan keeps, or a float model: its decode then reads the
 weights at memory speed, without torch's per-op cost), SiLU or tanh-approximated GELU
 (Gemma), a rotation over the whole head, no hooks; Mistral's sliding window is kept (a query
 attends to its last `window` keys). Gemma's embedding scale is the embedding module's own.
 `NativeStep.problem(decoder)` says in a sentence why another model cannot (Gemma 2/3's extra
 norms, soft-capping and per-layer windows, Phi-3's partial rotation), and the benchmark then
 runs the eager step and says why.
+
+A bfloat16 model's step computes in float32 from its bfloat16 weights (as llama.cpp's BF16
+type does): its activations are not rounded to bfloat16 after every op as torch's are, so its
+logits are those of the same weights in float32, closer to them than the eager bf16 step's.
+Its KV cache is float32 (`LeanDecoder.cache_in`), its norm weights and biases float32 copies.
 """
 from __future__ import annotations
 
@@ -68,6 +73,9 @@ def _activation(act) -> int | None:
     return None
 
 
+FLOATS = {torch.float32: 32, torch.bfloat16: 16}   # a float Linear's dtype -> its `bits` in C
+
+
 def _act_fn(mlp):
     return getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
 
@@ -80,15 +88,16 @@ def _norm_weight(norm) -> torch.Tensor | None:
     """The float32 weight the step multiplies by, by what `norm` computes: Llama's w, or
     Gemma's 1 + w (made here, once); None when it is neither."""
     weight, eps = getattr(norm, "weight", None), _norm_eps(norm)
-    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32 or eps is None:
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in FLOATS or eps is None:
         return None
     probe = torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0))
+    tolerance = 1e-5 if weight.dtype == torch.float32 else 2e-2
     with torch.no_grad():
         unit = probe * torch.rsqrt(probe.pow(2).mean(-1, keepdim=True) + eps)
-        got = norm(probe)
-        for candidate in (weight, 1.0 + weight):
-            if torch.allclose(got, candidate * unit, rtol=1e-5, atol=1e-6):
-                return candidate.detach().contiguous()
+        got = norm(probe.to(weight.dtype)).float()
+        for candidate in (weight.float(), 1.0 + weight.float()):
+            if torch.allclose(got, candidate * unit, rtol=tolerance, atol=tolerance * 0.1):
+                return candidate.contiguous()
     return None
 
 
@@ -111,19 +120,27 @@ def _parts(fused, modules: list) -> list:
 
 
 def _runs_natively(module) -> bool:
-    """A native low-bit layer, or a float32 Linear the step reads as it is."""
+    """A native low-bit layer, or a float32 / bfloat16 Linear the step reads as it is."""
     if isinstance(module, NativeLinear):
         return True
-    return (type(module) is nn.Linear and module.weight.dtype == torch.float32
-            and module.weight.is_contiguous()
-            and (module.bias is None or module.bias.dtype == torch.float32))
+    return (type(module) is nn.Linear and module.weight.dtype in FLOATS
+            and module.weight.is_contiguous())
 
 
-def _layer(module: NativeLinear | nn.Linear) -> _Layer:
-    bias = None if module.bias is None else module.bias.data_ptr()
-    if isinstance(module, nn.Linear):   # float32 weights [n, k] in place of codes (bits 32)
-        return _Layer(module.weight.data_ptr(), None, None, bias, 32, module.out_features,
-                      module.in_features, module.in_features)
+def _float32(tensor: torch.Tensor | None, keep: list) -> int | None:
+    """The address of `tensor` in float32 (a copy, kept alive in `keep`, when it is not)."""
+    if tensor is None:
+        return None
+    tensor = tensor.detach().float().contiguous()
+    keep.append(tensor)
+    return tensor.data_ptr()
+
+
+def _layer(module: NativeLinear | nn.Linear, keep: list) -> _Layer:
+    bias = _float32(module.bias, keep)
+    if isinstance(module, nn.Linear):   # float weights [n, k] in place of codes (bits 32 / 16)
+        return _Layer(module.weight.data_ptr(), None, None, bias, FLOATS[module.weight.dtype],
+                      module.out_features, module.in_features, module.in_features)
     return _Layer(module.codes.data_ptr(), module.scales.data_ptr(), module.mins.data_ptr(),
                   bias, module.bits, module.out_features, module.in_features, module.group)
 
@@ -142,8 +159,6 @@ class NativeStep:
             return f"the native kernel is unavailable: {why}"
         if decoder.native_problem:   # what the decoder knows the step does not read
             return decoder.native_problem
-        if decoder.keys.dtype != torch.float32:
-            return "its KV cache is not float32"
         for i, layer in enumerate(decoder.layers):
             mlp = layer.mlp
             parts = {"q/k/v": _parts(decoder.qkv[i], _qkv(layer)),
@@ -153,7 +168,7 @@ class NativeStep:
             for what, modules in parts.items():
                 if not all(_runs_natively(m) for m in modules):
                     return (f"block {i}'s {what} is neither on the native kernels nor a "
-                            f"float32 Linear")
+                            f"float32 / bfloat16 Linear")
                 if any(m._forward_pre_hooks or m._forward_hooks for m in modules):
                     return f"block {i}'s {what} has hooks"
             if _activation(_act_fn(mlp)) is None:
@@ -165,7 +180,7 @@ class NativeStep:
             for norm in norms:
                 if _norm_weight(norm) is None:
                     return (f"block {i}'s {type(norm).__name__} is not x / rms(x) * w (or "
-                            f"* (1 + w)) in float32")
+                            f"* (1 + w)) in float32 / bfloat16")
                 if _norm_eps(norm) != eps:
                     return f"block {i}'s norms do not share one epsilon"
         first = decoder.layers[0]
@@ -179,9 +194,11 @@ class NativeStep:
     def __init__(self, decoder) -> None:
         self.decoder = decoder
         self.library = q4_native.library()
+        decoder.cache_in(torch.float32)      # the C side reads and writes float32 keys
         first = decoder.layers[0]
         norm = first.input_layernorm
         keys = decoder.keys
+        self.kept: list[torch.Tensor] = []   # float32 copies the C side points at
         self.shape = _Shape(
             hidden=norm.weight.shape[0], heads=decoder.heads,
             kv_heads=keys.shape[2], head_dim=decoder.head_dim,
@@ -189,35 +206,40 @@ class NativeStep:
             window=decoder.window or 0,
             eps=float(_norm_eps(norm)), scaling=float(decoder.scaling),
             act=_activation(_act_fn(first.mlp)))
-        self.norms = []   # the weights the C side reads (Gemma's 1 + w lives only here)
+        blocks, keep = [], self.kept
 
-        def weight(norm) -> int | None:
+        def weight(norm) -> int | None:   # Gemma's 1 + w, a bfloat16 model's float32 copy
             if norm is None:
                 return None
-            self.norms.append(_norm_weight(norm))
-            return self.norms[-1].data_ptr()
+            keep.append(_norm_weight(norm))
+            return keep[-1].data_ptr()
 
-        blocks = []
         for i, layer in enumerate(decoder.layers):
-            qkv = _parts(decoder.qkv[i], _qkv(layer))
-            gate_up = _parts(decoder.gate_up[i], _gate_up(layer.mlp))
+            qkv = [_layer(m, keep) for m in _parts(decoder.qkv[i], _qkv(layer))]
+            gate_up = [_layer(m, keep) for m in _parts(decoder.gate_up[i], _gate_up(layer.mlp))]
             attention = layer.self_attn
             blocks.append(_Block(
-                (_Layer * 3)(*map(_layer, qkv)), _layer(attention.o_proj),
-                (_Layer * 2)(*map(_layer, gate_up)), _layer(layer.mlp.down_proj),
+                (_Layer * 3)(*qkv), _layer(attention.o_proj, keep),
+                (_Layer * 2)(*gate_up), _layer(layer.mlp.down_proj, keep),
                 len(qkv), len(gate_up), weight(layer.input_layernorm),
                 weight(layer.post_attention_layernorm),
                 keys[i, 0].data_ptr(), decoder.values[i, 0].data_ptr(),
                 weight(getattr(attention, "q_norm", None)),
                 weight(getattr(attention, "k_norm", None))))
         self.blocks = (_Block * len(blocks))(*blocks)
+        # A float head is read by the kernel too (torch's bfloat16 product is the slower).
+        head = decoder.head
+        native_head = (type(head) is nn.Linear and _runs_natively(head)
+                       and not (head._forward_pre_hooks or head._forward_hooks))
+        self.head = _layer(head, keep) if native_head else None
 
     def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
         decoder = self.decoder
         if not 0 <= position < self.shape.max_len:   # the C side writes the cache there
             raise ValueError(f"position {position} is outside the cache "
                              f"(length {self.shape.max_len})")
-        x = decoder.inner.embed_tokens(token).float().contiguous()
+        embedded = decoder.inner.embed_tokens(token)
+        x = embedded.float().contiguous()
         cos, sin = decoder.inner.rotary_emb(x, torch.tensor([[position]]))
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
         status = self.library.q4_decode_blocks(
@@ -225,4 +247,10 @@ class NativeStep:
             cos.data_ptr(), sin.data_ptr(), position, torch.get_num_threads())
         if status:
             raise MemoryError("the native decode step could not allocate its buffers")
-        return decoder.head(decoder.inner.norm(x))[:, -1]
+        if self.head is None:
+            return decoder.head(decoder.inner.norm(x.to(embedded.dtype)))[:, -1]
+        h = decoder.inner.norm(x).float().contiguous()   # float32 x: the norm stays float32
+        logits = torch.empty(1, self.head.n)
+        self.library.q4_float_gemv(ctypes.byref(self.head), h.data_ptr(), logits.data_ptr(),
+                                   torch.get_num_threads())
+        return logits

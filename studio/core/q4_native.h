@@ -3,8 +3,8 @@
 #define Q4_NATIVE_H
 #include <stdint.h>
 
-/* One 4- or 8-bit layer in the kernel's layout (see q4_native.c), or (bits 32, for the decode
- * step only) a float32 layer whose codes are its weights [n, k]. */
+/* One 4- or 8-bit layer in the kernel's layout (see q4_native.c), or (for the decode step
+ * only) a float layer whose codes are its weights [n, k]: bits 32 float32, bits 16 bfloat16. */
 typedef struct {
     const uint8_t *codes;
     const uint16_t *scales, *mins;

@@ -79,6 +79,8 @@ def open_library(path: Path) -> ctypes.CDLL:
     library.q4_decode_blocks.argtypes = [pointer, i32, pointer, pointer, pointer, pointer, i32,
                                          i32]
     library.q4_decode_blocks.restype = i32
+    library.q4_float_gemv.argtypes = [pointer, pointer, pointer, i32]
+    library.q4_float_gemv.restype = None
     return library
 
 

@@ -51,6 +51,9 @@ def main(source: str | None = None, screenshot: str | None = None, tab: str | No
         app.setWindowIcon(QIcon(str(icon)))
     reporter = get_reporter()
     reporter.install_hooks()
+    from studio.ui.collector import UiThreadCollector
+
+    collector = UiThreadCollector()   # noqa: F841 (lives as long as the event loop)
     from studio.core.session_file import start_run
 
     crashed = start_run()

@@ -62,9 +62,6 @@ class ExportDialog(QDialog):
         self.asym4.addItem("Q5_0 (exact, 5.5 bits/weight)", "q5_0")
         self.asym4.addItem("Q4_1 (5.0 bits/weight, offset rounded to fp16)", "q4_1")
         self.shard_size = QLineEdit(describe_size(DEFAULT_SHARD_SIZE))
-        self.shard_size.setToolTip("At most this much of tensors per safetensors file: a larger "
-                                   "export is split into model-0000i-of-0000N.safetensors and "
-                                   "an index, as transformers does (e.g. 2GB, 500MB, 4GiB).")
         self.destination = QLineEdit()
         browse = QPushButton("Browse…")
         browse.clicked.connect(self.choose_destination)
@@ -79,7 +76,7 @@ class ExportDialog(QDialog):
         form.addRow("Float tensors", self.dtype)
         form.addRow("Layers without an exact type", self.inexact)
         form.addRow("GGUF 4-bit asymmetric as", self.asym4)
-        form.addRow("Largest safetensors file", self.shard_size)
+        form.addRow("Largest file", self.shard_size)
         form.addRow("Destination folder", where)
 
         self.summary = QLabel(wordWrap=True)
@@ -138,7 +135,10 @@ class ExportDialog(QDialog):
         self.description.setText(f"{fmt.description} Verified by re-opening it with "
                                  f"{fmt.consumer}.")
         self.asym4.setEnabled(fmt.name == "gguf")
-        self.shard_size.setEnabled(fmt.name != "gguf")
+        self.shard_size.setEnabled(bool(fmt.splits_as))
+        self.shard_size.setToolTip(f"At most this much of tensors per file (e.g. 2GB, 500MB, "
+                                   f"4GiB): a larger export is split into {fmt.splits_as}."
+                                   if fmt.splits_as else "This format is always one file.")
         self.export_button.setEnabled(False)
         try:
             options = self.options()

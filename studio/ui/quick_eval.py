@@ -34,7 +34,7 @@ class QuickEval:
 
     def start(self, variant):
         handle = self.state.handle
-        if handle.tokenizer is None:
+        if not handle.text_ready:   # (asked without parsing a tokenizer on the UI thread)
             self._failed(variant, "the model has no tokenizer, so no text can be evaluated")
             return None
         windows, seqlen = settings.quick_eval()

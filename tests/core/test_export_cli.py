@@ -63,3 +63,15 @@ def test_bad_input_exits_2_with_one_line(variant_dir, tiny_dirs, tmp_path, capsy
         err = capsys.readouterr().err.strip()
         assert err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_the_shard_size_splits_a_gguf_too(variant_dir, tmp_path, capsys):
+    out = tmp_path / "export"
+    capsys.readouterr()
+    assert main(["export", str(variant_dir), "--format", "gguf", "--out", str(out),
+                 "--shard-size", "40KB", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    files = sorted(out.glob("*.gguf"))
+    assert result["verified"] and len(files) > 2 and result["file"] == str(files[0])
+    assert files[0].name.endswith(f"-00001-of-{len(files):05d}.gguf")
+    assert result["bytes"] == sum(f.stat().st_size for f in files)

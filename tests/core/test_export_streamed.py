@@ -189,7 +189,7 @@ def test_the_guard_counts_the_gguf_llama_cpp_maps(streamed_variant, tmp_path, mo
 
     from studio.core import memory
     from studio.core.export import get_format
-    from studio.core.export.gguf import LLAMA_CPP_RUNTIME
+    from studio.core.export.gguf import llama_cpp_runtime
 
     handle, variant = streamed_variant
     fmt, options = get_format("gguf"), ExportOptions(dtype="f16")
@@ -200,5 +200,5 @@ def test_the_guard_counts_the_gguf_llama_cpp_maps(streamed_variant, tmp_path, mo
         original(*a, **k)) or seen[-1])
     result = run(export_job(variant, handle, "gguf", tmp_path / "out", options))
     tensors = sum(int(t.n_bytes) for t in GGUFReader(result.file).tensors)
-    assert runtime - LLAMA_CPP_RUNTIME == tensors
+    assert runtime - llama_cpp_runtime(variant.model) == tensors
     assert seen[0].parts["the consumer's own process"] == runtime

@@ -123,7 +123,9 @@ def test_the_first_open_is_guarded_by_the_path_that_will_run(tiny_dirs, tmp_path
     here = memory.estimate_convert(summary, size, "x", in_process=True)
     child = memory.estimate_convert(summary, size, "x", in_process=False)
     largest = max(t.n_elements for t in summary.tensors)
-    assert here.added == 4 * summary.param_count + size + 8 * largest
+    weights = here.parts["float32 weights, with the tensors being de-quantized"]
+    assert 4 * summary.param_count < weights <= 4 * summary.param_count + 16 * largest
+    assert here.added == weights + size + memory.TOKENIZER_PER_HEADER_BYTE * summary.data_start
     assert child.added == 8 * summary.param_count
     # The open asks for the in-process figure (this architecture is read here) and is refused
     # with it when less is free.
@@ -137,3 +139,18 @@ def test_the_first_open_is_guarded_by_the_path_that_will_run(tiny_dirs, tmp_path
     from studio.core import models
     monkeypatch.setattr(models, "check_gguf", lambda p: pytest.fail("checked again"))
     assert run(open_model_job(written.file)).layers
+
+
+def test_the_first_open_peak_follows_the_file_order():
+    """Two threads de-quantize in file order, each tensor held twice while in flight: a large
+    tensor read first peaks before the rest is held; read last, on top of everything."""
+    from studio.core.file_checks import GGUFSummary, GGUFTensorInfo
+    from studio.core.memory import estimate_convert
+
+    def added(elements):
+        tensors = [GGUFTensorInfo(f"t{i}", (n,), 0, n) for i, n in enumerate(elements)]
+        return estimate_convert(GGUFSummary(3, tensors, {}, 0), 0, "x", True).added
+
+    assert added([1000, 10, 10, 10]) == 4 * 2 * (1000 + 10)          # both in flight at once
+    assert added([10, 10, 10, 1000]) == 4 * (10 + 10) + 4 * 2 * (10 + 1000)
+    assert added([10, 10]) == 4 * 2 * 20

@@ -144,6 +144,9 @@ def test_demo_model_opens_from_gguf_and_then_from_cache(demo_handle):
     assert len(handle.quantizable) == 30 * 7
     assert handle.layer("lm_head").tied_to == "model.embed_tokens"
     assert any("grid" in note for note in handle.notes), "the Q4_1 grid is pointed out"
+    from studio.core.gguf_fast import wait_for_cache
+
+    wait_for_cache(handle.folder)   # (a first open writes its cache behind it: not timed here)
     cached = open_("demo")
     assert cached.folder == handle.folder and (cached.folder / "model.safetensors").is_file()
     assert cached.load_seconds < handle.load_seconds

@@ -86,6 +86,9 @@ def test_the_benchmark_decodes_through_it_and_says_so(tiny_dirs):
     fp32, int4 = run(bench_job(targets, 384, prompt_tokens=6, new_tokens=4, repeat=1, threads=1))
     assert int4.details["decode_step"] == NativeStep.mode and int4.decode_tok_s > 0
     assert fp32.details["decode_step"] == NativeStep.mode    # float32 weights read natively
+    (bf16,) = run(bench_job(base_targets(handle.model, ("bf16",), layer_names=names), 384,
+                            6, 4, 1, threads=1))
+    assert bf16.details["decode_step"] == NativeStep.mode    # and bfloat16 ones
     (eager,) = run(bench_job(base_targets(handle.model, ("fp32",), layer_names=names,
                                           kernels="torch"), 384, 6, 4, 1, threads=1))
     assert eager.details["decode_step"] == "eager"
@@ -123,6 +126,37 @@ def test_a_float32_model_steps_natively_with_its_own_logits(family_dirs, arch):
         native = greedy(NativeStep(decoder), decoder, prompt, 6)
     for a, b in zip(native, eager):
         assert ((a - b).norm() / b.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_bfloat16_model_steps_natively_in_float32(family_dirs, arch):
+    """bfloat16 weights are widened to float32 and every sum is float32 (llama.cpp's BF16):
+    the blocks then compute what the same weights compute in float32 (the output head stays
+    in torch, in bfloat16), closer to that than the eager bfloat16 step, which rounds every
+    activation to bfloat16; the same greedy tokens. The prompt's keys go into a float32 cache
+    and are read back by the eager prefill in bfloat16, exactly."""
+    handle, _ = model_of(family_dirs, arch)
+    model = base_targets(handle.model, ("bf16",))[0].build()[0]
+    exact = base_targets(model, ("fp32",))[0].build()[0]     # the bf16 weights, in float32
+    prompt = torch.randint(3, 384, (1, 7), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        reference_decoder = LeanDecoder(exact, 16, fused=True)
+        reference = greedy(reference_decoder.forward, reference_decoder, prompt, 6)
+        eager_decoder = LeanDecoder(model, 16, fused=True)
+        eager = greedy(eager_decoder.forward, eager_decoder, prompt, 6)
+        decoder = LeanDecoder(model, 16, fused=True)
+        assert NativeStep.problem(decoder) is None
+        step = NativeStep(decoder)
+        assert decoder.keys.dtype == torch.float32
+        native = greedy(step, decoder, prompt, 6)
+    for i, (a, b, ref) in enumerate(zip(native, eager, reference)):
+        if i == 0:        # the prompt: the eager prefill on both sides
+            assert torch.equal(a, b)
+            continue
+        native_error = ((a.float() - ref).norm() / ref.norm()).item()
+        eager_error = ((b.float() - ref).norm() / ref.norm()).item()
+        assert native_error < 1e-2 and native_error < eager_error, (i, native_error, eager_error)
+        assert a.argmax() == ref.argmax(), i
 
 
 def test_a_mixed_precision_block_runs_its_layers_one_after_another(tiny_dirs):
@@ -188,7 +222,7 @@ def test_models_it_cannot_run_stay_eager_and_say_why(tiny_dirs, monkeypatch):
     names = [i.name for i in handle.quantizable]
     on_torch = base_targets(handle.model, ("int4",), layer_names=names,
                             kernels="torch")[0].build()[0]
-    assert "neither on the native kernels nor a float32 Linear" in NativeStep.problem(
+    assert "neither on the native kernels nor a float32 / bfloat16 Linear" in NativeStep.problem(
         LeanDecoder(on_torch, 8, fused=True))
     _, model = model_of(tiny_dirs, "llama")
     hooked = LeanDecoder(model, 8, fused=True)
@@ -203,3 +237,21 @@ def test_a_position_outside_the_cache_is_refused(tiny_dirs):
     step = NativeStep(LeanDecoder(model, 8, fused=True))
     with pytest.raises(ValueError, match="outside the cache"):
         step(torch.tensor([[5]]), 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [37, 96])
+def test_a_float_layer_on_the_kernel_equals_its_float32_product(dtype, k):
+    """The step's float products (and its output head): the weights as stored, widened to
+    float32, float32 sums; any width (a tail past the vector loop), a bias added."""
+    import ctypes
+
+    from studio.core.native_step import _layer
+
+    linear = torch.nn.Linear(k, 70).to(dtype)
+    x = torch.randn(1, k)
+    keep, y = [], torch.empty(1, 70)
+    q4_native.library().q4_float_gemv(ctypes.byref(_layer(linear, keep)), x.data_ptr(),
+                                      y.data_ptr(), 2)
+    expected = torch.nn.functional.linear(x, linear.weight.float(), linear.bias.float())
+    assert torch.allclose(y, expected, rtol=1e-5, atol=1e-5)

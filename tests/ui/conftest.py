@@ -1,8 +1,18 @@
 import pytest
 
+from studio.ui.collector import UiThreadCollector
 from studio.ui.errors import get_reporter
 from studio.ui.main_window import MainWindow
 from studio.ui.state import AppState
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _garbage_on_the_ui_thread(qapp):
+    """As in the app: cyclic garbage is collected on the UI thread only (a Qt object freed by
+    a collection on a job's thread crashed a CI run)."""
+    collector = UiThreadCollector()
+    yield collector
+    collector.stop()
 
 
 @pytest.fixture

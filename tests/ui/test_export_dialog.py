@@ -62,8 +62,9 @@ def test_the_shard_size_splits_the_files_and_a_bad_one_is_said(qtbot, state, tin
     assert dialog.result.verified and dialog.result.options["shard_size"] == "30KB"
     assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) > 2
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
-    dialog.format.setCurrentIndex(dialog.format.findData("gguf"))
-    assert not dialog.shard_size.isEnabled()   # one .gguf file
+    dialog.format.setCurrentIndex(dialog.format.findData("gguf"))   # the same setting splits
+    assert dialog.shard_size.isEnabled() and "gguf-split" in dialog.shard_size.toolTip()
+    assert dialog.options().shard_size == 30_000
 
 
 def test_an_existing_destination_is_replaced_only_when_the_user_agrees(

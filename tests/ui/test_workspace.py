@@ -41,6 +41,7 @@ def test_one_layer_selected_everywhere(qtbot, window, tiny_dirs):
     assert weights.proxy.index(weights.table.currentIndex().row(), 1).data() == first
     assert weights.marker.isVisible() and weights.marker.value() == names.index(first)
     plan = views["Plan"]
+    window.tabs.setCurrentWidget(plan)   # (a hidden Plan tab fills its table when shown)
     assert plan.table.item(plan.table.currentRow(), 0).text() == first
     for title in ("Quantize", "Compare"):
         panel = views[title].layer_view if title == "Quantize" else views[title].layer

@@ -28,7 +28,7 @@ class ExportOptions:
     dtype: str = "f16"          # tensors that are not quantized: f16 | bf16 | f32
     inexact: str = "refuse"     # a layer no exact type holds: refuse the export, or take the nearest
     gguf_asym4: str = "q5_0"    # GGUF, 4-bit asymmetric layers: q5_0 (exact) or q4_1 (smaller)
-    shard_size: int = DEFAULT_SHARD_SIZE   # safetensors formats: bytes of tensors per file
+    shard_size: int = DEFAULT_SHARD_SIZE   # bytes of tensors per file, every format that splits
 
     def __post_init__(self) -> None:
         if self.dtype not in FLOAT_DTYPES:
@@ -80,6 +80,7 @@ class Written:
     layer_bytes: dict[str, int]  # bytes on disk of each quantized layer's tensors
     notes: list[str] = field(default_factory=list)
     entries: list = field(default_factory=list)  # GGUF: the file's tensors (gguf_tensors.Entry)
+    shared: dict[str, str] = field(default_factory=dict)  # tied layers: `Variant.shared`
 
 
 @dataclass
@@ -107,6 +108,9 @@ class ExportFormat:
     title: str = ""
     description: str = ""
     consumer: str = ""          # the library the verification reloads with
+    # How an export over `ExportOptions.shard_size` is split ("": never; one setting for every
+    # format, shown by the CLI and the Export dialog beside the shard size)
+    splits_as: str = ""
 
     def preflight(self, variant, handle, options: ExportOptions) -> Preflight:
         raise NotImplementedError

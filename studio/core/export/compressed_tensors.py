@@ -47,6 +47,8 @@ class CompressedTensorsFormat(ExportFormat):
                    "codes (pack-quantized; SmoothQuant W8A8 as int-quantized): loads in vLLM "
                    "and in transformers with compressed-tensors.")
     consumer = "transformers + compressed-tensors"
+    splits_as = ("model-00001-of-0000N.safetensors and model.safetensors.index.json, "
+                 "as transformers splits a checkpoint (a layer's tensors in one file)")
 
     def preflight(self, variant, handle, options: ExportOptions) -> Preflight:
         refused = export_problems(variant.qtensors, self.name)  # codebook / vector codes

@@ -27,13 +27,14 @@ import torch
 
 from studio.core.errors import StudioError
 
-from studio.core.export import gguf_meta, gguf_pack, gguf_vocab
+from studio.core.export import gguf_meta, gguf_pack, gguf_split, gguf_vocab
 from studio.core.quant.formats import export_problems
 from studio.core.export.base import ExportFormat, ExportOptions, Preflight, Reloaded, Written
 from studio.core.export.gguf_tensors import (Entry, choose, float_bytes, float_type,
                                              layer_target, map_names, ordered_entries,
                                              refusals)
 from studio.core.export.gguf_types import TYPES
+from studio.core.export.shards import describe_size
 from studio.core.export.tensors import float_tensors
 from studio.core.files import safe_name
 from studio.core.jobs import Job, Progress
@@ -41,8 +42,12 @@ from studio.core.streaming import StoredParameter
 
 FLOAT_ROWS_ELEMENTS = 1 << 22   # a float tensor is converted this many elements at a time
 # llama.cpp's process beyond the file it maps: Python, the library, its compute and logits
-# buffers (fitted: 3117 MiB peak for the 3B's 2.6 GiB file on 2 x 64 tokens)
-LLAMA_CPP_RUNTIME = 512 * 2 ** 20
+# buffers, and buffers that grow with the output matrix (vocabulary x hidden). Fitted on three
+# runs (`bench_large.py guard`): the demo split 354 MiB peak with a 125 MiB file, the 3B's
+# 2-block cut 1372 with 887, the 3B 3117 with 2600 (the one constant of 512 before put the
+# demo 80% over)
+LLAMA_CPP_RUNTIME = 208 * 2 ** 20
+LLAMA_CPP_PER_OUTPUT_WEIGHT = 0.74   # bytes per vocabulary x hidden element
 FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0",
               "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "F32": "ALL_F32"}
 
@@ -96,10 +101,12 @@ def file_name(variant_name: str) -> str:
 class GgufFormat(ExportFormat):
     name = "gguf"
     title = "GGUF for llama.cpp, Ollama and LM Studio"
-    description = ("One .gguf file: each quantized layer in the GGUF type that holds its codes "
+    description = ("A .gguf file: each quantized layer in the GGUF type that holds its codes "
                    "exactly (Q4_0, Q4_1, Q5_0, Q8_0), other tensors in F16/BF16/F32, the "
                    "tokenizer and metadata carried over. Runs in llama.cpp, Ollama, LM Studio.")
     consumer = "transformers' GGUF loader (gguf-py)"
+    splits_as = ("NAME-00001-of-0000N.gguf, ..., as llama.cpp's gguf-split cuts a GGUF "
+                 "(llama.cpp and LM Studio open the first; Ollama takes one file only)")
 
     # --- before any work ---------------------------------------------------------------------
 
@@ -157,6 +164,24 @@ class GgufFormat(ExportFormat):
                                 f"blocks store in fp16.")
         if options.inexact == "refuse":
             problems += refusals(targets, choices)
+        preflight = Preflight(targets)
+        if not problems and self.splits(variant, options, preflight):
+            from studio.core.export import llama_cpp
+            size = tensor_bytes(variant, options, preflight)
+            if not llama_cpp.available():
+                problems.append(
+                    f"The GGUF's tensors take {describe_size_mb(size)}, over the shard size "
+                    f"({describe_size(options.shard_size)}), so it would be split into several "
+                    f"files, which only llama.cpp reads (transformers' GGUF loader reads one "
+                    f"file): install the binding to verify it (pip install "
+                    f"'compression-studio[llama-cpp]'), or raise the shard size above "
+                    f"{describe_size_mb(size)}.")
+            else:
+                notes.append(f"The GGUF's tensors take {describe_size_mb(size)}, over the shard "
+                             f"size ({describe_size(options.shard_size)}): it will be split into "
+                             f"several files as llama.cpp's gguf-split cuts them, verified "
+                             f"tensor by tensor and by llama.cpp running them. Ollama cannot "
+                             f"import a split GGUF; a larger shard size keeps one file.")
         if any(c.how == "codes" and not gguf_pack.scales_are_fp16(variant.qtensors[n])
                for n, c in choices.items()):
             notes.append("Some layers' scales are not fp16 values, and GGUF stores each "
@@ -179,27 +204,19 @@ class GgufFormat(ExportFormat):
     # --- writing -----------------------------------------------------------------------------
 
     def runtime_bytes(self, variant, handle, options: ExportOptions, preflight: Preflight) -> int:
-        """A streamed variant's GGUF is verified by llama.cpp running it in a process of its
-        own, which maps the file: a forward touches every page, so the whole file counts in
-        that process beside its own runtime (measured on the 3B: 3117 MiB with a 2.6 GiB
-        file). Sized from the layers' GGUF types and the floats' shapes, before writing."""
-        import math
-
-        import gguf
-
-        from studio.core.export.tensors import float_state
-
-        if not getattr(handle, "streamed", False):
+        """A streamed variant's GGUF, and a split one, is verified by llama.cpp running it in a
+        process of its own, which maps the file: a forward touches every page, so the whole
+        file counts in that process beside its own runtime (measured on the 3B: 3117 MiB with
+        a 2.6 GiB file). Sized from the layers' GGUF types and the floats' shapes, before
+        writing."""
+        if not (getattr(handle, "streamed", False) or self.splits(variant, options, preflight)):
             return 0    # (verified through transformers' loader: `memory.guard_convert`)
-        types = {t.name: t.stored_as for t in preflight.targets}
-        total = 0
-        for name, qt in variant.unique_qtensors.items():   # shapes only: no codes read
-            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[types[name]]]
-            total += math.prod(qt.shape) // block * size
-        float_size = {"f16": 2, "bf16": 2, "f32": 4}[options.dtype]
-        for value in float_state(variant).values():
-            total += value.numel() * (4 if value.dim() < 2 else float_size)
-        return total + LLAMA_CPP_RUNTIME
+        return tensor_bytes(variant, options, preflight) + llama_cpp_runtime(variant.model)
+
+    def splits(self, variant, options: ExportOptions, preflight: Preflight) -> bool:
+        """Whether the file will be over the shard size, so written in several files."""
+        return bool(preflight.targets) and \
+            tensor_bytes(variant, options, preflight) > options.shard_size
 
     def write_job(self, variant, handle, options: ExportOptions, preflight: Preflight,
                   folder: Path) -> Job[Written]:
@@ -227,12 +244,16 @@ class GgufFormat(ExportFormat):
                                              gguf.GGUFEndian.LITTLE)
                 entries.insert(0, Entry(ROPE_FREQS, None))   # where llama.cpp puts it
         layer_bytes = {}
-        for entry in entries:
-            shape, dtype, nbytes, kind = tensor_info(entry, variant, choices, floats,
-                                                     raw, options)
+        infos = [tensor_info(entry, variant, choices, floats, raw, options)
+                 for entry in entries]
+        if sum(info[2] for info in infos) > options.shard_size:
+            writer.split_max_size = options.shard_size   # gguf-split's files (gguf_split)
+        for entry, (shape, dtype, nbytes, kind) in zip(entries, infos):
             writer.add_tensor_info(entry.name, shape, dtype, nbytes, raw_dtype=kind)
             if entry.layer is not None:
                 layer_bytes[entry.layer] = nbytes
+        paths = writer.format_shard_names(path)
+        notes = [gguf_split.note(paths)] if len(paths) > 1 else []
         try:
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
@@ -248,8 +269,11 @@ class GgufFormat(ExportFormat):
                                                          options))
         finally:
             writer.close()
-        yield Progress(len(entries) + 1, len(entries) + 1, f"Wrote {path.name}")
-        return Written(file=path, layer_bytes=layer_bytes, entries=entries)
+        yield Progress(len(entries) + 1, len(entries) + 1,
+                       f"Wrote {paths[0].name}" + (f" and {len(paths) - 1} more file(s)"
+                                                   if len(paths) > 1 else ""))
+        return Written(file=paths[0], layer_bytes=layer_bytes, entries=entries, notes=notes,
+                       shared=dict(variant.shared))
 
     # --- re-opening --------------------------------------------------------------------------
 
@@ -258,11 +282,12 @@ class GgufFormat(ExportFormat):
         from studio.core.gguf_convert import convert_job
         from studio.core.models import load_model, load_tokenizer, read_config
 
-        if getattr(handle, "streamed", False):
-            # re-opened whole it would be a float32 model: read a tensor at a time instead,
-            # the logits from llama.cpp (streamed_reload)
+        if getattr(handle, "streamed", False) or len(gguf_split.files(written.file)) > 1:
+            # re-opened whole it would be a float32 model, and transformers' GGUF loader reads
+            # one file of a split GGUF: read a tensor at a time instead (from each file), the
+            # logits from llama.cpp (streamed_reload)
             from studio.core.export.streamed_reload import gguf_job
-            reloaded = yield from gguf_job(written.file, written.entries)
+            reloaded = yield from gguf_job(written.file, written.entries, written.shared)
             reloaded.tokenizer_equal, reloaded.tokenizer_detail = tokenizer_check(
                 written.file, handle, None)
             return reloaded
@@ -299,13 +324,49 @@ class GgufFormat(ExportFormat):
         return reloaded
 
     def usage(self, file: str) -> str:
+        one, ollama = file, "Ollama:     put"
+        if gguf_split.SPLIT_NAME.match(file):   # Ollama imports one file (ollama#5245)
+            one = f"{gguf_split.SPLIT_NAME.match(file)['prefix']}.gguf"
+            ollama = (f"Ollama:     merge the files into one:  llama-gguf-split --merge {file} "
+                      f"{one}\n            then put")
         return (f"llama.cpp:  llama-cli -m {file}\n"
-                f"Ollama:     put the line  FROM ./{file}  in a file named Modelfile, then\n"
+                f"{ollama} the line  FROM ./{one}  in a file named Modelfile, then\n"
                 f"            ollama create my-model -f Modelfile && ollama run my-model\n"
                 f"LM Studio:  lms import {file}")
 
 
 GGUF = GgufFormat()
+
+
+def llama_cpp_runtime(model) -> int:
+    """llama.cpp's own memory beside the file it maps (`LLAMA_CPP_RUNTIME`)."""
+    embeddings = model.get_input_embeddings()
+    rows, width = embeddings.weight.shape
+    return LLAMA_CPP_RUNTIME + int(LLAMA_CPP_PER_OUTPUT_WEIGHT * rows * width)
+
+
+def describe_size_mb(size: int) -> str:
+    return f"{size / 10 ** 6:,.1f} MB"
+
+
+def tensor_bytes(variant, options: ExportOptions, preflight: Preflight) -> int:
+    """The bytes of the file's tensors, from the layers' GGUF types and the floats' shapes
+    (no code read): what the writer will write, known before writing."""
+    import math
+
+    import gguf
+
+    from studio.core.export.tensors import float_state
+
+    types = {t.name: t.stored_as for t in preflight.targets}
+    total = 0
+    for name, qt in variant.unique_qtensors.items():   # shapes only: no codes read
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[types[name]]]
+        total += math.prod(qt.shape) // block * size
+    float_size = {"f16": 2, "bf16": 2, "f32": 4}[options.dtype]
+    for value in float_state(variant).values():
+        total += value.numel() * (4 if value.dim() < 2 else float_size)
+    return total
 
 
 # --- helpers ---------------------------------------------------------------------------------

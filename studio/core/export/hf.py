@@ -30,6 +30,8 @@ class HfFormat(ExportFormat):
                    "size) with the de-quantized weights in f16, bf16 or f32, and the source's "
                    "tokenizer files: opens in any tool.")
     consumer = "transformers"
+    splits_as = ("model-00001-of-0000N.safetensors and model.safetensors.index.json, "
+                 "as transformers splits a checkpoint")
 
     def preflight(self, variant, handle, options: ExportOptions) -> Preflight:
         target = TORCH_DTYPES[options.dtype]

@@ -14,9 +14,11 @@ time:
 - a plain checkpoint (`hf`): the folder (one file or shards and their index) becomes a
   `WeightStore` and the model transformers builds from its config.json, streamed: its weights
   are read as stored, as any streamed model's are.
-- GGUF: each tensor is de-quantized by gguf-py from the file's memory map, one at a time, and
-  mapped back to the base model's layout (the q/k row order, Gemma's norm + 1), and the logits
-  come from llama.cpp running the file in its own process (the file's real runtime).
+- GGUF: each tensor is de-quantized by gguf-py from the file (each file of a split GGUF), one
+  at a time, and mapped back to the base model's layout (the q/k row order, Gemma's norm + 1),
+  and the logits come from llama.cpp running the file in its own process (the file's real
+  runtime). A split GGUF of any variant is verified this way: transformers' GGUF loader reads
+  one file only.
 
 Every quantized weight and every float tensor is compared, as for an in-memory export; only
 one layer is held at a time.
@@ -195,26 +197,35 @@ def checkpoint_job(folder: Path, source: Path) -> Job[Reloaded]:
 
 # --- GGUF ------------------------------------------------------------------------------------
 
-def gguf_job(file: Path, entries: list) -> Job[Reloaded]:
+def gguf_job(file: Path, entries: list, shared: dict[str, str] | None = None
+             ) -> Job[Reloaded]:
     """A GGUF export read tensor by tensor (gguf-py's de-quantization), under the base
-    model's names and layout (`entries`: the writer's `gguf_tensors.Entry`s); logits from
-    llama.cpp. Each tensor is read from the file at its offset, not through the reader's
-    memory map: a mapped page once touched counts in the process until the map goes."""
+    model's names and layout (`entries`: the writer's `gguf_tensors.Entry`s; `shared`: the
+    variant's tied layers, {layer: the layer whose codes it holds}, one tensor in the file
+    for both); logits from llama.cpp. `file` is the export's first (or only) file: a split GGUF's tensors are read
+    from each of its files (`gguf_split.files`), as llama.cpp reads them. Each tensor is read
+    from its file at its offset, not through the reader's memory map: a mapped page once
+    touched counts in the process until the map goes."""
     from gguf import GGUFReader
 
-    from studio.core.export import llama_cpp
+    from studio.core.export import gguf_split, llama_cpp
 
     if not llama_cpp.available():
         raise StudioError(needs_llama_cpp())
     yield Progress(0, 1, "Opening the GGUF's tensor table")
-    tensors = {t.name: t for t in GGUFReader(str(file)).tensors}
+    tensors = {t.name: (path, t) for path in gguf_split.files(file)
+               for t in GGUFReader(str(path)).tensors}
     by_key = {entry.key: entry for entry in entries
               if entry.key is not None and entry.name in tensors}
 
     def read(key: str) -> torch.Tensor:
-        return _base_layout(file, tensors[by_key[key].name], by_key[key])
+        return _base_layout(*tensors[by_key[key].name], by_key[key])
 
     layers = {e.layer: key for key, e in by_key.items() if e.layer is not None}
+    for follower, leader in (shared or {}).items():   # a tied pair: token_embd holds both
+        for one, other in ((follower, leader), (leader, follower)):
+            if one in layers and other not in layers:
+                layers[other] = layers[one]
     yield Progress(1, 1, "Opened the GGUF")
     return Reloaded(model=None, tokenizer_equal=None,
                     weights=_Lookup(lambda name: read(layers[name]), list(layers)),
@@ -225,7 +236,7 @@ def gguf_job(file: Path, entries: list) -> Job[Reloaded]:
 
 
 def _base_layout(file: Path, tensor, entry) -> torch.Tensor:
-    """A GGUF tensor de-quantized to float32 in the base model's layout."""
+    """A GGUF tensor (of `file`) de-quantized to float32 in the base model's layout."""
     from gguf.quants import dequantize
 
     raw = np.fromfile(file, dtype=np.uint8, count=int(tensor.n_bytes),

@@ -13,61 +13,45 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import pyqtgraph as pg
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
-    QAbstractItemView,
-    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
     QHBoxLayout,
-    QHeaderView,
     QLabel,
     QLineEdit,
     QPushButton,
-    QSpinBox,
     QSplitter,
-    QTableWidget,
-    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
 from studio.core.errors import StudioError
-from studio.core.export.gguf_types import BLOCK, fits_rows
 from studio.core.jobs import Progress
-from studio.core.plan import GROUP_SIZES, Plan, QuantSpec, Rule
+from studio.core.plan import Plan, QuantSpec, Rule
 from studio.core.plan_ends import describe, effective_specs, ends_of, with_end
 from studio.core.plan_rules import NOT_NATIVE, RULE_HELP, parse_rule  # noqa: F401 (re-exported)
-from studio.core.quant import registry
-from studio.core.quant.grid import native_gguf_type
 from studio.ui.layout import FlowLayout, column
 from studio.ui.plan_ends_row import PlanEnds
-from studio.ui.widgets import Refused, guarded, method_tooltips
-
-COLUMNS = ("Layer", "Block", "Role", "Shape", "Bits", "Group", "Method", "Sym", "Scales", "Skip",
-           "From")
-def _item(text: str, align_right: bool = False) -> QTableWidgetItem:
-    item = QTableWidgetItem(text)
-    item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsEditable)
-    if align_right:
-        item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-    return item
+from studio.ui.plan_meter import meter_text
+from studio.ui.plan_pareto import ParetoPlot
+from studio.ui.plan_spec_fields import SpecFields
+from studio.ui.plan_table import COLUMNS, PlanTable  # noqa: F401 (COLUMNS: re-exported)
+from studio.ui.widgets import Refused, guarded
 
 
 class PlanView(QWidget):
     def __init__(self, state) -> None:
         super().__init__()
         self.state = state
-        self.names: list[str] = []
         self.size = None             # PlanSize of the current plan (the meter)
         self._sized: tuple = (None, None, None)   # (handle, plan, PlanSize) last measured
         self.loss: float | None = None
         self.allocation = None       # the last auto-allocation (for the Pareto plot)
         self.measured: list[dict] = []
         self.job = None
+        self._stale = False   # the plan or model changed while the tab was hidden
 
         self.meter = QLabel()
         self.meter.setTextFormat(Qt.TextFormat.RichText)
@@ -75,33 +59,13 @@ class PlanView(QWidget):
         self.message = QLabel()
         self.message.setWordWrap(True)
 
-        self.table = QTableWidget(0, len(COLUMNS))
-        self.table.setHorizontalHeaderLabels(COLUMNS)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
-        self.table.verticalHeader().setVisible(False)
-        self.table.verticalHeader().setDefaultSectionSize(20)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.table = PlanTable()
 
         # Edit the selected layers.
-        self.bits = QSpinBox(minimum=1, maximum=16, value=4)  # out-of-range values are refused
-        self.group = QComboBox()
-        for size in GROUP_SIZES:
-            self.group.addItem("per-channel" if size == -1 else f"g{size}", size)
-        self.group.setCurrentIndex(GROUP_SIZES.index(128))
-        self.method = QComboBox()
-        for quantizer in registry.all_quantizers():  # plug-ins' methods included
-            self.method.addItem(quantizer.name, quantizer.name)
-        method_tooltips(self.method)
-        self.symmetric = QCheckBox("symmetric")
-        self.skip = QCheckBox("skip (keep 16-bit)")
-        self.gguf_native = QCheckBox("GGUF-native (llama.cpp types, exact export)")
-        self.gguf_native.setToolTip(
-            "Plan only what a GGUF type holds exactly: Q4_0, Q5_0, Q8_0 (4, 5, 8 bits, "
-            "symmetric, group 32, fp16 scales) or 16-bit. Auto-allocation chooses among them at "
-            "their real GGUF bytes (layers whose rows are not multiples of 32 stay 16-bit; it "
-            "needs a GGUF-native sensitivity sweep), and a variant of the plan exports to GGUF "
-            "with no rounding.")
+        self.fields = SpecFields()
+        self.bits, self.group, self.method = self.fields.bits, self.fields.group, self.fields.method
+        self.symmetric, self.skip = self.fields.symmetric, self.fields.skip
+        self.gguf_native = self.fields.gguf_native
         self.gguf_native.toggled.connect(self._native_toggled)
         self.ends = PlanEnds()   # the lm_head / embedding (a tied pair: one choice)
         self.ends.chosen.connect(self._end_chosen)
@@ -144,23 +108,10 @@ class PlanView(QWidget):
             files.addWidget(button)
         files.addStretch(1)
 
-        self.pareto = pg.PlotWidget()
-        self.pareto.setBackground("w")
-        self.pareto.setLabel("bottom", "average bits per weight (scales counted)")
-        self.pareto.setLabel("left", "total KL (nats/token)")
-        self.pareto.setLogMode(y=True)
-        self.pareto.getAxis("left").enableAutoSIPrefix(False)
-        self.pareto.showGrid(x=True, y=True, alpha=0.2)
-        self.pareto.addLegend(offset=(-10, 10))
-        self.curve = self.pareto.plot(pen=pg.mkPen("#1f77b4", width=2), name="predicted optimum")
-        self.chosen = pg.ScatterPlotItem(size=16, symbol="star", brush="#d62728", pen=None,
-                                         name="chosen plan")
-        self.points = pg.ScatterPlotItem(size=9, symbol="o", brush="#2ca02c", pen="k",
-                                         name="measured")
-        self.pareto.addItem(self.points)
-        self.pareto.addItem(self.chosen)  # on top of a measured point at the same place
-        self.pareto_note = QLabel("Auto-allocate to see the curve.")
-        self.pareto_note.setWordWrap(True)
+        self.pareto = ParetoPlot()
+        self.curve, self.chosen, self.points = (self.pareto.curve, self.pareto.chosen,
+                                                self.pareto.points)
+        self.pareto_note = self.pareto.note
 
         edit = FlowLayout()
         for widget in (QLabel("Bits"), self.bits, self.group, self.method, self.symmetric,
@@ -220,29 +171,15 @@ class PlanView(QWidget):
         self.message.setText(text)
 
     def _native_toggled(self, native: bool) -> None:
-        """GGUF-native fixes the grid (group 32, symmetric, fp16 scales): only the width is
-        chosen by hand. The session plan itself changes only by an edit or an allocation."""
-        if native:
-            self.group.setCurrentIndex(self.group.findData(BLOCK))
-            self.symmetric.setChecked(True)
-        self.group.setEnabled(not native)
-        self.symmetric.setEnabled(not native)
+        """The session plan itself changes only by an edit or an allocation."""
+        self.fields.fix_native_grid(native)
         self.refresh()
 
     def edited_spec(self) -> QuantSpec | None:
-        if self.skip.isChecked():
-            return None
-        native = self.gguf_native.isChecked()
-        spec = QuantSpec(bits=self.bits.value(), group_size=self.group.currentData(),
-                         symmetric=self.symmetric.isChecked(), method=self.method.currentText(),
-                         scale_dtype="fp16" if native else "fp32")
-        if native and native_gguf_type(spec) is None:
-            raise StudioError(NOT_NATIVE)
-        return spec
+        return self.fields.spec()
 
     def selected_names(self) -> list[str]:
-        rows = sorted({index.row() for index in self.table.selectionModel().selectedRows()})
-        return [self.names[r] for r in rows]
+        return self.table.selected_names()
 
     def _checked_spec(self) -> tuple[bool, QuantSpec | None]:
         """(True, the edited spec, None = keep 16-bit), or (False, None) after saying why not."""
@@ -406,10 +343,7 @@ class PlanView(QWidget):
     def _model_changed(self, handle) -> None:
         self.allocation = None
         self.measured = []
-        self.names = []
-        self.table.setRowCount(0)
-        if handle is not None:
-            self.names = [i.name for i in handle.layers]
+        self.table.set_layers(handle.layers if handle is not None else [])
         self.refresh()
         self._draw_pareto()
 
@@ -423,53 +357,25 @@ class PlanView(QWidget):
             self.state.select_layer(item.text())
 
     def _show_layer(self, name: str) -> None:
-        """Make the current layer the table's current row (a multi-row selection the user is
-        editing stays when it already holds that layer)."""
-        item = self.table.item(self.table.currentRow(), 0)
-        if item is not None and item.text() == name:
-            return
-        matches = self.table.findItems(name, Qt.MatchFlag.MatchExactly)
-        for match in matches:
-            if match.column() == 0:
-                if name in self.selected_names():
-                    self.table.setCurrentCell(match.row(), 0,
-                                              self.table.selectionModel().SelectionFlag.NoUpdate)
-                else:
-                    self.table.setCurrentCell(match.row(), 0)
-                self.table.scrollToItem(match)
-                return
+        self.table.show_layer(name)
 
     def refresh(self) -> None:
-        """Re-read the session plan: the table and the meter."""
+        """Re-read the session plan: the table and the meter. Behind another tab of a shown
+        window, only marked stale and done by showEvent: filling the table's 2,300 cells and
+        sizing the plan took 0.7 s of the UI thread at every open (under load)."""
         from studio.core.allocate import plan_size, predicted_loss
 
+        if self.window().isVisible() and not self.isVisible():
+            self._stale = True
+            return
+        self._stale = False
         handle = self.state.handle
         if handle is None:
             self.meter.setText("No model open.")
             return
         plan = self.state.session.plan
         specs = effective_specs(plan, handle.layers)   # a tied pair: one matrix, both rows
-        partners = _tied_partners(handle.layers)
-        if self.table.rowCount() != len(handle.layers):
-            self.table.clearContents()
-            self.table.setRowCount(len(handle.layers))
-        for row, info in enumerate(handle.layers):
-            spec = specs[info.name]
-            origin = _origin(plan, info, partners.get(info.name))
-            cells = [info.name, "" if info.block is None else str(info.block), info.role,
-                     "x".join(map(str, info.shape)),
-                     "16" if spec is None else str(spec.bits),
-                     "" if spec is None else ("ch" if spec.group_size == -1
-                                              else str(spec.group_size)),
-                     "" if spec is None else spec.method,
-                     "" if spec is None or not spec.symmetric else "yes",
-                     _scales(spec), "yes" if spec is None else "", origin]
-            for col, text in enumerate(cells):
-                # Only the cells that changed: a new sensitivity result, or a rule on a few
-                # layers, used to rebuild all 2,300 items of the demo (0.2 s of the UI thread).
-                old = self.table.item(row, col)
-                if old is None or old.text() != text:
-                    self.table.setItem(row, col, _item(text, align_right=col in (1, 4, 5)))
+        self.table.fill(plan, handle.layers, specs)
         auto = self.ends.auto_names()   # the ends Auto-allocate chooses count in its bpw
         if self._sized[0] is not handle or self._sized[1] != (plan, auto):
             self._sized = (handle, (plan, auto), plan_size(handle, plan, auto))
@@ -481,40 +387,19 @@ class PlanView(QWidget):
             kind = self.loss_kind.currentData()
             kind = kind if (kind != "kl" or result.has_kl) else "proxy"
             self.loss, why = predicted_loss(result, plan, kind)
-        loss = f"{self.loss:.4g}" if self.loss is not None else f"— ({why})"
-        default = "16-bit" if plan.default is None else plan.default.label
-        native = (f" · {_gguf_mix(handle, specs)}" if self.gguf_native.isChecked() else "")
-        self.meter.setText(
-            f"{self.size.bits_words(f'<b>{self.size.budget_bpw:.3f}</b>')} (scales and "
-            f"zeros counted) · "
-            f"<b>{self.size.size_mb:.2f}</b> MB ({self.size.size_bytes:,} bytes) · "
-            f"predicted loss <b>{loss}</b> · default {default} · {len(plan.rules)} rule(s) · "
-            f"{self.size.quantized} layers quantized{native}")
+        self.meter.setText(meter_text(self.size, self.loss, why, plan, handle, specs,
+                                      self.gguf_native.isChecked()))
         self._draw_pareto()
 
+    def showEvent(self, event) -> None:  # noqa: N802 (Qt API)
+        super().showEvent(event)
+        if self._stale:
+            self.refresh()
+            if self.state.selected_layer:
+                self.table.show_layer(self.state.selected_layer)
+
     def _draw_pareto(self) -> None:
-        answer = self.allocation
-        if answer is None:
-            self.curve.setData([], [])
-            self.chosen.setData([], [])
-            self.points.setData([], [])
-            return
-        curve = answer.pareto
-        kind = self.loss_kind.currentData()
-        self.pareto.setLabel("left", "total KL (nats/token)" if kind == "kl"
-                             else "sum of layer output errors (proxy)")
-        keep = curve.loss > 0  # log axis: the all-16-bit end has zero loss
-        self.curve.setData(curve.bpw[keep], curve.loss[keep])
-        if answer.loss > 0:
-            self.chosen.setData([answer.bpw], [np.log10(answer.loss)])
-        self.points.setData([p["bpw"] for p in self.measured],
-                            [np.log10(max(p["kl"], 1e-12)) for p in self.measured])
-        self.pareto_note.setText(
-            f"Blue: least predicted loss at each size (sum of per-layer losses, assumed "
-            f"additive; a layer's KL is measured at the sweep's * options and predicted from "
-            f"its output error at the others). "
-            f"Red star: the chosen plan ({answer.bpw:.3f} bpw). Green: measured KL of real "
-            f"quantized models.")
+        self.pareto.draw(self.allocation, self.measured, self.loss_kind.currentData())
 
     # --- files ----------------------------------------------------------------------------
     def _save(self, path: str | None = None) -> None:
@@ -558,52 +443,3 @@ class PlanView(QWidget):
         written.save(path)
         self.say(f"Exported to {path}. " + " ".join(written.notes))
 
-
-def _scales(spec: QuantSpec | None) -> str:
-    """The Scales cell: "fp16 (Q4_0)" for a GGUF-native spec, "fp16" or "" (fp32) otherwise."""
-    if spec is None or spec.scale_dtype == "fp32":
-        return ""
-    native = native_gguf_type(spec)
-    return f"fp16 ({native.name})" if native is not None else "fp16"
-
-
-def _gguf_mix(handle, specs: dict) -> str:
-    """"GGUF: Q4_0 x 9, F16 x 5" over the block linears, and how many layers are no GGUF type
-    yet, so a plan that would round on export shows it."""
-    counts: dict[str, int] = {}
-    for info in handle.quantizable:
-        spec = specs.get(info.name)
-        native = native_gguf_type(spec) if fits_rows(info.shape[1]) else None
-        kind = "F16" if spec is None else (native.name if native is not None else "not GGUF-native")
-        counts[kind] = counts.get(kind, 0) + 1
-    mix = ", ".join(f"{k} x {n}" for k, n in sorted(counts.items()) if k != "not GGUF-native")
-    stray = counts.get("not GGUF-native", 0)
-    return (f"GGUF: {mix or 'none yet'}"
-            + (f" · <span style='color:#b00020'>{stray} layer(s) not GGUF-native</span>"
-               if stray else ""))
-
-
-def _tied_partners(layers) -> dict:
-    """name -> the LayerInfo it shares its matrix with (a tied embedding and lm_head)."""
-    by_name = {info.name: info for info in layers}
-    partners = {}
-    for info in layers:
-        if info.tied_to and info.tied_to in by_name:
-            partners.setdefault(info.name, by_name[info.tied_to])
-            partners.setdefault(info.tied_to, info)
-    return partners
-
-
-def _origin(plan: Plan, info, partner) -> str:
-    """Which part of the plan decides this layer: an exact rule, a regex, the default, or (a
-    tied embedding) the lm_head whose matrix it is (`partner`)."""
-    if partner is not None and not any(r.matches(info.name) for r in plan.rules) \
-            and plan.spec_for(partner.name, default_applies=False) is not None:
-        return f"tied: the {partner.role}'s matrix"
-    for rule in plan.rules:
-        if not rule.regex and rule.pattern == info.name:
-            return "layer rule"
-    for rule in reversed(plan.rules):
-        if rule.regex and rule.matches(info.name):
-            return f"regex {rule.pattern}"
-    return "default" if info.quantizable else "not quantized"
