@@ -14,7 +14,9 @@ calibration, so it is run once.
 
 --runs replaces the methods x bits grid with the listed runs, any registered method (plug-ins
 included), e.g. issue 14's codebook rows at equal bits per weight:
-    --runs rtn:4:64,nf4:4:64,kmeans:4:-1,kmeans:4:-1:feedback=false
+    --runs rtn:4:64,nf4:4:64,kmeans:4:-1:rows=2,gptq:4:64
+(k-means per channel with one table per 2 rows: 4.19 bpw on the demo, tables counted, under
+RTN / GPTQ W4 g64's 4.3125; `rows=1`, a table per row, is 4.375)
 (GROUP -1 = per-channel; asymmetric grids, as the rest of the table); the Hessian methods':
     --runs seqmse:4:128,rtn:4:-1,seqmse:4:-1,gptvq:3:128:table_bpw=0.125,gptq:2:64,gptvq:2:128:table_bpw=0.25
 (the bpw column counts GPTVQ's fp16 tables, as `Variant.bits_per_weight` does).

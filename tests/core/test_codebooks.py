@@ -101,7 +101,8 @@ def test_nf4_and_kmeans_variants_save_load_and_evaluate_bit_identically(codebook
     windows, label = text_windows(tiny_llama.tokenizer, None, 64, 8, seed=0)
     plan = Plan(QuantSpec(4, 32, method="nf4"),
                 rules=(Rule(r".*mlp\..*", QuantSpec(4, 64, method="kmeans",
-                                                   options={"iterations": 20}), True),))
+                                                   options={"iterations": 20, "rows": 2}),
+                            True),))
     variant = run(quantize_job(tiny_llama, plan, windows, label, "codebooks"))
     assert {s.method for s in variant.specs.values()} == {"nf4", "kmeans"}
     save_variant(variant, tmp_path / "v")
@@ -167,3 +168,51 @@ def test_feedback_needs_the_hessian_weighting(codebooks):
     spec = QuantSpec(4, -1, method="kmeans", options={"weighting": "none"})
     with pytest.raises(StudioError, match="feedback=false"):
         quantize_kmeans(torch.randn(4, 32), spec, LayerCalibration(torch.eye(32), 10))
+
+
+@pytest.mark.parametrize("feedback", [True, False])
+def test_kmeans_rows_share_a_table_counted_once(codebooks, feedback):
+    """`rows=2`: two consecutive rows draw their levels from one table, so a layer stores half
+    the tables (a ragged last row alone keeps a whole one), counted as stored; the codes save
+    and load exactly."""
+    from studio.core.quant.codebook import CodebookTensor
+    from studio.core.quant.gptq import HessianAccumulator, relative_output_error
+    from studio.core.quant.registry import LayerCalibration
+    from studio_codebooks.kmeans import quantize_kmeans
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2048, 16, generator=gen) @ torch.randn(16, 96, generator=gen) \
+        + 0.1 * torch.randn(2048, 96, generator=gen)
+    acc = HessianAccumulator(96)
+    acc.add(x[None])
+    calib = LayerCalibration(acc.hessian(), 2048)
+    w = torch.randn(47, 96, generator=gen)
+    shared = QuantSpec(3, -1, method="kmeans", options={"feedback": feedback, "rows": 2})
+    qt, _ = quantize_kmeans(w, shared, calib)
+    assert qt.table.shape == (24, 1, 8) and qt.rows == 2
+    assert qt.storage_bits() == 3 * 47 * 96 + 16 * 24 * 8
+    deq = qt.dequantize()
+    for r in range(47):
+        assert set(deq[r].tolist()) <= set(qt.table[r // 2, 0].tolist())
+    tensors, info = qt.to_state()
+    again = CodebookTensor.from_state(tensors, info, (47, 96))
+    assert torch.equal(again.dequantize(), deq) and again.rows == 2
+    # the price the plan meter sees: half a table per row
+    assert shared.quantizer.storage_bits(shared, 96) == 3 + 16 * 8 / (96 * 2)
+    own, _ = quantize_kmeans(w, QuantSpec(3, -1, method="kmeans",
+                                          options={"feedback": feedback}), calib)
+    # a shared table fits two rows' weights, not one: some error is the price of the bits
+    assert relative_output_error(w, deq, calib.hessian) \
+        >= relative_output_error(w, own.dequantize(), calib.hessian)
+
+
+def test_a_codebook_table_block_must_match_its_rows():
+    from studio.core.errors import StudioError
+    from studio.core.quant.codebook import CodebookTensor
+
+    indices = torch.zeros(5, 8, dtype=torch.uint8)
+    with pytest.raises(StudioError, match="2 row"):
+        CodebookTensor(indices, torch.zeros(5, 1, 4), None, 2, -1, rows=2)
+    with pytest.raises(StudioError, match="whole number of rows"):
+        CodebookTensor(indices, torch.zeros(3, 1, 4), None, 2, -1, rows=0)
+    assert CodebookTensor(indices, torch.zeros(3, 1, 4), None, 2, -1, rows=2).rows == 2

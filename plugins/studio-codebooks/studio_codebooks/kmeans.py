@@ -8,6 +8,11 @@ weighted by its input channel's energy E[x_j^2] = H_jj / 2 (the Hessian diagonal
 calibration text), which is what a lone perturbation of that weight costs in the layer's output
 (OBS / GPTQ's saliency). `weighting="none"` gives plain k-means on the weights.
 
+A table of 2**bits fp16 levels costs 16 * 2**bits bits: 0.44 bits per weight on a 576-wide
+row at 4 bits, more than a g64 grid's scales and zeros (0.31). `rows` lets that many consecutive
+output rows share one table (one k-means over all their weights), so `rows=2` costs 0.22 and
+per-channel k-means sits below RTN / GPTQ W4 g64 in bits per weight, tables counted.
+
 With `feedback` (the default), the table is fitted and the weights rounded as GPTVQ does with
 1-D vectors (`studio.core.quant.gptvq`): columns are visited left to right, each group's
 tables are fitted to its weights as updated so far (k-means under GPTQ's metric, 1 / U_jj^2),
@@ -50,6 +55,9 @@ class KmeansOptions:
     feedback: bool = option(True, title="Error feedback",
                             help="spread each weight's rounding error over the columns not yet "
                                  "quantized (GPTQ's), levels refitted to the output error")
+    rows: int = option(1, low=1, high=4096, title="Rows per table",
+                       help="consecutive output rows sharing one table: 2 halves what the "
+                            "tables cost in bits per weight")
 
 
 def quantize_kmeans(w: torch.Tensor, spec, calib) -> tuple[CodebookTensor, str]:
@@ -59,28 +67,39 @@ def quantize_kmeans(w: torch.Tensor, spec, calib) -> tuple[CodebookTensor, str]:
     out, cols = w.shape
     gs = effective_group_size(spec.group_size, cols)
     groups = -(-cols // gs)
+    rows = min(int(spec.option("rows")), out)
+    blocks = -(-out // rows)
     energy = calib.input_energy.float() if spec.option("weighting") == "hessian" \
         else torch.ones(cols)
     energy = _usable(energy)
-    # Rows x groups as one batch of 1-D problems; a ragged last group is padded with weight 0.
-    padded = torch.zeros(out, groups * gs)
-    padded[:, :cols] = w
-    weights = torch.zeros(groups * gs)
-    weights[:cols] = energy
-    points = padded.view(out * groups, gs)
-    point_weights = weights.view(groups, gs).repeat(out, 1)
-    table = torch.empty(out * groups, 2 ** spec.bits)
+    # One 1-D problem per table (a block of rows x a group of columns), all in one batch; a
+    # ragged last group or block of rows is padded with weight 0.
+    padded = torch.zeros(blocks * rows, groups * gs)
+    padded[:out, :cols] = w
+    weights = torch.zeros(blocks * rows, groups * gs)
+    weights[:out, :cols] = energy
+    points = _per_table(padded, blocks, rows, groups, gs)
+    point_weights = _per_table(weights, blocks, rows, groups, gs)
+    table = torch.empty(blocks * groups, 2 ** spec.bits)
     moved = 0
-    for start in range(0, out * groups, ROWS_PER_BATCH):
-        part = slice(start, min(start + ROWS_PER_BATCH, out * groups))
+    batch = max(1, ROWS_PER_BATCH // rows)
+    for start in range(0, blocks * groups, batch):
+        part = slice(start, min(start + batch, blocks * groups))
         table[part], steps = weighted_kmeans(points[part], point_weights[part], 2 ** spec.bits,
                                              int(spec.option("iterations")))
         moved = max(moved, steps)
     table = fp16_values(table).sort(dim=1).values
-    indices = nearest(points, table).view(out, groups * gs)[:, :cols].to(torch.uint8)
+    indices = nearest(points, table).view(blocks, groups, rows, gs).transpose(1, 2)
+    indices = indices.reshape(blocks * rows, groups * gs)[:out, :cols].to(torch.uint8)
     note = "" if moved < int(spec.option("iterations")) else \
         f"k-means stopped at {moved} iterations before converging"
-    return CodebookTensor(indices, table.view(out, groups, -1), None, spec.bits, gs), note
+    return CodebookTensor(indices, table.view(blocks, groups, -1), None, spec.bits, gs,
+                          rows=rows), note
+
+
+def _per_table(x: torch.Tensor, blocks: int, rows: int, groups: int, gs: int) -> torch.Tensor:
+    """[blocks * rows, groups * gs] -> one row per table [blocks * groups, rows * gs]."""
+    return x.view(blocks, rows, groups, gs).transpose(1, 2).reshape(blocks * groups, rows * gs)
 
 
 def quantize_with_feedback(w: torch.Tensor, spec, calib) -> tuple[CodebookTensor, str]:
@@ -88,11 +107,11 @@ def quantize_with_feedback(w: torch.Tensor, spec, calib) -> tuple[CodebookTensor
     if spec.option("weighting") != "hessian":
         raise StudioError("k-means with error feedback weighs each weight by the Hessian; "
                           "weighting=none needs feedback=false.")
-    settings = VQSettings(spec.bits, spec.group_size, dim=1, rows=1,
+    settings = VQSettings(spec.bits, spec.group_size, dim=1, rows=int(spec.option("rows")),
                           kmeans_iters=int(spec.option("iterations")))
     vt, note = gptvq_quantize(w.float(), calib.hessian, settings)
-    table = vt.tables[..., 0]                                   # [out, groups, K]
-    return CodebookTensor(vt.indices, table, None, spec.bits, vt.columns), note
+    table = vt.tables[..., 0]                                   # [row blocks, groups, K]
+    return CodebookTensor(vt.indices, table, None, spec.bits, vt.columns, rows=vt.rows), note
 
 
 def weighted_kmeans(x: torch.Tensor, weight: torch.Tensor, k: int, iterations: int
@@ -138,9 +157,12 @@ def _usable(energy: torch.Tensor) -> torch.Tensor:
 
 
 def storage_bits(spec, in_features: int) -> float:
-    """Indices plus a table of 2**bits fp16 levels per row (per-channel) or per group."""
+    """Indices plus a table of 2**bits fp16 levels per row (per-channel) or per group, shared
+    by `rows` rows. A layer whose rows are not a multiple of `rows` stores one more, ragged,
+    table: the tensor's own count (`CodebookTensor.storage_bits`, what a variant reports)
+    includes it, this price for the plan meter does not."""
     groups = -(-in_features // effective_group_size(spec.group_size, in_features))
-    return spec.bits + 16 * 2 ** spec.bits * groups / in_features
+    return spec.bits + 16 * 2 ** spec.bits * groups / (in_features * int(spec.option("rows")))
 
 
 QUANTIZER = Quantizer(

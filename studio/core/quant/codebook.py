@@ -1,11 +1,13 @@
 """The codebook format: each weight is an index into a table of 2**bits levels.
 
-    w[r, c] = table[r or 0, group(c) or 0, index[r, c]] * (scale[r, group(c)] if scaled)
+    w[r, c] = table[r // rows or 0, group(c) or 0, index[r, c]] * (scale[r, group(c)] if scaled)
 
 The table may be one for the whole tensor ([1, 1, K]: NF4's fixed normal-float levels), one
-per output channel ([out, 1, K]: SqueezeLLM's k-means), or one per group of columns
-([out, groups, K]). An optional per-group scale multiplies it (NF4's absmax). Groups run
-along the input dimension with a ragged last group, as on the affine grid.
+per output channel ([out, 1, K]: SqueezeLLM's k-means), one per block of `rows` consecutive
+output channels ([ceil(out / rows), 1, K]: a table's cost shared by its rows), and any of
+these per group of columns ([.., groups, K]). An optional per-group scale multiplies it
+(NF4's absmax). Groups run along the input dimension with a ragged last group, as on the
+affine grid; the last block of rows may be ragged too (its table is counted whole).
 
 Indices are held packed, `bits` per index (`pack.pack_codes`); tables and scales are float32
 tensors holding fp16 values (methods round them with `fp16_values`), so `storage_bits`
@@ -33,22 +35,26 @@ class CodebookTensor:
     format = "codebook"
 
     def __init__(self, indices: torch.Tensor, table: torch.Tensor, scale: torch.Tensor | None,
-                 bits: int, group_size: int, constant_table: bool = False) -> None:
+                 bits: int, group_size: int, constant_table: bool = False,
+                 rows: int = 1) -> None:
         out, cols = indices.shape
         gs = effective_group_size(group_size, cols)
         groups = -(-cols // gs)
-        if table.dim() != 3 or table.shape[0] not in (1, out) or table.shape[1] not in (1, groups) \
-                or table.shape[2] != 2 ** bits:
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise StudioError(f"A codebook table serves a whole number of rows, not {rows!r}.")
+        row_tables = -(-out // rows)
+        if table.dim() != 3 or table.shape[0] not in (1, row_tables) \
+                or table.shape[1] not in (1, groups) or table.shape[2] != 2 ** bits:
             raise StudioError(f"A codebook for [{out}, {cols}] at {bits} bits, groups of {gs}, "
-                              f"is [1 or {out}, 1 or {groups}, {2 ** bits}], not "
-                              f"{list(table.shape)}.")
+                              f"{rows} row(s) per table, is [1 or {row_tables}, 1 or {groups}, "
+                              f"{2 ** bits}], not {list(table.shape)}.")
         if scale is not None and tuple(scale.shape) != (out, groups):
             raise StudioError(f"A codebook's scales are [{out}, {groups}], not "
                               f"{list(scale.shape)}.")
         self.packed = pack_codes(indices, bits, torch.uint8)
         self.shape = indices.shape
         self.table, self.scale = table.float(), None if scale is None else scale.float()
-        self.bits, self.group_size = bits, gs
+        self.bits, self.group_size, self.rows = bits, gs, rows
         self.constant_table = bool(constant_table)
         if self.constant_table and tuple(self.table.shape[:2]) != (1, 1):
             raise StudioError("A constant table is one table for the whole tensor.")
@@ -70,7 +76,7 @@ class CodebookTensor:
         w = torch.empty(out, cols)
         for start in range(0, out, ROW_CHUNK):
             rows = slice(start, min(start + ROW_CHUNK, out))
-            r = torch.arange(rows.start, rows.stop) if rows_of_table > 1 \
+            r = torch.arange(rows.start, rows.stop) // self.rows if rows_of_table > 1 \
                 else torch.zeros(rows.stop - rows.start, dtype=torch.long)
             where = (r[:, None] * groups_of_table + column_group[None, :]) * k \
                 + indices[rows].long()
@@ -92,6 +98,8 @@ class CodebookTensor:
         info = {"bits": self.bits, "group_size": self.group_size}
         if self.constant_table:
             info["constant_table"] = True
+        if self.rows != 1:
+            info["rows"] = self.rows
         return tensors, info
 
     @classmethod
@@ -106,8 +114,8 @@ class CodebookTensor:
                                                      and not scale.is_floating_point()):
             raise StudioError(f"its codebook tensors do not match the shape {[out, cols]}")
         return cls(unpack_codes(words, info["bits"], cols), table, scale, info["bits"],
-                   info["group_size"], info.get("constant_table") is True)
+                   info["group_size"], info.get("constant_table") is True, info.get("rows", 1))
 
     def __repr__(self) -> str:
         return (f"CodebookTensor({list(self.shape)}, bits={self.bits}, "
-                f"table={list(self.table.shape)}, scaled={self.scale is not None})")
+                f"table={list(self.table.shape)}, rows={self.rows}, scaled={self.scale is not None})")
