@@ -34,7 +34,9 @@ def test_run_plots_errors_and_publishes_a_variant(qtbot, state, tiny_llama, tmp_
     x, y = view.curve.getData()
     _, y_rtn = view.rtn_curve.getData()
     errors = [e["error"] for e in variant.layer_errors if e["error"] is not None]
-    assert len(x) == len(tiny_llama.quantizable)
+    # every block layer, and the lm_head: under GPTQ it learns from the final hidden states
+    assert len(x) == len(tiny_llama.quantizable) + 1
+    assert [e["layer"] for e in variant.layer_errors if e["error"] is not None][-1] == "lm_head"
     np.testing.assert_allclose(10.0 ** y, errors, rtol=1e-4)   # a log axis holds log10
     assert np.all(y < y_rtn)
     assert view.variant_list.count() == 1 and "3." in view.variant_info.text()
