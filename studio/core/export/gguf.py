@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from studio.core import gguf_header
 from studio.core.errors import StudioError
 
 from studio.core.export import gguf_meta, gguf_pack, gguf_split, gguf_vocab
@@ -377,11 +378,11 @@ def tokenizer_check(file: Path, handle, reloaded_tokenizer) -> tuple[bool | None
     from gguf import GGUFReader
 
     source = source_of(handle)
-    reader = GGUFReader(file)
     if source.kind == "gguf":
-        equal, detail = tokenizer_keys_equal(source_reader(source.path), reader)
+        equal, detail = tokenizer_keys_equal(source.path, file)
     else:
-        equal, detail = gguf_vocab.tokenizer_equal(reader, handle.tokenizer, source.path)
+        equal, detail = gguf_vocab.tokenizer_equal(GGUFReader(file), handle.tokenizer,
+                                                   source.path)
     if equal and handle.tokenizer is not None and reloaded_tokenizer is not None:
         equal, how = gguf_vocab.encodes_alike(reloaded_tokenizer, handle.tokenizer)
         detail = f"{detail}; {how}"
@@ -533,18 +534,14 @@ def tensor_data(entry: Entry, variant, choices, floats, options: ExportOptions) 
     return out
 
 
-def tokenizer_keys_equal(source, written) -> tuple[bool, str]:
+def tokenizer_keys_equal(source: Path, written: Path) -> tuple[bool, str]:
     """Every tokenizer.* key of the source GGUF, byte for byte, in the written file."""
-    def raw(field) -> bytes:
-        return b"".join(part.tobytes() for part in field.parts)
-
-    keys = [name for name in source.fields if name.startswith("tokenizer.")]
+    mine, theirs = (gguf_header.raw_values(path, "tokenizer.") for path in (source, written))
+    keys = list(mine)
     if not keys:
         return None, "the source GGUF has no tokenizer keys"
-    differ = [name for name in keys if name not in written.fields
-              or raw(written.fields[name]) != raw(source.fields[name])]
-    added = [name for name in written.fields
-             if name.startswith("tokenizer.") and name not in source.fields]
+    differ = [name for name in keys if theirs.get(name) != mine[name]]
+    added = [name for name in theirs if name not in mine]
     if differ or added:
         return False, f"keys differ from the source GGUF's: {', '.join((differ + added)[:6])}"
     return True, f"{len(keys)} tokenizer keys byte-identical to the source GGUF's"
