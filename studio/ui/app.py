@@ -53,7 +53,7 @@ def main(source: str | None = None, screenshot: str | None = None, tab: str | No
     reporter.install_hooks()
     from studio.ui.collector import UiThreadCollector
 
-    collector = UiThreadCollector()   # noqa: F841 (lives as long as the event loop)
+    collector = UiThreadCollector()   # lives as long as the event loop
     from studio.core.session_file import start_run
 
     crashed = start_run()
@@ -70,7 +70,9 @@ def main(source: str | None = None, screenshot: str | None = None, tab: str | No
         configure_plots()
         window.build()
         window.statusBar().clearMessage()
-        preload_behind()
+        # The imports' objects live as long as the process: out of every later collection.
+        collector.freeze()
+        preload_behind(then=collector.freeze)
         if session:
             window.sessions.open(session)
         elif not source and not screenshot:
@@ -100,15 +102,18 @@ def configure_plots() -> None:
     pg.setConfigOptions(antialias=True, background="w", foreground="k")
 
 
-def preload_behind(names=PRELOAD_BEHIND) -> threading.Thread:
+def preload_behind(names=PRELOAD_BEHIND, then=None) -> threading.Thread:
     """Import `names` on a thread, nothing waiting for them (an open started meanwhile finds
-    them half-imported and waits on Python's import lock, as it would have imported them)."""
+    them half-imported and waits on Python's import lock, as it would have imported them);
+    then call `then()` on that thread."""
     def work() -> None:
         for name in names:
             try:
                 importlib.import_module(name)
             except Exception:   # imported again, and reported, by whatever needs it
                 logging.getLogger(__name__).warning("preloading %s failed", name, exc_info=True)
+        if then is not None:
+            then()
 
     thread = threading.Thread(target=work, name="preload-behind", daemon=True)
     thread.start()
