@@ -31,7 +31,7 @@ def main() -> None:
 
     app = QApplication(sys.argv[:1])
     settings.put({"quick_eval": False})           # one job at a time, each measured alone
-    from studio.ui.app import configure_plots
+    from studio.ui.app import SWITCH_INTERVAL_S, configure_plots
     from studio.ui.collector import UiThreadCollector
     from studio.ui.heartbeat import Heartbeat
     from studio.ui.main_window import MainWindow
@@ -40,6 +40,7 @@ def main() -> None:
     # the plots' options (antialiasing costs paint time).
     collector = UiThreadCollector()   # lives as long as the event loop
     configure_plots()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     args = [a for i, a in enumerate(sys.argv[1:], 1)
             if not a.startswith("--") and sys.argv[i - 1] not in ("--steps", "--why")]
