@@ -5,7 +5,11 @@ import json
 import pytest
 
 from studio.core.models import parse_tokenizer
-from studio.core.tokenizer_head import HEAD_BYTES, added_tokens_kwargs, read_added_tokens
+from studio.core.tokenizer_head import (
+    HEAD_BYTES,
+    added_tokens_kwargs,
+    read_added_tokens,
+)
 
 
 def _pythons_json_reads(monkeypatch) -> list[str]:
