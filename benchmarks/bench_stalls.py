@@ -1,7 +1,7 @@
 """Event-loop stalls of the real window while it works: open, weight statistics, activation
 capture, GPTQ, sensitivity sweep, evaluation, benchmark.
 
-    python benchmarks/bench_stalls.py [MODEL] [--full] [--steps N] [--no-autosave] [--why]
+    python benchmarks/bench_stalls.py [MODEL] [--full] [--steps N] [--no-autosave] [--why [MS]]
 
 The heartbeat probe (`studio.ui.heartbeat`: a 10 ms QTimer measuring its own lateness) runs
 through every job; one row per job: its wall time, and the probe's p50 / p99 / max lateness.
@@ -9,7 +9,8 @@ Targets: p99 <= 50 ms and max <= 200 ms. Without --full each job runs with small
 windows, short texts) so the whole drive takes minutes; the stalls that matter (plots redrawn,
 results published on the UI thread) happen at either size. Stalls on a busy machine include
 the time the UI thread waits for a core: report them as measured under load. `--why` prints,
-for every stall over 300 ms, where the UI thread was (a watchdog thread samples its stack).
+for every stall over MS ms (150), where the UI thread and the others were and which garbage
+collections ran (`stall_watch.py`), and adds the collections per job to the table.
 """
 from __future__ import annotations
 
@@ -30,11 +31,19 @@ def main() -> None:
 
     app = QApplication(sys.argv[:1])
     settings.put({"quick_eval": False})           # one job at a time, each measured alone
+    from studio.ui.app import SWITCH_INTERVAL_S, configure_plots
+    from studio.ui.collector import UiThreadCollector
     from studio.ui.heartbeat import Heartbeat
     from studio.ui.main_window import MainWindow
 
+    # As `app.main()` sets up a user's window: garbage collected on the UI thread only, and
+    # the plots' options (antialiasing costs paint time).
+    collector = UiThreadCollector()   # lives as long as the event loop
+    configure_plots()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+
     args = [a for i, a in enumerate(sys.argv[1:], 1)
-            if not a.startswith("--") and sys.argv[i - 1] != "--steps"]
+            if not a.startswith("--") and sys.argv[i - 1] not in ("--steps", "--why")]
     source, full = (args[0] if args else "demo"), "--full" in sys.argv
     # What `ui/app.py` preloads on a thread before the window is usable (the llama.cpp binding's
     # library among it): loaded here before the probe starts, as a user's window has it.
@@ -47,12 +56,14 @@ def main() -> None:
     window = MainWindow()
     window.resize(1400, 900)
     window.show()
+    collector.freeze()          # as the window does once its imports are done and it is built
     # --no-autosave: the session autosave after each job runs on the UI thread; this tells
     # its share of the stalls apart.
     window.sessions.autosave_enabled = "--no-autosave" not in sys.argv
     state, views = window.state, window.views
     beat = Heartbeat(window)
-    rows: list[tuple[str, float, dict]] = []
+    rows: list[tuple[str, float, dict, str]] = []
+    watch = None
 
     def small() -> None:
         if full:
@@ -120,73 +131,37 @@ def main() -> None:
             small()
         beat.reset()
         began = time.perf_counter()
+        if watch is not None:
+            watch.job = title
         start()
 
         def wait() -> None:
             if state.runner.active or (index == 0 and state.handle is None):
                 QTimer.singleShot(100, wait)
                 return
-            rows.append((title, time.perf_counter() - began, beat.summary()))
+            collections = watch.gc_summary(began) if watch is not None else ""
+            rows.append((title, time.perf_counter() - began, beat.summary(), collections))
             print(f"{title}: done", file=sys.stderr)
             QTimer.singleShot(300, lambda: run_next(index + 1))
         QTimer.singleShot(300, wait)
 
     beat.start()
     if "--why" in sys.argv:
-        watch_stalls(app)
+        from stall_watch import StallWatch
+        at = sys.argv.index("--why") + 1
+        ms = float(sys.argv[at]) if at < len(sys.argv) and sys.argv[at].isdigit() else 150.0
+        watch = StallWatch(app, ms / 1000.0)
     QTimer.singleShot(500, run_next)
     app.exec()
 
 
-def watch_stalls(app, threshold: float = 0.3) -> None:
-    """Print the UI thread's stack once per stall longer than `threshold` seconds: a QTimer on
-    the UI thread stamps the time every 10 ms, a daemon thread looks at the stamp."""
-    import threading
-    import traceback
-
-    from PySide6.QtCore import QTimer
-
-    stamp = [time.perf_counter()]
-    timer = QTimer(app, interval=10)
-    timer.timeout.connect(lambda: stamp.__setitem__(0, time.perf_counter()))
-    timer.start()
-    ui = threading.main_thread().ident
-
-    def look() -> None:
-        reported = None
-        while True:
-            time.sleep(0.05)
-            late = time.perf_counter() - stamp[0]
-            if late > threshold and reported != stamp[0]:
-                reported = stamp[0]
-                frame = sys._current_frames().get(ui)
-                if frame is None:   # the UI thread has ended: the drive is over
-                    return
-                frames = traceback.extract_stack(frame)
-                ours = [f for f in frames if "/studio/" in f.filename][-6:]
-                print(f"stall > {threshold * 1000:.0f} ms at:", file=sys.stderr)
-                for f in ours or frames[-6:]:
-                    print(f"    {f.filename.split('/studio/')[-1]}:{f.lineno} {f.name}: "
-                          f"{f.line}", file=sys.stderr)
-                # The UI thread may only be waiting for the GIL: show what the others run.
-                names = {t.ident: t.name for t in threading.enumerate()}
-                for ident, other in sys._current_frames().items():
-                    if ident in (ui, threading.get_ident()):
-                        continue
-                    tail = traceback.extract_stack(other)[-3:]
-                    where = " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno} {f.name}"
-                                        for f in reversed(tail))
-                    print(f"  [{names.get(ident, ident)}] {where}", file=sys.stderr)
-    threading.Thread(target=look, daemon=True).start()
-
-
 def report(rows) -> None:
     print(f"{'job':<20} {'seconds':>8} {'ticks':>7} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}  "
-          f"targets p99<=50 max<=200")
-    for title, seconds, s in rows:
+          f"targets p99<=50 max<=200  collections (longest ms per generation)")
+    for title, seconds, s, collections in rows:
         ok = "ok" if s["p99_ms"] <= 50 and s["max_ms"] <= 200 else "OVER"
         print(f"{title:<20} {seconds:>8.1f} {s['ticks']:>7} {s['p50_ms']:>7.1f} "
-              f"{s['p99_ms']:>7.1f} {s['max_ms']:>7.1f}  {ok}")
+              f"{s['p99_ms']:>7.1f} {s['max_ms']:>7.1f}  {ok:<24}{collections}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ Results are returned only when every target has finished: a cancelled benchmark 
 """
 from __future__ import annotations
 
-import gc
 import math
 import statistics
 import threading
@@ -319,80 +318,79 @@ def bench_job(targets: list[BenchTarget], vocab_size: int, prompt_tokens: int = 
     old_threads = torch.get_num_threads()
     steps = len(targets) * (repeat + 2)
     results: list[BenchResult] = []
-    # Everything alive now is left out of the collections below (`gc.freeze`): a full
-    # collection walks every tracked object with the GIL held, 0.8 s in a process holding the
-    # demo (460 k objects) and longer in the window, which waited for it. What the targets
-    # make is still collected.
-    gc.freeze()
-    try:
-        if threads is not None:
-            torch.set_num_threads(max(1, int(threads)))
-        for index, target in enumerate(targets):
-            base = index * (repeat + 2)
-            yield Progress(base, steps, f"Building {target.name}")
-            garbage.collect()        # the last target's model, its cycles included
-            backend = get_backend(target.backend)
-            if target.backend == "torch":
-                model, choices = target.build()
-            else:
-                try:
-                    model, choices = target.build(prompt_tokens + new_tokens + 1,
-                                                  torch.get_num_threads())
-                except StudioError as exc:  # the torch figures still come out
-                    results.append(_failed(target, str(exc), torch.get_num_threads(), repeat,
-                                           prompt_tokens, new_tokens))
-                    continue
-            lean, step_mode = None, None
-            if target.backend == "torch" and lean_supported(model):
-                lean = LeanRun(model, prompt_tokens + new_tokens, target.native_step)
-                step_mode = lean.mode
-                if compile:
-                    yield Progress(base, steps, f"{target.name}: compiling the decode step "
-                                                f"(once per model and length)")
-                    step_mode = lean.compile(prompt_tokens)
-            elif target.backend == "torch":   # shown with the figures: why not the lean loop
-                step_mode = f"transformers' forward ({lean_problem(model)})"
-            prefill, decode = [], []
-            with RssPeak() as rss:
-                for run_index in range(repeat + 1):  # run 0 warms up and is not counted
-                    what = "warm-up" if run_index == 0 else f"run {run_index}/{repeat}"
-                    progress = Progress(base + 1 + run_index, steps, f"{target.name}: {what}")
-                    yield progress
-                    seconds_prefill, seconds_decode = yield from timed_generation(
-                        model, prompt, new_tokens, progress, lean)
-                    if run_index:
-                        prefill.append(1000 * seconds_prefill)
-                        decode.append(new_tokens / seconds_decode)
-            # The size: a file's bytes when the target is one, else as an export stores it.
-            stored = sum(target.size_breakdown.values()) if target.size_breakdown else None
-            size = target.size_bytes if target.size_bytes is not None else stored
-            source = (target.size_source if target.size_bytes is not None
-                      else "stored" if stored is not None else "memory")
-            in_memory = model_bytes(model) if isinstance(model, nn.Module) else size or 0
-            loop = ("llama.cpp" if target.backend != "torch" else
-                    "lean (q/k/v, gate/up fused where the layers allow)" if lean_supported(model) else "transformers")
-            results.append(BenchResult(
-                name=target.name, prefill_ms=statistics.median(prefill),
-                prefill_ms_range=(min(prefill), max(prefill)),
-                decode_tok_s=statistics.median(decode), decode_tok_s_range=(min(decode), max(decode)),
-                # a llama.cpp runner reports its own process's peak
-                peak_rss_mb=(getattr(model, "peak_rss", 0) or rss.peak) / 2**20,
-                model_mb=(size if size is not None else in_memory) / 2**20,
-                size_mb=(size if size is not None else in_memory) / 2**20,
-                size_source=source, runtime_mb=in_memory / 2**20,
-                size_breakdown=target.size_breakdown,
-                weights_read_mb=sum(c.weight_bytes for c in choices) / 2**20,
-                threads=torch.get_num_threads(), repeat=repeat, prompt_tokens=prompt_tokens,
-                new_tokens=new_tokens, kernels=choices,
-                details={"decode_loop": loop, **target.details,
-                         **({"decode_step": step_mode} if step_mode else {})},
-                backend=target.backend,
-                build={**backend.build_info(), "threads": torch.get_num_threads()}))
-            del model, lean
-        yield Progress(steps, steps, "Benchmark done")
-    finally:
-        torch.set_num_threads(old_threads)
-        gc.unfreeze()
+    # Everything alive now is left out of the collections below: a full collection walks
+    # every tracked object with the GIL held, 0.8 s in a process holding the demo (460 k
+    # objects) and longer in the window, which waited for it. What the targets make is still
+    # collected.
+    with garbage.long_lived_frozen():
+        try:
+            if threads is not None:
+                torch.set_num_threads(max(1, int(threads)))
+            for index, target in enumerate(targets):
+                base = index * (repeat + 2)
+                yield Progress(base, steps, f"Building {target.name}")
+                garbage.collect()        # the last target's model, its cycles included
+                backend = get_backend(target.backend)
+                if target.backend == "torch":
+                    model, choices = target.build()
+                else:
+                    try:
+                        model, choices = target.build(prompt_tokens + new_tokens + 1,
+                                                      torch.get_num_threads())
+                    except StudioError as exc:  # the torch figures still come out
+                        results.append(_failed(target, str(exc), torch.get_num_threads(), repeat,
+                                               prompt_tokens, new_tokens))
+                        continue
+                lean, step_mode = None, None
+                if target.backend == "torch" and lean_supported(model):
+                    lean = LeanRun(model, prompt_tokens + new_tokens, target.native_step)
+                    step_mode = lean.mode
+                    if compile:
+                        yield Progress(base, steps, f"{target.name}: compiling the decode step "
+                                                    f"(once per model and length)")
+                        step_mode = lean.compile(prompt_tokens)
+                elif target.backend == "torch":   # shown with the figures: why not the lean loop
+                    step_mode = f"transformers' forward ({lean_problem(model)})"
+                prefill, decode = [], []
+                with RssPeak() as rss:
+                    for run_index in range(repeat + 1):  # run 0 warms up and is not counted
+                        what = "warm-up" if run_index == 0 else f"run {run_index}/{repeat}"
+                        progress = Progress(base + 1 + run_index, steps, f"{target.name}: {what}")
+                        yield progress
+                        seconds_prefill, seconds_decode = yield from timed_generation(
+                            model, prompt, new_tokens, progress, lean)
+                        if run_index:
+                            prefill.append(1000 * seconds_prefill)
+                            decode.append(new_tokens / seconds_decode)
+                # The size: a file's bytes when the target is one, else as an export stores it.
+                stored = sum(target.size_breakdown.values()) if target.size_breakdown else None
+                size = target.size_bytes if target.size_bytes is not None else stored
+                source = (target.size_source if target.size_bytes is not None
+                          else "stored" if stored is not None else "memory")
+                in_memory = model_bytes(model) if isinstance(model, nn.Module) else size or 0
+                loop = ("llama.cpp" if target.backend != "torch" else
+                        "lean (q/k/v, gate/up fused where the layers allow)" if lean_supported(model) else "transformers")
+                results.append(BenchResult(
+                    name=target.name, prefill_ms=statistics.median(prefill),
+                    prefill_ms_range=(min(prefill), max(prefill)),
+                    decode_tok_s=statistics.median(decode), decode_tok_s_range=(min(decode), max(decode)),
+                    # a llama.cpp runner reports its own process's peak
+                    peak_rss_mb=(getattr(model, "peak_rss", 0) or rss.peak) / 2**20,
+                    model_mb=(size if size is not None else in_memory) / 2**20,
+                    size_mb=(size if size is not None else in_memory) / 2**20,
+                    size_source=source, runtime_mb=in_memory / 2**20,
+                    size_breakdown=target.size_breakdown,
+                    weights_read_mb=sum(c.weight_bytes for c in choices) / 2**20,
+                    threads=torch.get_num_threads(), repeat=repeat, prompt_tokens=prompt_tokens,
+                    new_tokens=new_tokens, kernels=choices,
+                    details={"decode_loop": loop, **target.details,
+                             **({"decode_step": step_mode} if step_mode else {})},
+                    backend=target.backend,
+                    build={**backend.build_info(), "threads": torch.get_num_threads()}))
+                del model, lean
+            yield Progress(steps, steps, "Benchmark done")
+        finally:
+            torch.set_num_threads(old_threads)
     return results
 
 

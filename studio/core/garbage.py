@@ -7,8 +7,9 @@ headless, a request is plain `gc.collect()`.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
-from typing import Callable
+from typing import Callable, Iterator
 
 _collect: Callable[[], object] | None = None   # None: gc.collect
 
@@ -22,3 +23,21 @@ def set_collector(collector: Callable[[], object] | None) -> None:
     """Route `collect` to `collector` (None: back to `gc.collect`)."""
     global _collect
     _collect = collector
+
+
+@contextlib.contextmanager
+def long_lived_frozen() -> Iterator[None]:
+    """Inside the block, collections leave out every object alive at its start (`gc.freeze`):
+    a full collection walks every tracked object with the interpreter's lock held, 0.8 s in a
+    process holding the demo. Headless, the block freezes and unfreezes. In the window the
+    collector froze the process's long-lived objects once its imports were done
+    (`ui/collector.py`), and an unfreeze here would give them back to every collection after
+    the block: nothing is done."""
+    if _collect is not None:
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

@@ -141,9 +141,9 @@ _WRITERS_LOCK = threading.Lock()
 
 def write_folder(done: Dequantized, folder: Path) -> None:
     """The model folder transformers' loader would save, written atomically."""
-    from safetensors.torch import save_file
     from transformers import GenerationConfig
 
+    from studio.core.export.safetensors_stream import save as save_file
     from studio.core.files import atomic_dir
 
     with atomic_dir(folder) as tmp:

@@ -381,8 +381,13 @@ def tokenizer_problem(folder: Path) -> str | None:
 def parse_tokenizer(folder: Path) -> tuple[object | None, str | None]:
     from transformers import AutoTokenizer
 
+    from studio.core.tokenizer_head import added_tokens_kwargs
+
     try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False), None
+        # The added tokens from the head of tokenizer.json: transformers would parse all of it
+        # in Python for them, holding the interpreter's lock (`tokenizer_head`).
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False,
+                                             **added_tokens_kwargs(folder)), None
     except Exception as exc:
         return None, (f"The tokenizer could not be loaded ({exc}); weight views work, but "
                       f"calibration, perplexity and generation are off.")

@@ -216,8 +216,7 @@ def save_session_job(session, path: str | Path, window: dict | None = None,
     """`save_session` in steps: one per result, the arrays, one per variant. The autosave writer
     pauses between steps while a job runs, so it does not take the interpreter from the job and
     the window (every busy Python thread lengthens the window's waits for the GIL)."""
-    from safetensors.torch import save_file
-
+    from studio.core.export.safetensors_stream import save as save_file
     from studio.core.variant import save_variant
 
     path = Path(path)

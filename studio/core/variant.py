@@ -246,8 +246,7 @@ def _in_block(name: str) -> bool:
 
 def save_variant(variant: Variant, folder: str | Path) -> Path:
     """Write `variant` as a VARIANT folder, atomically (a half-written folder never appears)."""
-    from safetensors.torch import save_file
-
+    from studio.core.export.safetensors_stream import save as save_file
     from studio.core.variant_stream import CodeStore
 
     folder = Path(folder)

@@ -75,7 +75,7 @@ class CodeStore(Mapping):
 
     def flush(self) -> None:
         """Write the pending codes to a new file of the folder and drop them from memory."""
-        from safetensors.torch import save_file
+        from studio.core.export.safetensors_stream import save as save_file
 
         if not self._pending:
             return

@@ -12,7 +12,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
-from studio.ui.widgets import NeedsRun, plot, short_name
+from studio.ui.widgets import NeedsRun, plot, short_name, wide
 from studio.ui.workers import LatestOnly
 
 BEFORE, AFTER, RTN = "#1f77b4", "#d62728", "#999999"
@@ -125,7 +125,7 @@ class BeforeAfter(QWidget):
         for counts, what, color in ((arrays.counts_before, "baseline", BEFORE),
                                     (arrays.counts_after, label, AFTER)):
             self.hist.plot(arrays.edges, counts, stepMode="center",
-                           pen=pg.mkPen(color, width=1.5), name=what)
+                           **wide(color, 1.5), name=what)
         for cols, what, color in ((arrays.cols_before, "baseline", BEFORE),
                                   (arrays.cols_after, label, AFTER)):
             curve = self.channels.plot(cols, pen=pg.mkPen(color, width=1), name=what)

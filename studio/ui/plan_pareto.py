@@ -6,6 +6,8 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QLabel
 
+from studio.ui.widgets import wide
+
 
 class ParetoPlot(pg.PlotWidget):
     def __init__(self) -> None:
@@ -17,7 +19,7 @@ class ParetoPlot(pg.PlotWidget):
         self.getAxis("left").enableAutoSIPrefix(False)
         self.showGrid(x=True, y=True, alpha=0.2)
         self.addLegend(offset=(-10, 10))
-        self.curve = self.plot(pen=pg.mkPen("#1f77b4", width=2), name="predicted optimum")
+        self.curve = self.plot(**wide("#1f77b4", 2), name="predicted optimum")
         self.chosen = pg.ScatterPlotItem(size=16, symbol="star", brush="#d62728", pen=None,
                                          name="chosen plan")
         self.points = pg.ScatterPlotItem(size=9, symbol="o", brush="#2ca02c", pen="k",

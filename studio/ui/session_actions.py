@@ -38,6 +38,7 @@ class SessionActions(QObject):
         self._dirty = False
         self._saving: Session | None = None   # the snapshot being written, if any
         self._again = False
+        self._job_ended = float("-inf")       # time.monotonic() when the last job ended
         # One long-lived writer thread, fed through a queue, started now, before the window is
         # used: starting a thread makes the UI thread wait (Thread.start) while the new one
         # takes the GIL, 0.3 s under load.
@@ -143,6 +144,7 @@ class SessionActions(QObject):
         self._dirty = True
 
     def _job_done(self, handle) -> None:
+        self._job_ended = time.monotonic()
         if not handle.token.cancelled and self._dirty:
             # A moment after the job: the views first redraw what it published (the save's
             # Python beside their redraw lengthened the UI thread's waits for the GIL), and a
@@ -186,12 +188,18 @@ class SessionActions(QObject):
         self._requests.put(None)
 
     def _wait_for_jobs(self, since: float):
-        """Between the save's steps, on the writer thread: wait while a job runs (up to
+        """Between the save's steps, on the writer thread: wait while a job runs and for
+        AFTER_JOB_MS after one ended, while the views draw what it published (up to
         WAIT_FOR_JOB_SECONDS after the save began). Every busy Python thread lengthens the UI
-        thread's waits for the GIL; the save's encoding beside a job stalled the window 0.3-1.5 s
-        under load. Sleeping holds no GIL."""
+        thread's waits for the GIL: the save's encoding beside a job stalled the window 0.3-1.5 s
+        under load, and a paused save that went on the moment a job ended, beside the views'
+        redraw, 2 s. Sleeping holds no GIL."""
+        def busy() -> bool:
+            return bool(self.state.runner.active
+                        or time.monotonic() - self._job_ended < AFTER_JOB_MS / 1000)
+
         def wait(_progress) -> None:
-            while self.state.runner.active and time.monotonic() - since < WAIT_FOR_JOB_SECONDS:
+            while busy() and time.monotonic() - since < WAIT_FOR_JOB_SECONDS:
                 time.sleep(0.05)
         return wait
 

@@ -217,8 +217,10 @@ def test_the_benchmark_collects_only_what_it_made(tiny_llama, monkeypatch):
     its collections, and given back to the collector after it, run to the end or cancelled."""
     import gc
 
+    from studio.core import garbage
     from studio.core.bench import base_targets, bench_job
 
+    monkeypatch.setattr(garbage, "_collect", None)   # headless, even after the Qt tests
     frozen = []
     real = gc.collect
     monkeypatch.setattr(gc, "collect", lambda *a: (frozen.append(gc.get_freeze_count()),

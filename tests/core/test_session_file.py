@@ -97,6 +97,27 @@ def test_round_trip_restores_plans_variants_and_results_exactly(session, tmp_pat
     assert torch.equal(v.model(ids).logits, w.model(ids).logits)
 
 
+def test_session_and_variant_files_are_written_with_the_lock_free(session, tmp_path,
+                                                                   monkeypatch):
+    """safetensors' save_file holds the interpreter's lock while it copies and writes every
+    tensor (the window stalled on the autosave of a GPTQ variant); the studio's writer
+    (`safetensors_stream.save`) writes the same bytes from Python file writes, which release
+    it."""
+    import safetensors.torch
+    from safetensors.torch import load_file, save_file
+
+    def refused(*_a, **_k):
+        raise AssertionError("safetensors' save_file holds the interpreter's lock")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", refused)
+    save_session(session, tmp_path / "a.session")
+    monkeypatch.undo()
+    for file in (tmp_path / "a.session").rglob("*.safetensors"):
+        again = tmp_path / "again.safetensors"
+        save_file(load_file(file), str(again))
+        assert again.read_bytes() == file.read_bytes(), file.name
+
+
 def test_saving_again_reuses_unchanged_variants(session, tmp_path):
     path = tmp_path / "again.session"
     save_session(session, path)

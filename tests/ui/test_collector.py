@@ -67,3 +67,73 @@ def test_a_busy_ui_thread_does_not_hold_the_job_forever(_garbage_on_the_ui_threa
     worker.start()
     worker.join(5)           # the UI thread runs no events meanwhile
     assert not worker.is_alive() and time.perf_counter() - start < 2
+
+
+def _drive(collector, rounds: int, kept: list) -> None:
+    """Allocate past the young threshold and let the collector look, `rounds` times; each
+    round's lists are kept alive in `kept` (the count of young objects falls back when they
+    are freed), so they reach the oldest generation."""
+    for _ in range(rounds):
+        kept.append([[] for _ in range(collector.threshold[0] + 50)])
+        collector.check()
+
+
+def test_the_timer_collects_the_oldest_generation_only_once_it_grew_by_a_quarter(
+        _garbage_on_the_ui_thread):
+    """An explicit `gc.collect(2)` skips the interpreter's rule that a full collection waits
+    until the long-lived objects grew by a quarter; with torch loaded it walked ~450 k objects
+    (1-3 s under load) every ~100 young collections. The collector applies the rule itself."""
+    collector = _garbage_on_the_ui_thread
+    gc.freeze()                     # this test's full collections walk only what it makes
+    try:
+        collector.long_lived, collector.pending = 10**9, 0
+        full, young = collector.full_collections, collector.collections
+        Cycle.freed_on.clear()
+        Cycle()
+        kept: list = []
+        _drive(collector, 300, kept)  # 300 young collections: the third generation crossed ~2x
+        assert collector.full_collections == full
+        assert collector.collections - young >= 300
+        assert Cycle.freed_on == [threading.get_ident()]   # young cycles are still freed
+
+        collector.long_lived = 4000
+        _drive(collector, 300, kept)  # 225 k more survivors: far past a quarter of 4000
+        assert collector.full_collections > full
+        assert collector.long_lived >= 225_000          # counted again by the full one
+    finally:
+        gc.unfreeze()
+
+
+def test_a_freeze_asked_from_a_worker_is_done_on_the_ui_thread(qtbot, _garbage_on_the_ui_thread):
+    """The window freezes its imports' objects once a background import is done, from that
+    thread: the freeze is carried out on the UI thread, and the objects alive then are left
+    out of the collections after it."""
+    collector = _garbage_on_the_ui_thread
+    alive = [[] for _ in range(1000)]
+    try:
+        worker = threading.Thread(target=collector.freeze)
+        worker.start()
+        worker.join()
+        qtbot.waitUntil(lambda: gc.get_freeze_count() >= len(alive), timeout=30000)
+        assert collector.long_lived == 0 and collector.pending == 0
+        collected = {id(o) for generation in range(3) for o in gc.get_objects(generation)}
+        assert not any(id(x) in collected for x in alive)
+    finally:
+        gc.unfreeze()
+
+
+def test_a_benchmark_in_the_window_leaves_the_windows_frozen_objects_frozen(
+        _garbage_on_the_ui_thread):
+    """Headless, a benchmark freezes what is alive and unfreezes it after
+    (`garbage.long_lived_frozen`, tested in tests/core/test_bench.py); in the window the
+    collector froze the imports for good, and the benchmark's unfreeze gave them back to every
+    collection (a 1-3 s full collection again)."""
+    gc.freeze()                                   # what the window froze
+    frozen = gc.get_freeze_count()
+    try:
+        with garbage.long_lived_frozen():
+            during = gc.get_freeze_count()
+        assert gc.get_freeze_count() > 0.9 * frozen   # (a frozen object freed leaves it)
+        assert during <= frozen                       # and nothing more was frozen for good
+    finally:
+        gc.unfreeze()

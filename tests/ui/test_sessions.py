@@ -169,3 +169,37 @@ def test_autosave_waits_while_a_job_runs(qtbot, make_window, tiny_dirs):
     qtbot.waitUntil(lambda: window.sessions._saving is None, timeout=20000)
     assert saved.stat().st_mtime_ns != before
     assert "k" in session_file.read_session(session_file.autosave_path())[0]["results"]
+
+
+def test_a_paused_autosave_waits_for_the_views_to_draw_after_the_job(qtbot, make_window,
+                                                                      tiny_dirs, monkeypatch):
+    """A save paused by a job used to go on the moment the job ended, its encoding beside the
+    views' redraw of what the job published (a 2 s stall under load): it waits AFTER_JOB_MS
+    after the job's end too."""
+    import threading
+    import time
+
+    import studio.ui.session_actions as actions
+    from studio.core.jobs import Progress
+
+    monkeypatch.setattr(actions, "AFTER_JOB_MS", 4000)
+    window = make_window()
+    open_and_wait(qtbot, window, tiny_dirs["llama"])
+    qtbot.waitUntil(lambda: window.sessions._saving is None, timeout=20000)
+    release = threading.Event()
+
+    def blocking_job():
+        yield Progress(0, 1, "holding the worker")
+        assert release.wait(20)
+        return None
+
+    job = window.state.submit("a long job", blocking_job)
+    qtbot.waitUntil(lambda: job.running, timeout=5000)
+    window.state.publish("k", (1, 2))
+    window.sessions.autosave()
+    qtbot.wait(300)
+    release.set()
+    qtbot.waitUntil(lambda: job.is_done, timeout=20000)
+    ended = time.monotonic()
+    qtbot.waitUntil(lambda: window.sessions._saving is None, timeout=30000)
+    assert time.monotonic() - ended >= 3.5

@@ -128,3 +128,28 @@ def test_what_an_open_imports_is_preloaded_behind_the_window(tmp_path, tiny_dirs
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_app_hands_the_interpreter_on_within_a_millisecond(qtbot, monkeypatch):
+    """The UI thread gives the interpreter's lock up in most Qt calls and waits to take it
+    back: beside a busy Python thread each wait lasted up to the switch interval (5 ms by
+    default), hundreds of times per paint. `app.main` sets it to SWITCH_INTERVAL_S before the
+    event loop runs."""
+    from PySide6.QtWidgets import QApplication
+
+    import studio.core.session_file as session_file
+    import studio.ui.app as app
+    import studio.ui.collector as collector
+
+    monkeypatch.setattr(sys, "setswitchinterval", lambda s: seen.append(s))
+    monkeypatch.setattr(QApplication, "exec", lambda self: 0)      # no event loop
+    monkeypatch.setattr(collector, "UiThreadCollector", lambda: None)   # the tests' one stays
+    monkeypatch.setattr(session_file, "start_run", lambda: None)
+    monkeypatch.setattr(app, "on_exposed", lambda widget, then: None)   # no engine, no open
+    seen: list[float] = []
+    assert app.main() == 0
+    assert seen == [app.SWITCH_INTERVAL_S] and app.SWITCH_INTERVAL_S <= 0.001
+    for widget in QApplication.topLevelWidgets():
+        if type(widget).__name__ == "MainWindow" and widget.isVisible():
+            widget.close()
+            widget.deleteLater()

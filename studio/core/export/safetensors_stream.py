@@ -84,6 +84,18 @@ def write(path: Path, specs: dict[str, TensorSpec],
             yield key
 
 
+def save(tensors: dict[str, torch.Tensor], path: str | Path,
+         metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file(tensors, path, metadata)`, byte for byte, with the
+    interpreter's lock free while the bytes are written (a file write releases it): save_file
+    copies every tensor into a bytes object and writes the file from Rust with the lock held,
+    and the window waited for it (a new variant autosaved after GPTQ, the demo's 538 MB cached
+    folder written behind a first open)."""
+    for _ in write(Path(path), {k: TensorSpec.of(v) for k, v in tensors.items()},
+                   tensors.__getitem__, metadata):
+        pass
+
+
 def _raw(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes, little-endian as safetensors stores them (no copy when contiguous)."""
     flat = tensor.detach().contiguous().reshape(-1)

@@ -40,7 +40,7 @@ from studio.core.outliers import (
     smoothing_preview,
 )
 from studio.ui.layout import FlowLayout, column, labelled
-from studio.ui.widgets import NeedsRun, fit_columns, fmt, plot, rows_table
+from studio.ui.widgets import NeedsRun, fit_columns, fmt, plot, rows_table, wide
 from studio.ui.workers import LatestOnly
 
 KEY = "activations"
@@ -143,7 +143,7 @@ class ActivationsView(QWidget):
         self.smooth_plot = plot("After SmoothQuant migration", "input channel", "abs-max")
         self.smooth_plot.addLegend(offset=(-10, 10))
         # Weight under activation, wider: at alpha 0.5 the two are equal channel by channel.
-        self.smooth_w = self.smooth_plot.plot(pen=pg.mkPen("#1f77b4", width=3), name="weight x s")
+        self.smooth_w = self.smooth_plot.plot(**wide("#1f77b4", 3), name="weight x s")
         self.smooth_act = self.smooth_plot.plot(pen=pg.mkPen("#d62728", width=1),
                                                 name="activation / s")
         self.smooth_plot.setXLink(self.act_plot)

@@ -47,6 +47,7 @@ from studio.core.runs import (  # noqa: F401  (re-exported: the views' tests rea
 )
 from studio.ui.before_after import BeforeAfter
 from studio.ui.layout import column
+from studio.ui.widgets import wide
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
           "#17becf", "#7f7f7f", "#bcbd22"]
@@ -289,7 +290,7 @@ class CompareView(QWidget):
                 continue
             color = COLORS[(i + 1) % len(COLORS)]
             self.errors.plot(np.arange(len(errors), dtype=np.float32), errors,
-                             pen=pg.mkPen(color, width=1.5), name=name)
+                             **wide(color, 1.5), name=name)
             points = pg.ScatterPlotItem(np.arange(len(errors), dtype=np.float32), errors,
                                         data=layers, size=6, pen=None, brush=color, hoverable=True)
             points.sigClicked.connect(self._error_clicked)

@@ -35,7 +35,7 @@ from studio.core.quant.grid import native_gguf_type
 from studio.core.quant import registry
 from studio.ui import settings as preferences
 from studio.ui.before_after import BeforeAfter
-from studio.ui.widgets import method_tooltips
+from studio.ui.widgets import method_tooltips, wide
 
 METHOD_COLOR, RTN_COLOR = (31, 119, 180), (214, 39, 40)
 
@@ -146,7 +146,7 @@ class QuantizeView(QWidget):
         self.plot.getAxis("left").enableAutoSIPrefix(False)
         self.plot.addLegend(offset=(-10, -10), labelTextColor=(30, 30, 30),
                             brush=pg.mkBrush(255, 255, 255, 220))
-        self.curve = self.plot.plot([], [], pen=pg.mkPen(METHOD_COLOR, width=2), symbol="o",
+        self.curve = self.plot.plot([], [], **wide(METHOD_COLOR, 2), symbol="o",
                                     symbolSize=5, symbolBrush=METHOD_COLOR, name="this method")
         self.rtn_curve = self.plot.plot([], [], pen=pg.mkPen(RTN_COLOR, width=1,
                                                              style=Qt.PenStyle.DashLine),
