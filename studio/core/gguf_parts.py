@@ -21,9 +21,13 @@ SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 
 def parts(path: Path) -> list[Path]:
     """Every file of the GGUF whose first (or only) file is `path`: [path] for one file.
-    A missing part, or a path that is not the first file, is refused naming the file."""
+    A missing part, or a path that is not the first file, is refused naming the file. Only a
+    file named as llama.cpp names a split's parts (it finds the others by that name) has its
+    keys read: the split keys come after the vocabulary, a walk of the whole header."""
     from studio.core.export import gguf_split
 
+    if not gguf_split.SPLIT_NAME.match(Path(path).name):
+        return [Path(path)]
     try:
         return gguf_split.files(path)
     except ModelLoadError:
@@ -52,9 +56,16 @@ def summary(path: Path) -> GGUFSummary:
     version, keys and data start; the tensors of all files, in file order."""
     files = parts(path)
     first = gguf_summary(files[0])
+    count = first.keys.get("split.count")
+    if len(files) == 1 and isinstance(count, int) and count > 1:
+        raise ModelLoadError(
+            f"{files[0].name} is part {_number(first.keys.get('split.no'))} of a GGUF split into "
+            f"{count} files, but is not named as llama.cpp names them (NAME-00001-of-"
+            f"{count:05d}.gguf, ...), which is how its other parts are found: give the files "
+            f"their split names, or merge them with  llama-gguf-split --merge.")
     if len(files) == 1:
         return first
-    count, total = first.keys.get("split.count"), first.keys.get("split.tensors.count")
+    total = first.keys.get("split.tensors.count")
     tensors, seen = [], {}
     for index, file in enumerate(files):
         part = first if index == 0 else gguf_summary(file)
