@@ -476,12 +476,14 @@ def folder_weight_bytes(folder: Path, config) -> int:
     return total
 
 
-def check_folder(folder: Path) -> None:
+def check_folder(folder: Path, memory: bool = True) -> None:
     """The checks a model folder from anywhere passes before transformers reads any of it (for
-    folders opened other than by `open_model_job`, e.g. a compressed-tensors export)."""
+    folders opened other than by `open_model_job`, e.g. a compressed-tensors export).
+    `memory`: also that its float32 weights fit (not for a folder that will be streamed)."""
     raw = read_json(folder / "config.json", f"{folder} has no config.json.", ModelLoadError)
     check_no_remote_code(folder, raw)
-    check_memory(folder_weight_bytes(folder, None), folder.name)
+    if memory:
+        check_memory(folder_weight_bytes(folder, None), folder.name)
     check_safetensors(folder)
 
 

@@ -16,7 +16,7 @@ from studio.core.errors import ModelLoadError
 from studio.core.export import llama_cpp
 from studio.core.export.base import ExportOptions
 from studio.core.export.job import export_job
-from studio.core.export.reopen import export_eval_job
+from studio.core.export.reopen import export_eval_job, open_export_job
 from studio.core.jobs import run
 from studio.core.models import open_model_job
 from studio.core.plan import Plan, QuantSpec
@@ -134,9 +134,10 @@ def test_the_cli_inspects_evaluates_and_quantizes_a_split_gguf(ggufs, tmp_path, 
 
 @pytest.mark.parametrize("fmt", ["gguf", "compressed-tensors", "hf"])
 def test_an_export_split_into_files_evaluates_as_the_one_file(tiny_llama, variant, ggufs, fmt,
-                                                              tmp_path):
+                                                              tmp_path, monkeypatch):
     """What Compare's "add an exported model" and `eval EXPORT` run: the split export's
-    perplexity and KL are the one-file export's."""
+    perplexity and KL are the one-file export's; streamed (as a model too large to hold is
+    read back), the same figures."""
     limit = {"gguf": LIMIT, "compressed-tensors": 30_000, "hf": 30_000}[fmt]
     if fmt == "gguf":
         one, split = ggufs[0].parent, ggufs[1][0].parent
@@ -150,3 +151,9 @@ def test_an_export_split_into_files_evaluates_as_the_one_file(tiny_llama, varian
     theirs, _ = run(export_eval_job(one, tiny_llama, None, 32, 2))
     assert report["format"] == fmt
     assert (ours.ppl, ours.kl, ours.top1) == (theirs.ppl, theirs.kl, theirs.top1)
+    if fmt != "gguf":   # (a GGUF is de-quantized into its cached folder, held)
+        monkeypatch.setenv("COMPRESSION_STUDIO_WEIGHTS", "stream")
+        handle, _ = run(open_export_job(split))
+        assert handle.streamed
+        streamed, _ = run(export_eval_job(split, tiny_llama, None, 32, 2))
+        assert (streamed.ppl, streamed.kl) == (theirs.ppl, theirs.kl)
