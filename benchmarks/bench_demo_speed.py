@@ -10,7 +10,11 @@ built on (the parent of the one that added `studio/core/streaming.py`).
 Every job runs in a fresh process of its own, the two checkouts alternated job by job, so a
 machine that gets busier weighs on both alike; each side has its own GGUF cache, filled by one
 untimed open first (a first open is not what is compared: the cache format may differ). The
-open is a cached open with the imports done; each other job is timed alone after it. Medians
+open is a cached open with the imports done, until the tokenizer is parsed (newer code defers
+that parse to the first job); each other job is timed alone after it. RTN and GPTQ are timed
+with their error figures (as `quantize --method` runs them) and then evaluated: their
+perplexities can differ from BASE's for reasons other than streaming (e.g. since issue 18
+GPTQ learns the lm_head), the evaluation of the model itself must not. Medians
 and the ratio this / base are printed, with every job's quality figure from both sides
 (perplexity, RTN/GPTQ bits per weight and perplexity), which must be equal. Times are only
 meaningful on a quiet machine; say so when you report them.
@@ -43,10 +47,9 @@ from studio.core.models import open_model_job
 import transformers.models.llama.modeling_llama  # (the model's module: an import, not the job)
 t = time.perf_counter()
 handle = run(open_model_job("demo"))
+handle.tokenizer   # (newer code defers its parse to the first job that needs it: counted here)
 record = {"code": studio.__file__, "open": time.perf_counter() - t}
 windows, seqlen = (int(x) for x in (calib if job in ("rtn", "gptq") else evals).split("x"))
-if job != "open":
-    handle.tokenizer   # (deferred by newer code to the first job that needs it: not timed)
 t = time.perf_counter()
 if job == "stats":
     from studio.core.stats import weight_stats_job
