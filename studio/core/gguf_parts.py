@@ -10,6 +10,7 @@ The files' names and keys are the studio's own split export's (`export.gguf_spli
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -26,14 +27,29 @@ def parts(path: Path) -> list[Path]:
     keys read: the split keys come after the vocabulary, a walk of the whole header."""
     from studio.core.export import gguf_split
 
-    if not gguf_split.SPLIT_NAME.match(Path(path).name):
-        return [Path(path)]
+    path = Path(path)
+    if not gguf_split.SPLIT_NAME.match(path.name):
+        return [path]
     try:
-        return gguf_split.files(path)
+        stat = path.stat()
+        found = _files(str(path), stat.st_size, stat.st_mtime_ns)
+        if all(file.is_file() for file in found):
+            return list(found)
+        return gguf_split.files(path)   # (a part gone since: named)
     except ModelLoadError:
         raise
     except StudioError as exc:
         raise ModelLoadError(str(exc)) from None
+    except OSError as exc:
+        raise ModelLoadError(f"{path.name} cannot be read: {exc}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _files(path: str, size: int, mtime_ns: int) -> tuple[Path, ...]:
+    """`gguf_split.files`, once per version of the first file: an open asks several times."""
+    from studio.core.export import gguf_split
+
+    return tuple(gguf_split.files(Path(path)))
 
 
 def first_part(path: Path) -> Path:
