@@ -241,8 +241,8 @@ def _export(job, handle, model) -> dict:
                                  fmt_.preflight(variant, handle, options))
     # as export_job asks; the consumer's own process (llama.cpp) is compared apart
     estimate = memory.estimate_job(variant.model, "export", windows=1,
-                                   seqlen=VERIFY_WINDOWS * VERIFY_SEQLEN,
-                                   runtime=runtime).total - runtime
+                                   seqlen=VERIFY_WINDOWS * VERIFY_SEQLEN, runtime=runtime,
+                                   extra=fmt_.studio_bytes(variant, handle)).total - runtime
     scratch = Path(tempfile.mkdtemp(prefix="bench-export-"))
     sampler = _ChildrenPeak()
     try:

@@ -234,7 +234,9 @@ def gguf_target(path, name: str | None = None, details: dict | None = None) -> B
         runner = llama_cpp.Generator(path, max_len, threads)
         return runner, gguf_kernels(path)
 
-    size = path.stat().st_size if path.is_file() else None
+    from studio.core.gguf_parts import total_bytes
+
+    size = total_bytes(path) if path.is_file() else None   # (every part of a split)
     return BenchTarget(name or gguf_label(path), build, size,
                        {"gguf": str(path), **(details or {})}, backend="llama.cpp")
 

@@ -191,6 +191,7 @@ def gguf_summary(path: Path) -> GGUFSummary:
 
     Does what gguf's reader does first, but in bounded steps: a count or length larger than
     what is left of the file is refused at once, and the tensors' data must fit in the file.
+    One file: the parts of a split GGUF are put together by `gguf_parts.summary`.
     """
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -222,14 +223,6 @@ def gguf_summary(path: Path) -> GGUFSummary:
             key = cur.string(f"key {index}")
             kind = cur.unpack("I", f"the type of {key}")
             keys[key] = _gguf_value(cur, kind, key, 0)
-        if isinstance(keys.get("split.count"), int) and keys["split.count"] > 1:
-            # (llama.cpp's gguf-split files: each holds some of the tensors)
-            raise ModelLoadError(
-                f"{path.name} is file {int(keys.get('split.no', 0)) + 1} of a GGUF split into "
-                f"{keys['split.count']} files, which the studio does not open: merge them into "
-                f"one with  llama-gguf-split --merge "
-                f"{path.name if not keys.get('split.no') else 'FIRST-00001-of-N.gguf'} "
-                f"ONE.gguf  and open that (llama.cpp runs the split files as they are).")
         alignment = keys.get("general.alignment", 32)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise ModelLoadError(f"{path.name} is corrupt: alignment {alignment!r} is not a "

@@ -81,12 +81,16 @@ def dequantize_job(path: Path) -> Job[Dequantized]:
 
     from studio.core.model_build import skeleton as meta_model
 
-    metadata, names = read_gguf_metadata(str(path))
+    from studio.core.gguf_parts import tensor_tables
+
+    metadata, names = read_gguf_metadata(str(path))   # (a split's first file: all its keys)
+    tables = tensor_tables(path)
+    names = [entry[0] for _, entries, _ in tables for entry in entries]
     config_dict = gguf_config(metadata, names)
     config = AutoConfig.for_model(**config_dict)   # what AutoConfig.from_pretrained makes
     skeleton = meta_model(config)
     tensors = yield from read_tensors_job(path, metadata["general.architecture"], skeleton,
-                                          config_dict)
+                                          config_dict, tables)
     config.architectures = [type(skeleton).__name__]
     config.dtype = torch.float32
     return Dequantized(config, config_dict, tensors, skeleton.can_generate())
@@ -244,8 +248,10 @@ def read_tensors(path: Path, architecture: str, skeleton, config_dict: dict) -> 
     return run(read_tensors_job(path, architecture, skeleton, config_dict))
 
 
-def read_tensors_job(path: Path, architecture: str, skeleton, config_dict: dict):
-    """`read_tensors` as a job: one Progress per tensor de-quantized (two threads at a time)."""
+def read_tensors_job(path: Path, architecture: str, skeleton, config_dict: dict,
+                     tables: list | None = None):
+    """`read_tensors` as a job: one Progress per tensor de-quantized (two threads at a time).
+    `tables`: every part's tensor table (`gguf_parts.tensor_tables`; read here when None)."""
     import torch
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
@@ -254,17 +260,20 @@ def read_tensors_job(path: Path, architecture: str, skeleton, config_dict: dict)
         TensorProcessor,
     )
 
-    from studio.core.gguf_header import tensor_table
+    from studio.core.gguf_parts import tensor_tables
 
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config_dict)
     mapping = gguf_to_hf_names(skeleton, architecture)
-    entries, data_start = tensor_table(path)
-    # A plain ndarray view of the map: NumPy operations on a np.memmap subclass are slower.
-    blob = np.memmap(path, mode="r", dtype=np.uint8).view(np.ndarray)
+    # (blob, data start, tensor record) of every tensor of every part, in file order. A plain
+    # ndarray view of each map: NumPy operations on a np.memmap subclass are slower.
+    entries = []
+    for file, table, data_start in tables or tensor_tables(path):
+        blob = np.memmap(file, mode="r", dtype=np.uint8).view(np.ndarray)
+        entries.extend((blob, data_start, entry) for entry in table)
     parsed = {"config": config_dict, "tensors": {}}
 
-    def one(entry):
-        name, shape, ggml_type, offset = entry
+    def one(located):
+        blob, data_start, (name, shape, ggml_type, offset) = located
         kind = GGMLQuantizationType(ggml_type)
         block, block_bytes = GGML_QUANT_SIZES[kind]
         start = data_start + offset

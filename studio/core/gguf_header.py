@@ -6,6 +6,7 @@ section at the front (GGUF v2/v3 layout: magic, version, tensor count, key count
 """
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -20,11 +21,12 @@ def read_keys(path: str | Path, wanted: set[str]) -> dict[str, object]:
     skipped). Stops as soon as every wanted key was seen. Raises ValueError on a bad header."""
     found: dict[str, object] = {}
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         _tensors, count = _counts(f)
         for _ in range(count):
-            key = _string(f)
+            key = _string(f, size)
             kind, = struct.unpack("<I", f.read(4))
-            value = _value(f, kind)
+            value = _value(f, kind, size)
             if key in wanted:
                 found[key] = value
                 if len(found) == len(wanted):
@@ -67,17 +69,18 @@ def tensor_table(path: str | Path) -> tuple[list[tuple[str, tuple[int, ...], int
     """([(name, shape in torch order, ggml type, offset from the data start)], data start):
     where every tensor's bytes are, read from the header without parsing any array."""
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         count_tensors, count_keys = _counts(f)
         alignment = 32
         for _ in range(count_keys):
-            key = _string(f)
+            key = _string(f, size)
             kind, = struct.unpack("<I", f.read(4))
-            value = _value(f, kind)
+            value = _value(f, kind, size)
             if key == "general.alignment":
                 alignment = int(value)
         entries = []
         for _ in range(count_tensors):
-            name = _string(f)
+            name = _string(f, size)
             dims, = struct.unpack("<I", f.read(4))
             shape = struct.unpack(f"<{dims}Q", f.read(8 * dims))
             ggml_type, offset = struct.unpack("<IQ", f.read(12))
@@ -86,15 +89,27 @@ def tensor_table(path: str | Path) -> tuple[list[tuple[str, tuple[int, ...], int
     return entries, start
 
 
-def _string(f) -> str:
-    length, = struct.unpack("<Q", f.read(8))
+def _string(f, size: int) -> str:
+    length = _length(f, size)
     data = f.read(length)
     if len(data) != length:
         raise ValueError("the metadata ends early")
     return data.decode("utf-8", errors="replace")
 
 
-def _value(f, kind: int):
+def _length(f, size: int) -> int:
+    """A string's length, refused when it claims more than the file holds (a hostile header
+    would have read() allocate it)."""
+    data = f.read(8)
+    if len(data) != 8:
+        raise ValueError("the metadata ends early")
+    length, = struct.unpack("<Q", data)
+    if length > size - f.tell():
+        raise ValueError("the metadata ends early")
+    return length
+
+
+def _value(f, kind: int, size: int):
     if kind in _SCALARS:
         fmt = "<" + _SCALARS[kind]
         data = f.read(struct.calcsize(fmt))
@@ -102,13 +117,16 @@ def _value(f, kind: int):
             raise ValueError("the metadata ends early")
         return struct.unpack(fmt, data)[0]
     if kind == _STRING:
-        return _string(f)
+        return _string(f, size)
     if kind == _ARRAY:
         item, length = struct.unpack("<IQ", f.read(12))
         if item in _SCALARS:
             f.seek(length * struct.calcsize("<" + _SCALARS[item]), 1)
+        elif item == _STRING:   # (a vocabulary: skipped, not read)
+            for _ in range(length):
+                f.seek(_length(f, size), 1)
         else:
             for _ in range(length):
-                _value(f, item)
+                _value(f, item, size)
         return None
     raise ValueError(f"unknown GGUF value type {kind}")

@@ -68,9 +68,10 @@ def gguf_inventory(path: Path) -> list[LayerInfo]:
     import gguf
 
     from studio.core.export.gguf_tensors import gguf_arch_enum
+    from studio.core.gguf_parts import parts
 
     arch = read_keys(path, {"general.architecture"}).get("general.architecture")
-    entries, _start = tensor_table(path)
+    entries = [entry for part in parts(path) for entry in tensor_table(part)[0]]   # (a split)
     blocks = 1 + max((int(n.split(".")[1]) for n, *_ in entries if n.startswith("blk.")),
                      default=0)
     try:

@@ -37,6 +37,9 @@ FORWARD_COPIES = 6
 RUNTIME = 440 * 2 ** 20
 # Copies of a layer's weight while its error figures are computed (fitted, `_error_figure_parts`)
 ERROR_TERM_COPIES = 4
+# float32 copies of a layer's weight while it is rounded without text (fitted on the 3B cut's
+# MLP layers: 1707-1719 MiB peak, 9 copies beyond the block; `_no_text_quantize_parts`)
+ROUNDING_COPIES = 9
 # Copies of a layer's weight while weight statistics run on it (float32, |w|, sorted sample...).
 STATS_COPIES = 3
 
@@ -167,14 +170,16 @@ def estimate_open(params: int, streamed: bool, vocab_bytes: int = 0,
 
 def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1, seqlen: int = 512,
                  variant: bool = False, proxy_windows: int = 0, proxy_tokens: int = 0,
-                 beside=(), runtime: int = 0) -> Estimate:
+                 beside=(), runtime: int = 0, extra: dict[str, int] | None = None
+                 ) -> Estimate:
     """A job's peak on `handle` (a ModelHandle or a model): kind is stats, quantize, eval,
     capture, sensitivity, export (`handle`: the variant's model). `windows` are the
     calibration windows (quantize, capture), the windows of one forward (eval, export) or the
     KL sweep's windows (sensitivity, whose proxy part reads `proxy_windows` and keeps
     `proxy_tokens` rows of every layer's input). `beside`: the models the job runs beside
     this one (an evaluation's baseline), whose weights count as held. `runtime`: an export's
-    consumer running in a process of its own (`ExportFormat.runtime_bytes`)."""
+    consumer running in a process of its own (`ExportFormat.runtime_bytes`). `extra`: named
+    parts the caller knows of (an export format's own readers: `ExportFormat.studio_bytes`)."""
     model = getattr(handle, "model", handle)
     s = model_shape(model)
     streamed = s["streamed"]
@@ -245,6 +250,8 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
         p["de-quantized layers"] = 4 * s["quantizable"]
         p["logits of both"] = 2 * 3 * 4 * tokens * s["vocab"]
         p["activations"] = FORWARD_COPIES * 4 * tokens * (s["hidden"] + s["intermediate"])
+    elif kind == "quantize" and not windows:
+        p.update(_no_text_quantize_parts(s, streamed))
     elif kind == "quantize":
         p["block in float32"] = 4 * s["block_params"]
         if streamed:   # the baseline's weight of a layer, read for its error figures
@@ -276,6 +283,7 @@ def estimate_job(handle, kind: str, method: str | None = None, windows: int = 1,
             # work or codes: only what it needs beyond the blocks' phase counts.
             capture = largest_read + p["calibration activations"]
             p["embedding read (capture)"] = max(0, capture - sum(p.values()))
+    p.update(extra or {})
     if not streamed and kind in ("quantize", "sensitivity"):
         est.offers.append("open the model with --weights stream (one block in memory)")
     if kind == "sensitivity" and windows:
@@ -313,6 +321,21 @@ def _streamed_export_parts(model, s: dict, tokens: int, forward_read: int) -> di
         f"{phase} (beyond the forwards)": max(0, phases[phase]
                                               - (forward_read + logits + activations)),
     }
+
+
+def _no_text_quantize_parts(s: dict, streamed: bool) -> dict[str, int]:
+    """Quantizing without text (RTN and the like: no forward, no error figures, no embedding
+    read): a block in float32, its codes, and the rounding of its largest layer, whose
+    temporaries (groups, scales, codes, the de-quantized copy, their differences) were
+    ROUNDING_COPIES float32 copies of it at the peak. The estimate with text stood in for
+    them with the capture's embedding read: +15% on the 3B cut, +13% on the demo."""
+    codes = s["quantizable"] // 2 + s["quantizable"] // 16
+    parts = {"block in float32": 4 * s["block_params"],
+             "rounding a layer": ROUNDING_COPIES * 4 * s["largest_linear"],
+             "codes": -(-codes // max(1, s["blocks"])) if streamed else codes}
+    if not streamed:
+        parts["copied floats"] = 4 * s["block_params"]
+    return parts
 
 
 def _error_figure_parts(s: dict) -> dict[str, int]:

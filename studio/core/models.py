@@ -7,7 +7,6 @@ so the next open of the same file is a plain folder load.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import logging
 import os
@@ -28,7 +27,6 @@ from studio.core.errors import ModelLoadError
 from studio.core.file_checks import (
     GGUFSummary,
     check_no_remote_code,
-    gguf_summary,
     safetensors_header,
     safetensors_numel,
 )
@@ -183,17 +181,29 @@ def resolve_source(source: str | Path) -> tuple[str, Path]:
         raise ModelLoadError(f"{path} does not exist.")
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            return "gguf", path
+            return "gguf", first_gguf(path)
         if path.name == "config.json":
             return "folder", path.parent
         raise ModelLoadError(f"{path} is not a model: open a model folder (config.json and "
                              f"weights) or a .gguf file.")
     if not (path / "config.json").is_file():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return "gguf", ggufs[0]
+        firsts = {first_gguf(gguf) for gguf in path.glob("*.gguf")}   # a split: its first
+        if len(firsts) == 1:
+            return "gguf", firsts.pop()
         raise ModelLoadError(f"{path} is not a model folder: it has no config.json.")
     return "folder", path
+
+
+def first_gguf(path: Path) -> Path:
+    """`path`, or the first file of the split GGUF it is a later part of (`gguf_parts`)."""
+    from studio.core.gguf_parts import first_part
+
+    first = first_part(path)
+    if not first.is_file():
+        raise ModelLoadError(f"{path.name} is a part of a GGUF split into several files, and "
+                             f"its first file, {first.name}, which holds the metadata, is "
+                             f"missing from {path.parent}.")
+    return first
 
 
 # --- the job -------------------------------------------------------------------------------
@@ -226,12 +236,22 @@ def open_model_job(source: str | Path, weights: str | None = None) -> Job[ModelH
             # time): a cached open does not parse the header's vocabulary again (~0.3-2 s).
             summary = check_gguf(path)
             from studio.core.gguf_convert import in_process
+            from studio.core.gguf_parts import is_split, total_bytes
             from studio.core.memory import guard_convert
-            guard_convert(summary, path.stat().st_size, path.name, in_process(path))
+            if is_split(path) and not in_process(path):
+                raise ModelLoadError(
+                    f"{path.name} is a split {summary.keys.get('general.architecture')!r} GGUF: "
+                    f"transformers' GGUF loader, which reads that architecture, reads one "
+                    f"file. Merge the parts first:  llama-gguf-split --merge {path.name} "
+                    f"ONE.gguf  and open ONE.gguf.")
+            guard_convert(summary, total_bytes(path), path.name, in_process(path))
             # Held in memory (no streaming from the folder): the folder is written behind.
             behind = not choose_streaming(mode, None, 4 * summary.param_count)
             converted = yield from convert_job(path, folder, behind=behind)
-        notes.append(f"Weights de-quantized from {path.name}; cached in {folder}.")
+        from studio.core.gguf_parts import parts
+        others = len(parts(path)) - 1
+        also = f" and its {others} other part{'s' if others > 1 else ''}" if others else ""
+        notes.append(f"Weights de-quantized from {path.name}{also}; cached in {folder}.")
     else:
         folder = path
     yield Progress(2, 4, f"Reading {folder.name}")
@@ -461,12 +481,14 @@ def folder_weight_bytes(folder: Path, config) -> int:
     return total
 
 
-def check_folder(folder: Path) -> None:
+def check_folder(folder: Path, memory: bool = True) -> None:
     """The checks a model folder from anywhere passes before transformers reads any of it (for
-    folders opened other than by `open_model_job`, e.g. a compressed-tensors export)."""
+    folders opened other than by `open_model_job`, e.g. a compressed-tensors export).
+    `memory`: also that its float32 weights fit (not for a folder that will be streamed)."""
     raw = read_json(folder / "config.json", f"{folder} has no config.json.", ModelLoadError)
     check_no_remote_code(folder, raw)
-    check_memory(folder_weight_bytes(folder, None), folder.name)
+    if memory:
+        check_memory(folder_weight_bytes(folder, None), folder.name)
     check_safetensors(folder)
 
 
@@ -524,15 +546,20 @@ def check_safetensors(folder: Path) -> None:
 
 
 def check_gguf(path: Path) -> GGUFSummary:
-    """Every claim of the file's header checked against its size (`file_checks.gguf_summary`)."""
-    return gguf_summary(path)
+    """Every claim of the file's header checked against its size (`file_checks.gguf_summary`);
+    of each part's, for a split GGUF, and the parts against each other (`gguf_parts`)."""
+    from studio.core.gguf_parts import summary
+
+    return summary(path)
 
 
 # --- GGUF -> cached safetensors folder ------------------------------------------------------
 
 def gguf_cache_folder(path: Path) -> Path:
-    stat = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    """Named by the file's (every part's) path, size and time: a replaced part converts again."""
+    from studio.core.gguf_parts import stamp
+
+    key = stamp(path)
     return cache_root() / "gguf" / f"{path.stem}-{key[:12]}"
 
 

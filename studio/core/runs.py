@@ -76,10 +76,11 @@ def describe_gguf(path) -> dict:
     """The columns of a GGUF file run by llama.cpp (named as its benchmark and evaluation
     results are, so both land on one row)."""
     from studio.core.backends import gguf_label
+    from studio.core.gguf_parts import total_bytes
 
     path = Path(path)
     return {"variant": gguf_label(path), "plan": "llama.cpp GGUF",
-            "size_mb": path.stat().st_size / 2**20 if path.is_file() else None}
+            "size_mb": total_bytes(path) / 2**20 if path.is_file() else None}
 
 
 def eval_run(what: dict, result, text_path=None) -> dict:

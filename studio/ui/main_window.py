@@ -274,7 +274,9 @@ class MainWindow(QMainWindow):
             self.open_model(folder)
 
     def choose_gguf(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open a GGUF file", "", "GGUF files (*.gguf)")
+        # (a GGUF split into parts opens from any of its files: core's gguf_parts)
+        path, _ = QFileDialog.getOpenFileName(self, "Open a GGUF file (of a split: any part)",
+                                              "", "GGUF files (*.gguf)")
         if path:
             self.open_model(path)
 

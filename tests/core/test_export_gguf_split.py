@@ -148,13 +148,3 @@ def test_the_split_keys_are_llama_cpps():
     from gguf import Keys
     assert gguf_split.KEYS == (Keys.Split.LLM_KV_SPLIT_NO, Keys.Split.LLM_KV_SPLIT_COUNT,
                                Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
-
-
-def test_the_studio_says_it_opens_no_split_gguf(tiny_llama, held_variant, tmp_path):
-    from studio.core.errors import ModelLoadError
-    from studio.core.file_checks import gguf_summary
-
-    result = run(export_job(held_variant, tiny_llama, "gguf", tmp_path / "out",
-                            ExportOptions(shard_size=LIMIT)))
-    with pytest.raises(ModelLoadError, match="file 1 of a GGUF split.*llama-gguf-split --merge"):
-        gguf_summary(result.file)

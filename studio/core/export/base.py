@@ -127,6 +127,11 @@ class ExportFormat:
         memory guard counts it beside the studio's own): none unless a format runs one."""
         return 0
 
+    def studio_bytes(self, variant, handle) -> dict[str, int]:
+        """What the format's own readers and writers hold in the studio's process beside what
+        every export counts (`memory.estimate_job`), by name: none unless a format says."""
+        return {}
+
     def usage(self, file: str) -> str:
         """A line or two showing how to load the export (for its README)."""
         raise NotImplementedError

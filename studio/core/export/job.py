@@ -104,7 +104,8 @@ def export_job(variant, handle, format_name: str, out: str | Path,
     if eval_windows is not None:
         tokens = max(tokens, eval_windows.shape[1])
     guard_job(variant.model, "export", windows=1, seqlen=tokens,
-              runtime=fmt.runtime_bytes(variant, handle, options, preflight))
+              runtime=fmt.runtime_bytes(variant, handle, options, preflight),
+              extra=fmt.studio_bytes(variant, handle))
     remove_stale_temporaries(out)
     started = time.perf_counter()
     try:

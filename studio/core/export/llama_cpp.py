@@ -219,8 +219,11 @@ def tensor_kernels(path: str | Path) -> list[tuple[str, str, int | None, int]]:
     llama.cpp reads per token (the token embedding too, though only one row of it is read)."""
     from gguf import GGUFReader
 
+    from studio.core.gguf_parts import parts
+
     rows = []
-    for tensor in GGUFReader(str(path)).tensors:
+    tensors = [t for part in parts(Path(path)) for t in GGUFReader(str(part)).tensors]
+    for tensor in tensors:
         if len(tensor.shape) < 2:
             continue
         kind = tensor.tensor_type.name
