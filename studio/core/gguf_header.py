@@ -40,12 +40,13 @@ def raw_values(path: str | Path, prefix: str = "") -> dict[str, bytes]:
     into numpy views one string at a time, as GGUFReader does (~5 s on the demo)."""
     spans = {}
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         _tensors, count = _counts(f)
         for _ in range(count):
-            key = _string(f)
+            key = _string(f, size)
             start = f.tell()
             kind, = struct.unpack("<I", f.read(4))
-            _value(f, kind)
+            _value(f, kind, size)
             if key.startswith(prefix):
                 spans[key] = (start, f.tell())
         values = {}
