@@ -2,7 +2,7 @@
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_speed.py [--model demo] [--threads 1,2]
         [--repeat 3] [--prompt-tokens 128] [--new-tokens 64] [--eval-windows 40] [--seqlen 512]
-        [--parts decode,bandwidth,prefill,eval] [--no-compile] [--quick]
+        [--parts decode,bandwidth,prefill,eval,families] [--no-compile] [--quick]
 
 1. decode: at 1 thread, int4 g32 / g64 / g128 (RTN, lm_head on the kernel too) on the torch
    path with the studio's int4 kernel (q4_native; int4 g32 on torch's own int4 kernel beside
@@ -21,6 +21,13 @@
 4. eval: evaluating an RTN W4 g128 variant on WikiText-2 (`--eval-windows` x `--seqlen`, the
    standard protocol) once the baseline's side is cached, against the baseline's own
    evaluation (one pass of the float model); the first, uncached evaluation beside them.
+5. families (not in the default parts): a decoder of the same small shape (hidden 512, 8
+   blocks, 8 heads of 64, 4 KV heads, MLP 1536, 32k vocabulary, random weights) in each
+   family the native step follows (Llama, Qwen2, Mistral, Qwen3, Gemma, Gemma 2, Gemma 3,
+   Phi-3, and Phi-3 with a partial rotary factor of 0.75, as Phi-4-mini), sliding windows of
+   64 (so a 128-token prompt decodes past them): fp32 and int4 g32 (lm_head too, the studio's
+   kernels) through the native step against the eager lean step on the same weights and
+   codes, at 1 thread. `--families llama,gemma2` picks some.
 
 Every speed row names its backend, threads and build. Figures depend on what else runs on the
 machine: run it on a quiet machine and say so if not. `--quick` (16-token prompt, 8 new
@@ -197,6 +204,78 @@ def part_bandwidth_prefill(handle, args, vocab, parts) -> None:
                       f"/ fp32 = {r.prefill_ms / fp32.prefill_ms:.2f}")
 
 
+FAMILY_SHAPE = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                    num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                    vocab_size=32000, max_position_embeddings=4096, bos_token_id=1,
+                    eos_token_id=2, pad_token_id=0)
+FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3",
+            "phi3_partial")
+
+
+def family_config(family: str):
+    """FAMILY_SHAPE in `family`'s config class, with the family's own features switched on."""
+    import transformers as tf
+
+    window = dict(sliding_window=64)
+    if family == "llama":
+        return tf.LlamaConfig(**FAMILY_SHAPE)
+    if family == "qwen2":
+        return tf.Qwen2Config(**FAMILY_SHAPE, tie_word_embeddings=False)
+    if family == "mistral":
+        return tf.MistralConfig(**FAMILY_SHAPE, **window)
+    if family == "qwen3":
+        return tf.Qwen3Config(**FAMILY_SHAPE)
+    if family == "gemma":
+        return tf.GemmaConfig(**FAMILY_SHAPE)
+    if family == "gemma2":
+        return tf.Gemma2Config(**FAMILY_SHAPE, **window)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(**FAMILY_SHAPE, **window, layer_types=[
+            "full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(8)])
+    rope = {"rope_type": "default", "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.75 if family == "phi3_partial" else 1.0}
+    shape = {k: v for k, v in FAMILY_SHAPE.items() if k != "head_dim"}   # hidden / heads
+    return tf.Phi3Config(**shape, **window,
+                         original_max_position_embeddings=4096, rope_parameters=rope)
+
+
+def part_families(args) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    print(f"\n== 5. the native step against the eager lean step, per family (shape "
+          f"{FAMILY_SHAPE['hidden_size']} x {FAMILY_SHAPE['num_hidden_layers']} blocks, "
+          f"{FAMILY_SHAPE['vocab_size']} vocabulary; {args.prompt_tokens}-token prompt, "
+          f"{args.new_tokens} new tokens, median of {args.repeat}, 1 thread)")
+    print(f"{'family':<14}{'fp32 native':>13}{'fp32 eager':>12}{'ratio':>8}"
+          f"{'int4 native':>13}{'int4 eager':>12}{'ratio':>8}  step")
+    with tempfile.TemporaryDirectory(prefix="bench-families-") as tmp:
+        for family in args.families:
+            torch.manual_seed(0)
+            folder = Path(tmp) / family
+            AutoModelForCausalLM.from_config(family_config(family)).save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            handle = run(open_model_job(str(folder)))
+            names = [layer.name for layer in handle.quantizable]
+            targets = []
+            for config in ("fp32", "int4"):
+                native, eager = (base_targets(handle.model, (config,), layer_names=names)[0]
+                                 for _ in range(2))
+                eager.native_step, eager.name = False, f"{eager.name} (eager step)"
+                targets += [native, eager]
+            vocab = FAMILY_SHAPE["vocab_size"]
+            results = run(bench_job(targets, vocab, args.prompt_tokens, args.new_tokens,
+                                    args.repeat, 1))
+            rates = [r.decode_tok_s for r in results]
+            step = results[0].details.get("decode_step", "?")
+            print(f"{family:<14}{rates[0]:>13.1f}{rates[1]:>12.1f}{rates[0] / rates[1]:>7.2f}x"
+                  f"{rates[2]:>13.1f}{rates[3]:>12.1f}{rates[2] / rates[3]:>7.2f}x  "
+                  f"{step[:60]}")
+            del handle, targets, results
+
+
 def part_eval(handle, args) -> None:
     from studio.core.evaluate import evaluate_job
     from studio.core.plan import Plan, QuantSpec
@@ -254,6 +333,8 @@ def main() -> int:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--parts", default="decode,bandwidth,prefill,eval")
+    parser.add_argument("--families", default=",".join(FAMILIES),
+                        help="the families part's families (default: all)")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="skip the torch.compile'd int4 decode rows")
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks it runs")
@@ -262,7 +343,11 @@ def main() -> int:
         args.prompt_tokens, args.new_tokens, args.repeat = 16, 8, 1
         args.eval_windows, args.seqlen = 2, 64
     args.threads = [int(t) for t in args.threads.split(",")]
+    args.families = args.families.split(",")
     parts = set(args.parts.split(","))
+    if parts == {"families"}:   # no demo needed
+        part_families(args)
+        return 0
 
     handle = run(open_model_job(args.model))
     vocab = handle.model.get_input_embeddings().weight.shape[0]
@@ -274,6 +359,8 @@ def main() -> int:
         part_bandwidth_prefill(handle, args, vocab, parts)
     if "eval" in parts:
         part_eval(handle, args)
+    if "families" in parts:
+        part_families(args)
     return 0
 
 

@@ -1,15 +1,18 @@
 /* One decode step of a Llama-family model's blocks in one call (native_step.py drives it);
- * Qwen3's per-head q/k norms, Phi-3's fused layers and Gemma's GELU and (1 + w) norms too.
+ * Qwen3's per-head q/k norms, Phi-3's fused layers and partial rotation, Gemma's GELU and
+ * (1 + w) norms, Gemma 2/3's norms around attention and the MLP, soft-capped attention
+ * logits, per-layer sliding windows and (Gemma 3) per-layer rotary bases too.
  *
  * Per token, eager torch runs ~50 small ops per block (norms, rotary embedding, attention,
  * splits, residual adds), each with microseconds of dispatch: on a 135M model that is more
  * time than the int4 matmuls themselves. Here a block is: RMSNorm, the fused q/k/v product,
- * the rotary embedding (HF's rotate-half convention, with the cos/sin torch's rotary module
- * made for this position, so every RoPE scaling variant is already in them), the new key and
- * value written into the decoder's own cache, attention of the one query over the cache
- * (grouped KV heads as HF's repeat_kv: query head h reads KV head h / (heads / kv_heads)),
- * the output product, RMSNorm, the fused gate/up product, SiLU(gate) * up, the down product;
- * each product on the int4 kernel, everything in float32 as the torch path computes it.
+ * the rotary embedding (HF's rotate-half convention over the first `rot_dim` dimensions of a
+ * head, with the cos/sin torch's rotary module made for this position, so every RoPE scaling
+ * variant is already in them), the new key and value written into the decoder's own cache,
+ * attention of the one query over the cache (grouped KV heads as HF's repeat_kv: query head h
+ * reads KV head h / (heads / kv_heads)), the output product, RMSNorm, the fused gate/up
+ * product, SiLU(gate) * up, the down product; each product on the int4 kernel, everything in
+ * float32 as the torch path computes it.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -28,12 +31,21 @@ typedef struct {
     const float *norm1, *norm2;   /* RMSNorm weights [hidden] (Gemma's 1 + w, made once) */
     float *keys, *values;         /* this block's cache [kv_heads, max_len, head_dim] */
     const float *q_norm, *k_norm; /* Qwen3's per-head RMSNorm weights [head_dim], or NULL */
+    /* Gemma 2/3: RMSNorms of the attention's and the MLP's outputs before each residual add
+     * (norm2 is then the pre-MLP norm, their pre_feedforward_layernorm), or NULL */
+    const float *attn_out_norm, *mlp_out_norm;
+    int window;      /* a query sees its last `window` keys (Mistral, Gemma 2/3's sliding
+                      * layers); 0: all */
+    float scaling;   /* q . k scale: head_dim^-0.5, or Gemma's query_pre_attn_scalar^-0.5 */
+    float softcap;   /* Gemma 2: scores become softcap * tanh(score / softcap); 0: none */
+    int rotation;    /* the row of the step's cos/sin this block rotates by (Gemma 3: local
+                      * and global layers have their own bases); 0 for one rotation */
 } q4_block;
 
 typedef struct {
     int hidden, heads, kv_heads, head_dim, inter, max_len;
-    int window;   /* Mistral's sliding window: a query sees its last `window` keys; 0: all */
-    float eps, scaling;
+    int rot_dim;  /* rotated dimensions of a head (< head_dim: a partial rotary factor) */
+    float eps;
     int act;      /* the MLP's activation: 0 SiLU (Llama), 1 GELU, tanh approximation (Gemma) */
 } q4_shape;
 
@@ -45,9 +57,10 @@ static void rms_norm(const float *x, const float *weight, int n, float eps, floa
     for (int i = 0; i < n; i++) out[i] = weight[i] * (x[i] * scale);
 }
 
-/* x [head_dim] rotated in place: x * cos + rotate_half(x) * sin. */
-static void rotate(float *x, const float *cos, const float *sin, int head_dim) {
-    int half = head_dim / 2;
+/* x [head_dim] rotated in place: its first rot_dim values by x * cos + rotate_half(x) * sin,
+ * the rest as they are (Phi-3's partial rotation: HF's q_rot / q_pass). */
+static void rotate(float *x, const float *cos, const float *sin, int rot_dim) {
+    int half = rot_dim / 2;
     for (int i = 0; i < half; i++) {
         float a = x[i], b = x[i + half];
         x[i] = a * cos[i] - b * sin[i];
@@ -62,12 +75,14 @@ static float dot(const float *a, const float *b, int n) {
     return sum;
 }
 
-/* out [head_dim] = softmax(q . keys[0..length) * scaling) . values */
+/* out [head_dim] = softmax(cap(q . keys[0..length) * scaling)) . values, cap(s) = softcap *
+ * tanh(s / softcap) when softcap > 0 (Gemma 2, before the softmax as HF's eager attention) */
 static void attend(const float *q, const float *keys, const float *values, int length,
-                   int head_dim, float scaling, float *scores, float *out) {
+                   int head_dim, float scaling, float softcap, float *scores, float *out) {
     float top = -INFINITY;
     for (int t = 0; t < length; t++) {
         scores[t] = dot(q, keys + (size_t)t * head_dim, head_dim) * scaling;
+        if (softcap > 0.0f) scores[t] = softcap * tanhf(scores[t] / softcap);
         if (scores[t] > top) top = scores[t];
     }
     float total = 0.0f;
@@ -111,6 +126,8 @@ static void block_step(const q4_block *b, const q4_shape *s, float *x, const flo
     float *h = work, *qkv = h + s->hidden, *attn = qkv + q_size + 2 * kv_size;
     float *gate_up = attn + q_size, *act = gate_up + 2 * s->inter, *delta = act + s->inter;
     float *q = qkv, *k = qkv + q_size, *v = k + kv_size;
+    cos += (size_t)b->rotation * s->rot_dim;
+    sin += (size_t)b->rotation * s->rot_dim;
 
     #pragma omp single
     rms_norm(x, b->norm1, s->hidden, s->eps, h);
@@ -119,28 +136,29 @@ static void block_step(const q4_block *b, const q4_shape *s, float *x, const flo
     {
         for (int head = 0; head < s->heads; head++) {
             if (b->q_norm) rms_norm(q + head * hd, b->q_norm, hd, s->eps, q + head * hd);
-            rotate(q + head * hd, cos, sin, hd);
+            rotate(q + head * hd, cos, sin, s->rot_dim);
         }
         for (int head = 0; head < s->kv_heads; head++) {
             if (b->k_norm) rms_norm(k + head * hd, b->k_norm, hd, s->eps, k + head * hd);
-            rotate(k + head * hd, cos, sin, hd);
+            rotate(k + head * hd, cos, sin, s->rot_dim);
             size_t at = ((size_t)head * s->max_len + position) * hd;
             memcpy(b->keys + at, k + head * hd, sizeof(float) * (size_t)hd);
             memcpy(b->values + at, v + head * hd, sizeof(float) * (size_t)hd);
         }
     }
     int group = s->heads / s->kv_heads;
-    int first = s->window > 0 && position + 1 > s->window ? position + 1 - s->window : 0;
+    int first = b->window > 0 && position + 1 > b->window ? position + 1 - b->window : 0;
     float *own_scores = scores + (size_t)thread_number() * s->max_len;
     #pragma omp for schedule(static)
     for (int head = 0; head < s->heads; head++) {
         size_t cache = ((size_t)(head / group) * s->max_len + first) * hd;
         attend(q + head * hd, b->keys + cache, b->values + cache, position + 1 - first, hd,
-               s->scaling, own_scores, attn + head * hd);
+               b->scaling, b->softcap, own_scores, attn + head * hd);
     }
     q4_gemv_team(&b->o, attn, delta, scratch, factors);
     #pragma omp single
     {
+        if (b->attn_out_norm) rms_norm(delta, b->attn_out_norm, s->hidden, s->eps, delta);
         for (int i = 0; i < s->hidden; i++) x[i] += delta[i];
         rms_norm(x, b->norm2, s->hidden, s->eps, h);
     }
@@ -155,11 +173,15 @@ static void block_step(const q4_block *b, const q4_shape *s, float *x, const flo
     }
     q4_gemv_team(&b->down, act, delta, scratch, factors);
     #pragma omp single
-    for (int i = 0; i < s->hidden; i++) x[i] += delta[i];
+    {
+        if (b->mlp_out_norm) rms_norm(delta, b->mlp_out_norm, s->hidden, s->eps, delta);
+        for (int i = 0; i < s->hidden; i++) x[i] += delta[i];
+    }
 }
 
 /* x [hidden] (the token's embedding, replaced by the last block's output) through `count`
- * blocks at `position`, on `threads` threads. Returns 0, or -1 when out of memory. */
+ * blocks at `position`, on `threads` threads; cos / sin [rotations, rot_dim], a block reading
+ * its `rotation`'s row. Returns 0, or -1 when out of memory. */
 int q4_decode_blocks(const q4_block *blocks, int count, const q4_shape *s, float *x,
                      const float *cos, const float *sin, int position, int threads) {
     int q_size = s->heads * s->head_dim, kv_size = s->kv_heads * s->head_dim;

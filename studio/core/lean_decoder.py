@@ -86,8 +86,6 @@ class LeanDecoder:
         self.head_dim = attention.head_dim
         self.scaling = attention.scaling
         self.windows = [layer_window(config, layer.self_attn) for layer in self.layers]
-        # One window for every block (the native step's single window), else None.
-        self.window = self.windows[0] if len(set(self.windows)) == 1 else None
         self.softcaps = [getattr(layer.self_attn, "attn_logit_softcapping", None)
                          for layer in self.layers]
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
@@ -119,11 +117,13 @@ class LeanDecoder:
             self.keys, self.values = self.keys.to(dtype), self.values.to(dtype)
 
     @property
-    def native_problem(self) -> str | None:
-        """What of this model the native step (`native_step.py`, which takes one window and the
-        plain pre-norm block) does not take, before it looks: None when it may."""
-        if any(w != self.window for w in self.windows):
-            return "its blocks have different sliding windows (Gemma 2/3)"
+    def plain_problem(self) -> str | None:
+        """What of this model a plain Llama block step (`compiled.py`'s: no window, no q/k
+        norms, one rotation, the pre-norm block) does not follow, or None."""
+        if hasattr(self.layers[0].self_attn, "q_norm"):
+            return "its per-head q/k norms (Qwen3, Gemma 3) are not in the compiled step"
+        if any(self.windows):
+            return "its sliding window is not in the compiled step"
         if any(self.softcaps) or self.final_softcap:
             return "it soft-caps attention or final logits (Gemma 2/3)"
         if hasattr(self.layers[0], "pre_feedforward_layernorm"):
@@ -131,16 +131,6 @@ class LeanDecoder:
         if self.layer_types is not None:
             return "it rotates each layer type with its own base (Gemma 3)"
         return None
-
-    @property
-    def plain_problem(self) -> str | None:
-        """What of this model a plain Llama block step (`compiled.py`'s: no window, no q/k
-        norms) does not follow, or None."""
-        if hasattr(self.layers[0].self_attn, "q_norm"):
-            return "its per-head q/k norms (Qwen3, Gemma 3) are not in the compiled step"
-        if any(self.windows):
-            return "its sliding window is not in the compiled step"
-        return self.native_problem
 
     @property
     def fused_calls(self) -> int:

@@ -9,15 +9,21 @@ the output head stay in torch (one call each).
 
 It takes a model whose every block is: RMSNorm (Llama's x / rms(x) * w, or Gemma's
 x / rms(x) * (1 + w), read as its 1 + w made once), optionally per-head q/k RMSNorms before the
-rotation (Qwen3), q/k/v and gate/up fused (`fuse.py`, or Phi-3's own qkv_proj / gate_up_proj),
+rotation (Qwen3, Gemma 3), optionally RMSNorms of the attention's and the MLP's outputs before
+their residual adds (Gemma 2/3's four norms a block), q/k/v and gate/up fused (`fuse.py`, or
+Phi-3's own qkv_proj / gate_up_proj),
 each product a native layer (4- or 8-bit, each its own width, so a mixed-precision plan runs
 too) or a float32 or bfloat16 Linear (a layer the plan keeps, or a float model: its decode then reads the
 weights at memory speed, without torch's per-op cost), SiLU or tanh-approximated GELU
-(Gemma), a rotation over the whole head, no hooks; Mistral's sliding window is kept (a query
-attends to its last `window` keys). Gemma's embedding scale is the embedding module's own.
-`NativeStep.problem(decoder)` says in a sentence why another model cannot (Gemma 2/3's extra
-norms, soft-capping and per-layer windows, Phi-3's partial rotation), and the benchmark then
-runs the eager step and says why.
+(Gemma), a rotation over the whole head or its first part (Phi-3's partial rotary factor), no
+hooks. Each block has its own sliding window (a query attends to its last `window` keys:
+Mistral's every layer, Gemma 2/3's sliding layers), its own attention scale (Gemma's
+query_pre_attn_scalar), its own attention-logit soft-cap (Gemma 2) and its own rotary base
+(Gemma 3's local and global layers: one cos/sin row per layer type); the final logits are
+soft-capped as the model's head does. Gemma's embedding scale is the embedding module's own.
+`NativeStep.problem(decoder)` says in a sentence why another model cannot (a layer off the
+kernels, hooks, another activation or norm), and the benchmark then runs the eager step and
+says why.
 
 A bfloat16 model's step computes in float32 from its bfloat16 weights (as llama.cpp's BF16
 type does): its activations are not rounded to bfloat16 after every op as torch's are, so its
@@ -46,14 +52,16 @@ class _Block(ctypes.Structure):
                 ("qkv_parts", ctypes.c_int), ("gate_up_parts", ctypes.c_int),
                 ("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p),
                 ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p),
-                ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p)]
+                ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p),
+                ("attn_out_norm", ctypes.c_void_p), ("mlp_out_norm", ctypes.c_void_p),
+                ("window", ctypes.c_int), ("scaling", ctypes.c_float),
+                ("softcap", ctypes.c_float), ("rotation", ctypes.c_int)]
 
 
 class _Shape(ctypes.Structure):
     _fields_ = [("hidden", ctypes.c_int), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int),
                 ("head_dim", ctypes.c_int), ("inter", ctypes.c_int), ("max_len", ctypes.c_int),
-                ("window", ctypes.c_int), ("eps", ctypes.c_float), ("scaling", ctypes.c_float),
-                ("act", ctypes.c_int)]
+                ("rot_dim", ctypes.c_int), ("eps", ctypes.c_float), ("act", ctypes.c_int)]
 
 SILU, GELU_TANH = 0, 1   # q4_shape.act
 
@@ -157,8 +165,6 @@ class NativeStep:
         why = q4_native.unavailable()
         if why:
             return f"the native kernel is unavailable: {why}"
-        if decoder.native_problem:   # what the decoder knows the step does not read
-            return decoder.native_problem
         for i, layer in enumerate(decoder.layers):
             mlp = layer.mlp
             parts = {"q/k/v": _parts(decoder.qkv[i], _qkv(layer)),
@@ -173,9 +179,7 @@ class NativeStep:
                     return f"block {i}'s {what} has hooks"
             if _activation(_act_fn(mlp)) is None:
                 return f"block {i}'s activation is neither SiLU nor GELU (tanh)"
-            norms = [layer.input_layernorm, layer.post_attention_layernorm]
-            if hasattr(layer.self_attn, "q_norm"):   # Qwen3: per head, before the rotation
-                norms += [layer.self_attn.q_norm, layer.self_attn.k_norm]
+            norms = [n for n in _norms(layer).values() if n is not None]
             eps = _norm_eps(norms[0])
             for norm in norms:
                 if _norm_weight(norm) is None:
@@ -183,12 +187,11 @@ class NativeStep:
                             f"* (1 + w)) in float32 / bfloat16")
                 if _norm_eps(norm) != eps:
                     return f"block {i}'s norms do not share one epsilon"
-        first = decoder.layers[0]
-        hidden = first.input_layernorm.weight.shape[0]
-        cos, _ = decoder.inner.rotary_emb(torch.zeros(1, 1, hidden), torch.tensor([[0]]))
-        if cos.shape[-1] != decoder.head_dim:
-            return (f"it rotates {cos.shape[-1]} of each head's {decoder.head_dim} dimensions "
-                    f"(a partial rotary factor), which the step does not")
+        hidden = decoder.layers[0].input_layernorm.weight.shape[0]
+        dims = {c.shape[-1] for c, _ in _rotation_pairs(decoder, torch.zeros(1, 1, hidden), 0)}
+        if len(dims) != 1 or min(dims) % 2 or min(dims) > decoder.head_dim:
+            return (f"its rotary embedding turns {sorted(dims)} of each head's "
+                    f"{decoder.head_dim} dimensions, which the step does not follow")
         return None
 
     def __init__(self, decoder) -> None:
@@ -199,12 +202,12 @@ class NativeStep:
         norm = first.input_layernorm
         keys = decoder.keys
         self.kept: list[torch.Tensor] = []   # float32 copies the C side points at
+        cos, _ = _rotations(decoder, torch.zeros(1, 1, norm.weight.shape[0]), 0)
         self.shape = _Shape(
             hidden=norm.weight.shape[0], heads=decoder.heads,
             kv_heads=keys.shape[2], head_dim=decoder.head_dim,
             inter=sum(m.out_features for m in _gate_up(first.mlp)) // 2, max_len=keys.shape[3],
-            window=decoder.window or 0,
-            eps=float(_norm_eps(norm)), scaling=float(decoder.scaling),
+            rot_dim=cos.shape[1], eps=float(_norm_eps(norm)),
             act=_activation(_act_fn(first.mlp)))
         blocks, keep = [], self.kept
 
@@ -214,18 +217,21 @@ class NativeStep:
             keep.append(_norm_weight(norm))
             return keep[-1].data_ptr()
 
+        types = _rotation_types(decoder)
         for i, layer in enumerate(decoder.layers):
             qkv = [_layer(m, keep) for m in _parts(decoder.qkv[i], _qkv(layer))]
             gate_up = [_layer(m, keep) for m in _parts(decoder.gate_up[i], _gate_up(layer.mlp))]
-            attention = layer.self_attn
+            attention, norms = layer.self_attn, _norms(layer)
             blocks.append(_Block(
                 (_Layer * 3)(*qkv), _layer(attention.o_proj, keep),
                 (_Layer * 2)(*gate_up), _layer(layer.mlp.down_proj, keep),
-                len(qkv), len(gate_up), weight(layer.input_layernorm),
-                weight(layer.post_attention_layernorm),
+                len(qkv), len(gate_up), weight(norms["input"]), weight(norms["pre_mlp"]),
                 keys[i, 0].data_ptr(), decoder.values[i, 0].data_ptr(),
-                weight(getattr(attention, "q_norm", None)),
-                weight(getattr(attention, "k_norm", None))))
+                weight(norms["q"]), weight(norms["k"]),
+                weight(norms["attention_out"]), weight(norms["mlp_out"]),
+                decoder.windows[i] or 0, float(attention.scaling),
+                float(decoder.softcaps[i] or 0.0),
+                types.index(decoder.layer_types[i]) if decoder.layer_types else 0))
         self.blocks = (_Block * len(blocks))(*blocks)
         # A float head is read by the kernel too (torch's bfloat16 product is the slower).
         head = decoder.head
@@ -240,17 +246,54 @@ class NativeStep:
                              f"(length {self.shape.max_len})")
         embedded = decoder.inner.embed_tokens(token)
         x = embedded.float().contiguous()
-        cos, sin = decoder.inner.rotary_emb(x, torch.tensor([[position]]))
-        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+        cos, sin = _rotations(decoder, x, position)
         status = self.library.q4_decode_blocks(
             self.blocks, len(self.blocks), ctypes.byref(self.shape), x.data_ptr(),
             cos.data_ptr(), sin.data_ptr(), position, torch.get_num_threads())
         if status:
             raise MemoryError("the native decode step could not allocate its buffers")
         if self.head is None:
-            return decoder.head(decoder.inner.norm(x.to(embedded.dtype)))[:, -1]
-        h = decoder.inner.norm(x).float().contiguous()   # float32 x: the norm stays float32
-        logits = torch.empty(1, self.head.n)
-        self.library.q4_float_gemv(ctypes.byref(self.head), h.data_ptr(), logits.data_ptr(),
-                                   torch.get_num_threads())
-        return logits
+            logits = decoder.head(decoder.inner.norm(x.to(embedded.dtype)))[:, -1]
+        else:
+            h = decoder.inner.norm(x).float().contiguous()   # float32 x: the norm stays float32
+            logits = torch.empty(1, self.head.n)
+            self.library.q4_float_gemv(ctypes.byref(self.head), h.data_ptr(),
+                                       logits.data_ptr(), torch.get_num_threads())
+        cap = decoder.final_softcap   # Gemma 2: cap * tanh(logits / cap), as the model's head
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _norms(layer) -> dict[str, nn.Module | None]:
+    """A block's RMSNorms by where the step applies them: Llama's two (before attention and
+    before the MLP), Gemma 2/3's four (their post_attention_layernorm is the attention
+    output's, the pre-MLP one is pre_feedforward_layernorm), Qwen3's / Gemma 3's q/k norms."""
+    attention = layer.self_attn
+    sandwich = hasattr(layer, "pre_feedforward_layernorm")
+    return {"input": layer.input_layernorm,
+            "pre_mlp": layer.pre_feedforward_layernorm if sandwich
+            else layer.post_attention_layernorm,
+            "attention_out": layer.post_attention_layernorm if sandwich else None,
+            "mlp_out": layer.post_feedforward_layernorm if sandwich else None,
+            "q": getattr(attention, "q_norm", None), "k": getattr(attention, "k_norm", None)}
+
+
+def _rotation_types(decoder) -> list:
+    """The rotations a step makes: one, or Gemma 3's one per layer type (local and global
+    bases), in a fixed order the blocks index."""
+    return sorted(set(decoder.layer_types)) if decoder.layer_types else [None]
+
+
+def _rotation_pairs(decoder, x: torch.Tensor, position: int) -> list:
+    """(cos, sin) per rotation type at `position`, from the model's own rotary module (every
+    RoPE scaling variant included; fewer than head_dim values for a partial rotation)."""
+    rotary, at = decoder.inner.rotary_emb, torch.tensor([[position]])
+    return [rotary(x, at) if kind is None else rotary(x, at, kind)
+            for kind in _rotation_types(decoder)]
+
+
+def _rotations(decoder, x: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [rotations, rot_dim] float32 for `position`, as the C side reads them."""
+    pairs = _rotation_pairs(decoder, x, position)
+    cos = torch.cat([c.reshape(1, -1) for c, _ in pairs]).float().contiguous()
+    sin = torch.cat([s.reshape(1, -1) for _, s in pairs]).float().contiguous()
+    return cos, sin

@@ -105,15 +105,17 @@ def describe(plan: Plan, layers) -> str:
 
 
 # --- which method an end runs --------------------------------------------------------------
-# The ends sit outside the blocks, so a method that learns from a block (AWQ folds scales into
-# the block's norms; SmoothQuant migrates a block's activations) cannot run there. A method
-# that learns from the layer's own inputs (GPTQ's Hessian, SeqMSE, an "activations" weighting)
-# can run on the lm_head: its inputs are the final hidden states, collected with the other
-# calibration statistics. A tied pair stays one matrix, quantized the same way as the head
-# (the embedding then reads the GPTQ'd rows): measured on the demo (tied, W4 g128, body
-# float, WikiText-2 40 x 512), GPTQ on the pair gave perplexity 30.39 against RTN's 34.10
-# (fp32 29.01), the head's error dominating the embedding's. An untied embedding is looked up,
-# not multiplied: no inputs to learn from, so RTN.
+# The ends sit outside the blocks. A method that learns from the layer's own inputs (GPTQ's
+# Hessian, SeqMSE, an "activations" weighting) runs on the lm_head: its inputs are the final
+# hidden states, collected with the other calibration statistics. A tied pair stays one
+# matrix, quantized the same way as the head (the embedding then reads the GPTQ'd rows):
+# measured on the demo (tied, W4 g128, body float, WikiText-2 40 x 512), GPTQ on the pair gave
+# perplexity 30.39 against RTN's 34.10 (fp32 29.01), the head's error dominating the
+# embedding's. A method that learns from a whole block and folds scales (AWQ) runs on an
+# untied lm_head through its `quantize_head`: the scales fold into the final norm, which only
+# the head reads. A tied head cannot take that fold (its columns are the embedding's, so every
+# block's input would change): RTN. SmoothQuant would quantize the head's inputs too: RTN. An
+# untied embedding is looked up, not multiplied: no inputs to learn from, so RTN.
 
 def end_method(end: End, method: str) -> tuple[str, str]:
     """(the method `end` runs under a plan of `method`, a note saying how, "" when plain)."""
@@ -128,6 +130,13 @@ def end_method(end: End, method: str) -> tuple[str, str]:
     if quantizer.calibration in ("hessian", "activations"):
         return method, f"{quantizer.title} on the final hidden states" + (
             "; the embedding reads the same matrix (tied)" if end.tied else "")
+    if quantizer.quantize_head is not None and not end.tied:
+        return method, (f"{quantizer.title} on the final hidden states, its scales folded "
+                        f"into the final norm")
+    if quantizer.quantize_head is not None:
+        return registry.REFERENCE, (f"{rtn}: {quantizer.title}'s scales would fold into the "
+                                    f"head's columns, which a tied head shares with the "
+                                    f"embedding (every block's input would change)")
     return registry.REFERENCE, (f"{rtn}: {quantizer.title} learns from a whole block, and the "
                                 f"head is outside the blocks")
 

@@ -17,8 +17,9 @@ finds smoothing the whole model first, as the reference does). Layers outside th
 (embeddings, lm_head) are quantized only when a rule names them, after the blocks: the
 lm_head (a tied pair as one matrix) under a method that learns from a layer's inputs (GPTQ,
 SeqMSE, ...) runs it on the final hidden states (the last quantized block's outputs through
-the final norm: its Hessian is collected like any layer's); an untied embedding, or a method
-that learns from a whole block (AWQ, SmoothQuant), gets RTN on the method's grid
+the final norm: its Hessian is collected like any layer's); AWQ runs on an untied lm_head from
+the same states, its scales folded into the final norm (`quant/awq_head.py`); an untied
+embedding, a tied head under AWQ, or SmoothQuant gets RTN on the method's grid
 (`plan_ends.end_method`, the note says why).
 
 For every layer the job reports its relative output error on its calibration inputs and the
@@ -43,6 +44,7 @@ from studio.core.memory import guard_job, release_freed_memory
 from studio.core.plan import Plan, QuantSpec, tied_specs
 from studio.core.plan_ends import End, end_method, end_of
 from studio.core.quant import layout, registry, smoothquant
+from studio.core.quant.awq_head import fold_into_feeder
 from studio.core.quant.coded import coded_layer
 from studio.core.quant.blocks import (FAST_DTYPE, BlockInputs, Replay, capture_block_inputs,
                                       decoder_blocks, run_block)
@@ -127,16 +129,19 @@ def quantize_job(handle, plan: Plan, windows: torch.Tensor | None, calib_label: 
         if outputs is not None:
             inputs = inputs.with_hidden(outputs)
         release_freed_memory()
-    head_calib = None
+    head_calib = head_x = None
     if learning_head is not None and inputs is not None:
         yield Progress(len(state.qtensors) + 1, total, f"Hessian of {learning_head}'s inputs")
         head_calib = head_calibration(model, inputs.hidden)
+        if specs[learning_head].quantizer.quantize_head is not None:   # AWQ: the rows too
+            head_x = head_rows(model, inputs.hidden)
     del inputs
     release_freed_memory()
     for layer in outside:
         yield from quantize_outside(model, layer, specs[layer], state,
                                     head_calib if layer == learning_head else None,
-                                    own_end(handle, layer, shared))
+                                    own_end(handle, layer, shared),
+                                    head_x if layer == learning_head else None)
     for follower, leader in shared.items():
         if isinstance(state.qtensors, CodeStore):
             state.qtensors.alias(follower, leader)   # stored once, in the leader's file
@@ -458,11 +463,24 @@ def head_calibration(model: nn.Module, hidden: torch.Tensor) -> LayerCalibration
     return LayerCalibration(accumulator.hessian(), accumulator.count)
 
 
+def head_rows(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """What the lm_head reads, one row per token [n * seq, d]: the last block's outputs
+    `hidden` through the final norm (AWQ's statistics and search sample)."""
+    from studio.core.sensitivity import head_input
+
+    to_head = head_input(model)
+    with torch.no_grad():
+        return torch.cat([to_head(batch.float()).reshape(-1, batch.shape[-1])
+                          for batch in hidden.split(BATCH)])
+
+
 def quantize_outside(model: nn.Module, name: str, spec: QuantSpec, state: _State,
-                     calib: LayerCalibration | None = None, end=None) -> Job[None]:
+                     calib: LayerCalibration | None = None, end=None,
+                     rows: torch.Tensor | None = None) -> Job[None]:
     """A layer outside the blocks (embedding, lm_head): its own method when that needs no
-    calibration, or learns from the layer's inputs and `calib` holds the head's; else RTN on
-    the method's grid (the note says why: `plan_ends.end_method`)."""
+    calibration, or learns from the layer's inputs and `calib` holds the head's (`rows`, the
+    inputs themselves, for a method quantizing a head from them: AWQ); else RTN on the
+    method's grid (the note says why: `plan_ends.end_method`)."""
     module = get_module(model, name)
     materialise(module)   # (streamed: the layer's own float32 copy)
     quantizer = spec.quantizer
@@ -471,6 +489,13 @@ def quantize_outside(model: nn.Module, name: str, spec: QuantSpec, state: _State
     if quantizer.calibration == "none" and not quantizer.smoothing:
         qt, note = layer_result(quantizer, name, module, call_entry(
             quantizer, name, quantizer.quantize, weight_matrix(module).float(), spec, None))
+    elif runs == spec.method and quantizer.quantize_head is not None and rows is not None:
+        # AWQ on an untied head: codes of W s, s folded into the final norm; the module holds
+        # W s until `compact` (the error figures recover the fold, `layer_errors`).
+        w_pre = weight_matrix(module).float()
+        qt, s = quantizer.quantize_head(w_pre, rows, spec)
+        fold_into_feeder(model, s)
+        replace_weight_matrix(module, w_pre * s)
     elif runs == spec.method and calib is not None:
         w_pre = weight_matrix(module).float()
         qt, own = layer_result(quantizer, name, module, call_entry(

@@ -29,8 +29,10 @@ TOOLTIP = ("The output head's error reaches every logit, so llama.cpp keeps it a
            "any layer's. The table below sets any bits / group / method on these rows too.\n"
            "Method: the lm_head runs the plan's method when it learns from a layer's inputs "
            "(GPTQ on the final hidden states' Hessian; a tied pair too, the embedding reading "
-           "the same matrix); an untied embedding and methods that learn from a whole block "
-           "(AWQ, SmoothQuant) get RTN on the method's grid.")
+           "the same matrix). Under AWQ an untied lm_head gets AWQ's scales from the final "
+           "hidden states, folded into the final norm; a tied one gets RTN on AWQ's grid, as "
+           "the fold would scale the embedding it shares. An untied embedding and SmoothQuant "
+           "get RTN on the method's grid.")
 
 
 class PlanEnds(QWidget):
@@ -59,11 +61,12 @@ class PlanEnds(QWidget):
         if ends != self.ends or native != self.native or not self.boxes and ends:
             self._build(ends, native)
         self.body = plan.default
-        notes = {note.split(": ")[0]: note for note in method_notes(plan, layers or [])}
+        notes = method_notes(plan, layers or [])
         for end, box in zip(self.ends, self.boxes):
             spec, apart = end_setting(plan, layers, end)
-            box.setToolTip(TOOLTIP + (f"\nNow: {notes[end.title]}." if end.title in notes
-                                      else ""))
+            # (by the title it starts with: a tied pair's title holds ": " itself)
+            note = next((n for n in notes if n.startswith(end.title + ": ")), None)
+            box.setToolTip(TOOLTIP + (f"\nNow: {note}." if note else ""))
             box.blockSignals(True)
             while box.count() > len(self._choices()):   # a custom setting shown last time
                 box.removeItem(box.count() - 1)

@@ -267,8 +267,8 @@ def test_the_heads_hessian_is_that_of_what_it_reads(arch, family_dirs):
 
 def test_the_head_runs_gptq_on_its_inputs_and_the_rest_rtn_on_the_grid(tiny_llama, tiny_dirs):
     """Under a GPTQ plan the head is GPTQ'd on the final hidden states (a lower error on them
-    than RTN's), a tied pair as one matrix; an untied embedding and AWQ take RTN on the grid,
-    and the plan says so."""
+    than RTN's), a tied pair as one matrix; an untied embedding and SmoothQuant take RTN on the
+    grid, and the plan says so (AWQ's head: test_awq_head.py)."""
     from studio.core.plan_ends import method_notes
     from studio.core.quantize import quantize_job
     from studio.core.text import text_windows
@@ -298,6 +298,7 @@ def test_the_head_runs_gptq_on_its_inputs_and_the_rest_rtn_on_the_grid(tiny_llam
     head = next(e for e in variant.layer_errors if e["layer"] == "lm_head")
     assert head["method"] == "gptq" and head["error"] < head["rtn_error"]
     assert variant.shared == {"model.embed_tokens": "lm_head"}
-    awq = with_ends(Plan(gptq.with_(method="awq")), qwen2.layers, end_spec("w4g32"), None)
-    assert awq.spec_for("lm_head").method == "rtn"
-    assert "AWQ learns from a whole block" in method_notes(awq, qwen2.layers)[0]
+    smooth = QuantSpec(bits=8, group_size=-1, symmetric=True, method="smoothquant")
+    sq = with_ends(Plan(smooth), qwen2.layers, end_spec("w8"), None)
+    assert sq.spec_for("lm_head").method == "rtn"
+    assert "learns from a whole block, and the head is outside" in method_notes(sq, qwen2.layers)[0]

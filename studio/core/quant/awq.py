@@ -278,8 +278,14 @@ class AwqOptions:
                         help="search each group's clipping range on a token sample")
 
 
+def _head(weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec):
+    from studio.core.quant.awq_head import awq_head   # (it imports this file)
+
+    return awq_head(weight, x, spec)
+
+
 QUANTIZER = Quantizer(
     name="awq", title="AWQ", options=AwqOptions, calibration="block inputs",
-    quantize=awq_block_job, windows_used=windows_used, folds_scales=True,
+    quantize=awq_block_job, windows_used=windows_used, folds_scales=True, quantize_head=_head,
     summary="per-channel scales from mean |activation|, folded into the previous layer",
     llm_compressor="AWQModifier")

@@ -137,6 +137,9 @@ class Quantizer:
     windows_used f(seqlen) -> how many calibration windows it reads (None: all it is given)
     folds_scales its scales fold into the norms / linears found by tracing a block
                  (`quant.layout`): blocks with nowhere to fold are refused before any work
+    quantize_head  optional, for a method learning from a whole block: (lm_head weight [vocab, d],
+                 its inputs [tokens, d], spec) -> (tensor, s) for an untied lm_head, s [d] the
+                 scales the job folds into what feeds the head (AWQ's: `awq_head.py`)
     smoothing    migrates activation outliers into the weights before quantizing, from the
                  float model's activations, and quantizes the layer's inputs to the option
                  `act_bits` (SmoothQuant); its calibration happens in that pass
@@ -155,6 +158,7 @@ class Quantizer:
     storage_bits: Callable | None = None
     quantize_shared: Callable | None = None
     windows_used: Callable | None = None
+    quantize_head: Callable | None = None
     smoothing: bool = False
     folds_scales: bool = False
     llm_compressor: str | None = None
