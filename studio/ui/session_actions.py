@@ -17,6 +17,7 @@ from studio.core import session_file
 from studio.core.errors import StudioError
 from studio.core.session import Session
 from studio.ui.errors import get_reporter
+from studio.ui.workers import tell
 
 AUTOSAVE_MINUTES = 5
 # An autosave waits between its steps while a job runs, at most this long, then goes on beside it.
@@ -179,9 +180,9 @@ class SessionActions(QObject):
                 saved = session_file.autosave(snapshot, window, self._encoded,
                                               self._wait_for_jobs(time.monotonic()))
             except Exception as exc:  # an autosave must never take the window down
-                self._autosaved.emit(None, exc)
+                tell(self._autosaved, None, exc)
             else:
-                self._autosaved.emit(saved, None)
+                tell(self._autosaved, saved, None)
 
     def stop(self) -> None:
         """The window closes: the writer ends after the save it is writing, if any."""

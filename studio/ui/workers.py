@@ -45,26 +45,37 @@ class _Runnable(QRunnable):
     def run(self) -> None:
         handle = self.handle
         handle.running = True
-        handle.started.emit()
+        tell(handle.started)
         try:
             if handle.token.cancelled:
                 raise Cancelled("cancelled before it started")
             result = run(self.factory(), _coalesced(handle.progress.emit), handle.token)
         except Cancelled:
-            handle.cancelled.emit()
+            tell(handle.cancelled)
         except StudioError as exc:
-            handle.failed.emit(str(exc), "")
+            tell(handle.failed, str(exc), "")
         except Exception as exc:  # a bug: show it with its traceback, keep the app alive
-            handle.failed.emit(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            tell(handle.failed, f"{type(exc).__name__}: {exc}", traceback.format_exc())
         else:
             if handle.token.cancelled:
-                handle.cancelled.emit()
+                tell(handle.cancelled)
             else:
-                handle.finished.emit(result)
+                tell(handle.finished, result)
         finally:
             handle.running = False
             handle.is_done = True
-            handle.done.emit()
+            tell(handle.done)
+
+
+def tell(signal, *args) -> None:
+    """Emit from a worker thread. When the window closed while the work ran, the object the
+    signal belongs to is gone and Qt raises; nobody is left to tell, so that report is
+    dropped instead of ending the thread with a traceback."""
+    try:
+        signal.emit(*args)
+    except RuntimeError as exc:
+        if "deleted" not in str(exc):
+            raise
 
 
 PROGRESS_EVERY = 0.04   # s: plain progress reports closer together than this are dropped

@@ -9,6 +9,8 @@ knowing its insides.
 import json
 import shutil
 
+import pytest
+
 
 from studio.core.jobs import run
 from studio.core.plan import Plan, QuantSpec
@@ -151,3 +153,31 @@ def test_a_studio_error_escaping_a_ui_slot_is_shown_as_a_message(qtbot, window, 
     qtbot.waitUntil(lambda: bool(reporter.history), timeout=5000)
     title, message, details = reporter.history[-1]
     assert "No space left" in message and details == ""
+
+
+def test_a_job_that_outlives_its_window_ends_quietly(qtbot, monkeypatch):
+    """Closing the window mid-job deletes the job's handle; the worker's last reports then
+    have nobody to reach and must not end its thread with a traceback."""
+    import threading
+
+    from shiboken6 import delete
+
+    from studio.core.jobs import Progress
+
+    release, seen = threading.Event(), []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_value))
+
+    def job():
+        release.wait(10)
+        yield Progress(1, 1, "done")
+        return 42
+
+    handle = workers.JobHandle("outlives")
+    worker = threading.Thread(target=workers._Runnable(handle, job).run)
+    worker.start()
+    delete(handle)                                   # the window went, and its handles
+    release.set()
+    worker.join(10)
+    assert not worker.is_alive() and seen == []
+    with pytest.raises(RuntimeError, match="deleted"):   # what the worker would have met
+        handle.done.emit()
