@@ -142,26 +142,12 @@ def test_autosave_writes_in_the_background(qtbot, make_window, tiny_dirs, monkey
 def test_autosave_waits_while_a_job_runs(qtbot, make_window, tiny_dirs):
     """A save's encoding beside a job competes for the GIL with the job and the window: the
     writer waits between its steps until the job is done."""
-    import threading
-
-    from studio.core.jobs import Progress
-
     window = make_window()
     open_and_wait(qtbot, window, tiny_dirs["llama"])
     qtbot.waitUntil(lambda: window.sessions._saving is None, timeout=20000)
     saved = session_file.autosave_path() / "session.json"
     before = saved.stat().st_mtime_ns if saved.exists() else None
-    release = threading.Event()
-
-    def blocking_job():
-        yield Progress(0, 1, "holding the worker")
-        assert release.wait(20)
-        return None
-
-    job = window.state.submit("a long job", blocking_job)
-    qtbot.waitUntil(lambda: job.running, timeout=5000)
-    window.state.publish("k", (1, 2))
-    window.sessions.autosave()
+    _job, release = autosave_during_a_job(qtbot, window)
     qtbot.wait(600)
     assert window.sessions._saving is not None                     # still waiting
     assert (saved.stat().st_mtime_ns if saved.exists() else None) == before
@@ -176,16 +162,30 @@ def test_a_paused_autosave_waits_for_the_views_to_draw_after_the_job(qtbot, make
     """A save paused by a job used to go on the moment the job ended, its encoding beside the
     views' redraw of what the job published (a 2 s stall under load): it waits AFTER_JOB_MS
     after the job's end too."""
-    import threading
     import time
 
     import studio.ui.session_actions as actions
-    from studio.core.jobs import Progress
 
     monkeypatch.setattr(actions, "AFTER_JOB_MS", 4000)
     window = make_window()
     open_and_wait(qtbot, window, tiny_dirs["llama"])
     qtbot.waitUntil(lambda: window.sessions._saving is None, timeout=20000)
+    job, release = autosave_during_a_job(qtbot, window)
+    qtbot.wait(300)
+    release.set()
+    qtbot.waitUntil(lambda: job.is_done, timeout=20000)
+    ended = time.monotonic()
+    qtbot.waitUntil(lambda: window.sessions._saving is None, timeout=30000)
+    assert time.monotonic() - ended >= 3.5
+
+
+def autosave_during_a_job(qtbot, window):
+    """A job holding the worker until released, a result published and an autosave asked
+    while it runs: (the job, its release)."""
+    import threading
+
+    from studio.core.jobs import Progress
+
     release = threading.Event()
 
     def blocking_job():
@@ -197,9 +197,4 @@ def test_a_paused_autosave_waits_for_the_views_to_draw_after_the_job(qtbot, make
     qtbot.waitUntil(lambda: job.running, timeout=5000)
     window.state.publish("k", (1, 2))
     window.sessions.autosave()
-    qtbot.wait(300)
-    release.set()
-    qtbot.waitUntil(lambda: job.is_done, timeout=20000)
-    ended = time.monotonic()
-    qtbot.waitUntil(lambda: window.sessions._saving is None, timeout=30000)
-    assert time.monotonic() - ended >= 3.5
+    return job, release
