@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import psutil
 import torch
 from torch import nn
@@ -423,12 +424,12 @@ def timed_generation(model, prompt: torch.Tensor, new_tokens: int, progress: Pro
         out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
         prefill = time.perf_counter() - start
         cache = out.past_key_values
-        token = out.logits[:, -1:].argmax(-1)
+        token = greedy(out.logits[:, -1])
         decode = 0.0
         for step in range(new_tokens):
             start = time.perf_counter()
             out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
+            token = greedy(out.logits[:, -1])
             decode += time.perf_counter() - start
             if step % 16 == 15:
                 yield progress  # lets a cancel land mid-run; the timing excludes it
@@ -466,18 +467,27 @@ class LeanRun:
         return step.mode
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The next token [1, 1] of greedy decoding from the last position's logits [1, vocab]:
+    numpy's argmax where it can read them (float32), every target alike. Torch's takes 0.7 ms
+    on a 262k-token row on one thread, 17x numpy's, and it is paid on every token."""
+    if logits.dtype == torch.float32:
+        return torch.tensor([[int(np.argmax(logits.reshape(-1).numpy()))]])
+    return logits.reshape(1, -1).argmax(-1, keepdim=True)
+
+
 def _timed_lean(lean: LeanRun, prompt: torch.Tensor, new_tokens: int, progress: Progress):
     with torch.inference_mode():
         decoder, next_logits = lean.decoder, lean.step
         start = time.perf_counter()
         logits = decoder.forward(prompt, 0)
         prefill = time.perf_counter() - start
-        token = logits.argmax(-1, keepdim=True)
+        token = greedy(logits)
         position = prompt.shape[1]
         decode = 0.0
         for step in range(new_tokens):
             start = time.perf_counter()
-            token = next_logits(token, position).argmax(-1, keepdim=True)
+            token = greedy(next_logits(token, position))
             position += 1
             decode += time.perf_counter() - start
             if step % 16 == 15:

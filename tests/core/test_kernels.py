@@ -132,6 +132,29 @@ def test_a_short_prompts_rows_each_get_their_own_product(spec):
         assert torch.allclose(together, one_by_one[:rows], rtol=1e-5, atol=1e-5), rows
 
 
+@needs_native
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8, group_size=-1, symmetric=True),
+                                  QuantSpec(bits=8, group_size=-1),
+                                  QuantSpec(bits=4, group_size=32),
+                                  QuantSpec(bits=4, group_size=64),
+                                  QuantSpec(bits=4, group_size=-1)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_short_rows_one_input_equals_the_tiled_product(spec, bias):
+    """Rows of at most 128 code bytes (a 262k-token head 128 wide) run eight at a time for one
+    input; 45 outputs leave five over. Each output equals the tiled path's (another loop over
+    the same codes) and the de-quantized float product within the int8 rounding of x."""
+    linear = layer(45, 128, bias=bias)
+    q = quantize_rtn(linear.weight.data, spec)
+    tensors, group, _ = q4_native.pack(q)
+    b = linear.bias.data if bias else None
+    x = torch.randn(2, 128)
+    one = q4_native.matmul(tensors, group, x[:1], b)
+    tiled = q4_native.matmul(tensors, group, x, b)[:1]
+    assert torch.allclose(one, tiled, rtol=1e-5, atol=1e-5)
+    expected = x[:1] @ q.dequantize().t() + (0 if b is None else b)
+    assert ((one - expected).norm() / expected.norm()).item() < 1e-2
+
+
 @pytest.mark.parametrize("spec", [QuantSpec(bits=8, group_size=-1, symmetric=True),
                                   QuantSpec(bits=8, group_size=-1),      # asymmetric zeros
                                   QuantSpec(bits=6, group_size=-1)])

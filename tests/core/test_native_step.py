@@ -263,6 +263,16 @@ def test_models_it_cannot_run_stay_eager_and_say_why(tiny_dirs, monkeypatch):
     hooked = LeanDecoder(model, 8, fused=True)
     hooked.layers[1].self_attn.o_proj.register_forward_pre_hook(lambda m, a: None)
     assert NativeStep.problem(hooked) == "block 1's o_proj has hooks"
+    # a rotation over an odd number of a head's dimensions (rotate-half pairs them)
+    _, model = model_of(tiny_dirs, "llama")
+    odd = LeanDecoder(model, 8, fused=True)
+    rotary, head_dim = odd.inner.rotary_emb, odd.head_dim
+    own = rotary.forward
+    monkeypatch.setattr(rotary, "forward",
+                        lambda x, at, *rest: tuple(t[..., :-1] for t in own(x, at, *rest)))
+    assert NativeStep.problem(odd) == (f"its rotary embedding turns [{head_dim - 1}] of each "
+                                       f"head's {head_dim} dimensions, which the step does not "
+                                       f"follow")
     monkeypatch.setattr(q4_native, "unavailable", lambda: "no C compiler on this machine")
     assert "unavailable: no C compiler" in LeanRun(model, 8).mode
 
