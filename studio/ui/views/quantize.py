@@ -144,13 +144,10 @@ class QuantizeView(QWidget):
         self.plot.setLabel("left", "relative output error  ‖XŴ−XW‖² / ‖XW‖²")
         self.plot.setLabel("bottom", "layers in quantization order (ticks: first layer of block bN)")
         self.plot.getAxis("left").enableAutoSIPrefix(False)
-        self.plot.addLegend(offset=(-10, -10), labelTextColor=(30, 30, 30),
-                            brush=pg.mkBrush(255, 255, 255, 220))
         self.curve = self.plot.plot([], [], **wide(METHOD_COLOR, 2), symbol="o",
-                                    symbolSize=5, symbolBrush=METHOD_COLOR, name="this method")
+                                    symbolSize=5, symbolBrush=METHOD_COLOR)
         self.rtn_curve = self.plot.plot([], [], pen=pg.mkPen(RTN_COLOR, width=1,
-                                                             style=Qt.PenStyle.DashLine),
-                                        name="RTN, same layer and inputs")
+                                                             style=Qt.PenStyle.DashLine))
         # Layers arrive every few tens of ms; redrawing for each one took the UI thread's share
         # of the two cores (and the GIL) from the job: GPTQ ran 35% slower in the window than
         # from the CLI. At most one redraw per REDRAW_MS, and one at the end.
@@ -158,6 +155,10 @@ class QuantizeView(QWidget):
         self.redraw.timeout.connect(self._draw)
         self.plot_title = QLabel()
         self.plot_title.setWordWrap(True)
+        # The key sits above the plot, not in it: a legend inside covered the last layers'
+        # points (the lm_head's, the one a user looks for, in the bottom right corner).
+        self.plot_key = QLabel(f"{_key(METHOD_COLOR, '●━━')} this method &nbsp;&nbsp; "
+                               f"{_key(RTN_COLOR, '‐ ‐ ‐')} RTN, same layer and inputs")
 
         self.variant_list = QListWidget()
         self.variant_list.currentItemChanged.connect(self._variant_selected)
@@ -190,6 +191,7 @@ class QuantizeView(QWidget):
         tv = QVBoxLayout(top)
         tv.setContentsMargins(0, 0, 0, 0)
         tv.addWidget(self.plot_title)
+        tv.addWidget(self.plot_key)
         tv.addWidget(self.plot)
         right.addWidget(top)
         right.addWidget(bottom)
@@ -588,3 +590,8 @@ def option_value(widget: QWidget):
     if isinstance(widget, QLineEdit):
         return widget.text()
     return widget.value()
+
+
+def _key(color: tuple[int, int, int], mark: str) -> str:
+    """A legend mark in a curve's colour, as rich text."""
+    return f"<span style='color: rgb{color}; font-weight: bold'>{mark}</span>"
