@@ -1,8 +1,9 @@
 """Open a model (Hugging Face folder, GGUF file, or the demo) into a ModelHandle.
 
 Every source goes through `open_model_job`, the path the window, the CLI and the tests all take.
-A GGUF file is de-quantized by transformers' GGUF loader once and cached as a safetensors folder,
-so the next open of the same file is a plain folder load.
+A GGUF file is de-quantized once and cached as a float32 safetensors folder (`gguf_convert`), so
+the next open of the same file is a plain folder load; a model that will be streamed is written
+into that folder tensor by tensor, and opened streamed from it.
 """
 from __future__ import annotations
 
@@ -244,9 +245,12 @@ def open_model_job(source: str | Path, weights: str | None = None) -> Job[ModelH
                     f"transformers' GGUF loader, which reads that architecture, reads one "
                     f"file. Merge the parts first:  llama-gguf-split --merge {path.name} "
                     f"ONE.gguf  and open ONE.gguf.")
-            guard_convert(summary, total_bytes(path), path.name, in_process(path))
-            # Held in memory (no streaming from the folder): the folder is written behind.
+            # Held in memory (no streaming from the folder): read whole, the folder written
+            # behind. Streamed: written into the folder tensor by tensor, then opened from it.
             behind = not choose_streaming(mode, None, 4 * summary.param_count)
+            estimate = guard_convert(summary, total_bytes(path), path.name, in_process(path),
+                                     streamed=not behind)
+            yield Progress(1, 4, f"{estimate.describe()} (first open only)")
             converted = yield from convert_job(path, folder, behind=behind)
         from studio.core.gguf_parts import parts
         others = len(parts(path)) - 1
