@@ -75,7 +75,8 @@ def _run_child(job: str, model: str) -> dict:
             for tensor in handle.model.parameters():
                 tensor.sum()
             record["rss_after_touching_mib"] = round(psutil.Process().memory_info().rss / MIB)
-        record["estimate_mib"] = round(made[-1].total / MIB)
+        if made:   # (a GGUF's first open in memory is guarded by its convert estimate)
+            record["estimate_mib"] = round(made[-1].total / MIB)
         if handle.streamed:   # what the guard checks when opening a streamed model
             record["note"] = ("estimate: the smallest job (one block and the largest layer in "
                               "float32), not the open itself")

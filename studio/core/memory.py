@@ -477,7 +477,9 @@ def estimate_convert(summary, file_bytes: int, what: str, in_process: bool,
     return Estimate(f"De-quantizing {what}", 0, {
         "float32 weights, with the tensors being de-quantized": peak,
         "the GGUF file, read": file_bytes,
-        "the tokenizer and the header's tables": TOKENIZER_PER_HEADER_BYTE * summary.data_start})
+        "the tokenizer and the header's tables": TOKENIZER_PER_HEADER_BYTE * summary.data_start},
+        ["open it with --weights stream (written into its cache a tensor at a time, then "
+         "read from there a layer at a time)"])
 
 
 def estimate_streamed_convert(summary, what: str) -> Estimate:
