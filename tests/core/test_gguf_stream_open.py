@@ -114,3 +114,18 @@ def test_the_streamed_first_open_is_guarded_by_its_own_estimate(family_dirs, tmp
     assert not (cache / "gguf").exists() or not list((cache / "gguf").iterdir())
     monkeypatch.setattr(memory, "available", lambda: streamed.added + 2**20)
     assert run(open_model_job(file, weights="stream")).streamed
+
+
+def test_a_cache_disk_too_small_is_refused_before_work(tiny_dirs, tmp_path, cache, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from studio.core.errors import ModelLoadError
+
+    file = tiny_gguf(tiny_dirs["llama"], tmp_path)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 1000, 1000))
+    monkeypatch.setattr(gguf_fast, "convert_fast_job", lambda *a: pytest.fail("work started"))
+    with pytest.raises(ModelLoadError, match=r"writes its weights in float32 to the cache "
+                                             r"first: .* GiB, but only 0.0 GiB is free"):
+        run(open_model_job(file, weights="stream"))
