@@ -66,8 +66,8 @@ def convert_fast(path: Path, folder: Path) -> None:
 def convert_fast_job(path: Path, folder: Path) -> Job[None]:
     """`convert_fast` as a job, for a model that will be opened streamed: each tensor is
     de-quantized and written straight into the cache's safetensors file (`Writer`), so memory
-    holds a few tensors (`memory.estimate_convert`), never the model. Yields Progress per tensor; cancelled
-    between tensors, it leaves no folder (`atomic_dir`)."""
+    holds a few tensors (`memory.estimate_streamed_convert`), never the model. Yields Progress
+    per tensor; cancelled between tensors, it leaves no folder (`atomic_dir`)."""
     import torch
     from transformers import GenerationConfig
 

@@ -478,8 +478,8 @@ def estimate_convert(summary, file_bytes: int, what: str, in_process: bool,
         "float32 weights, with the tensors being de-quantized": peak,
         "the GGUF file, read": file_bytes,
         "the tokenizer and the header's tables": TOKENIZER_PER_HEADER_BYTE * summary.data_start},
-        ["open it with --weights stream (written into its cache a tensor at a time, then "
-         "read from there a layer at a time)"])
+        [("open it with --weights stream (written into its cache a tensor at a time, then "
+          "read from there a layer at a time)")])
 
 
 def estimate_streamed_convert(summary, what: str) -> Estimate:
@@ -506,8 +506,8 @@ def estimate_streamed_convert(summary, what: str) -> Estimate:
     return Estimate(f"De-quantizing {what} tensor by tensor into its cache", resident(), {
         "the tensors being de-quantized and written": peak,
         "the tokenizer and the header's tables": TOKENIZER_PER_HEADER_BYTE * summary.data_start},
-        ["a machine with more memory: even written tensor by tensor, the largest tensors "
-         "being de-quantized must fit"])
+        [("a machine with more memory: even written tensor by tensor, the largest tensors "
+          "being de-quantized must fit")])
 
 
 # gguf_fast.WORKERS (not imported: this module is imported before torch)

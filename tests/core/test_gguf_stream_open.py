@@ -18,9 +18,10 @@ from studio.core.plan import Plan, QuantSpec
 from studio.core.quantize import quantize_job
 
 
-def tiny_gguf(folder, out, spec=QuantSpec(4, 32, True)):
+def tiny_gguf(folder, out):
     handle = run(open_model_job(folder))
-    variant = run(quantize_job(handle, Plan(spec), None, None, f"stream {folder.name}"))
+    variant = run(quantize_job(handle, Plan(QuantSpec(4, 32, True)), None, None,
+                               f"stream {folder.name}"))
     return run(GGUF.write_job(variant, handle, ExportOptions(dtype="f16"), None, out)).file
 
 
@@ -72,9 +73,9 @@ def test_the_writer_takes_tensors_in_any_order_and_writes_what_save_file_writes(
             out.put(key, tensors[key])
     assert (tmp_path / "put.safetensors").read_bytes() == \
         (tmp_path / "reference.safetensors").read_bytes()
-    with pytest.raises(ValueError, match="not written, e.g. b"):
-        with Writer(tmp_path / "short.safetensors", specs) as out:
-            out.put("a", tensors["a"])
+    with pytest.raises(ValueError, match="not written, e.g. b"), \
+            Writer(tmp_path / "short.safetensors", specs) as out:
+        out.put("a", tensors["a"])
     with pytest.raises(ValueError, match="declared"):
         Writer(tmp_path / "wrong.safetensors", specs).put("a", tensors["b"])
 

@@ -19,7 +19,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Self
 
 import torch
 
@@ -85,7 +85,7 @@ class Writer:
             self._starts[key] = start
             start += specs[key].nbytes
         self._left = set(specs)
-        self._file = open(path, "wb")
+        self._file = open(path, "wb")   # noqa: SIM115 (closed by close / __exit__)
         self._file.write(header)
         self._at = len(header)
 
@@ -106,9 +106,9 @@ class Writer:
         self._file.close()
         if self._left:
             raise ValueError(f"{len(self._left)} declared tensors were not written, e.g. "
-                             f"{sorted(self._left)[0]}.")
+                             f"{min(self._left)}.")
 
-    def __enter__(self) -> "Writer":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind, *_) -> None:
