@@ -97,9 +97,10 @@ def convert_fast_job(path: Path, folder: Path) -> Job[None]:
                 if pair is not None:
                     out.put(*pair)
                 del pair   # (the next tensor is de-quantized while this one goes)
-                yield Progress(i + 1, len(entries), f"De-quantizing {path.name} into its "
-                                                    f"cache: tensor {i + 1} of {len(entries)} "
-                                                    f"(first open only)")
+                # (the count first: a status bar cuts a long file name's end)
+                yield Progress(i + 1, len(entries), f"Tensor {i + 1} of {len(entries)} "
+                                                    f"de-quantized into the cache of "
+                                                    f"{path.name} (first open only)")
 
 
 @dataclass

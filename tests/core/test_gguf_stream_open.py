@@ -55,7 +55,7 @@ def test_the_streamed_first_open_writes_the_in_memory_weights(family_dirs, tmp_p
 def test_a_cancelled_streamed_first_open_leaves_no_cache(tiny_dirs, tmp_path, cache):
     file = tiny_gguf(tiny_dirs["llama"], tmp_path)
     job = open_model_job(file, weights="stream")
-    while "tensor 3 of" not in next(job).message:
+    while "Tensor 3 of" not in next(job).message:
         pass
     assert list((cache / "gguf").iterdir())    # the folder being written, under a temporary name
     job.close()                                # what a cancel does
