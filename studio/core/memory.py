@@ -466,7 +466,8 @@ def estimate_convert(summary, file_bytes: int, what: str, in_process: bool,
     (`estimate_streamed_convert`)."""
     params = summary.param_count
     if not in_process:
-        return Estimate(f"De-quantizing {what}", 0, {"float32 weights, twice": 8 * params})
+        return Estimate(f"De-quantizing {what}", resident(),
+                        {"float32 weights, twice": 8 * params})
     if streamed:
         return estimate_streamed_convert(summary, what)
     sizes = [4 * t.n_elements for t in summary.tensors]
@@ -474,7 +475,7 @@ def estimate_convert(summary, file_bytes: int, what: str, in_process: bool,
     for i, size in enumerate(sizes):   # the tensors before i held, i and the next in flight
         peak = max(peak, held + 2 * sum(sizes[i: i + DEQUANTIZE_THREADS]))
         held += size
-    return Estimate(f"De-quantizing {what}", 0, {
+    return Estimate(f"De-quantizing {what}", resident(), {
         "float32 weights, with the tensors being de-quantized": peak,
         "the GGUF file, read": file_bytes,
         "the tokenizer and the header's tables": TOKENIZER_PER_HEADER_BYTE * summary.data_start},
