@@ -2,6 +2,9 @@
 process, measuring wall time and peak RSS against the memory guard's estimate (issue 17).
 
     python benchmarks/bench_large.py make               # the synthetic model, once (~6.4 GB)
+    python benchmarks/bench_large.py make-gguf          # it as a Q8_0 GGUF (~3.4 GB), for a
+                                                        # large GGUF's first open (run open
+                                                        # --model FILE.gguf: make_large_gguf.py)
     python benchmarks/bench_large.py run [JOB ...]      # open stats rtn gptq eval eval-variant
                                                         # (rtn-noerr: RTN without error windows;
                                                         # eval-variant: $STUDIO_LARGE_VARIANT)
@@ -61,6 +64,8 @@ def main(argv=None) -> int:
     make_p = sub.add_parser("make")
     make_p.add_argument("--layers", type=int, default=CONFIG["num_hidden_layers"],
                         help="a cut with fewer blocks of the same shapes (own folder)")
+    gguf_p = sub.add_parser("make-gguf")
+    gguf_p.add_argument("--out", type=Path, default=LARGE.with_name(f"{LARGE.name}-Q8_0.gguf"))
     run_p = sub.add_parser("run")
     run_p.add_argument("jobs", nargs="*", default=[j for j in JOBS if j != "rtn-noerr"])
     run_p.add_argument("--model", default=str(LARGE))
@@ -81,6 +86,10 @@ def main(argv=None) -> int:
             make(LARGE.with_name(f"{LARGE.name}-{args.layers}blocks"))
         else:
             make(LARGE)
+        return 0
+    if args.command == "make-gguf":
+        from make_large_gguf import make_gguf
+        make_gguf(LARGE, args.out)
         return 0
     if args.command == "guard":
         from fit_guard import guard_table, print_table

@@ -55,9 +55,18 @@ def _run_child(job: str, model: str) -> dict:
     made = []   # the estimate the open itself guards with (before any weight is read)
     estimate_open = memory.estimate_open
     memory.estimate_open = lambda *a, **k: made.append(estimate_open(*a, **k)) or made[-1]
+    converts = []   # a GGUF's first open: the guard's estimate of its de-quantization
+    estimate_convert = memory.estimate_convert
+    memory.estimate_convert = lambda *a, **k: converts.append(
+        estimate_convert(*a, **k)) or converts[-1]
     start = time.perf_counter()
     handle = run(open_model_job(model))
     memory.estimate_open = estimate_open
+    memory.estimate_convert = estimate_convert
+    if converts:
+        record["convert_estimate_mib"] = round(converts[-1].total / MIB)
+        record["convert_estimate_added_mib"] = round(converts[-1].added / MIB)
+        record["convert_estimate"] = converts[-1].describe()
     record["open_seconds"] = round(time.perf_counter() - start, 2)
     record["rss_after_open_mib"] = round(psutil.Process().memory_info().rss / MIB)
     record["streamed"] = handle.streamed
@@ -66,7 +75,8 @@ def _run_child(job: str, model: str) -> dict:
             for tensor in handle.model.parameters():
                 tensor.sum()
             record["rss_after_touching_mib"] = round(psutil.Process().memory_info().rss / MIB)
-        record["estimate_mib"] = round(made[-1].total / MIB)
+        if made:   # (a GGUF's first open in memory is guarded by its convert estimate)
+            record["estimate_mib"] = round(made[-1].total / MIB)
         if handle.streamed:   # what the guard checks when opening a streamed model
             record["note"] = ("estimate: the smallest job (one block and the largest layer in "
                               "float32), not the open itself")

@@ -35,9 +35,11 @@ def in_process(path: Path) -> bool:
 
 def convert_job(path: Path, folder: Path, behind: bool = False) -> Job[object | None]:
     """The GGUF's cached folder: read here for the architectures `gguf_fast` covers (a job of
-    its own, cancellable between tensors; returns what it read, a `gguf_fast.Dequantized`,
-    and with `behind` writes the folder on a thread after returning: `gguf_fast.write_behind`),
-    else in a child process, yielding progress until it ends (cancel kills it; returns None)."""
+    its own, cancellable between tensors): with `behind`, read whole into memory and returned
+    (a `gguf_fast.Dequantized`), the folder written on a thread after returning
+    (`gguf_fast.write_behind`); without, written tensor by tensor, holding a few (returns
+    None). Else in a child process, yielding progress until it ends (cancel kills it;
+    returns None)."""
     from studio.core import gguf_fast
 
     _remove_stale_temporaries(folder)

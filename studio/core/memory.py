@@ -445,12 +445,15 @@ _TITLES = {"stats": "Weight statistics", "quantize": "Quantization", "eval": "Ev
            "capture": "Activation capture", "sensitivity": "The sensitivity sweep"}
 
 
-def guard_convert(summary, file_bytes: int, what: str, in_process: bool) -> None:
-    """Refuse a GGUF's first open that would not fit (`estimate_convert`)."""
-    guard(estimate_convert(summary, file_bytes, what, in_process))
+def guard_convert(summary, file_bytes: int, what: str, in_process: bool,
+                  streamed: bool = False) -> Estimate:
+    """Refuse a GGUF's first open that would not fit (`estimate_convert`), or return the
+    estimate."""
+    return guard(estimate_convert(summary, file_bytes, what, in_process, streamed))
 
 
-def estimate_convert(summary, file_bytes: int, what: str, in_process: bool) -> Estimate:
+def estimate_convert(summary, file_bytes: int, what: str, in_process: bool,
+                     streamed: bool = False) -> Estimate:
     """De-quantizing a GGUF (`summary`: its header) to float32. In this process
     (`gguf_fast`, two threads, tensors in file order): the float32 weights as they accumulate,
     each tensor in flight twice while gguf-py de-quantizes it (its float32 result and an
@@ -459,23 +462,59 @@ def estimate_convert(summary, file_bytes: int, what: str, in_process: bool) -> E
     same tensors, and safetensors writes the cache from them: no second copy. Measured on the demo
     (134.5 M parameters, a 94 MiB file, first open after the window's imports): 646 MiB added
     (two runs: 645, 647), estimated 646. In a child process (transformers' loader): about two
-    float32 copies."""
+    float32 copies. `streamed`: written into the cache tensor by tensor
+    (`estimate_streamed_convert`)."""
     params = summary.param_count
     if not in_process:
-        return Estimate(f"De-quantizing {what}", 0, {"float32 weights, twice": 8 * params})
+        return Estimate(f"De-quantizing {what}", resident(),
+                        {"float32 weights, twice": 8 * params})
+    if streamed:
+        return estimate_streamed_convert(summary, what)
     sizes = [4 * t.n_elements for t in summary.tensors]
     held, peak = 0, 0
     for i, size in enumerate(sizes):   # the tensors before i held, i and the next in flight
         peak = max(peak, held + 2 * sum(sizes[i: i + DEQUANTIZE_THREADS]))
         held += size
-    return Estimate(f"De-quantizing {what}", 0, {
+    return Estimate(f"De-quantizing {what}", resident(), {
         "float32 weights, with the tensors being de-quantized": peak,
         "the GGUF file, read": file_bytes,
-        "the tokenizer and the header's tables": TOKENIZER_PER_HEADER_BYTE * summary.data_start})
+        "the tokenizer and the header's tables": TOKENIZER_PER_HEADER_BYTE * summary.data_start},
+        [("open it with --weights stream (written into its cache a tensor at a time, then "
+          "read from there a layer at a time)")])
+
+
+def estimate_streamed_convert(summary, what: str) -> Estimate:
+    """A first open written into the cache tensor by tensor (`gguf_fast.convert_fast_job`):
+    one tensor in float32 being written while the next DEQUANTIZE_THREADS are de-quantized,
+    each in flight with its float32 result and gguf-py's temporaries (as large again, or for
+    a tensor de-quantized a block of rows at a time, three float32 blocks of CHUNK_ELEMENTS),
+    its stored bytes read with file reads (the file's pages are not mapped: they do not stay
+    resident). The largest such window of the file order, not the model: a 3B model's is its
+    embedding; the tokenizer as in the in-memory estimate."""
+    elements = [t.n_elements for t in summary.tensors]
+
+    def in_flight(i: int) -> int:
+        if i >= len(elements):
+            return 0
+        n = elements[i]
+        if n <= DEQUANTIZE_CHUNK:   # its stored bytes and an intermediate as large as it
+            return 4 * n + 4 * n + summary.tensors[i].nbytes
+        return 4 * n + 3 * 4 * DEQUANTIZE_CHUNK   # a block's bytes, intermediate and result
+
+    peak = max((4 * (elements[i - 1] if i else 0)
+                + sum(in_flight(j) for j in range(i, i + DEQUANTIZE_THREADS))
+                for i in range(len(elements))), default=0)
+    return Estimate(f"De-quantizing {what} tensor by tensor into its cache", resident(), {
+        "the tensors being de-quantized and written": peak,
+        "the tokenizer and the header's tables": TOKENIZER_PER_HEADER_BYTE * summary.data_start},
+        [("a machine with more memory: even written tensor by tensor, the largest tensors "
+          "being de-quantized must fit")])
 
 
 # gguf_fast.WORKERS (not imported: this module is imported before torch)
 DEQUANTIZE_THREADS = 2
+# gguf_fast.CHUNK_ELEMENTS: a larger tensor is de-quantized a block of rows at a time
+DEQUANTIZE_CHUNK = 32 * 2**20
 # What a GGUF's tokenizer and the readers' tables hold per byte of its header (the vocabulary):
 # the demo's 1.70 MiB header, 36 MiB above its weights and file at the peak of a first open
 # (fitted on that one file: a vocabulary's strings and merges as Python and Rust objects).

@@ -1,8 +1,9 @@
 """Open a model (Hugging Face folder, GGUF file, or the demo) into a ModelHandle.
 
 Every source goes through `open_model_job`, the path the window, the CLI and the tests all take.
-A GGUF file is de-quantized by transformers' GGUF loader once and cached as a safetensors folder,
-so the next open of the same file is a plain folder load.
+A GGUF file is de-quantized once and cached as a float32 safetensors folder (`gguf_convert`), so
+the next open of the same file is a plain folder load; a model that will be streamed is written
+into that folder tensor by tensor, and opened streamed from it.
 """
 from __future__ import annotations
 
@@ -244,9 +245,14 @@ def open_model_job(source: str | Path, weights: str | None = None) -> Job[ModelH
                     f"transformers' GGUF loader, which reads that architecture, reads one "
                     f"file. Merge the parts first:  llama-gguf-split --merge {path.name} "
                     f"ONE.gguf  and open ONE.gguf.")
-            guard_convert(summary, total_bytes(path), path.name, in_process(path))
-            # Held in memory (no streaming from the folder): the folder is written behind.
+            # Held in memory (no streaming from the folder): read whole, the folder written
+            # behind. Streamed: written into the folder tensor by tensor, then opened from it.
             behind = not choose_streaming(mode, None, 4 * summary.param_count)
+            estimate = guard_convert(summary, total_bytes(path), path.name, in_process(path),
+                                     streamed=not behind)
+            if not behind and in_process(path):
+                check_cache_room(folder, 4 * summary.param_count, path.name)
+            yield Progress(1, 4, f"{estimate.describe()} (first open only)")
             converted = yield from convert_job(path, folder, behind=behind)
         from studio.core.gguf_parts import parts
         others = len(parts(path)) - 1
@@ -561,6 +567,23 @@ def gguf_cache_folder(path: Path) -> Path:
 
     key = stamp(path)
     return cache_root() / "gguf" / f"{path.stem}-{key[:12]}"
+
+
+def check_cache_room(folder: Path, needed: int, what: str) -> None:
+    """A streamed first open must finish writing its cache before the model opens: refuse
+    it before minutes of de-quantizing when the disk cannot hold the float32 weights."""
+    import shutil
+
+    root = folder.parent
+    while not root.exists() and root != root.parent:
+        root = root.parent
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        raise ModelLoadError(
+            f"Opening {what} streamed writes its weights in float32 to the cache first: "
+            f"{needed / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB is free in {root}. "
+            f"Free space there, or move the cache (Preferences > Cache folder, or "
+            f"COMPRESSION_STUDIO_CACHE).")
 
 
 def grid_notes(model: nn.Module) -> list[str]:

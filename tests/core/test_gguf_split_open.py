@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from studio.cli import main
 from studio.core import gguf_fast, gguf_parts
@@ -81,6 +82,19 @@ def test_a_split_gguf_opens_as_its_one_file_does(ggufs, tmp_path, monkeypatch):
         again = run(open_model_job(source))
         assert again.folder == split.folder and again.source == str(files[0])
     assert len(seen) == 4
+
+
+def test_a_split_gguf_opens_streamed_from_its_cache(ggufs, tmp_path, monkeypatch):
+    """Written into its cache tensor by tensor from every part, not read whole (issue 17)."""
+    one, files = ggufs
+    files = copied(files, tmp_path / "split")
+    whole = run(open_model_job(one)).model.state_dict()
+    monkeypatch.setattr(gguf_fast, "dequantize_job",
+                        lambda *a: pytest.fail("the streamed first open read the model whole"))
+    split = run(open_model_job(files[0], weights="stream"))
+    assert split.streamed
+    cached = load_file(split.folder / "model.safetensors")
+    assert cached and all(torch.equal(cached[key], whole[key]) for key in cached)
 
 
 def test_a_missing_or_foreign_part_is_refused_before_work(ggufs, tmp_path, monkeypatch):

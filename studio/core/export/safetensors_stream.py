@@ -3,8 +3,10 @@
 `safetensors.torch.save_file` needs every tensor in memory at once; an export of a streamed
 variant (a 3B model: ~1.5 GiB of packed codes, ~0.75 GiB of embedding) must not gather them.
 The format lets a writer know the header before any data: each tensor's name, dtype and shape
-fix its offsets. So the caller declares every tensor first (`TensorSpec`), then the writer asks
-for each tensor's values in file order and writes them, holding one at a time.
+fix its offsets. So the caller declares every tensor first (`TensorSpec`), then either the
+writer asks for each tensor's values in file order (`write`), or the caller hands it tensors in
+any order as they come (`Writer.put`: a GGUF de-quantized tensor by tensor, in the GGUF's order,
+into a first open's cache), holding one at a time.
 
 The layout is safetensors' own (checked against `save_file` by a test): the header is compact
 JSON, `__metadata__` first, then the tensors in data order; it is padded with spaces to a
@@ -17,7 +19,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Self
 
 import torch
 
@@ -66,20 +68,66 @@ def header_bytes(specs: dict[str, TensorSpec], metadata: dict[str, str] | None) 
     return len(text).to_bytes(8, "little") + text
 
 
+class Writer:
+    """A safetensors file written from its header: `put` each declared tensor, in any order,
+    at its place; `close` checks that every one was put (a hole would read as zeros).
+
+        with Writer(path, specs, metadata) as out:
+            out.put(key, tensor)    # for every key of specs
+    """
+
+    def __init__(self, path: Path, specs: dict[str, TensorSpec],
+                 metadata: dict[str, str] | None = None):
+        self.specs = specs
+        header = header_bytes(specs, metadata)
+        self._starts, start = {}, len(header)
+        for key in file_order(specs):
+            self._starts[key] = start
+            start += specs[key].nbytes
+        self._left = set(specs)
+        self._file = open(path, "wb")   # noqa: SIM115 (closed by close / __exit__)
+        self._file.write(header)
+        self._at = len(header)
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        """Write `key`'s values at its place. It must match its spec: the header says it."""
+        if key not in self._left:
+            raise ValueError(f"{key} was not declared, or was written already.")
+        if TensorSpec.of(tensor) != self.specs[key]:
+            raise ValueError(f"{key} was declared {self.specs[key]}, produced "
+                             f"{TensorSpec.of(tensor)}.")
+        if self._at != self._starts[key]:   # (in file order, no seek: `write`, `save`)
+            self._file.seek(self._starts[key])
+        self._file.write(_raw(tensor))
+        self._at = self._starts[key] + self.specs[key].nbytes
+        self._left.discard(key)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._left:
+            raise ValueError(f"{len(self._left)} declared tensors were not written, e.g. "
+                             f"{min(self._left)}.")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is None:
+            self.close()
+        else:   # (the caller's error or cancel: the file is the caller's to remove)
+            self._file.close()
+
+
 def write(path: Path, specs: dict[str, TensorSpec],
           produce: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None
           ) -> Iterator[str]:
     """Write the file, asking `produce(key)` for each tensor in file order; yields each key
     as it is written (for progress). A produced tensor must match its spec: the header was
     written from the specs."""
-    with open(path, "wb") as out:
-        out.write(header_bytes(specs, metadata))
+    with Writer(path, specs, metadata) as out:
         for key in file_order(specs):
             tensor = produce(key)
-            if TensorSpec.of(tensor) != specs[key]:
-                raise ValueError(f"{key} was declared {specs[key]}, produced "
-                                 f"{TensorSpec.of(tensor)}.")
-            out.write(_raw(tensor))
+            out.put(key, tensor)
             del tensor
             yield key
 
