@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from studio.core.errors import ModelLoadError
+from studio.core.errors import ModelLoadError, StudioError
 from studio.core.file_checks import safetensors_header
 from studio.core.files import read_json
 
@@ -254,8 +254,31 @@ def streamed_model(config, store: WeightStore) -> nn.Module:
     _real_buffers(model, config, store, prefix)
     for module in model.modules():
         watch(module)
+    trim_after_blocks(model)
     model.requires_grad_(False)
     return model
+
+
+def trim_after_blocks(model: nn.Module) -> None:
+    """After each decoder block runs, the C library's heap gives back what its layers freed
+    (`memory.release_freed_memory`). Without it a streamed forward's resident size grew with
+    depth, ~9 MiB a block of the 3B (evaluating a variant: 2414 MiB at 2 blocks, 2638 at 28),
+    all of it freed temporaries glibc kept. Copies of the model (a variant's) keep the hook."""
+    from studio.core.quant.blocks import decoder_blocks
+
+    try:
+        _, blocks = decoder_blocks(model)
+    except StudioError:   # (no stack of blocks the studio knows: nothing to trim between)
+        return
+    for block in blocks:
+        if _trim not in block._forward_hooks.values():
+            block.register_forward_hook(_trim)
+
+
+def _trim(module: nn.Module, args, output) -> None:
+    from studio.core.memory import release_freed_memory
+
+    release_freed_memory()
 
 
 def watch(module: nn.Module) -> None:
