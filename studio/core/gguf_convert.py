@@ -33,6 +33,21 @@ def in_process(path: Path) -> bool:
     return gguf_fast.supported(path) and not os.environ.get("STUDIO_GGUF_SLOW_PATH")
 
 
+def check_cache_room(folder: Path, needed: int, what: str) -> None:
+    """A streamed first open must finish writing its cache before the model opens: refuse
+    it before minutes of de-quantizing when the disk cannot hold the float32 weights."""
+    root = folder.parent
+    while not root.exists() and root != root.parent:
+        root = root.parent
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        raise ModelLoadError(
+            f"Opening {what} streamed writes its weights in float32 to the cache first: "
+            f"{needed / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB is free in {root}. "
+            f"Free space there, or move the cache (Preferences > Cache folder, or "
+            f"COMPRESSION_STUDIO_CACHE).")
+
+
 def convert_job(path: Path, folder: Path, behind: bool = False) -> Job[object | None]:
     """The GGUF's cached folder: read here for the architectures `gguf_fast` covers (a job of
     its own, cancellable between tensors): with `behind`, read whole into memory and returned

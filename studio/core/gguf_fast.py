@@ -69,7 +69,6 @@ def convert_fast_job(path: Path, folder: Path) -> Job[None]:
     holds a few tensors (`memory.estimate_streamed_convert`), never the model. Yields Progress
     per tensor; cancelled between tensors, it leaves no folder (`atomic_dir`)."""
     import torch
-    from transformers import GenerationConfig
 
     from studio.core.export.safetensors_stream import TensorSpec, Writer
     from studio.core.files import atomic_dir
@@ -83,13 +82,8 @@ def convert_fast_job(path: Path, folder: Path) -> Job[None]:
              if e.name in mapping}
     with atomic_dir(folder) as tmp:
         yield Progress(0, len(entries), f"Reading {path.name}'s vocabulary")
-        header.config.save_pretrained(tmp)
-        if header.can_generate:
-            GenerationConfig.from_model_config(header.config).save_pretrained(tmp)
-        tokenizer = gguf_tokenizer(path, header.config_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        del tokenizer
+        write_config(tmp, header.config, header.can_generate,
+                     gguf_tokenizer(path, header.config_dict))
         one = dequantizer(header.architecture, header.config_dict, mapping)
         with Writer(Path(tmp) / "model.safetensors", specs, {"format": "pt"}) as out, \
                 contextlib.closing(in_order(one, entries, ahead=WORKERS)) as pairs:
@@ -204,18 +198,24 @@ _WRITERS_LOCK = threading.Lock()
 
 def write_folder(done: Dequantized, folder: Path) -> None:
     """The model folder transformers' loader would save, written atomically."""
-    from transformers import GenerationConfig
 
     from studio.core.export.safetensors_stream import save as save_file
     from studio.core.files import atomic_dir
 
     with atomic_dir(folder) as tmp:
-        done.config.save_pretrained(tmp)
-        if done.can_generate:
-            GenerationConfig.from_model_config(done.config).save_pretrained(tmp)
+        write_config(tmp, done.config, done.can_generate, done.tokenizer)
         save_file(done.tensors, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
-        if done.tokenizer is not None:
-            done.tokenizer.save_pretrained(tmp)
+
+
+def write_config(folder, config, can_generate: bool, tokenizer) -> None:
+    """A cache folder's files besides its weights: config, generation config, tokenizer."""
+    from transformers import GenerationConfig
+
+    config.save_pretrained(folder)
+    if can_generate:
+        GenerationConfig.from_model_config(config).save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 def gguf_config(metadata: dict, tensor_names) -> dict:

@@ -251,6 +251,7 @@ def open_model_job(source: str | Path, weights: str | None = None) -> Job[ModelH
             estimate = guard_convert(summary, total_bytes(path), path.name, in_process(path),
                                      streamed=not behind)
             if not behind and in_process(path):
+                from studio.core.gguf_convert import check_cache_room
                 check_cache_room(folder, 4 * summary.param_count, path.name)
             yield Progress(1, 4, f"{estimate.describe()} (first open only)")
             converted = yield from convert_job(path, folder, behind=behind)
@@ -567,23 +568,6 @@ def gguf_cache_folder(path: Path) -> Path:
 
     key = stamp(path)
     return cache_root() / "gguf" / f"{path.stem}-{key[:12]}"
-
-
-def check_cache_room(folder: Path, needed: int, what: str) -> None:
-    """A streamed first open must finish writing its cache before the model opens: refuse
-    it before minutes of de-quantizing when the disk cannot hold the float32 weights."""
-    import shutil
-
-    root = folder.parent
-    while not root.exists() and root != root.parent:
-        root = root.parent
-    free = shutil.disk_usage(root).free
-    if needed > free:
-        raise ModelLoadError(
-            f"Opening {what} streamed writes its weights in float32 to the cache first: "
-            f"{needed / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB is free in {root}. "
-            f"Free space there, or move the cache (Preferences > Cache folder, or "
-            f"COMPRESSION_STUDIO_CACHE).")
 
 
 def grid_notes(model: nn.Module) -> list[str]:
