@@ -203,12 +203,14 @@ def copy_demo_tokenizer(folder: Path) -> None:
     """The demo's tokenizer files, from the folder the studio caches the demo GGUF in."""
     import shutil
 
+    from studio.core.gguf_fast import wait_for_cache
     from studio.core.jobs import run
     from studio.core.models import demo_gguf_path, gguf_cache_folder, open_model_job
 
     demo = gguf_cache_folder(demo_gguf_path())
     if not (demo / "tokenizer.json").is_file():
         run(open_model_job("demo"))
+        wait_for_cache(demo)   # a first open writes the cache behind the model it returns
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(demo / name, folder / name)
 

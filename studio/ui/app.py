@@ -26,9 +26,11 @@ PRELOAD_BEHIND = ("transformers.modeling_utils", "transformers.masking_utils",
 # How long a thread keeps the interpreter's lock while another waits for it (CPython: 5 ms).
 # The UI thread lets the lock go in most Qt calls and then waits to take it back: beside a
 # busy Python thread (an autosave's encoding, a job's Python loop) each wait took up to the
-# whole interval, and a paint makes hundreds. Four plots painted in 162 ms alone, 354 ms beside
-# such a thread at 5 ms, 282 ms at 1 ms (medians of 8, under load).
-SWITCH_INTERVAL_S = 0.001
+# whole interval, and a paint makes hundreds. Beside a thread looping in Python the Weights tab
+# painted in 1105 ms at 5 ms, 436 at 1 ms, 238 at 0.2 ms (106 alone), and that thread ran at 62%
+# of its speed alone at 1 ms, 46% at 0.2 ms: while the window paints, it goes first
+# (benchmarks/bench_paint_convoy.py). Torch's operations let the lock go and barely slow a paint.
+SWITCH_INTERVAL_S = 0.0002
 
 
 def main(source: str | None = None, screenshot: str | None = None, tab: str | None = None,

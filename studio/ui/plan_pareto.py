@@ -6,18 +6,19 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QLabel
 
-from studio.ui.widgets import wide
+from studio.ui.widgets import cache_axes, grid, wide
 
 
 class ParetoPlot(pg.PlotWidget):
     def __init__(self) -> None:
         super().__init__()
+        cache_axes(self)
         self.setBackground("w")
         self.setLabel("bottom", "average bits per weight (scales counted)")
         self.setLabel("left", "total KL (nats/token)")
         self.setLogMode(y=True)
         self.getAxis("left").enableAutoSIPrefix(False)
-        self.showGrid(x=True, y=True, alpha=0.2)
+        grid(self)
         self.addLegend(offset=(-10, 10))
         self.curve = self.plot(**wide("#1f77b4", 2), name="predicted optimum")
         self.chosen = pg.ScatterPlotItem(size=16, symbol="star", brush="#d62728", pen=None,

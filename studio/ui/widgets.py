@@ -10,8 +10,8 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt
 from PySide6.QtGui import QStandardItem, QStandardItemModel
-from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QListWidgetItem, QPushButton,
-                               QTableView, QWidget)
+from PySide6.QtWidgets import (QFileDialog, QGraphicsItem, QHBoxLayout, QLabel, QListWidgetItem,
+                               QPushButton, QTableView, QWidget)
 
 from studio.core.errors import StudioError
 
@@ -177,12 +177,45 @@ def sortable(value: float) -> float:
     return float(value) if np.isfinite(value) else (1e300 if value > 0 else -1e300)
 
 
-def plot(title: str, x: str, y: str) -> pg.PlotWidget:
-    widget = pg.PlotWidget(background="w")
+def plot_widget(**options) -> pg.PlotWidget:
+    """A pyqtgraph plot whose axes repaint from a cached pixmap (`cache_axes`)."""
+    return cache_axes(pg.PlotWidget(**options))
+
+
+def cache_axes(widget: pg.PlotWidget) -> pg.PlotWidget:
+    """Let `widget`'s axes paint from a cached pixmap. An axis replays its tick labels' text on
+    every paint (2-4 ms an axis offscreen, several times that beside a busy Python thread), so
+    showing a tab of six plots took 100-230 ms; cached, an axis is drawn again only when its
+    range or size changed (pyqtgraph's update() drops the cache)."""
+    for side in ("left", "bottom", "right", "top"):
+        widget.getPlotItem().getAxis(side).setCacheMode(
+            QGraphicsItem.CacheMode.DeviceCoordinateCache)
+    return widget
+
+
+GRID_GRAY = 200   # the grid's color on the plots' white background
+
+
+def grid(widget: pg.PlotWidget) -> None:
+    """Grid lines at the major ticks, opaque light gray. pyqtgraph's own grid (`showGrid`)
+    draws every tick level in translucent black without antialiasing, which Qt's raster engine
+    blends pixel by pixel: 6-7 ms an axis against 0.3 ms opaque, and a plot's paint took 16 ms
+    instead of 2-3."""
+    for side in ("left", "bottom"):
+        axis = widget.getPlotItem().getAxis(side)
+        axis.setGrid(255)
+        axis.setTickPen(pg.mkPen(GRID_GRAY, GRID_GRAY, GRID_GRAY))
+        axis.setStyle(tickAlpha=255, maxTickLevel=0)
+
+
+def plot(title: str, x: str, y: str, gridded: bool = True) -> pg.PlotWidget:
+    """A titled plot with axis labels; `gridded=False` for an image (no lines over its data)."""
+    widget = plot_widget(background="w")
     widget.setTitle(title, color="k", size="10pt")
     widget.setLabel("bottom", x)
     widget.setLabel("left", y)
-    widget.showGrid(x=True, y=True, alpha=0.25)
+    if gridded:
+        grid(widget)
     widget.setMenuEnabled(False)
     return widget
 

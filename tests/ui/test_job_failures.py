@@ -164,10 +164,11 @@ def test_a_job_that_outlives_its_window_ends_quietly(qtbot, monkeypatch):
 
     from studio.core.jobs import Progress
 
-    release, seen = threading.Event(), []
+    entered, release, seen = threading.Event(), threading.Event(), []
     monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_value))
 
     def job():
+        entered.set()
         release.wait(10)
         yield Progress(1, 1, "done")
         return 42
@@ -175,7 +176,8 @@ def test_a_job_that_outlives_its_window_ends_quietly(qtbot, monkeypatch):
     handle = workers.JobHandle("outlives")
     worker = threading.Thread(target=workers._Runnable(handle, job).run)
     worker.start()
-    delete(handle)                                   # the window went, and its handles
+    entered.wait(10)   # past its `started` report: deleting the handle while the worker is
+    delete(handle)     # inside emit() frees what emit() is using (a crash, not a test of this)
     release.set()
     worker.join(10)
     assert not worker.is_alive() and seen == []

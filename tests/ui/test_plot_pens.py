@@ -50,3 +50,42 @@ def _check(window) -> None:
             wide += 1
             assert item.opts["antialias"] is False, (widget, item.name(), width)
     assert checked > 10 and wide >= 4     # the Quantize, Plan, Activations and panel curves
+
+
+def test_every_plots_axes_paint_from_a_cached_pixmap(qtbot):
+    """An axis replays its tick labels and grid lines on every paint (2-7 ms an axis offscreen):
+    every plot of the window has its axes cached (`widgets.cache_axes`) and any grid opaque
+    (`widgets.grid`), and a cached
+    axis shows a new range (pyqtgraph's update() drops the cache)."""
+    from PySide6.QtWidgets import QGraphicsItem
+
+    window = MainWindow()
+    qtbot.addWidget(window)
+    plots = window.findChildren(pg.PlotWidget)
+    assert len(plots) >= 10
+    for plot in plots:
+        for side in ("left", "bottom"):
+            axis = plot.getPlotItem().getAxis(side)
+            assert axis.cacheMode() == QGraphicsItem.CacheMode.DeviceCoordinateCache, \
+                (plot.objectName() or type(plot.parent()).__name__, side)
+            if axis.grid is not False:   # a grid drawn translucent blends pixel by pixel
+                assert axis.tickPen().color().alpha() == 255 == axis.style["tickAlpha"], side
+
+    from studio.ui.widgets import plot
+    widget = plot("t", "x", "y")
+    qtbot.addWidget(widget)
+    widget.resize(300, 200)
+    widget.show()
+    item = widget.getPlotItem()
+    item.setXRange(0, 1, padding=0)
+    qtbot.wait(50)
+    axis = item.getAxis("bottom")
+
+    def axis_pixels():
+        area = widget.mapFromScene(axis.sceneBoundingRect()).boundingRect()
+        return widget.grab(area).toImage()
+
+    first = axis_pixels()
+    item.setXRange(0, 1000, padding=0)
+    qtbot.wait(50)
+    assert axis_pixels() != first   # the cached axis drew its new labels

@@ -47,7 +47,7 @@ from studio.core.runs import (  # noqa: F401  (re-exported: the views' tests rea
 )
 from studio.ui.before_after import BeforeAfter
 from studio.ui.layout import column
-from studio.ui.widgets import wide
+from studio.ui.widgets import grid, plot_widget, wide
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
           "#17becf", "#7f7f7f", "#bcbd22"]
@@ -129,9 +129,9 @@ class CompareView(QWidget):
         self.refresh()
 
     def _plot(self, title: str, x: str, y: str) -> pg.PlotWidget:
-        plot = pg.PlotWidget(title=title)
+        plot = plot_widget(title=title)
         plot.setBackground("w")
-        plot.showGrid(x=True, y=True, alpha=0.25)
+        grid(plot)
         plot.setLabel("bottom", x)
         plot.setLabel("left", y)
         plot.setMinimumHeight(220)

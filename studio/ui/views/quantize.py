@@ -35,7 +35,7 @@ from studio.core.quant.grid import native_gguf_type
 from studio.core.quant import registry
 from studio.ui import settings as preferences
 from studio.ui.before_after import BeforeAfter
-from studio.ui.widgets import method_tooltips, wide
+from studio.ui.widgets import grid, method_tooltips, plot_widget, wide
 
 METHOD_COLOR, RTN_COLOR = (31, 119, 180), (214, 39, 40)
 
@@ -137,9 +137,9 @@ class QuantizeView(QWidget):
         lv.addStretch(1)
         left.setMaximumWidth(380)
 
-        self.plot = pg.PlotWidget()
+        self.plot = plot_widget()
         self.plot.setBackground("w")
-        self.plot.showGrid(x=True, y=True, alpha=0.3)
+        grid(self.plot)
         self.plot.setLogMode(y=True)
         self.plot.setLabel("left", "relative output error  ‖XŴ−XW‖² / ‖XW‖²")
         self.plot.setLabel("bottom", "layers in quantization order (ticks: first layer of block bN)")

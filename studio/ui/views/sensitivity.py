@@ -37,7 +37,7 @@ from studio.core.sensitivity import (DEFAULT_BITS, DEFAULT_GROUPS, DEFAULT_KL_BI
 from studio.core.text import BUILTIN, text_windows
 from studio.ui import settings
 from studio.ui.layout import FlowLayout, column, labelled
-from studio.ui.widgets import NeedsRun, guarded
+from studio.ui.widgets import NeedsRun, guarded, plot_widget
 
 KEY = "sensitivity"
 REDRAW_MS = 250
@@ -109,7 +109,7 @@ class SensitivityView(QWidget):
         self.legend = QLabel(LEGEND)
         self.legend.setWordWrap(True)
 
-        self.plot = pg.PlotWidget()
+        self.plot = plot_widget()
         self.plot.setBackground("w")
         self.plot.setMouseEnabled(x=True, y=False)
         self.plot.setLabel("bottom", "layer (block)")

@@ -81,7 +81,8 @@ class WeightsView(QWidget):
         for curve in (self.rows_curve, self.cols_curve):
             curve.setClipToView(True)
             curve.setDownsampling(auto=True, method="peak")
-        self.heat = plot("|W| heatmap (block max)", "input channel", "output channel")
+        self.heat = plot("|W| heatmap (block max)", "input channel", "output channel",
+                         gridded=False)
         self.heat.invertY(True)
         self.image = pg.ImageItem(axisOrder="row-major")
         self.image.setLookupTable(pg.colormap.get("viridis").getLookupTable(nPts=256))
