@@ -56,6 +56,11 @@ def test_fusing_shares_the_weights_and_refuses_what_it_cannot(tiny_llama, int4):
     q = attention.q_proj
     assert isinstance(q, Int4Linear if int4 == "torch" else NativeLinear)
     fused = fuse([attention.q_proj, attention.k_proj, attention.v_proj])
+    if int4 == "torch" and attention.k_proj.block_n is None:
+        # torch packs int4 rows in blocks of the CPU's width (64 with AVX-512): k's 32 rows
+        # are no whole block, so the packed buffers cannot be laid end to end
+        assert fused is None
+        return
     assert fused is not None and fused.sizes == [q.out_features, attention.k_proj.out_features,
                                                  attention.v_proj.out_features]
     buffer = "packed" if int4 == "torch" else "codes"

@@ -36,7 +36,7 @@ def kernel_formula(kernel: Int4Linear, q) -> torch.Tensor:
 @pytest.mark.skipif(kernels.int4_block_n() is None, reason="unknown int4 packing here")
 @pytest.mark.parametrize("spec, out, cols", [
     (QuantSpec(bits=4, group_size=32), 64, 128),
-    (QuantSpec(bits=4, group_size=128), 96, 192),      # ragged g128 as g64 blocks
+    (QuantSpec(bits=4, group_size=128), 128, 192),     # ragged g128 as g64 blocks
     (QuantSpec(bits=3, group_size=64, symmetric=True), 128, 128),
 ])
 def test_int4_prefill_is_the_kernels_weights_in_one_dense_gemm(spec, out, cols):
