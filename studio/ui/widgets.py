@@ -183,10 +183,10 @@ def plot_widget(**options) -> pg.PlotWidget:
 
 
 def cache_axes(widget: pg.PlotWidget) -> pg.PlotWidget:
-    """Let `widget`'s axes paint from a cached pixmap. An axis replays its tick labels' text on
-    every paint (2-4 ms an axis offscreen, several times that beside a busy Python thread), so
-    showing a tab of six plots took 100-230 ms; cached, an axis is drawn again only when its
-    range or size changed (pyqtgraph's update() drops the cache)."""
+    """Let `widget`'s axes paint from a cached pixmap. An axis replays its picture (labels,
+    ticks, grid lines across the plot) on every paint of its plot, and showing a tab of six
+    plots took 100-230 ms; cached, an axis is drawn again only when its range or size changed
+    (pyqtgraph's update() drops the cache)."""
     for side in ("left", "bottom", "right", "top"):
         widget.getPlotItem().getAxis(side).setCacheMode(
             QGraphicsItem.CacheMode.DeviceCoordinateCache)
