@@ -81,31 +81,26 @@ def main() -> None:
             sum(i * i for i in range(1000))
             loops[0] += 1
 
-    def beside(interval: float) -> tuple[float, float]:
-        sys.setswitchinterval(interval)
+    def beside_loop(action) -> tuple[object, float]:
+        """`action()` while a thread loops in Python; its result, and the loops per second."""
         stop.clear()
         thread = threading.Thread(target=python_loop)
         thread.start()
         time.sleep(0.3)
         first, start = loops[0], time.perf_counter()
-        ms = paint_ms()
+        result = action()
         rate = (loops[0] - first) / (time.perf_counter() - start)
         stop.set()
         thread.join()
-        return ms, rate
+        return result, rate
 
-    stop.clear()
-    thread = threading.Thread(target=python_loop)
-    thread.start()
-    time.sleep(1.0)
-    stop.set()
-    thread.join()
-    alone_rate = loops[0] / 1.0
+    _, alone_rate = beside_loop(lambda: time.sleep(1.0))
     print(f"{args.tab} tab painted alone: {paint_ms():.1f} ms (median of {args.repeat}); "
           f"the Python thread alone: {alone_rate:.0f} loops/s")
     print(f"{'switch interval':>16} {'paint ms':>9} {'thread loops/s':>15} {'of alone':>9}")
     for interval in INTERVALS:
-        ms, rate = beside(interval)
+        sys.setswitchinterval(interval)
+        ms, rate = beside_loop(paint_ms)
         print(f"{interval * 1e3:>13.2f} ms {ms:>9.1f} {rate:>15.0f} {rate / alone_rate:>8.0%}")
     os._exit(0)   # the window's threads (autosave) need not be waited for
 

@@ -32,7 +32,7 @@ from studio.core.file_checks import (
     safetensors_numel,
 )
 from studio.core.files import cache_root, read_json  # noqa: F401 (cache_root: re-exported)
-from studio.core.gguf_convert import convert_job
+from studio.core.gguf_convert import check_cache_room, convert_job, in_process
 from studio.core.jobs import Job, Progress
 from studio.core.layers import (
     LayerInfo,
@@ -236,7 +236,6 @@ def open_model_job(source: str | Path, weights: str | None = None) -> Job[ModelH
             # written from this file after the same check (its name holds the file's size and
             # time): a cached open does not parse the header's vocabulary again (~0.3-2 s).
             summary = check_gguf(path)
-            from studio.core.gguf_convert import in_process
             from studio.core.gguf_parts import is_split, total_bytes
             from studio.core.memory import guard_convert
             if is_split(path) and not in_process(path):
@@ -251,7 +250,6 @@ def open_model_job(source: str | Path, weights: str | None = None) -> Job[ModelH
             estimate = guard_convert(summary, total_bytes(path), path.name, in_process(path),
                                      streamed=not behind)
             if not behind and in_process(path):
-                from studio.core.gguf_convert import check_cache_room
                 check_cache_room(folder, 4 * summary.param_count, path.name)
             yield Progress(1, 4, f"{estimate.describe()} (first open only)")
             converted = yield from convert_job(path, folder, behind=behind)
