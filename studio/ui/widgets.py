@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt
+from PySide6.QtCore import QModelIndex, QSortFilterProxyModel, Qt
 from PySide6.QtGui import QStandardItem, QStandardItemModel
 from PySide6.QtWidgets import (QFileDialog, QGraphicsItem, QHBoxLayout, QLabel, QListWidgetItem,
                                QPushButton, QTableView, QWidget)
@@ -36,28 +36,62 @@ class SortItem(QStandardItem):
             self.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
 
 
-class RowsModel(QAbstractTableModel):
+class RowsModel(QStandardItemModel):
     """A read-only table of (text, sort number or None) cells, replaced all at once.
 
-    One reset instead of a QStandardItem per cell and a signal per appended row: filling the
-    demo's 212 layers cell by cell took 0.3-1 s of the UI thread at every open and every new
-    result. Cells are read only when drawn or sorted."""
+    The cells live on Qt's side. A view asks ~8 roles of every visible cell at every paint, and
+    a model answering them in Python (rowCount, columnCount and data: 12,700 calls for one
+    paint of the Layers tab) had each call wait for the interpreter's lock behind any job
+    running Python. Filled in one reset with the per-row signals held back: a signal per
+    appended row cost 0.3-1 s at every open. `rows` keeps the cells for `find` and
+    `fit_columns`."""
 
     def __init__(self, columns=(), tips=(), tooltip_column: int | None = None) -> None:
         super().__init__()
-        self.columns, self.tips = list(columns), list(tips)
         self.tooltip_column = tooltip_column   # its text is also its tooltip (elided names)
+        self.columns: list[str] = []
+        self.tips: list[str] = []
         self.rows: list[list[tuple[str, float | None]]] = []
         self._where: dict[tuple[int, str], int] = {}
+        self._text, self._number = QStandardItem(), QStandardItem()   # cloned into each cell
+        for prototype in (self._text, self._number):
+            prototype.setEditable(False)
+        self._number.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        self._set_header(columns, tips)
 
     def set_rows(self, rows, columns=None, tips=None) -> None:
         """Replace every row (and, when given, the columns and their tooltips)."""
         self.beginResetModel()
-        if columns is not None:
-            self.columns, self.tips = list(columns), list(tips or ())
-        self.rows = [list(row) for row in rows]
-        self._where = {}
-        self.endResetModel()
+        self.blockSignals(True)   # views and proxies hear of it once, from endResetModel
+        try:
+            self.setRowCount(0)
+            if columns is not None:
+                self._set_header(columns, tips)
+            self.rows = [list(row) for row in rows]
+            self._where = {}
+            for row in self.rows:
+                self.appendRow([self._cell(c, text, number)
+                                for c, (text, number) in enumerate(row)])
+        finally:
+            self.blockSignals(False)
+            self.endResetModel()
+
+    def _set_header(self, columns, tips) -> None:
+        self.columns, self.tips = list(columns), list(tips or ())
+        self.setColumnCount(len(self.columns))
+        for c, name in enumerate(self.columns):
+            item = QStandardItem(name)
+            if c < len(self.tips) and self.tips[c]:
+                item.setToolTip(self.tips[c])
+            self.setHorizontalHeaderItem(c, item)
+
+    def _cell(self, column: int, text: str, number: float | None) -> QStandardItem:
+        item = (self._text if number is None else self._number).clone()
+        item.setText(text)
+        item.setData(text if number is None else float(number), SORT_KEY)
+        if column == self.tooltip_column:
+            item.setToolTip(text)
+        return item
 
     def find(self, text: str, column: int) -> QModelIndex:
         """The index of the first row whose `column` reads `text` (invalid when none)."""
@@ -67,35 +101,6 @@ class RowsModel(QAbstractTableModel):
                     self._where.setdefault((c, cell), r)
         row = self._where.get((column, text))
         return QModelIndex() if row is None else self.index(row, column)
-
-    def rowCount(self, parent=QModelIndex()) -> int:  # noqa: N802 (Qt API)
-        return 0 if parent.isValid() else len(self.rows)
-
-    def columnCount(self, parent=QModelIndex()) -> int:  # noqa: N802 (Qt API)
-        return 0 if parent.isValid() else len(self.columns)
-
-    def data(self, index, role=Qt.ItemDataRole.DisplayRole):
-        if not index.isValid():
-            return None
-        text, number = self.rows[index.row()][index.column()]
-        if role == Qt.ItemDataRole.DisplayRole:
-            return text
-        if role == SORT_KEY:
-            return text if number is None else float(number)
-        if role == Qt.ItemDataRole.TextAlignmentRole and number is not None:
-            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-        if role == Qt.ItemDataRole.ToolTipRole and index.column() == self.tooltip_column:
-            return text
-        return None
-
-    def headerData(self, section, orientation, role=Qt.ItemDataRole.DisplayRole):  # noqa: N802
-        if orientation != Qt.Orientation.Horizontal or section >= len(self.columns):
-            return super().headerData(section, orientation, role)
-        if role == Qt.ItemDataRole.DisplayRole:
-            return self.columns[section]
-        if role == Qt.ItemDataRole.ToolTipRole and section < len(self.tips):
-            return self.tips[section] or None
-        return None
 
 
 def fit_columns(table: QTableView, model: RowsModel, rows: int = 32) -> None:
