@@ -31,3 +31,22 @@ def test_a_flow_layout_wraps_its_row_and_keeps_every_widget_inside(qtbot):
     assert all(b.geometry().right() <= host.width() for b in buttons)
     assert flow.heightForWidth(host.width()) > one_row.height() * 2
     assert flow.minimumSize().width() < one_row.width() // 3
+
+
+def test_results_do_not_widen_the_window(qtbot, window, tiny_dirs, tmp_path):
+    """A view's texts after a model's statistics arrive (a status line naming a model with a
+    long name) still fit."""
+    window.resize(1366, 740)
+    window.show()
+    folder = tmp_path / ("Llama-3.2-Instruct-with-a-long-descriptive-folder-name-" * 2 + "q4")
+    folder.symlink_to(tiny_dirs["llama"], target_is_directory=True)
+    job = window.open_model(str(folder))
+    qtbot.waitUntil(lambda: job.is_done and window.state.handle is not None, timeout=60000)
+    weights = window.views["Weights"]
+    window.tabs.setCurrentWidget(weights)          # starts the weight statistics
+    qtbot.waitUntil(lambda: weights.table_model.rowCount() > 0, timeout=60000)
+    assert "quantizable layers" in weights.status.text()
+    qtbot.wait(50)                                 # the layouts take in the new texts
+    for title, view in window.views.items():
+        assert view.minimumSizeHint().width() <= 900, title
+    assert window.width() <= 1366

@@ -41,7 +41,7 @@ class WeightsView(QWidget):
         self._overview_stale = False        # statistics arrived while the tab was hidden
         self._legend_roles: list[str] = []
 
-        self.status = QLabel("No model open.")
+        self.status = QLabel("No model open.", wordWrap=True)   # a long status must not widen the window
         self.stat = QComboBox()
         for key, (label, why) in SUMMARY_STATS.items():
             self.stat.addItem(label, key)
