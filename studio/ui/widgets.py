@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QModelIndex, QSortFilterProxyModel, Qt
-from PySide6.QtGui import QStandardItem, QStandardItemModel
+from PySide6.QtGui import QFontMetricsF, QStandardItem, QStandardItemModel
 from PySide6.QtWidgets import (QFileDialog, QGraphicsItem, QHBoxLayout, QLabel, QListWidgetItem,
                                QPushButton, QTableView, QWidget)
 
@@ -183,8 +183,60 @@ def sortable(value: float) -> float:
 
 
 def plot_widget(**options) -> pg.PlotWidget:
-    """A pyqtgraph plot whose axes repaint from a cached pixmap (`cache_axes`)."""
-    return cache_axes(pg.PlotWidget(**options))
+    """A pyqtgraph plot whose axes repaint from a cached pixmap (`cache_axes`) and whose title
+    fits its width (`FittedTitle`)."""
+    widget = cache_axes(pg.PlotWidget(**options))
+    FittedTitle.install(widget.getPlotItem())
+    return widget
+
+
+class FittedTitle(pg.LabelItem):
+    """A plot title shortened with "…" to its plot's width, whole in its tooltip. pyqtgraph's
+    own title holds its plot at least as wide as its text, so a long title (a layer's name
+    and statistics) pushed each plot of a row past its slot, under its neighbour."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.whole, self._fitting = "", False
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def install(cls, item: pg.PlotItem) -> None:
+        old = item.titleLabel
+        title = cls(old.text, size="11pt", parent=item)   # pyqtgraph's own title options
+        title.setVisible(old.isVisible())
+        title.setMaximumHeight(old.maximumHeight())
+        item.layout.removeItem(old)
+        item.scene().removeItem(old) if old.scene() else old.setParentItem(None)
+        item.layout.addItem(title, 0, 1)
+        item.titleLabel = title
+
+    def setText(self, text, **args) -> None:  # noqa: N802 (pyqtgraph API)
+        if not self._fitting:
+            self.whole = text
+        super().setText(text, **args)
+
+    def updateMin(self) -> None:  # noqa: N802 (pyqtgraph API)
+        super().updateMin()
+        self.setMinimumWidth(0)
+        height = self._sizeHint[Qt.SizeHint.MinimumSize][1]
+        self._sizeHint[Qt.SizeHint.MinimumSize] = (0, height)
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt API)
+        if not self._fitting and self.whole and self.width() > 0:
+            font = self.item.font()
+            size = str(self.opts.get("size", ""))
+            if size.endswith("pt"):
+                font.setPointSizeF(float(size[:-2]))
+            fitted = QFontMetricsF(font).elidedText(self.whole, Qt.TextElideMode.ElideRight,
+                                                    self.width() - 4)
+            self.setToolTip(self.whole if fitted != self.whole else "")
+            if fitted != self.text:
+                self._fitting = True
+                try:
+                    self.setText(fitted)
+                finally:
+                    self._fitting = False
+        super().resizeEvent(event)
 
 
 def cache_axes(widget: pg.PlotWidget) -> pg.PlotWidget:

@@ -50,3 +50,23 @@ def test_results_do_not_widen_the_window(qtbot, window, tiny_dirs, tmp_path):
     for title, view in window.views.items():
         assert view.minimumSizeHint().width() <= 900, title
     assert window.width() <= 1366
+
+
+def test_a_long_plot_title_shortens_to_its_plot_instead_of_widening_it(qtbot):
+    from studio.ui.widgets import plot
+
+    whole = "model.layers.22.self_attn.q_proj: kurtosis 10.89, std 0.284, max/median 5.1"
+    widget = plot(whole, "x", "y")
+    qtbot.addWidget(widget)
+    widget.resize(220, 180)
+    widget.show()
+    qtbot.waitExposed(widget)
+    item, title = widget.getPlotItem(), widget.getPlotItem().titleLabel
+    qtbot.waitUntil(lambda: title.text != whole)
+    assert item.width() <= widget.viewport().width() + 1
+    assert title.text.endswith("…") and title.toolTip() == whole
+    widget.resize(1000, 180)                       # room again: the whole title, no tooltip
+    qtbot.waitUntil(lambda: title.text == whole)
+    assert title.toolTip() == ""
+    widget.setTitle("short", color="k", size="10pt")
+    assert title.text == "short"
