@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (QFileDialog, QGraphicsItem, QHBoxLayout, QLabel, 
 from studio.core.errors import StudioError
 
 SORT_KEY = Qt.ItemDataRole.UserRole + 1
+_RIGHT = int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
 ROLE_COLORS = {"q": "#1f77b4", "k": "#17becf", "v": "#2ca02c", "o": "#9467bd", "qkv": "#1f77b4",
                "gate": "#ff7f0e", "up": "#d62728", "gate_up": "#ff7f0e", "down": "#8c564b",
                "other": "#7f7f7f", "embedding": "#e377c2", "lm_head": "#e377c2"}
@@ -25,17 +26,6 @@ def role_color(role: str) -> str:
     return ROLE_COLORS.get(role, "#7f7f7f")
 
 
-class SortItem(QStandardItem):
-    """A read-only cell that sorts by its number (when it has one), not its text."""
-
-    def __init__(self, text: str, number: float | None = None) -> None:
-        super().__init__(text)
-        self.setEditable(False)
-        self.setData(text if number is None else float(number), SORT_KEY)
-        if number is not None:
-            self.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-
-
 class RowsModel(QStandardItemModel):
     """A read-only table of (text, sort number or None) cells, replaced all at once.
 
@@ -43,8 +33,11 @@ class RowsModel(QStandardItemModel):
     a model answering them in Python (rowCount, columnCount and data: 12,700 calls for one
     paint of the Layers tab) had each call wait for the interpreter's lock behind any job
     running Python. Filled in one reset with the per-row signals held back: a signal per
-    appended row cost 0.3-1 s at every open. `rows` keeps the cells for `find` and
-    `fit_columns`."""
+    appended row cost 0.3-1 s at every open. No cell ever has a Python object: each is written
+    through its index (Qt makes the item from the prototype), because PySide keeps the Python
+    object of an item handed to the model alive after the model deleted the item, and a new
+    item at the same address then met the stale one: a refill crashed within a few hundred.
+    `rows` keeps the cells for `find` and `fit_columns`."""
 
     def __init__(self, columns=(), tips=(), tooltip_column: int | None = None) -> None:
         super().__init__()
@@ -53,10 +46,9 @@ class RowsModel(QStandardItemModel):
         self.tips: list[str] = []
         self.rows: list[list[tuple[str, float | None]]] = []
         self._where: dict[tuple[int, str], int] = {}
-        self._text, self._number = QStandardItem(), QStandardItem()   # cloned into each cell
-        for prototype in (self._text, self._number):
-            prototype.setEditable(False)
-        self._number.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        prototype = QStandardItem()
+        prototype.setEditable(False)
+        self.setItemPrototype(prototype)        # the model owns it from here
         self._set_header(columns, tips)
 
     def set_rows(self, rows, columns=None, tips=None) -> None:
@@ -69,9 +61,10 @@ class RowsModel(QStandardItemModel):
                 self._set_header(columns, tips)
             self.rows = [list(row) for row in rows]
             self._where = {}
-            for row in self.rows:
-                self.appendRow([self._cell(c, text, number)
-                                for c, (text, number) in enumerate(row)])
+            self.setRowCount(len(self.rows))
+            for r, row in enumerate(self.rows):
+                for c, (text, number) in enumerate(row):
+                    self.setItemData(self.index(r, c), self._roles(c, text, number))
         finally:
             self.blockSignals(False)
             self.endResetModel()
@@ -79,19 +72,20 @@ class RowsModel(QStandardItemModel):
     def _set_header(self, columns, tips) -> None:
         self.columns, self.tips = list(columns), list(tips or ())
         self.setColumnCount(len(self.columns))
-        for c, name in enumerate(self.columns):
-            item = QStandardItem(name)
-            if c < len(self.tips) and self.tips[c]:
-                item.setToolTip(self.tips[c])
-            self.setHorizontalHeaderItem(c, item)
+        self.setHorizontalHeaderLabels(self.columns)
+        horizontal = Qt.Orientation.Horizontal
+        for c in range(len(self.columns)):
+            tip = self.tips[c] if c < len(self.tips) else ""
+            self.setHeaderData(c, horizontal, tip or None, Qt.ItemDataRole.ToolTipRole)
 
-    def _cell(self, column: int, text: str, number: float | None) -> QStandardItem:
-        item = (self._text if number is None else self._number).clone()
-        item.setText(text)
-        item.setData(text if number is None else float(number), SORT_KEY)
+    def _roles(self, column: int, text: str, number: float | None) -> dict:
+        roles = {Qt.ItemDataRole.DisplayRole: text,
+                 SORT_KEY: text if number is None else float(number)}
+        if number is not None:
+            roles[Qt.ItemDataRole.TextAlignmentRole] = _RIGHT
         if column == self.tooltip_column:
-            item.setToolTip(text)
-        return item
+            roles[Qt.ItemDataRole.ToolTipRole] = text
+        return roles
 
     def find(self, text: str, column: int) -> QModelIndex:
         """The index of the first row whose `column` reads `text` (invalid when none)."""
@@ -120,22 +114,9 @@ def fit_columns(table: QTableView, model: RowsModel, rows: int = 32) -> None:
 
 def rows_table(columns, tips: dict[str, str] | None = None
                ) -> tuple[QTableView, RowsModel, QSortFilterProxyModel]:
-    """`make_table` over a RowsModel: for tables refilled whole (every layer of a model)."""
+    """A sortable table (`layer_table`) over a RowsModel: for tables refilled whole (every
+    layer of a model)."""
     model = RowsModel(columns, [(tips or {}).get(name, "") for name in columns])
-    proxy = QSortFilterProxyModel()
-    proxy.setSourceModel(model)
-    proxy.setSortRole(SORT_KEY)
-    return layer_table(proxy), model, proxy
-
-
-def make_table(columns, tips: dict[str, str] | None = None
-               ) -> tuple[QTableView, QStandardItemModel, QSortFilterProxyModel]:
-    """A sortable one-row-selection table over a model, with a tooltip per named column."""
-    model = QStandardItemModel(0, len(columns))
-    model.setHorizontalHeaderLabels(list(columns))
-    for c, name in enumerate(columns):
-        if tips and name in tips:
-            model.horizontalHeaderItem(c).setToolTip(tips[name])
     proxy = QSortFilterProxyModel()
     proxy.setSourceModel(model)
     proxy.setSortRole(SORT_KEY)
@@ -206,7 +187,8 @@ class FittedTitle(pg.LabelItem):
         title.setVisible(old.isVisible())
         title.setMaximumHeight(old.maximumHeight())
         item.layout.removeItem(old)
-        item.scene().removeItem(old) if old.scene() else old.setParentItem(None)
+        old.setVisible(False)   # kept, not deleted: PySide and Qt then never disagree on it
+        title.replaced = old
         item.layout.addItem(title, 0, 1)
         item.titleLabel = title
 
