@@ -6,7 +6,8 @@
 The demo is opened in the real window and its weight statistics computed, so the tab's plots
 hold real data. Each row: the median time of a full paint of the tab (every axis redrawn, as
 after a new result), alone and beside a thread looping in Python, and that thread's loops per
-second while the window painted, against its rate alone. Torch's own operations release the
+second while the window painted, against its rate alone; and how many times one paint called
+into Python (each such call waits for the lock). Torch's own operations release the
 interpreter's lock and barely slow a paint; Python code between them (a job's loop, building a
 result, parsing) is what the UI thread waits behind.
 """
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("COMPRESSION_STUDIO_CONFIG", tempfile.mkdtemp())
@@ -61,18 +63,37 @@ def main() -> None:
 
     import pyqtgraph as pg
 
+    def redraw_axes() -> None:
+        for plot in window.findChildren(pg.PlotWidget):
+            for side in ("left", "bottom"):
+                axis = plot.getPlotItem().getAxis(side)
+                axis.picture = None
+                axis.update()
+
     def paint_ms() -> float:
         times = []
         for _ in range(args.repeat):
-            for plot in window.findChildren(pg.PlotWidget):
-                for side in ("left", "bottom"):
-                    axis = plot.getPlotItem().getAxis(side)
-                    axis.picture = None
-                    axis.update()
+            redraw_axes()
             start = time.perf_counter()
             window.grab()
             times.append(1e3 * (time.perf_counter() - start))
         return sorted(times)[len(times) // 2]
+
+    def python_entries() -> Counter:
+        """Qt's calls into Python during one paint, by function: beside a busy thread each
+        one waits for the interpreter's lock."""
+        entries, here = Counter(), sys._getframe()
+
+        def count(frame, event, _arg) -> None:
+            if event == "call" and frame.f_back is here:
+                entries[frame.f_code.co_name] += 1
+        redraw_axes()
+        sys.setprofile(count)
+        try:
+            window.grab()
+        finally:
+            sys.setprofile(None)
+        return entries
 
     loops, stop = [0], threading.Event()
 
@@ -97,6 +118,9 @@ def main() -> None:
     _, alone_rate = beside_loop(lambda: time.sleep(1.0))
     print(f"{args.tab} tab painted alone: {paint_ms():.1f} ms (median of {args.repeat}); "
           f"the Python thread alone: {alone_rate:.0f} loops/s")
+    entries = python_entries()
+    print(f"Qt called into Python {sum(entries.values())} times in one paint; most: "
+          + ", ".join(f"{name} {n}" for name, n in entries.most_common(4)))
     print(f"{'switch interval':>16} {'paint ms':>9} {'thread loops/s':>15} {'of alone':>9}")
     for interval in INTERVALS:
         sys.setswitchinterval(interval)

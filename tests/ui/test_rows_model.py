@@ -34,6 +34,8 @@ def test_cells_sort_by_number_and_are_read_only(qtbot):
     proxy.rowsInserted.connect(lambda *_: resets.append("row"))
     model.set_rows([row[:2] for row in ROWS[:2]], ("Layer", "Size"), ())   # new columns
     assert resets == [1], "one reset, not a signal per row"
+    model.set_rows([row[:2] for row in ROWS[:2]], ("Layer", "Size"), ())
+    assert resets == [1], "the same rows again: no reset"
     assert (model.rowCount(), model.columnCount(), model.columns) == (2, 2, ["Layer", "Size"])
     assert not model.find("c.v_proj", 0).isValid()
 
