@@ -108,8 +108,8 @@ class RowsModel(QStandardItemModel):
 
 def fit_columns(table: QTableView, model: RowsModel, rows: int = 32) -> None:
     """Each column to its header and the texts of its first `rows` rows, measured here from
-    the rows' own strings: Qt's resizeColumnsToContents asks the model for ~8 roles of every
-    cell through Python (0.1 s on the demo's 212 layers, 0.3+ s under load)."""
+    the rows' own strings: Qt's resizeColumnsToContents asks ~8 roles of every cell (0.1 s on
+    the demo's 212 layers, 0.3+ s under load, when the model still answered in Python)."""
     metrics = table.fontMetrics()
     header = table.horizontalHeader()
     header_metrics = header.fontMetrics()
