@@ -1,6 +1,8 @@
 """The tables refilled whole (`widgets.RowsModel`): their cells sort by number, are read only,
 carry their tooltips, and a paint of the table runs no Python (each Python call of a paint
 waits for the interpreter's lock behind a job's Python)."""
+import gc
+import random
 import sys
 
 from PySide6.QtCore import Qt
@@ -64,15 +66,11 @@ def test_painting_the_table_runs_no_python(qtbot):
     assert entries == []
 
 
-
 def test_many_refills_keep_every_cell(qtbot):
     """Refilled hundreds of times with tables of every size, the cells and headers read what
     was put in. (Items handed to the model from Python left PySide objects behind for items
     the model had deleted; a later item at the same address crashed the process within ~300
     refills.)"""
-    import gc
-    import random
-
     table, model, proxy = rows_table(("a", "b", "c"))
     qtbot.addWidget(table)
     table.show()
