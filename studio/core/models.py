@@ -429,12 +429,18 @@ def converted_tokenizer(converted, gguf: Path) -> tuple[object | None, list[str]
 
 
 def tokenizer_for(folder: Path, gguf: Path | None) -> tuple[object | None, list[str]]:
-    """A handle's deferred tokenizer: parsed from `folder`, following `gguf`'s BOS flag."""
-    tokenizer, why = parse_tokenizer(folder)
-    notes = [why] if why else []
-    if gguf is not None and tokenizer is not None:
-        notes.extend(follow_gguf_bos(tokenizer, gguf))
-    return tokenizer, notes
+    """A handle's deferred tokenizer: parsed from `folder`, following `gguf`'s BOS flag; once
+    parsed, later opens take it from `tokenizer_cache` and never parse it here for text."""
+    from studio.core import tokenizer_cache
+
+    def parse() -> tuple[object | None, list[str]]:
+        tokenizer, why = parse_tokenizer(folder)
+        notes = [why] if why else []
+        if gguf is not None and tokenizer is not None:
+            notes.extend(follow_gguf_bos(tokenizer, gguf))
+        return tokenizer, notes
+
+    return tokenizer_cache.cached(folder, gguf, parse)
 
 
 def follow_gguf_bos(tokenizer, path: Path) -> list[str]:

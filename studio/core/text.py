@@ -66,6 +66,9 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 def model_adds_bos(tokenizer) -> bool:
     """Whether the tokenizer puts its BOS token in front of a text it encodes with special
     tokens: what the model was trained to see first."""
+    known = getattr(tokenizer, "adds_bos", None)   # a `tokenizer_cache.SpawnedTokenizer`'s
+    if known is not None:
+        return known
     bos = getattr(tokenizer, "bos_token_id", None)
     if tokenizer is None or bos is None:
         return False
