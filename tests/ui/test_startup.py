@@ -48,7 +48,11 @@ def test_a_deferred_window_builds_when_a_model_is_opened(qtbot, tiny_dirs):
     window.state.runner.wait(20000)
 
 
-def test_the_dock_lists_the_layers_from_the_header_before_the_weights(qtbot, window, tiny_dirs):
+def test_the_dock_lists_the_layers_from_the_header_before_the_weights(qtbot, window, tiny_dirs,
+                                                                     monkeypatch):
+    from studio.ui import main_window
+
+    monkeypatch.setattr(main_window, "PREVIEW_AFTER_MS", 0)   # as an open slower than it
     seen = []
     window.state.previewChanged.connect(lambda: seen.append(
         (window.state.preview_layers is not None, window.state.handle,
@@ -62,6 +66,19 @@ def test_the_dock_lists_the_layers_from_the_header_before_the_weights(qtbot, win
     assert window.state.preview_layers is None  # the loaded model's inventory took over
     dock = window.layer_dock.list
     assert dock.model.rowCount() == rows and "loading" not in dock.count.text()
+
+
+def test_a_quick_open_fills_the_dock_once(qtbot, window, tiny_dirs, monkeypatch):
+    from studio.ui import main_window
+
+    monkeypatch.setattr(main_window, "PREVIEW_AFTER_MS", 60_000)
+    seen = []
+    window.state.previewChanged.connect(lambda: seen.append(window.state.preview_layers))
+    job = window.open_model(str(tiny_dirs["llama"]))
+    qtbot.waitUntil(lambda: job.is_done and window.state.handle is not None, timeout=60000)
+    qtbot.wait(100)
+    assert all(layers is None for layers in seen)   # never a header list, only its removal
+    assert window.layer_dock.list.model.rowCount() == len(window.state.handle.layers)
 
 
 def test_a_failed_open_drops_the_header_list_and_reports_once(qtbot, window, tmp_path):
