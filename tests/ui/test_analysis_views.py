@@ -71,6 +71,9 @@ def test_activations_view_capture_outliers_and_preview(qtbot, state, tiny_llama)
     view = ActivationsView(state)
     qtbot.addWidget(view)
     state.set_model(tiny_llama)
+    # before any capture: empty 0..1 frames, not a range padded around flat zero bars
+    for plot in (view.act_plot, view.w_plot, view.act_hist, view.smooth_plot):
+        assert [list(r) for r in plot.viewRange()] == [[0, 1], [0, 1]]
     _capture(qtbot, state, view)
     capture = state.session.results["activations"]
     assert capture.windows == 2 and capture.seqlen == 32
@@ -82,6 +85,8 @@ def test_activations_view_capture_outliers_and_preview(qtbot, state, tiny_llama)
     assert name in view.group.layers and view.group.layers[0].endswith("gate_proj")
     heights = view.act_bars.getData()[1]
     np.testing.assert_allclose(heights, capture.input_of(name).absmax)
+    view.act_plot.getViewBox().updateAutoRange()        # as its next paint does
+    assert view.act_plot.viewRange()[1][1] >= heights.max()   # ranged to the data again
     # without weight statistics, the weight columns are read on the details worker
     qtbot.waitUntil(lambda: view.weight_cols is not None, timeout=20000)
     np.testing.assert_allclose(view.w_bars.getData()[1], view.weight_cols)
