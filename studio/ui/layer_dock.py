@@ -7,7 +7,7 @@ Back / forward walk the layers visited (Alt+Left / Alt+Right).
 from __future__ import annotations
 
 import numpy as np
-from PySide6.QtCore import QSortFilterProxyModel, Qt
+from PySide6.QtCore import QSortFilterProxyModel, Qt, QTimer
 from PySide6.QtWidgets import (
     QComboBox,
     QDockWidget,
@@ -113,12 +113,16 @@ class LayerList(QWidget):
         state.resultsChanged.connect(self._results_changed)
         state.layerSelected.connect(self.show_layer)
         state.layer.historyChanged.connect(self._history_changed)
+        # New columns from results come in the next event-loop turn (`widgets.in_turns`), once
+        # for results published together, not within the view that published them.
+        self._rebuild_soon = QTimer(self, singleShot=True, interval=1)
+        self._rebuild_soon.timeout.connect(self.rebuild)
         self._history_changed()
         self.rebuild()
 
     def _results_changed(self, key: str) -> None:
         if key in ("weight_stats", "sensitivity", "plan"):
-            self.rebuild()
+            self._rebuild_soon.start()
 
     def rebuild(self) -> None:
         """Rows for the open model's layers, with every column the session can fill; while a

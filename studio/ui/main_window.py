@@ -314,8 +314,11 @@ class MainWindow(QMainWindow):
             def still_opening() -> None:
                 if self._opening is job and not job.is_done:
                     self.state.preview(layers)
-            wait_ms = PREVIEW_AFTER_MS - 1000 * (time.monotonic() - started)
-            QTimer.singleShot(max(0, int(wait_ms)), still_opening)
+            wait_ms = int(PREVIEW_AFTER_MS - 1000 * (time.monotonic() - started))
+            if wait_ms > 0:
+                QTimer.singleShot(wait_ms, self, still_opening)
+            else:
+                still_opening()
 
         self.state.runner.submit("Reading the layer list", lambda: header_inventory_job(source),
                                  on_result=show)

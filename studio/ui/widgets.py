@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QModelIndex, QSortFilterProxyModel, Qt
+from PySide6.QtCore import QModelIndex, QObject, QSortFilterProxyModel, Qt, QTimer
 from PySide6.QtGui import QFontMetricsF, QStandardItem, QStandardItemModel
 from PySide6.QtWidgets import (QFileDialog, QGraphicsItem, QHBoxLayout, QLabel, QListWidgetItem,
                                QPushButton, QTableView, QWidget)
@@ -104,6 +104,18 @@ class RowsModel(QStandardItemModel):
                     self._where.setdefault((c, cell), r)
         row = self._where.get((column, text))
         return QModelIndex() if row is None else self.index(row, column)
+
+
+def in_turns(owner: QObject, *steps) -> None:
+    """Run `steps` on the UI thread one per event-loop turn, 1 ms apart, while `owner` lives.
+    Between two steps the window paints, answers input and fires its timers: work that took
+    one long call (results arriving: tables, then plots) stalls it for one step at a time.
+    (0 ms apart, Qt runs two steps per turn: `benchmarks/bench_stalls.py` showed it.)"""
+    if steps:
+        def run() -> None:
+            steps[0]()
+            in_turns(owner, *steps[1:])
+        QTimer.singleShot(1, owner, run)
 
 
 def fit_columns(table: QTableView, model: RowsModel, rows: int = 32) -> None:

@@ -22,7 +22,8 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core.stats import SUMMARY_STATS, weight_stats_job
-from studio.ui.widgets import NeedsRun, fit_columns, fmt, plot, role_color, rows_table, short_name
+from studio.ui.widgets import (NeedsRun, fit_columns, fmt, in_turns, plot, role_color, rows_table,
+                               short_name)
 from studio.ui.widgets import sortable as _sortable
 
 KEY = "weight_stats"
@@ -194,8 +195,19 @@ class WeightsView(QWidget):
         self.status.setText(f"{len(self.names)} quantizable layers of {stats.model} "
                             f"(+{len(rows) - len(self.names)} embedding / lm_head rows in the table). "
                             f"Click a point or a row to inspect a layer.")
-        self._draw_overview()
-        self.show_layer(self.state.selected_layer or (self.names[0] if self.names else None))
+        # Drawn in turns after the table: in one call with it they held the window 60-84 ms,
+        # and their paint with the table's 65 ms more (bench_stalls.py, weight statistics).
+        in_turns(self, self._draw_overview, self._show_selected)
+
+    def _show_selected(self) -> None:
+        """The current layer's plots; with none current yet, the first layer becomes current
+        (drawn through `layerSelected`, here and in every view, once)."""
+        if self.stats is None:
+            return
+        if self.state.selected_layer is None and self.names:
+            self.state.select_layer(self.names[0])
+        else:
+            self.show_layer(self.state.selected_layer)
 
     def _draw_overview(self) -> None:
         """The per-layer scatter. Drawn only while the tab is shown (the overview is marked
