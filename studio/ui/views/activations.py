@@ -426,9 +426,9 @@ class ActivationsView(QWidget):
         self.smooth_w.setData([])
         self.act_mean.setData([])
         self.act_hist_curve.setData([0, 1], [0])
-        for plot in (self.act_plot, self.w_plot, self.act_hist, self.smooth_plot):
+        for each in (self.act_plot, self.w_plot, self.act_hist, self.smooth_plot):
             # An empty 0..1 frame: auto-range around the flat zero bars read "±400 (x0.001)".
-            plot.setRange(xRange=(0, 1), yRange=(0, 1), padding=0)
+            each.setRange(xRange=(0, 1), yRange=(0, 1), padding=0)
         self.ranges.setText("")
 
     # --- massive activations --------------------------------------------------------------
