@@ -108,13 +108,14 @@ class LayerList(QWidget):
         layout.addLayout(filters)
         layout.addWidget(self.table)
 
-        state.modelChanged.connect(lambda _h: self.rebuild())
+        state.modelChanged.connect(lambda _h: self._rebuild_soon.start())
         state.previewChanged.connect(self.rebuild)
         state.resultsChanged.connect(self._results_changed)
         state.layerSelected.connect(self.show_layer)
         state.layer.historyChanged.connect(self._history_changed)
-        # New columns from results come in the next event-loop turn (`widgets.in_turns`), once
-        # for results published together, not within the view that published them.
+        # A new model's rows and new results' columns come in the next event-loop turn
+        # (`widgets.in_turns`), once for what is published together, not within the call
+        # that published it (with the views' own work, that call held the window 60-84 ms).
         self._rebuild_soon = QTimer(self, singleShot=True, interval=1)
         self._rebuild_soon.timeout.connect(self.rebuild)
         self._history_changed()

@@ -65,7 +65,8 @@ def test_the_dock_lists_the_layers_from_the_header_before_the_weights(qtbot, win
     assert rows == len(window.state.handle.layers) and "loading" in note
     assert window.state.preview_layers is None  # the loaded model's inventory took over
     dock = window.layer_dock.list
-    assert dock.model.rowCount() == rows and "loading" not in dock.count.text()
+    qtbot.waitUntil(lambda: "loading" not in dock.count.text(), timeout=5000)
+    assert dock.model.rowCount() == rows
 
 
 def test_a_quick_open_fills_the_dock_once(qtbot, window, tiny_dirs, monkeypatch):

@@ -10,6 +10,9 @@ def open_and_wait(qtbot, window, source):
     job = window.open_model(str(source))
     qtbot.waitUntil(lambda: job.is_done, timeout=60000)
     qtbot.waitUntil(lambda: window.state.handle is not None, timeout=5000)
+    # (the dock lists a new model's layers in the next event-loop turn)
+    qtbot.waitUntil(lambda: window.layer_dock.list.model.rowCount()
+                    == len(window.state.handle.layers), timeout=5000)
 
 
 def dock_current(window) -> str | None:
