@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -40,6 +41,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgp
 SAMPLE_TAIL = "\n\n  Tabs\tand  spaces,  3.14159 x 10^-3; naïve café, 東京, emoji 🙂.\n"
 SAMPLE_CHARS = 4000
 KEEP_ENCODED = 4   # texts whose ids stay in memory (a session tokenizes one or two texts)
+KEEP_ENTRIES = 32  # entries on disk (~2 MB each for a 50k vocabulary); the oldest used go first
 
 _encoded: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
 _encoded_lock = threading.Lock()
@@ -52,10 +54,11 @@ def cached(folder: Path, gguf: Path | None,
     entry = cache_root() / "tokenizers" / entry_name(folder, gguf)
     meta = read_meta(entry)
     if meta is not None:
+        os.utime(entry)   # used: the last to be pruned
         return SpawnedTokenizer(entry, meta, lambda: parse()[0]), list(meta["notes"])
     tokenizer, notes = parse()
-    if tokenizer is not None:
-        store(entry, tokenizer, notes)
+    if tokenizer is not None and store(entry, tokenizer, notes):
+        prune(entry.parent)
     return tokenizer, notes
 
 
@@ -113,6 +116,15 @@ def store(entry: Path, tokenizer, notes: list[str]) -> bool:
 
 class _NotKept(Exception):
     pass
+
+
+def prune(folder: Path) -> None:
+    """Remove all but the KEEP_ENTRIES entries used last (an entry folder's time: its last
+    use)."""
+    entries = sorted((f for f in folder.iterdir() if f.is_dir() and not f.name.startswith(".")),
+                     key=lambda f: f.stat().st_mtime_ns, reverse=True)
+    for old in entries[KEEP_ENTRIES:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def encode(entry: Path, text: str) -> np.ndarray | None:

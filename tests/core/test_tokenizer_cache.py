@@ -113,3 +113,23 @@ def test_the_demo_in_a_child_gives_the_same_wikitext_ids(cache, shared_data):
     ids = tokenize(spawned, text)
     assert torch.equal(ids, tokenize(real, text)) and ids.numel() > 250_000
     assert bos_token(spawned, "auto") == bos_token(real, "auto")
+
+
+def test_only_the_entries_used_last_are_kept(tiny_dirs, tmp_path, cache, monkeypatch):
+    monkeypatch.setattr(tokenizer_cache, "KEEP_ENTRIES", 2)
+
+    def tokenizer_of(name):
+        folder = tmp_path / name
+        if not folder.exists():
+            shutil.copytree(tiny_dirs["llama"], folder)
+        return run(open_model_job(folder)).tokenizer
+
+    tokenizer_of("a")
+    tokenizer_of("b")
+    for age, entry in enumerate(sorted(cache.iterdir(), key=lambda e: e.stat().st_mtime_ns)):
+        os.utime(entry, ns=(age + 1, age + 1))          # both long unused, "a"'s the oldest
+    assert isinstance(tokenizer_of("a"), SpawnedTokenizer)   # used now
+    tokenizer_of("c")                                     # a third entry: "b"'s goes
+    assert len(list(cache.iterdir())) == 2
+    assert isinstance(tokenizer_of("a"), SpawnedTokenizer)
+    assert not isinstance(tokenizer_of("b"), SpawnedTokenizer)
