@@ -40,7 +40,7 @@ from studio.core.outliers import (
     smoothing_preview,
 )
 from studio.ui.layout import FlowLayout, column, labelled
-from studio.ui.widgets import NeedsRun, fit_columns, fmt, plot, rows_table, wide
+from studio.ui.widgets import NeedsRun, fit_columns, fmt, in_turns, plot, rows_table, wide
 from studio.ui.workers import LatestOnly
 
 KEY = "activations"
@@ -299,6 +299,12 @@ class ActivationsView(QWidget):
                          (str(len(g.channels)), len(g.channels)), (channels, None)])
         self.table_model.set_rows(rows)   # one reset, not a signal per row
         fit_columns(self.table, self.table_model)
+        # The current input's plots in the next turn, apart from the table (`in_turns`).
+        in_turns(self, lambda: self._show_current_group(capture))
+
+    def _show_current_group(self, capture) -> None:
+        if capture is not self.capture:
+            return
         wanted = self.group.layers[0] if self.group else self.state.selected_layer
         if not self._select_group_of(wanted) and self.groups:
             self.show_group(self.groups[0])
