@@ -17,6 +17,7 @@ of them makes a new one.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -51,14 +52,19 @@ def cached(folder: Path, gguf: Path | None,
            parse: Callable[[], tuple[object | None, list[str]]]) -> tuple[object | None, list[str]]:
     """(tokenizer, notes) for the model in `folder`: a `SpawnedTokenizer` when an entry exists,
     else `parse()`'s tokenizer, whose entry is then written for the next time."""
-    entry = cache_root() / "tokenizers" / entry_name(folder, gguf)
+    try:
+        entry = cache_root() / "tokenizers" / entry_name(folder, gguf)
+    except OSError:   # an unreadable folder: the parse says what is wrong, if anything
+        return parse()
     meta = read_meta(entry)
     if meta is not None:
-        os.utime(entry)   # used: the last to be pruned
+        with contextlib.suppress(OSError):
+            os.utime(entry)   # used: the last to be pruned
         return SpawnedTokenizer(entry, meta, lambda: parse()[0]), list(meta["notes"])
     tokenizer, notes = parse()
     if tokenizer is not None and store(entry, tokenizer, notes):
-        prune(entry.parent)
+        with contextlib.suppress(OSError):
+            prune(entry.parent)
     return tokenizer, notes
 
 

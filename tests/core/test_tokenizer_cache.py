@@ -133,3 +133,12 @@ def test_only_the_entries_used_last_are_kept(tiny_dirs, tmp_path, cache, monkeyp
     assert len(list(cache.iterdir())) == 2
     assert isinstance(tokenizer_of("a"), SpawnedTokenizer)
     assert not isinstance(tokenizer_of("b"), SpawnedTokenizer)
+
+
+def test_an_unusable_cache_folder_costs_only_the_speed_up(tiny_dirs, tmp_path, monkeypatch):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("COMPRESSION_STUDIO_CACHE", str(blocked))
+    real, again = opened_twice(tiny_dirs["llama"])
+    assert not isinstance(again, SpawnedTokenizer)
+    assert torch.equal(tokenize(again, TEXT), tokenize(real, TEXT))
