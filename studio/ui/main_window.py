@@ -53,7 +53,7 @@ class MainWindow(QMainWindow):
         self.layer_dock = None
         self.quick_eval = None
         self.heartbeat = None
-        self._opening: JobHandle | None = None   # the newest open
+        self._opening: JobHandle | None = None   # the open under way
         from studio.ui.session_actions import SessionActions
         self.sessions = SessionActions(self)
         self._build_menus()
@@ -295,9 +295,16 @@ class MainWindow(QMainWindow):
         self._preview_layers(source)
         job = self.state.submit(f"Opening {name}", lambda: open_model_job(source, mode),
                                 on_result=lambda handle: self._opened(source, handle))
-        job.done.connect(lambda: self.state.preview(None))   # failed or cancelled: no preview
+        job.done.connect(lambda: self._open_done(job))
         self._opening = job
         return job
+
+    def _open_done(self, job: JobHandle) -> None:
+        """The open ended (opened, failed or cancelled): no header list any more. Set here, on
+        the UI thread in signal order, not read from `job.is_done` (set on the worker first)."""
+        if self._opening is job:
+            self._opening = None
+        self.state.preview(None)
 
     def _preview_layers(self, source: str) -> None:
         """The layer list from the file's header, in the dock while the weights load, once the
@@ -312,7 +319,7 @@ class MainWindow(QMainWindow):
             job = self._opening           # the open submitted right after this job
 
             def still_opening() -> None:
-                if self._opening is job and not job.is_done:
+                if job is not None and self._opening is job:
                     self.state.preview(layers)
             wait_ms = int(PREVIEW_AFTER_MS - 1000 * (time.monotonic() - started))
             if wait_ms > 0:
