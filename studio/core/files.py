@@ -214,6 +214,16 @@ def _swap_into_place(new: Path, target: Path) -> None:
     os.replace(old, new)
 
 
+def files_identity(paths) -> str:
+    """Names, sizes and modification times of the files: what a cache key needs instead of
+    every byte."""
+    parts = []
+    for file in sorted(paths):
+        stat = file.stat()
+        parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return "|".join(parts)
+
+
 def cache_root() -> Path:
     """The studio's cache folder (de-quantized GGUFs, baselines, autosave): the environment's
     COMPRESSION_STUDIO_CACHE (Preferences set it) or ~/.cache/compression-studio."""

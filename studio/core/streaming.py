@@ -159,11 +159,9 @@ class WeightStore:
 
     def identity(self) -> str:
         """Names, sizes and times of the files: what a cache key needs instead of every byte."""
-        parts = []
-        for file in sorted({e[0] for e in self.entries.values()}):
-            stat = file.stat()
-            parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
-        return "|".join(parts)
+        from studio.core.files import files_identity
+
+        return files_identity({e[0] for e in self.entries.values()})
 
 
 def _header_length(file: Path) -> int:

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import threading
 from collections import OrderedDict
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +33,8 @@ import numpy as np
 
 import studio
 from studio.core.errors import StudioError
-from studio.core.files import atomic_dir, cache_root
+from studio.core.files import atomic_dir, cache_root, files_identity
+from studio.core.versions import library_version
 
 FORMAT = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
@@ -69,13 +69,10 @@ def cached(folder: Path, gguf: Path | None,
 
 
 def entry_name(folder: Path, gguf: Path | None) -> str:
-    files = sorted(f for f in folder.iterdir()
-                   if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES))
-    if gguf is not None:
-        files.append(gguf)
-    stamp = [FORMAT, studio.__version__, _version("transformers"), _version("tokenizers"),
-             str(folder.resolve())]
-    stamp += [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    files = [f for f in folder.iterdir() if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES)]
+    stamp = [FORMAT, studio.__version__, library_version("transformers"),
+             library_version("tokenizers"), str(folder.resolve()),
+             files_identity(files + ([gguf] if gguf is not None else []))]
     return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:32]
 
 
@@ -114,14 +111,10 @@ def store(entry: Path, tokenizer, notes: list[str]) -> bool:
             (tmp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
             got = run_worker(tmp / "backend.json", sample)
             if got is None or got.tolist() != list(expected):
-                raise _NotKept
+                raise ValueError("the child process encodes otherwise")   # (drops the folder)
     except Exception:   # any failure costs only the speed-up: the tokenizer parses here
         return False
     return True
-
-
-class _NotKept(Exception):
-    pass
 
 
 def prune(folder: Path) -> None:
@@ -250,10 +243,3 @@ class SpawnedTokenizer:
         real = self.real()
         self._detached = True
         setattr(real, name, value)
-
-
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "none"

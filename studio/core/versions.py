@@ -8,10 +8,11 @@ LIBRARIES = ("torch", "transformers", "safetensors", "gguf", "compressed-tensors
 
 
 def library_versions() -> dict[str, str]:
-    found = {}
-    for name in LIBRARIES:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+    return {name: library_version(name) for name in LIBRARIES}
+
+
+def library_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
